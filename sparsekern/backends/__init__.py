@@ -1,0 +1,1 @@
+"""One module per backend; importing it registers its op implementations with ``dispatch``."""

@@ -1,0 +1,6 @@
+"""The pure-torch reference: runs every op on every device and dtype."""
+
+from sparsekern import dispatch, reference
+
+for _op in ("nm_linear", "bsr_linear", "token_scores", "pruned_attention"):
+    dispatch.register(_op, "reference", getattr(reference, _op))

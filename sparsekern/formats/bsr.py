@@ -1,0 +1,183 @@
+"""Block-sparse weights (BSR): only the non-zero (bm, bk) blocks of a ``[out, K]`` weight.
+
+- ``crow_indices`` ``int32 [out/bm + 1]``: block row r owns entries ``crow[r]:crow[r+1]``.
+- ``col_indices`` ``int32 [nnz]``: block column of each stored block, strictly increasing
+  within a block row.
+- ``blocks`` ``[nnz, bm, bk]``: the block values.
+
+Block sides run from 8 to 128, need not be square, and must divide the weight's shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sparsekern.formats.nm import check_dtype
+
+MIN_BLOCK, MAX_BLOCK = 8, 128
+
+
+def check_block(block) -> tuple[int, int]:
+    if (
+        not isinstance(block, (tuple, list))
+        or len(block) != 2
+        or not all(isinstance(b, int) and not isinstance(b, bool) for b in block)
+    ):
+        raise TypeError(f"block: expected a (bm, bk) pair of ints, got {block!r}")
+    bm, bk = block
+    if not (MIN_BLOCK <= bm <= MAX_BLOCK and MIN_BLOCK <= bk <= MAX_BLOCK):
+        raise ValueError(f"block: expected sides in {MIN_BLOCK}..{MAX_BLOCK}, got {tuple(block)}")
+    return bm, bk
+
+
+def bsr_to_dense(crow: torch.Tensor, col: torch.Tensor, blocks: torch.Tensor, k: int) -> torch.Tensor:
+    """Dense ``[out, k]`` tensor from BSR parts."""
+    nnz, bm, bk = blocks.shape
+    rows = crow.numel() - 1
+    dense = torch.zeros(rows, k // bk, bm, bk, dtype=blocks.dtype, device=blocks.device)
+    row_of = torch.repeat_interleave(torch.arange(rows, device=crow.device), (crow[1:] - crow[:-1]).long())
+    dense[row_of, col.long()] = blocks
+    return dense.permute(0, 2, 1, 3).reshape(rows * bm, k)
+
+
+@dataclass(frozen=True, eq=False)
+class BlockSparseWeight:
+    """A ``[out_features, in_features]`` weight stored as its non-zero blocks."""
+
+    crow_indices: torch.Tensor
+    col_indices: torch.Tensor
+    blocks: torch.Tensor
+    shape: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        for name in ("crow_indices", "col_indices", "blocks"):
+            if not isinstance(getattr(self, name), torch.Tensor):
+                raise TypeError(f"{name}: expected torch.Tensor, got {type(getattr(self, name)).__name__}")
+        check_dtype("blocks", self.blocks)
+        if self.blocks.dim() != 3:
+            raise ValueError(f"blocks: expected [nnz, bm, bk], got shape {tuple(self.blocks.shape)}")
+        bm, bk = check_block(tuple(self.blocks.shape[1:]))
+        out, k = self.shape
+        if out % bm or k % bk:
+            raise ValueError(f"block: {(bm, bk)} does not divide the weight shape {self.shape}")
+        for name in ("crow_indices", "col_indices"):
+            t = getattr(self, name)
+            if t.dtype != torch.int32 or t.dim() != 1:
+                raise TypeError(f"{name}: expected a 1-D int32 tensor, got {t.dtype} of shape {tuple(t.shape)}")
+            if t.device != self.blocks.device:
+                raise ValueError(f"{name}: expected device {self.blocks.device} (that of blocks), got {t.device}")
+        if self.crow_indices.numel() != out // bm + 1:
+            raise ValueError(f"crow_indices: expected {out // bm + 1} entries, got {self.crow_indices.numel()}")
+        if self.col_indices.numel() != self.blocks.shape[0]:
+            raise ValueError(
+                f"col_indices: expected {self.blocks.shape[0]} entries (one per block), got {self.col_indices.numel()}"
+            )
+
+    @classmethod
+    def from_dense(cls, dense: torch.Tensor, block=(32, 32), sparsity: float | None = None) -> BlockSparseWeight:
+        """Keep the non-zero blocks, or with ``sparsity`` the top ``1 - sparsity`` blocks by norm."""
+        if not isinstance(dense, torch.Tensor):
+            raise TypeError(f"dense: expected torch.Tensor, got {type(dense).__name__}")
+        check_dtype("dense", dense)
+        if dense.dim() != 2:
+            raise ValueError(
+                f"dense: expected a 2-D [out_features, in_features] tensor, got shape {tuple(dense.shape)}"
+            )
+        bm, bk = check_block(block)
+        out, k = dense.shape
+        if out % bm or k % bk:
+            raise ValueError(f"block: {(bm, bk)} does not divide the weight shape {(out, k)}")
+        tiles = dense.detach().reshape(out // bm, bm, k // bk, bk).permute(0, 2, 1, 3)
+        if sparsity is None:
+            keep = (tiles != 0).flatten(2).any(-1)
+        else:
+            if not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+                raise ValueError(f"sparsity: expected a fraction in [0, 1), got {sparsity!r}")
+            norms = tiles.float().flatten(2).norm(dim=-1).flatten()
+            n_keep = max(1, round((1.0 - sparsity) * norms.numel()))
+            keep = torch.zeros_like(norms, dtype=torch.bool)
+            keep[torch.sort(norms, descending=True, stable=True).indices[:n_keep]] = True
+            keep = keep.view(out // bm, k // bk)
+        counts = keep.sum(1)
+        crow = torch.zeros(out // bm + 1, dtype=torch.int32, device=dense.device)
+        crow[1:] = counts.cumsum(0)
+        rows, cols = keep.nonzero(as_tuple=True)
+        blocks = tiles[rows, cols].contiguous()
+        return cls(crow, cols.to(torch.int32), blocks, (out, k))
+
+    def validate(self) -> BlockSparseWeight:
+        """Check the index structure: monotone rows, in-range and increasing block columns."""
+        crow, col = self.crow_indices.long(), self.col_indices.long()
+        nnz = self.blocks.shape[0]
+        kb = self.shape[1] // self.block[1]
+        if int(crow[0]) != 0 or int(crow[-1]) != nnz:
+            raise ValueError(
+                f"crow_indices: expected to start at 0 and end at nnz={nnz}, got {int(crow[0])}..{int(crow[-1])}"
+            )
+        step = crow[1:] - crow[:-1]
+        if (step < 0).any():
+            r = int((step < 0).nonzero()[0])
+            raise ValueError(f"crow_indices: decreases at block row {r}")
+        if nnz:
+            bad = ((col < 0) | (col >= kb)).nonzero()
+            if bad.numel():
+                i = int(bad[0])
+                raise ValueError(f"col_indices: entry {i} is {int(col[i])}, out of range 0..{kb - 1}")
+            row_of = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device), step)
+            same_row = row_of[1:] == row_of[:-1]
+            bad = (same_row & (col[1:] <= col[:-1])).nonzero()
+            if bad.numel():
+                i = int(bad[0]) + 1
+                raise ValueError(
+                    f"col_indices: block row {int(row_of[i])} has columns out of order or repeated at entry {i}"
+                )
+        return self
+
+    def to_dense(self) -> torch.Tensor:
+        return bsr_to_dense(self.crow_indices, self.col_indices, self.blocks, self.shape[1])
+
+    def to(self, *args, **kwargs) -> BlockSparseWeight:
+        """Like ``Tensor.to``: moves all tensors; a dtype applies to ``blocks`` only."""
+        blocks = self.blocks.to(*args, **kwargs)
+        check_dtype("dtype", blocks)
+        dev = blocks.device
+        return BlockSparseWeight(self.crow_indices.to(dev), self.col_indices.to(dev), blocks, self.shape)
+
+    @property
+    def block(self) -> tuple[int, int]:
+        return tuple(self.blocks.shape[1:])
+
+    @property
+    def nnz_blocks(self) -> int:
+        return self.blocks.shape[0]
+
+    @property
+    def density(self) -> float:
+        bm, bk = self.block
+        return self.nnz_blocks * bm * bk / (self.shape[0] * self.shape[1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.blocks.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.blocks.device
+
+    @property
+    def pattern(self) -> str:
+        bm, bk = self.block
+        return f"block{bm}x{bk}:{1 - self.density:.2f}"
+
+    def nbytes(self) -> int:
+        return self.blocks.numel() * self.blocks.element_size() + 4 * (
+            self.crow_indices.numel() + self.col_indices.numel()
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"BlockSparseWeight(block={self.block}, shape={self.shape}, density={self.density:.3f}, "
+            f"dtype={self.dtype}, device={self.device})"
+        )

@@ -1,0 +1,213 @@
+"""N:M sparse weights: in every run of M consecutive weights of a row, at most N are non-zero.
+
+Storage (DESIGN.md, "Formats"):
+
+- ``values`` ``[out, K*N/M]``: the kept weights of each row, group after group, in column order.
+- ``meta`` ``int32 [out, words]``: each kept weight's index inside its group (0..M-1), packed
+  ``log2(M)`` bits apiece (1 bit for M=2, 2 for M=4, 3 for M=8, 4 for M=16). A word holds
+  ``32 // bits`` indices, least significant first, so no index straddles a word; unused bits
+  are zero. Within a group the N indices are strictly increasing. A group with fewer than N
+  non-zeros stores explicit zeros at its lowest free positions, so every group has N entries.
+
+Derived hardware layouts (the ``mma.sp`` order, CPU interleaving) are made from this once at
+load time; they are not separate formats.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_M = (2, 4, 8, 16)
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def meta_bits(m: int) -> int:
+    """Bits per packed index for group size ``m``."""
+    return int(math.log2(m))
+
+
+def meta_per_word(m: int) -> int:
+    """Indices held by one int32 meta word."""
+    return 32 // meta_bits(m)
+
+
+def meta_words(kept: int, m: int) -> int:
+    """int32 words per row for ``kept`` indices."""
+    return -(-kept // meta_per_word(m))
+
+
+def check_nm(n: int, m: int) -> None:
+    if not isinstance(n, int) or not isinstance(m, int) or isinstance(n, bool) or isinstance(m, bool):
+        raise TypeError(f"n and m: expected int, got n={n!r} ({type(n).__name__}), m={m!r} ({type(m).__name__})")
+    if m not in SUPPORTED_M:
+        raise ValueError(f"m: expected one of {SUPPORTED_M}, got {m}")
+    if not 0 < n < m:
+        raise ValueError(f"n: expected 0 < n < m={m}, got {n}")
+
+
+def check_dtype(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name}: expected dtype float32, float16 or bfloat16, got {t.dtype}")
+
+
+def pack_meta(idx: torch.Tensor, m: int) -> torch.Tensor:
+    """Pack in-group indices ``int [rows, kept]`` (values < m) into ``int32 [rows, words]``."""
+    rows, kept = idx.shape
+    bits, per = meta_bits(m), meta_per_word(m)
+    words = meta_words(kept, m)
+    padded = torch.zeros(rows, words * per, dtype=torch.int64, device=idx.device)
+    padded[:, :kept] = idx.to(torch.int64)
+    shifts = torch.arange(per, device=idx.device, dtype=torch.int64) * bits
+    packed = (padded.view(rows, words, per) << shifts).sum(-1)
+    # Wrap to int32 two's complement: bit 31 is an ordinary payload bit.
+    packed = torch.where(packed >= 2**31, packed - 2**32, packed)
+    return packed.to(torch.int32)
+
+
+def unpack_meta(meta: torch.Tensor, m: int, kept: int) -> torch.Tensor:
+    """Inverse of :func:`pack_meta`: ``int64 [rows, kept]`` in-group indices."""
+    bits, per = meta_bits(m), meta_per_word(m)
+    words = meta.to(torch.int64) & 0xFFFFFFFF
+    shifts = torch.arange(per, device=meta.device, dtype=torch.int64) * bits
+    idx = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return idx.reshape(meta.shape[0], -1)[:, :kept]
+
+
+def column_indices(meta: torch.Tensor, n: int, m: int, kept: int) -> torch.Tensor:
+    """Absolute column (0..K-1) of every kept value: ``int64 [rows, kept]``."""
+    idx = unpack_meta(meta, m, kept)
+    group = torch.arange(kept, device=meta.device) // n
+    return group * m + idx
+
+
+def nm_to_dense(values: torch.Tensor, meta: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Scatter ``values`` back to a dense ``[out, K]`` tensor."""
+    rows, kept = values.shape
+    k = kept // n * m
+    dense = torch.zeros(rows, k, dtype=values.dtype, device=values.device)
+    return dense.scatter_(1, column_indices(meta, n, m, kept), values)
+
+
+def _select(dense: torch.Tensor, n: int, m: int, prune: bool) -> torch.Tensor:
+    """In-group indices ``[out, groups, n]`` (ascending) of the weights to keep."""
+    rows, k = dense.shape
+    groups = dense.reshape(rows, k // m, m)
+    pos = torch.arange(m, device=dense.device)
+    if prune:
+        # Largest |w| first; ties go to the lower index (stable sort) so pruning is deterministic.
+        order = torch.sort(groups.abs().float(), dim=-1, descending=True, stable=True).indices
+    else:
+        nonzero = groups != 0
+        count = nonzero.sum(-1)
+        bad = (count > n).nonzero()
+        if bad.numel():
+            r, g = (int(v) for v in bad[0])
+            raise ValueError(
+                f"dense: row {r}, group {g} (columns {g * m}..{g * m + m - 1}) has {int(count[r, g])} "
+                f"non-zeros, more than n={n} of m={m}; {bad.shape[0]} group(s) break the {n}:{m} "
+                f"pattern (pass prune=True to keep the top-{n} |w| per group)"
+            )
+        # Non-zeros first, then the lowest free positions as explicit zeros.
+        key = nonzero.to(torch.int64) * (2 * m) + (m - pos)
+        order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    return torch.sort(order[..., :n], dim=-1).values
+
+
+@dataclass(frozen=True, eq=False)
+class NMSparseWeight:
+    """A ``[out_features, in_features]`` weight in N:M form (see the module docstring)."""
+
+    values: torch.Tensor
+    meta: torch.Tensor
+    n: int
+    m: int
+    shape: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        check_nm(self.n, self.m)
+        out, k = self.shape
+        if not isinstance(self.values, torch.Tensor) or not isinstance(self.meta, torch.Tensor):
+            raise TypeError("values and meta: expected torch.Tensor")
+        check_dtype("values", self.values)
+        if k % self.m:
+            raise ValueError(f"shape: in_features {k} is not divisible by m={self.m}")
+        kept = k // self.m * self.n
+        if tuple(self.values.shape) != (out, kept):
+            raise ValueError(
+                f"values: expected shape {(out, kept)} for {self.shape} at {self.n}:{self.m}, got {tuple(self.values.shape)}"
+            )
+        words = meta_words(kept, self.m)
+        if self.meta.dtype != torch.int32:
+            raise TypeError(f"meta: expected dtype torch.int32, got {self.meta.dtype}")
+        if tuple(self.meta.shape) != (out, words):
+            raise ValueError(f"meta: expected shape {(out, words)}, got {tuple(self.meta.shape)}")
+        if self.meta.device != self.values.device:
+            raise ValueError(f"meta: expected device {self.values.device} (that of values), got {self.meta.device}")
+
+    # -- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def from_dense(cls, dense: torch.Tensor, n: int = 2, m: int = 4, prune: bool = False) -> NMSparseWeight:
+        """Compress a dense ``[out, K]`` weight. Without ``prune`` it must already be N:M."""
+        check_nm(n, m)
+        if not isinstance(dense, torch.Tensor):
+            raise TypeError(f"dense: expected torch.Tensor, got {type(dense).__name__}")
+        check_dtype("dense", dense)
+        if dense.dim() != 2:
+            raise ValueError(
+                f"dense: expected a 2-D [out_features, in_features] tensor, got shape {tuple(dense.shape)}"
+            )
+        out, k = dense.shape
+        if k % m:
+            raise ValueError(f"dense: in_features {k} (shape {tuple(dense.shape)}) is not divisible by m={m}")
+        idx = _select(dense.detach(), n, m, prune)
+        values = dense.detach().reshape(out, k // m, m).gather(-1, idx).reshape(out, -1).contiguous()
+        return cls(values, pack_meta(idx.reshape(out, -1), m), n, m, (out, k))
+
+    def validate(self) -> NMSparseWeight:
+        """Check packed indices: strictly increasing in every group, padding bits zero."""
+        kept = self.values.shape[1]
+        idx = unpack_meta(self.meta, self.m, kept).view(self.shape[0], -1, self.n)
+        bad = (idx[..., 1:] <= idx[..., :-1]).any(-1).nonzero()
+        if bad.numel():
+            r, g = (int(v) for v in bad[0])
+            raise ValueError(
+                f"meta: row {r}, group {g} has indices {idx[r, g].tolist()}; expected {self.n} strictly "
+                f"increasing indices in 0..{self.m - 1} (index out of range or repeated)"
+            )
+        if not torch.equal(pack_meta(idx.view(self.shape[0], -1), self.m), self.meta):
+            raise ValueError("meta: bits set beyond the last index of a row (index out of range)")
+        return self
+
+    # -- conversion --------------------------------------------------------------------------
+
+    def to_dense(self) -> torch.Tensor:
+        return nm_to_dense(self.values, self.meta, self.n, self.m)
+
+    def to(self, *args, **kwargs) -> NMSparseWeight:
+        """Like ``Tensor.to``: moves both tensors; a dtype applies to ``values`` only."""
+        values = self.values.to(*args, **kwargs)
+        check_dtype("dtype", values)
+        meta = self.meta.to(device=values.device)
+        return NMSparseWeight(values, meta, self.n, self.m, self.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def pattern(self) -> str:
+        return f"{self.n}:{self.m}"
+
+    def nbytes(self) -> int:
+        return self.values.numel() * self.values.element_size() + self.meta.numel() * 4
+
+    def __repr__(self) -> str:
+        return f"NMSparseWeight({self.pattern}, shape={self.shape}, dtype={self.dtype}, device={self.device})"

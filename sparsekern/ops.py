@@ -1,0 +1,308 @@
+"""``torch.ops.sparsekern.*``: every schema, fake implementation and typed wrapper.
+
+Public ops (``nm_linear``, ``bsr_linear``, ``token_scores``, ``pruned_attention``) run, on any
+device, a Python body that checks the arguments and calls the backend that
+:func:`sparsekern.dispatch.select` picks. Ops whose names start with ``_`` are one backend's
+kernels; compiled code registers their implementations
+(``TORCH_LIBRARY_IMPL(sparsekern, CPU, m)``) and nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from sparsekern import dispatch
+from sparsekern.formats.bsr import BlockSparseWeight
+from sparsekern.formats.nm import SUPPORTED_DTYPES, NMSparseWeight, check_nm, meta_words, nm_to_dense
+
+lib = torch.library.Library("sparsekern", "FRAGMENT")
+
+# x @ W.T + bias for an N:M weight W given as values [out, K*n/m] and packed meta int32 [out, words].
+lib.define("nm_linear(Tensor x, Tensor values, Tensor meta, int n, int m, Tensor? bias=None) -> Tensor")
+# x @ W.T + bias for a BSR weight W (crow int32 [out/bm+1], col int32 [nnz], blocks [nnz, bm, bk]).
+lib.define("bsr_linear(Tensor x, Tensor crow, Tensor col, Tensor blocks, Tensor? bias=None) -> Tensor")
+# fp32 [B, H, Sk]: attention mass each key receives, averaged over queries (or CLS only).
+lib.define("token_scores(Tensor q, Tensor k, bool causal=False, float? scale=None, bool cls_only=False) -> Tensor")
+# Attention of every query over only the keys/values at keep_idx [B, H, kept].
+lib.define(
+    "pruned_attention(Tensor q, Tensor k, Tensor v, Tensor keep_idx, bool causal=False, float? scale=None) -> Tensor"
+)
+# CPU kernels (csrc/cpu): same contract as nm_linear / bsr_linear, arguments already checked.
+lib.define("_nm_linear_cpu(Tensor x, Tensor values, Tensor meta, int n, int m, Tensor? bias=None) -> Tensor")
+lib.define("_bsr_linear_cpu(Tensor x, Tensor crow, Tensor col, Tensor blocks, Tensor? bias=None) -> Tensor")
+# Active CPU instruction set of the compiled kernels: 0 portable, 1 AVX2+FMA, 2 AVX-512, 3 AVX-512+bf16.
+lib.define("_cpu_isa() -> int")
+
+
+# Tests set SPARSEKERN_POISON_OUTPUTS=1 so every kernel output starts as NaN: an element a
+# kernel forgets to write then fails the comparison instead of passing on stale memory.
+POISON_OUTPUTS = os.environ.get("SPARSEKERN_POISON_OUTPUTS") == "1"
+
+
+def new_output(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Uninitialised kernel output (NaN-filled under SPARSEKERN_POISON_OUTPUTS=1)."""
+    out = torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+    return out.fill_(float("nan")) if POISON_OUTPUTS else out
+
+
+# -- argument checks (shared by the fake and the real implementations) ------------------------
+
+
+def _check_tensor(name: str, t, dtypes=SUPPORTED_DTYPES) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+
+
+def _check_same(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name}: expected device {ref.device} (that of {ref_name}), got {t.device}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name}: expected dtype {ref.dtype} (that of {ref_name}), got {t.dtype}")
+
+
+def _check_linear_common(x, weight: torch.Tensor, weight_name: str, out: int, k: int, bias) -> None:
+    _check_tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError("x: expected at least 1 dimension, got a scalar")
+    _check_same(weight_name, weight, x, "x")
+    if x.shape[-1] != k:
+        raise ValueError(f"x: expected last dimension {k} (in_features), got shape {tuple(x.shape)}")
+    if bias is not None:
+        _check_tensor("bias", bias)
+        _check_same("bias", bias, x, "x")
+        if tuple(bias.shape) != (out,):
+            raise ValueError(f"bias: expected shape {(out,)}, got {tuple(bias.shape)}")
+
+
+def check_nm_linear(x, values, meta, n, m, bias) -> None:
+    check_nm(n, m)
+    _check_tensor("values", values)
+    _check_tensor("meta", meta, (torch.int32,))
+    if values.dim() != 2 or values.shape[1] % n:
+        raise ValueError(f"values: expected [out, K*{n}/{m}], got shape {tuple(values.shape)}")
+    out, kept = values.shape
+    if tuple(meta.shape) != (out, meta_words(kept, m)):
+        raise ValueError(f"meta: expected shape {(out, meta_words(kept, m))}, got {tuple(meta.shape)}")
+    if meta.device != values.device:
+        raise ValueError(f"meta: expected device {values.device} (that of values), got {meta.device}")
+    _check_linear_common(x, values, "values", out, kept // n * m, bias)
+
+
+def check_bsr_linear(x, crow, col, blocks, bias) -> None:
+    _check_tensor("blocks", blocks)
+    _check_tensor("crow", crow, (torch.int32,))
+    _check_tensor("col", col, (torch.int32,))
+    if blocks.dim() != 3:
+        raise ValueError(f"blocks: expected [nnz, bm, bk], got shape {tuple(blocks.shape)}")
+    nnz, bm, bk = blocks.shape
+    if crow.dim() != 1 or crow.numel() < 1 or col.dim() != 1 or col.numel() != nnz:
+        raise ValueError(
+            f"crow/col: expected 1-D crow and col with {nnz} entries, got {tuple(crow.shape)} / {tuple(col.shape)}"
+        )
+    for name, t in (("crow", crow), ("col", col)):
+        if t.device != blocks.device:
+            raise ValueError(f"{name}: expected device {blocks.device} (that of blocks), got {t.device}")
+    _check_linear_common(x, blocks, "blocks", (crow.numel() - 1) * bm, x.shape[-1] if x.dim() else 0, bias)
+    if x.shape[-1] % bk:
+        raise ValueError(f"x: last dimension {x.shape[-1]} is not divisible by the block width {bk}")
+
+
+def check_attention(q, k, v=None, keep_idx=None) -> None:
+    names = [("q", q), ("k", k)] + ([("v", v)] if v is not None else [])
+    for name, t in names:
+        _check_tensor(name, t)
+        if t.dim() != 4:
+            raise ValueError(f"{name}: expected [batch, heads, seq, head_dim], got shape {tuple(t.shape)}")
+        if name != "q":
+            _check_same(name, t, q, "q")
+    b, h, _, d = q.shape
+    if k.shape[0] != b or k.shape[1] != h or k.shape[3] != d:
+        raise ValueError(f"k: expected [{b}, {h}, Sk, {d}] to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v is not None and tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"v: expected shape {tuple(k.shape)} (that of k), got {tuple(v.shape)}")
+    if k.shape[2] < 1:
+        raise ValueError("k: expected at least one key")
+    if keep_idx is not None:
+        _check_tensor("keep_idx", keep_idx, (torch.int64,))
+        if keep_idx.device != q.device:
+            raise ValueError(f"keep_idx: expected device {q.device} (that of q), got {keep_idx.device}")
+        if keep_idx.dim() != 3 or keep_idx.shape[0] != b or keep_idx.shape[1] != h:
+            raise ValueError(f"keep_idx: expected [{b}, {h}, kept], got shape {tuple(keep_idx.shape)}")
+        if keep_idx.shape[2] < 1:
+            raise ValueError("keep_idx: the keep set is empty; expected at least one kept key")
+
+
+def check_keep_idx_values(keep_idx: torch.Tensor, sk: int) -> None:
+    """Value checks of keep_idx (they read the tensor, so they stay out of the fake impl)."""
+    lo, hi = int(keep_idx.min()), int(keep_idx.max())
+    if lo < 0 or hi >= sk:
+        raise ValueError(f"keep_idx: expected key positions in 0..{sk - 1}, got values in {lo}..{hi}")
+    srt = torch.sort(keep_idx, dim=-1).values
+    if (srt[..., 1:] == srt[..., :-1]).any():
+        raise ValueError("keep_idx: a key position is repeated within a (batch, head) row; expected distinct positions")
+
+
+# -- fake (meta) implementations -------------------------------------------------------------
+
+
+@torch.library.register_fake("sparsekern::nm_linear")
+def _nm_linear_fake(x, values, meta, n, m, bias=None):
+    check_nm_linear(x, values, meta, n, m, bias)
+    return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+
+@torch.library.register_fake("sparsekern::bsr_linear")
+def _bsr_linear_fake(x, crow, col, blocks, bias=None):
+    check_bsr_linear(x, crow, col, blocks, bias)
+    return x.new_empty((*x.shape[:-1], (crow.numel() - 1) * blocks.shape[1]))
+
+
+@torch.library.register_fake("sparsekern::token_scores")
+def _token_scores_fake(q, k, causal=False, scale=None, cls_only=False):
+    check_attention(q, k)
+    return q.new_empty(k.shape[:3], dtype=torch.float32)
+
+
+@torch.library.register_fake("sparsekern::pruned_attention")
+def _pruned_attention_fake(q, k, v, keep_idx, causal=False, scale=None):
+    check_attention(q, k, v, keep_idx)
+    return torch.empty_like(q)
+
+
+for _name in ("_nm_linear_cpu", "_bsr_linear_cpu"):
+    torch.library.register_fake(f"sparsekern::{_name}")(
+        _nm_linear_fake if _name.startswith("_nm") else _bsr_linear_fake
+    )
+
+
+# -- real implementations: check, then run the selected backend -------------------------------
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _nm_linear_impl(x, values, meta, n, m, bias=None):
+    check_nm_linear(x, values, meta, n, m, bias)
+    x2 = _flat(x)
+    out = dispatch.select("nm_linear", x2, values, meta, n, m, bias).fn(x2, values, meta, n, m, bias)
+    return out.reshape(*x.shape[:-1], values.shape[0])
+
+
+def _bsr_linear_impl(x, crow, col, blocks, bias=None):
+    check_bsr_linear(x, crow, col, blocks, bias)
+    x2 = _flat(x)
+    out = dispatch.select("bsr_linear", x2, crow, col, blocks, bias).fn(x2, crow, col, blocks, bias)
+    return out.reshape(*x.shape[:-1], (crow.numel() - 1) * blocks.shape[1])
+
+
+def _token_scores_impl(q, k, causal=False, scale=None, cls_only=False):
+    check_attention(q, k)
+    return dispatch.select("token_scores", q, k, causal, scale, cls_only).fn(q, k, causal, scale, cls_only)
+
+
+def _pruned_attention_impl(q, k, v, keep_idx, causal=False, scale=None):
+    check_attention(q, k, v, keep_idx)
+    check_keep_idx_values(keep_idx, k.shape[2])
+    impl = dispatch.select("pruned_attention", q, k, v, keep_idx, causal, scale)
+    return impl.fn(q, k, v, keep_idx, causal, scale)
+
+
+lib.impl("nm_linear", _nm_linear_impl, "CompositeExplicitAutograd")
+lib.impl("bsr_linear", _bsr_linear_impl, "CompositeExplicitAutograd")
+lib.impl("token_scores", _token_scores_impl, "CompositeExplicitAutograd")
+lib.impl("pruned_attention", _pruned_attention_impl, "CompositeExplicitAutograd")
+
+
+# -- autograd for the linears: gradients for x, the kept weights and bias ---------------------
+
+
+def _linear_setup(ctx, inputs, output):
+    ctx.save_for_backward(*[t if isinstance(t, torch.Tensor) else None for t in inputs])
+    ctx.args = inputs
+
+
+def _dense_grad(grad, x):
+    """dL/dW for y = x @ W.T, as [out, K] fp32."""
+    return _flat(grad).float().t() @ _flat(x).float()
+
+
+def _nm_linear_backward(ctx, grad):
+    x, values, meta, n, m, bias = ctx.args
+    gx = gv = gb = None
+    if ctx.needs_input_grad[0]:
+        gx = grad @ nm_to_dense(values, meta, n, m)
+    if ctx.needs_input_grad[1]:
+        from sparsekern.formats.nm import column_indices
+
+        cols = column_indices(meta, n, m, values.shape[1])
+        gv = _dense_grad(grad, x).gather(1, cols).to(values.dtype)
+    if bias is not None and ctx.needs_input_grad[5]:
+        gb = _flat(grad).sum(0).to(bias.dtype)
+    return gx, gv, None, None, None, gb
+
+
+def _bsr_linear_backward(ctx, grad):
+    x, crow, col, blocks, bias = ctx.args
+    gx = gblk = gb = None
+    if ctx.needs_input_grad[0]:
+        from sparsekern.formats.bsr import bsr_to_dense
+
+        gx = grad @ bsr_to_dense(crow, col, blocks, x.shape[-1])
+    if ctx.needs_input_grad[3]:
+        nnz, bm, bk = blocks.shape
+        dw = _dense_grad(grad, x)
+        tiles = dw.view(dw.shape[0] // bm, bm, -1, bk).permute(0, 2, 1, 3)
+        rows = torch.repeat_interleave(
+            torch.arange(crow.numel() - 1, device=crow.device), (crow[1:] - crow[:-1]).long()
+        )
+        gblk = tiles[rows, col.long()].to(blocks.dtype)
+    if bias is not None and ctx.needs_input_grad[4]:
+        gb = _flat(grad).sum(0).to(bias.dtype)
+    return gx, None, None, gblk, gb
+
+
+torch.library.register_autograd("sparsekern::nm_linear", _nm_linear_backward, setup_context=_linear_setup)
+torch.library.register_autograd("sparsekern::bsr_linear", _bsr_linear_backward, setup_context=_linear_setup)
+
+
+# -- typed wrappers: the public Python API ----------------------------------------------------
+
+
+def nm_linear(x: torch.Tensor, weight: NMSparseWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.to_dense().T + bias`` for any leading dims of ``x``."""
+    if not isinstance(weight, NMSparseWeight):
+        raise TypeError(f"weight: expected NMSparseWeight, got {type(weight).__name__}")
+    return torch.ops.sparsekern.nm_linear(x, weight.values, weight.meta, weight.n, weight.m, bias)
+
+
+def bsr_linear(x: torch.Tensor, weight: BlockSparseWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.to_dense().T + bias`` for any leading dims of ``x``."""
+    if not isinstance(weight, BlockSparseWeight):
+        raise TypeError(f"weight: expected BlockSparseWeight, got {type(weight).__name__}")
+    if isinstance(x, torch.Tensor) and x.dim() and x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x: expected last dimension {weight.shape[1]} (in_features), got shape {tuple(x.shape)}")
+    return torch.ops.sparsekern.bsr_linear(x, weight.crow_indices, weight.col_indices, weight.blocks, bias)
+
+
+def token_scores(
+    q: torch.Tensor, k: torch.Tensor, causal: bool = False, scale: float | None = None, cls_only: bool = False
+) -> torch.Tensor:
+    """fp32 ``[B, H, Sk]``: mean attention probability each key receives (see reference.py)."""
+    return torch.ops.sparsekern.token_scores(q, k, causal, scale, cls_only)
+
+
+def pruned_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keep_idx: torch.Tensor,
+    causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention of ``q`` over only the keys/values at ``keep_idx`` (original positions)."""
+    return torch.ops.sparsekern.pruned_attention(q, k, v, keep_idx, causal, scale)

@@ -1,0 +1,77 @@
+"""Pure-torch ground truth of every sparsekern op.
+
+Each function is the definition of its op: decompress, then the dense computation. Every
+backend is tested against these, and they run wherever nothing faster is available. They take
+the raw tensors of the op schemas (see ``sparsekern/ops.py``), already checked.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from sparsekern.formats.bsr import bsr_to_dense
+from sparsekern.formats.nm import nm_to_dense
+
+
+def nm_linear(x, values, meta, n: int, m: int, bias=None):
+    """``x @ W.T + bias`` for the N:M weight ``W`` held as ``values``/``meta``."""
+    return F.linear(x, nm_to_dense(values, meta, n, m), bias)
+
+
+def bsr_linear(x, crow, col, blocks, bias=None):
+    """``x @ W.T + bias`` for the block-sparse weight ``W`` (K is ``x.shape[-1]``)."""
+    return F.linear(x, bsr_to_dense(crow, col, blocks, x.shape[-1]), bias)
+
+
+def _scores_logits(q, k, causal: bool, scale):
+    """fp32 logits ``[B, H, Sq, Sk]`` with the causal mask applied as -inf."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if causal:
+        sq, sk = q.shape[-2], k.shape[-2]
+        qpos = torch.arange(sq, device=q.device).unsqueeze(-1) + (sk - sq)
+        kpos = torch.arange(sk, device=q.device)
+        logits = logits.masked_fill(kpos > qpos, float("-inf"))
+    return logits
+
+
+def token_scores(q, k, causal: bool = False, scale=None, cls_only: bool = False):
+    """Attention mass each key receives: softmax over keys, averaged over queries.
+
+    ``q [B, H, Sq, D]``, ``k [B, H, Sk, D]`` -> fp32 ``[B, H, Sk]``. With ``cls_only`` only the
+    first query (the CLS token) counts. Causal positions follow ``pruned_attention``.
+    """
+    if cls_only:
+        q = q[:, :, :1]
+        causal = False
+    probs = torch.softmax(_scores_logits(q, k, causal, scale), dim=-1)
+    return probs.mean(dim=-2)
+
+
+def pruned_attention(q, k, v, keep_idx, causal: bool = False, scale=None):
+    """Attention of every query over only the kept keys/values.
+
+    ``q [B, H, Sq, D]``, ``k``/``v [B, H, Sk, D]``, ``keep_idx int64 [B, H, kept]`` (original key
+    positions). With ``causal``, query i (absolute position Sk-Sq+i) sees kept key j only if
+    j <= Sk-Sq+i; a query that sees no kept key gets a zero output row.
+    """
+    d = q.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    idx = keep_idx.unsqueeze(-1).expand(-1, -1, -1, d)
+    kk = torch.gather(k, 2, idx).float()
+    vv = torch.gather(v, 2, idx).float()
+    logits = torch.matmul(q.float(), kk.transpose(-1, -2)) * scale
+    probs_mask = None
+    if causal:
+        sq, sk = q.shape[-2], k.shape[-2]
+        qpos = torch.arange(sq, device=q.device).view(1, 1, sq, 1) + (sk - sq)
+        hidden = keep_idx.unsqueeze(-2) > qpos
+        logits = logits.masked_fill(hidden, float("-inf"))
+        probs_mask = hidden.all(-1, keepdim=True)  # rows that see no kept key
+    probs = torch.softmax(logits, dim=-1)
+    if probs_mask is not None:
+        probs = probs.masked_fill(probs_mask, 0.0)
+    return torch.matmul(probs, vv).to(q.dtype)

@@ -1,0 +1,38 @@
+"""Shared test helpers. Every kernel output is poisoned (NaN) before the kernel writes it."""
+
+import os
+
+os.environ.setdefault("SPARSEKERN_POISON_OUTPUTS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import sparsekern  # noqa: E402, F401
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Floor of the tolerance per dtype (absolute, on outputs of O(1) magnitude); the main bound is
+# relative to torch's own error in the same dtype (see assert_matches_reference).
+ATOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # Fresh random inputs per test, reproducible per test id.
+    torch.manual_seed(abs(hash(request.node.nodeid)) % (2**31))
+
+
+def assert_matches_reference(out: torch.Tensor, ref32: torch.Tensor, same_dtype: torch.Tensor, what: str = "") -> None:
+    """flash-attention rule: err(ours vs fp32 ref) <= 2 * err(torch in this dtype) + floor.
+
+    ``ref32`` is the fp32 reference; ``same_dtype`` is what plain torch computes in ``out``'s
+    dtype for the same inputs.
+    """
+    assert out.shape == ref32.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref32.shape)}"
+    assert out.dtype == same_dtype.dtype, f"{what}: dtype {out.dtype} != {same_dtype.dtype}"
+    assert not torch.isnan(out).any(), f"{what}: output has NaN (unwritten elements?)"
+    err = (out.float() - ref32.float()).abs().max().item()
+    torch_err = (same_dtype.float() - ref32.float()).abs().max().item()
+    scale = max(1.0, ref32.abs().max().item())
+    bound = 2 * torch_err + ATOL[out.dtype] * scale
+    assert err <= bound, f"{what}: max error {err:.3g} > bound {bound:.3g} (torch's own error {torch_err:.3g})"
