@@ -1,9 +1,16 @@
-"""The `sparsekern` command: info, bench, prune."""
+"""The `sparsekern` command: info, bench, prune.
+
+Subcommands other than ``info`` live beside the code they drive: a module listed in
+``_SUBCOMMANDS`` defines ``register(subparsers)``, which adds its parser and sets ``func``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+
+_SUBCOMMANDS = ("sparsekern.bench.cli", "sparsekern.prune.cli")
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -13,13 +20,25 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsekern", description="Sparse inference kernels for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="versions, backends found, compiled extension, CPU ISA, GPU")
     p.set_defaults(func=_info)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    for name in _SUBCOMMANDS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":
