@@ -33,7 +33,7 @@ def _extensions():
     want_cuda = os.environ.get("SPARSEKERN_SKIP_CUDA_BUILD") != "1" and torch.version.cuda and shutil.which("nvcc")
     if want_cuda and cu:
         # Arch list comes from TORCH_CUDA_ARCH_LIST (or the visible GPU); never a hard-coded -arch.
-        args["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++17", "-lineinfo"]
+        args["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++17", "-lineinfo", "-DSPARSEKERN_TORCH"]
         ext = CUDAExtension("sparsekern._C", sources + cu, **args)
     else:
         ext = CppExtension("sparsekern._C", sources, **args)
