@@ -1,0 +1,96 @@
+"""Mask selection for N:M, block and unstructured sparsity (magnitude, Wanda, SparseGPT),
+calibration statistics, and structured pruning that shrinks models (heads, MLP channels, layers).
+
+``compute_mask`` and ``prune_weight`` work on one ``[out_features, in_features]`` weight (an
+``nn.Linear`` weight; transpose a GPT-2 ``Conv1D`` weight first). Masks are True where kept.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sparsekern.prune.calibration import ActivationStats, collect_stats
+from sparsekern.prune.magnitude import layer_sparsity_ratios, magnitude_mask
+from sparsekern.prune.patterns import Pattern, check_divisible, check_mask, check_weight, parse_pattern
+from sparsekern.prune.sparsegpt import sparsegpt_prune
+from sparsekern.prune.structured import drop_layers, prune_heads, prune_mlp_channels
+from sparsekern.prune.wanda import wanda_mask
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+
+
+def _prepare(weight, pattern, method) -> Pattern:
+    check_weight(weight)
+    pattern = parse_pattern(pattern)
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    check_divisible(tuple(weight.shape), pattern)
+    return pattern
+
+
+def compute_mask(
+    weight: torch.Tensor,
+    pattern: str | Pattern,
+    method: str = "magnitude",
+    *,
+    act_norm: torch.Tensor | None = None,
+    scores: torch.Tensor | None = None,
+    hessian: torch.Tensor | None = None,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+) -> torch.Tensor:
+    """Bool keep-mask ``[out, in]`` satisfying ``pattern`` exactly.
+
+    ``scores`` (same shape as ``weight``) overrides the method's importance: the largest are kept,
+    with magnitude's grouping (N:M groups, block L2 norms, layer-wide unstructured). ``sparsegpt``
+    needs ``hessian``; its mask depends on the reconstruction, so this runs the full prune.
+    """
+    pattern = _prepare(weight, pattern, method)
+    if scores is not None:
+        if not isinstance(scores, torch.Tensor) or scores.shape != weight.shape:
+            got = list(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+            raise ValueError(f"scores: expected a tensor of the weight's shape {list(weight.shape)}, got {got}")
+        return magnitude_mask(weight, pattern, scores=scores.to(weight.device))
+    if method == "magnitude":
+        return magnitude_mask(weight, pattern)
+    if method == "wanda":
+        return wanda_mask(weight, pattern, act_norm)
+    return sparsegpt_prune(weight, pattern, hessian, blocksize=blocksize, percdamp=percdamp)[1]
+
+
+def prune_weight(
+    weight: torch.Tensor,
+    pattern: str | Pattern,
+    method: str = "magnitude",
+    *,
+    act_norm: torch.Tensor | None = None,
+    hessian: torch.Tensor | None = None,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(new_weight, mask)``: zeros where pruned, same dtype and device as ``weight``.
+
+    For ``magnitude`` and ``wanda``, ``new_weight == weight * mask``. For ``sparsegpt`` the kept
+    weights are also updated (OBS reconstruction), so in general they differ from ``weight``.
+    """
+    pattern = _prepare(weight, pattern, method)
+    if method == "sparsegpt":
+        return sparsegpt_prune(weight, pattern, hessian, blocksize=blocksize, percdamp=percdamp)
+    mask = compute_mask(weight, pattern, method, act_norm=act_norm)
+    return torch.where(mask, weight.detach(), torch.zeros((), dtype=weight.dtype, device=weight.device)), mask
+
+
+__all__ = [
+    "ActivationStats",
+    "METHODS",
+    "Pattern",
+    "check_mask",
+    "collect_stats",
+    "compute_mask",
+    "drop_layers",
+    "layer_sparsity_ratios",
+    "parse_pattern",
+    "prune_heads",
+    "prune_mlp_channels",
+    "prune_weight",
+]

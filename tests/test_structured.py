@@ -1,0 +1,203 @@
+"""Structured pruning shrinks models: the smaller model equals the masked dense model."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from sparsekern.prune import drop_layers, prune_heads, prune_mlp_channels
+
+transformers = pytest.importorskip("transformers")
+
+
+def bert():
+    cfg = transformers.BertConfig(
+        vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+        max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    return transformers.BertModel(cfg).eval()
+
+
+def llama():
+    cfg = transformers.LlamaConfig(
+        vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=96, max_position_embeddings=64, bos_token_id=0, eos_token_id=1, pad_token_id=0,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def run(model, ids, mask=None):
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def blocks(model):
+    if hasattr(model, "encoder"):
+        return [
+            (lay.attention.output.dense, lay.output.dense, lay.attention.self.attention_head_size)
+            for lay in model.encoder.layer
+        ]
+    return [(lay.self_attn.o_proj, lay.mlp.down_proj, lay.self_attn.head_dim) for lay in model.model.layers]
+
+
+def zero_cols(lin: nn.Linear, cols):
+    with torch.no_grad():
+        lin.weight[:, cols] = 0
+
+
+def masked_heads(model, removed):
+    ref = copy.deepcopy(model)
+    for i, heads in removed.items():
+        o, _, hd = blocks(ref)[i]
+        zero_cols(o, [h * hd + d for h in heads for d in range(hd)])
+    return ref
+
+
+def inputs():
+    ids = torch.randint(2, 100, (2, 11))
+    mask = torch.ones_like(ids)
+    mask[0, 8:] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("make", [bert, llama])
+def test_prune_heads_explicit_equals_masked(make):
+    model = make()
+    ids, mask = inputs()
+    # BERT: any heads. Llama (4 query heads, 2 KV heads): layer 0 loses KV group 1 (heads 2, 3);
+    # layer 1 loses one query head in each group (heads 0 and 3).
+    removed = {0: [1, 2]} if make is bert else {0: [2, 3], 1: [0, 3]}
+    ref = masked_heads(model, removed)
+    dense = run(model, ids, mask)
+    before = n_params(model)
+    assert prune_heads(model, removed) == removed
+    assert n_params(model) < before
+    torch.testing.assert_close(run(model, ids, mask), run(ref, ids, mask), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(run(model, ids, mask), dense, atol=1e-3), "pruning must change the output"
+    if make is llama:
+        attn0, attn1 = model.model.layers[0].self_attn, model.model.layers[1].self_attn
+        assert (attn0.q_proj.out_features, attn0.k_proj.out_features) == (2 * 16, 1 * 16)
+        assert (attn1.q_proj.out_features, attn1.k_proj.out_features, attn1.num_key_value_groups) == (32, 32, 1)
+        assert model.config.sparsekern_structure["layers"]["1"] == {"num_attention_heads": 2, "num_key_value_heads": 2}
+        out = model.generate(ids[:1, :5], max_new_tokens=4, do_sample=False)
+        assert out.shape == (1, 9)
+    else:
+        assert model.config.pruned_heads == {0: [1, 2]}
+        assert model.encoder.layer[0].attention.self.query.out_features == 32
+
+
+def test_llama_uneven_gqa_is_refused():
+    with pytest.raises(ValueError, match="same number of query heads per KV head"):
+        prune_heads(llama(), {0: [0]})
+    with pytest.raises(ValueError, match="all 4 heads"):
+        prune_heads(bert(), {0: [0, 1, 2, 3]})
+    with pytest.raises(ValueError, match="head indices"):
+        prune_heads(bert(), {0: [7]})
+    with pytest.raises(ValueError, match="exactly one"):
+        prune_heads(bert())
+    with pytest.raises(TypeError, match="supported family"):
+        prune_heads(nn.Sequential(nn.Linear(4, 4)), fraction=0.5)
+
+
+@pytest.mark.parametrize("make", [bert, llama])
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_prune_heads_by_fraction(make, calibrated):
+    model = make()
+    ids, mask = inputs()
+    calib = [{"input_ids": torch.randint(2, 100, (2, 9))} for _ in range(2)] if calibrated else None
+    ref = copy.deepcopy(model)
+    removed = prune_heads(model, fraction=0.5, calibration=calib, compensate=False)
+    assert all(len(h) == 2 for h in removed.values()) and len(removed) == 2
+    ref = masked_heads(ref, removed)
+    torch.testing.assert_close(run(model, ids, mask), run(ref, ids, mask), rtol=1e-5, atol=1e-5)
+    if make is llama:
+        # Whole KV groups go: one KV head and its two query heads per layer.
+        assert all(h in ([0, 1], [2, 3]) for h in removed.values())
+        assert (model.config.num_attention_heads, model.config.num_key_value_heads, model.config.head_dim) == (2, 1, 16)
+        assert model.generate(ids[:1, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)
+
+
+@pytest.mark.parametrize("make", [bert, llama])
+def test_prune_mlp_channels_equals_masked(make):
+    model = make()
+    ids, mask = inputs()
+    ref = copy.deepcopy(model)
+    before = n_params(model)
+    sizes = prune_mlp_channels(model, 0.25)
+    assert sizes == {0: 72, 1: 72} and model.config.intermediate_size == 72
+    assert n_params(model) < before
+    for (_, down, _), (_, ref_down, _) in zip(blocks(model), blocks(ref)):
+        # The kept columns are the original ones, in order; zero the others in the reference.
+        kept = [j for j in range(96) if any(torch.equal(ref_down.weight[:, j], down.weight[:, c]) for c in range(72))]
+        assert len(kept) == 72
+        zero_cols(ref_down, [j for j in range(96) if j not in kept])
+    torch.testing.assert_close(run(model, ids, mask), run(ref, ids, mask), rtol=1e-5, atol=1e-5)
+    if make is llama:
+        assert model.generate(ids[:1, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)
+
+
+def test_mlp_mean_compensation_folds_into_bias():
+    # BERT's output.dense has a bias: removed channels are replaced by their calibration mean.
+    model = bert()
+    calib = [{"input_ids": torch.randint(2, 100, (2, 9))} for _ in range(2)]
+    layer = model.encoder.layer[0]
+    seen = []
+    h = layer.output.dense.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, 96)))
+    with torch.no_grad():
+        for b in calib:
+            model(**b)
+    h.remove()
+    mean = torch.cat(seen).mean(0)
+    old_w, old_b = layer.output.dense.weight.detach().clone(), layer.output.dense.bias.detach().clone()
+    prune_mlp_channels(model, 0.5, calibration=calib)
+    new = model.encoder.layer[0].output.dense
+    kept = [j for j in range(96) if any(torch.equal(old_w[:, j], new.weight[:, c]) for c in range(48))]
+    gone = [j for j in range(96) if j not in kept]
+    torch.testing.assert_close(new.bias, old_b + old_w[:, gone] @ mean[gone], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [bert, llama])
+def test_drop_layers(make):
+    model = make()
+    ids, mask = inputs()
+    ref = copy.deepcopy(model)
+    layers = ref.encoder.layer if make is bert else ref.model.layers
+    layers[0].forward = lambda hidden_states, *a, **k: hidden_states  # the masked model: layer 0 is identity
+    before = n_params(model)
+    drop_layers(model, [0])
+    assert model.config.num_hidden_layers == 1 and n_params(model) < before
+    torch.testing.assert_close(run(model, ids, mask), run(ref, ids, mask), rtol=1e-5, atol=1e-5)
+    if make is llama:
+        assert model.model.layers[0].self_attn.layer_idx == 0
+        assert model.generate(ids[:1, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)
+    with pytest.raises(ValueError, match="all 1 layers"):
+        drop_layers(model, [0])
+    with pytest.raises(ValueError, match="out of range"):
+        drop_layers(model, [3])
+
+
+def test_head_mean_compensation_folds_into_bias():
+    # BERT's attention.output.dense has a bias: removed heads' outputs are replaced by their mean.
+    model = bert()
+    calib = [{"input_ids": torch.randint(2, 100, (2, 9))} for _ in range(2)]
+    dense = model.encoder.layer[1].attention.output.dense
+    seen = []
+    h = dense.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, 64)))
+    with torch.no_grad():
+        for b in calib:
+            model(**b)
+    h.remove()
+    mean = torch.cat(seen).mean(0)
+    old_w, old_b = dense.weight.detach().clone(), dense.bias.detach().clone()
+    removed = prune_heads(model, fraction=0.25, calibration=calib)
+    gone = [h * 16 + d for h in removed[1] for d in range(16)]
+    new = model.encoder.layer[1].attention.output.dense
+    torch.testing.assert_close(new.bias, old_b + old_w[:, gone] @ mean[gone], rtol=1e-4, atol=1e-5)
+    kept = [c for c in range(64) if c not in gone]
+    assert torch.equal(new.weight, old_w[:, kept])
