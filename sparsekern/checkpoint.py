@@ -1,0 +1,297 @@
+"""Compressed checkpoints: ``save(model, dir)`` / ``load(dir, model)``.
+
+A sparsekern checkpoint is a directory with
+
+- ``model.safetensors``: every tensor of ``model.state_dict()`` as it is, so a ``SparseLinear``
+  contributes its compressed ``values``/``meta`` (or ``crow_indices``/``col_indices``/``blocks``)
+  and ``bias``, never a dense weight. Tensors that share storage (tied embeddings) are written
+  once; the others are listed as aliases.
+- ``sparsekern.json``: format version, sparsekern version, and per sparse layer its class,
+  pattern, shape, dtype and bias flag.
+
+``load(dir, model)`` takes the dense architecture (e.g. built from the same HF config), swaps in
+``SparseLinear`` for the layers listed (no re-pruning) and loads every tensor. It also reads
+compressed-tensors ``sparse-24-bitmask`` checkpoints (detected from ``config.json``; see
+:mod:`sparsekern.formats.compressed_tensors`). Everything is validated before the model is
+touched: file integrity (a truncated file names the tensor cut off), missing and unexpected
+keys, shapes, dtypes and sparse index validity. A refused checkpoint leaves the model unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import torch
+from torch import nn
+
+from sparsekern.formats.bsr import BlockSparseWeight
+from sparsekern.formats.nm import NMSparseWeight
+from sparsekern.nn.linear import SparseLinear, is_conv1d, linear_features
+
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "sparsekern.json"
+_ST_DTYPES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1,
+}  # fmt: skip
+
+
+# -- save ------------------------------------------------------------------------------------
+
+
+def save(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write ``model`` (sparsified or not) to directory ``path`` as compressed safetensors + JSON."""
+    from safetensors.torch import save_file
+
+    import sparsekern
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected torch.nn.Module, got {type(model).__name__}")
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    layers = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, SparseLinear):
+            info = {
+                "class": "SparseLinear",
+                "kind": mod.kind,
+                "pattern": mod.pattern,
+                "in_features": mod.in_features,
+                "out_features": mod.out_features,
+                "bias": mod.bias is not None,
+                "dtype": str(mod.dtype).removeprefix("torch."),
+            }
+            info.update({"n": mod.n, "m": mod.m} if mod.block is None else {"block": list(mod.block)})
+            layers[name] = info
+    tensors, aliases, first = {}, {}, {}
+    for key, t in model.state_dict().items():
+        ident = (t.device, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+        if t.numel() and ident in first:
+            aliases[key] = first[ident]
+            continue
+        first[ident] = key
+        tensors[key] = t.detach().to("cpu").contiguous()
+    config = {
+        "format": "sparsekern",
+        "format_version": FORMAT_VERSION,
+        "sparsekern_version": sparsekern.__version__,
+        "weights": WEIGHTS,
+        "layers": layers,
+        "aliases": aliases,
+    }
+    # Write to temporary names, then rename: an interrupted save never leaves a file that looks whole.
+    tmp = os.path.join(path, WEIGHTS + ".tmp")
+    save_file(tensors, tmp, metadata={"format": "pt", "sparsekern_format_version": str(FORMAT_VERSION)})
+    with open(os.path.join(path, CONFIG + ".tmp"), "w") as f:
+        json.dump(config, f, indent=2)
+    os.replace(tmp, os.path.join(path, WEIGHTS))
+    os.replace(os.path.join(path, CONFIG + ".tmp"), os.path.join(path, CONFIG))
+
+
+# -- reading safetensors with integrity checks -----------------------------------------------
+
+
+def check_safetensors(file: str) -> dict:
+    """Parse the header of ``file`` and check every tensor lies inside the file. Returns the header."""
+    size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ValueError(f"{file}: truncated or not a safetensors file ({size} bytes, no header)")
+        (hlen,) = struct.unpack("<Q", raw)
+        if hlen > size - 8:
+            raise ValueError(f"{file}: truncated: header claims {hlen} bytes, file has {size - 8} after the length")
+        try:
+            header = json.loads(f.read(hlen))
+        except ValueError as exc:
+            raise ValueError(f"{file}: corrupt safetensors header ({exc})") from None
+    data = size - 8 - hlen
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = entry["data_offsets"]
+        numel = 1
+        for s in entry["shape"]:
+            numel *= s
+        item = _ST_DTYPES.get(entry["dtype"])
+        if item is not None and end - start != numel * item:
+            raise ValueError(
+                f"{file}: tensor {name!r}: {end - start} bytes for shape {entry['shape']} {entry['dtype']}"
+            )
+        if end > data:
+            raise ValueError(
+                f"{file}: truncated: tensor {name!r} needs bytes {start}..{end} of the data section, "
+                f"which holds only {data} bytes"
+            )
+    return header
+
+
+def read_tensors(files: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors of ``files`` (validated first) and the file each came from."""
+    from safetensors import safe_open
+
+    for file in files:
+        check_safetensors(file)
+    tensors, origin = {}, {}
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if key in tensors:
+                    raise ValueError(f"{file}: tensor {key!r} also appears in {origin[key]}")
+                tensors[key], origin[key] = f.get_tensor(key), file
+    return tensors, origin
+
+
+def _weight_files(path: str) -> list[str]:
+    single = os.path.join(path, WEIGHTS)
+    if os.path.exists(single):
+        return [single]
+    index = os.path.join(path, WEIGHTS + ".index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(path, s) for s in shards]
+    raise FileNotFoundError(f"path: no {WEIGHTS} or {WEIGHTS}.index.json in {path}")
+
+
+# -- load ------------------------------------------------------------------------------------
+
+
+def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
+    """Load a checkpoint from directory ``path`` into ``model`` (in place; also returned).
+
+    ``model`` is the dense architecture; layers stored sparse are swapped to ``SparseLinear``
+    in the dtype and on the device of the layer they replace.
+    """
+    from sparsekern.formats import compressed_tensors as ct
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected torch.nn.Module, got {type(model).__name__}")
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"path: {path} is not a directory")
+    cfg_file, hf_file = os.path.join(path, CONFIG), os.path.join(path, "config.json")
+    hf_config = None
+    if os.path.exists(hf_file):
+        with open(hf_file) as f:
+            hf_config = json.load(f)
+    if os.path.exists(cfg_file):
+        with open(cfg_file) as f:
+            config = json.load(f)
+        if config.get("format") != "sparsekern" or config.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{cfg_file}: expected format 'sparsekern' version {FORMAT_VERSION}, got "
+                f"{config.get('format')!r} version {config.get('format_version')!r}"
+            )
+        tensors, origin = read_tensors([os.path.join(path, config.get("weights", WEIGHTS))])
+        for alias, target in config.get("aliases", {}).items():
+            if target not in tensors:
+                raise ValueError(f"{cfg_file}: alias {alias!r} points to {target!r}, which is not in the file")
+            tensors[alias] = tensors[target]
+        sparse = _native_layers(config["layers"], tensors, origin, cfg_file)
+    elif hf_config is not None and ct.sparsity_config(hf_config) is not None:
+        ct.check_supported(hf_config, hf_file)
+        tensors, origin = read_tensors(_weight_files(path))
+        sparse = {}
+        for layer, parts in ct.find_layers(tensors).items():
+            where = origin[parts["compressed"]]
+            try:
+                w = ct.bitmask_to_nm(*(tensors.pop(parts[s]) for s in ct.SUFFIXES), name=layer)
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"{where}: layer {layer!r}: {exc}") from None
+            sparse[layer] = (w, tensors.pop(f"{layer}.bias", None), where)
+    else:
+        raise FileNotFoundError(f"path: {path} has neither {CONFIG} nor a compressed-tensors config.json")
+    _apply(model, sparse, tensors, origin)
+    return model
+
+
+def _native_layers(layers: dict, tensors: dict, origin: dict, cfg_file: str) -> dict:
+    out = {}
+    for name, info in layers.items():
+        if info.get("class") != "SparseLinear":
+            raise ValueError(f"{cfg_file}: layer {name!r}: unknown class {info.get('class')!r}")
+        names = ("values", "meta") if info["kind"] == "nm" else ("crow_indices", "col_indices", "blocks")
+        keys = [f"{name}.{t}" for t in names]
+        missing = [k for k in keys if k not in tensors]
+        if missing:
+            raise ValueError(f"{cfg_file}: layer {name!r}: tensors {missing} missing from the weights file")
+        where = origin.get(keys[0], cfg_file)
+        shape = (int(info["out_features"]), int(info["in_features"]))
+        try:
+            parts = [tensors.pop(k) for k in keys]
+            if info["kind"] == "nm":
+                w = NMSparseWeight(*parts, int(info["n"]), int(info["m"]), shape).validate()
+            else:
+                w = BlockSparseWeight(*parts, shape).validate()
+                if list(w.block) != list(info["block"]):
+                    raise ValueError(f"blocks: expected block {info['block']}, got {list(w.block)}")
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{where}: layer {name!r}: {exc}") from None
+        bias = tensors.pop(f"{name}.bias", None)
+        if info.get("bias") and bias is None:
+            raise ValueError(f"{where}: layer {name!r}: tensor {name + '.bias'!r} missing")
+        out[name] = (w, bias, where)
+    return out
+
+
+def _apply(model: nn.Module, sparse: dict, tensors: dict, origin: dict) -> None:
+    """Validate the remaining tensors against ``model``, then swap layers and load. All or nothing."""
+    modules = dict(model.named_modules())
+    new_modules = {}
+    for name, (w, bias, where) in sparse.items():
+        mod = modules.get(name)
+        if mod is None:
+            raise ValueError(f"{where}: layer {name!r} is not a module of the model")
+        if not (isinstance(mod, (nn.Linear, SparseLinear)) or is_conv1d(mod)):
+            raise ValueError(f"{where}: layer {name!r}: expected an nn.Linear in the model, got {type(mod).__name__}")
+        k, out = (mod.in_features, mod.out_features) if isinstance(mod, SparseLinear) else linear_features(mod)
+        if (out, k) != tuple(w.shape):
+            raise ValueError(f"{where}: layer {name!r}: weight shape {tuple(w.shape)}, model expects {(out, k)}")
+        has_bias = getattr(mod, "bias", None) is not None
+        if has_bias != (bias is not None):
+            raise ValueError(f"{where}: layer {name!r}: bias {'missing' if has_bias else 'unexpected'} in checkpoint")
+        if bias is not None and tuple(bias.shape) != (out,):
+            raise ValueError(f"{where}: layer {name!r}: bias shape {tuple(bias.shape)}, expected {(out,)}")
+        ref = mod.values if isinstance(mod, SparseLinear) and mod.block is None else None
+        ref = ref if ref is not None else (mod.blocks if isinstance(mod, SparseLinear) else mod.weight)
+        w = w.to(device=ref.device, dtype=ref.dtype)
+        layer = SparseLinear(w, None if bias is None else bias.to(device=ref.device, dtype=ref.dtype))
+        layer.requires_grad_(ref.requires_grad)
+        new_modules[name] = layer
+
+    own = model.state_dict()
+    replaced = tuple(f"{n}." for n in new_modules)
+    expected = {k: v for k, v in own.items() if not k.startswith(replaced)}
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise ValueError(
+            f"{origin.get(unexpected[0], 'checkpoint')}: unexpected tensors not in the model: {unexpected[:8]}"
+        )
+    present = {(v.data_ptr(), tuple(v.shape)) for k, v in expected.items() if k in tensors}
+    # A key absent from the file is fine only when it is tied to one that is present (HF omits tied lm_head).
+    missing = sorted(
+        k for k, v in expected.items() if k not in tensors and (v.data_ptr(), tuple(v.shape)) not in present
+    )
+    if missing:
+        raise ValueError(f"checkpoint: tensors missing for model keys {missing[:8]} ({len(missing)} in all)")
+    for key, t in tensors.items():
+        want = expected[key]
+        if tuple(t.shape) != tuple(want.shape):
+            raise ValueError(
+                f"{origin.get(key)}: tensor {key!r} has shape {tuple(t.shape)}, model expects {tuple(want.shape)}"
+            )
+        if t.is_floating_point() != want.is_floating_point() or (
+            not want.is_floating_point() and t.dtype != want.dtype
+        ):
+            raise ValueError(f"{origin.get(key)}: tensor {key!r} has dtype {t.dtype}, model expects {want.dtype}")
+
+    # Validated: from here on nothing can refuse the checkpoint.
+    for name, layer in new_modules.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    result = model.load_state_dict(tensors, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys

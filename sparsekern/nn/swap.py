@@ -1,0 +1,270 @@
+"""``sparsify(model, ...)``: prune every linear layer of a model and swap in ``SparseLinear``, in place.
+
+Order of work, so a failure never leaves a half-swapped model: find the layers, parse every
+pattern and check every shape (misfits are skipped and reported), gather calibration statistics
+(Wanda, SparseGPT), prune and compress every layer into new modules, and only then swap them
+all in. An exception before the last step leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from sparsekern.formats.nm import SUPPORTED_DTYPES
+from sparsekern.nn.linear import SparseLinear, dense_weight, is_conv1d, linear_features
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+
+
+@dataclass
+class LayerReport:
+    name: str
+    in_features: int
+    out_features: int
+    pattern: str | None  # None: skipped
+    module: str  # "SparseLinear", "Linear (masked)", or "skipped"
+    sparsity: float  # fraction of zero weights after pruning (0 for skipped layers)
+    bytes_before: int
+    bytes_after: int
+    note: str = ""
+
+
+@dataclass
+class SparsifyReport:
+    """What :func:`sparsify` did. ``str(report)`` is a summary table."""
+
+    method: str
+    pattern: str
+    layers: list[LayerReport] = field(default_factory=list)
+
+    @property
+    def swapped(self) -> list[LayerReport]:
+        return [r for r in self.layers if r.module == "SparseLinear"]
+
+    @property
+    def masked(self) -> list[LayerReport]:
+        return [r for r in self.layers if r.module == "Linear (masked)"]
+
+    @property
+    def skipped(self) -> list[LayerReport]:
+        return [r for r in self.layers if r.module == "skipped"]
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(r.bytes_before for r in self.layers if r.module != "skipped")
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(r.bytes_after for r in self.layers if r.module != "skipped")
+
+    @property
+    def bytes_saved(self) -> int:
+        return self.bytes_before - self.bytes_after
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of zero weights over all pruned layers."""
+        done = [r for r in self.layers if r.module != "skipped"]
+        total = sum(r.in_features * r.out_features for r in done)
+        return sum(r.sparsity * r.in_features * r.out_features for r in done) / total if total else 0.0
+
+    def __str__(self) -> str:
+        head = ("layer", "shape", "pattern", "module", "sparsity", "bytes before", "bytes after", "note")
+        rows = [
+            (
+                r.name,
+                f"{r.out_features}x{r.in_features}",
+                r.pattern or "-",
+                r.module,
+                f"{r.sparsity:.1%}",
+                _fmt_bytes(r.bytes_before),
+                _fmt_bytes(r.bytes_after),
+                r.note,
+            )
+            for r in self.layers
+        ]
+        widths = [max(len(str(c)) for c in col) for col in zip(head, *rows)]
+        line = "  ".join
+        out = [line(h.ljust(w) for h, w in zip(head, widths)), line("-" * w for w in widths)]
+        out += [line(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+        out.append(
+            f"sparsify: method={self.method} pattern={self.pattern}: {len(self.swapped)} layers swapped to "
+            f"SparseLinear, {len(self.masked)} masked dense, {len(self.skipped)} skipped; sparsity "
+            f"{self.sparsity:.1%}; weights {_fmt_bytes(self.bytes_before)} -> {_fmt_bytes(self.bytes_after)} "
+            f"(saved {_fmt_bytes(self.bytes_saved)})"
+        )
+        return "\n".join(out)
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _matches(name: str, pat: str) -> bool:
+    return pat in name or fnmatch.fnmatchcase(name, pat)
+
+
+def find_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """Every ``nn.Linear`` and HF ``Conv1D`` by qualified name (SparseLinear excluded)."""
+    return {name: mod for name, mod in model.named_modules() if isinstance(mod, nn.Linear) or is_conv1d(mod)}
+
+
+def _fits(pat, k: int, out: int, dtype: torch.dtype) -> str | None:
+    """Why a layer cannot take ``pat`` (None if it can)."""
+    if dtype not in SUPPORTED_DTYPES:
+        return f"dtype {dtype} not supported"
+    if pat.kind == "nm" and k % pat.m:
+        return f"in_features {k} not divisible by m={pat.m}"
+    if pat.kind == "block":
+        bm, bk = pat.block
+        if out % bm or k % bk:
+            return f"block {bm}x{bk} does not divide {out}x{k}"
+    return None
+
+
+def _layer_bytes(module: nn.Module) -> int:
+    w = dense_weight(module)
+    b = getattr(module, "bias", None)
+    return w.numel() * w.element_size() + (0 if b is None else b.numel() * b.element_size())
+
+
+def sparsify(
+    model: nn.Module,
+    pattern="2:4",
+    method: str = "magnitude",
+    calibration: Iterable | None = None,
+    skip: Iterable[str] | str | None = ("lm_head",),
+    overrides: Mapping[str, str | None] | None = None,
+    progress: bool = True,
+) -> SparsifyReport:
+    """Prune the linear layers of ``model`` in place and swap in :class:`SparseLinear`.
+
+    - ``pattern``: ``"2:4"``, ``"4:8"``, ``"block32x32:0.9"``, ``"unstructured:0.5"`` (or a Pattern).
+      Unstructured layers stay dense ``nn.Linear`` with zeroed weights: there is no kernel for them.
+    - ``method``: ``"magnitude"``, ``"wanda"`` or ``"sparsegpt"``; the last two need ``calibration``,
+      an iterable of model inputs (tensor -> ``model(t)``, tuple -> ``model(*t)``, dict -> ``model(**d)``).
+    - ``skip``: layer names to leave alone, by substring or glob.
+    - ``overrides``: ``{glob: pattern or None}`` per layer (first matching glob wins; None skips).
+
+    Layers whose shape does not fit their pattern are skipped and listed in the report.
+    """
+    from sparsekern.prune import collect_stats, parse_pattern
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected torch.nn.Module, got {type(model).__name__}")
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    if method != "magnitude" and calibration is None:
+        raise ValueError(f"calibration: method {method!r} needs calibration inputs, got None")
+    skip = [skip] if isinstance(skip, str) else list(skip or ())
+    overrides = dict(overrides or {})
+    default = parse_pattern(pattern) if isinstance(pattern, str) else pattern
+    parsed = {g: (None if p is None else parse_pattern(p) if isinstance(p, str) else p) for g, p in overrides.items()}
+
+    # 1. plan: which layers, which pattern each; misfits become report rows, never exceptions.
+    report = SparsifyReport(method=method, pattern=str(default))
+    plan: dict[str, tuple[nn.Module, object]] = {}
+    for name, mod in find_linears(model).items():
+        k, out = linear_features(mod)
+        row = LayerReport(name, k, out, None, "skipped", 0.0, _layer_bytes(mod), _layer_bytes(mod))
+        if any(_matches(name, s) for s in skip):
+            row.note = "skipped by name"
+        else:
+            glob = next((g for g in parsed if fnmatch.fnmatchcase(name, g) or g == name), None)
+            pat = parsed[glob] if glob is not None else default
+            why = None if pat is None else _fits(pat, k, out, dense_weight(mod).dtype)
+            if pat is None:
+                row.note = f"override {glob!r}: skip"
+            elif why:
+                row.note = f"{pat}: {why}"
+            else:
+                plan[name] = (mod, pat)
+        report.layers.append(row)
+
+    # 2. calibration statistics (one pass over the dense model, hooks on the planned layers).
+    stats = {}
+    if method != "magnitude" and plan:
+        need = ("norm", "hessian") if method == "sparsegpt" else ("norm",)
+        was_training = model.training
+        model.eval()
+        try:
+            stats = collect_stats(
+                model, {n: m for n, (m, _) in plan.items()}, calibration, need=need, progress=progress
+            )
+        finally:
+            model.train(was_training)
+
+    # 3. prune and build every replacement before touching the model.
+    new: dict[str, nn.Module] = {}
+    rows = {r.name: r for r in report.layers}
+    names = list(plan)
+    bar = _progress(names, progress)
+    for name in bar:
+        mod, pat = plan[name]
+        st = stats.get(name)
+        kw = {}
+        if st is not None:
+            kw = {"act_norm": st.act_norm, "hessian": getattr(st, "hessian", None)}
+        if pat.kind == "unstructured":
+            new[name] = _masked_dense(mod, pat, method, **kw)
+            nnz = int((dense_weight(new[name]) != 0).sum())
+            after = _layer_bytes(mod)
+            module = "Linear (masked)"
+        else:
+            new[name] = SparseLinear.from_linear(mod, pat, method, **kw)
+            nnz = _nnz(new[name])
+            after = new[name].nbytes()
+            module = "SparseLinear"
+        r = rows[name]
+        r.pattern, r.module, r.bytes_after = str(pat), module, after
+        r.sparsity = 1.0 - nnz / (r.in_features * r.out_features)
+        if pat.kind == "unstructured":
+            r.note = "dense storage: no unstructured kernel"
+
+    # 4. swap.
+    for name, mod in new.items():
+        _set_submodule(model, name, mod)
+    return report
+
+
+def _nnz(layer: SparseLinear) -> int:
+    # Stored entries that are non-zero: the same count as the dense weight's, without decompressing.
+    return int((layer.dtype_param() != 0).sum())
+
+
+def _masked_dense(mod: nn.Module, pat, method: str, **kw) -> nn.Module:
+    """A copy of ``mod`` (same class) with the pruned weight: the unstructured case."""
+    import copy
+
+    from sparsekern.prune import prune_weight
+
+    with torch.no_grad():
+        w, _ = prune_weight(dense_weight(mod).detach(), pat, method, **kw)
+        out = copy.deepcopy(mod)
+        dense_weight(out).copy_(w.to(dense_weight(mod).dtype))
+    return out
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _progress(items: list, enabled: bool):
+    if not enabled:
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is a dependency, but a progress bar is never worth a crash
+        return items
+    return tqdm(items, desc="sparsify", unit="layer")
