@@ -1,0 +1,154 @@
+"""Triton kernel for ``bsr_linear``: ``y = x @ W.T + bias`` with W block-sparse (BSR).
+
+One program owns one block row of W (``bm`` outputs) and ``BLOCK_M`` rows of x, and walks only
+that block row's stored blocks (``crow[r]:crow[r+1]``): per block it loads the x columns the
+block covers and the ``bm x bk`` block, and accumulates ``x_tile @ block.T`` with ``tl.dot`` in
+fp32 (tensor cores: ``mma`` on sm_80, ``wgmma`` on sm_90 when ``BLOCK_M >= 64``). Block sides
+that are not powers of two (8..128, e.g. 48) are padded to the next power of two (at least 16,
+the smallest ``tl.dot`` tile) and masked.
+
+Decode uses the same kernel with ``BLOCK_M = 16``; a block row's blocks are then split across
+programs (split-K) when there are too few block rows to fill the GPU.
+
+Index safety: blocks are visited only up to ``nnz`` whatever ``crow`` holds, and x columns are
+masked to ``< K`` whatever ``col`` holds, so corrupt indices give wrong numbers, never a fault.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from sparsekern.kernels._common import Fixed, autotune, dot_precision, rows_bucket, splitk_reduce, splits_for
+
+from sparsekern.ops import new_output
+
+# Shared memory per pipeline stage is kept under this so every config fits sm_80's 164 KB and
+# sm_90's 228 KB with room for the layout conversions Triton adds.
+_SMEM_BUDGET = 96 * 1024
+
+
+def padded(side: int) -> int:
+    """Tile side for a block side: next power of two, at least 16 (``tl.dot``'s minimum)."""
+    return max(16, triton.next_power_of_2(side))
+
+
+def bsr_configs(rows_bucket: int, bm: int, bk: int, elem_bytes: int) -> list[triton.Config]:
+    """Configs for :func:`_bsr_kernel`; BLOCK_N/BLOCK_K are fixed by the block shape."""
+    bn_p, bk_p = padded(bm), padded(bk)
+    if rows_bucket <= 16:
+        shapes = [(16, 4)]
+    elif rows_bucket <= 64:
+        shapes = [(64, 4), (32, 4)]
+    else:
+        shapes = [(128, 8 if bn_p >= 64 else 4), (64, 4)]
+    configs = []
+    for block_m, warps in shapes:
+        stage = (block_m + bn_p) * bk_p * elem_bytes
+        stages = max(2, min(4, _SMEM_BUDGET // stage))
+        configs.append(
+            triton.Config({"BLOCK_M": block_m, "BLOCK_N": bn_p, "BLOCK_K": bk_p}, num_warps=warps, num_stages=stages)
+        )
+    return configs
+
+
+@triton.jit
+def _bsr_kernel(
+    x_ptr,  # (rows, K)
+    crow_ptr,  # (out/bm + 1,) int32
+    col_ptr,  # (nnz,) int32
+    blocks_ptr,  # (nnz, bm, bk)
+    bias_ptr,  # (out,) or unused
+    y_ptr,  # (rows, out) dtype of x; fp32 (n_splits, rows, out) when PARTIAL
+    rows,
+    out_features,
+    K,
+    nnz,
+    stride_xr,
+    stride_ys,  # split stride of y (0 unless PARTIAL)
+    n_splits,
+    HAS_BIAS: tl.constexpr,
+    PARTIAL: tl.constexpr,
+    BM: tl.constexpr,  # block height
+    BK: tl.constexpr,  # block width
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # padded(BM)
+    BLOCK_K: tl.constexpr,  # padded(BK)
+):
+    rb = tl.program_id(0)  # block row: neighbours share x rows in L2
+    pid_m = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_i = tl.arange(0, BLOCK_N)
+    offs_t = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < rows
+    i_mask = offs_i < BM
+    t_mask = offs_t < BK
+    # int64 block index: b * BM * BK passes 2**31 on large weights.
+    lo = tl.load(crow_ptr + rb).to(tl.int64)
+    hi = tl.minimum(tl.load(crow_ptr + rb + 1).to(tl.int64), nnz)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for b in range(lo + pid_s, hi, n_splits):
+        cols = tl.load(col_ptr + b) * BK + offs_t
+        x_mask = m_mask[:, None] & (t_mask & (cols < K))[None, :]
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xr + cols[None, :], mask=x_mask, other=0.0)
+        blk_ptr = blocks_ptr + b * (BM * BK)
+        blk = tl.load(
+            blk_ptr + offs_i[:, None] * BK + offs_t[None, :], mask=i_mask[:, None] & t_mask[None, :], other=0.0
+        )
+        acc = tl.dot(x, tl.trans(blk), acc, input_precision=DOT_PRECISION)
+    offs_n = rb * BM + offs_i
+    n_mask = i_mask & (offs_n < out_features)
+    y_off = offs_m[:, None] * out_features + offs_n[None, :]
+    y_mask = m_mask[:, None] & n_mask[None, :]
+    if PARTIAL:
+        tl.store(y_ptr + pid_s * stride_ys + y_off, acc, mask=y_mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+# -- wrapper: check shapes, allocate, launch ---------------------------------------------------
+
+_tuned: dict[tuple, object] = {}
+
+
+def _tuner(bucket: int, bm: int, bk: int, elem_bytes: int):
+    key = (bucket, bm, bk, elem_bytes)
+    if key not in _tuned:
+        configs = bsr_configs(bucket, bm, bk, elem_bytes)
+        _tuned[key] = autotune(_bsr_kernel, configs, ["out_features", "K", "nnz", "n_splits"])
+    return _tuned[key]
+
+
+def bsr_linear(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, blocks: torch.Tensor, bias=None, config=None):
+    """``x [rows, K] @ W.T + bias`` for arguments already checked by ``ops.check_bsr_linear``.
+
+    ``config`` pins one config of :func:`bsr_configs` instead of autotuning (tests, benchmarks).
+    """
+    rows, k = x.shape
+    nnz, bm, bk = blocks.shape
+    block_rows = crow.numel() - 1
+    out_features = block_rows * bm
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    crow, col, blocks = crow.contiguous(), col.contiguous(), blocks.contiguous()
+    y = new_output((rows, out_features), x)
+    if rows == 0 or out_features == 0:
+        return y
+    bucket = min(rows_bucket(rows), 4096)
+    row_tile = 16 if bucket <= 16 else 64
+    programs = block_rows * triton.cdiv(rows, row_tile)
+    n_splits = splits_for(programs, triton.cdiv(nnz, max(block_rows, 1)), x.device)
+    partial = n_splits > 1
+    dst = torch.empty((n_splits, rows, out_features), dtype=torch.float32, device=x.device) if partial else y
+    grid = lambda meta_: (block_rows, triton.cdiv(rows, meta_["BLOCK_M"]), n_splits)  # noqa: E731
+    launcher = Fixed(_bsr_kernel, config) if config is not None else _tuner(bucket, bm, bk, x.element_size())
+    launcher[grid](
+        x, crow, col, blocks, bias if bias is not None else blocks, dst,
+        rows, out_features, k, nnz, x.stride(0), rows * out_features if partial else 0, n_splits,
+        HAS_BIAS=bias is not None, PARTIAL=partial, BM=bm, BK=bk, DOT_PRECISION=dot_precision(x.dtype),
+    )  # fmt: skip
+    return splitk_reduce(dst, bias, y) if partial else y

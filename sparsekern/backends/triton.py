@@ -1,0 +1,62 @@
+"""The Triton backend: ``nm_linear`` and ``bsr_linear`` kernels from ``sparsekern.kernels``.
+
+Registered with ``auto=False``: these kernels have not yet passed on a real GPU (DESIGN.md,
+"Checking kernels without a GPU"), so they run only when forced with
+``sparsekern.use_backend("triton")`` or ``SPARSEKERN_BACKEND=triton``.
+
+``import sparsekern`` imports this module for every user, so it imports neither triton nor the
+kernels until a kernel is asked for: a CPU-only user without triton pays nothing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+
+from sparsekern import dispatch
+
+_NEEDS = "triton needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors"
+
+
+def _triton_missing() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    return None
+
+
+def _device_reason(x) -> str | None:
+    missing = _triton_missing()
+    if missing:
+        return missing
+    if x.device.type == "cuda":
+        return None
+    if x.device.type != "cpu" or os.environ.get("TRITON_INTERPRET") != "1":
+        return f"{_NEEDS}; got {x.device.type} tensors"
+    # Triton picks interpreter or compiler for the whole process when triton.language is
+    # first imported (kernels/_common.py), so the variable must be set before that.
+    tl = sys.modules.get("triton.language")
+    if tl is not None and type(tl.cdiv).__name__ != "InterpretedFunction":
+        return "triton was imported before TRITON_INTERPRET=1 was set; set it before the first import of triton"
+    return None
+
+
+def _nm_supports(x, values, meta, n, m, bias=None) -> str | None:
+    return _device_reason(x)
+
+
+def _bsr_supports(x, crow, col, blocks, bias=None) -> str | None:
+    return _device_reason(x)
+
+
+def _nm_linear(x, values, meta, n, m, bias=None):
+    return importlib.import_module("sparsekern.kernels.nm_linear").nm_linear(x, values, meta, n, m, bias)
+
+
+def _bsr_linear(x, crow, col, blocks, bias=None):
+    return importlib.import_module("sparsekern.kernels.bsr_linear").bsr_linear(x, crow, col, blocks, bias)
+
+
+dispatch.register("nm_linear", "triton", _nm_linear, _nm_supports, auto=False)
+dispatch.register("bsr_linear", "triton", _bsr_linear, _bsr_supports, auto=False)

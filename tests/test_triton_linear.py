@@ -1,0 +1,171 @@
+"""Triton ``nm_linear`` / ``bsr_linear`` kernels under the interpreter, against the reference.
+
+Runs through the public ops with ``use_backend("triton")`` on CPU tensors, outputs poisoned
+(conftest), fp32 and fp16, odd shapes, decode and prefill rows, every N:M pattern, block
+shapes 8..128 including non-square and non-power-of-two ones, split-K included.
+
+Triton chooses interpreter or compiler for the whole process at ``import triton``
+(kernels/_common.py). Unless this process was started with ``TRITON_INTERPRET=1`` (and triton
+is not already imported in compile mode), the file reruns itself in a subprocess that is.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_matches_reference
+
+import sparsekern as sk
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _interpreter_process() -> bool:
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    tl = sys.modules.get("triton.language")
+    return tl is None or type(tl.cdiv).__name__ == "InterpretedFunction"
+
+
+pytestmark = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+
+if not _interpreter_process():
+
+    def test_interpreter_suite_in_subprocess():
+        """This file's tests, in a process where Triton interprets (see module docstring)."""
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {**os.environ, "TRITON_INTERPRET": "1", "TRITON_DEFAULT_FP_FUSION": "1"}
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)]
+        res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+        tail = res.stdout.strip().splitlines()[-1:] or ["(no output)"]
+        print(f"\ninterpreter suite: {tail[0]}")
+        assert res.returncode == 0, f"interpreter suite failed:\n{res.stdout[-8000:]}\n{res.stderr[-4000:]}"
+
+else:
+    DTYPES = (torch.float32, torch.float16)
+    PATTERNS = [(n, m) for m in (2, 4, 8, 16) for n in range(1, m)]
+
+    def _check(run, x, weight, bias, what):
+        """Triton in x's dtype vs the fp32 reference and vs torch in x's dtype."""
+        with sk.use_backend("triton"):
+            out = run(x, weight, bias)
+        dense = weight.to_dense()
+        ref32 = F.linear(x.float(), dense.float(), None if bias is None else bias.float())
+        with sk.use_backend("reference"):
+            same = run(x, weight, bias)
+        assert_matches_reference(out, ref32, same, what)
+
+    def _nm_case(rows, out, k, n, m, dtype, bias=True, lead=()):
+        w = sk.NMSparseWeight.from_dense(torch.randn(out, k), n=n, m=m, prune=True).to(dtype)
+        x = torch.randn(*lead, rows, k).to(dtype)
+        b = torch.randn(out).to(dtype) if bias else None
+        _check(sk.ops.nm_linear, x, w, b, f"nm_linear {n}:{m} rows={rows} out={out} K={k} {dtype}")
+
+    @pytest.mark.parametrize("n,m", PATTERNS, ids=[f"{n}:{m}" for n, m in PATTERNS])
+    def test_nm_every_pattern(n, m):
+        i = PATTERNS.index((n, m))
+        rows = (1, 3, 7, 33)[i % 4]  # gemv, gemv, tensor-core decode, prefill
+        dtype = DTYPES[i % 2]
+        _nm_case(rows, out=40, k=m * 9, n=n, m=m, dtype=dtype, bias=i % 3 != 0)
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    @pytest.mark.parametrize("rows", (1, 2, 4, 5, 16, 33, 100))
+    def test_nm_rows_odd_shapes(rows, dtype):
+        # out 72 and K 200 are multiples of no tile size.
+        _nm_case(rows, out=72, k=200, n=2, m=4, dtype=dtype)
+
+    @pytest.mark.parametrize("rows", (1, 9, 70))
+    def test_nm_split_k(rows):
+        from sparsekern.kernels import _common
+
+        # One output tile and a long K: the wrapper splits K (the interpreter pretends 4 SMs).
+        assert _common.splits_for(1, 16, torch.device("cpu")) > 1
+        _nm_case(rows, out=24, k=1024, n=2, m=4, dtype=torch.float32)
+
+    def test_nm_leading_dims_and_strided_x():
+        _nm_case(3, out=40, k=64, n=2, m=4, dtype=torch.float16, lead=(2,))
+        w = sk.NMSparseWeight.from_dense(torch.randn(24, 96), n=1, m=4, prune=True)
+        x = torch.randn(96, 5).t()  # last dim not contiguous
+        _check(sk.ops.nm_linear, x, w, None, "nm_linear strided x")
+
+    def _all_nm_configs(rows, elem_bytes):
+        from sparsekern.kernels import nm_linear as kn
+        from sparsekern.kernels._common import rows_bucket
+
+        if rows <= kn.GEMV_MAX_ROWS:
+            return kn.nm_gemv_configs(rows_bucket(rows))
+        return [c for b in (16, 64, 4096) for c in kn.nm_gemm_configs(b, elem_bytes)]
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    @pytest.mark.parametrize("rows", (3, 21))
+    def test_nm_every_config(rows, dtype):
+        """Each autotune config (the tuner only ever runs the first one here), pinned."""
+        from sparsekern.kernels import nm_linear as kn
+
+        w = sk.NMSparseWeight.from_dense(torch.randn(40, 136), n=2, m=4, prune=True).to(dtype)
+        x, b = torch.randn(rows, 136).to(dtype), torch.randn(40).to(dtype)
+        ref32 = F.linear(x.float(), w.to_dense().float(), b.float())
+        same = F.linear(x, w.to_dense(), b)
+        for cfg in _all_nm_configs(rows, x.element_size()):
+            out = kn.nm_linear(x, w.values, w.meta, 2, 4, b, config=cfg)
+            assert_matches_reference(out, ref32, same, f"nm_linear config {cfg}")
+
+    def test_nm_bf16():
+        pytest.skip("bf16 is broken in the Triton interpreter here; tests/gpu covers bf16")
+
+    BLOCKS = [(8, 8), (16, 16), (32, 16), (16, 64), (48, 24), (64, 64), (128, 128)]
+
+    def _bsr_case(rows, out, k, block, dtype, sparsity=0.6, bias=True):
+        w = sk.BlockSparseWeight.from_dense(torch.randn(out, k), block=block, sparsity=sparsity).to(dtype)
+        x = torch.randn(rows, k).to(dtype)
+        b = torch.randn(out).to(dtype) if bias else None
+        _check(sk.ops.bsr_linear, x, w, b, f"bsr_linear {block} rows={rows} out={out} K={k} {dtype}")
+        return w
+
+    @pytest.mark.parametrize("block", BLOCKS, ids=[f"{a}x{b}" for a, b in BLOCKS])
+    @pytest.mark.parametrize("rows", (1, 5, 33))
+    def test_bsr_blocks(rows, block):
+        bm, bk = block
+        dtype = DTYPES[(rows + bm) % 2]
+        _bsr_case(rows, out=bm * 3, k=bk * 5, block=block, dtype=dtype, bias=rows != 5)
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    @pytest.mark.parametrize("rows", (1, 16, 100))
+    def test_bsr_empty_block_rows_and_split(rows, dtype):
+        # 95% sparse over 12 block rows: some rows hold no block (output = bias alone), and
+        # the few block rows with long K split across programs.
+        w = _bsr_case(rows, out=192, k=512, block=(16, 32), dtype=dtype, sparsity=0.95)
+        counts = w.crow_indices[1:] - w.crow_indices[:-1]
+        assert (counts == 0).any(), "test shape should contain an empty block row"
+
+    @pytest.mark.parametrize("rows", (1, 40, 100))
+    def test_bsr_every_config(rows):
+        from sparsekern.kernels import bsr_linear as kb
+        from sparsekern.kernels._common import rows_bucket
+
+        w = sk.BlockSparseWeight.from_dense(torch.randn(96, 160), block=(32, 32), sparsity=0.5).to(torch.float16)
+        x, b = torch.randn(rows, 160).to(torch.float16), torch.randn(96).to(torch.float16)
+        ref32 = F.linear(x.float(), w.to_dense().float(), b.float())
+        same = F.linear(x, w.to_dense(), b)
+        for cfg in kb.bsr_configs(rows_bucket(rows), 32, 32, 2):
+            out = kb.bsr_linear(x, w.crow_indices, w.col_indices, w.blocks, b, config=cfg)
+            assert_matches_reference(out, ref32, same, f"bsr_linear config {cfg}")
+
+    @pytest.mark.parametrize("rows", (1, 20))
+    def test_bsr_no_blocks_at_all(rows):
+        dense = torch.zeros(64, 96)  # nnz = 0: the output is the bias alone, every element written
+        w = sk.BlockSparseWeight.from_dense(dense, block=(16, 32))
+        assert w.nnz_blocks == 0
+        _check(sk.ops.bsr_linear, torch.randn(rows, 96), w, torch.randn(64), "bsr_linear nnz=0")
+
+    def test_backend_refuses_cpu_without_interpreter(monkeypatch):
+        monkeypatch.delenv("TRITON_INTERPRET")
+        w = sk.NMSparseWeight.from_dense(torch.randn(8, 16), n=2, m=4, prune=True)
+        with sk.use_backend("triton"), pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+            sk.ops.nm_linear(torch.randn(2, 16), w)
