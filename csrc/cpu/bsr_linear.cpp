@@ -1,0 +1,89 @@
+// Block-sparse linear: ISA dispatch, the portable kernel, block-row decompression.
+#include "cpu/bsr_linear.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace sparsekern {
+
+namespace detail {
+
+void bsr_linear_portable(const BSRLinearArgs& a) {
+  const int64_t kb = a.k / a.bk, bsz = static_cast<int64_t>(a.bm) * a.bk;
+  std::vector<float> xf(a.rows * a.k);
+  convert_rows_f32(a.x, a.rows, a.k, a.ldx, a.dtype, xf.data(), a.k, a.threads);
+#pragma omp parallel num_threads(a.threads)
+  {
+    std::vector<float> acc(a.bm), wrow(a.bk);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t rb = 0; rb < a.block_rows; ++rb) {
+      int64_t begin, end;
+      bsr_row_range(a, rb, &begin, &end);
+      for (int64_t r = 0; r < a.rows; ++r) {
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        const float* xr = xf.data() + r * a.k;
+        for (int64_t b = begin; b < end; ++b) {
+          const int64_t c = a.col[b];
+          if (c < 0 || c >= kb) continue;
+          const float* xs = xr + c * a.bk;
+          for (int i = 0; i < a.bm; ++i) {
+            const int64_t off = b * bsz + static_cast<int64_t>(i) * a.bk;
+            for (int kk = 0; kk < a.bk; ++kk) wrow[kk] = load_f32(a.blocks, off + kk, a.dtype);
+            float s = 0.0f;
+            for (int kk = 0; kk < a.bk; ++kk) s += wrow[kk] * xs[kk];
+            acc[i] += s;
+          }
+        }
+        for (int i = 0; i < a.bm; ++i) {
+          const int64_t o = rb * a.bm + i;
+          const float bias = a.bias ? load_f32(a.bias, o, a.dtype) : 0.0f;
+          store_f32(a.out, r * a.ldo + o, acc[i] + bias, a.dtype);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace detail
+
+void bsr_linear_decode(const BSRLinearArgs& a, Isa isa) {
+#if defined(__x86_64__)
+  if (isa >= Isa::kAvx2) return detail::bsr_linear_decode_avx2(a);
+#else
+  (void)isa;
+#endif
+  detail::bsr_linear_portable(a);
+}
+
+void bsr_linear_batched(const BSRLinearArgs& a, Isa isa) {
+#if defined(__x86_64__)
+  if (isa >= Isa::kAvx2) return detail::bsr_linear_batched_avx2(a);
+#else
+  (void)isa;
+#endif
+  detail::bsr_linear_portable(a);
+}
+
+void bsr_decompress_rows(const BSRLinearArgs& a, int64_t rb0, int64_t nrb, void* dense, int64_t ld) {
+  const int64_t kb = a.k / a.bk, es = dtype_size(a.dtype), bsz = static_cast<int64_t>(a.bm) * a.bk;
+  char* d = static_cast<char*>(dense);
+  const char* blocks = static_cast<const char*>(a.blocks);
+#pragma omp parallel for num_threads(a.threads) schedule(dynamic, 1)
+  for (int64_t i = 0; i < nrb; ++i) {
+    char* tile = d + i * a.bm * ld * es;
+    for (int r = 0; r < a.bm; ++r) std::memset(tile + r * ld * es, 0, a.k * es);
+    int64_t begin, end;
+    bsr_row_range(a, rb0 + i, &begin, &end);
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t c = a.col[b];
+      if (c < 0 || c >= kb) continue;
+      for (int r = 0; r < a.bm; ++r)
+        std::memcpy(tile + (r * ld + c * a.bk) * es, blocks + (b * bsz + static_cast<int64_t>(r) * a.bk) * es,
+                    a.bk * es);
+    }
+  }
+}
+
+}  // namespace sparsekern

@@ -1,0 +1,42 @@
+// Block-sparse (BSR) linear on the CPU, torch-free: decode kernel (few rows: each block streamed
+// once, dot products along its rows), batched kernel (a register-blocked micro-kernel over the
+// stored blocks of one block row), and block-row decompression (dense GEMM fallback).
+//
+// Format (sparsekern/formats/bsr.py): crow int32 [out/bm + 1], col int32 [nnz], blocks
+// [nnz, bm, bk]. Garbage indices never read out of bounds: crow entries are clamped into
+// [0, nnz] (and made non-decreasing), blocks whose column is outside [0, K/bk) are skipped.
+#pragma once
+
+#include "cpu/linear_common.h"
+
+namespace sparsekern {
+
+// out[r, :] = x[r, :] @ W.T + bias, fp32 accumulation. Any rows; meant for few.
+void bsr_linear_decode(const BSRLinearArgs& a, Isa isa);
+
+// The same, for many rows: per block row, its blocks are packed transposed (fp32) and a 6x16
+// register-blocked micro-kernel runs over row tiles of x.
+void bsr_linear_batched(const BSRLinearArgs& a, Isa isa);
+
+// Dense rows of block rows [rb0, rb0 + nrb) into dense ([nrb * bm, K], row stride ld, element
+// type of the weight). OpenMP over block rows.
+void bsr_decompress_rows(const BSRLinearArgs& a, int64_t rb0, int64_t nrb, void* dense, int64_t ld);
+
+// Clamped [begin, end) of block row rb (see the header comment).
+inline void bsr_row_range(const BSRLinearArgs& a, int64_t rb, int64_t* begin, int64_t* end) {
+  auto clamp = [&](int64_t v) { return v < 0 ? int64_t{0} : v > a.nnz ? a.nnz : v; };
+  *begin = clamp(a.crow[rb]);
+  *end = clamp(a.crow[rb + 1]);
+  if (*end < *begin) *end = *begin;
+}
+
+namespace detail {
+void bsr_linear_portable(const BSRLinearArgs& a);
+#if defined(__x86_64__)
+// AVX2+FMA+F16C; AVX-512 machines run these too (no AVX-512 kernel yet: none could be tested).
+void bsr_linear_decode_avx2(const BSRLinearArgs& a);
+void bsr_linear_batched_avx2(const BSRLinearArgs& a);
+#endif
+}  // namespace detail
+
+}  // namespace sparsekern

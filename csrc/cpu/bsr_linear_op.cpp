@@ -1,0 +1,81 @@
+// sparsekern::_bsr_linear_cpu: x [rows, K] @ W.T + bias for a BSR weight (crow, col, blocks), on
+// the CPU. Arguments were checked in sparsekern/ops.py. Few rows: the decode kernel; many rows:
+// the packed micro-kernel, or (dense-ish weights) block-row decompression + dense GEMM.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "cpu/bsr_linear.h"
+#include "cpu/linear_op_util.h"
+#include "cpu/output.h"
+
+namespace sparsekern {
+namespace {
+
+// NOTE: crossover rows and density measured on the 2-core EPYC (bench/bench_linear_cpu.py).
+constexpr int64_t kDecodeMaxRows = 4;
+// Above this fraction of stored blocks, the dense GEMM on decompressed tiles beats the sparse
+// micro-kernel (MKL's GEMM reaches a higher fraction of peak than our 6x16 kernel).
+constexpr double kGemmDensity = 0.3;
+constexpr int64_t kTileOut = 1024;  // output rows decompressed per GEMM (see nm_linear_op.cpp)
+
+at::Tensor bsr_linear_cpu(const at::Tensor& x_in, const at::Tensor& crow_in, const at::Tensor& col_in,
+                          const at::Tensor& blocks_in, const std::optional<at::Tensor>& bias_in) {
+  const at::Tensor x = x_in.contiguous(), crow = crow_in.contiguous(), col = col_in.contiguous(),
+                   blocks = blocks_in.contiguous();
+  const std::optional<at::Tensor> bias = bias_in ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
+  const int64_t rows = x.size(0), k = x.size(1), bm = blocks.size(1), bk = blocks.size(2);
+  const int64_t block_rows = crow.numel() - 1, out_features = block_rows * bm;
+  at::Tensor y = new_output({rows, out_features}, x.options());
+  if (rows == 0 || out_features == 0) return y;
+  if (k == 0) return bias ? y.copy_(bias->unsqueeze(0).expand({rows, out_features})) : y.zero_();
+
+  BSRLinearArgs a{};
+  a.x = x.data_ptr();
+  a.rows = rows;
+  a.k = k;
+  a.ldx = k;
+  a.crow = crow.data_ptr<int32_t>();
+  a.col = col.data_ptr<int32_t>();
+  a.blocks = blocks.data_ptr();
+  a.block_rows = block_rows;
+  a.nnz = blocks.size(0);
+  a.bm = static_cast<int>(bm);
+  a.bk = static_cast<int>(bk);
+  a.bias = bias ? bias->data_ptr() : nullptr;
+  a.out = y.data_ptr();
+  a.ldo = out_features;
+  a.dtype = to_dtype(x.scalar_type());
+  a.threads = at::get_num_threads();
+  const Isa isa = active_isa();
+  if (rows <= kDecodeMaxRows) {
+    bsr_linear_decode(a, isa);
+    return y;
+  }
+  const double density = static_cast<double>(a.nnz) * bm * bk / (static_cast<double>(out_features) * k);
+  if (density <= kGemmDensity || isa == Isa::kPortable) {
+    bsr_linear_batched(a, isa);
+    return y;
+  }
+  const int64_t tile_rb = std::max<int64_t>(1, kTileOut / bm);
+  at::Tensor tile = at::empty({std::min(block_rows, tile_rb) * bm, k}, blocks.options());
+  for (int64_t rb0 = 0; rb0 < block_rows; rb0 += tile_rb) {
+    const int64_t nrb = std::min(tile_rb, block_rows - rb0);
+    at::Tensor t = tile.narrow(0, 0, nrb * bm);
+    bsr_decompress_rows(a, rb0, nrb, t.data_ptr(), k);
+    at::Tensor ys = y.narrow(1, rb0 * bm, nrb * bm);
+    if (bias) {
+      at::addmm_out(ys, bias->narrow(0, rb0 * bm, nrb * bm), x, t.t());
+    } else {
+      at::mm_out(ys, x, t.t());
+    }
+  }
+  return y;
+}
+
+}  // namespace
+}  // namespace sparsekern
+
+TORCH_LIBRARY_IMPL(sparsekern, CPU, m) { m.impl("_bsr_linear_cpu", &sparsekern::bsr_linear_cpu); }

@@ -1,0 +1,144 @@
+// N:M linear: ISA dispatch, the portable decode kernel, and row-tile decompression.
+#include "cpu/nm_linear.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace sparsekern {
+
+namespace {
+
+// Walks one row's packed indices in order (no index straddles a word).
+struct MetaReader {
+  const int32_t* row;
+  int64_t words, w = 0;
+  int bits, per, left;
+  uint32_t cur, mask;
+  MetaReader(const int32_t* r, int64_t nwords, int b)
+      : row(r), words(nwords), bits(b), per(32 / b), left(32 / b), mask((1u << b) - 1u) {
+    cur = words > 0 ? static_cast<uint32_t>(row[0]) : 0u;
+  }
+  int next() {
+    if (left == 0) {
+      ++w;
+      cur = w < words ? static_cast<uint32_t>(row[w]) : 0u;
+      left = per;
+    }
+    int idx = static_cast<int>(cur & mask);
+    cur >>= bits;
+    --left;
+    return idx;
+  }
+};
+
+int log2i(int m) { return m == 2 ? 1 : m == 4 ? 2 : m == 8 ? 3 : 4; }
+
+}  // namespace
+
+void convert_rows_f32(const void* x, int64_t rows, int64_t k, int64_t ldx, DType t, float* dst, int64_t ld_dst,
+                      int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * k > (1 << 16))
+  for (int64_t r = 0; r < rows; ++r) {
+    float* d = dst + r * ld_dst;
+    if (t == DType::kF32) {
+      std::memcpy(d, static_cast<const float*>(x) + r * ldx, k * sizeof(float));
+    } else {
+      const uint16_t* s = static_cast<const uint16_t*>(x) + r * ldx;
+      if (t == DType::kBF16) {
+        for (int64_t i = 0; i < k; ++i) d[i] = bf16_to_f32(s[i]);
+      } else {
+        for (int64_t i = 0; i < k; ++i) d[i] = f16_to_f32(s[i]);
+      }
+    }
+    std::fill(d + k, d + ld_dst, 0.0f);
+  }
+}
+
+namespace detail {
+
+void nm_linear_decode_portable(const NMLinearArgs& a) {
+  const int64_t kept = a.k / a.m * a.n, groups = a.k / a.m;
+  const int bits = log2i(a.m);
+  std::vector<float> xf(a.rows * a.k);
+  convert_rows_f32(a.x, a.rows, a.k, a.ldx, a.dtype, xf.data(), a.k, a.threads);
+  constexpr int kRowBlock = 8;
+#pragma omp parallel for num_threads(a.threads) schedule(static)
+  for (int64_t o = 0; o < a.out_features; ++o) {
+    const int32_t* mrow = a.meta + o * a.meta_words;
+    for (int64_t r0 = 0; r0 < a.rows; r0 += kRowBlock) {
+      const int nr = static_cast<int>(std::min<int64_t>(kRowBlock, a.rows - r0));
+      float acc[kRowBlock] = {};
+      MetaReader meta(mrow, a.meta_words, bits);
+      int64_t j = o * kept;
+      for (int64_t g = 0; g < groups; ++g) {
+        for (int s = 0; s < a.n; ++s, ++j) {
+          const int64_t c = g * a.m + meta.next();
+          const float v = load_f32(a.values, j, a.dtype);
+          for (int r = 0; r < nr; ++r) acc[r] += v * xf[(r0 + r) * a.k + c];
+        }
+      }
+      const float b = a.bias ? load_f32(a.bias, o, a.dtype) : 0.0f;
+      for (int r = 0; r < nr; ++r) store_f32(a.out, (r0 + r) * a.ldo + o, acc[r] + b, a.dtype);
+    }
+  }
+}
+
+}  // namespace detail
+
+void nm_linear_decode(const NMLinearArgs& a, Isa isa) {
+#if defined(__x86_64__)
+  if (isa >= Isa::kAvx2) return detail::nm_linear_decode_avx2(a);
+#else
+  (void)isa;
+#endif
+  detail::nm_linear_decode_portable(a);
+}
+
+namespace {
+
+template <typename Dst, typename Src, typename Conv>
+void scatter_rows(const NMLinearArgs& a, int64_t row0, int64_t nrows, Dst* dense, int64_t ld, Conv conv) {
+  const int64_t kept = a.k / a.m * a.n, groups = a.k / a.m;
+  const int bits = log2i(a.m);
+  const Src* values = static_cast<const Src*>(a.values);
+#pragma omp parallel for num_threads(a.threads) schedule(static)
+  for (int64_t i = 0; i < nrows; ++i) {
+    const int64_t o = row0 + i;
+    Dst* d = dense + i * ld;
+    std::memset(d, 0, a.k * sizeof(Dst));
+    MetaReader meta(a.meta + o * a.meta_words, a.meta_words, bits);
+    const Src* v = values + o * kept;
+    for (int64_t g = 0; g < groups; ++g) {
+      Dst* dg = d + g * a.m;
+      for (int s = 0; s < a.n; ++s) dg[meta.next()] = conv(*v++);
+    }
+  }
+}
+
+}  // namespace
+
+void nm_decompress_rows(const NMLinearArgs& a, int64_t row0, int64_t nrows, void* dense, int64_t ld,
+                        DType dense_t) {
+  if (dense_t == a.dtype) {  // same element type: copy the bits
+    if (a.dtype == DType::kF32) {
+      scatter_rows<float, float>(a, row0, nrows, static_cast<float*>(dense), ld, [](float v) { return v; });
+    } else {
+      scatter_rows<uint16_t, uint16_t>(a, row0, nrows, static_cast<uint16_t*>(dense), ld,
+                                       [](uint16_t v) { return v; });
+    }
+  } else if (dense_t == DType::kF32 && a.dtype == DType::kBF16) {
+    scatter_rows<float, uint16_t>(a, row0, nrows, static_cast<float*>(dense), ld, bf16_to_f32);
+  } else if (dense_t == DType::kF32 && a.dtype == DType::kF16) {
+    scatter_rows<float, uint16_t>(a, row0, nrows, static_cast<float*>(dense), ld, f16_to_f32);
+  } else {
+    // Only fp32 targets are used besides the native type; anything else goes through fp32.
+    std::vector<float> tmp(nrows * a.k);
+    nm_decompress_rows(a, row0, nrows, tmp.data(), a.k, DType::kF32);
+    for (int64_t i = 0; i < nrows; ++i)
+      for (int64_t c = 0; c < a.k; ++c) store_f32(dense, i * ld + c, tmp[i * a.k + c], dense_t);
+  }
+}
+
+}  // namespace sparsekern

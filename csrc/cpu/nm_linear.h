@@ -1,0 +1,43 @@
+// N:M sparse linear on the CPU, torch-free: decode kernel (few rows of x, weights streamed once and
+// expanded in registers) and row-tile decompression (for the batched path: dense GEMM on tiles).
+//
+// Format (sparsekern/formats/nm.py): values [out, K*n/m]; meta int32 [out, words], log2(m) bits
+// per in-group index, 32/log2(m) indices per word, least significant first. Index bits are masked,
+// so garbage meta never reads outside x (a garbage index selects a wrong, in-bounds column).
+#pragma once
+
+#include "cpu/linear_common.h"
+
+namespace sparsekern {
+
+// out[r, o] = sum_j values[o, j] * x[r, col(o, j)] + bias[o], fp32 accumulation, any rows
+// (best for 1-8). OpenMP over output rows.
+void nm_linear_decode(const NMLinearArgs& a, Isa isa);
+
+// Dense rows [row0, row0 + nrows) of W into dense (row stride ld), in element type dense_t.
+// OpenMP over rows.
+void nm_decompress_rows(const NMLinearArgs& a, int64_t row0, int64_t nrows, void* dense, int64_t ld,
+                        DType dense_t);
+
+// Packed in-group indices j .. j+7 of one row as 8 fields of `bits` bits in one word, where index
+// j is field r of word w (the straddling 3-bit case included). Words past the row read as zero.
+inline uint32_t nm_meta_chunk8(const int32_t* meta_row, int64_t words, int64_t w, int r, int bits) {
+  uint64_t lo = w < words ? static_cast<uint32_t>(meta_row[w]) : 0u;
+  if (bits == 3) {
+    uint64_t hi = w + 1 < words ? static_cast<uint32_t>(meta_row[w + 1]) : 0u;
+    uint64_t both = (lo & 0x3fffffffu) | (hi << 30);  // 10 indices per word, 2 unused top bits
+    return static_cast<uint32_t>(both >> (3 * r)) & 0xffffffu;
+  }
+  return static_cast<uint32_t>(lo >> (bits * r)) & (bits == 4 ? 0xffffffffu : (1u << (8 * bits)) - 1u);
+}
+
+namespace detail {
+void nm_linear_decode_portable(const NMLinearArgs& a);
+#if defined(__x86_64__)
+// AVX2+FMA+F16C. Also what AVX-512 machines run: no AVX-512 kernel exists yet (none could be
+// tested on the development machine, and an untested path must not be the default).
+void nm_linear_decode_avx2(const NMLinearArgs& a);
+#endif
+}  // namespace detail
+
+}  // namespace sparsekern

@@ -1,0 +1,35 @@
+"""The compiled CPU kernels (``csrc/cpu``): N:M and block-sparse linears.
+
+Registered for ``nm_linear`` and ``bsr_linear``; they run when x is a CPU tensor and the
+extension ``sparsekern._C`` is loaded. The instruction set (AVX2 or portable) is chosen in C++
+at every call (``sparsekern info`` shows it; ``SPARSEKERN_CPU_ISA`` lowers it).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sparsekern import _extension, dispatch
+from sparsekern.formats.nm import SUPPORTED_DTYPES
+
+
+def _supports_linear(x, *args) -> str | None:
+    if not _extension.HAS_C_EXT:
+        return f"compiled extension not loaded ({_extension.LOAD_ERROR})"
+    if x.device.type != "cpu":
+        return f"x is on {x.device}, not the CPU"
+    if x.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {x.dtype} not handled (float32, float16, bfloat16)"
+    return None
+
+
+def _nm_linear(x, values, meta, n, m, bias=None):
+    return torch.ops.sparsekern._nm_linear_cpu(x, values, meta, n, m, bias)
+
+
+def _bsr_linear(x, crow, col, blocks, bias=None):
+    return torch.ops.sparsekern._bsr_linear_cpu(x, crow, col, blocks, bias)
+
+
+dispatch.register("nm_linear", "cpu", _nm_linear, _supports_linear)
+dispatch.register("bsr_linear", "cpu", _bsr_linear, _supports_linear)

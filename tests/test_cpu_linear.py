@@ -1,0 +1,136 @@
+"""The compiled CPU kernels for nm_linear / bsr_linear against the reference, on every ISA path.
+
+Each case runs the public op under ``use_backend("cpu")`` with ``SPARSEKERN_CPU_ISA`` forced to
+each instruction set this machine has (read by the kernels on every call); the others skip.
+Shapes are odd on purpose (K and out not multiples of any tile); rows 1..8 take the decode
+kernels, 37 and 130 the batched ones.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DTYPES, assert_matches_reference
+
+import sparsekern as sk
+from sparsekern import _extension, reference
+
+pytestmark = pytest.mark.skipif(not _extension.HAS_C_EXT, reason="compiled extension not loaded")
+
+ISAS = {"portable": 0, "avx2": 1, "avx512": 2, "avx512bf16": 3}
+NM = [(1, 2), (1, 4), (2, 4), (3, 4), (1, 8), (2, 8), (3, 8), (4, 8), (1, 16), (4, 16), (5, 16), (15, 16)]
+BLOCKS = [(8, 8), (16, 32), (32, 32), (64, 16), (12, 20), (128, 128)]
+ROWS = [1, 3, 8, 37, 130]
+
+
+def _detected() -> int:
+    import os
+
+    saved = os.environ.pop("SPARSEKERN_CPU_ISA", None)
+    try:
+        return int(torch.ops.sparsekern._cpu_isa())
+    finally:
+        if saved is not None:
+            os.environ["SPARSEKERN_CPU_ISA"] = saved
+
+
+@pytest.fixture(params=list(ISAS))
+def isa(request, monkeypatch):
+    want = ISAS[request.param]
+    if want > _detected():
+        pytest.skip(
+            f"this CPU lacks {request.param} (detected level {_detected()}); AVX-512 machines run the AVX2 kernels, untested here"
+        )
+    monkeypatch.setenv("SPARSEKERN_CPU_ISA", request.param)
+    assert int(torch.ops.sparsekern._cpu_isa()) == want
+    return request.param
+
+
+def _check(out, ref_fn, x, bias, what):
+    ref32 = ref_fn(x.float(), None if bias is None else bias.float())
+    same = ref_fn(x, bias)
+    assert_matches_reference(out, ref32, same, what)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("nm", NM, ids=lambda p: f"{p[0]}:{p[1]}")
+def test_nm_linear_cpu(isa, nm, rows, dtype):
+    n, m = nm
+    out, k = 19, m * 23  # 23 groups: the kept count is odd for odd n, never a multiple of 8
+    w = sk.NMSparseWeight.from_dense(torch.randn(out, k), n=n, m=m, prune=True).to(dtype)
+    x = torch.randn(rows, k).to(dtype)
+    bias = torch.randn(out).to(dtype) if rows % 2 else None
+    with sk.use_backend("cpu"):
+        y = sk.ops.nm_linear(x, w, bias)
+    dense = w.to_dense()
+    _check(y, lambda xx, bb: F.linear(xx, dense.to(xx.dtype), bb), x, bias, f"{isa} {n}:{m} rows={rows} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])  # 0.5: dense-GEMM fallback when batched; 0.9: micro-kernel
+@pytest.mark.parametrize("block", BLOCKS, ids=lambda b: f"{b[0]}x{b[1]}")
+def test_bsr_linear_cpu(isa, block, sparsity, rows, dtype):
+    bm, bk = block
+    out, k = bm * (3 if bm < 128 else 2), bk * (7 if bk < 128 else 3)
+    w = sk.BlockSparseWeight.from_dense(torch.randn(out, k), block=block, sparsity=sparsity).to(dtype)
+    x = torch.randn(rows, k).to(dtype)
+    bias = torch.randn(out).to(dtype) if rows % 2 else None
+    with sk.use_backend("cpu"):
+        y = sk.ops.bsr_linear(x, w, bias)
+    dense = w.to_dense()
+    _check(y, lambda xx, bb: F.linear(xx, dense.to(xx.dtype), bb), x, bias, f"{isa} {block} rows={rows} {dtype}")
+
+
+@pytest.mark.parametrize("rows", [2, 37])
+def test_leading_dims_and_reference_agree(isa, rows):
+    w = sk.NMSparseWeight.from_dense(torch.randn(24, 40), n=2, m=4, prune=True)
+    x = torch.randn(2, rows, 40)
+    with sk.use_backend("cpu"):
+        y = sk.ops.nm_linear(x, w)
+    torch.testing.assert_close(y, reference.nm_linear(x, w.values, w.meta, 2, 4), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 64])
+@pytest.mark.parametrize("nm", [(2, 4), (3, 8), (1, 16)], ids=lambda p: f"{p[0]}:{p[1]}")
+def test_nm_garbage_meta_does_not_crash(isa, nm, rows):
+    n, m = nm
+    out, k = 33, m * 17
+    w = sk.NMSparseWeight.from_dense(torch.randn(out, k), n=n, m=m, prune=True)
+    garbage = torch.randint(-(2**31), 2**31 - 1, w.meta.shape, dtype=torch.int32)
+    x = torch.randn(rows, k)
+    y = torch.ops.sparsekern._nm_linear_cpu(x, w.values, garbage, n, m, None)
+    assert y.shape == (rows, out) and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_bsr_garbage_indices_do_not_crash(isa, rows):
+    w = sk.BlockSparseWeight.from_dense(torch.randn(64, 96), block=(16, 16), sparsity=0.6)
+    nnz = w.blocks.shape[0]
+    crow = torch.tensor([5, -3, 2 * nnz, 1, nnz + 7], dtype=torch.int32)
+    col = torch.randint(-10, 20, (nnz,), dtype=torch.int32)
+    x = torch.randn(rows, 96)
+    y = torch.ops.sparsekern._bsr_linear_cpu(x, crow, col, w.blocks, None)
+    assert y.shape == (rows, 64) and torch.isfinite(y).all()
+
+
+def test_backend_refuses_non_cpu_tensors():
+    from sparsekern import dispatch
+
+    impl = dispatch.implementations("nm_linear")["cpu"]
+    assert "meta" in impl.supports(torch.empty(2, 8, device="meta"))
+    assert impl.supports(torch.randn(2, 8)) is None
+
+
+@pytest.mark.parametrize("rows", [1, 37])
+def test_opcheck_nm(rows):
+    w = sk.NMSparseWeight.from_dense(torch.randn(20, 48), n=2, m=4, prune=True)
+    args = (torch.randn(rows, 48), w.values, w.meta, 2, 4, torch.randn(20))
+    torch.library.opcheck(torch.ops.sparsekern._nm_linear_cpu.default, args)
+
+
+@pytest.mark.parametrize("rows", [1, 37])
+def test_opcheck_bsr(rows):
+    w = sk.BlockSparseWeight.from_dense(torch.randn(32, 48), block=(16, 16), sparsity=0.5)
+    args = (torch.randn(rows, 48), w.crow_indices, w.col_indices, w.blocks, torch.randn(32))
+    torch.library.opcheck(torch.ops.sparsekern._bsr_linear_cpu.default, args)
