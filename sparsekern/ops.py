@@ -32,8 +32,32 @@ lib.define(
 # CPU kernels (csrc/cpu): same contract as nm_linear / bsr_linear, arguments already checked.
 lib.define("_nm_linear_cpu(Tensor x, Tensor values, Tensor meta, int n, int m, Tensor? bias=None) -> Tensor")
 lib.define("_bsr_linear_cpu(Tensor x, Tensor crow, Tensor col, Tensor blocks, Tensor? bias=None) -> Tensor")
+# pruned_attention plus the kept keys' attention mass (fp32 [B, H, kept], averaged over queries).
+lib.define(
+    "pruned_attention_with_scores(Tensor q, Tensor k, Tensor v, Tensor keep_idx, bool causal=False, float? scale=None)"
+    " -> (Tensor, Tensor)"
+)
+# CPU attention kernels (csrc/cpu/attention*.cpp): same contracts, arguments already checked.
+lib.define(
+    "_pruned_attention_cpu(Tensor q, Tensor k, Tensor v, Tensor keep_idx, bool causal=False, float? scale=None)"
+    " -> Tensor"
+)
+lib.define(
+    "_pruned_attention_scores_cpu(Tensor q, Tensor k, Tensor v, Tensor keep_idx, bool causal=False,"
+    " float? scale=None) -> (Tensor, Tensor)"
+)
+lib.define("_token_scores_cpu(Tensor q, Tensor k, bool causal=False, float? scale=None, bool cls_only=False) -> Tensor")
 # Active CPU instruction set of the compiled kernels: 0 portable, 1 AVX2+FMA, 2 AVX-512, 3 AVX-512+bf16.
 lib.define("_cpu_isa() -> int")
+
+# -- CUDA kernels (csrc/cuda): arguments checked by the backend, weight in its hardware layout --
+# 2:4 mma.sp GEMM: x [M, K] @ W.T + bias, W given by sparsekern.formats.sm80.hw_layout (padded).
+lib.define("_nm24_mma(Tensor x, Tensor values_hw, Tensor meta_hw, int out_features, Tensor? bias=None) -> Tensor")
+
+
+@torch.library.register_fake("sparsekern::_nm24_mma")
+def _nm24_mma_fake(x, values_hw, meta_hw, out_features, bias=None):
+    return x.new_empty((x.shape[0], out_features))
 
 
 # Tests set SPARSEKERN_POISON_OUTPUTS=1 so every kernel output starts as NaN: an element a
@@ -173,6 +197,16 @@ def _pruned_attention_fake(q, k, v, keep_idx, causal=False, scale=None):
     return torch.empty_like(q)
 
 
+@torch.library.register_fake("sparsekern::pruned_attention_with_scores")
+def _pruned_attention_with_scores_fake(q, k, v, keep_idx, causal=False, scale=None):
+    check_attention(q, k, v, keep_idx)
+    return torch.empty_like(q), q.new_empty(keep_idx.shape, dtype=torch.float32)
+
+
+torch.library.register_fake("sparsekern::_pruned_attention_cpu")(_pruned_attention_fake)
+torch.library.register_fake("sparsekern::_pruned_attention_scores_cpu")(_pruned_attention_with_scores_fake)
+torch.library.register_fake("sparsekern::_token_scores_cpu")(_token_scores_fake)
+
 for _name in ("_nm_linear_cpu", "_bsr_linear_cpu"):
     torch.library.register_fake(f"sparsekern::{_name}")(
         _nm_linear_fake if _name.startswith("_nm") else _bsr_linear_fake
@@ -212,10 +246,18 @@ def _pruned_attention_impl(q, k, v, keep_idx, causal=False, scale=None):
     return impl.fn(q, k, v, keep_idx, causal, scale)
 
 
+def _pruned_attention_with_scores_impl(q, k, v, keep_idx, causal=False, scale=None):
+    check_attention(q, k, v, keep_idx)
+    check_keep_idx_values(keep_idx, k.shape[2])
+    impl = dispatch.select("pruned_attention_with_scores", q, k, v, keep_idx, causal, scale)
+    return impl.fn(q, k, v, keep_idx, causal, scale)
+
+
 lib.impl("nm_linear", _nm_linear_impl, "CompositeExplicitAutograd")
 lib.impl("bsr_linear", _bsr_linear_impl, "CompositeExplicitAutograd")
 lib.impl("token_scores", _token_scores_impl, "CompositeExplicitAutograd")
 lib.impl("pruned_attention", _pruned_attention_impl, "CompositeExplicitAutograd")
+lib.impl("pruned_attention_with_scores", _pruned_attention_with_scores_impl, "CompositeExplicitAutograd")
 
 
 # -- autograd for the linears: gradients for x, the kept weights and bias ---------------------
@@ -303,6 +345,13 @@ def pruned_attention(
     keep_idx: torch.Tensor,
     causal: bool = False,
     scale: float | None = None,
-) -> torch.Tensor:
-    """Attention of ``q`` over only the keys/values at ``keep_idx`` (original positions)."""
+    return_scores: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``q`` over only the keys/values at ``keep_idx`` (original positions).
+
+    With ``return_scores`` also returns fp32 ``[B, H, kept]``: the attention mass each kept key
+    receives, averaged over queries, computed in the same kernel sequence (no eager attention).
+    """
+    if return_scores:
+        return torch.ops.sparsekern.pruned_attention_with_scores(q, k, v, keep_idx, causal, scale)
     return torch.ops.sparsekern.pruned_attention(q, k, v, keep_idx, causal, scale)

@@ -51,7 +51,7 @@ def token_scores(q, k, causal: bool = False, scale=None, cls_only: bool = False)
     return probs.mean(dim=-2)
 
 
-def pruned_attention(q, k, v, keep_idx, causal: bool = False, scale=None):
+def pruned_attention(q, k, v, keep_idx, causal: bool = False, scale=None, _with_scores: bool = False):
     """Attention of every query over only the kept keys/values.
 
     ``q [B, H, Sq, D]``, ``k``/``v [B, H, Sk, D]``, ``keep_idx int64 [B, H, kept]`` (original key
@@ -74,4 +74,11 @@ def pruned_attention(q, k, v, keep_idx, causal: bool = False, scale=None):
     probs = torch.softmax(logits, dim=-1)
     if probs_mask is not None:
         probs = probs.masked_fill(probs_mask, 0.0)
-    return torch.matmul(probs, vv).to(q.dtype)
+    out = torch.matmul(probs, vv).to(q.dtype)
+    return (out, probs.mean(dim=-2)) if _with_scores else out
+
+
+def pruned_attention_with_scores(q, k, v, keep_idx, causal: bool = False, scale=None):
+    """``pruned_attention`` plus fp32 ``[B, H, kept]``: each kept key's probability averaged over
+    queries (a query that sees no kept key counts as zeros)."""
+    return pruned_attention(q, k, v, keep_idx, causal, scale, _with_scores=True)

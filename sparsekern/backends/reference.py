@@ -2,5 +2,5 @@
 
 from sparsekern import dispatch, reference
 
-for _op in ("nm_linear", "bsr_linear", "token_scores", "pruned_attention"):
+for _op in ("nm_linear", "bsr_linear", "token_scores", "pruned_attention", "pruned_attention_with_scores"):
     dispatch.register(_op, "reference", getattr(reference, _op))
