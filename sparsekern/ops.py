@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from sparsekern import dispatch
+from sparsekern import dispatch, reference
 from sparsekern.formats.bsr import BlockSparseWeight
 from sparsekern.formats.nm import SUPPORTED_DTYPES, NMSparseWeight, check_nm, meta_words, nm_to_dense
 
@@ -220,17 +220,32 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def _propagate_nonfinite(impl, out, x2, dense_rows):
+    """Sparse kernels skip pruned weights, but the dense op computes 0 * inf = nan: rows of x
+    holding NaN/Inf are recomputed densely so they propagate exactly as in ``F.linear``."""
+    if impl.backend in ("reference", "dense") or out.numel() == 0:
+        return out
+    bad = ~torch.isfinite(x2).all(dim=1)
+    if bad.any():
+        out[bad] = dense_rows(x2[bad])
+    return out
+
+
 def _nm_linear_impl(x, values, meta, n, m, bias=None):
     check_nm_linear(x, values, meta, n, m, bias)
     x2 = _flat(x)
-    out = dispatch.select("nm_linear", x2, values, meta, n, m, bias).fn(x2, values, meta, n, m, bias)
+    impl = dispatch.select("nm_linear", x2, values, meta, n, m, bias)
+    out = impl.fn(x2, values, meta, n, m, bias)
+    out = _propagate_nonfinite(impl, out, x2, lambda rows: reference.nm_linear(rows, values, meta, n, m, bias))
     return out.reshape(*x.shape[:-1], values.shape[0])
 
 
 def _bsr_linear_impl(x, crow, col, blocks, bias=None):
     check_bsr_linear(x, crow, col, blocks, bias)
     x2 = _flat(x)
-    out = dispatch.select("bsr_linear", x2, crow, col, blocks, bias).fn(x2, crow, col, blocks, bias)
+    impl = dispatch.select("bsr_linear", x2, crow, col, blocks, bias)
+    out = impl.fn(x2, crow, col, blocks, bias)
+    out = _propagate_nonfinite(impl, out, x2, lambda rows: reference.bsr_linear(rows, crow, col, blocks, bias))
     return out.reshape(*x.shape[:-1], (crow.numel() - 1) * blocks.shape[1])
 
 

@@ -47,7 +47,10 @@ def token_scores(q, k, causal: bool = False, scale=None, cls_only: bool = False)
     if cls_only:
         q = q[:, :, :1]
         causal = False
-    probs = torch.softmax(_scores_logits(q, k, causal, scale), dim=-1)
+    logits = _scores_logits(q, k, causal, scale)
+    probs = torch.softmax(logits, dim=-1)
+    if causal:  # with Sq > Sk the first queries see no key: they contribute zeros, as in pruned_attention
+        probs = probs.masked_fill(torch.isneginf(logits).all(-1, keepdim=True), 0.0)
     return probs.mean(dim=-2)
 
 
