@@ -1,4 +1,4 @@
-"""Backend registry and choice.
+"""Backend registry and choice: measured once per shape bucket, cached on disk.
 
 Each backend module (``sparsekern/backends/*.py``) registers, per op, a function with the op's
 schema and a ``supports(*args)`` check that returns ``None`` when it can run those arguments or
@@ -7,20 +7,54 @@ which one to call.
 
 The backend in force is, in order: the innermost ``use_backend(...)`` block, the
 ``SPARSEKERN_BACKEND`` environment variable, else ``"auto"``. A forced backend that cannot run
-the arguments is an error (never a silent fallback). ``"auto"`` asks the chooser, which by
-default takes the first enabled backend in :data:`AUTO_ORDER` that supports the arguments.
+the arguments is an error (never a silent fallback) and is never measured.
+
+``"auto"`` follows ``SPARSEKERN_DISPATCH``:
+
+- ``measured`` (default): for each (op, device, dtype, shape bucket) the first call times every
+  auto-enabled candidate on the real arguments (warm-up, then a few interleaved reps, median)
+  and keeps the winner, in memory and in a JSON file per device + sparsekern + torch version
+  under ``$SPARSEKERN_CACHE_DIR`` (default ``~/.cache/sparsekern``). For the linears the
+  ``"dense"`` fallback is a candidate and wins unless a sparse kernel is at least
+  :data:`MARGIN` (5%) faster: the promise that a swapped layer is never more than 5% slower than
+  the dense layer it replaced. ``"reference"`` (decompress on every call) is not timed when
+  ``"dense"`` can run the arguments: it does the same work plus the decompression.
+- ``first``: the first candidate in :data:`AUTO_ORDER`; no timing, no files (deterministic, for
+  tests). Sparse kernels come before ``"dense"``, which comes before ``"reference"``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import json
+import logging
 import os
+import platform
+import re
+import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
-BACKENDS = ("reference", "cpu", "triton", "cuda")
-AUTO_ORDER = ("cuda", "triton", "cpu", "reference")
+import torch
+
+log = logging.getLogger("sparsekern")
+
+BACKENDS = ("reference", "dense", "cpu", "triton", "cuda")
+AUTO_ORDER = ("cuda", "triton", "cpu", "dense", "reference")
+POLICIES = ("measured", "first")
+# A sparse kernel must beat the dense fallback by this fraction to be chosen.
+MARGIN = 0.05
+# Rows above this share one bucket: past ~512 rows every backend is in its GEMM regime.
+ROW_BUCKET_CAP = 512
+# Measurement budget per candidate (seconds, after the warm-up) and bounds on the reps.
+# NOTE: 3 reps minimum keeps the median meaningful; 0.05 s keeps a first call of a decode
+# shape (4096x4096 fp32, ~5 ms dense here on 2 cores) at ~10 reps per candidate, ~0.2 s in all.
+MEASURE_BUDGET_S = 0.05
+MIN_REPS, MAX_REPS = 3, 15
 
 Supports = Callable[..., "str | None"]
 
@@ -33,40 +67,74 @@ class Impl:
     supports: Supports
     # Off-by-default paths (GPU kernels that never passed on a real GPU) run only when forced.
     auto: bool = True
+    # Called with the op's arguments when this backend lost a measurement on them, so it can drop
+    # per-weight state (the dense fallback's decompressed copy).
+    release: Callable | None = None
 
 
 _registry: dict[str, dict[str, Impl]] = {}
+# (cache file, bucket key) -> the chosen Impl: the per-call fast path of the measured policy.
+# Cleared whenever the registry or the stored choices change.
+_chosen: dict[tuple[Path, str], Impl] = {}
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("sparsekern_backend", default=None)
+# True while candidates are being timed: a candidate that calls a public op must not re-measure.
+_measuring: contextvars.ContextVar[bool] = contextvars.ContextVar("sparsekern_measuring", default=False)
 
 
 def _always(*args, **kwargs) -> None:
     return None
 
 
-def register(op: str, backend: str, fn: Callable, supports: Supports = _always, auto: bool = True) -> None:
+def register(
+    op: str,
+    backend: str,
+    fn: Callable,
+    supports: Supports = _always,
+    auto: bool = True,
+    release: Callable | None = None,
+) -> None:
     """Make ``fn`` the ``backend`` implementation of ``op`` (replacing an earlier one)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    _registry.setdefault(op, {})[backend] = Impl(op, backend, fn, supports, auto)
+    _registry.setdefault(op, {})[backend] = Impl(op, backend, fn, supports, auto, release)
+    _chosen.clear()
+
+
+def unregister(op: str, backend: str) -> None:
+    """Remove one implementation (tests register temporary fakes)."""
+    _registry.get(op, {}).pop(backend, None)
+    _chosen.clear()
 
 
 def implementations(op: str) -> dict[str, Impl]:
     return dict(_registry.get(op, {}))
 
 
-def current_backend() -> str:
-    name = _forced.get() or os.environ.get("SPARSEKERN_BACKEND") or "auto"
+def _check_name(name: str, what: str) -> str:
     if name != "auto" and name not in BACKENDS:
-        raise ValueError(f"SPARSEKERN_BACKEND: expected 'auto' or one of {BACKENDS}, got {name!r}")
+        raise ValueError(f"{what}: expected 'auto' or one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def current_backend() -> str:
+    forced = _forced.get()
+    if forced is not None:
+        return forced
+    return _check_name(os.environ.get("SPARSEKERN_BACKEND") or "auto", "SPARSEKERN_BACKEND")
+
+
+def policy() -> str:
+    """The ``"auto"`` policy in force: ``SPARSEKERN_DISPATCH``, default ``"measured"``."""
+    name = os.environ.get("SPARSEKERN_DISPATCH") or "measured"
+    if name not in POLICIES:
+        raise ValueError(f"SPARSEKERN_DISPATCH: expected one of {POLICIES}, got {name!r}")
     return name
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Force one backend (``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"``) or ``"auto"``."""
-    if name != "auto" and name not in BACKENDS:
-        raise ValueError(f"backend: expected 'auto' or one of {BACKENDS}, got {name!r}")
-    token = _forced.set(name)
+    """Force one backend (``"reference"``, ``"dense"``, ``"cpu"``, ``"triton"``, ``"cuda"``) or ``"auto"``."""
+    token = _forced.set(_check_name(name, "backend"))
     try:
         yield
     finally:
@@ -79,17 +147,297 @@ def candidates(op: str, *args) -> list[Impl]:
     return [impls[b] for b in AUTO_ORDER if b in impls and impls[b].auto and impls[b].supports(*args) is None]
 
 
-def _first(op: str, impls: list[Impl], args: tuple) -> Impl:
-    return impls[0]
+# -- shape buckets ---------------------------------------------------------------------------
 
 
-_chooser: Callable[[str, list[Impl], tuple], Impl] = _first
+def row_bucket(rows: int) -> str:
+    """1, 2-4, 5-8, 9-16, ... up to ``ROW_BUCKET_CAP``, then one bucket for everything larger."""
+    if rows <= 1:
+        return "1"
+    if rows <= 4:
+        return "4"
+    if rows > ROW_BUCKET_CAP:
+        return f"{ROW_BUCKET_CAP + 1}+"
+    return str(1 << (rows - 1).bit_length())
+
+
+def _nm_bucket(x, values, meta, n, m, bias=None) -> str:
+    return f"r{row_bucket(x.shape[0])}|w{values.shape[0]}x{values.shape[1] // n * m}|{n}:{m}"
+
+
+def _bsr_bucket(x, crow, col, blocks, bias=None) -> str:
+    nnz, bm, bk = blocks.shape
+    block_rows, block_cols = crow.numel() - 1, x.shape[-1] // bk
+    # Density in 5% steps: which backend wins depends on it, not on the exact block count.
+    density = round(20 * nnz / max(1, block_rows * block_cols)) / 20
+    return f"r{row_bucket(x.shape[0])}|w{block_rows * bm}x{x.shape[-1]}|b{bm}x{bk}|d{density:.2f}"
+
+
+def _attention_bucket(q, k, *rest) -> str:
+    b, h, sq, d = q.shape
+    kept = rest[1].shape[-1] if len(rest) >= 2 and isinstance(rest[1], torch.Tensor) else k.shape[2]
+    flags = "|".join(str(a) for a in rest if isinstance(a, bool))
+    return f"bh{b * h}|q{row_bucket(sq)}|k{row_bucket(k.shape[2])}|kept{row_bucket(kept)}|d{d}|{flags}"
+
+
+_BUCKETS: dict[str, Callable[..., str]] = {
+    "nm_linear": _nm_bucket,
+    "bsr_linear": _bsr_bucket,
+    "token_scores": _attention_bucket,
+    "pruned_attention": _attention_bucket,
+}
+
+
+def _generic_bucket(*args) -> str:
+    return "|".join("x".join(row_bucket(s) for s in a.shape) for a in args if isinstance(a, torch.Tensor))
+
+
+def bucket_key(op: str, *args) -> str:
+    """Cache key of ``args`` for ``op``: op, dtype and shape bucket (the device picks the file)."""
+    first = next(a for a in args if isinstance(a, torch.Tensor))
+    return f"{op}|{str(first.dtype).removeprefix('torch.')}|{_BUCKETS.get(op, _generic_bucket)(*args)}"
+
+
+# -- the on-disk cache -----------------------------------------------------------------------
+
+_lock = threading.RLock()
+_memory: dict[Path, dict[str, dict]] = {}  # cache file -> key -> {"backend", "times_ms"}
+_device_names: dict[str, str] = {}
+
+
+def device_name(device: torch.device) -> str:
+    """Human name of a device ("NVIDIA H100 80GB HBM3", the CPU model), cached."""
+    key = str(device)
+    if key not in _device_names:
+        if device.type == "cuda":
+            name = torch.cuda.get_device_name(device)
+        else:
+            name = platform.processor() or platform.machine()
+            with contextlib.suppress(OSError):
+                for line in Path("/proc/cpuinfo").read_text().splitlines():
+                    if line.startswith("model name"):
+                        name = line.split(":", 1)[1].strip()
+                        break
+        _device_names[key] = f"{device.type}:{name}"
+    return _device_names[key]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SPARSEKERN_CACHE_DIR") or Path.home() / ".cache" / "sparsekern")
+
+
+_paths: dict[tuple[str, str], Path] = {}
+
+
+def cache_path(device: torch.device) -> Path:
+    """The JSON file holding the winners for ``device`` with this sparsekern and torch."""
+    key = (str(device), os.environ.get("SPARSEKERN_CACHE_DIR", ""))
+    path = _paths.get(key)
+    if path is None:
+        import sparsekern
+
+        slug = re.sub(r"[^A-Za-z0-9.]+", "-", device_name(device)).strip("-")
+        path = _paths[key] = cache_dir() / f"dispatch-{slug}-sk{sparsekern.__version__}-torch{torch.__version__}.json"
+    return path
+
+
+def _read(path: Path) -> dict[str, dict]:
+    """Entries of a cache file; a missing, partial or corrupt file counts as empty."""
+    try:
+        data = json.loads(path.read_text())
+        entries = data["entries"]
+        return {k: v for k, v in entries.items() if isinstance(v, dict) and isinstance(v.get("backend"), str)}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        log.warning("sparsekern: ignoring unreadable dispatch cache %s (%s); it will be rewritten", path, exc)
+        return {}
+
+
+def _entries(path: Path) -> dict[str, dict]:
+    with _lock:
+        if path not in _memory:
+            _memory[path] = _read(path)
+        return _memory[path]
+
+
+def _write(path: Path, device: torch.device) -> None:
+    """Merge with what other processes wrote meanwhile, then replace the file atomically."""
+    with _lock:
+        merged = {**_read(path), **_memory[path]}
+        _memory[path] = merged
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump({"device": device_name(device), "torch": torch.__version__, "entries": merged}, f, indent=1)
+            os.replace(tmp, path)
+        except OSError as exc:  # read-only home, full disk: keep the in-memory choice
+            log.info("sparsekern: could not write dispatch cache %s: %s", path, exc)
+            with contextlib.suppress(OSError, UnboundLocalError):
+                os.unlink(tmp)
+
+
+def clear_cache(disk: bool = False) -> None:
+    """Forget measured choices (in memory; with ``disk`` also delete the cache files)."""
+    with _lock:
+        paths = list(_memory)
+        _memory.clear()
+        _chosen.clear()
+        if disk:
+            for p in set(paths) | set(cache_dir().glob("dispatch-*.json")):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+
+
+# -- measurement -----------------------------------------------------------------------------
+
+
+def _device_of(args) -> torch.device:
+    return next(a for a in args if isinstance(a, torch.Tensor)).device
+
+
+def _timed(fn: Callable, args: tuple, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn(*args)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def time_impls(impls: list[Impl], args: tuple) -> dict[str, float]:
+    """Median seconds per call of each implementation on ``args`` (called directly, no dispatch).
+
+    Reps are interleaved across candidates so load from other processes hits all of them alike.
+    A candidate that raises is left out (and logged).
+    """
+    device = _device_of(args)
+    samples: dict[str, list[float]] = {}
+    token = _measuring.set(True)
+    try:
+        with torch.no_grad():
+            for impl in impls:
+                try:
+                    _timed(impl.fn, args, device)  # warm-up: caches, lazy compilation, dense copy
+                    samples[impl.backend] = [_timed(impl.fn, args, device)]
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("sparsekern: backend %s failed on %s, not a candidate: %s", impl.backend, impl.op, exc)
+            slowest = max((s[0] for s in samples.values()), default=0.0)
+            reps = max(MIN_REPS, min(MAX_REPS, int(MEASURE_BUDGET_S / max(slowest, 1e-6))))
+            by_name = {i.backend: i for i in impls}
+            for _ in range(reps - 1):
+                for name in samples:
+                    samples[name].append(_timed(by_name[name].fn, args, device))
+    finally:
+        _measuring.reset(token)
+    return {name: sorted(s)[len(s) // 2] for name, s in samples.items()}
+
+
+def decide(times: dict[str, float]) -> str:
+    """The winner: the fastest sparse kernel if it beats ``"dense"`` by MARGIN, else ``"dense"``."""
+    if "dense" in times:
+        sparse = {b: t for b, t in times.items() if b not in ("dense", "reference")}
+        best = min(sparse, key=sparse.get, default=None)
+        return best if best is not None and sparse[best] <= (1 - MARGIN) * times["dense"] else "dense"
+    return min(times, key=times.get)
+
+
+def _timing_set(found: list[Impl]) -> list[Impl]:
+    names = {i.backend for i in found}
+    return [i for i in found if not (i.backend == "reference" and "dense" in names)]
+
+
+def tune(op: str, *args) -> tuple[str, dict[str, float]]:
+    """Time the auto candidates of ``op`` on ``args`` now, store the winner; ``(winner, seconds)``."""
+    found = candidates(op, *args)
+    if not found:
+        raise RuntimeError(f"sparsekern: no backend can run {op} on these inputs")
+    timed = _timing_set(found)
+    # One candidate left: nothing to compare, so nothing to time.
+    times = {timed[0].backend: float("nan")} if len(timed) == 1 else time_impls(timed, args)
+    if not times:
+        raise RuntimeError(f"sparsekern: every backend failed on {op} with these inputs")
+    return record(op, args, times), times
+
+
+def timing_set(op: str, *args) -> list[str]:
+    """Backends that :func:`tune` would time on ``args`` (auto candidates; no reference next to dense)."""
+    return [i.backend for i in _timing_set(candidates(op, *args))]
+
+
+def record(op: str, args: tuple, times: dict[str, float]) -> str:
+    """Store the winner of ``times`` (seconds per backend, measured elsewhere, e.g. by the
+    benchmark) as the choice for ``args``'s bucket; returns the winner."""
+    found = candidates(op, *args)
+    times = {b: t for b, t in times.items() if b in {i.backend for i in found}}
+    if not times:
+        raise ValueError(f"times: expected seconds for some of {[i.backend for i in found]}, got none")
+    device = _device_of(args)
+    winner = decide(times)
+    for impl in found:
+        if impl.backend != winner and impl.release is not None:
+            impl.release(*args)
+    path = cache_path(device)
+    with _lock:
+        _chosen.clear()
+        _entries(path)[bucket_key(op, *args)] = {
+            "backend": winner,
+            "times_ms": {b: round(t * 1e3, 4) for b, t in times.items() if t == t},
+        }
+        _write(path, device)
+    log.info("sparsekern: %s %s -> %s %s", op, bucket_key(op, *args), winner, times)
+    return winner
+
+
+def cached_choice(op: str, *args) -> str | None:
+    """The stored winner for ``args``'s bucket, if any."""
+    return _entries(cache_path(_device_of(args))).get(bucket_key(op, *args), {}).get("backend")
+
+
+def _capturing(args) -> bool:
+    dev = _device_of(args)
+    return dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _measured(op: str, found: list[Impl], args: tuple) -> Impl:
+    if _measuring.get() or policy() == "first":
+        return found[0]
+    by_name = {i.backend: i for i in found}
+    with _lock:
+        name = cached_choice(op, *args)
+        if name not in by_name:
+            if _capturing(args):  # cannot time inside CUDA graph capture
+                return found[0]
+            name, _ = tune(op, *args)
+    return by_name[name]
+
+
+def _fast_auto(op: str, args: tuple) -> Impl | None:
+    """The remembered choice for ``args``'s bucket if it still supports them (no registry scan)."""
+    if _chooser is not _measured or _measuring.get() or policy() != "measured":
+        return None
+    key = (cache_path(_device_of(args)), bucket_key(op, *args))
+    impl = _chosen.get(key)
+    if impl is not None and impl.supports(*args) is None:
+        return impl
+    return None
+
+
+def _remember(op: str, args: tuple, impl: Impl) -> Impl:
+    if _chooser is _measured and policy() == "measured" and not _measuring.get():
+        _chosen[(cache_path(_device_of(args)), bucket_key(op, *args))] = impl
+    return impl
+
+
+_chooser: Callable[[str, list[Impl], tuple], Impl] = _measured
 
 
 def set_chooser(chooser: Callable[[str, list[Impl], tuple], Impl] | None) -> None:
-    """Install the ``"auto"`` policy (the measured one lives with the benchmark runner)."""
+    """Replace the ``"auto"`` policy (``None`` restores the measured/first policy above)."""
     global _chooser
-    _chooser = chooser or _first
+    _chooser = chooser or _measured
 
 
 def select(op: str, *args) -> Impl:
@@ -97,10 +445,13 @@ def select(op: str, *args) -> Impl:
     name = current_backend()
     impls = _registry.get(op, {})
     if name == "auto":
+        fast = _fast_auto(op, args)
+        if fast is not None:
+            return fast
         found = candidates(op, *args)
         if not found:
             raise RuntimeError(f"sparsekern: no backend can run {op} on these inputs (registered: {sorted(impls)})")
-        return found[0] if len(found) == 1 else _chooser(op, found, args)
+        return found[0] if len(found) == 1 else _remember(op, args, _chooser(op, found, args))
     impl = impls.get(name)
     if impl is None:
         raise ValueError(

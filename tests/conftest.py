@@ -3,6 +3,12 @@
 import os
 
 os.environ.setdefault("SPARSEKERN_POISON_OUTPUTS", "1")
+# "auto" takes the first backend in AUTO_ORDER (no timing, deterministic) and never writes the
+# user's dispatch cache; tests/test_dispatch.py switches the measured policy on where it tests it.
+os.environ.setdefault("SPARSEKERN_DISPATCH", "first")
+os.environ.setdefault(
+    "SPARSEKERN_CACHE_DIR", os.path.join(__import__("tempfile").gettempdir(), f"sparsekern-test-cache-{os.getpid()}")
+)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

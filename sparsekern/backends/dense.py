@@ -1,0 +1,107 @@
+"""The dense fallback: ``F.linear`` with the decompressed weight, decompressed once per weight.
+
+This is what a swapped layer runs where no sparse kernel beats the dense layer it replaced by
+``dispatch.MARGIN`` (5%): the same GEMM as ``nn.Linear``, so the layer is never slower than dense
+by more than the measurement noise. The measured chooser is its only intended caller; in the
+``first`` order it comes after every sparse kernel.
+
+Memory: the decompressed ``[out, K]`` copy (``out * K * dtype size`` bytes, e.g. 64 MiB for a
+4096x4096 fp32 weight) is kept, weakly keyed on the weight's ``values`` / ``blocks`` tensor, only
+for weights this backend actually ran on. When ``dense`` loses a measurement the dispatcher calls
+:func:`release` and the copy is dropped, so dense copies exist only for shapes where dense won.
+A copy is rebuilt when any of the weight's tensors is modified in place (``tensor._version``)
+or replaced, and dies with the weight.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from sparsekern import dispatch
+from sparsekern.formats.bsr import bsr_to_dense
+from sparsekern.formats.nm import nm_to_dense
+
+# id(key tensor) -> (weakref to it, stamp of every tensor the dense copy came from, dense copy)
+_cache: dict[int, tuple[weakref.ref, tuple, torch.Tensor]] = {}
+_lock = threading.Lock()
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors carry no version counter
+        return None
+
+
+def _stamp(*parts) -> tuple | None:
+    """Identity + version of each tensor (plus plain values); None when a version is unknown."""
+    out = []
+    for p in parts:
+        if isinstance(p, torch.Tensor):
+            v = _version(p)
+            if v is None:
+                return None
+            out.append((id(p), v))
+        else:
+            out.append(p)
+    return tuple(out)
+
+
+def _cached(key: torch.Tensor, stamp: tuple | None, build) -> torch.Tensor:
+    if stamp is None:  # cannot tell whether it changed: never reuse
+        with torch.no_grad():
+            return build()
+    with _lock:
+        hit = _cache.get(id(key))
+        if hit is not None and hit[0]() is key and hit[1] == stamp:
+            return hit[2]
+    with torch.no_grad():
+        dense = build()
+    with _lock:
+        fresh = id(key) not in _cache
+        _cache[id(key)] = (weakref.ref(key), stamp, dense)
+    if fresh:
+        weakref.finalize(key, _drop, id(key), weakref.ref(key))
+    return dense
+
+
+def _drop(key_id: int, ref: weakref.ref | None = None) -> None:
+    with _lock:
+        hit = _cache.get(key_id)
+        # Only drop the entry that belongs to this (dead or released) tensor, not a later one
+        # that reused the id.
+        if hit is not None and (ref is None or hit[0] is ref or hit[0]() is None):
+            del _cache[key_id]
+
+
+def cached_bytes() -> int:
+    """Bytes held by dense copies right now (reported by the benchmark)."""
+    with _lock:
+        return sum(d.numel() * d.element_size() for _, _, d in _cache.values())
+
+
+def nm_linear(x, values, meta, n: int, m: int, bias=None):
+    w = _cached(values, _stamp(values, meta, n, m), lambda: nm_to_dense(values, meta, n, m))
+    return F.linear(x, w, bias)
+
+
+def bsr_linear(x, crow, col, blocks, bias=None):
+    k = x.shape[-1]
+    w = _cached(blocks, _stamp(blocks, crow, col, k), lambda: bsr_to_dense(crow, col, blocks, k))
+    return F.linear(x, w, bias)
+
+
+def _release_nm(x, values, *rest) -> None:
+    _drop(id(values))
+
+
+def _release_bsr(x, crow, col, blocks, *rest) -> None:
+    _drop(id(blocks))
+
+
+dispatch.register("nm_linear", "dense", nm_linear, release=_release_nm)
+dispatch.register("bsr_linear", "dense", bsr_linear, release=_release_bsr)

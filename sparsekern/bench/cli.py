@@ -1,0 +1,64 @@
+"""``sparsekern bench``: argument parsing only; the work is in :mod:`sparsekern.bench.runner`."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _csv(kind):
+    def parse(text: str):
+        try:
+            return tuple(kind(v) for v in text.split(",") if v)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}: {exc}") from exc
+
+    return parse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="time sparse kernels vs dense per layer shape, rows and pattern; tune dispatch",
+        description="Layer / attention / model benchmarks with roofline, JSON and PNG output.",
+    )
+    p.add_argument("--quick", action="store_true", help="a small subset that runs in about a minute")
+    p.add_argument("--suite", choices=("layer", "attention", "model", "all"), action="append",
+                   help="suite to run (repeatable; default: layer and attention)")  # fmt: skip
+    p.add_argument("--tune", action="store_true", help="re-measure dispatch choices for every benchmarked shape")
+    p.add_argument("--out", default="bench/results", help="results directory (default: %(default)s)")
+    p.add_argument("--no-out", action="store_true", help="write no files")
+    p.add_argument("--compare", metavar="OLD.json", help="print new/old time ratios for rows found in an earlier run")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--shapes", type=_csv(str), help="layer shapes by name, e.g. llama7b.attn,vit-b.fc1")
+    p.add_argument("--rows", type=_csv(int), help="rows of x, e.g. 1,8,512")
+    p.add_argument("--patterns", type=_csv(str), help="e.g. dense,2:4,block32x32:0.9")
+    p.add_argument("--backends", type=_csv(str), help="backends to time (default: all registered)")
+    p.add_argument("--model", help="model suite: a local Hugging Face model directory (default: random small Llama)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from sparsekern.bench.runner import run
+
+    res = run(
+        suites=args.suite or ("layer", "attention"),
+        quick=args.quick,
+        device=args.device,
+        dtype=_DTYPES[args.dtype] if args.dtype else None,
+        out=None if args.no_out else args.out,
+        tune=args.tune,
+        compare=args.compare,
+        model_path=args.model,
+        shapes=args.shapes,
+        rows=args.rows,
+        patterns=args.patterns,
+        backends=args.backends,
+        progress=not args.no_progress,
+    )
+    return 0 if res["rows"] or res["notes"] else 1
