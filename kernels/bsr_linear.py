@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from sparsekern.kernels._common import Fixed, autotune, dot_precision, rows_bucket, splitk_reduce, splits_for
 
+from sparsekern.kernels._common import Fixed, autotune, dot_precision, rows_bucket, splitk_reduce, splits_for
 from sparsekern.ops import new_output
 
 # Shared memory per pipeline stage is kept under this so every config fits sm_80's 164 KB and

@@ -23,9 +23,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from sparsekern.kernels._common import Fixed, autotune, dot_precision, rows_bucket, splitk_reduce, splits_for
 
 from sparsekern.formats.nm import meta_bits, meta_per_word
+from sparsekern.kernels._common import Fixed, autotune, dot_precision, rows_bucket, splitk_reduce, splits_for
 from sparsekern.ops import new_output
 
 # NOTE: unmeasured guess (no GPU yet): the gather costs one L1 access per kept weight per row,
@@ -256,7 +256,11 @@ def nm_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, n: int,
             triton.cdiv(out_features, meta_["BLOCK_N"]),
             n_splits,
         )
-        launcher = Fixed(_nm_gemm_kernel, config) if config is not None else _tuner("gemm", min(bucket, 4096), x.element_size())
+        launcher = (
+            Fixed(_nm_gemm_kernel, config)
+            if config is not None
+            else _tuner("gemm", min(bucket, 4096), x.element_size())
+        )
         launcher[grid](
             x, values, meta, bias_arg, dst, rows, out_features, k,
             x.stride(0), values.stride(0), meta.stride(0), stride_ys, n_splits,

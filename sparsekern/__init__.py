@@ -6,6 +6,7 @@ import importlib  # noqa: E402
 import logging  # noqa: E402
 import pkgutil  # noqa: E402
 
+from sparsekern import backends as _backends  # noqa: E402
 from sparsekern import ops  # noqa: E402  (defines the op schemas before any kernel registers)
 from sparsekern._extension import HAS_C_EXT  # noqa: E402
 from sparsekern.dispatch import use_backend  # noqa: E402
@@ -13,8 +14,6 @@ from sparsekern.formats import BlockSparseWeight, NMSparseWeight  # noqa: E402
 
 # Every module in sparsekern/backends registers its implementations on import. One that cannot
 # load (no triton, no compiled extension) is logged and skipped: the reference always remains.
-from sparsekern import backends as _backends  # noqa: E402
-
 for _mod in pkgutil.iter_modules(_backends.__path__):
     try:
         importlib.import_module(f"sparsekern.backends.{_mod.name}")
@@ -26,6 +25,7 @@ _LAZY = {
     "SparseLinear": "sparsekern.nn.linear",
     "sparsify": "sparsekern.nn.swap",
     "prune_tokens": "sparsekern.nn.attention",
+    "H2OCache": "sparsekern.nn.attention",
     "save": "sparsekern.checkpoint",
     "load": "sparsekern.checkpoint",
 }

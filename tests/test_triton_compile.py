@@ -34,9 +34,8 @@ ALIGNED = (
 
 def _cases():
     """(label, kernel, pointers, constexprs, config, expect, ccs) for every kernel config to compile."""
-    from sparsekern.kernels import _common, bsr_linear, nm_linear
-
     from sparsekern.formats.nm import meta_bits, meta_per_word
+    from sparsekern.kernels import _common, bsr_linear, nm_linear
 
     def nm_consts(n, m, partial):
         return dict(HAS_BIAS=not partial, PARTIAL=partial, N=n, M=m, BITS=meta_bits(m), PER_WORD=meta_per_word(m))
