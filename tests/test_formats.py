@@ -90,7 +90,7 @@ def test_nm_errors_name_the_fault():
     with pytest.raises(ValueError, match="not divisible by m=4"):
         NMSparseWeight.from_dense(torch.randn(3, 10), n=2, m=4)
     dense = _nm_dense(4, 16, 2, 4)
-    dense[2, 9] = dense[2, 8] = dense[2, 10] = 1.0
+    dense[2, 8:12] = torch.tensor([1.0, -2.0, 3.0, 0.0])
     with pytest.raises(ValueError, match=r"row 2, group 2 \(columns 8..11\) has 3 non-zeros"):
         NMSparseWeight.from_dense(dense, n=2, m=4)
     with pytest.raises(ValueError, match="m: expected one of"):
