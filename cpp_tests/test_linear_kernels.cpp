@@ -103,7 +103,7 @@ static int test_bsr(int bm, int bk, int64_t rows, int64_t brows, int64_t kb, Isa
 }
 
 int main() {
-  const int nm[][2] = {{1, 2}, {1, 4}, {2, 4}, {3, 4}, {1, 8}, {2, 8}, {3, 8}, {5, 8}, {1, 16}, {4, 16}, {9, 16}};
+  const int nm[][2] = {{1, 2}, {1, 4}, {2, 4}, {3, 4}, {1, 8}, {2, 8}, {3, 8}, {4, 8}, {5, 8}, {7, 8}, {1, 16}, {4, 16}, {9, 16}};
   int fails = 0, runs = 0;
   for (Isa isa : {Isa::kPortable, Isa::kAvx2}) {
     if (static_cast<int>(isa) > static_cast<int>(detect_isa())) {

@@ -37,6 +37,14 @@ void nm_linear_decode_portable(const NMLinearArgs& a);
 // AVX2+FMA+F16C. Also what AVX-512 machines run: no AVX-512 kernel exists yet (none could be
 // tested on the development machine, and an untested path must not be the default).
 void nm_linear_decode_avx2(const NMLinearArgs& a);
+// M = 2, 4, 8 (nm_planes_supported): x operands blended from per-call planes of x; the avx2
+// entry point above routes these patterns here and keeps the permute kernel for M = 16.
+bool nm_planes_supported(int n, int m);
+void nm_linear_decode_planes_avx2(const NMLinearArgs& a);
+// 1:4, 2:4, 1:8, 2:8, 4:8 (nm_quads_supported): x operands picked with in-lane vpermilps from
+// a per-call reordering of x (no blend tree for M = 4); tried before the planes kernel.
+bool nm_quads_supported(int n, int m);
+void nm_linear_decode_quads_avx2(const NMLinearArgs& a);
 #endif
 }  // namespace detail
 

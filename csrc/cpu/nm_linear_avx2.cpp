@@ -6,8 +6,10 @@
 // 2:8, 3:8, 4:16; lane indices inside the window come from the meta bits (shift + mask) plus a
 // per-lane group offset. The window is 2 or 4 registers: vpermps each, then blend on the
 // index's bit 3 (and 4). Wider windows (1:8, 1:16, 2:16, 3:16) use vgatherdps.
-// NOTE: not yet fast: 4096x4096 fp32 2:4, 1 row, 1 thread on the loaded EPYC dev box: 8.5 ms vs
-// 3.7 ms dense (bf16 3.9 vs 3.4; 1:4 fp32 2.9 vs 3.4). ~24 cycles per 8 values: profile first.
+// NOTE: slow: 4096x4096 fp32 2:4, 1 row, 1 thread on the loaded EPYC dev box: 8.5 ms vs 3.7 ms
+// dense (bf16 3.9 vs 3.4; 1:4 fp32 2.9 vs 3.4), ~24 cycles per 8 values (vpermps is slow on this
+// core). Since then only M = 16 runs here: M <= 8 goes to the quads kernel
+// (nm_linear_quads_avx2.cpp) or the blend-planes kernel (nm_linear_planes_avx2.cpp).
 #if defined(__x86_64__)
 #include <immintrin.h>
 #include <omp.h>
@@ -141,6 +143,8 @@ void decode_dtype(const NMLinearArgs& a, const Plan& p, const float* xf, int64_t
 }  // namespace
 
 void nm_linear_decode_avx2(const NMLinearArgs& a) {
+  if (nm_quads_supported(a.n, a.m)) return nm_linear_decode_quads_avx2(a);
+  if (nm_planes_supported(a.n, a.m)) return nm_linear_decode_planes_avx2(a);
   const Plan p = make_plan(a.n, a.m);
   const int64_t ldf = a.k + kPad;
   std::vector<float> xf(a.rows * ldf);

@@ -18,7 +18,10 @@ namespace {
 // the decode kernel's cost grows with rows (one permute chain per row), the GEMM path's does not.
 constexpr int64_t kDecodeMaxRows = 8;
 // Rows of W decompressed per GEMM. NOTE: 512x4096x4096 fp32, 2 loaded cores: one dense GEMM
-// 0.61 s; 128-row tiles 1.30 s, 512-row 0.71 s, 1024-row 0.64 s (MKL wants wide N).
+// 0.61 s; 128-row tiles 1.30 s, 512-row 0.71 s, 1024-row 0.64 s (MKL wants wide N). Decompressing
+// the whole weight into one [out, K] buffer and one GEMM into the contiguous output was slower:
+// 512 rows, 4096x4096, 2 threads, same run as dense 99 ms: whole 134 ms, 1024-row tiles 104 ms
+// (a 16 MiB tile stays in the 32 MiB L3 for its GEMM; a 64 MiB weight is written and re-read).
 constexpr int64_t kTileRows = 1024;
 
 at::Tensor nm_linear_cpu(const at::Tensor& x_in, const at::Tensor& values_in, const at::Tensor& meta_in, int64_t n,
