@@ -9,9 +9,9 @@
 
 #include <cstdint>
 
-namespace sparsekern {
+#include "cpu/dtype.h"
 
-enum class DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+namespace sparsekern {
 
 // A [B, H, S, D] tensor: element (b, h, s, d) at data + b*sb + h*sh + s*ss + d (elements; the
 // head dimension is contiguous, so transposed [B, S, H, D] views work without a copy).

@@ -50,66 +50,8 @@ inline const AttnKernels& attn_kernels() {
   return attn_kernels_portable();
 }
 
-// Scalar dtype conversions (IEEE half, bfloat16 with round-to-nearest-even).
-inline float half_to_float(uint16_t h) {
-  uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ffu, bits;
-  if (exp == 0x1f) {
-    bits = sign | 0x7f800000u | (man << 13);
-  } else if (exp != 0) {
-    bits = sign | ((exp + 112) << 23) | (man << 13);
-  } else if (man == 0) {
-    bits = sign;
-  } else {  // subnormal half: normalise
-    int e = -1;
-    do { ++e; man <<= 1; } while ((man & 0x400u) == 0);
-    bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ffu) << 13);
-  }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-inline uint16_t float_to_half(float f) {
-  uint32_t x;
-  std::memcpy(&x, &f, 4);
-  uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
-  if (ax >= 0x7f800000u) return (uint16_t)(sign | 0x7c00u | (ax > 0x7f800000u ? 0x200u : 0));
-  if (ax >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);  // rounds past 65504: inf
-  if (ax < 0x38800000u) {                                     // subnormal or zero half
-    if (ax < 0x33000000u) return (uint16_t)sign;
-    uint32_t e = ax >> 23, man = (ax & 0x7fffffu) | 0x800000u, shift = 126 - e;
-    uint32_t r = man >> shift, rem = man & ((1u << shift) - 1), half = 1u << (shift - 1);
-    if (rem > half || (rem == half && (r & 1))) ++r;
-    return (uint16_t)(sign | r);
-  }
-  uint32_t r = ax + 0xfffu + ((ax >> 13) & 1);  // round to nearest even on the 13 dropped bits
-  return (uint16_t)(sign | (((r >> 23) - 112) << 10) | ((r >> 13) & 0x3ffu));
-}
-
-inline float bf16_to_float(uint16_t h) {
-  uint32_t bits = (uint32_t)h << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-inline uint16_t float_to_bf16(float f) {
-  uint32_t x;
-  std::memcpy(&x, &f, 4);
-  if ((x & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x >> 16) | 0x40u);  // keep NaN a NaN
-  return (uint16_t)((x + 0x7fffu + ((x >> 16) & 1)) >> 16);
-}
-
-inline float load_elem(const void* base, DType dt, int64_t i) {
-  switch (dt) {
-    case DType::kF16: return half_to_float(static_cast<const uint16_t*>(base)[i]);
-    case DType::kBF16: return bf16_to_float(static_cast<const uint16_t*>(base)[i]);
-    default: return static_cast<const float*>(base)[i];
-  }
-}
-
 inline const void* elem_ptr(const void* base, DType dt, int64_t offset) {
-  return static_cast<const char*>(base) + offset * (dt == DType::kF32 ? 4 : 2);
+  return static_cast<const char*>(base) + offset * dtype_size(dt);
 }
 
 }  // namespace sparsekern

@@ -49,7 +49,7 @@ SK_AVX2 void load_row(float* dst, const void* src, DType dt, int64_t n, int64_t 
   const __m256 s = _mm256_set1_ps(scale);
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_mul_ps(load8(src, dt, i), s));
-  for (; i < n; ++i) dst[i] = load_elem(src, dt, i) * scale;
+  for (; i < n; ++i) dst[i] = load_f32(src, i, dt) * scale;
   for (; i < n_pad; ++i) dst[i] = 0.0f;
 }
 
@@ -66,8 +66,8 @@ SK_AVX2 void store_row(void* dst, DType dt, const float* src, int64_t n, float a
   for (; i < n; ++i) {
     float x = src[i] * a;
     if (dt == DType::kF32) static_cast<float*>(dst)[i] = x;
-    else if (dt == DType::kF16) static_cast<uint16_t*>(dst)[i] = float_to_half(x);
-    else static_cast<uint16_t*>(dst)[i] = float_to_bf16(x);
+    else if (dt == DType::kF16) static_cast<uint16_t*>(dst)[i] = f32_to_f16(x);
+    else static_cast<uint16_t*>(dst)[i] = f32_to_bf16(x);
   }
 }
 
@@ -185,7 +185,7 @@ SK_AVX2 void dots(const float* q, const void* base, int64_t ss, const int64_t* i
     }
     if (d < D8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(row, dt, d), a0), d += 8;
     float acc = hsum(_mm256_add_ps(a0, a1));
-    for (; d < D; ++d) acc += q[d] * load_elem(row, dt, d);
+    for (; d < D; ++d) acc += q[d] * load_f32(row, d, dt);
     s[r] = acc;
   }
 }
@@ -215,15 +215,15 @@ SK_AVX2 void axpys(float* o, const float* p, const void* base, int64_t ss, const
       _mm256_storeu_ps(o + d, acc);
     }
     for (; d < D; ++d)
-      o[d] += p[r] * load_elem(v0, dt, d) + p[r + 1] * load_elem(v1, dt, d) + p[r + 2] * load_elem(v2, dt, d) +
-              p[r + 3] * load_elem(v3, dt, d);
+      o[d] += p[r] * load_f32(v0, d, dt) + p[r + 1] * load_f32(v1, d, dt) + p[r + 2] * load_f32(v2, d, dt) +
+              p[r + 3] * load_f32(v3, d, dt);
   }
   for (; r < n; ++r) {
     const void* v0 = elem_ptr(base, dt, idx[r] * ss);
     const __m256 p0 = _mm256_set1_ps(p[r]);
     int64_t d = 0;
     for (; d < D8; d += 8) _mm256_storeu_ps(o + d, _mm256_fmadd_ps(p0, load8(v0, dt, d), _mm256_loadu_ps(o + d)));
-    for (; d < D; ++d) o[d] += p[r] * load_elem(v0, dt, d);
+    for (; d < D; ++d) o[d] += p[r] * load_f32(v0, d, dt);
   }
 }
 

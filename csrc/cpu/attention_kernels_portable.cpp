@@ -9,7 +9,7 @@ namespace sparsekern {
 namespace {
 
 void load_row(float* dst, const void* src, DType dt, int64_t n, int64_t n_pad, float scale) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = load_elem(src, dt, i) * scale;
+  for (int64_t i = 0; i < n; ++i) dst[i] = load_f32(src, i, dt) * scale;
   for (int64_t i = n; i < n_pad; ++i) dst[i] = 0.0f;
 }
 
@@ -17,8 +17,8 @@ void store_row(void* dst, DType dt, const float* src, int64_t n, float a) {
   for (int64_t i = 0; i < n; ++i) {
     float x = src[i] * a;
     if (dt == DType::kF32) static_cast<float*>(dst)[i] = x;
-    else if (dt == DType::kF16) static_cast<uint16_t*>(dst)[i] = float_to_half(x);
-    else static_cast<uint16_t*>(dst)[i] = float_to_bf16(x);
+    else if (dt == DType::kF16) static_cast<uint16_t*>(dst)[i] = f32_to_f16(x);
+    else static_cast<uint16_t*>(dst)[i] = f32_to_bf16(x);
   }
 }
 
@@ -69,7 +69,7 @@ void dots(const float* q, const void* base, int64_t ss, const int64_t* idx, int6
   for (int64_t r = 0; r < n; ++r) {
     const void* row = elem_ptr(base, dt, idx[r] * ss);
     float acc = 0.0f;
-    for (int64_t d = 0; d < D; ++d) acc += q[d] * load_elem(row, dt, d);
+    for (int64_t d = 0; d < D; ++d) acc += q[d] * load_f32(row, d, dt);
     s[r] = acc;
   }
 }
@@ -78,7 +78,7 @@ void axpys(float* o, const float* p, const void* base, int64_t ss, const int64_t
            int64_t D) {
   for (int64_t r = 0; r < n; ++r) {
     const void* row = elem_ptr(base, dt, idx[r] * ss);
-    for (int64_t d = 0; d < D; ++d) o[d] += p[r] * load_elem(row, dt, d);
+    for (int64_t d = 0; d < D; ++d) o[d] += p[r] * load_f32(row, d, dt);
   }
 }
 

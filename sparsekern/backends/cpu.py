@@ -13,13 +13,14 @@ from sparsekern import _extension, dispatch
 from sparsekern.formats.nm import SUPPORTED_DTYPES
 
 
-def _supports_linear(x, *args) -> str | None:
+def supports_cpu(first, *args) -> str | None:
+    """Whether the compiled CPU kernels can run an op whose first argument is ``first``."""
     if not _extension.HAS_C_EXT:
         return f"compiled extension not loaded ({_extension.LOAD_ERROR})"
-    if x.device.type != "cpu":
-        return f"x is on {x.device}, not the CPU"
-    if x.dtype not in SUPPORTED_DTYPES:
-        return f"dtype {x.dtype} not handled (float32, float16, bfloat16)"
+    if first.device.type != "cpu":
+        return f"inputs are on {first.device}, not the CPU"
+    if first.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {first.dtype} not handled (float32, float16, bfloat16)"
     return None
 
 
@@ -31,5 +32,5 @@ def _bsr_linear(x, crow, col, blocks, bias=None):
     return torch.ops.sparsekern._bsr_linear_cpu(x, crow, col, blocks, bias)
 
 
-dispatch.register("nm_linear", "cpu", _nm_linear, _supports_linear)
-dispatch.register("bsr_linear", "cpu", _bsr_linear, _supports_linear)
+dispatch.register("nm_linear", "cpu", _nm_linear, supports_cpu)
+dispatch.register("bsr_linear", "cpu", _bsr_linear, supports_cpu)

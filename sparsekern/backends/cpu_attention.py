@@ -9,18 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from sparsekern import _extension, dispatch
-from sparsekern.formats.nm import SUPPORTED_DTYPES
-
-
-def _supports(q, *args) -> str | None:
-    if not _extension.HAS_C_EXT:
-        return f"compiled extension not loaded ({_extension.LOAD_ERROR})"
-    if q.device.type != "cpu":
-        return f"q is on {q.device}, not the CPU"
-    if q.dtype not in SUPPORTED_DTYPES:
-        return f"dtype {q.dtype} not handled (float32, float16, bfloat16)"
-    return None
+from sparsekern import dispatch
+from sparsekern.backends.cpu import supports_cpu as _supports
 
 
 def _token_scores(q, k, causal=False, scale=None, cls_only=False):
