@@ -133,3 +133,21 @@ def run_script(path: str, shards: int = 1, timeout: float = 600) -> list[dict]:
             raise RuntimeError(f"{path} failed (exit {p.returncode}):\n{out[-4000:]}\n{err[-8000:]}")
         rows += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     return rows
+
+
+def gpu_skip_reason() -> str | None:
+    """Why the Triton tests in tests/gpu cannot run in this process, or None when they can."""
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU"
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    tl = sys.modules.get("triton.language")
+    if os.environ.get("TRITON_INTERPRET") == "1" or (
+        tl is not None and type(tl.cdiv).__name__ == "InterpretedFunction"
+    ):
+        return "Triton is in interpreter mode in this process; run tests/gpu without TRITON_INTERPRET=1"
+    return None

@@ -8,33 +8,16 @@ registered with ``auto=False`` (sparsekern/backends/triton_attention.py).
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import assert_matches_reference
+from triton_aot import gpu_skip_reason
 
 import sparsekern as sk
 from sparsekern import reference
 
-
-def _skip_reason() -> str | None:
-    if not torch.cuda.is_available():
-        return "needs a CUDA GPU"
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
-    tl = sys.modules.get("triton.language")
-    if os.environ.get("TRITON_INTERPRET") == "1" or (
-        tl is not None and type(tl.cdiv).__name__ == "InterpretedFunction"
-    ):
-        return "Triton interprets in this process"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
+pytestmark = pytest.mark.skipif(gpu_skip_reason() is not None, reason=gpu_skip_reason() or "")
 
 SHAPES = [(2, 3, 113, 203, 59, 70), (1, 4, 1, 8192, 128, 2048), (1, 8, 1024, 4096, 64, 1024), (2, 2, 77, 130, 32, 130)]
 

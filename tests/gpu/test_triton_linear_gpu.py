@@ -7,32 +7,15 @@ stays registered with ``auto=False`` (sparsekern/backends/triton.py).
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import assert_matches_reference
+from triton_aot import gpu_skip_reason
 
 import sparsekern as sk
 
-
-def _skip_reason() -> str | None:
-    if not torch.cuda.is_available():
-        return "needs a CUDA GPU"
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
-    tl = sys.modules.get("triton.language")
-    if os.environ.get("TRITON_INTERPRET") == "1" or (
-        tl is not None and type(tl.cdiv).__name__ == "InterpretedFunction"
-    ):
-        return "Triton is in interpreter mode in this process; run tests/gpu without TRITON_INTERPRET=1"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
+pytestmark = pytest.mark.skipif(gpu_skip_reason() is not None, reason=gpu_skip_reason() or "")
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LLAMA = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out, K): qkvo, up/gate, down
