@@ -92,6 +92,32 @@ def rows_bucket(rows: int) -> int:
 
 
 @triton.jit
+def store_tile(
+    acc,  # (rows tile, out tile) fp32
+    y_ptr,  # (rows, out) dtype of x; fp32 (n_splits, rows, out) when PARTIAL
+    bias_ptr,  # (out,) or unused
+    offs_r,
+    r_mask,
+    offs_n,
+    n_mask,
+    out_features,
+    pid_s,
+    stride_ys,
+    HAS_BIAS: tl.constexpr,
+    PARTIAL: tl.constexpr,
+):
+    """Epilogue of every linear kernel: a split's fp32 partial sums, or bias + cast + store."""
+    y_off = offs_r[:, None] * out_features + offs_n[None, :]
+    y_mask = r_mask[:, None] & n_mask[None, :]
+    if PARTIAL:
+        tl.store(y_ptr + pid_s * stride_ys + y_off, acc, mask=y_mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+@triton.jit
 def _splitk_reduce_kernel(
     ws_ptr,  # (splits, rows * out) fp32 partial sums
     bias_ptr,  # (out,) or unused

@@ -20,7 +20,15 @@ import torch
 import triton
 import triton.language as tl
 
-from sparsekern.kernels._common import Fixed, autotune, dot_precision, rows_bucket, splitk_reduce, splits_for
+from sparsekern.kernels._common import (
+    Fixed,
+    autotune,
+    dot_precision,
+    rows_bucket,
+    splitk_reduce,
+    splits_for,
+    store_tile,
+)
 from sparsekern.ops import new_output
 
 # Shared memory per pipeline stage is kept under this so every config fits sm_80's 164 KB and
@@ -100,14 +108,7 @@ def _bsr_kernel(
         acc = tl.dot(x, tl.trans(blk), acc, input_precision=DOT_PRECISION)
     offs_n = rb * BM + offs_i
     n_mask = i_mask & (offs_n < out_features)
-    y_off = offs_m[:, None] * out_features + offs_n[None, :]
-    y_mask = m_mask[:, None] & n_mask[None, :]
-    if PARTIAL:
-        tl.store(y_ptr + pid_s * stride_ys + y_off, acc, mask=y_mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    store_tile(acc, y_ptr, bias_ptr, offs_m, m_mask, offs_n, n_mask, out_features, pid_s, stride_ys, HAS_BIAS, PARTIAL)
 
 
 # -- wrapper: check shapes, allocate, launch ---------------------------------------------------

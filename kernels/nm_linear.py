@@ -25,7 +25,15 @@ import triton
 import triton.language as tl
 
 from sparsekern.formats.nm import meta_bits, meta_per_word
-from sparsekern.kernels._common import Fixed, autotune, dot_precision, rows_bucket, splitk_reduce, splits_for
+from sparsekern.kernels._common import (
+    Fixed,
+    autotune,
+    dot_precision,
+    rows_bucket,
+    splitk_reduce,
+    splits_for,
+    store_tile,
+)
 from sparsekern.ops import new_output
 
 # NOTE: unmeasured guess (no GPU yet): the gather costs one L1 access per kept weight per row,
@@ -94,14 +102,7 @@ def _nm_gemv_kernel(
         x_mask = r_mask[:, None, None] & w_mask[None, :, :]
         xg = tl.load(x_ptr + offs_r[:, None, None] * stride_xr + col[None, :, :], mask=x_mask, other=0.0)
         acc += tl.sum(xg.to(tl.float32) * v.to(tl.float32)[None, :, :], axis=2)
-    y_off = offs_r[:, None] * out_features + offs_n[None, :]
-    y_mask = r_mask[:, None] & n_mask[None, :]
-    if PARTIAL:
-        tl.store(y_ptr + pid_s * stride_ys + y_off, acc, mask=y_mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    store_tile(acc, y_ptr, bias_ptr, offs_r, r_mask, offs_n, n_mask, out_features, pid_s, stride_ys, HAS_BIAS, PARTIAL)
 
 
 # -- prefill: expand the W tile in registers, tensor-core dot --------------------------------
@@ -186,14 +187,7 @@ def _nm_gemm_kernel(
             w += tl.where(idx[:, :, None] == offs_p[None, None, :], v[:, :, None], 0.0)
         w = tl.reshape(w, (BLOCK_N, BLOCK_K))
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
-    y_off = offs_m[:, None] * out_features + offs_n[None, :]
-    y_mask = m_mask[:, None] & n_mask[None, :]
-    if PARTIAL:
-        tl.store(y_ptr + pid_s * stride_ys + y_off, acc, mask=y_mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    store_tile(acc, y_ptr, bias_ptr, offs_m, m_mask, offs_n, n_mask, out_features, pid_s, stride_ys, HAS_BIAS, PARTIAL)
 
 
 # -- wrapper: check shapes, allocate, launch ---------------------------------------------------
