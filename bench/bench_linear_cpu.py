@@ -139,8 +139,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="4096x4096 only, fewer repetitions")
     ap.add_argument("--rows", type=int, nargs="*", default=[1, 512])
+    ap.add_argument("--patterns", nargs="*", default=list(PATTERNS), help=f"default: {' '.join(PATTERNS)}")
+    ap.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--shapes", nargs="*", default=None, help="OUTxIN, e.g. 4096x4096 (default: the Llama-7B three)")
     args = ap.parse_args()
     shapes = LLAMA_SHAPES[:1] if args.quick else LLAMA_SHAPES
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
+    dtypes = [getattr(torch, d) for d in args.dtypes]
     bw = bandwidth_gbs()
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(
@@ -151,9 +157,9 @@ def main() -> None:
     print(head)
     print("|---|---|---|---|---|---|---|---|---|---|")
     for out, k in shapes:
-        for pattern in PATTERNS:
+        for pattern in args.patterns:
             for rows in args.rows:
-                for dtype in (torch.float32, torch.bfloat16):
+                for dtype in dtypes:
                     reps = (6 if args.quick else 10) if rows > 8 else (20 if args.quick else 40)
                     r = measure(pattern, out, k, rows, dtype, bw, reps)
                     print(
