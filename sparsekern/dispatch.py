@@ -27,19 +27,16 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import json
 import logging
 import os
-import platform
-import re
-import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from sparsekern import dispatch_cache
 
 log = logging.getLogger("sparsekern")
 
@@ -76,6 +73,9 @@ _registry: dict[str, dict[str, Impl]] = {}
 # (cache file, bucket key) -> the chosen Impl: the per-call fast path of the measured policy.
 # Cleared whenever the registry or the stored choices change.
 _chosen: dict[tuple[Path, str], Impl] = {}
+# Bumped with every such change: callers that remember a choice themselves (SparseLinear's
+# per-module plans) compare it with :func:`state` to know when to ask again.
+_generation = 0
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("sparsekern_backend", default=None)
 # True while candidates are being timed: a candidate that calls a public op must not re-measure.
 _measuring: contextvars.ContextVar[bool] = contextvars.ContextVar("sparsekern_measuring", default=False)
@@ -83,6 +83,27 @@ _measuring: contextvars.ContextVar[bool] = contextvars.ContextVar("sparsekern_me
 
 def _always(*args, **kwargs) -> None:
     return None
+
+
+def _invalidate() -> None:
+    global _generation
+    _chosen.clear()
+    _generation += 1
+
+
+# NOTE: os.environ.get costs ~1.1 us (key encoding); the bytes-keyed mapping behind it on POSIX
+# ~0.1 us. state() runs on every SparseLinear call, where 2 us is 10% of a small layer.
+_RAW_ENV = getattr(os.environ, "_data", None)
+_RAW_KEYS = (b"SPARSEKERN_BACKEND", b"SPARSEKERN_DISPATCH")
+if not (isinstance(_RAW_ENV, dict) and all(isinstance(k, bytes) for k in list(_RAW_ENV)[:1])):
+    _RAW_ENV, _RAW_KEYS = os.environ, ("SPARSEKERN_BACKEND", "SPARSEKERN_DISPATCH")
+
+
+def state() -> tuple:
+    """Everything a remembered choice depends on besides the arguments: the registry/choice
+    generation, the chooser, the forced backend, ``SPARSEKERN_BACKEND`` and ``SPARSEKERN_DISPATCH``."""
+    get = _RAW_ENV.get
+    return (_generation, _chooser, _forced.get(), get(_RAW_KEYS[0]), get(_RAW_KEYS[1]))
 
 
 def register(
@@ -97,13 +118,13 @@ def register(
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     _registry.setdefault(op, {})[backend] = Impl(op, backend, fn, supports, auto, release)
-    _chosen.clear()
+    _invalidate()
 
 
 def unregister(op: str, backend: str) -> None:
     """Remove one implementation (tests register temporary fakes)."""
     _registry.get(op, {}).pop(backend, None)
-    _chosen.clear()
+    _invalidate()
 
 
 def implementations(op: str) -> dict[str, Impl]:
@@ -198,96 +219,19 @@ def bucket_key(op: str, *args) -> str:
     return f"{op}|{str(first.dtype).removeprefix('torch.')}|{_BUCKETS.get(op, _generic_bucket)(*args)}"
 
 
-# -- the on-disk cache -----------------------------------------------------------------------
+# -- the on-disk cache (sparsekern/dispatch_cache.py) ------------------------------------------
 
-_lock = threading.RLock()
-_memory: dict[Path, dict[str, dict]] = {}  # cache file -> key -> {"backend", "times_ms"}
-_device_names: dict[str, str] = {}
-
-
-def device_name(device: torch.device) -> str:
-    """Human name of a device ("NVIDIA H100 80GB HBM3", the CPU model), cached."""
-    key = str(device)
-    if key not in _device_names:
-        if device.type == "cuda":
-            name = torch.cuda.get_device_name(device)
-        else:
-            name = platform.processor() or platform.machine()
-            with contextlib.suppress(OSError):
-                for line in Path("/proc/cpuinfo").read_text().splitlines():
-                    if line.startswith("model name"):
-                        name = line.split(":", 1)[1].strip()
-                        break
-        _device_names[key] = f"{device.type}:{name}"
-    return _device_names[key]
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SPARSEKERN_CACHE_DIR") or Path.home() / ".cache" / "sparsekern")
-
-
-_paths: dict[tuple[str, str], Path] = {}
-
-
-def cache_path(device: torch.device) -> Path:
-    """The JSON file holding the winners for ``device`` with this sparsekern and torch."""
-    key = (str(device), os.environ.get("SPARSEKERN_CACHE_DIR", ""))
-    path = _paths.get(key)
-    if path is None:
-        import sparsekern
-
-        slug = re.sub(r"[^A-Za-z0-9.]+", "-", device_name(device)).strip("-")
-        path = _paths[key] = cache_dir() / f"dispatch-{slug}-sk{sparsekern.__version__}-torch{torch.__version__}.json"
-    return path
-
-
-def _read(path: Path) -> dict[str, dict]:
-    """Entries of a cache file; a missing, partial or corrupt file counts as empty."""
-    try:
-        data = json.loads(path.read_text())
-        entries = data["entries"]
-        return {k: v for k, v in entries.items() if isinstance(v, dict) and isinstance(v.get("backend"), str)}
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        log.warning("sparsekern: ignoring unreadable dispatch cache %s (%s); it will be rewritten", path, exc)
-        return {}
-
-
-def _entries(path: Path) -> dict[str, dict]:
-    with _lock:
-        if path not in _memory:
-            _memory[path] = _read(path)
-        return _memory[path]
-
-
-def _write(path: Path, device: torch.device) -> None:
-    """Merge with what other processes wrote meanwhile, then replace the file atomically."""
-    with _lock:
-        merged = {**_read(path), **_memory[path]}
-        _memory[path] = merged
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump({"device": device_name(device), "torch": torch.__version__, "entries": merged}, f, indent=1)
-            os.replace(tmp, path)
-        except OSError as exc:  # read-only home, full disk: keep the in-memory choice
-            log.info("sparsekern: could not write dispatch cache %s: %s", path, exc)
-            with contextlib.suppress(OSError, UnboundLocalError):
-                os.unlink(tmp)
+_lock = dispatch_cache.lock
+device_name = dispatch_cache.device_name
+cache_dir = dispatch_cache.cache_dir
+cache_path = dispatch_cache.cache_path
 
 
 def clear_cache(disk: bool = False) -> None:
     """Forget measured choices (in memory; with ``disk`` also delete the cache files)."""
     with _lock:
-        paths = list(_memory)
-        _memory.clear()
-        _chosen.clear()
-        if disk:
-            for p in set(paths) | set(cache_dir().glob("dispatch-*.json")):
-                with contextlib.suppress(OSError):
-                    p.unlink()
+        dispatch_cache.forget(disk)
+        _invalidate()
 
 
 # -- measurement -----------------------------------------------------------------------------
@@ -381,19 +325,19 @@ def record(op: str, args: tuple, times: dict[str, float]) -> str:
             impl.release(*args)
     path = cache_path(device)
     with _lock:
-        _chosen.clear()
-        _entries(path)[bucket_key(op, *args)] = {
+        _invalidate()
+        dispatch_cache.entries(path)[bucket_key(op, *args)] = {
             "backend": winner,
             "times_ms": {b: round(t * 1e3, 4) for b, t in times.items() if t == t},
         }
-        _write(path, device)
+        dispatch_cache.write(path, device)
     log.info("sparsekern: %s %s -> %s %s", op, bucket_key(op, *args), winner, times)
     return winner
 
 
 def cached_choice(op: str, *args) -> str | None:
     """The stored winner for ``args``'s bucket, if any."""
-    return _entries(cache_path(_device_of(args))).get(bucket_key(op, *args), {}).get("backend")
+    return dispatch_cache.entries(cache_path(_device_of(args))).get(bucket_key(op, *args), {}).get("backend")
 
 
 def _capturing(args) -> bool:
@@ -438,6 +382,7 @@ def set_chooser(chooser: Callable[[str, list[Impl], tuple], Impl] | None) -> Non
     """Replace the ``"auto"`` policy (``None`` restores the measured/first policy above)."""
     global _chooser
     _chooser = chooser or _measured
+    _invalidate()
 
 
 def select(op: str, *args) -> Impl:

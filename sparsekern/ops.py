@@ -9,6 +9,7 @@ kernels; compiled code registers their implementations
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -224,6 +225,10 @@ def _propagate_nonfinite(impl, out, x2, dense_rows):
     """Sparse kernels skip pruned weights, but the dense op computes 0 * inf = nan: rows of x
     holding NaN/Inf are recomputed densely so they propagate exactly as in ``F.linear``."""
     if impl.backend in ("reference", "dense") or out.numel() == 0:
+        return out
+    # NOTE: one fp32 sum is finite iff every element is (barring overflow, which only sends us
+    # down the exact path below): ~3 us per decode call against ~13 us for isfinite/all/any.
+    if math.isfinite(x2.sum(dtype=torch.float32).item()):
         return out
     bad = ~torch.isfinite(x2).all(dim=1)
     if bad.any():

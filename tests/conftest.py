@@ -14,7 +14,9 @@ os.environ.setdefault(
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import sparsekern  # noqa: E402, F401
+import sparsekern  # noqa: E402
+import sparsekern.dispatch  # noqa: E402
+import sparsekern.dispatch_cache  # noqa: E402
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -45,3 +47,24 @@ def assert_matches_reference(out: torch.Tensor, ref32: torch.Tensor, same_dtype:
     scale = max(1.0, ref32.abs().max().item())
     bound = 2 * torch_err + ATOL[out.dtype] * scale
     assert err <= bound, f"{what}: max error {err:.3g} > bound {bound:.3g} (torch's own error {torch_err:.3g})"
+
+
+@pytest.fixture
+def measured(monkeypatch, tmp_path):
+    """Measured policy, a private cache dir, and a registry we may change (restored after)."""
+    monkeypatch.setenv("SPARSEKERN_DISPATCH", "measured")
+    monkeypatch.setenv("SPARSEKERN_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("SPARSEKERN_BACKEND", raising=False)
+    monkeypatch.setattr(
+        sparsekern.dispatch, "_registry", {op: dict(impls) for op, impls in sparsekern.dispatch._registry.items()}
+    )
+    monkeypatch.setattr(sparsekern.dispatch_cache, "_memory", {})
+    monkeypatch.setattr(sparsekern.dispatch, "_chosen", {})
+    sparsekern.dispatch._invalidate()  # choices remembered by SparseLinear plans, too
+    yield tmp_path
+    sparsekern.dispatch._invalidate()
+
+
+def only_backends(op, *backends):
+    """Keep just these registered backends of ``op`` (the real CPU kernel would compete)."""
+    sparsekern.dispatch._registry[op] = {b: i for b, i in sparsekern.dispatch._registry[op].items() if b in backends}

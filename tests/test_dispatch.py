@@ -4,22 +4,11 @@ import json
 
 import pytest
 import torch
+from conftest import only_backends
 
 import sparsekern as sk
-from sparsekern import dispatch, reference
+from sparsekern import dispatch, dispatch_cache, reference
 from sparsekern.backends import dense as dense_backend
-
-
-@pytest.fixture
-def measured(monkeypatch, tmp_path):
-    """Measured policy, a private cache dir, and a registry we may change (restored after)."""
-    monkeypatch.setenv("SPARSEKERN_DISPATCH", "measured")
-    monkeypatch.setenv("SPARSEKERN_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv("SPARSEKERN_BACKEND", raising=False)
-    monkeypatch.setattr(dispatch, "_registry", {op: dict(impls) for op, impls in dispatch._registry.items()})
-    monkeypatch.setattr(dispatch, "_memory", {})
-    monkeypatch.setattr(dispatch, "_chosen", {})
-    return tmp_path
 
 
 def _weight(out=64, k=128):
@@ -35,17 +24,12 @@ def _slow_kernel(x, values, meta, n, m, bias=None):
     return out
 
 
-def _only(op, *backends):
-    """Keep just these registered backends of ``op`` (the real CPU kernel would compete)."""
-    dispatch._registry[op] = {b: i for b, i in dispatch._registry[op].items() if b in backends}
-
-
 def _no_timing(*args, **kwargs):
     raise AssertionError("dispatch measured candidates where it must not")
 
 
 def test_slow_sparse_kernel_loses_to_dense(measured):
-    _only("nm_linear", "reference", "dense")
+    only_backends("nm_linear", "reference", "dense")
     dispatch.register("nm_linear", "cuda", _slow_kernel)
     w, x = _weight()
     args = (x, w.values, w.meta, 2, 4, None)
@@ -53,7 +37,7 @@ def test_slow_sparse_kernel_loses_to_dense(measured):
     y = sk.ops.nm_linear(x, w)
     torch.testing.assert_close(y, x @ w.to_dense().T)
     assert dispatch.select("nm_linear", *args).backend == "dense"
-    entry = dispatch._entries(dispatch.cache_path(x.device))[dispatch.bucket_key("nm_linear", *args)]
+    entry = dispatch_cache.entries(dispatch.cache_path(x.device))[dispatch.bucket_key("nm_linear", *args)]
     assert entry["backend"] == "dense"
     # The slow kernel was really timed (>= its sleep), and the reference was not (dense exists).
     assert entry["times_ms"]["cuda"] > entry["times_ms"]["dense"]
@@ -68,7 +52,7 @@ def test_decide_needs_a_five_percent_win():
 
 
 def test_cache_written_and_read_back(measured, monkeypatch):
-    _only("nm_linear", "reference", "dense")
+    only_backends("nm_linear", "reference", "dense")
     dispatch.register("nm_linear", "cuda", _slow_kernel)
     w, x = _weight()
     sk.ops.nm_linear(x, w)
@@ -78,7 +62,7 @@ def test_cache_written_and_read_back(measured, monkeypatch):
     assert data["device"] == dispatch.device_name(x.device)
     assert [e["backend"] for e in data["entries"].values()] == ["dense"]
     # A new process: nothing in memory, the file answers and nothing is timed again.
-    monkeypatch.setattr(dispatch, "_memory", {})
+    monkeypatch.setattr(dispatch_cache, "_memory", {})
     monkeypatch.setattr(dispatch, "time_impls", _no_timing)
     assert dispatch.select("nm_linear", x, w.values, w.meta, 2, 4, None).backend == "dense"
     # Another row count in the same bucket (2-4 rows) reuses the choice; 64 rows is a new bucket.
@@ -90,7 +74,7 @@ def test_cache_written_and_read_back(measured, monkeypatch):
 
 @pytest.mark.parametrize("garbage", ["{not json", '{"entries": {"a": 1', '["a list"]', '{"entries": {"k": 3}}', ""])
 def test_corrupt_cache_file_is_tolerated(measured, garbage):
-    _only("nm_linear", "reference", "dense")
+    only_backends("nm_linear", "reference", "dense")
     dispatch.register("nm_linear", "cuda", _slow_kernel)
     w, x = _weight()
     path = dispatch.cache_path(x.device)
@@ -106,7 +90,7 @@ def test_concurrent_writer_entries_are_kept(measured):
     w, x = _weight()
     path = dispatch.cache_path(x.device)
     path.parent.mkdir(parents=True, exist_ok=True)
-    dispatch._entries(path)  # this process read the file before the other one wrote
+    dispatch_cache.entries(path)  # this process read the file before the other one wrote
     other = {"nm_linear|float32|r8|w1x1|2:4": {"backend": "cpu", "times_ms": {}}}
     path.write_text(json.dumps({"entries": other}))
     dispatch.tune("nm_linear", x, w.values, w.meta, 2, 4, None)
@@ -130,7 +114,7 @@ def test_forced_backend_is_never_measured(measured, monkeypatch):
 def test_first_policy_does_not_measure(measured, monkeypatch):
     monkeypatch.setenv("SPARSEKERN_DISPATCH", "first")
     monkeypatch.setattr(dispatch, "time_impls", _no_timing)
-    _only("nm_linear", "reference", "dense")
+    only_backends("nm_linear", "reference", "dense")
     w, x = _weight()
     assert dispatch.select("nm_linear", x, w.values, w.meta, 2, 4, None).backend == "dense"
     dispatch.register("nm_linear", "cuda", _slow_kernel)
@@ -200,7 +184,7 @@ def test_dense_fallback_caches_and_invalidates(measured):
 def test_dense_fallback_bsr_and_release_when_dense_loses(measured, monkeypatch):
     blk = sk.BlockSparseWeight.from_dense(torch.randn(64, 128), block=(16, 16), sparsity=0.75)
     x = torch.randn(5, 128)
-    _only("bsr_linear", "reference", "dense")
+    only_backends("bsr_linear", "reference", "dense")
     dispatch.register("bsr_linear", "cuda", lambda x, c, k, b, bias=None: reference.bsr_linear(x, c, k, b, bias))
     monkeypatch.setattr(dispatch, "time_impls", lambda impls, args: {"dense": 1.0, "cuda": 0.5})
     before = dense_backend.cached_bytes()

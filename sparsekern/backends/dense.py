@@ -84,15 +84,28 @@ def cached_bytes() -> int:
         return sum(d.numel() * d.element_size() for _, _, d in _cache.values())
 
 
+def nm_weight(values, meta, n: int, m: int) -> torch.Tensor:
+    """The dense ``[out, K]`` copy of an N:M weight, from the cache when it is still current."""
+    return _cached(values, _stamp(values, meta, n, m), lambda: nm_to_dense(values, meta, n, m))
+
+
+def bsr_weight(crow, col, blocks, k: int) -> torch.Tensor:
+    """The dense ``[out, k]`` copy of a BSR weight, from the cache when it is still current."""
+    return _cached(blocks, _stamp(blocks, crow, col, k), lambda: bsr_to_dense(crow, col, blocks, k))
+
+
 def nm_linear(x, values, meta, n: int, m: int, bias=None):
-    w = _cached(values, _stamp(values, meta, n, m), lambda: nm_to_dense(values, meta, n, m))
-    return F.linear(x, w, bias)
+    return F.linear(x, nm_weight(values, meta, n, m), bias)
 
 
 def bsr_linear(x, crow, col, blocks, bias=None):
-    k = x.shape[-1]
-    w = _cached(blocks, _stamp(blocks, crow, col, k), lambda: bsr_to_dense(crow, col, blocks, k))
-    return F.linear(x, w, bias)
+    return F.linear(x, bsr_weight(crow, col, blocks, x.shape[-1]), bias)
+
+
+def weight_stamp(*weight_tensors) -> tuple | None:
+    """Identity and version of each tensor: equal stamps mean an unchanged weight (None when a
+    version is unknown, e.g. inference tensors)."""
+    return _stamp(*weight_tensors)
 
 
 def _release_nm(x, values, *rest) -> None:

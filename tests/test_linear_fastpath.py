@@ -1,0 +1,124 @@
+"""SparseLinear's planned path: inference calls skip the public op's Python layers, and must do
+exactly what the op does (backend choice, forced backends, NaN/Inf, weight updates)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_matches_reference, only_backends
+
+from sparsekern import dispatch, reference
+from sparsekern.nn.linear import SparseLinear
+
+
+def _layer(pattern, k=72, out=40, dtype=torch.float32):
+    lin = torch.nn.Linear(k, out).to(dtype)
+    return SparseLinear.from_linear(lin, pattern)
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """Counts calls that went through the public op (the planned path does not)."""
+    calls = []
+    real = SparseLinear._op
+
+    def spy(self, x, *weight_args):
+        calls.append(tuple(x.shape))
+        return real(self, x, *weight_args)
+
+    monkeypatch.setattr(SparseLinear, "_op", spy)
+    return calls
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "1:8", "block8x8:0.5"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lead", [(), (1,), (5,), (2, 3)])
+def test_planned_path_matches_reference(op_calls, pattern, dtype, lead):
+    layer = _layer(pattern, dtype=dtype).requires_grad_(False)
+    w, b = layer.weight.float(), layer.bias.float()
+    for grad_mode in (torch.no_grad, torch.enable_grad):  # nothing requires grad: both plannable
+        x = torch.randn(*lead, layer.in_features).to(dtype)
+        with grad_mode():
+            out = layer(x)
+        assert_matches_reference(out, F.linear(x.float(), w, b), F.linear(x, w.to(dtype), b.to(dtype)), pattern)
+    assert op_calls == []
+
+
+def test_op_path_for_autograd_and_bad_input(op_calls):
+    layer = _layer("2:4")  # from an nn.Linear: its parameters require grad
+    x = torch.randn(3, layer.in_features, requires_grad=True)
+    layer(x).sum().backward()
+    layer(x.detach()).sum().backward()
+    assert x.grad is not None and layer.values.grad is not None and len(op_calls) == 2
+    with pytest.raises(TypeError, match=r"x: expected dtype in .*got torch.float64"):
+        layer(torch.randn(3, layer.in_features, dtype=torch.float64))
+    with pytest.raises(TypeError, match="values: expected dtype torch.float16"):
+        layer(torch.randn(3, layer.in_features, dtype=torch.float16))
+    with pytest.raises(ValueError, match="x: expected last dimension 72"):
+        layer(torch.randn(3, 71))
+    # An empty batch goes to the op too (and works).
+    assert layer(torch.randn(0, layer.in_features)).shape == (0, layer.out_features)
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "block8x8:0.5"])
+def test_nonfinite_inputs_propagate_like_dense(pattern):
+    layer = _layer(pattern)
+    x = torch.randn(4, layer.in_features)
+    x[1, 5], x[3, 0] = float("inf"), float("nan")
+    with torch.no_grad():
+        out, dense = layer(x), F.linear(x, layer.weight, layer.bias)
+    assert torch.equal(torch.isnan(out), torch.isnan(dense)) and torch.equal(torch.isinf(out), torch.isinf(dense))
+    finite = torch.isfinite(dense)
+    torch.testing.assert_close(out[finite], dense[finite], rtol=1e-4, atol=1e-4)
+
+
+def _counting(calls, name):
+    def fn(x, values, meta, n, m, bias=None):
+        calls.append(name)
+        return reference.nm_linear(x, values, meta, n, m, bias)
+
+    return fn
+
+
+def test_forced_backend_is_honoured_call_by_call(measured):
+    calls = []
+    dispatch.register("nm_linear", "triton", _counting(calls, "triton"), auto=False)
+    layer = _layer("2:4")
+    x = torch.randn(2, layer.in_features)
+    with torch.no_grad():
+        layer(x)
+        with dispatch.use_backend("triton"):
+            layer(x)
+        layer(x)
+    assert calls == ["triton"]
+
+
+def test_plan_follows_new_choices(measured):
+    calls = []
+    only_backends("nm_linear", "dense")
+    dispatch.register("nm_linear", "triton", _counting(calls, "triton"))
+    layer = _layer("2:4")
+    x = torch.randn(2, layer.in_features)
+    args = (x, layer.values, layer.meta, 2, 4, layer.bias)
+    dispatch.record("nm_linear", args, {"dense": 1e-3, "triton": 1.0})
+    with torch.no_grad():
+        layer(x)
+        assert calls == []
+        dispatch.record("nm_linear", args, {"dense": 1.0, "triton": 1e-3})
+        layer(x)
+    assert calls == ["triton"]
+
+
+def test_dense_plan_sees_weight_updates(measured):
+    only_backends("nm_linear", "reference", "dense")
+    layer = _layer("2:4")
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():
+        before = layer(x)
+        assert dispatch.select("nm_linear", x, layer.values, layer.meta, 2, 4, layer.bias).backend == "dense"
+        layer.values.mul_(2)  # in place: the cached dense copy is stale now
+        after = layer(x)
+        torch.testing.assert_close(after, F.linear(x, layer.weight, layer.bias))
+        other = _layer("2:4")
+        layer.load_state_dict(other.state_dict())
+        torch.testing.assert_close(layer(x), F.linear(x, other.weight, other.bias))
+    assert not torch.allclose(before, after)
