@@ -102,6 +102,42 @@ static int test_bsr(int bm, int bk, int64_t rows, int64_t brows, int64_t kb, Isa
   return check("bsr decompress", dd, dense, 0.f);
 }
 
+// Batched BSR edge cases: a block row with no blocks (rb 1), all-empty weights (keep == 0),
+// row counts that leave partial 6-row tiles and 24-row chunks, bm not a multiple of 16 and
+// bk not a multiple of 8; the output is NaN-poisoned so an unwritten element fails.
+static int test_bsr_batched_edges(int bm, int bk, int64_t rows, int keep_pct, Isa isa) {
+  const int64_t brows = 4, kb = 9, out = brows * bm, k = kb * bk;
+  std::vector<int32_t> crow(brows + 1, 0), col;
+  std::vector<float> blocks, x(rows * k), bias(out), dense(out * k, 0.f), want(rows * out);
+  std::vector<float> y(rows * out, std::nanf(""));
+  for (auto& v : x) v = rnd();
+  for (auto& v : bias) v = rnd();
+  for (int64_t rb = 0; rb < brows; ++rb) {
+    for (int64_t c = 0; c < kb; ++c) {
+      if (rb == 1 || static_cast<int>(rng() % 100) >= keep_pct) continue;
+      col.push_back(static_cast<int32_t>(c));
+      for (int i = 0; i < bm * bk; ++i) {
+        blocks.push_back(rnd());
+        dense[(rb * bm + i / bk) * k + c * bk + i % bk] = blocks.back();
+      }
+    }
+    crow[rb + 1] = static_cast<int32_t>(col.size());
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t o = 0; o < out; ++o) {
+      double s = bias[o];
+      for (int64_t c = 0; c < k; ++c) s += static_cast<double>(x[r * k + c]) * dense[o * k + c];
+      want[r * out + o] = static_cast<float>(s);
+    }
+  BSRLinearArgs a{x.data(), rows, k, k, crow.data(), col.data(), blocks.empty() ? nullptr : blocks.data(), brows,
+                  static_cast<int64_t>(col.size()), bm, bk, bias.data(), y.data(), out, DType::kF32, 2};
+  bsr_linear_batched(a, isa);
+  char name[112];
+  std::snprintf(name, sizeof name, "bsr batched edges %dx%d rows=%lld keep=%d%% isa=%s", bm, bk,
+                static_cast<long long>(rows), keep_pct, isa_name(isa));
+  return check(name, y, want, 1e-4f);
+}
+
 int main() {
   const int nm[][2] = {{1, 2}, {1, 4}, {2, 4}, {3, 4}, {1, 8}, {2, 8}, {3, 8}, {4, 8}, {5, 8}, {7, 8}, {1, 16}, {4, 16}, {9, 16}};
   int fails = 0, runs = 0;
@@ -118,6 +154,9 @@ int main() {
         fails += test_bsr(bs.first, bs.second, rows, 3, 5, isa, true);
         runs += 2;
       }
+    for (auto bs : {std::pair{16, 8}, std::pair{12, 20}, std::pair{32, 32}, std::pair{40, 24}})
+      for (int64_t rows : {5, 7, 37, 130})
+        for (int keep : {0, 30, 100}) fails += test_bsr_batched_edges(bs.first, bs.second, rows, keep, isa), ++runs;
   }
   std::printf("%d of %d kernel checks failed\n", fails, runs);
   return fails ? 1 : 0;

@@ -18,8 +18,10 @@ pytestmark = pytest.mark.skipif(not _extension.HAS_C_EXT, reason="compiled exten
 
 ISAS = {"portable": 0, "avx2": 1, "avx512": 2, "avx512bf16": 3}
 NM = [(1, 2), (1, 4), (2, 4), (3, 4), (1, 8), (2, 8), (3, 8), (4, 8), (1, 16), (4, 16), (5, 16), (15, 16)]
-BLOCKS = [(8, 8), (16, 32), (32, 32), (64, 16), (12, 20), (128, 128)]
+BLOCKS = [(8, 8), (16, 8), (16, 32), (32, 32), (64, 16), (12, 20), (128, 128)]
 ROWS = [1, 3, 8, 37, 130]
+# Batched BSR: 5 and 7 leave partial 6-row micro tiles, 37 and 130 partial 24-row chunks.
+BSR_ROWS = [1, 3, 5, 7, 8, 37, 130]
 
 
 def _detected() -> int:
@@ -67,8 +69,9 @@ def test_nm_linear_cpu(isa, nm, rows, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", ROWS)
-@pytest.mark.parametrize("sparsity", [0.5, 0.9])  # 0.5: dense-GEMM fallback when batched; 0.9: micro-kernel
+@pytest.mark.parametrize("rows", BSR_ROWS)
+# 0.2: dense-GEMM fallback when batched (fp32 above 60% of blocks stored); 0.9: micro-kernel
+@pytest.mark.parametrize("sparsity", [0.2, 0.9])
 @pytest.mark.parametrize("block", BLOCKS, ids=lambda b: f"{b[0]}x{b[1]}")
 def test_bsr_linear_cpu(isa, block, sparsity, rows, dtype):
     bm, bk = block
@@ -80,6 +83,30 @@ def test_bsr_linear_cpu(isa, block, sparsity, rows, dtype):
         y = sk.ops.bsr_linear(x, w, bias)
     dense = w.to_dense()
     _check(y, lambda xx, bb: F.linear(xx, dense.to(xx.dtype), bb), x, bias, f"{isa} {block} rows={rows} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 7, 37])
+@pytest.mark.parametrize("block", [(16, 8), (12, 20), (32, 32)], ids=lambda b: f"{b[0]}x{b[1]}")
+def test_bsr_empty_block_rows(isa, block, rows, dtype):
+    """No stored blocks at all, and one block row left empty between full ones: bias only there."""
+    bm, bk = block
+    out, k = 3 * bm, 5 * bk
+    x, bias = torch.randn(rows, k).to(dtype), torch.randn(out).to(dtype)
+    empty = torch.ops.sparsekern._bsr_linear_cpu(
+        x, torch.zeros(4, dtype=torch.int32), torch.zeros(0, dtype=torch.int32), torch.randn(0, bm, bk).to(dtype), bias
+    )
+    torch.testing.assert_close(empty, bias.expand(rows, out), rtol=0, atol=0)
+    # Blocks (0, 1), (0, 3), (2, 0), (2, 4): 4 of 15 stored (sparse kernel, not the GEMM
+    # fallback), block row 1 stores nothing.
+    keep = torch.zeros(3, 5, dtype=torch.bool)
+    keep[0, 1] = keep[0, 3] = keep[2, 0] = keep[2, 4] = True
+    dense = torch.randn(out, k) * keep.repeat_interleave(bm, 0).repeat_interleave(bk, 1)
+    w = sk.BlockSparseWeight.from_dense(dense, block=block).to(dtype)
+    assert w.crow_indices.tolist() == [0, 2, 2, 4]
+    y = torch.ops.sparsekern._bsr_linear_cpu(x, w.crow_indices, w.col_indices, w.blocks, bias)
+    ref = w.to_dense()
+    _check(y, lambda xx, bb: F.linear(xx, ref.to(xx.dtype), bb), x, bias, f"{isa} {block} rows={rows} {dtype}")
 
 
 @pytest.mark.parametrize("rows", [2, 37])

@@ -1,6 +1,6 @@
 // Block-sparse (BSR) linear on the CPU, torch-free: decode kernel (few rows: each block streamed
 // once, dot products along its rows), batched kernel (a register-blocked micro-kernel over the
-// stored blocks of one block row), and block-row decompression (dense GEMM fallback).
+// stored blocks of one block row), and block-row decompression (dense GEMM fallback, fp32 only).
 //
 // Format (sparsekern/formats/bsr.py): crow int32 [out/bm + 1], col int32 [nnz], blocks
 // [nnz, bm, bk]. Garbage indices never read out of bounds: crow entries are clamped into
@@ -14,8 +14,9 @@ namespace sparsekern {
 // out[r, :] = x[r, :] @ W.T + bias, fp32 accumulation. Any rows; meant for few.
 void bsr_linear_decode(const BSRLinearArgs& a, Isa isa);
 
-// The same, for many rows: per block row, its blocks are packed transposed (fp32) and a 6x16
-// register-blocked micro-kernel runs over row tiles of x.
+// The same, for many rows: x is repacked column-block-major (fp32), each block row's blocks are
+// packed transposed (fp32) once, and a 6x16 register micro-kernel accumulates over all of the
+// row's blocks per output tile (bsr_linear_batched_avx2.cpp).
 void bsr_linear_batched(const BSRLinearArgs& a, Isa isa);
 
 // Dense rows of block rows [rb0, rb0 + nrb) into dense ([nrb * bm, K], row stride ld, element

@@ -16,9 +16,12 @@ namespace {
 
 // NOTE: crossover rows and density measured on the 2-core EPYC (bench/bench_linear_cpu.py).
 constexpr int64_t kDecodeMaxRows = 4;
-// Above this fraction of stored blocks, the dense GEMM on decompressed tiles beats the sparse
-// micro-kernel (MKL's GEMM reaches a higher fraction of peak than our 6x16 kernel).
-constexpr double kGemmDensity = 0.3;
+// Above this fraction of stored blocks (fp32 only), decompressed tiles + dense GEMM.
+// NOTE: the sparse kernel sustains ~145-150 GFLOP/s at any density (4096x4096 @ 512 rows:
+// 11.7 ms at density 0.1, 57.6 ms at 0.5, 84.6 ms at 0.7) against ~101 ms for the dense fp32
+// GEMM (~170 GFLOP/s). bf16/fp16 GEMMs run ~20 GFLOP/s here (4096x4096 @ 512 rows bf16:
+// 780 ms), so those dtypes always take the sparse kernel.
+constexpr double kGemmDensity = 0.6;
 constexpr int64_t kTileOut = 1024;  // output rows decompressed per GEMM (see nm_linear_op.cpp)
 
 at::Tensor bsr_linear_cpu(const at::Tensor& x_in, const at::Tensor& crow_in, const at::Tensor& col_in,
@@ -55,7 +58,7 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x_in, const at::Tensor& crow_in, con
     return y;
   }
   const double density = static_cast<double>(a.nnz) * bm * bk / (static_cast<double>(out_features) * k);
-  if (density <= kGemmDensity || isa == Isa::kPortable) {
+  if (density <= kGemmDensity || a.dtype != DType::kF32 || isa == Isa::kPortable) {
     bsr_linear_batched(a, isa);
     return y;
   }
