@@ -45,6 +45,12 @@ AUTO_ORDER = ("cuda", "triton", "cpu", "dense", "reference")
 POLICIES = ("measured", "first")
 # A sparse kernel must beat the dense fallback by this fraction to be chosen.
 MARGIN = 0.05
+# ...and by this many seconds: what a sparse kernel costs per call on top of the time measured
+# here (the NaN/Inf scan of x and the support check in SparseLinear's planned path) and the
+# dense fallback does not. NOTE: measured on the 2-core EPYC, 64x64 layer at 4 rows: planned
+# CPU-kernel call 24 us vs the kernel alone 10 us; planned dense call 18 us vs F.linear 10 us;
+# 384x384 at 1 row: SparseLinear on the CPU kernel 30 us, nn.Linear 24 us, kernel alone 12 us.
+SPARSE_CALL_OVERHEAD_S = 12e-6
 # Rows above this share one bucket: past ~512 rows every backend is in its GEMM regime.
 ROW_BUCKET_CAP = 512
 # Measurement budget per candidate (seconds, after the warm-up) and bounds on the reps.
@@ -67,6 +73,9 @@ class Impl:
     # Called with the op's arguments when this backend lost a measurement on them, so it can drop
     # per-weight state (the dense fallback's decompressed copy).
     release: Callable | None = None
+    # For the linears: rows of x holding NaN/Inf come out as from the dense op (0 * inf = nan
+    # where a weight was pruned). Kernels without it get those rows recomputed by the caller.
+    nonfinite_exact: bool = False
 
 
 _registry: dict[str, dict[str, Impl]] = {}
@@ -113,11 +122,12 @@ def register(
     supports: Supports = _always,
     auto: bool = True,
     release: Callable | None = None,
+    nonfinite_exact: bool = False,
 ) -> None:
     """Make ``fn`` the ``backend`` implementation of ``op`` (replacing an earlier one)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    _registry.setdefault(op, {})[backend] = Impl(op, backend, fn, supports, auto, release)
+    _registry.setdefault(op, {})[backend] = Impl(op, backend, fn, supports, auto, release, nonfinite_exact)
     _invalidate()
 
 
@@ -280,11 +290,13 @@ def time_impls(impls: list[Impl], args: tuple) -> dict[str, float]:
 
 
 def decide(times: dict[str, float]) -> str:
-    """The winner: the fastest sparse kernel if it beats ``"dense"`` by MARGIN, else ``"dense"``."""
+    """The winner: the fastest sparse kernel if it beats ``"dense"`` by MARGIN (and by its extra
+    per-call cost, :data:`SPARSE_CALL_OVERHEAD_S`), else ``"dense"``."""
     if "dense" in times:
         sparse = {b: t for b, t in times.items() if b not in ("dense", "reference")}
         best = min(sparse, key=sparse.get, default=None)
-        return best if best is not None and sparse[best] <= (1 - MARGIN) * times["dense"] else "dense"
+        wins = best is not None and sparse[best] + SPARSE_CALL_OVERHEAD_S <= (1 - MARGIN) * times["dense"]
+        return best if wins else "dense"
     return min(times, key=times.get)
 
 

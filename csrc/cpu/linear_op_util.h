@@ -3,6 +3,8 @@
 #ifdef SPARSEKERN_TORCH
 #include <ATen/ATen.h>
 
+#include <vector>
+
 #include "cpu/linear_common.h"
 
 namespace sparsekern {
@@ -14,6 +16,39 @@ inline DType to_dtype(at::ScalarType t) {
     case at::kFloat: return DType::kF32;
     default: TORCH_CHECK(false, "sparsekern CPU linear: unsupported dtype ", t, " (ops.py should have refused it)");
   }
+}
+
+// Indices of the rows of x [rows, k] (contiguous) holding a NaN or Inf. Sparse kernels skip
+// pruned weights, where the dense op computes 0 * inf = nan; callers recompute these rows
+// with dense semantics. An exponent test on the bits: no float compare, vectorises.
+inline std::vector<int64_t> nonfinite_rows(const at::Tensor& x) {
+  std::vector<int64_t> bad;
+  const int64_t rows = x.size(0), k = x.size(1);
+  for (int64_t r = 0; r < rows; ++r) {
+    bool any = false;
+    if (x.scalar_type() == at::kFloat) {
+      const uint32_t* p = reinterpret_cast<const uint32_t*>(x.data_ptr()) + r * k;
+      uint32_t hit = 0;
+      for (int64_t i = 0; i < k; ++i) hit |= ((p[i] & 0x7f800000u) == 0x7f800000u);
+      any = hit != 0;
+    } else {
+      const uint16_t exp = x.scalar_type() == at::kBFloat16 ? 0x7f80u : 0x7c00u;
+      const uint16_t* p = reinterpret_cast<const uint16_t*>(x.data_ptr()) + r * k;
+      uint32_t hit = 0;
+      for (int64_t i = 0; i < k; ++i) hit |= ((p[i] & exp) == exp);
+      any = hit != 0;
+    }
+    if (any) bad.push_back(r);
+  }
+  return bad;
+}
+
+// Recomputes y's rows listed in `bad` with `dense_rows(x_bad) -> y_bad` (dense semantics).
+template <typename DenseRows>
+void redo_nonfinite_rows(const at::Tensor& x, at::Tensor& y, const std::vector<int64_t>& bad, DenseRows dense_rows) {
+  if (bad.empty()) return;
+  const at::Tensor idx = at::tensor(bad, at::TensorOptions().dtype(at::kLong));
+  y.index_copy_(0, idx, dense_rows(x.index_select(0, idx).contiguous()));
 }
 
 }  // namespace sparsekern

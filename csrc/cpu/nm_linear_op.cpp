@@ -1,6 +1,7 @@
 // sparsekern::_nm_linear_cpu: x [rows, K] @ W.T + bias for an N:M weight (values, meta), on the
 // CPU. Arguments were checked in sparsekern/ops.py. Few rows: the decode kernel (weights
-// streamed once); many rows: decompress tiles of W and run the dense GEMM on each.
+// streamed once per 8 rows); many rows: decompress tiles of W and run the dense GEMM on each.
+// Rows of x holding NaN/Inf come out exactly as from the dense op (the GEMM path is dense).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -17,12 +18,41 @@ namespace {
 // NOTE: decode vs decompress+GEMM crossover, measured on the 2-core EPYC (see bench/results):
 // the decode kernel's cost grows with rows (one permute chain per row), the GEMM path's does not.
 constexpr int64_t kDecodeMaxRows = 8;
+// Up to this many rows the decode kernel runs once per 8 rows (the weights are read once per
+// pass) instead of decompress + GEMM. NOTE: 2:4, 4096x4096, 2 threads, quiet: one 8-row pass
+// 3.7 ms fp32 / 3.4 ms bf16; decompress + GEMM at 17 rows 16.5 ms fp32 / 22 ms bf16, at 32 rows
+// 18.6 / 25.4 ms (dense F.linear 12.1 ms fp32, 48.7 ms bf16: torch's bf16 GEMM is slow here),
+// so chunked decode stays ahead to ~32 rows in fp32 and ~64 in bf16/fp16.
+constexpr int64_t kChunkedDecodeMaxRowsF32 = 32;
+constexpr int64_t kChunkedDecodeMaxRowsHalf = 64;
 // Rows of W decompressed per GEMM. NOTE: 512x4096x4096 fp32, 2 loaded cores: one dense GEMM
 // 0.61 s; 128-row tiles 1.30 s, 512-row 0.71 s, 1024-row 0.64 s (MKL wants wide N). Decompressing
 // the whole weight into one [out, K] buffer and one GEMM into the contiguous output was slower:
 // 512 rows, 4096x4096, 2 threads, same run as dense 99 ms: whole 134 ms, 1024-row tiles 104 ms
 // (a 16 MiB tile stays in the 32 MiB L3 for its GEMM; a 64 MiB weight is written and re-read).
 constexpr int64_t kTileRows = 1024;
+
+// Decompress tiles of W and run the dense GEMM on each: exact dense semantics (0 * inf = nan).
+void nm_linear_gemm(const NMLinearArgs& a, const at::Tensor& x, const std::optional<at::Tensor>& bias, at::Tensor& y) {
+  const int64_t rows = x.size(0), k = x.size(1), out_features = a.out_features;
+  // Low-precision inputs: decompress to fp32 and run the fp32 GEMM. NOTE: at 512x4096x4096 on
+  // the AVX2 EPYC, torch's bf16 GEMM took 4.1 s against 0.7 s for fp32 (no native bf16 FMA).
+  const at::Tensor x32 = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+  at::Tensor y32 = x.scalar_type() == at::kFloat ? y : at::empty({rows, std::min(kTileRows, out_features)}, x32.options());
+  at::Tensor tile = at::empty({std::min(kTileRows, out_features), k}, x32.options());
+  for (int64_t o0 = 0; o0 < out_features; o0 += kTileRows) {
+    const int64_t nr = std::min(kTileRows, out_features - o0);
+    at::Tensor t = tile.narrow(0, 0, nr);
+    nm_decompress_rows(a, o0, nr, t.data_ptr(), k, DType::kF32);
+    at::Tensor ys = x.scalar_type() == at::kFloat ? y.narrow(1, o0, nr) : y32.narrow(1, 0, nr);
+    if (bias) {
+      at::addmm_out(ys, bias->narrow(0, o0, nr).to(at::kFloat), x32, t.t());
+    } else {
+      at::mm_out(ys, x32, t.t());
+    }
+    if (x.scalar_type() != at::kFloat) y.narrow(1, o0, nr).copy_(ys);
+  }
+}
 
 at::Tensor nm_linear_cpu(const at::Tensor& x_in, const at::Tensor& values_in, const at::Tensor& meta_in, int64_t n,
                          int64_t m, const std::optional<at::Tensor>& bias_in) {
@@ -49,27 +79,23 @@ at::Tensor nm_linear_cpu(const at::Tensor& x_in, const at::Tensor& values_in, co
   a.ldo = out_features;
   a.dtype = to_dtype(x.scalar_type());
   a.threads = at::get_num_threads();
-  if (rows <= kDecodeMaxRows) {
-    nm_linear_decode(a, active_isa());
+  if (rows > (a.dtype == DType::kF32 ? kChunkedDecodeMaxRowsF32 : kChunkedDecodeMaxRowsHalf)) {
+    nm_linear_gemm(a, x, bias, y);
     return y;
   }
-  // Low-precision inputs: decompress to fp32 and run the fp32 GEMM. NOTE: at 512x4096x4096 on
-  // the AVX2 EPYC, torch's bf16 GEMM took 4.1 s against 0.7 s for fp32 (no native bf16 FMA).
-  const at::Tensor x32 = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
-  at::Tensor y32 = x.scalar_type() == at::kFloat ? y : at::empty({rows, std::min(kTileRows, out_features)}, x32.options());
-  at::Tensor tile = at::empty({std::min(kTileRows, out_features), k}, x32.options());
-  for (int64_t o0 = 0; o0 < out_features; o0 += kTileRows) {
-    const int64_t nr = std::min(kTileRows, out_features - o0);
-    at::Tensor t = tile.narrow(0, 0, nr);
-    nm_decompress_rows(a, o0, nr, t.data_ptr(), k, DType::kF32);
-    at::Tensor ys = x.scalar_type() == at::kFloat ? y.narrow(1, o0, nr) : y32.narrow(1, 0, nr);
-    if (bias) {
-      at::addmm_out(ys, bias->narrow(0, o0, nr).to(at::kFloat), x32, t.t());
-    } else {
-      at::mm_out(ys, x32, t.t());
-    }
-    if (x.scalar_type() != at::kFloat) y.narrow(1, o0, nr).copy_(ys);
+  // Few rows: the decode kernel, 8 rows of x per pass over the weights.
+  for (int64_t r0 = 0; r0 < rows; r0 += kDecodeMaxRows) {
+    NMLinearArgs c = a;
+    c.rows = std::min(kDecodeMaxRows, rows - r0);
+    c.x = static_cast<const char*>(a.x) + r0 * k * x.element_size();
+    c.out = static_cast<char*>(a.out) + r0 * out_features * y.element_size();
+    nm_linear_decode(c, active_isa());
   }
+  redo_nonfinite_rows(x, y, nonfinite_rows(x), [&](const at::Tensor& xb) {
+    at::Tensor yb = at::empty({xb.size(0), out_features}, y.options());
+    nm_linear_gemm(a, xb, bias, yb);  // uses a's weights only
+    return yb;
+  });
   return y;
 }
 

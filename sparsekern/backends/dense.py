@@ -116,5 +116,5 @@ def _release_bsr(x, crow, col, blocks, *rest) -> None:
     _drop(id(blocks))
 
 
-dispatch.register("nm_linear", "dense", nm_linear, release=_release_nm)
-dispatch.register("bsr_linear", "dense", bsr_linear, release=_release_bsr)
+dispatch.register("nm_linear", "dense", nm_linear, release=_release_nm, nonfinite_exact=True)
+dispatch.register("bsr_linear", "dense", bsr_linear, release=_release_bsr, nonfinite_exact=True)

@@ -11,8 +11,6 @@ transposed once, and the resulting layer computes the same function as the Conv1
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,7 +19,7 @@ from sparsekern import dispatch
 from sparsekern.backends import dense as dense_backend
 from sparsekern.formats.bsr import BlockSparseWeight
 from sparsekern.formats.nm import NMSparseWeight
-from sparsekern.ops import check_bsr_linear, check_nm_linear
+from sparsekern.ops import all_finite, check_bsr_linear, check_nm_linear
 
 _NM_TENSORS = ("values", "meta")
 _BSR_TENSORS = ("crow_indices", "col_indices", "blocks")
@@ -235,7 +233,7 @@ class SparseLinear(nn.Module):
         out = impl.fn(*args)
         # Sparse kernels skip pruned weights where dense computes 0 * inf = nan: inputs with
         # NaN/Inf take the op, which propagates them exactly as F.linear does.
-        if impl.backend not in ("dense", "reference") and not math.isfinite(x2.sum(dtype=torch.float32).item()):
+        if not impl.nonfinite_exact and not all_finite(x2):
             return self._op(x, *weight_args)
         return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
 
@@ -259,6 +257,13 @@ class SparseLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"pattern={self.pattern}"
         )
+
+    def __getstate__(self):
+        # Plans are per-process caches (and may hold a dense copy of the weight): never pickled
+        # or deep-copied; a copy makes its own on its first call.
+        state = dict(super().__getstate__())
+        state.pop("_plans", None)
+        return state
 
     # -- state dict --------------------------------------------------------------------------
 

@@ -1,0 +1,36 @@
+"""The compiled N:M linear handles NaN/Inf in x itself: those rows come out as from F.linear on
+the masked dense weight (0 * inf = nan where a weight was pruned), on every row path (decode,
+chunked decode, decompress + GEMM) and dtype, so callers need no scan of x."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparsekern as sk
+from sparsekern import _extension, dispatch
+
+pytestmark = pytest.mark.skipif(not _extension.HAS_C_EXT, reason="compiled extension not loaded")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 3, 12, 37])
+@pytest.mark.parametrize("pattern", [(2, 4), (1, 8)])
+def test_nonfinite_rows_match_dense(dtype, rows, pattern):
+    n, m = pattern
+    k, out = 8 * m + m, 24  # K not a multiple of the vector width
+    w = sk.NMSparseWeight.from_dense(torch.randn(out, k), n=n, m=m, prune=True).to(dtype)
+    bias = torch.randn(out).to(dtype)
+    x = torch.randn(rows, k).to(dtype)
+    x[0, 1] = float("inf")
+    x[rows - 1, k - 1] = float("-inf")
+    if rows > 2:
+        x[1, 2] = float("nan")
+    impl = dispatch.implementations("nm_linear")["cpu"]
+    assert impl.nonfinite_exact
+    y = impl.fn(x, w.values, w.meta, n, m, bias)  # the kernel alone: no Python-side fix-up
+    ref = F.linear(x.float(), w.to_dense().float(), bias.float())
+    assert torch.equal(torch.isnan(y), torch.isnan(ref)), "NaN positions differ from the dense op"
+    assert torch.equal(torch.isinf(y), torch.isinf(ref)) and torch.equal(y.isinf() & (y > 0), ref.isinf() & (ref > 0))
+    fin = torch.isfinite(ref)
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(y.float()[fin], ref[fin], rtol=tol, atol=tol)
