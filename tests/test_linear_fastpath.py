@@ -122,3 +122,21 @@ def test_dense_plan_sees_weight_updates(measured):
         layer.load_state_dict(other.state_dict())
         torch.testing.assert_close(layer(x), F.linear(x, other.weight, other.bias))
     assert not torch.allclose(before, after)
+
+
+def test_plans_are_not_copied_or_pickled(measured):
+    import copy
+    import io
+
+    only_backends("nm_linear", "reference", "dense")
+    layer = _layer("2:4", k=256, out=256).requires_grad_(False)
+    x = torch.randn(2, 256)
+    with torch.no_grad():
+        out = layer(x)  # the plan now holds a 256 KiB dense copy
+        assert layer._plans
+        twin = copy.deepcopy(layer)
+        assert not hasattr(twin, "_plans")
+        torch.testing.assert_close(twin(x), out)
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    assert buf.tell() < layer.nbytes() + 64 * 1024  # compressed weight + pickle overhead, no dense copy
