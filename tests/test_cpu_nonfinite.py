@@ -28,9 +28,30 @@ def test_nonfinite_rows_match_dense(dtype, rows, pattern):
     impl = dispatch.implementations("nm_linear")["cpu"]
     assert impl.nonfinite_exact
     y = impl.fn(x, w.values, w.meta, n, m, bias)  # the kernel alone: no Python-side fix-up
-    ref = F.linear(x.float(), w.to_dense().float(), bias.float())
+    _assert_like_dense(y, F.linear(x.float(), w.to_dense().float(), bias.float()), dtype)
+
+
+def _assert_like_dense(y, ref, dtype):
     assert torch.equal(torch.isnan(y), torch.isnan(ref)), "NaN positions differ from the dense op"
     assert torch.equal(torch.isinf(y), torch.isinf(ref)) and torch.equal(y.isinf() & (y > 0), ref.isinf() & (ref > 0))
     fin = torch.isfinite(ref)
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     torch.testing.assert_close(y.float()[fin], ref[fin], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 3, 12, 37])
+@pytest.mark.parametrize("sparsity", [0.5, 0.2])  # sparse kernels / fp32 dense-GEMM switch
+def test_bsr_nonfinite_rows_match_dense(dtype, rows, sparsity):
+    k, out = 40, 24
+    w = sk.BlockSparseWeight.from_dense(torch.randn(out, k), block=(8, 8), sparsity=sparsity).to(dtype)
+    bias = torch.randn(out).to(dtype)
+    x = torch.randn(rows, k).to(dtype)
+    x[0, 1] = float("inf")
+    x[rows - 1, k - 1] = float("-inf")
+    if rows > 2:
+        x[1, 2] = float("nan")
+    impl = dispatch.implementations("bsr_linear")["cpu"]
+    assert impl.nonfinite_exact
+    y = impl.fn(x, w.crow_indices, w.col_indices, w.blocks, bias)
+    _assert_like_dense(y, F.linear(x.float(), w.to_dense().float(), bias.float()), dtype)

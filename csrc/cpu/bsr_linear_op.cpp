@@ -1,6 +1,7 @@
 // sparsekern::_bsr_linear_cpu: x [rows, K] @ W.T + bias for a BSR weight (crow, col, blocks), on
 // the CPU. Arguments were checked in sparsekern/ops.py. Few rows: the decode kernel; many rows:
 // the packed micro-kernel, or (dense-ish weights) block-row decompression + dense GEMM.
+// Rows of x holding NaN/Inf come out exactly as from the dense op.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -23,6 +24,34 @@ constexpr int64_t kDecodeMaxRows = 4;
 // 780 ms), so those dtypes always take the sparse kernel.
 constexpr double kGemmDensity = 0.6;
 constexpr int64_t kTileOut = 1024;  // output rows decompressed per GEMM (see nm_linear_op.cpp)
+
+// Decompressed tiles of W + dense GEMM: exact dense semantics (0 * inf = nan). Half types go
+// through the fp32 GEMM (only rows of x holding NaN/Inf take this path for them).
+void bsr_linear_gemm(const BSRLinearArgs& a, const at::Tensor& x, const at::Tensor& blocks,
+                     const std::optional<at::Tensor>& bias, at::Tensor& y) {
+  const int64_t k = x.size(1), bm = a.bm, block_rows = a.block_rows;
+  const bool f32 = x.scalar_type() == at::kFloat;
+  const at::Tensor x32 = f32 ? x : x.to(at::kFloat);
+  const int64_t tile_rb = std::max<int64_t>(1, kTileOut / bm);
+  at::Tensor tile = at::empty({std::min(block_rows, tile_rb) * bm, k}, blocks.options());
+  for (int64_t rb0 = 0; rb0 < block_rows; rb0 += tile_rb) {
+    const int64_t nrb = std::min(tile_rb, block_rows - rb0);
+    at::Tensor t = tile.narrow(0, 0, nrb * bm);
+    bsr_decompress_rows(a, rb0, nrb, t.data_ptr(), k);
+    at::Tensor ys = y.narrow(1, rb0 * bm, nrb * bm);
+    if (f32) {
+      if (bias) {
+        at::addmm_out(ys, bias->narrow(0, rb0 * bm, nrb * bm), x, t.t());
+      } else {
+        at::mm_out(ys, x, t.t());
+      }
+    } else {
+      const at::Tensor t32 = t.to(at::kFloat);
+      ys.copy_(bias ? at::addmm(bias->narrow(0, rb0 * bm, nrb * bm).to(at::kFloat), x32, t32.t())
+                    : at::mm(x32, t32.t()));
+    }
+  }
+}
 
 at::Tensor bsr_linear_cpu(const at::Tensor& x_in, const at::Tensor& crow_in, const at::Tensor& col_in,
                           const at::Tensor& blocks_in, const std::optional<at::Tensor>& bias_in) {
@@ -53,28 +82,22 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x_in, const at::Tensor& crow_in, con
   a.dtype = to_dtype(x.scalar_type());
   a.threads = at::get_num_threads();
   const Isa isa = active_isa();
+  const double density = static_cast<double>(a.nnz) * bm * bk / (static_cast<double>(out_features) * k);
+  if (rows > kDecodeMaxRows && density > kGemmDensity && a.dtype == DType::kF32 && isa != Isa::kPortable) {
+    bsr_linear_gemm(a, x, blocks, bias, y);
+    return y;
+  }
   if (rows <= kDecodeMaxRows) {
     bsr_linear_decode(a, isa);
-    return y;
-  }
-  const double density = static_cast<double>(a.nnz) * bm * bk / (static_cast<double>(out_features) * k);
-  if (density <= kGemmDensity || a.dtype != DType::kF32 || isa == Isa::kPortable) {
+  } else {
     bsr_linear_batched(a, isa);
-    return y;
   }
-  const int64_t tile_rb = std::max<int64_t>(1, kTileOut / bm);
-  at::Tensor tile = at::empty({std::min(block_rows, tile_rb) * bm, k}, blocks.options());
-  for (int64_t rb0 = 0; rb0 < block_rows; rb0 += tile_rb) {
-    const int64_t nrb = std::min(tile_rb, block_rows - rb0);
-    at::Tensor t = tile.narrow(0, 0, nrb * bm);
-    bsr_decompress_rows(a, rb0, nrb, t.data_ptr(), k);
-    at::Tensor ys = y.narrow(1, rb0 * bm, nrb * bm);
-    if (bias) {
-      at::addmm_out(ys, bias->narrow(0, rb0 * bm, nrb * bm), x, t.t());
-    } else {
-      at::mm_out(ys, x, t.t());
-    }
-  }
+  // The sparse kernels skip absent blocks: rows of x holding NaN/Inf are redone densely.
+  redo_nonfinite_rows(x, y, nonfinite_rows(x), [&](const at::Tensor& xb) {
+    at::Tensor yb = at::empty({xb.size(0), out_features}, y.options());
+    bsr_linear_gemm(a, xb, blocks, bias, yb);  // uses a's weights only
+    return yb;
+  });
   return y;
 }
 

@@ -32,6 +32,6 @@ def _bsr_linear(x, crow, col, blocks, bias=None):
     return torch.ops.sparsekern._bsr_linear_cpu(x, crow, col, blocks, bias)
 
 
-# The N:M op recomputes rows of x holding NaN/Inf with dense semantics in C++ (nm_linear_op.cpp).
+# Both ops recompute rows of x holding NaN/Inf with dense semantics in C++ (*_linear_op.cpp).
 dispatch.register("nm_linear", "cpu", _nm_linear, supports_cpu, nonfinite_exact=True)
-dispatch.register("bsr_linear", "cpu", _bsr_linear, supports_cpu)
+dispatch.register("bsr_linear", "cpu", _bsr_linear, supports_cpu, nonfinite_exact=True)
