@@ -24,6 +24,19 @@ static int check(const char* what, const std::vector<float>& got, const std::vec
   return 0;
 }
 
+// x [rows, k] @ dense.T [k, out] + bias, accumulated in double.
+static std::vector<float> reference(const std::vector<float>& x, const std::vector<float>& dense,
+                                    const std::vector<float>& bias, int64_t rows, int64_t out, int64_t k) {
+  std::vector<float> want(rows * out);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t o = 0; o < out; ++o) {
+      double s = bias[o];
+      for (int64_t c = 0; c < k; ++c) s += static_cast<double>(x[r * k + c]) * dense[o * k + c];
+      want[r * out + o] = static_cast<float>(s);
+    }
+  return want;
+}
+
 static int test_nm(int n, int m, int64_t rows, int64_t out, int64_t groups, Isa isa) {
   const int bits = m == 2 ? 1 : m == 4 ? 2 : m == 8 ? 3 : 4, per = 32 / bits;
   const int64_t k = groups * m, kept = groups * n, words = (kept + per - 1) / per;
@@ -45,12 +58,7 @@ static int test_nm(int n, int m, int64_t rows, int64_t out, int64_t groups, Isa 
       }
     }
   }
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t o = 0; o < out; ++o) {
-      double s = bias[o];
-      for (int64_t c = 0; c < k; ++c) s += static_cast<double>(x[r * k + c]) * dense[o * k + c];
-      want[r * out + o] = static_cast<float>(s);
-    }
+  want = reference(x, dense, bias, rows, out, k);
   NMLinearArgs a{x.data(), rows, k, k, vals.data(), meta.data(), out, words, n, m, bias.data(), y.data(), out,
                  DType::kF32, 2};
   nm_linear_decode(a, isa);
@@ -81,12 +89,7 @@ static int test_bsr(int bm, int bk, int64_t rows, int64_t brows, int64_t kb, Isa
     }
     crow[rb + 1] = static_cast<int32_t>(col.size());
   }
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t o = 0; o < out; ++o) {
-      double s = bias[o];
-      for (int64_t c = 0; c < k; ++c) s += static_cast<double>(x[r * k + c]) * dense[o * k + c];
-      want[r * out + o] = static_cast<float>(s);
-    }
+  want = reference(x, dense, bias, rows, out, k);
   BSRLinearArgs a{x.data(), rows, k, k, crow.data(), col.data(), blocks.data(), brows,
                   static_cast<int64_t>(col.size()), bm, bk, bias.data(), y.data(), out, DType::kF32, 2};
   if (batched) {
@@ -123,12 +126,7 @@ static int test_bsr_batched_edges(int bm, int bk, int64_t rows, int keep_pct, Is
     }
     crow[rb + 1] = static_cast<int32_t>(col.size());
   }
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t o = 0; o < out; ++o) {
-      double s = bias[o];
-      for (int64_t c = 0; c < k; ++c) s += static_cast<double>(x[r * k + c]) * dense[o * k + c];
-      want[r * out + o] = static_cast<float>(s);
-    }
+  want = reference(x, dense, bias, rows, out, k);
   BSRLinearArgs a{x.data(), rows, k, k, crow.data(), col.data(), blocks.empty() ? nullptr : blocks.data(), brows,
                   static_cast<int64_t>(col.size()), bm, bk, bias.data(), y.data(), out, DType::kF32, 2};
   bsr_linear_batched(a, isa);

@@ -20,15 +20,20 @@ def test_nonfinite_rows_match_dense(dtype, rows, pattern):
     k, out = 8 * m + m, 24  # K not a multiple of the vector width
     w = sk.NMSparseWeight.from_dense(torch.randn(out, k), n=n, m=m, prune=True).to(dtype)
     bias = torch.randn(out).to(dtype)
-    x = torch.randn(rows, k).to(dtype)
-    x[0, 1] = float("inf")
-    x[rows - 1, k - 1] = float("-inf")
-    if rows > 2:
-        x[1, 2] = float("nan")
+    x = _with_nonfinite(torch.randn(rows, k).to(dtype))
     impl = dispatch.implementations("nm_linear")["cpu"]
     assert impl.nonfinite_exact
     y = impl.fn(x, w.values, w.meta, n, m, bias)  # the kernel alone: no Python-side fix-up
     _assert_like_dense(y, F.linear(x.float(), w.to_dense().float(), bias.float()), dtype)
+
+
+def _with_nonfinite(x):
+    """+inf in the first row, -inf in the last, NaN in the second (when there are 3+ rows)."""
+    x[0, 1] = float("inf")
+    x[-1, -1] = float("-inf")
+    if x.shape[0] > 2:
+        x[1, 2] = float("nan")
+    return x
 
 
 def _assert_like_dense(y, ref, dtype):
@@ -46,11 +51,7 @@ def test_bsr_nonfinite_rows_match_dense(dtype, rows, sparsity):
     k, out = 40, 24
     w = sk.BlockSparseWeight.from_dense(torch.randn(out, k), block=(8, 8), sparsity=sparsity).to(dtype)
     bias = torch.randn(out).to(dtype)
-    x = torch.randn(rows, k).to(dtype)
-    x[0, 1] = float("inf")
-    x[rows - 1, k - 1] = float("-inf")
-    if rows > 2:
-        x[1, 2] = float("nan")
+    x = _with_nonfinite(torch.randn(rows, k).to(dtype))
     impl = dispatch.implementations("bsr_linear")["cpu"]
     assert impl.nonfinite_exact
     y = impl.fn(x, w.crow_indices, w.col_indices, w.blocks, bias)
