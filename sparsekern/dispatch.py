@@ -109,6 +109,12 @@ if not (isinstance(_RAW_ENV, dict) and all(isinstance(k, bytes) for k in list(_R
     _RAW_ENV, _RAW_KEYS = os.environ, ("SPARSEKERN_BACKEND", "SPARSEKERN_DISPATCH")
 
 
+def _env(i: int) -> str | None:
+    """``SPARSEKERN_BACKEND`` (0) or ``SPARSEKERN_DISPATCH`` (1), read the cheap way."""
+    v = _RAW_ENV.get(_RAW_KEYS[i])
+    return v.decode() if isinstance(v, bytes) else v
+
+
 def state() -> tuple:
     """Everything a remembered choice depends on besides the arguments: the registry/choice
     generation, the chooser, the forced backend, ``SPARSEKERN_BACKEND`` and ``SPARSEKERN_DISPATCH``."""
@@ -152,12 +158,12 @@ def current_backend() -> str:
     forced = _forced.get()
     if forced is not None:
         return forced
-    return _check_name(os.environ.get("SPARSEKERN_BACKEND") or "auto", "SPARSEKERN_BACKEND")
+    return _check_name(_env(0) or "auto", "SPARSEKERN_BACKEND")
 
 
 def policy() -> str:
     """The ``"auto"`` policy in force: ``SPARSEKERN_DISPATCH``, default ``"measured"``."""
-    name = os.environ.get("SPARSEKERN_DISPATCH") or "measured"
+    name = _env(1) or "measured"
     if name not in POLICIES:
         raise ValueError(f"SPARSEKERN_DISPATCH: expected one of {POLICIES}, got {name!r}")
     return name
