@@ -52,8 +52,6 @@ MARGIN = 0.05
 # dense 17.0 vs 9.3 us (the NaN/Inf handling of the CPU kernels is in C++; a Python-side scan
 # for kernels without nonfinite_exact adds ~3 us, covered here).
 SPARSE_CALL_OVERHEAD_S = 4e-6
-# Rows above this share one bucket: past ~512 rows every backend is in its GEMM regime.
-ROW_BUCKET_CAP = 512
 # Measurement budget per candidate (seconds, after the warm-up) and bounds on the reps.
 # NOTE: 3 reps minimum keeps the median meaningful; 0.05 s keeps a first call of a decode
 # shape (4096x4096 fp32, ~5 ms dense here on 2 cores) at ~10 reps per candidate, ~0.2 s in all.
@@ -185,58 +183,11 @@ def candidates(op: str, *args) -> list[Impl]:
     return [impls[b] for b in AUTO_ORDER if b in impls and impls[b].auto and impls[b].supports(*args) is None]
 
 
-# -- shape buckets ---------------------------------------------------------------------------
+# -- shape buckets and the on-disk cache (sparsekern/dispatch_cache.py) -----------------------
 
-
-def row_bucket(rows: int) -> str:
-    """1, 2-4, 5-8, 9-16, ... up to ``ROW_BUCKET_CAP``, then one bucket for everything larger."""
-    if rows <= 1:
-        return "1"
-    if rows <= 4:
-        return "4"
-    if rows > ROW_BUCKET_CAP:
-        return f"{ROW_BUCKET_CAP + 1}+"
-    return str(1 << (rows - 1).bit_length())
-
-
-def _nm_bucket(x, values, meta, n, m, bias=None) -> str:
-    return f"r{row_bucket(x.shape[0])}|w{values.shape[0]}x{values.shape[1] // n * m}|{n}:{m}"
-
-
-def _bsr_bucket(x, crow, col, blocks, bias=None) -> str:
-    nnz, bm, bk = blocks.shape
-    block_rows, block_cols = crow.numel() - 1, x.shape[-1] // bk
-    # Density in 5% steps: which backend wins depends on it, not on the exact block count.
-    density = round(20 * nnz / max(1, block_rows * block_cols)) / 20
-    return f"r{row_bucket(x.shape[0])}|w{block_rows * bm}x{x.shape[-1]}|b{bm}x{bk}|d{density:.2f}"
-
-
-def _attention_bucket(q, k, *rest) -> str:
-    b, h, sq, d = q.shape
-    kept = rest[1].shape[-1] if len(rest) >= 2 and isinstance(rest[1], torch.Tensor) else k.shape[2]
-    flags = "|".join(str(a) for a in rest if isinstance(a, bool))
-    return f"bh{b * h}|q{row_bucket(sq)}|k{row_bucket(k.shape[2])}|kept{row_bucket(kept)}|d{d}|{flags}"
-
-
-_BUCKETS: dict[str, Callable[..., str]] = {
-    "nm_linear": _nm_bucket,
-    "bsr_linear": _bsr_bucket,
-    "token_scores": _attention_bucket,
-    "pruned_attention": _attention_bucket,
-}
-
-
-def _generic_bucket(*args) -> str:
-    return "|".join("x".join(row_bucket(s) for s in a.shape) for a in args if isinstance(a, torch.Tensor))
-
-
-def bucket_key(op: str, *args) -> str:
-    """Cache key of ``args`` for ``op``: op, dtype and shape bucket (the device picks the file)."""
-    first = next(a for a in args if isinstance(a, torch.Tensor))
-    return f"{op}|{str(first.dtype).removeprefix('torch.')}|{_BUCKETS.get(op, _generic_bucket)(*args)}"
-
-
-# -- the on-disk cache (sparsekern/dispatch_cache.py) ------------------------------------------
+ROW_BUCKET_CAP = dispatch_cache.ROW_BUCKET_CAP
+row_bucket = dispatch_cache.row_bucket
+bucket_key = dispatch_cache.bucket_key
 
 _lock = dispatch_cache.lock
 device_name = dispatch_cache.device_name
