@@ -140,3 +140,16 @@ def test_plans_are_not_copied_or_pickled(measured):
     buf = io.BytesIO()
     torch.save(layer, buf)
     assert buf.tell() < layer.nbytes() + 64 * 1024  # compressed weight + pickle overhead, no dense copy
+
+
+def test_dtype_change_drops_plans(measured):
+    only_backends("nm_linear", "reference", "dense")
+    layer = _layer("2:4").requires_grad_(False)
+    x = torch.randn(2, layer.in_features)
+    with torch.no_grad():
+        layer(x)
+        assert layer._plans
+        layer.to(torch.bfloat16)
+        assert not getattr(layer, "_plans", None)
+        y = layer(x.bfloat16())
+    torch.testing.assert_close(y.float(), F.linear(x, layer.weight.float(), layer.bias.float()), rtol=3e-2, atol=3e-2)

@@ -38,14 +38,16 @@ def _version(t: torch.Tensor) -> int | None:
 
 
 def _stamp(*parts) -> tuple | None:
-    """Identity + version of each tensor (plus plain values); None when a version is unknown."""
+    """Identity, storage and version of each tensor (plus plain values); None when a version is
+    unknown. The data pointer catches ``param.data = ...`` (what ``Module.to``/``.half()`` do),
+    which keeps the Parameter object and its version counter."""
     out = []
     for p in parts:
         if isinstance(p, torch.Tensor):
             v = _version(p)
             if v is None:
                 return None
-            out.append((id(p), v))
+            out.append((id(p), p.data_ptr(), p.dtype, v))
         else:
             out.append(p)
     return tuple(out)
