@@ -37,7 +37,7 @@ def _version(t: torch.Tensor) -> int | None:
         return None
 
 
-def _stamp(*parts) -> tuple | None:
+def weight_stamp(*parts) -> tuple | None:
     """Identity, storage and version of each tensor (plus plain values); None when a version is
     unknown. The data pointer catches ``param.data = ...`` (what ``Module.to``/``.half()`` do),
     which keeps the Parameter object and its version counter."""
@@ -88,12 +88,12 @@ def cached_bytes() -> int:
 
 def nm_weight(values, meta, n: int, m: int) -> torch.Tensor:
     """The dense ``[out, K]`` copy of an N:M weight, from the cache when it is still current."""
-    return _cached(values, _stamp(values, meta, n, m), lambda: nm_to_dense(values, meta, n, m))
+    return _cached(values, weight_stamp(values, meta, n, m), lambda: nm_to_dense(values, meta, n, m))
 
 
 def bsr_weight(crow, col, blocks, k: int) -> torch.Tensor:
     """The dense ``[out, k]`` copy of a BSR weight, from the cache when it is still current."""
-    return _cached(blocks, _stamp(blocks, crow, col, k), lambda: bsr_to_dense(crow, col, blocks, k))
+    return _cached(blocks, weight_stamp(blocks, crow, col, k), lambda: bsr_to_dense(crow, col, blocks, k))
 
 
 def nm_linear(x, values, meta, n: int, m: int, bias=None):
@@ -102,12 +102,6 @@ def nm_linear(x, values, meta, n: int, m: int, bias=None):
 
 def bsr_linear(x, crow, col, blocks, bias=None):
     return F.linear(x, bsr_weight(crow, col, blocks, x.shape[-1]), bias)
-
-
-def weight_stamp(*weight_tensors) -> tuple | None:
-    """Identity and version of each tensor: equal stamps mean an unchanged weight (None when a
-    version is unknown, e.g. inference tensors)."""
-    return _stamp(*weight_tensors)
 
 
 def _release_nm(x, values, *rest) -> None:
