@@ -302,7 +302,7 @@ def _dense_grad(grad, x):
     return _flat(grad).float().t() @ _flat(x).float()
 
 
-def _nm_linear_backward(ctx, grad):
+def nm_linear_backward(ctx, grad):
     x, values, meta, n, m, bias = ctx.args
     gx = gv = gb = None
     if ctx.needs_input_grad[0]:
@@ -317,7 +317,7 @@ def _nm_linear_backward(ctx, grad):
     return gx, gv, None, None, None, gb
 
 
-def _bsr_linear_backward(ctx, grad):
+def bsr_linear_backward(ctx, grad):
     x, crow, col, blocks, bias = ctx.args
     gx = gblk = gb = None
     if ctx.needs_input_grad[0]:
@@ -337,8 +337,8 @@ def _bsr_linear_backward(ctx, grad):
     return gx, None, None, gblk, gb
 
 
-torch.library.register_autograd("sparsekern::nm_linear", _nm_linear_backward, setup_context=_linear_setup)
-torch.library.register_autograd("sparsekern::bsr_linear", _bsr_linear_backward, setup_context=_linear_setup)
+torch.library.register_autograd("sparsekern::nm_linear", nm_linear_backward, setup_context=_linear_setup)
+torch.library.register_autograd("sparsekern::bsr_linear", bsr_linear_backward, setup_context=_linear_setup)
 
 
 # -- typed wrappers: the public Python API ----------------------------------------------------

@@ -43,12 +43,32 @@ def test_planned_path_matches_reference(op_calls, pattern, dtype, lead):
     assert op_calls == []
 
 
-def test_op_path_for_autograd_and_bad_input(op_calls):
-    layer = _layer("2:4")  # from an nn.Linear: its parameters require grad
-    x = torch.randn(3, layer.in_features, requires_grad=True)
-    layer(x).sum().backward()
-    layer(x.detach()).sum().backward()
-    assert x.grad is not None and layer.values.grad is not None and len(op_calls) == 2
+@pytest.mark.parametrize("pattern", ["2:4", "block8x8:0.5"])
+@pytest.mark.parametrize("x_grad", [False, True])
+def test_gradients_match_the_op(op_calls, pattern, x_grad):
+    layer = _layer(pattern)  # from an nn.Linear: its parameters require grad
+    params = [layer.dtype_param(), layer.bias]
+    x = torch.randn(2, 3, layer.in_features, requires_grad=x_grad)
+    gy = torch.randn(2, 3, layer.out_features)
+    out = layer(x)
+    got = torch.autograd.grad(out, [x, *params] if x_grad else params, gy)
+    assert op_calls == []  # the planned path, with its own autograd node
+    ref_out = layer._op(
+        x,
+        *(
+            [layer.values, layer.meta, 2, 4, layer.bias]
+            if layer.block is None
+            else [layer.crow_indices, layer.col_indices, layer.blocks, layer.bias]
+        ),
+    )
+    want = torch.autograd.grad(ref_out, [x, *params] if x_grad else params, gy)
+    torch.testing.assert_close(out, ref_out)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+
+
+def test_bad_input_goes_to_the_op(op_calls):
+    layer = _layer("2:4")
     with pytest.raises(TypeError, match=r"x: expected dtype in .*got torch.float64"):
         layer(torch.randn(3, layer.in_features, dtype=torch.float64))
     with pytest.raises(TypeError, match="values: expected dtype torch.float16"):
