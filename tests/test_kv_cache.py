@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import transformers
 from transformers import BertConfig, BertModel, DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from sparsekern.nn.attention import H2OCache, disable_kv_eviction, enable_kv_eviction
@@ -57,8 +58,14 @@ def test_within_budget_same_tokens_as_no_eviction():
         torch.testing.assert_close(layer.scores, mass, atol=1e-4, rtol=1e-4)
 
 
+# transformers 5 renamed generate's/forward's `past_key_values` to `cache` (the old name is a
+# deprecated alias): the eviction must see the cache under either name.
+CACHE_KWARGS = ["past_key_values"] + (["cache"] if int(transformers.__version__.split(".")[0]) >= 5 else [])
+
+
 @torch.no_grad()
-def test_budget_respected_and_recent_window_kept():
+@pytest.mark.parametrize("cache_kwarg", CACHE_KWARGS)
+def test_budget_respected_and_recent_window_kept(cache_kwarg):
     model = _llama()
     ids = torch.randint(1, 128, (3, 9))
     budget, recent = 12, 4
@@ -78,7 +85,7 @@ def test_budget_respected_and_recent_window_kept():
         checks.append(seen)
 
     hook = model.register_forward_hook(after_forward)
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=25, **GEN)
+    out = model.generate(ids, **{cache_kwarg: cache}, max_new_tokens=25, **GEN)
     hook.remove()
     assert out.shape == (3, 9 + 25)
     assert len(checks) == 25 and checks[-1] == 9 + 24

@@ -187,11 +187,23 @@ def disable_kv_eviction(model: nn.Module) -> None:
     del base._sparsekern_kv_enabled
 
 
+# transformers 5.x names the cache argument ``cache`` (``past_key_values`` is a deprecated alias,
+# renamed by a decorator around forward); 4.x calls it ``past_key_values``. Either may arrive
+# bound to its own parameter or inside the forward's ``**kwargs``.
+_CACHE_ARGS = ("cache", "past_key_values")
+
+
+def _bound_arg(bound: dict, name: str):
+    value = bound.get(name)
+    extra = bound.get("kwargs")
+    return extra.get(name) if value is None and isinstance(extra, dict) else value
+
+
 def _kv_pre_hook(module, args, kwargs):
     bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
-    cache = bound.get("past_key_values")
+    cache = next((c for c in (_bound_arg(bound, n) for n in _CACHE_ARGS) if c is not None), None)
     cache = cache if isinstance(cache, H2OCache) else None
-    mask = bound.get("attention_mask")
+    mask = _bound_arg(bound, "attention_mask")
     if cache is not None and mask is not None:
         if mask.dim() != 2:
             raise ValueError(f"attention_mask: H2OCache expects a 2D mask, got shape {tuple(mask.shape)}")
