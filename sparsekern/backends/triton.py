@@ -1,6 +1,6 @@
 """The Triton backend: ``nm_linear`` and ``bsr_linear`` kernels from ``sparsekern.kernels``.
 
-Registered with ``auto=False``: these kernels have not yet passed on a real GPU (DESIGN.md,
+Registered with ``auto=False``: these kernels have not yet passed on a real GPU (docs/DESIGN.md,
 "Checking kernels without a GPU"), so they run only when forced with
 ``sparsekern.use_backend("triton")`` or ``SPARSEKERN_BACKEND=triton``.
 

@@ -1,6 +1,6 @@
 """The Triton attention kernels (``kernels/attention.py``): token_scores and pruned_attention.
 
-Registered with ``auto=False``: they have not yet passed on a real GPU (DESIGN.md), so they run
+Registered with ``auto=False``: they have not yet passed on a real GPU (docs/DESIGN.md), so they run
 only when forced (``use_backend("triton")``). Like ``backends/triton.py`` this module imports
 neither triton nor the kernels until a kernel is asked for.
 """

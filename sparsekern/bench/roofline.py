@@ -1,6 +1,6 @@
 """The device's measured roofline: memory bandwidth and peak matmul throughput.
 
-"Roofline" (DESIGN.md) is the larger of bytes that must move / measured bandwidth and useful
+"Roofline" (docs/DESIGN.md) is the larger of bytes that must move / measured bandwidth and useful
 FLOPs / measured peak. Both ceilings are measured at the start of a run on this device, in the
 run's dtype, rather than taken from a data sheet: on a shared 2-core CPU the data sheet is far
 from what any kernel can reach.

@@ -1,6 +1,6 @@
 """N:M sparse weights: in every run of M consecutive weights of a row, at most N are non-zero.
 
-Storage (DESIGN.md, "Formats"):
+Storage (docs/DESIGN.md, "Formats"):
 
 - ``values`` ``[out, K*N/M]``: the kept weights of each row, group after group, in column order.
 - ``meta`` ``int32 [out, words]``: each kept weight's index inside its group (0..M-1), packed
