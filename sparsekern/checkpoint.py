@@ -15,6 +15,11 @@ compressed-tensors ``sparse-24-bitmask`` checkpoints (detected from ``config.jso
 :mod:`sparsekern.formats.compressed_tensors`). Everything is validated before the model is
 touched: file integrity (a truncated file names the tensor cut off), missing and unexpected
 keys, shapes, dtypes and sparse index validity. A refused checkpoint leaves the model unchanged.
+
+Safe inputs: file names read from the JSON (``weights``, shard names of an index) must resolve
+inside the folder (:func:`sparsekern.folder.resolve_inside`); malformed JSON, a missing key or
+a wrong type is a ``ValueError`` naming the file and the key. ``save`` writes the whole folder
+atomically (:func:`sparsekern.folder.write_folder`).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import struct
 import torch
 from torch import nn
 
+from sparsekern.folder import read_json, resolve_inside, write_folder
 from sparsekern.formats.bsr import BlockSparseWeight
 from sparsekern.formats.nm import NMSparseWeight
 from sparsekern.nn.linear import SparseLinear, is_conv1d, linear_features
@@ -43,7 +49,11 @@ _ST_DTYPES = {
 
 
 def save(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write ``model`` (sparsified or not) to directory ``path`` as compressed safetensors + JSON."""
+    """Write ``model`` (sparsified or not) to directory ``path`` as compressed safetensors + JSON.
+
+    The folder is built beside ``path`` and renamed into place once complete; an existing
+    ``path`` must be empty or an earlier sparsekern checkpoint (see ``write_folder``).
+    """
     from safetensors.torch import save_file
 
     import sparsekern
@@ -51,7 +61,6 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected torch.nn.Module, got {type(model).__name__}")
     path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
     layers = {}
     for name, mod in model.named_modules():
         if isinstance(mod, SparseLinear):
@@ -82,20 +91,24 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
         "layers": layers,
         "aliases": aliases,
     }
-    # Write to temporary names, then rename: an interrupted save never leaves a file that looks whole.
-    tmp = os.path.join(path, WEIGHTS + ".tmp")
-    save_file(tensors, tmp, metadata={"format": "pt", "sparsekern_format_version": str(FORMAT_VERSION)})
-    with open(os.path.join(path, CONFIG + ".tmp"), "w") as f:
-        json.dump(config, f, indent=2)
-    os.replace(tmp, os.path.join(path, WEIGHTS))
-    os.replace(os.path.join(path, CONFIG + ".tmp"), os.path.join(path, CONFIG))
+
+    def write_config(file: str) -> None:
+        with open(file, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2)
+
+    meta = {"format": "pt", "sparsekern_format_version": str(FORMAT_VERSION)}
+    write_folder(path, {WEIGHTS: lambda file: save_file(tensors, file, metadata=meta), CONFIG: write_config})
 
 
 # -- reading safetensors with integrity checks -----------------------------------------------
 
 
 def check_safetensors(file: str) -> dict:
-    """Parse the header of ``file`` and check every tensor lies inside the file. Returns the header."""
+    """Parse the header of ``file`` and check every tensor lies inside the file. Returns the header.
+
+    Anything that is not a well-formed safetensors file (truncated, garbled header, offsets out
+    of the file) is a ``ValueError`` naming ``file``.
+    """
     size = os.path.getsize(file)
     with open(file, "rb") as f:
         raw = f.read(8)
@@ -106,27 +119,40 @@ def check_safetensors(file: str) -> dict:
             raise ValueError(f"{file}: truncated: header claims {hlen} bytes, file has {size - 8} after the length")
         try:
             header = json.loads(f.read(hlen))
-        except ValueError as exc:
+        except (ValueError, UnicodeDecodeError) as exc:
             raise ValueError(f"{file}: corrupt safetensors header ({exc})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{file}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
     data = size - 8 - hlen
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        start, end = entry["data_offsets"]
+        shape, dtype, offsets = (entry.get(k) if isinstance(entry, dict) else None for k in _ST_FIELDS)
+        if not (
+            _int_list(shape) and isinstance(dtype, str) and _int_list(offsets) and len(offsets) == 2
+            and 0 <= offsets[0] <= offsets[1]
+        ):  # fmt: skip
+            raise ValueError(f"{file}: corrupt safetensors header: tensor {name!r}: {entry!r}")
+        start, end = offsets
         numel = 1
-        for s in entry["shape"]:
+        for s in shape:
             numel *= s
-        item = _ST_DTYPES.get(entry["dtype"])
+        item = _ST_DTYPES.get(dtype)
         if item is not None and end - start != numel * item:
-            raise ValueError(
-                f"{file}: tensor {name!r}: {end - start} bytes for shape {entry['shape']} {entry['dtype']}"
-            )
+            raise ValueError(f"{file}: tensor {name!r}: {end - start} bytes for shape {shape} {dtype}")
         if end > data:
             raise ValueError(
                 f"{file}: truncated: tensor {name!r} needs bytes {start}..{end} of the data section, "
                 f"which holds only {data} bytes"
             )
     return header
+
+
+_ST_FIELDS = ("shape", "dtype", "data_offsets")
+
+
+def _int_list(v) -> bool:
+    return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
 
 
 def read_tensors(files: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -137,23 +163,33 @@ def read_tensors(files: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, s
         check_safetensors(file)
     tensors, origin = {}, {}
     for file in files:
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for key in f.keys():
-                if key in tensors:
-                    raise ValueError(f"{file}: tensor {key!r} also appears in {origin[key]}")
-                tensors[key], origin[key] = f.get_tensor(key), file
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    if key in tensors:
+                        raise ValueError(f"{file}: tensor {key!r} also appears in {origin[key]}")
+                    tensors[key], origin[key] = f.get_tensor(key), file
+        except ValueError:
+            raise
+        except Exception as exc:  # noqa: BLE001  (safetensors' own error type: overlaps, bad dtypes)
+            raise ValueError(f"{file}: not a readable safetensors file ({type(exc).__name__}: {exc})") from None
     return tensors, origin
 
 
 def _weight_files(path: str) -> list[str]:
     single = os.path.join(path, WEIGHTS)
     if os.path.exists(single):
-        return [single]
+        return [resolve_inside(path, WEIGHTS, path, "weights")]
     index = os.path.join(path, WEIGHTS + ".index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(path, s) for s in shards]
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index}: weight_map: expected an object of tensor -> file, got {weight_map!r}")
+        bad = [v for v in weight_map.values() if not isinstance(v, str)]
+        if bad:
+            raise ValueError(f"{index}: weight_map: expected file names, got {bad[0]!r}")
+        shards = sorted(set(weight_map.values()))
+        return [resolve_inside(path, s, index, f"weight_map shard {s!r}") for s in shards]
     raise FileNotFoundError(f"path: no {WEIGHTS} or {WEIGHTS}.index.json in {path}")
 
 
@@ -174,24 +210,22 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"path: {path} is not a directory")
     cfg_file, hf_file = os.path.join(path, CONFIG), os.path.join(path, "config.json")
-    hf_config = None
-    if os.path.exists(hf_file):
-        with open(hf_file) as f:
-            hf_config = json.load(f)
+    hf_config = read_json(hf_file) if os.path.exists(hf_file) else None
     if os.path.exists(cfg_file):
-        with open(cfg_file) as f:
-            config = json.load(f)
+        config = read_json(cfg_file)
         if config.get("format") != "sparsekern" or config.get("format_version") != FORMAT_VERSION:
             raise ValueError(
                 f"{cfg_file}: expected format 'sparsekern' version {FORMAT_VERSION}, got "
                 f"{config.get('format')!r} version {config.get('format_version')!r}"
             )
-        tensors, origin = read_tensors([os.path.join(path, config.get("weights", WEIGHTS))])
-        for alias, target in config.get("aliases", {}).items():
+        layers, aliases = _check_config(config, cfg_file)
+        weights = resolve_inside(path, config.get("weights", WEIGHTS), cfg_file, "weights")
+        tensors, origin = read_tensors([weights])
+        for alias, target in aliases.items():
             if target not in tensors:
                 raise ValueError(f"{cfg_file}: alias {alias!r} points to {target!r}, which is not in the file")
             tensors[alias] = tensors[target]
-        sparse = _native_layers(config["layers"], tensors, origin, cfg_file)
+        sparse = _native_layers(layers, tensors, origin, cfg_file)
     elif hf_config is not None and ct.sparsity_config(hf_config) is not None:
         ct.check_supported(hf_config, hf_file)
         tensors, origin = read_tensors(_weight_files(path))
@@ -209,22 +243,55 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     return model
 
 
+_LAYER_FIELDS = {
+    "nm": {"in_features": int, "out_features": int, "bias": bool, "n": int, "m": int},
+    "block": {"in_features": int, "out_features": int, "bias": bool, "block": list},
+}
+
+
+def _check_config(config: dict, cfg_file: str) -> tuple[dict, dict]:
+    """``layers`` and ``aliases`` of ``sparsekern.json``, every field checked: a ValueError names the key."""
+    layers, aliases = config.get("layers"), config.get("aliases", {})
+    if not isinstance(layers, dict):
+        raise ValueError(f"{cfg_file}: layers: expected an object of layer name -> entry, got {layers!r}")
+    if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
+        raise ValueError(f"{cfg_file}: aliases: expected an object of tensor name -> tensor name, got {aliases!r}")
+    for name, info in layers.items():
+        where = f"{cfg_file}: layers[{name!r}]"
+        if not isinstance(info, dict):
+            raise ValueError(f"{where}: expected an object, got {info!r}")
+        if info.get("class") != "SparseLinear":
+            raise ValueError(f"{where}.class: expected 'SparseLinear', got {info.get('class')!r}")
+        kind = info.get("kind")
+        if kind not in _LAYER_FIELDS:
+            raise ValueError(f"{where}.kind: expected one of {sorted(_LAYER_FIELDS)}, got {kind!r}")
+        for key, typ in _LAYER_FIELDS[kind].items():
+            value = info.get(key)
+            ok = isinstance(value, typ) and (typ is bool or not isinstance(value, bool))
+            if ok and typ is int:
+                ok = value > 0
+            if ok and key == "block":
+                ok = len(value) == 2 and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in value)
+            if not ok:
+                want = {int: "a positive int", bool: "true or false", list: "[rows, cols] of positive ints"}[typ]
+                raise ValueError(f"{where}.{key}: expected {want}, got {value!r}")
+    return layers, aliases
+
+
 def _native_layers(layers: dict, tensors: dict, origin: dict, cfg_file: str) -> dict:
     out = {}
     for name, info in layers.items():
-        if info.get("class") != "SparseLinear":
-            raise ValueError(f"{cfg_file}: layer {name!r}: unknown class {info.get('class')!r}")
         names = ("values", "meta") if info["kind"] == "nm" else ("crow_indices", "col_indices", "blocks")
         keys = [f"{name}.{t}" for t in names]
         missing = [k for k in keys if k not in tensors]
         if missing:
             raise ValueError(f"{cfg_file}: layer {name!r}: tensors {missing} missing from the weights file")
         where = origin.get(keys[0], cfg_file)
-        shape = (int(info["out_features"]), int(info["in_features"]))
+        shape = (info["out_features"], info["in_features"])
         try:
             parts = [tensors.pop(k) for k in keys]
             if info["kind"] == "nm":
-                w = NMSparseWeight(*parts, int(info["n"]), int(info["m"]), shape).validate()
+                w = NMSparseWeight(*parts, info["n"], info["m"], shape).validate()
             else:
                 w = BlockSparseWeight(*parts, shape).validate()
                 if list(w.block) != list(info["block"]):
@@ -232,7 +299,7 @@ def _native_layers(layers: dict, tensors: dict, origin: dict, cfg_file: str) -> 
         except (ValueError, TypeError) as exc:
             raise ValueError(f"{where}: layer {name!r}: {exc}") from None
         bias = tensors.pop(f"{name}.bias", None)
-        if info.get("bias") and bias is None:
+        if info["bias"] and bias is None:
             raise ValueError(f"{where}: layer {name!r}: tensor {name + '.bias'!r} missing")
         out[name] = (w, bias, where)
     return out

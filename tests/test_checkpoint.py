@@ -228,3 +228,148 @@ def test_bitmask_to_nm_checks_counts():
     with pytest.raises(ValueError, match="compressed: expected shape"):
         ct.bitmask_to_nm(torch.tensor([4, 16]), values[:, :6], ct.pack_bitmask(mask))
     assert copy.copy(nm).pattern == "2:4"
+
+
+# -- safe inputs: paths stay inside the folder, malformed files are refused by name -----------
+
+
+def _edit_json(path, edit):
+    meta = json.loads((path / "sparsekern.json").read_text())
+    edit(meta)
+    (path / "sparsekern.json").write_text(json.dumps(meta))
+
+
+def test_weights_entry_must_stay_inside_folder(tmp_path):
+    other, mine = tmp_path / "other", tmp_path / "mine"
+    sk.save(_sparse_net(), other)
+    sk.save(_sparse_net(), mine)
+    outside = str(other / "model.safetensors")
+    (mine / "link.safetensors").symlink_to(outside)
+    for name in (outside, "../other/model.safetensors", "link.safetensors", "/etc/passwd", "", 3):
+        _edit_json(mine, lambda m, n=name: m.__setitem__("weights", n))
+        fresh = Net()
+        state = _state(fresh)
+        with pytest.raises(ValueError, match=r"sparsekern\.json: weights: "):
+            sk.load(mine, fresh)
+        assert _unchanged(fresh, state)
+    # a symlink that stays inside the folder is fine
+    (mine / "same.safetensors").symlink_to(mine / "model.safetensors")
+    _edit_json(mine, lambda m: m.__setitem__("weights", "same.safetensors"))
+    assert isinstance(sk.load(mine, Net()).a, SparseLinear)
+
+
+def test_sharded_index_must_stay_inside_folder(tmp_path):
+    net = Net()
+    sk.sparsify(net, "2:4", skip=("head",), progress=False)
+    ct.to_sparse24_bitmask(net, str(tmp_path / "ct"))
+    d = tmp_path / "ct"
+    (d / "model.safetensors").rename(tmp_path / "elsewhere.safetensors")
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a.bias": "../elsewhere.safetensors"}}))
+    with pytest.raises(ValueError, match=r"index\.json: weight_map shard '\.\./elsewhere\.safetensors'"):
+        sk.load(d, Net())
+    (d / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json: not valid JSON"):
+        sk.load(d, Net())
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m.pop("layers"), r"sparsekern\.json: layers: expected an object"),
+        (lambda m: m["layers"]["a"].pop("n"), r"sparsekern\.json: layers\['a'\]\.n: expected a positive int, got None"),
+        (lambda m: m["layers"]["a"].__setitem__("n", "2"), r"layers\['a'\]\.n: expected a positive int, got '2'"),
+        (lambda m: m["layers"]["a"].__setitem__("in_features", [64]), r"layers\['a'\]\.in_features: expected"),
+        (lambda m: m["layers"]["a"].__setitem__("kind", "csr"), r"layers\['a'\]\.kind: expected one of"),
+        (lambda m: m["layers"]["c"].__setitem__("block", 16), r"layers\['c'\]\.block: expected \[rows, cols\]"),
+        (lambda m: m["layers"].__setitem__("a", []), r"layers\['a'\]: expected an object"),
+        (lambda m: m.__setitem__("aliases", ["head.weight"]), r"sparsekern\.json: aliases: expected an object"),
+    ],
+)
+def test_malformed_metadata_refused_by_key(tmp_path, edit, message):
+    sk.save(_sparse_net(), tmp_path)
+    _edit_json(tmp_path, edit)
+    fresh = Net()
+    state = _state(fresh)
+    with pytest.raises(ValueError, match=message):
+        sk.load(tmp_path, fresh)
+    assert _unchanged(fresh, state)
+
+
+def test_garbled_json_and_safetensors_refused_by_file(tmp_path):
+    sk.save(_sparse_net(), tmp_path)
+    good = (tmp_path / "sparsekern.json").read_text()
+    (tmp_path / "sparsekern.json").write_text(good[: len(good) // 2])
+    with pytest.raises(ValueError, match=r"sparsekern\.json: not valid JSON"):
+        sk.load(tmp_path, Net())
+    (tmp_path / "sparsekern.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"sparsekern\.json: expected a JSON object, got list"):
+        sk.load(tmp_path, Net())
+    (tmp_path / "sparsekern.json").write_text(good)
+    f = tmp_path / "model.safetensors"
+    data = f.read_bytes()
+    hlen = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + hlen])
+    for garble in (
+        lambda h: list(h),  # not an object
+        lambda h: {**h, "a.values": {"dtype": "F32", "shape": [128, 32]}},  # no data_offsets
+        lambda h: {**h, "a.values": {**h["a.values"], "data_offsets": [40, 8]}},  # end before start
+        lambda h: {**h, "a.values": {**h["a.values"], "shape": "128x32"}},
+    ):
+        raw = json.dumps(garble(header)).encode().ljust(hlen)[:hlen]
+        if len(json.dumps(garble(header)).encode()) > hlen:  # keep the data section where it was
+            raw = json.dumps(garble(header), separators=(",", ":")).encode()
+            f.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + hlen :])
+        else:
+            f.write_bytes(data[:8] + raw + data[8 + hlen :])
+        with pytest.raises(ValueError, match=r"model\.safetensors: corrupt safetensors header"):
+            sk.load(tmp_path, Net())
+    f.write_bytes(data[:8] + b"\xff" * hlen + data[8 + hlen :])
+    with pytest.raises(ValueError, match=r"model\.safetensors: corrupt safetensors header"):
+        sk.load(tmp_path, Net())
+
+
+# -- atomic saves ------------------------------------------------------------------------------
+
+
+def test_save_is_atomic_and_fsynced(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    target = tmp_path / "ckpt"
+    first = _sparse_net()
+    sk.save(first, target)
+    (target / "config.json").write_text("{}")  # files beside the checkpoint survive a re-save
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    second = _sparse_net()
+    sk.save(second, target)
+    names = {os.path.basename(p) for p in synced}
+    assert {"model.safetensors", "sparsekern.json", "config.json"} <= names
+    assert any(n.startswith(".ckpt.tmp-") for n in names)  # the new folder, before its rename
+    assert str(tmp_path) in synced  # the parent, after the rename
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no temporary folder left
+    assert sorted(os.listdir(target)) == ["config.json", "model.safetensors", "sparsekern.json"]
+    assert torch.equal(sk.load(target, Net()).a.values, second.a.values)
+
+    # A save that fails half-way leaves the previous checkpoint whole and no stray files.
+    def broken(tensors, file, metadata=None):
+        open(file, "wb").write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        sk.save(_sparse_net(), target)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+    assert sorted(os.listdir(target)) == ["config.json", "model.safetensors", "sparsekern.json"]
+    assert torch.equal(sk.load(target, Net()).a.values, second.a.values)
+
+
+def test_save_refuses_to_replace_a_foreign_folder(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not a sparsekern checkpoint"):
+        sk.save(_sparse_net(), tmp_path)
+    assert os.listdir(tmp_path) == ["notes.txt"]
+    sk.save(_sparse_net(), tmp_path / "empty")  # new folder: fine
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="expected a folder"):
+        sk.save(_sparse_net(), tmp_path / "file")
