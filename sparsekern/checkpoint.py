@@ -7,7 +7,9 @@ A sparsekern checkpoint is a directory with
   and ``bias``, never a dense weight. Tensors that share storage (tied embeddings) are written
   once; the others are listed as aliases.
 - ``sparsekern.json``: format version, sparsekern version, and per sparse layer its class,
-  pattern, shape, dtype and bias flag.
+  pattern, shape, dtype and bias flag; for a structured-pruned model also its ``structure``
+  (:mod:`sparsekern.prune.structure`), from which ``load`` shrinks a model built from the
+  original config.
 
 ``load(dir, model)`` takes the dense architecture (e.g. built from the same HF config), swaps in
 ``SparseLinear`` for the layers listed (no re-pruning) and loads every tensor. It also reads
@@ -35,6 +37,7 @@ from sparsekern.folder import read_json, resolve_inside, write_folder
 from sparsekern.formats.bsr import BlockSparseWeight
 from sparsekern.formats.nm import NMSparseWeight
 from sparsekern.nn.linear import SparseLinear, is_conv1d, linear_features
+from sparsekern.prune.structure import describe, rebuild
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -91,6 +94,9 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
         "layers": layers,
         "aliases": aliases,
     }
+    structure = describe(model)  # shapes left by structured pruning (heads, channels, layers)
+    if structure is not None:
+        config["structure"] = structure
 
     def write_config(file: str) -> None:
         with open(file, "w", encoding="utf-8") as f:
@@ -226,6 +232,14 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
                 raise ValueError(f"{cfg_file}: alias {alias!r} points to {target!r}, which is not in the file")
             tensors[alias] = tensors[target]
         sparse = _native_layers(layers, tensors, origin, cfg_file)
+        if "structure" in config:
+            undo = rebuild(model, config["structure"], cfg_file)
+            try:
+                _apply(model, sparse, tensors, origin)
+            except BaseException:
+                undo()
+                raise
+            return model
     elif hf_config is not None and ct.sparsity_config(hf_config) is not None:
         ct.check_supported(hf_config, hf_file)
         tensors, origin = read_tensors(_weight_files(path))

@@ -24,7 +24,10 @@ Config. Uniform results update ``num_attention_heads`` / ``num_key_value_heads``
 (Llama) and ``intermediate_size``. HF has no per-layer fields, so per-layer shapes are also
 recorded in ``config.sparsekern_structure`` (``{"layers": {i: {...}}}``) and BERT's removed heads
 in ``config.pruned_heads`` (HF v4's name); BERT's ``num_attention_heads`` is kept because its
-head size is derived from it.
+head size is derived from it. ``drop_layers`` records the original indices it removed. Uniform
+Llama results reload through ``save_pretrained``/``from_pretrained``; everything else (uneven
+layers, BERT heads: transformers 5 ignores ``pruned_heads``) through ``sk.save``/``sk.load``,
+which record and rebuild the shapes (:mod:`sparsekern.prune.structure`).
 """
 
 from __future__ import annotations
@@ -332,9 +335,13 @@ def drop_layers(model: nn.Module, layers: list[int]) -> nn.Module:
     cfg.num_hidden_layers = len(kept)
     if isinstance(getattr(cfg, "layer_types", None), list) and len(cfg.layer_types) == n:
         cfg.layer_types = [cfg.layer_types[i] for i in kept]
-    rec = getattr(cfg, "sparsekern_structure", None)
-    if rec:
-        rec["layers"] = {str(j): rec["layers"][str(i)] for j, i in enumerate(kept) if str(i) in rec["layers"]}
+    # Original indices of every dropped layer, so a checkpoint can rebuild this from the original config.
+    rec = getattr(cfg, "sparsekern_structure", None) or {"layers": {}}
+    n_orig, before = rec.get("original_layers", n), set(rec.get("dropped_layers", []))
+    orig = [i for i in range(n_orig) if i not in before]
+    rec["layers"] = {str(j): rec["layers"][str(i)] for j, i in enumerate(kept) if str(i) in rec["layers"]}
+    rec["original_layers"], rec["dropped_layers"] = n_orig, sorted(before | {orig[i] for i in gone})
+    cfg.sparsekern_structure = rec
     if getattr(cfg, "pruned_heads", None):
         cfg.pruned_heads = {kept.index(i): h for i, h in cfg.pruned_heads.items() if i in kept}
     return model
