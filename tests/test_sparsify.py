@@ -163,3 +163,82 @@ def test_progress_bar(capsys):
     assert "sparsify" in capsys.readouterr().err
     sk.sparsify(Tiny(), "2:4", progress=False)
     assert capsys.readouterr().err == ""
+
+
+# -- mixture of experts: fused 3-D expert weights are listed and counted, never hidden ---------
+
+
+def _mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = MixtralConfig(
+        vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    return MixtralForCausalLM(cfg).eval()
+
+
+def _qwen2_moe():
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    cfg = Qwen2MoeConfig(
+        vocab_size=100, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        shared_expert_intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        num_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    return Qwen2MoeForCausalLM(cfg).eval()
+
+
+def _zero_fraction_of_all_matrix_weights(model):
+    """Independent count: every nn.Linear/SparseLinear weight plus every parameter of a module
+    that holds experts or routes to them (3-D stacks, 2-D routers), as dense matrices."""
+    zeros = total = 0
+    for mod in model.modules():
+        if isinstance(mod, SparseLinear):
+            w = mod.to_linear().weight
+        elif isinstance(mod, nn.Linear):
+            w = mod.weight
+        elif hasattr(mod, "num_experts"):
+            for p in mod.parameters(recurse=False):
+                zeros, total = zeros + int((p == 0).sum()), total + p.numel()
+            continue
+        else:
+            continue
+        zeros, total = zeros + int((w == 0).sum()), total + w.numel()
+    return zeros / total
+
+
+@pytest.mark.parametrize("make, experts", [(_mixtral, "MixtralExperts"), (_qwen2_moe, "Qwen2MoeExperts")])
+def test_moe_experts_listed_and_counted(make, experts):
+    torch.manual_seed(0)
+    model = make()
+    ids = torch.randint(0, 100, (1, 6))
+    report = sk.sparsify(model, "2:4", progress=False)
+    notes = {r.name: r.note for r in report.skipped}
+    layer0 = model.model.layers[0].mlp
+    assert type(layer0.experts).__name__ == experts
+    e, out, k = layer0.experts.gate_up_proj.shape
+    assert notes["model.layers.0.mlp.experts.gate_up_proj"] == (
+        f"fused expert weights [{e}, {out}, {k}]: no sparse kernel for 3-D expert stacks yet"
+    )
+    assert "model.layers.1.mlp.experts.down_proj" in notes
+    assert notes["model.layers.0.mlp.gate.weight"].startswith(f"router weight [{e}, 64]")
+    assert torch.count_nonzero(layer0.experts.gate_up_proj) == layer0.experts.gate_up_proj.numel()  # untouched
+    # Honest totals: the pruned layers are half zero, the model's matrix weights are mostly dense.
+    assert report.pruned_sparsity == pytest.approx(0.5, abs=0.01)
+    assert report.sparsity == pytest.approx(_zero_fraction_of_all_matrix_weights(model), abs=1e-3)
+    assert report.sparsity < 0.3
+    text = str(report)
+    assert f"{e}x{out}x{k}" in text and f"sparsity {report.sparsity:.1%} of all linear weights" in text
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+
+
+def test_sparsity_counts_skipped_layers():
+    model = Tiny()
+    report = sk.sparsify(model, "2:4", progress=False)
+    total = sum(m.weight.numel() if isinstance(m, nn.Linear) else m.to_linear().weight.numel()
+                for m in model.modules() if isinstance(m, (nn.Linear, SparseLinear)))  # fmt: skip
+    pruned = sum(r.in_features * r.out_features for r in report.swapped)
+    assert report.sparsity == pytest.approx(0.5 * pruned / total, abs=1e-3)
+    assert report.pruned_sparsity == pytest.approx(0.5, abs=1e-3)

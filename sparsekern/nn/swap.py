@@ -17,6 +17,7 @@ from torch import nn
 
 from sparsekern.formats.nm import SUPPORTED_DTYPES
 from sparsekern.nn.linear import SparseLinear, dense_weight, is_conv1d, linear_features
+from sparsekern.nn.moe import expert_weights
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 
@@ -32,6 +33,11 @@ class LayerReport:
     bytes_before: int
     bytes_after: int
     note: str = ""
+    experts: int = 1  # > 1: a fused MoE expert stack [experts, out, in], counted but never pruned
+
+    @property
+    def weights(self) -> int:
+        return self.experts * self.out_features * self.in_features
 
 
 @dataclass
@@ -68,17 +74,21 @@ class SparsifyReport:
 
     @property
     def sparsity(self) -> float:
-        """Fraction of zero weights over all pruned layers."""
-        done = [r for r in self.layers if r.module != "skipped"]
-        total = sum(r.in_features * r.out_features for r in done)
-        return sum(r.sparsity * r.in_features * r.out_features for r in done) / total if total else 0.0
+        """Fraction of zero weights over every linear-like weight of the model: pruned layers,
+        skipped layers and fused MoE expert stacks (so a MoE whose experts stay dense reports ~5%)."""
+        return _weighted(self.layers)
+
+    @property
+    def pruned_sparsity(self) -> float:
+        """Fraction of zero weights over the pruned layers only."""
+        return _weighted([r for r in self.layers if r.module != "skipped"])
 
     def __str__(self) -> str:
         head = ("layer", "shape", "pattern", "module", "sparsity", "bytes before", "bytes after", "note")
         rows = [
             (
                 r.name,
-                f"{r.out_features}x{r.in_features}",
+                "x".join(map(str, ([r.experts] if r.experts > 1 else []) + [r.out_features, r.in_features])),
                 r.pattern or "-",
                 r.module,
                 f"{r.sparsity:.1%}",
@@ -95,10 +105,16 @@ class SparsifyReport:
         out.append(
             f"sparsify: method={self.method} pattern={self.pattern}: {len(self.swapped)} layers swapped to "
             f"SparseLinear, {len(self.masked)} masked dense, {len(self.skipped)} skipped; sparsity "
-            f"{self.sparsity:.1%}; weights {_fmt_bytes(self.bytes_before)} -> {_fmt_bytes(self.bytes_after)} "
+            f"{self.sparsity:.1%} of all linear weights ({self.pruned_sparsity:.1%} of the pruned ones); "
+            f"weights {_fmt_bytes(self.bytes_before)} -> {_fmt_bytes(self.bytes_after)} "
             f"(saved {_fmt_bytes(self.bytes_saved)})"
         )
         return "\n".join(out)
+
+
+def _weighted(rows: list[LayerReport]) -> float:
+    total = sum(r.weights for r in rows)
+    return sum(r.sparsity * r.weights for r in rows) / total if total else 0.0
 
 
 def _fmt_bytes(n: int) -> str:
@@ -155,7 +171,8 @@ def sparsify(
     - ``skip``: layer names to leave alone, by substring or glob.
     - ``overrides``: ``{glob: pattern or None}`` per layer (first matching glob wins; None skips).
 
-    Layers whose shape does not fit their pattern are skipped and listed in the report.
+    Layers whose shape does not fit their pattern are skipped and listed in the report, as are
+    weights no kernel takes (fused MoE expert stacks, routers), with the reason.
     """
     from sparsekern.prune import collect_stats, parse_pattern
 
@@ -189,6 +206,10 @@ def sparsify(
             else:
                 plan[name] = (mod, pat)
         report.layers.append(row)
+    for name, p, why in expert_weights(model):  # listed and counted, never pruned
+        e, out, k = p.shape if p.dim() == 3 else (1, *p.shape)
+        size = p.numel() * p.element_size()
+        report.layers.append(LayerReport(name, k, out, None, "skipped", 0.0, size, size, why, experts=e))
 
     # 2. calibration statistics (one pass over the dense model, hooks on the planned layers).
     stats = {}

@@ -112,6 +112,28 @@ def _blocks(model: nn.Module) -> list[_Block]:
     return out
 
 
+def _require_linear(blocks: list[_Block], part: str, op: str) -> None:
+    """TypeError before anything changes when a projection is not a plain ``nn.Linear``."""
+    for i, b in enumerate(blocks):
+        owner, refs = (b.attn, b.qkv + [b.o]) if part == "attention" else (b.mlp, b.mlp_in + [b.mlp_out])
+        if part == "MLP" and not b.mlp_in:
+            refs = refs + [(b.mlp, "gate_proj / up_proj")]
+        for parent, attr in refs:
+            got = getattr(parent, attr, None)
+            if type(got) is not nn.Linear:
+                moe = (
+                    " (a mixture of experts: fused expert weights, no per-channel nn.Linear)"
+                    if hasattr(b.mlp, "experts") and part == "MLP"
+                    else ""
+                )
+                what = "missing" if got is None else type(got).__name__
+                raise TypeError(
+                    f"model: {op} supports {part} projections that are nn.Linear (Llama q/k/v/o_proj and "
+                    f"gate/up/down_proj, BERT query/key/value/dense); layer {i}: {type(owner).__name__}{moe} "
+                    f"has {attr}: {what}"
+                )
+
+
 def _linear_like(old: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
@@ -241,6 +263,7 @@ def prune_heads(
     if (heads_to_prune is None) == (fraction is None):
         raise ValueError("prune_heads: pass exactly one of heads_to_prune or fraction")
     blocks = _blocks(model)
+    _require_linear(blocks, "attention", "prune_heads")
     stats = _channel_stats(model, [b.o for b in blocks], calibration)
     if heads_to_prune is None:
         fraction = _check_fraction(fraction)
@@ -281,6 +304,7 @@ def prune_mlp_channels(
     """
     fraction = _check_fraction(fraction)
     blocks = _blocks(model)
+    _require_linear(blocks, "MLP", "prune_mlp_channels")
     stats = _channel_stats(model, [b.mlp_out for b in blocks], calibration)
     sizes = {}
     for i, b in enumerate(blocks):
