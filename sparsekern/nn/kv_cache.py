@@ -88,7 +88,9 @@ class H2OLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.cumulative_length  # tokens seen: generate derives positions from this
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
+        if isinstance(query_length, torch.Tensor):  # transformers before ~5.2 pass cache_position
+            query_length = query_length.shape[0]
         stored = 0 if self.keys is None or not self.is_initialized else self.keys.shape[-2]
         return stored + query_length, 0
 
