@@ -67,7 +67,7 @@ def _text_batch(b=3, s=19, left=False):
 # -- an independent reference: run the layers by hand (eager attention), gather after layer L --
 
 
-def _reference(model, layers_of, attention_of, inputs, keep, prune_layers, score="mean"):
+def _reference(model, layers_of, attention_of, inputs, keep, prune_layers, score="mean", special=1):
     ref = copy.deepcopy(model)
     ref.set_attn_implementation("eager")
     base = ref.base_model
@@ -97,8 +97,8 @@ def _reference(model, layers_of, attention_of, inputs, keep, prune_layers, score
                 s_i = w[i][:, vi][:, :, vi].mean(1).mean(0)  # over valid queries, then heads
             else:
                 s_i = w[i][:, cls_pos, vi].mean(0)
-            s_i[0] = float("inf")  # vi[0] is the CLS token
-            n_keep = math.ceil(keep * vi.numel() - 1e-9)
+            s_i[:special] = float("inf")  # vi[0] is CLS; DeiT's distillation token follows it
+            n_keep = max(math.ceil(keep * vi.numel() - 1e-9), min(special, vi.numel()))
             rows.append(vi[s_i.topk(n_keep).indices.sort().values])
         k = max(r.numel() for r in rows)
         new_hidden = hidden.new_zeros(b, k, hidden.shape[-1])
@@ -316,3 +316,66 @@ def test_minilm_embeddings_close_to_dense():
     # keep=1.0 is the unpruned model up to fp32 rounding
     sims_full = bench.cosine_vs_dense(model, tok, sentences[:16], keep=1.0, layers=(2,))
     assert sims_full.min().item() > 1 - 1e-5
+
+
+# -- DeiT (CLS + distillation token) and other ViT-family encoders ----------------------------
+
+
+def _vit_family(name, cls=None, **kw):
+    import transformers
+
+    cfg = getattr(transformers, f"{name}Config")(
+        hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256, image_size=32,
+        patch_size=8, num_labels=5, **kw,
+    )  # fmt: skip
+    return (cls or getattr(transformers, f"{name}Model"))(cfg).eval()
+
+
+@torch.no_grad()
+def test_deit_keeps_cls_and_distillation_tokens():
+    from transformers import DeiTForImageClassification, DeiTForImageClassificationWithTeacher
+
+    model = _vit_family("DeiT")
+    px = torch.randn(2, 3, 32, 32)
+    dense = model(pixel_values=px)
+    with sparsekern.prune_tokens(model, keep=1.0, layers=(0, 3)):
+        same = model(pixel_values=px)
+    torch.testing.assert_close(same.last_hidden_state, dense.last_hidden_state, atol=ATOL, rtol=0)
+    for keep, layers in ((0.5, (1,)), (0.3, (0, 2))):
+        ref_hidden, _, ref_orig = _reference(model, *VIT_PARTS, {"pixel_values": px}, keep, layers, special=2)
+        with sparsekern.prune_tokens(model, keep=keep, layers=layers):
+            out = model(pixel_values=px)
+        assert torch.equal(out.kept_indices, ref_orig)
+        assert torch.equal(out.kept_indices[:, :2], torch.tensor([[0, 1], [0, 1]])), "CLS and distillation kept"
+        torch.testing.assert_close(out.last_hidden_state, ref_hidden, atol=1e-4, rtol=0)
+    # However few tokens are kept, both special tokens survive, at rows 0 and 1.
+    with sparsekern.prune_tokens(model, keep=0.01, layers=(0, 1)):
+        out = model(pixel_values=px)
+    assert torch.equal(out.kept_indices, torch.tensor([[0, 1], [0, 1]]))
+    # The task heads read rows 0 (CLS) and 1 (distillation): pruned logits still come from them.
+    for cls in (DeiTForImageClassification, DeiTForImageClassificationWithTeacher):
+        clf = _vit_family("DeiT", cls)
+        before = clf(pixel_values=px).logits
+        with sparsekern.prune_tokens(clf, keep=1.0, layers=(2,)):
+            torch.testing.assert_close(clf(pixel_values=px).logits, before, atol=ATOL, rtol=0)
+        with sparsekern.prune_tokens(clf, keep=0.25, layers=(1,)) as h:
+            assert clf(pixel_values=px).logits.shape == (2, 5)
+            assert torch.equal(h.kept_indices[:, :2], torch.tensor([[0, 1], [0, 1]]))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name, special", [("ViTMSN", 1), ("Dinov2", 1), ("Dinov2WithRegisters", 3)])
+def test_other_vit_family_encoders(name, special):
+    kw = {"num_register_tokens": 2} if name == "Dinov2WithRegisters" else {}
+    model = _vit_family(name, **kw)
+    px = torch.randn(2, 3, 32, 32)
+    dense = model(pixel_values=px).last_hidden_state
+    with sparsekern.prune_tokens(model, keep=1.0, layers=(1,)):
+        torch.testing.assert_close(model(pixel_values=px).last_hidden_state, dense, atol=ATOL, rtol=0)
+    parts = VIT_PARTS if name == "ViTMSN" else BERT_PARTS[:1] + VIT_PARTS[1:]
+    ref_hidden, _, ref_orig = _reference(model, *parts, {"pixel_values": px}, 0.4, (1,), special=special)
+    with sparsekern.prune_tokens(model, keep=0.4, layers=(1,)):
+        out = model(pixel_values=px)
+    assert torch.equal(out.kept_indices[:, :special], torch.arange(special).expand(2, -1))
+    assert torch.equal(out.kept_indices, ref_orig)
+    torch.testing.assert_close(out.last_hidden_state, ref_hidden, atol=1e-4, rtol=0)

@@ -1,7 +1,8 @@
 """sparsekern attention inside HF models: encoder token pruning and KV-cache eviction.
 
-- :func:`prune_tokens` (``token_pruning.py``): BERT-family / ViT encoders run later layers on
-  the top fraction of tokens, scored by the pruning layer's own attention.
+- :func:`prune_tokens` (``token_pruning.py``): BERT-family / ViT-family (ViT, DeiT, ViT-MSN,
+  DINOv2) encoders run later layers on the top fraction of tokens, scored by the pruning layer's
+  own attention.
 - :class:`H2OCache` (``kv_cache.py``): heavy-hitter + recent-window KV-cache eviction for
   decoder models during ``model.generate``.
 """

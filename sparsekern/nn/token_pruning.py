@@ -1,4 +1,8 @@
-"""Encoder token pruning for HF BERT-family and ViT models: ``sparsekern.prune_tokens``.
+"""Encoder token pruning for HF BERT-family and ViT-family models: ``sparsekern.prune_tokens``.
+
+Supported: BERT, RoBERTa, DistilBERT (text); ViT, DeiT, ViT-MSN, DINOv2, DINOv2 with registers
+(images), and task models built on them. The special leading tokens -- CLS, DeiT's distillation
+token, DINOv2's register tokens -- are kept (``keep_cls``), never ranked against the patches.
 
 After each chosen layer, every token gets an importance score from that layer's own attention
 (the mean attention it receives, averaged over heads; or the attention the CLS token pays it),
@@ -34,15 +38,36 @@ SCORES = ("mean", "cls")
 
 
 def _supported():
-    """(base model class, layers of a base model, attention module of a layer, name) rows."""
-    from transformers import BertModel, DistilBertModel, RobertaModel, ViTModel
+    """(base model class, layers of a base model, attention module of a layer) rows.
 
+    Each listed model's layers call ``layer(hidden, attention_mask)`` and its attention module
+    calls the HF attention interface with no extra bias; a model is added only once tested.
+    """
+    import transformers as t
+
+    encoder_layer, layers = (lambda m: m.encoder.layer), (lambda m: m.layers)
     return (
-        (BertModel, lambda m: m.encoder.layer, lambda layer: layer.attention.self),
-        (RobertaModel, lambda m: m.encoder.layer, lambda layer: layer.attention.self),
-        (DistilBertModel, lambda m: m.transformer.layer, lambda layer: layer.attention),
-        (ViTModel, lambda m: m.layers, lambda layer: layer.attention),
+        (t.BertModel, encoder_layer, lambda layer: layer.attention.self),
+        (t.RobertaModel, encoder_layer, lambda layer: layer.attention.self),
+        (t.DistilBertModel, lambda m: m.transformer.layer, lambda layer: layer.attention),
+        (t.ViTModel, layers, lambda layer: layer.attention),
+        (t.DeiTModel, layers, lambda layer: layer.attention),
+        (t.ViTMSNModel, layers, lambda layer: layer.attention),
+        (t.Dinov2Model, encoder_layer, lambda layer: layer.attention),
+        (t.Dinov2WithRegistersModel, encoder_layer, lambda layer: layer.attention),
     )
+
+
+def special_tokens(base: nn.Module) -> int:
+    """How many leading tokens are special: CLS, plus DeiT's distillation token and register tokens."""
+    emb = getattr(base, "embeddings", None)
+    n = 1
+    if isinstance(getattr(emb, "distillation_token", None), torch.Tensor):
+        n += 1
+    registers = getattr(emb, "register_tokens", None)
+    if isinstance(registers, torch.Tensor):
+        n += registers.shape[1]
+    return n
 
 
 def _resolve(model):
@@ -107,6 +132,7 @@ class TokenPruningHandle:
 
     def __init__(self, base: nn.Module, keep: float, layers: tuple[int, ...], score: str, keep_cls: bool):
         self.keep, self.layers, self.score, self.keep_cls = keep, layers, score, keep_cls
+        self.special = special_tokens(base) if keep_cls else 0  # leading tokens never pruned
         self.kept_indices: torch.Tensor | None = None
         self.attention_mask: torch.Tensor | None = None
         self._base = base
@@ -138,7 +164,8 @@ def prune_tokens(
     score: str = "mean",
     keep_cls: bool = True,
 ) -> TokenPruningHandle:
-    """Prune tokens inside an HF encoder (BERT, RoBERTa, DistilBERT, ViT and models built on them).
+    """Prune tokens inside an HF encoder (BERT, RoBERTa, DistilBERT, ViT, DeiT, ViT-MSN, DINOv2 and
+    models built on them).
 
     After each layer index in ``layers`` (0-based; "after layer 2" = the output of
     ``encoder.layer[2]``), keep ``ceil(keep * n_valid)`` tokens per example, where ``n_valid``
@@ -146,7 +173,9 @@ def prune_tokens(
     ranked by ``score``: ``"mean"`` = mean attention received over that layer's (non-padding)
     queries, averaged over heads (``ops.token_scores``); ``"cls"`` = attention from the first
     token (``cls_only=True``). The first non-padding token (CLS) is always kept when
-    ``keep_cls``; padding is never kept; kept tokens stay in their original order.
+    ``keep_cls``, and with it the other special leading tokens (DeiT's distillation token,
+    DINOv2's registers): at least that many tokens survive; padding is never kept; kept tokens
+    stay in their original order.
 
     Outputs: ``last_hidden_state`` has ``K = max kept`` rows per example, the kept tokens of
     each example first-to-last followed by padding rows where an example kept fewer (mask them
@@ -251,12 +280,15 @@ def _make_prune_hook(handle: TokenPruningHandle, state: _LayerState, config):
         valid = run.valid if run.valid is not None else torch.ones(b, s, dtype=torch.bool, device=hidden.device)
         if run.orig_pos is None:
             run.orig_pos = pos.expand(b, s)
-        if handle.keep_cls:
-            first_valid = valid.to(torch.int8).argmax(1)
-            scores = scores.scatter(1, first_valid[:, None], float("inf"))
         n_valid = valid.sum(1)
         # ceil(keep * n) with a small guard so 0.3 * 10 counts as 3, not ceil(3.0000000000000004).
         n_keep = torch.ceil(n_valid.double() * handle.keep - 1e-9).long().clamp(min=1)
+        if handle.special:
+            # Special tokens lead the valid tokens (after a prune too: kept rows come first, in order).
+            first_valid = valid.to(torch.int8).argmax(1)
+            special = (first_valid[:, None] + torch.arange(handle.special, device=pos.device)).clamp(max=s - 1)
+            scores = scores.scatter(1, special, float("inf"))
+            n_keep = torch.maximum(n_keep, n_valid.clamp(max=handle.special))
         order = scores.argsort(dim=1, descending=True, stable=True)
         rank = torch.empty_like(order).scatter_(1, order, pos.expand(b, s).contiguous())
         kept = (rank < n_keep[:, None]) & valid
