@@ -305,39 +305,24 @@ def test_uniform_llama_prune_reloads_through_hf(tmp_path):
     torch.testing.assert_close(run(fresh, ids, mask), run(model, ids, mask), rtol=0, atol=0)
 
 
+def moe(name, **experts):
+    """A tiny random MoE causal LM from transformers' own config (no download)."""
+    cfg = getattr(transformers, f"{name}Config")(
+        vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_experts_per_tok=2, **experts,
+    )  # fmt: skip
+    return getattr(transformers, f"{name}ForCausalLM")(cfg).eval()
+
+
 def test_moe_mlp_refused_with_type_error():
-    mixtral = transformers.MixtralForCausalLM(
-        transformers.MixtralConfig(
-            vocab_size=100,
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            num_local_experts=4,
-            num_experts_per_tok=2,
-        )  # fmt: skip
-    ).eval()
+    mixtral = moe("Mixtral", num_local_experts=4)
     before = shapes(mixtral)
     with pytest.raises(TypeError, match=r"prune_mlp_channels.*MixtralSparseMoeBlock \(a mixture of experts"):
         prune_mlp_channels(mixtral, 0.25)
     assert shapes(mixtral) == before
     # attention heads of the same model are ordinary nn.Linear: they prune
     assert prune_heads(mixtral, {0: [2, 3]}) == {0: [2, 3]}
-    qwen = transformers.Qwen2MoeForCausalLM(
-        transformers.Qwen2MoeConfig(
-            vocab_size=100,
-            hidden_size=64,
-            intermediate_size=96,
-            moe_intermediate_size=32,
-            shared_expert_intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            num_experts=4,
-            num_experts_per_tok=2,
-        )  # fmt: skip
-    ).eval()
+    qwen = moe("Qwen2Moe", num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=64)
     with pytest.raises(TypeError, match=r"Qwen2MoeSparseMoeBlock \(a mixture of experts"):
         prune_mlp_channels(qwen, 0.25)
     import sparsekern as sk
