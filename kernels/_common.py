@@ -106,11 +106,14 @@ def store_tile(
     HAS_BIAS: tl.constexpr,
     PARTIAL: tl.constexpr,
 ):
-    """Epilogue of every linear kernel: a split's fp32 partial sums, or bias + cast + store."""
-    y_off = offs_r[:, None] * out_features + offs_n[None, :]
+    """Epilogue of every linear kernel: a split's fp32 partial sums, or bias + cast + store.
+
+    int64 row offset: rows * out_features passes 2**31 (16.7k prefill tokens through a 128k-vocab head).
+    """
+    y_off = offs_r.to(tl.int64)[:, None] * out_features + offs_n[None, :]
     y_mask = r_mask[:, None] & n_mask[None, :]
     if PARTIAL:
-        tl.store(y_ptr + pid_s * stride_ys + y_off, acc, mask=y_mask)
+        tl.store(y_ptr + pid_s.to(tl.int64) * stride_ys + y_off, acc, mask=y_mask)
     else:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -128,11 +131,14 @@ def _splitk_reduce_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    # int64: numel (and splits * numel) may pass 2**31; the split step advances a 64-bit pointer.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     acc = tl.zeros((BLOCK,), tl.float32)
-    for s in range(n_splits):
-        acc += tl.load(ws_ptr + s * numel + offs, mask=mask, other=0.0)
+    ws = ws_ptr + offs
+    for _ in range(n_splits):
+        acc += tl.load(ws, mask=mask, other=0.0)
+        ws += numel
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs % out_features, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)

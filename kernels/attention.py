@@ -46,14 +46,15 @@ def _attn_fwd_kernel(
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    # int64: batch * stride_b (and a row * stride_s of big or strided inputs) passes 2**31.
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < SQ
     d_ok = offs_d < D
     q = tl.load(
-        q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
+        q_ptr + b * stride_qb + h * stride_qh + offs_m.to(tl.int64)[:, None] * stride_qs + offs_d[None, :],
         mask=m_ok[:, None] & d_ok[None, :],
         other=0.0,
     )
@@ -120,8 +121,9 @@ def _key_scores_kernel(
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    # int64: batch * stride_b (and a row * stride_s of big or strided inputs) passes 2**31.
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     n_ok = offs_n < KEPT
@@ -140,7 +142,7 @@ def _key_scores_kernel(
         offs_m = start + tl.arange(0, BLOCK_M)
         m_ok = offs_m < SQ
         q = tl.load(
-            q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
+            q_ptr + b * stride_qb + h * stride_qh + offs_m.to(tl.int64)[:, None] * stride_qs + offs_d[None, :],
             mask=m_ok[:, None] & d_ok[None, :],
             other=0.0,
         )

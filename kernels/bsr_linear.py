@@ -11,7 +11,7 @@ Decode uses the same kernel with ``BLOCK_M = 16``; a block row's blocks are then
 programs (split-K) when there are too few block rows to fill the GPU.
 
 Index safety: blocks are visited only up to ``nnz`` whatever ``crow`` holds, and x columns are
-masked to ``< K`` whatever ``col`` holds, so corrupt indices give wrong numbers, never a fault.
+masked to ``0..K-1`` whatever ``col`` holds, so corrupt indices give wrong numbers, never a fault.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from sparsekern.kernels._common import (
     splits_for,
     store_tile,
 )
+from sparsekern.kernels.nonfinite import bsr_nonfinite_
 from sparsekern.ops import new_output
 
 # Shared memory per pipeline stage is kept under this so every config fits sm_80's 164 KB and
@@ -94,13 +95,14 @@ def _bsr_kernel(
     i_mask = offs_i < BM
     t_mask = offs_t < BK
     # int64 block index: b * BM * BK passes 2**31 on large weights.
-    lo = tl.load(crow_ptr + rb).to(tl.int64)
+    lo = tl.maximum(tl.load(crow_ptr + rb).to(tl.int64), 0)
     hi = tl.minimum(tl.load(crow_ptr + rb + 1).to(tl.int64), nnz)
+    x_rows = x_ptr + offs_m.to(tl.int64) * stride_xr  # 64-bit: rows * stride passes 2**31
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for b in range(lo + pid_s, hi, n_splits):
         cols = tl.load(col_ptr + b) * BK + offs_t
-        x_mask = m_mask[:, None] & (t_mask & (cols < K))[None, :]
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xr + cols[None, :], mask=x_mask, other=0.0)
+        x_mask = m_mask[:, None] & (t_mask & (cols >= 0) & (cols < K))[None, :]
+        x = tl.load(x_rows[:, None] + cols[None, :], mask=x_mask, other=0.0)
         blk_ptr = blocks_ptr + b * (BM * BK)
         blk = tl.load(
             blk_ptr + offs_i[:, None] * BK + offs_t[None, :], mask=i_mask[:, None] & t_mask[None, :], other=0.0
@@ -152,4 +154,5 @@ def bsr_linear(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, blocks: t
         rows, out_features, k, nnz, x.stride(0), rows * out_features if partial else 0, n_splits,
         HAS_BIAS=bias is not None, PARTIAL=partial, BM=bm, BK=bk, DOT_PRECISION=dot_precision(x.dtype),
     )  # fmt: skip
-    return splitk_reduce(dst, bias, y) if partial else y
+    y = splitk_reduce(dst, bias, y) if partial else y
+    return bsr_nonfinite_(x, crow, col, (bm, bk), y)  # NaN/Inf in x as in the dense op

@@ -34,6 +34,7 @@ from sparsekern.kernels._common import (
     splits_for,
     store_tile,
 )
+from sparsekern.kernels.nonfinite import nm_nonfinite_
 from sparsekern.ops import new_output
 
 # NOTE: unmeasured guess (no GPU yet): the gather costs one L1 access per kept weight per row,
@@ -91,16 +92,21 @@ def _nm_gemv_kernel(
     per_split = tl.cdiv(j_tiles, n_splits)
     j_lo = pid_s * per_split
     j_hi = tl.minimum(j_lo + per_split, j_tiles)
+    # Row bases as 64-bit pointers (rows * stride passes 2**31 on big or strided inputs); the
+    # offsets added inside the loop stay below K or kept.
+    x_rows = x_ptr + offs_r.to(tl.int64) * stride_xr
+    v_rows = values_ptr + offs_n.to(tl.int64) * stride_vr
+    m_rows = meta_ptr + offs_n.to(tl.int64) * stride_mr
     acc = tl.zeros((BLOCK_R, BLOCK_N), tl.float32)
     for jt in range(j_lo, j_hi):
         offs_j = jt * BLOCK_J + tl.arange(0, BLOCK_J)
         w_mask = n_mask[:, None] & (offs_j < kept)[None, :]
-        v = tl.load(values_ptr + offs_n[:, None] * stride_vr + offs_j[None, :], mask=w_mask, other=0.0)
-        word = tl.load(meta_ptr + offs_n[:, None] * stride_mr + (offs_j // PER_WORD)[None, :], mask=w_mask, other=0)
+        v = tl.load(v_rows[:, None] + offs_j[None, :], mask=w_mask, other=0.0)
+        word = tl.load(m_rows[:, None] + (offs_j // PER_WORD)[None, :], mask=w_mask, other=0)
         idx = (word >> ((offs_j % PER_WORD) * BITS)[None, :]) & (M - 1)
         col = (offs_j // N * M)[None, :] + idx  # (BLOCK_N, BLOCK_J), < K wherever w_mask holds
         x_mask = r_mask[:, None, None] & w_mask[None, :, :]
-        xg = tl.load(x_ptr + offs_r[:, None, None] * stride_xr + col[None, :, :], mask=x_mask, other=0.0)
+        xg = tl.load(x_rows[:, None, None] + col[None, :, :], mask=x_mask, other=0.0)
         acc += tl.sum(xg.to(tl.float32) * v.to(tl.float32)[None, :, :], axis=2)
     store_tile(acc, y_ptr, bias_ptr, offs_r, r_mask, offs_n, n_mask, out_features, pid_s, stride_ys, HAS_BIAS, PARTIAL)
 
@@ -170,19 +176,23 @@ def _nm_gemm_kernel(
     per_split = tl.cdiv(k_tiles, n_splits)
     k_lo = pid_s * per_split
     k_hi = tl.minimum(k_lo + per_split, k_tiles)
+    # 64-bit row bases, as in _nm_gemv_kernel.
+    x_rows = x_ptr + offs_m.to(tl.int64) * stride_xr
+    v_rows = values_ptr + offs_n.to(tl.int64) * stride_vr
+    m_rows = meta_ptr + offs_n.to(tl.int64) * stride_mr
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for kt in range(k_lo, k_hi):
         offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
         x_mask = m_mask[:, None] & (offs_k < K)[None, :]
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xr + offs_k[None, :], mask=x_mask, other=0.0)
+        x = tl.load(x_rows[:, None] + offs_k[None, :], mask=x_mask, other=0.0)
         grp = kt * G + offs_g
         w_mask = n_mask[:, None] & (grp < groups)[None, :]
         # W tile as (BLOCK_N, G, M): slot s of each group lands on its in-group position.
         w = tl.zeros((BLOCK_N, G, M), x_ptr.dtype.element_ty)
         for s in tl.static_range(N):
             j = grp * N + s
-            v = tl.load(values_ptr + offs_n[:, None] * stride_vr + j[None, :], mask=w_mask, other=0.0)
-            word = tl.load(meta_ptr + offs_n[:, None] * stride_mr + (j // PER_WORD)[None, :], mask=w_mask, other=0)
+            v = tl.load(v_rows[:, None] + j[None, :], mask=w_mask, other=0.0)
+            word = tl.load(m_rows[:, None] + (j // PER_WORD)[None, :], mask=w_mask, other=0)
             idx = (word >> ((j % PER_WORD) * BITS)[None, :]) & (M - 1)
             w += tl.where(idx[:, :, None] == offs_p[None, None, :], v[:, :, None], 0.0)
         w = tl.reshape(w, (BLOCK_N, BLOCK_K))
@@ -260,4 +270,5 @@ def nm_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, n: int,
             x.stride(0), values.stride(0), meta.stride(0), stride_ys, n_splits,
             DOT_PRECISION=dot_precision(x.dtype), **common,
         )  # fmt: skip
-    return splitk_reduce(dst, bias, y) if partial else y
+    y = splitk_reduce(dst, bias, y) if partial else y
+    return nm_nonfinite_(x, meta, n, m, y)  # NaN/Inf in x as in the dense op (kernels/nonfinite.py)

@@ -137,6 +137,25 @@ else:
         torch.testing.assert_close(out_only, out, atol=0, rtol=0)
         assert_matches_reference(scores, ref_scores, ref_scores, "scores")
 
+    def test_batch_offsets_past_2_31():
+        """q, k, v share one ~4 GiB (virtual, untouched) storage with a batch stride such that
+        batch 2 starts past 2**31 elements: int32 ``b * stride_b`` wrapped and read before it."""
+        b, sq, sk_len, d, kept = 3, 5, 40, 32, 17
+        stride = -(-(2**31 + 64) // (b - 1) // 64) * 64
+        store = torch.empty(stride * (b - 1) + (sq + 2 * sk_len) * d, dtype=torch.float16)
+        q, k, v = (
+            store.as_strided((b, 1, s, d), (stride, 0, d, 1), off * d).copy_(torch.randn(b, 1, s, d).half())
+            for s, off in ((sq, 0), (sk_len, sq), (sk_len, sq + sk_len))
+        )
+        keep = torch.stack([torch.randperm(sk_len)[:kept] for _ in range(b)]).view(b, 1, kept)
+        with sk.use_backend("triton"):
+            out, scores = sk.ops.pruned_attention(q, k, v, keep, causal=True, return_scores=True)
+        ref, ref_scores = reference.pruned_attention_with_scores(*_f32(q, k, v), keep, True)
+        mag = reference.pruned_attention(*_f32(q, k), v.float().abs(), keep, True)
+        same = reference.pruned_attention(q, k, v, keep, True)
+        assert_matches_reference(out, ref, same, "batch stride past 2**31", magnitude=mag, rounded_terms=True)
+        assert_matches_reference(scores, ref_scores, ref_scores, "scores")
+
     def test_query_that_sees_nothing():
         q, k, v, _ = _inputs(1, 1, 6, 10, 32, 3, torch.float32)
         keep = torch.tensor([[[9, 7, 8]]])

@@ -35,7 +35,7 @@ ALIGNED = (
 def _cases():
     """(label, kernel, pointers, constexprs, config, expect, ccs) for every kernel config to compile."""
     from sparsekern.formats.nm import meta_bits, meta_per_word
-    from sparsekern.kernels import _common, bsr_linear, nm_linear
+    from sparsekern.kernels import _common, bsr_linear, nm_linear, nonfinite
 
     def nm_consts(n, m, partial):
         return dict(HAS_BIAS=not partial, PARTIAL=partial, N=n, M=m, BITS=meta_bits(m), PER_WORD=meta_per_word(m))
@@ -89,6 +89,19 @@ def _cases():
     cx = dict(HAS_BIAS=True, BLOCK=_common.REDUCE_BLOCK)
     ptrs = dict(ws_ptr="*fp32", bias_ptr="*bf16", y_ptr="*bf16")
     yield "splitk_reduce", _common._splitk_reduce_kernel, ptrs, cx, reduce_cfg, None, (90,)
+    # NaN/Inf fix-up after every GPU linear (kernels/nonfinite.py): no tensor cores, no spills.
+    nf_cfg = _common.triton.Config({}, num_warps=4, num_stages=1)
+    tiles = dict(BLOCK_M=nonfinite.BLOCK_M, BLOCK_K=nonfinite.BLOCK_K)
+    for n, m in ((2, 4), (3, 8)):
+        cx = dict(N=n, M=m, BITS=meta_bits(m), PER_WORD=meta_per_word(m), BLOCK_N=nonfinite.BLOCK_N,
+                  BLOCK_J=nonfinite.BLOCK_J, **tiles)  # fmt: skip
+        ptrs = dict(x_ptr="*bf16", meta_ptr="*i32", y_ptr="*bf16")
+        yield f"nm_nonfinite {n}:{m}", nonfinite._nm_nonfinite_kernel, ptrs, cx, nf_cfg, None, CCS
+    for bm, bk in ((32, 32), (48, 24)):
+        cx = dict(BM=bm, BK=bk, BLOCK_I=max(16, 1 << (bm - 1).bit_length()), BLOCK_T=max(16, 1 << (bk - 1).bit_length()),
+                  **tiles)  # fmt: skip
+        ptrs = dict(x_ptr="*bf16", crow_ptr="*i32", col_ptr="*i32", y_ptr="*bf16")
+        yield f"bsr_nonfinite {bm}x{bk}", nonfinite._bsr_nonfinite_kernel, ptrs, cx, nf_cfg, None, CCS
 
 
 def _main(shard: int, shards: int) -> None:

@@ -164,6 +164,79 @@ else:
         assert w.nnz_blocks == 0
         _check(sk.ops.bsr_linear, torch.randn(rows, 96), w, torch.randn(64), "bsr_linear nnz=0")
 
+    def _rows_2_31_apart(rows, k, dtype=torch.float16):
+        """x [rows, k] whose row stride times the last row index passes 2**31 elements.
+
+        The storage is ~4 GiB of virtual memory of which only the rows' pages are ever touched
+        (torch.empty does not write it; the interpreter runs on the same storage).
+        """
+        stride = -(-(2**31 + 64) // (rows - 1) // 64) * 64  # rounded up to 64 elements
+        assert stride < 2**31 <= stride * (rows - 1)  # fits an int32 argument, the product does not
+        x = torch.empty(stride * (rows - 1) + k, dtype=dtype).as_strided((rows, k), (stride, 1))
+        return x.copy_(torch.randn(rows, k).to(dtype))
+
+    @pytest.mark.parametrize("rows", (3, 5))  # the gemv and the tensor-core kernel
+    def test_nm_row_offsets_past_2_31(rows):
+        """int32 row offsets (row * stride_xr) wrapped here and read 4 GiB before x (a segfault)."""
+        x = _rows_2_31_apart(rows, 64)
+        _check(sk.ops.nm_linear, x, sk.NMSparseWeight.from_dense(torch.randn(24, 64), n=2, m=4, prune=True).to(x.dtype),
+               None, f"nm_linear rows={rows} row stride {x.stride(0)}")  # fmt: skip
+
+    def test_bsr_row_offsets_past_2_31():
+        x = _rows_2_31_apart(3, 64)
+        w = sk.BlockSparseWeight.from_dense(torch.randn(32, 64), block=(16, 16), sparsity=0.5).to(x.dtype)
+        _check(sk.ops.bsr_linear, x, w, torch.randn(32).to(x.dtype), f"bsr_linear row stride {x.stride(0)}")
+
+    def _nonfinite_x(rows, k, dtype):
+        x = torch.randn(rows, k)
+        x[0, 1] = float("nan")
+        x[rows - 1, k - 2] = float("inf")  # last row: in the tail group / block
+        x[rows // 2, k // 2] = -float("inf")
+        x[rows // 2, k // 2 + 1] = float("inf")  # same group: kept +inf and -inf give NaN, too
+        return x.to(dtype)
+
+    def _assert_like_dense(out, x, dense, bias):
+        ref = F.linear(x.float(), dense.float(), None if bias is None else bias.float())
+        assert torch.equal(out.isnan(), ref.isnan()), (
+            f"NaN at {out.isnan().nonzero().tolist()}, dense {ref.isnan().nonzero().tolist()}"
+        )
+        assert torch.equal(out.isinf(), ref.isinf()) and torch.equal(out[ref.isinf()], ref[ref.isinf()].to(out.dtype))
+        fin = torch.isfinite(ref)
+        torch.testing.assert_close(out[fin].float(), ref[fin], rtol=1e-2, atol=1e-2)
+
+    @pytest.fixture
+    def no_host_scan(monkeypatch):
+        """The triton backends are nonfinite_exact: the public op must not call all_finite()."""
+        import sparsekern.ops
+
+        def fail(x):
+            raise AssertionError("all_finite() called: a host sync per call")
+
+        monkeypatch.setattr(sparsekern.ops, "all_finite", fail)
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    @pytest.mark.parametrize("rows", (1, 3, 21))  # gemv, gemv + split-K, tensor-core kernel
+    @pytest.mark.parametrize("nm", [(2, 4), (3, 8)], ids=["2:4", "3:8"])
+    def test_nm_nonfinite_like_dense(no_host_scan, nm, rows, dtype):
+        n, m = nm
+        w = sk.NMSparseWeight.from_dense(torch.randn(36, m * 30), n=n, m=m, prune=True).to(dtype)
+        w.values[5, :3] = 0  # stored zeros: 0 * inf = nan there, too
+        x, b = _nonfinite_x(rows, m * 30, dtype), torch.randn(36).to(dtype)
+        with sk.use_backend("triton"):
+            out = sk.ops.nm_linear(x, w, b)
+        _assert_like_dense(out, x, w.to_dense(), b)
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    @pytest.mark.parametrize("rows", (1, 21))
+    @pytest.mark.parametrize("block", [(16, 16), (48, 24)], ids=["16x16", "48x24"])
+    def test_bsr_nonfinite_like_dense(no_host_scan, block, rows, dtype):
+        bm, bk = block
+        w = sk.BlockSparseWeight.from_dense(torch.randn(bm * 4, bk * 6), block=block, sparsity=0.6).to(dtype)
+        x = _nonfinite_x(rows, bk * 6, dtype)
+        with sk.use_backend("triton"):
+            out = sk.ops.bsr_linear(x, w)
+        _assert_like_dense(out, x, w.to_dense(), None)
+
     def test_backend_refuses_cpu_without_interpreter(monkeypatch):
         monkeypatch.delenv("TRITON_INTERPRET")
         w = sk.NMSparseWeight.from_dense(torch.randn(8, 16), n=2, m=4, prune=True)

@@ -58,5 +58,7 @@ def _bsr_linear(x, crow, col, blocks, bias=None):
     return importlib.import_module("sparsekern.kernels.bsr_linear").bsr_linear(x, crow, col, blocks, bias)
 
 
-dispatch.register("nm_linear", "triton", _nm_linear, _nm_supports, auto=False)
-dispatch.register("bsr_linear", "triton", _bsr_linear, _bsr_supports, auto=False)
+# NaN/Inf in x come out as in the dense op from the kernels themselves (kernels/nonfinite.py), so
+# the public op adds no all_finite() scan: that is a host sync per call, and no CUDA graphs.
+dispatch.register("nm_linear", "triton", _nm_linear, _nm_supports, auto=False, nonfinite_exact=True)
+dispatch.register("bsr_linear", "triton", _bsr_linear, _bsr_supports, auto=False, nonfinite_exact=True)
