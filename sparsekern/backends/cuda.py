@@ -9,14 +9,27 @@ once per weight and cached in a ``WeakIdKeyDictionary`` keyed by the ``values`` 
 - identity, not content: hashing a weight per call would cost more than the GEMM, and a
   plain ``WeakKeyDictionary`` calls ``Tensor.__eq__`` (elementwise) on lookups;
 - weak: when a layer's weight is freed its derived copy goes with it;
-- each entry records ``meta`` and both tensors' version counters, so an in-place update
-  (``copy_`` from ``load_state_dict``, a fine-tuning step) rebuilds the layout instead of
-  running on a stale one.
+- each entry records what it was built from: data pointer, dtype, shape and device of both
+  ``values`` and ``meta`` (``Module.half()`` / ``.to()`` swap ``param.data`` under the same
+  Parameter object), plus their version counters where tensors have one, so an in-place update
+  (``copy_`` from ``load_state_dict``, a fine-tuning step) rebuilds it. Inference tensors
+  (``torch.inference_mode``) have no version counter; an in-place write to one inside
+  inference mode is not seen (write through a new tensor, or call :func:`clear_cache`);
+- one lock around lookup and build: threads serving the same layer build it once.
 When N % 128 == 0 and K % 64 == 0 (most LLM shapes) ``values_hw`` is ``values`` itself and only
 the metadata (1/8 of the values' bytes) is extra memory.
+
+NaN/Inf in x: the mma kernel skips pruned weights; the Triton kernel of
+``kernels/nonfinite.py`` then writes NaN where dense ``0 * inf`` would, on the device (no host
+sync, so the layer can be captured in a CUDA graph). Without triton the backend is not
+``nonfinite_exact`` and the public op's host-side scan runs instead.
 """
 
 from __future__ import annotations
+
+import importlib
+import importlib.util
+import threading
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -28,6 +41,8 @@ from sparsekern.formats.sm80 import HW_DTYPES, hw_layout
 OP = "sparsekern::_nm24_mma"
 
 _cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_lock = threading.Lock()
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def has_kernel() -> bool:
@@ -52,21 +67,37 @@ def supports(x, values, meta, n, m, bias=None) -> str | None:
     return None
 
 
+def _stamp(t: torch.Tensor) -> tuple:
+    """What a derived layout depends on: storage, dtype, shape, device and, where tracked, version."""
+    version = -1 if t.is_inference() else t._version
+    return (t.data_ptr(), t.dtype, tuple(t.shape), t.device, version)
+
+
 def hw_weight(values: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The cached ``(values_hw, meta_hw)`` of a 2:4 weight, rebuilt if either tensor changed."""
-    key = (id(meta), values._version, meta._version)
-    hit = _cache.get(values)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    rows, kept = values.shape
-    layout = hw_layout(NMSparseWeight(values.detach(), meta.detach(), 2, 4, (rows, kept * 2)))
-    _cache[values] = (key, layout)
-    return layout
+    key = (_stamp(values), _stamp(meta))
+    with _lock:
+        hit = _cache.get(values)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        rows, kept = values.shape
+        layout = hw_layout(NMSparseWeight(values.detach(), meta.detach(), 2, 4, (rows, kept * 2)))
+        _cache[values] = (key, layout)
+        return layout
+
+
+def clear_cache() -> None:
+    """Drop every derived layout (after in-place writes to inference tensors)."""
+    with _lock:
+        _cache.clear()
 
 
 def nm_linear(x, values, meta, n, m, bias=None):
     values_hw, meta_hw = hw_weight(values, meta)
-    return torch.ops.sparsekern._nm24_mma(x, values_hw, meta_hw, values.shape[0], bias)
+    y = torch.ops.sparsekern._nm24_mma(x, values_hw, meta_hw, values.shape[0], bias)
+    if HAVE_TRITON:
+        y = importlib.import_module("sparsekern.kernels.nonfinite").nm_nonfinite_(x, meta, n, m, y)
+    return y
 
 
-dispatch.register("nm_linear", "cuda", nm_linear, supports, auto=False)
+dispatch.register("nm_linear", "cuda", nm_linear, supports, auto=False, nonfinite_exact=HAVE_TRITON)
