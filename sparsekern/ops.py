@@ -162,13 +162,37 @@ def check_attention(q, k, v=None, keep_idx=None) -> None:
 
 
 def check_keep_idx_values(keep_idx: torch.Tensor, sk: int) -> None:
-    """Value checks of keep_idx (they read the tensor, so they stay out of the fake impl)."""
+    """Value checks of keep_idx (they read the tensor, so they stay out of the fake impl).
+
+    CPU tensors only: reading the values of a GPU tensor is a host sync per call (and rules out
+    CUDA-graph capture); there :func:`keep_idx_on_device` checks them on the device instead.
+    """
+    if keep_idx.device.type != "cpu":
+        return
     lo, hi = int(keep_idx.min()), int(keep_idx.max())
     if lo < 0 or hi >= sk:
         raise ValueError(f"keep_idx: expected key positions in 0..{sk - 1}, got values in {lo}..{hi}")
     srt = torch.sort(keep_idx, dim=-1).values
     if (srt[..., 1:] == srt[..., :-1]).any():
         raise ValueError("keep_idx: a key position is repeated within a (batch, head) row; expected distinct positions")
+
+
+def keep_idx_on_device(keep_idx: torch.Tensor, sk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The GPU form of :func:`check_keep_idx_values`, without a host sync: ``keep_idx`` clamped to
+    ``0..sk-1`` (no kernel, the reference's gather included, reads out of bounds) and a bool
+    ``[B, H]`` of the rows that held an out-of-range or repeated position. Their outputs are set
+    to NaN (:func:`_nan_rows`): an error that cannot be raised without a sync, never a silent
+    wrong answer."""
+    bad = ((keep_idx < 0) | (keep_idx >= sk)).any(-1)
+    srt = torch.sort(keep_idx, dim=-1).values
+    bad = bad | (srt[..., 1:] == srt[..., :-1]).any(-1)
+    return keep_idx.clamp(0, sk - 1), bad
+
+
+def _nan_rows(t: torch.Tensor, bad: torch.Tensor | None) -> torch.Tensor:
+    if bad is None:
+        return t
+    return t.masked_fill(bad.view(*bad.shape, *([1] * (t.dim() - bad.dim()))), float("nan"))
 
 
 # -- fake (meta) implementations -------------------------------------------------------------
@@ -268,18 +292,26 @@ def _token_scores_impl(q, k, causal=False, scale=None, cls_only=False):
     return dispatch.select("token_scores", q, k, causal, scale, cls_only).fn(q, k, causal, scale, cls_only)
 
 
+def _checked_keep_idx(keep_idx, sk):
+    if keep_idx.device.type == "cpu":
+        check_keep_idx_values(keep_idx, sk)
+        return keep_idx, None
+    return keep_idx_on_device(keep_idx, sk)
+
+
 def _pruned_attention_impl(q, k, v, keep_idx, causal=False, scale=None):
     check_attention(q, k, v, keep_idx)
-    check_keep_idx_values(keep_idx, k.shape[2])
+    keep_idx, bad = _checked_keep_idx(keep_idx, k.shape[2])
     impl = dispatch.select("pruned_attention", q, k, v, keep_idx, causal, scale)
-    return impl.fn(q, k, v, keep_idx, causal, scale)
+    return _nan_rows(impl.fn(q, k, v, keep_idx, causal, scale), bad)
 
 
 def _pruned_attention_with_scores_impl(q, k, v, keep_idx, causal=False, scale=None):
     check_attention(q, k, v, keep_idx)
-    check_keep_idx_values(keep_idx, k.shape[2])
+    keep_idx, bad = _checked_keep_idx(keep_idx, k.shape[2])
     impl = dispatch.select("pruned_attention_with_scores", q, k, v, keep_idx, causal, scale)
-    return impl.fn(q, k, v, keep_idx, causal, scale)
+    out, scores = impl.fn(q, k, v, keep_idx, causal, scale)
+    return _nan_rows(out, bad), _nan_rows(scores, bad)
 
 
 lib.impl("nm_linear", _nm_linear_impl, "CompositeExplicitAutograd")
