@@ -14,9 +14,11 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "cpu/attention_kernels.h"
+#include "cpu/parallel.h"
 
 namespace sparsekern {
 namespace {
@@ -170,38 +172,46 @@ void decode_head(const AttnProblem& p, const AttnKernels& kk, int64_t b, int64_t
   if (scores) kk.exp_sub(scores, p.kept, m + std::log2(l));
 }
 
+// One Scratch per thread of a run, made by the first chunk that thread runs (a helper that never
+// joins costs no allocation).
+struct ScratchSet {
+  int64_t D;
+  std::vector<std::unique_ptr<Scratch>> per_slot;
+  ScratchSet(int64_t d, int threads) : D(d), per_slot(threads) {}
+  Scratch& operator[](int slot) {
+    if (!per_slot[slot]) per_slot[slot] = std::make_unique<Scratch>(D);
+    return *per_slot[slot];
+  }
+};
+
+// The thread count torch uses (it sets OpenMP's), as the linears get from at::get_num_threads().
+int attn_threads() { return omp_get_max_threads(); }
+
 // Pass 1 over every (b, h, query tile), then (when scores) pass 2 over every (b, h, key block).
 void prefill(const AttnProblem& p, void* out, float* scores) {
   const AttnKernels& kk = attn_kernels();
   const int64_t nqt = (p.Sq + kQT - 1) / kQT, nkb = (p.kept + kKB - 1) / kKB, BH = p.B * p.H;
   std::vector<float> lse(scores ? BH * p.Sq : 0);
-#pragma omp parallel
-  {
-    Scratch s(p.D);
-#pragma omp for schedule(dynamic)
-    for (int64_t t = 0; t < BH * nqt; ++t) {
-      const int64_t bh = t / nqt, q0 = t % nqt * kQT;
-      prefill_tile(p, kk, bh / p.H, bh % p.H, q0, out, scores ? lse.data() + bh * p.Sq + q0 : nullptr, s);
-    }
-    if (scores) {
-#pragma omp for schedule(dynamic)
-      for (int64_t t = 0; t < BH * nkb; ++t) {
-        const int64_t bh = t / nkb;
-        colsum_block(p, kk, bh / p.H, bh % p.H, t % nkb * kKB, lse.data() + bh * p.Sq, scores + bh * p.kept, s);
-      }
-    }
-  }
+  const int threads = attn_threads();
+  ScratchSet s(p.D, threads);
+  parallel_for(BH * nqt, threads, [&](int64_t t, int slot) {
+    const int64_t bh = t / nqt, q0 = t % nqt * kQT;
+    prefill_tile(p, kk, bh / p.H, bh % p.H, q0, out, scores ? lse.data() + bh * p.Sq + q0 : nullptr, s[slot]);
+  });
+  if (!scores) return;
+  parallel_for(BH * nkb, threads, [&](int64_t t, int slot) {
+    const int64_t bh = t / nkb;
+    colsum_block(p, kk, bh / p.H, bh % p.H, t % nkb * kKB, lse.data() + bh * p.Sq, scores + bh * p.kept, s[slot]);
+  });
 }
 
 void decode(const AttnProblem& p, int64_t q_row, void* out, float* scores) {
   const AttnKernels& kk = attn_kernels();
-#pragma omp parallel
-  {
-    Scratch s(p.D);
-#pragma omp for schedule(dynamic)
-    for (int64_t bh = 0; bh < p.B * p.H; ++bh)
-      decode_head(p, kk, bh / p.H, bh % p.H, q_row, out, scores ? scores + bh * p.kept : nullptr, s);
-  }
+  const int threads = attn_threads();
+  ScratchSet s(p.D, threads);
+  parallel_for(p.B * p.H, threads, [&](int64_t bh, int slot) {
+    decode_head(p, kk, bh / p.H, bh % p.H, q_row, out, scores ? scores + bh * p.kept : nullptr, s[slot]);
+  });
 }
 
 }  // namespace

@@ -1,10 +1,10 @@
 // Block-sparse linear: ISA dispatch, the portable kernel, block-row decompression.
 #include "cpu/bsr_linear.h"
 
-#include <omp.h>
-
 #include <algorithm>
 #include <vector>
+
+#include "cpu/parallel.h"
 
 namespace sparsekern {
 
@@ -14,36 +14,35 @@ void bsr_linear_portable(const BSRLinearArgs& a) {
   const int64_t kb = a.k / a.bk, bsz = static_cast<int64_t>(a.bm) * a.bk;
   std::vector<float> xf(a.rows * a.k);
   convert_rows_f32(a.x, a.rows, a.k, a.ldx, a.dtype, xf.data(), a.k, a.threads);
-#pragma omp parallel num_threads(a.threads)
-  {
-    std::vector<float> acc(a.bm), wrow(a.bk);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t rb = 0; rb < a.block_rows; ++rb) {
-      int64_t begin, end;
-      bsr_row_range(a, rb, &begin, &end);
-      for (int64_t r = 0; r < a.rows; ++r) {
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        const float* xr = xf.data() + r * a.k;
-        for (int64_t b = begin; b < end; ++b) {
-          const int64_t c = a.col[b];
-          if (c < 0 || c >= kb) continue;
-          const float* xs = xr + c * a.bk;
-          for (int i = 0; i < a.bm; ++i) {
-            const int64_t off = b * bsz + static_cast<int64_t>(i) * a.bk;
-            for (int kk = 0; kk < a.bk; ++kk) wrow[kk] = load_f32(a.blocks, off + kk, a.dtype);
-            float s = 0.0f;
-            for (int kk = 0; kk < a.bk; ++kk) s += wrow[kk] * xs[kk];
-            acc[i] += s;
-          }
-        }
+  std::vector<std::vector<float>> accs(a.threads, std::vector<float>(a.bm));
+  std::vector<std::vector<float>> wrows(a.threads, std::vector<float>(a.bk));
+  parallel_for(a.block_rows, a.threads, [&](int64_t rb, int slot) {
+    std::vector<float>& acc = accs[slot];
+    std::vector<float>& wrow = wrows[slot];
+    int64_t begin, end;
+    bsr_row_range(a, rb, &begin, &end);
+    for (int64_t r = 0; r < a.rows; ++r) {
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      const float* xr = xf.data() + r * a.k;
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t c = a.col[b];
+        if (c < 0 || c >= kb) continue;
+        const float* xs = xr + c * a.bk;
         for (int i = 0; i < a.bm; ++i) {
-          const int64_t o = rb * a.bm + i;
-          const float bias = a.bias ? load_f32(a.bias, o, a.dtype) : 0.0f;
-          store_f32(a.out, r * a.ldo + o, acc[i] + bias, a.dtype);
+          const int64_t off = b * bsz + static_cast<int64_t>(i) * a.bk;
+          for (int kk = 0; kk < a.bk; ++kk) wrow[kk] = load_f32(a.blocks, off + kk, a.dtype);
+          float s = 0.0f;
+          for (int kk = 0; kk < a.bk; ++kk) s += wrow[kk] * xs[kk];
+          acc[i] += s;
         }
       }
+      for (int i = 0; i < a.bm; ++i) {
+        const int64_t o = rb * a.bm + i;
+        const float bias = a.bias ? load_f32(a.bias, o, a.dtype) : 0.0f;
+        store_f32(a.out, r * a.ldo + o, acc[i] + bias, a.dtype);
+      }
     }
-  }
+  });
 }
 
 }  // namespace detail
@@ -70,8 +69,7 @@ void bsr_decompress_rows(const BSRLinearArgs& a, int64_t rb0, int64_t nrb, void*
   const int64_t kb = a.k / a.bk, es = dtype_size(a.dtype), bsz = static_cast<int64_t>(a.bm) * a.bk;
   char* d = static_cast<char*>(dense);
   const char* blocks = static_cast<const char*>(a.blocks);
-#pragma omp parallel for num_threads(a.threads) schedule(dynamic, 1)
-  for (int64_t i = 0; i < nrb; ++i) {
+  parallel_for(nrb, a.threads, [&](int64_t i, int) {
     char* tile = d + i * a.bm * ld * es;
     for (int r = 0; r < a.bm; ++r) std::memset(tile + r * ld * es, 0, a.k * es);
     int64_t begin, end;
@@ -83,7 +81,7 @@ void bsr_decompress_rows(const BSRLinearArgs& a, int64_t rb0, int64_t nrb, void*
         std::memcpy(tile + (r * ld + c * a.bk) * es, blocks + (b * bsz + static_cast<int64_t>(r) * a.bk) * es,
                     a.bk * es);
     }
-  }
+  });
 }
 
 }  // namespace sparsekern

@@ -4,13 +4,13 @@
 // kernel is in bsr_linear_batched_avx2.cpp.
 #if defined(__x86_64__)
 #include <immintrin.h>
-#include <omp.h>
 
 #include <algorithm>
 #include <vector>
 
 #include "cpu/bsr_linear.h"
 #include "cpu/linear_avx2.h"
+#include "cpu/parallel.h"
 
 namespace sparsekern::detail {
 namespace {
@@ -59,23 +59,21 @@ SK_AVX2 void decode_block_row(const BSRLinearArgs& a, const float* xf, int64_t l
 
 template <DType T>
 void decode_dtype(const BSRLinearArgs& a, const float* xf, int64_t ldf) {
-#pragma omp parallel num_threads(a.threads)
-  {
-    // 8-lane partial sums for bm x 4 rows, 32-byte aligned by hand (vector<__m256> is not).
-    std::vector<float> store(static_cast<size_t>(a.bm) * 4 * 8 + 8);
-    __m256* accbuf = reinterpret_cast<__m256*>((reinterpret_cast<uintptr_t>(store.data()) + 31) & ~uintptr_t{31});
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t rb = 0; rb < a.block_rows; ++rb) {
-      int64_t r0 = 0;
-      for (; r0 + 4 <= a.rows; r0 += 4) decode_block_row<T, 4>(a, xf, ldf, r0, rb, accbuf);
-      switch (a.rows - r0) {
-        case 3: decode_block_row<T, 3>(a, xf, ldf, r0, rb, accbuf); break;
-        case 2: decode_block_row<T, 2>(a, xf, ldf, r0, rb, accbuf); break;
-        case 1: decode_block_row<T, 1>(a, xf, ldf, r0, rb, accbuf); break;
-        default: break;
-      }
+  // 8-lane partial sums for bm x 4 rows per thread, 32-byte aligned by hand (vector<__m256> is not).
+  const size_t per = static_cast<size_t>(a.bm) * 4 * 8;
+  std::vector<float> store(per * a.threads + 8);
+  float* base = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(store.data()) + 31) & ~uintptr_t{31});
+  parallel_for(a.block_rows, a.threads, [&](int64_t rb, int slot) {
+    __m256* accbuf = reinterpret_cast<__m256*>(base + per * slot);
+    int64_t r0 = 0;
+    for (; r0 + 4 <= a.rows; r0 += 4) decode_block_row<T, 4>(a, xf, ldf, r0, rb, accbuf);
+    switch (a.rows - r0) {
+      case 3: decode_block_row<T, 3>(a, xf, ldf, r0, rb, accbuf); break;
+      case 2: decode_block_row<T, 2>(a, xf, ldf, r0, rb, accbuf); break;
+      case 1: decode_block_row<T, 1>(a, xf, ldf, r0, rb, accbuf); break;
+      default: break;
     }
-  }
+  });
 }
 
 }  // namespace

@@ -9,7 +9,6 @@
 // runs the whole k_eff loop per output tile; C is written once, bias added, in the output dtype.
 #if defined(__x86_64__)
 #include <immintrin.h>
-#include <omp.h>
 
 #include <algorithm>
 #include <memory>
@@ -18,6 +17,7 @@
 
 #include "cpu/bsr_linear.h"
 #include "cpu/linear_avx2.h"
+#include "cpu/parallel.h"
 
 namespace sparsekern::detail {
 namespace {
@@ -173,16 +173,14 @@ SK_AVX2 int64_t pack_row(const BSRLinearArgs& a, int64_t rb, std::vector<float>&
   return nblk;
 }
 
-// xp[c][r][0:bk] = fp32(x[r][c*bk : (c+1)*bk]) for column blocks c < kb; run inside a parallel
-// region (work-shared over rows, ends with the loop's barrier).
+// xp[c][r][0:bk] = fp32(x[r][c*bk : (c+1)*bk]) for column blocks c < kb, rows [r0, r1).
 template <DType T>
-SK_AVX2 void pack_x(const BSRLinearArgs& a, float* xp) {
+SK_AVX2 void pack_x(const BSRLinearArgs& a, float* xp, int64_t r0, int64_t r1) {
   using E = typename Elem<T>::type;
   const int bk = a.bk, full = bk / 8 * 8;
   const int64_t kb = a.k / bk;
   const E* x = static_cast<const E*>(a.x);
-#pragma omp for schedule(static)
-  for (int64_t r = 0; r < a.rows; ++r) {
+  for (int64_t r = r0; r < r1; ++r) {
     const E* src = x + r * a.ldx;
     for (int64_t c = 0; c < kb; ++c, src += bk) {
       float* dst = xp + (c * a.rows + r) * bk;
@@ -192,17 +190,47 @@ SK_AVX2 void pack_x(const BSRLinearArgs& a, float* xp) {
   }
 }
 
+// One block row rb: its blocks packed (into the thread's wt/xoff), then every row of x.
 template <DType T>
-SK_AVX2 void batched(const BSRLinearArgs& a) {
+SK_AVX2 void block_row(const BSRLinearArgs& a, const float* xp, int64_t rb, std::vector<float>& wt,
+                       std::vector<int64_t>& xoff) {
   using E = typename Elem<T>::type;
   const int bm = a.bm, bk = a.bk;
-  const int64_t slices = (bm + kNR - 1) / kNR, kb = a.k / bk;
+  const int64_t slices = (bm + kNR - 1) / kNR;
+  E* out = static_cast<E*>(a.out);
+  alignas(32) float bias[kNR];
+  __m256 c[2 * kMR];
+  const int64_t nblk = pack_row<T>(a, rb, wt, xoff), keff = nblk * bk;
+  for (int64_t lo = 0; lo < a.rows; lo += kRowChunk) {
+    const int64_t hi = std::min(a.rows, lo + kRowChunk);
+    for (int64_t s = 0; s < slices; ++s) {
+      const int64_t col0 = rb * bm + s * kNR;
+      const int ncol = std::min<int>(kNR, bm - static_cast<int>(s * kNR));
+      for (int j = 0; j < kNR; ++j) bias[j] = a.bias && j < ncol ? load_f32(a.bias, col0 + j, a.dtype) : 0.0f;
+      const __m256 b0 = _mm256_load_ps(bias), b1 = _mm256_load_ps(bias + 8);
+      const float* ws = wt.data() + s * keff * kNR;
+      for (int64_t r0 = lo; r0 < hi; r0 += kMR) {
+        const int mr = static_cast<int>(std::min<int64_t>(kMR, hi - r0));
+        micro_rows(mr, xp + r0 * bk, bk, xoff.data(), nblk, bk, ws, c);
+        for (int r = 0; r < mr; ++r) {
+          E* dst = out + (r0 + r) * a.ldo + col0;
+          store8<T>(dst, _mm256_add_ps(c[2 * r], b0), std::min(ncol, 8));
+          if (ncol > 8) store8<T>(dst + 8, _mm256_add_ps(c[2 * r + 1], b1), ncol - 8);
+        }
+      }
+    }
+  }
+}
+
+template <DType T>
+void batched(const BSRLinearArgs& a) {
+  const int64_t kb = a.k / a.bk;
   // NOTE: x repacked column-block-major: 4096x4096 @ 512 rows, 90% of 32x32 blocks ran 134
   // GFLOP/s reading x rows in place (each 6-row tile gathers from ~80 pages 16 KB apart, x's
   // 8 MB overflowing the TLB), 172 GFLOP/s when the same x fit in cache; the repack costs
   // one pass over x (~0.4 ms of ~10 ms) and is also where bf16/fp16 x is converted.
-  std::unique_ptr<float[]> xp(new float[static_cast<size_t>(kb * a.rows * bk)]);
-  // Largest block rows first (dynamic schedule): the last task a thread picks is a small one.
+  std::unique_ptr<float[]> xp(new float[static_cast<size_t>(kb * a.rows * a.bk)]);
+  // Largest block rows first: the last chunks claimed are small ones.
   std::vector<int64_t> order(a.block_rows), nnz_of(a.block_rows);
   for (int64_t rb = 0; rb < a.block_rows; ++rb) {
     int64_t begin, end;
@@ -211,39 +239,12 @@ SK_AVX2 void batched(const BSRLinearArgs& a) {
   }
   std::iota(order.begin(), order.end(), int64_t{0});
   std::stable_sort(order.begin(), order.end(), [&](int64_t p, int64_t q) { return nnz_of[p] > nnz_of[q]; });
-  E* out = static_cast<E*>(a.out);
-#pragma omp parallel num_threads(a.threads)
-  {
-    pack_x<T>(a, xp.get());
-    std::vector<float> wt;
-    std::vector<int64_t> xoff;
-    alignas(32) float bias[kNR];
-    __m256 c[2 * kMR];
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < a.block_rows; ++t) {
-      const int64_t rb = order[t];
-      const int64_t nblk = pack_row<T>(a, rb, wt, xoff), keff = nblk * bk;
-      for (int64_t lo = 0; lo < a.rows; lo += kRowChunk) {
-        const int64_t hi = std::min(a.rows, lo + kRowChunk);
-        for (int64_t s = 0; s < slices; ++s) {
-          const int64_t col0 = rb * bm + s * kNR;
-          const int ncol = std::min<int>(kNR, bm - static_cast<int>(s * kNR));
-          for (int j = 0; j < kNR; ++j) bias[j] = a.bias && j < ncol ? load_f32(a.bias, col0 + j, a.dtype) : 0.0f;
-          const __m256 b0 = _mm256_load_ps(bias), b1 = _mm256_load_ps(bias + 8);
-          const float* ws = wt.data() + s * keff * kNR;
-          for (int64_t r0 = lo; r0 < hi; r0 += kMR) {
-            const int mr = static_cast<int>(std::min<int64_t>(kMR, hi - r0));
-            micro_rows(mr, xp.get() + r0 * bk, bk, xoff.data(), nblk, bk, ws, c);
-            for (int r = 0; r < mr; ++r) {
-              E* dst = out + (r0 + r) * a.ldo + col0;
-              store8<T>(dst, _mm256_add_ps(c[2 * r], b0), std::min(ncol, 8));
-              if (ncol > 8) store8<T>(dst + 8, _mm256_add_ps(c[2 * r + 1], b1), ncol - 8);
-            }
-          }
-        }
-      }
-    }
-  }
+  parallel_range(a.rows, a.threads, grain_for(a.k),
+                 [&](int64_t r0, int64_t r1, int) { pack_x<T>(a, xp.get(), r0, r1); });
+  std::vector<std::vector<float>> wt(a.threads);
+  std::vector<std::vector<int64_t>> xoff(a.threads);
+  parallel_for(a.block_rows, a.threads,
+               [&](int64_t t, int slot) { block_row<T>(a, xp.get(), order[t], wt[slot], xoff[slot]); });
 }
 
 }  // namespace

@@ -1,10 +1,10 @@
 // N:M linear: ISA dispatch, the portable decode kernel, and row-tile decompression.
 #include "cpu/nm_linear.h"
 
-#include <omp.h>
-
 #include <algorithm>
 #include <vector>
+
+#include "cpu/parallel.h"
 
 namespace sparsekern {
 
@@ -39,21 +39,22 @@ int log2i(int m) { return m == 2 ? 1 : m == 4 ? 2 : m == 8 ? 3 : 4; }
 
 void convert_rows_f32(const void* x, int64_t rows, int64_t k, int64_t ldx, DType t, float* dst, int64_t ld_dst,
                       int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static) if (rows * k > (1 << 16))
-  for (int64_t r = 0; r < rows; ++r) {
-    float* d = dst + r * ld_dst;
-    if (t == DType::kF32) {
-      std::memcpy(d, static_cast<const float*>(x) + r * ldx, k * sizeof(float));
-    } else {
-      const uint16_t* s = static_cast<const uint16_t*>(x) + r * ldx;
-      if (t == DType::kBF16) {
-        for (int64_t i = 0; i < k; ++i) d[i] = bf16_to_f32(s[i]);
+  parallel_range(rows, threads, grain_for(k), [&](int64_t r0, int64_t r1, int) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* d = dst + r * ld_dst;
+      if (t == DType::kF32) {
+        std::memcpy(d, static_cast<const float*>(x) + r * ldx, k * sizeof(float));
       } else {
-        for (int64_t i = 0; i < k; ++i) d[i] = f16_to_f32(s[i]);
+        const uint16_t* s = static_cast<const uint16_t*>(x) + r * ldx;
+        if (t == DType::kBF16) {
+          for (int64_t i = 0; i < k; ++i) d[i] = bf16_to_f32(s[i]);
+        } else {
+          for (int64_t i = 0; i < k; ++i) d[i] = f16_to_f32(s[i]);
+        }
       }
+      std::fill(d + k, d + ld_dst, 0.0f);
     }
-    std::fill(d + k, d + ld_dst, 0.0f);
-  }
+  });
 }
 
 namespace detail {
@@ -64,25 +65,26 @@ void nm_linear_decode_portable(const NMLinearArgs& a) {
   std::vector<float> xf(a.rows * a.k);
   convert_rows_f32(a.x, a.rows, a.k, a.ldx, a.dtype, xf.data(), a.k, a.threads);
   constexpr int kRowBlock = 8;
-#pragma omp parallel for num_threads(a.threads) schedule(static)
-  for (int64_t o = 0; o < a.out_features; ++o) {
-    const int32_t* mrow = a.meta + o * a.meta_words;
-    for (int64_t r0 = 0; r0 < a.rows; r0 += kRowBlock) {
-      const int nr = static_cast<int>(std::min<int64_t>(kRowBlock, a.rows - r0));
-      float acc[kRowBlock] = {};
-      MetaReader meta(mrow, a.meta_words, bits);
-      int64_t j = o * kept;
-      for (int64_t g = 0; g < groups; ++g) {
-        for (int s = 0; s < a.n; ++s, ++j) {
-          const int64_t c = g * a.m + meta.next();
-          const float v = load_f32(a.values, j, a.dtype);
-          for (int r = 0; r < nr; ++r) acc[r] += v * xf[(r0 + r) * a.k + c];
+  parallel_range(a.out_features, a.threads, 16, [&](int64_t o0, int64_t o1, int) {
+    for (int64_t o = o0; o < o1; ++o) {
+      const int32_t* mrow = a.meta + o * a.meta_words;
+      for (int64_t r0 = 0; r0 < a.rows; r0 += kRowBlock) {
+        const int nr = static_cast<int>(std::min<int64_t>(kRowBlock, a.rows - r0));
+        float acc[kRowBlock] = {};
+        MetaReader meta(mrow, a.meta_words, bits);
+        int64_t j = o * kept;
+        for (int64_t g = 0; g < groups; ++g) {
+          for (int s = 0; s < a.n; ++s, ++j) {
+            const int64_t c = g * a.m + meta.next();
+            const float v = load_f32(a.values, j, a.dtype);
+            for (int r = 0; r < nr; ++r) acc[r] += v * xf[(r0 + r) * a.k + c];
+          }
         }
+        const float b = a.bias ? load_f32(a.bias, o, a.dtype) : 0.0f;
+        for (int r = 0; r < nr; ++r) store_f32(a.out, (r0 + r) * a.ldo + o, acc[r] + b, a.dtype);
       }
-      const float b = a.bias ? load_f32(a.bias, o, a.dtype) : 0.0f;
-      for (int r = 0; r < nr; ++r) store_f32(a.out, (r0 + r) * a.ldo + o, acc[r] + b, a.dtype);
     }
-  }
+  });
 }
 
 }  // namespace detail
@@ -103,18 +105,19 @@ void scatter_rows(const NMLinearArgs& a, int64_t row0, int64_t nrows, Dst* dense
   const int64_t kept = a.k / a.m * a.n, groups = a.k / a.m;
   const int bits = log2i(a.m);
   const Src* values = static_cast<const Src*>(a.values);
-#pragma omp parallel for num_threads(a.threads) schedule(static)
-  for (int64_t i = 0; i < nrows; ++i) {
-    const int64_t o = row0 + i;
-    Dst* d = dense + i * ld;
-    std::memset(d, 0, a.k * sizeof(Dst));
-    MetaReader meta(a.meta + o * a.meta_words, a.meta_words, bits);
-    const Src* v = values + o * kept;
-    for (int64_t g = 0; g < groups; ++g) {
-      Dst* dg = d + g * a.m;
-      for (int s = 0; s < a.n; ++s) dg[meta.next()] = conv(*v++);
+  parallel_range(nrows, a.threads, 16, [&](int64_t i0, int64_t i1, int) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t o = row0 + i;
+      Dst* d = dense + i * ld;
+      std::memset(d, 0, a.k * sizeof(Dst));
+      MetaReader meta(a.meta + o * a.meta_words, a.meta_words, bits);
+      const Src* v = values + o * kept;
+      for (int64_t g = 0; g < groups; ++g) {
+        Dst* dg = d + g * a.m;
+        for (int s = 0; s < a.n; ++s) dg[meta.next()] = conv(*v++);
+      }
     }
-  }
+  });
 }
 
 }  // namespace

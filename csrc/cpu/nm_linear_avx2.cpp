@@ -12,13 +12,13 @@
 // (nm_linear_quads_avx2.cpp) or the blend-planes kernel (nm_linear_planes_avx2.cpp).
 #if defined(__x86_64__)
 #include <immintrin.h>
-#include <omp.h>
 
 #include <algorithm>
 #include <vector>
 
 #include "cpu/linear_avx2.h"
 #include "cpu/nm_linear.h"
+#include "cpu/parallel.h"
 
 namespace sparsekern::detail {
 namespace {
@@ -118,17 +118,18 @@ SK_AVX2 void decode_rows(const NMLinearArgs& a, const Plan& p, const float* xf, 
 
 template <DType T, int NREG>
 SK_AVX2 void decode_all(const NMLinearArgs& a, const Plan& p, const float* xf, int64_t ldf) {
-#pragma omp parallel for num_threads(a.threads) schedule(static)
-  for (int64_t o = 0; o < a.out_features; ++o) {
-    int64_t r0 = 0;
-    for (; r0 + 4 <= a.rows; r0 += 4) decode_rows<T, NREG, 4>(a, p, xf, ldf, r0, o);
-    switch (a.rows - r0) {
-      case 3: decode_rows<T, NREG, 3>(a, p, xf, ldf, r0, o); break;
-      case 2: decode_rows<T, NREG, 2>(a, p, xf, ldf, r0, o); break;
-      case 1: decode_rows<T, NREG, 1>(a, p, xf, ldf, r0, o); break;
-      default: break;
+  parallel_range(a.out_features, a.threads, 16, [&](int64_t lo, int64_t hi, int) {
+    for (int64_t o = lo; o < hi; ++o) {
+      int64_t r0 = 0;
+      for (; r0 + 4 <= a.rows; r0 += 4) decode_rows<T, NREG, 4>(a, p, xf, ldf, r0, o);
+      switch (a.rows - r0) {
+        case 3: decode_rows<T, NREG, 3>(a, p, xf, ldf, r0, o); break;
+        case 2: decode_rows<T, NREG, 2>(a, p, xf, ldf, r0, o); break;
+        case 1: decode_rows<T, NREG, 1>(a, p, xf, ldf, r0, o); break;
+        default: break;
+      }
     }
-  }
+  });
 }
 
 template <DType T>

@@ -14,12 +14,12 @@
 // window kernel (nm_linear_avx2.cpp, now M = 16 only) ~8.
 #if defined(__x86_64__)
 #include <immintrin.h>
-#include <omp.h>
 
 #include <vector>
 
 #include "cpu/linear_avx2.h"
 #include "cpu/nm_linear.h"
+#include "cpu/parallel.h"
 
 namespace sparsekern::detail {
 namespace {
@@ -103,17 +103,18 @@ SK_AVX2 void planes_rows(const NMLinearArgs& a, const float* planes, int64_t ps,
 
 template <DType T, int M>
 SK_AVX2 void planes_all(const NMLinearArgs& a, const float* planes, int64_t ps) {
-#pragma omp parallel for num_threads(a.threads) schedule(static)
-  for (int64_t o = 0; o < a.out_features; ++o) {
-    int64_t r0 = 0;
-    for (; r0 + 4 <= a.rows; r0 += 4) planes_rows<T, M, 4>(a, planes, ps, r0, o);
-    switch (a.rows - r0) {
-      case 3: planes_rows<T, M, 3>(a, planes, ps, r0, o); break;
-      case 2: planes_rows<T, M, 2>(a, planes, ps, r0, o); break;
-      case 1: planes_rows<T, M, 1>(a, planes, ps, r0, o); break;
-      default: break;
+  parallel_range(a.out_features, a.threads, 16, [&](int64_t lo, int64_t hi, int) {
+    for (int64_t o = lo; o < hi; ++o) {
+      int64_t r0 = 0;
+      for (; r0 + 4 <= a.rows; r0 += 4) planes_rows<T, M, 4>(a, planes, ps, r0, o);
+      switch (a.rows - r0) {
+        case 3: planes_rows<T, M, 3>(a, planes, ps, r0, o); break;
+        case 2: planes_rows<T, M, 2>(a, planes, ps, r0, o); break;
+        case 1: planes_rows<T, M, 1>(a, planes, ps, r0, o); break;
+        default: break;
+      }
     }
-  }
+  });
 }
 
 template <int M>
@@ -133,16 +134,17 @@ void nm_linear_decode_planes_avx2(const NMLinearArgs& a) {
   const int64_t kept = a.k / a.m * a.n, groups = a.k / a.m;
   const int64_t ps = (kept + 7) / 8 * 8;  // plane stride: whole 8-slot steps, zero tail
   std::vector<float> planes(a.rows * a.m * ps, 0.0f);
-#pragma omp parallel for num_threads(a.threads) schedule(static) if (a.rows * a.m * ps > (1 << 16))
-  for (int64_t r = 0; r < a.rows; ++r) {
-    float* pr = planes.data() + r * a.m * ps;
-    for (int64_t g = 0; g < groups; ++g) {
-      for (int q = 0; q < a.m; ++q) {
-        const float xv = load_f32(a.x, r * a.ldx + g * a.m + q, a.dtype);
-        for (int s = 0; s < a.n; ++s) pr[q * ps + g * a.n + s] = xv;
+  parallel_range(a.rows, a.threads, grain_for(a.m * ps), [&](int64_t lo, int64_t hi, int) {
+    for (int64_t r = lo; r < hi; ++r) {
+      float* pr = planes.data() + r * a.m * ps;
+      for (int64_t g = 0; g < groups; ++g) {
+        for (int q = 0; q < a.m; ++q) {
+          const float xv = load_f32(a.x, r * a.ldx + g * a.m + q, a.dtype);
+          for (int s = 0; s < a.n; ++s) pr[q * ps + g * a.n + s] = xv;
+        }
       }
     }
-  }
+  });
   switch (a.m) {
     case 2: return planes_dtype<2>(a, planes.data(), ps);
     case 4: return planes_dtype<4>(a, planes.data(), ps);

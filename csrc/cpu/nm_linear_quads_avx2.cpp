@@ -29,7 +29,6 @@
 // vpunpcklwd, vpsrlvd, vpslld 0.5; vpand, vblendps, vpcmpgtd 0.25.
 #if defined(__x86_64__)
 #include <immintrin.h>
-#include <omp.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -37,6 +36,7 @@
 
 #include "cpu/linear_avx2.h"
 #include "cpu/nm_linear.h"
+#include "cpu/parallel.h"
 
 namespace sparsekern::detail {
 namespace {
@@ -212,17 +212,18 @@ SK_AVX2 void quads_rows(const NMLinearArgs& a, const float* xq, int64_t ldq, int
 
 template <DType T, int N, int M>
 SK_AVX2 void quads_all(const NMLinearArgs& a, const float* xq, int64_t ldq) {
-#pragma omp parallel for num_threads(a.threads) schedule(static)
-  for (int64_t o = 0; o < a.out_features; ++o) {
-    int64_t r0 = 0;
-    for (; r0 + 4 <= a.rows; r0 += 4) quads_rows<T, N, M, 4>(a, xq, ldq, r0, o);
-    switch (a.rows - r0) {
-      case 3: quads_rows<T, N, M, 3>(a, xq, ldq, r0, o); break;
-      case 2: quads_rows<T, N, M, 2>(a, xq, ldq, r0, o); break;
-      case 1: quads_rows<T, N, M, 1>(a, xq, ldq, r0, o); break;
-      default: break;
+  parallel_range(a.out_features, a.threads, 16, [&](int64_t lo, int64_t hi, int) {
+    for (int64_t o = lo; o < hi; ++o) {
+      int64_t r0 = 0;
+      for (; r0 + 4 <= a.rows; r0 += 4) quads_rows<T, N, M, 4>(a, xq, ldq, r0, o);
+      switch (a.rows - r0) {
+        case 3: quads_rows<T, N, M, 3>(a, xq, ldq, r0, o); break;
+        case 2: quads_rows<T, N, M, 2>(a, xq, ldq, r0, o); break;
+        case 1: quads_rows<T, N, M, 1>(a, xq, ldq, r0, o); break;
+        default: break;
+      }
     }
-  }
+  });
 }
 
 // x reordered for lane order L: per super-step, vector (t, k, p) half h = quad p of the group of
@@ -230,24 +231,25 @@ SK_AVX2 void quads_all(const NMLinearArgs& a, const float* xq, int64_t ldq) {
 template <int N, int M, Lanes L>
 void reorder_x(const NMLinearArgs& a, float* xq, int64_t ldq, int64_t supersteps) {
   constexpr int Q = 4 / N, P = M / 4;
-#pragma omp parallel for num_threads(a.threads) schedule(static) if (a.rows * ldq > (1 << 16))
-  for (int64_t r = 0; r < a.rows; ++r) {
-    float* d = xq + r * ldq;
-    for (int64_t s = 0; s < supersteps; ++s) {
-      for (int t = 0; t < 2; ++t) {
-        for (int k = 0; k < Q; ++k) {
-          for (int p = 0; p < P; ++p) {
-            for (int h = 0; h < 2; ++h) {
-              const int64_t col0 = (16 * s + lane_slot(L, t, 4 * h + k * N)) / N * M + 4 * p;
-              for (int e = 0; e < 4; ++e) {
-                *d++ = col0 + e < a.k ? load_f32(a.x, r * a.ldx + col0 + e, a.dtype) : 0.0f;
+  parallel_range(a.rows, a.threads, grain_for(ldq), [&](int64_t lo, int64_t hi, int) {
+    for (int64_t r = lo; r < hi; ++r) {
+      float* d = xq + r * ldq;
+      for (int64_t s = 0; s < supersteps; ++s) {
+        for (int t = 0; t < 2; ++t) {
+          for (int k = 0; k < Q; ++k) {
+            for (int p = 0; p < P; ++p) {
+              for (int h = 0; h < 2; ++h) {
+                const int64_t col0 = (16 * s + lane_slot(L, t, 4 * h + k * N)) / N * M + 4 * p;
+                for (int e = 0; e < 4; ++e) {
+                  *d++ = col0 + e < a.k ? load_f32(a.x, r * a.ldx + col0 + e, a.dtype) : 0.0f;
+                }
               }
             }
           }
         }
       }
     }
-  }
+  });
 }
 
 template <int N, int M>

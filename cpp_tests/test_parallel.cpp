@@ -1,0 +1,153 @@
+// ctest: the parallel runtime (csrc/cpu/parallel.h). Every chunk runs exactly once, nested and
+// concurrent calls work, a chunk's exception reaches the caller, a helper that is not running
+// never delays the caller, and an idle pool burns no CPU.
+#include <time.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+#include "cpu/parallel.h"
+
+using namespace sparsekern;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+int fail(const char* what) {
+  std::printf("FAIL: %s\n", what);
+  return 1;
+}
+
+double ms_since(Clock::time_point t0) { return std::chrono::duration<double, std::milli>(Clock::now() - t0).count(); }
+
+double cpu_ms() {
+  timespec ts;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+void busy_us(int us) {
+  const auto end = Clock::now() + std::chrono::microseconds(us);
+  while (Clock::now() < end) {
+  }
+}
+
+// Runs n chunks on `threads` threads of `pool`; true when each ran once on a slot < threads.
+bool exactly_once(ThreadPool& pool, int64_t n, int threads) {
+  std::vector<std::atomic<int>> hits(n);
+  std::atomic<bool> bad_slot{false};
+  pool.run(n, threads, [&](int64_t c, int slot) {
+    hits[c].fetch_add(1, std::memory_order_relaxed);
+    if (slot < 0 || slot >= threads) bad_slot = true;
+  });
+  for (auto& h : hits)
+    if (h.load() != 1) return false;
+  return !bad_slot;
+}
+
+int test_exactly_once() {
+  ThreadPool pool;
+  for (int threads : {1, 2, 3, 8})
+    for (int64_t n : {1, 2, 7, 64, 1000, 100003})
+      for (int rep = 0; rep < 3; ++rep)
+        if (!exactly_once(pool, n, threads)) return fail("a chunk ran other than once");
+  // More chunks than the ticket holds: chunks are grouped, still each once.
+  if (!exactly_once(pool, (int64_t{1} << 21) + 12345, 2)) return fail("grouped chunks ran other than once");
+  return 0;
+}
+
+int test_nested_and_concurrent() {
+  std::atomic<int64_t> sum{0};
+  parallel_for(16, 4, [&](int64_t c, int) {
+    if (!in_parallel_region()) sum += 1 << 20;  // a chunk must know it is inside a region
+    parallel_for(8, 4, [&](int64_t d, int slot) { sum += (slot == 0 ? 1 : 1000) * (c * 8 + d + 1); });
+  });
+  // Nested calls run inline on the chunk's thread: slot 0 each, 1 + 2 + ... + 128.
+  if (sum.load() != 128 * 129 / 2) return fail("nested calls ran wrong (or not inline)");
+  std::atomic<int> wrong{0};
+  auto caller = [&](int seed) {
+    for (int rep = 0; rep < 300; ++rep) {
+      const int64_t n = 1 + (seed * 31 + rep * 7) % 97;
+      std::vector<std::atomic<int>> hits(n);
+      parallel_for(n, 2, [&](int64_t c, int) { hits[c].fetch_add(1); });
+      for (auto& h : hits) wrong += h.load() != 1;
+    }
+  };
+  std::thread a(caller, 1), b(caller, 2);
+  a.join();
+  b.join();
+  return wrong.load() ? fail("concurrent callers lost or repeated chunks") : 0;
+}
+
+int test_exceptions() {
+  ThreadPool pool;
+  bool caught = false;
+  try {
+    pool.run(100, 2, [](int64_t c, int) {
+      if (c == 37) throw std::runtime_error("chunk 37");
+    });
+  } catch (const std::runtime_error& e) {
+    caught = std::string(e.what()) == "chunk 37";
+  }
+  if (!caught) return fail("a chunk's exception did not reach the caller");
+  try {
+    if (!exactly_once(pool, 500, 2)) return fail("pool broken after an exception");
+  } catch (...) {
+    return fail("an old exception leaked into the next run");
+  }
+  return 0;
+}
+
+void sleepy_helper() { std::this_thread::sleep_for(std::chrono::milliseconds(300)); }
+
+// A helper that is descheduled when the job starts (here: sleeps 300 ms on wake-up) must not
+// delay the caller: the caller does all the work and returns without waiting for it.
+int test_late_helper() {
+  ThreadPool pool(sleepy_helper);
+  std::atomic<int> off_caller{0};
+  const auto t0 = Clock::now();
+  for (int rep = 0; rep < 3; ++rep) {
+    if (!exactly_once(pool, 64, 2)) return fail("late helper: chunk ran other than once");
+    pool.run(32, 2, [&](int64_t, int slot) {
+      busy_us(200);
+      off_caller += slot != 0;
+    });
+  }
+  const double ms = ms_since(t0);
+  std::printf("late helper: 3 runs of 32 x 0.2 ms in %.1f ms, %d chunks off the caller\n", ms, off_caller.load());
+  if (ms > 250) return fail("the caller waited for a helper that had not started");
+  return 0;
+}
+
+int test_helpers_help_then_sleep() {
+  ThreadPool pool;
+  std::atomic<int> off_caller{0};
+  for (int rep = 0; rep < 20 && off_caller.load() == 0; ++rep)
+    pool.run(32, 2, [&](int64_t, int slot) {
+      std::this_thread::sleep_for(std::chrono::microseconds(500));
+      off_caller += slot != 0;
+    });
+  if (off_caller.load() == 0) return fail("no helper ever ran a chunk");
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));  // past the spin time
+  const double c0 = cpu_ms();
+  const auto t0 = Clock::now();
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  const double cpu = cpu_ms() - c0, wall = ms_since(t0);
+  std::printf("idle pool: %.2f ms CPU over %.0f ms\n", cpu, wall);
+  if (cpu > 20) return fail("an idle pool burns CPU");
+  return 0;
+}
+
+}  // namespace
+
+int main() {
+  if (test_exactly_once() || test_nested_and_concurrent() || test_exceptions() || test_late_helper() ||
+      test_helpers_help_then_sleep())
+    return 1;
+  std::puts("parallel runtime: ok");
+  return 0;
+}

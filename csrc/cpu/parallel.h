@@ -1,0 +1,118 @@
+// The CPU kernels' parallel runtime: a caller never waits for a thread that has not started.
+//
+// Work is split into chunks claimed one at a time from an atomic ticket. The calling thread
+// claims and runs chunks itself and, once none are left, waits only for chunks that a helper has
+// already claimed (and so is running). A helper that wakes late finds nothing left and goes back
+// to sleep; the call is never slower than the caller doing all the work alone.
+//
+// NOTE: why not OpenMP. With `#pragma omp parallel` the region's join waits for every team
+// thread, scheduled or not. On the 2-core EPYC (quiet moment), 2:4 fp32 4096x4096 at 1 row:
+// hot 1.5 ms, first call after 200 ms idle 5.5-7.8 ms (libgomp's helper had gone to sleep and
+// the join waited for its wake-up); with one busy process on the other core, 2:4 fp32
+// 11008x4096 decode fell from 2.4x to 1.1x dense (1 thread alone was faster than 2). Numbers for
+// this runtime: bench/bench_cpu_threads.py.
+//
+// Helpers spin for a short while after a job (back-to-back decode calls never pay a wake-up),
+// then sleep on a condition variable, so an idle process burns no CPU. Nested calls (from inside
+// a chunk) and calls made while another thread is using the pool run inline on the caller.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <exception>
+#include <mutex>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+namespace sparsekern {
+
+// fn(ctx, chunk, slot): slot in [0, threads) names the thread running the chunk for the length
+// of one run (0 = the caller), so per-thread scratch can be indexed by it.
+using ChunkFn = void (*)(void* ctx, int64_t chunk, int slot);
+
+class ThreadPool {
+ public:
+  // on_wake (tests only): called by a helper each time it sees a new job, before claiming.
+  explicit ThreadPool(void (*on_wake)() = nullptr) : on_wake_(on_wake) {}
+  ~ThreadPool();
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  // Runs fn(ctx, c, slot) for every c in [0, n_chunks) exactly once, on up to `threads` threads
+  // (the caller included). The first exception a chunk throws is rethrown here once every
+  // claimed chunk has finished; the chunks not yet claimed then are skipped.
+  void run(int64_t n_chunks, int threads, ChunkFn fn, void* ctx);
+
+  template <class F>
+  void run(int64_t n_chunks, int threads, F&& f) {
+    using Fn = std::remove_reference_t<F>;
+    run(n_chunks, threads, [](void* c, int64_t i, int s) { (*static_cast<Fn*>(c))(i, s); },
+        const_cast<void*>(static_cast<const void*>(&f)));
+  }
+
+  int helpers() const { return static_cast<int>(threads_.size()); }
+
+ private:
+  struct Job {
+    ChunkFn fn = nullptr;
+    void* ctx = nullptr;
+    int64_t group = 1;  // user chunks per ticket index (when n_chunks exceeds the ticket's field)
+    int64_t n_user = 0;
+    std::atomic<int64_t> done{0};
+    std::atomic<bool> failed{false};
+    std::exception_ptr error;
+  };
+  bool claim_and_run(int slot, uint64_t* seen);
+  void run_chunk(int64_t idx, int slot);
+  void helper_main(int index);
+  void grow(int helpers);
+
+  void (*on_wake_)();
+  // [epoch:14][threads:8][n:21][next:21]: everything a thread needs to decide whether it may
+  // claim is in this one word, so a stale reader can never claim a chunk of a finished job (the
+  // job's other fields are read only after a claim succeeds, while the job is still running).
+  std::atomic<uint64_t> ticket_{0};
+  Job job_;
+  std::mutex run_mutex_;  // one job at a time; a second concurrent caller runs inline
+  std::mutex sleep_mutex_;
+  std::condition_variable wake_;
+  std::atomic<int> sleepers_{0};
+  std::atomic<bool> stop_{false};
+  std::vector<std::thread> threads_;
+};
+
+// The process-wide pool the kernels use (created on first use, recreated in a forked child).
+ThreadPool& default_pool();
+
+// True on a thread that is running a chunk (nested calls run inline).
+bool in_parallel_region();
+
+// fn(chunk, slot) for chunk in [0, n_chunks) on the default pool.
+template <class F>
+void parallel_for(int64_t n_chunks, int threads, F&& fn) {
+  default_pool().run(n_chunks, threads, std::forward<F>(fn));
+}
+
+// Items per chunk for loops whose items are `elems` elements each: loops under ~64K elements in
+// all run serially (a thread hand-off costs more than they do).
+inline int64_t grain_for(int64_t elems) {
+  return elems >= (int64_t{1} << 15) ? 1 : (int64_t{1} << 15) / (elems > 0 ? elems : 1);
+}
+
+// fn(lo, hi, slot) over [0, n) split into about 8 chunks per thread (a late helper leaves at most
+// a small chunk to the others), each at least `grain` long; serial when n < 2 * grain.
+template <class F>
+void parallel_range(int64_t n, int threads, int64_t grain, F&& fn) {
+  if (n <= 0) return;
+  if (grain < 1) grain = 1;
+  if (threads <= 1 || n < 2 * grain) return fn(int64_t{0}, n, 0);
+  int64_t len = (n + 8 * threads - 1) / (8 * threads);
+  if (len < grain) len = grain;
+  const int64_t chunks = (n + len - 1) / len;
+  parallel_for(chunks, threads, [&](int64_t c, int slot) { fn(c * len, std::min(n, c * len + len), slot); });
+}
+
+}  // namespace sparsekern
