@@ -20,6 +20,12 @@ for _mod in pkgutil.iter_modules(_backends.__path__):
     except Exception as _exc:  # noqa: BLE001
         logging.getLogger("sparsekern").info("sparsekern: backend %s not loaded: %s", _mod.name, _exc)
 
+# `from_pretrained` reads sparsekern folders once transformers loads its quantizer registry
+# (registered then, not now: that import costs seconds).
+from sparsekern import hf as _hf  # noqa: E402
+
+_hf.install()
+
 # Heavier parts load on first use (they pull transformers, safetensors, rich).
 _LAZY = {
     "SparseLinear": "sparsekern.nn.linear",

@@ -51,8 +51,13 @@ _ST_DTYPES = {
 # -- save ------------------------------------------------------------------------------------
 
 
-def save(model: nn.Module, path: str | os.PathLike) -> None:
+def save(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> None:
     """Write ``model`` (sparsified or not) to directory ``path`` as compressed safetensors + JSON.
+
+    For a transformers ``PreTrainedModel`` the folder is also a complete HF folder
+    (``config.json`` with ``quantization_config``, ``generation_config.json``, and the
+    ``tokenizer``'s files when one is passed): after ``import sparsekern``,
+    ``AutoModelForCausalLM.from_pretrained(path)`` loads it (:mod:`sparsekern.hf`).
 
     The folder is built beside ``path`` and renamed into place once complete; an existing
     ``path`` must be empty or an earlier sparsekern checkpoint (see ``write_folder``).
@@ -102,8 +107,12 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
         with open(file, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2)
 
+    from sparsekern.hf.export import hf_files
+
     meta = {"format": "pt", "sparsekern_format_version": str(FORMAT_VERSION)}
-    write_folder(path, {WEIGHTS: lambda file: save_file(tensors, file, metadata=meta), CONFIG: write_config})
+    writers = {WEIGHTS: lambda file: save_file(tensors, file, metadata=meta), CONFIG: write_config}
+    writers.update(hf_files(model, layers, tokenizer))
+    write_folder(path, writers)
 
 
 # -- reading safetensors with integrity checks -----------------------------------------------
@@ -182,7 +191,8 @@ def read_tensors(files: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, s
     return tensors, origin
 
 
-def _weight_files(path: str) -> list[str]:
+def weight_files(path: str) -> list[str]:
+    """The safetensors files of folder ``path``: ``model.safetensors`` or the shards its index names."""
     single = os.path.join(path, WEIGHTS)
     if os.path.exists(single):
         return [resolve_inside(path, WEIGHTS, path, "weights")]
@@ -224,7 +234,7 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
                 f"{cfg_file}: expected format 'sparsekern' version {FORMAT_VERSION}, got "
                 f"{config.get('format')!r} version {config.get('format_version')!r}"
             )
-        layers, aliases = _check_config(config, cfg_file)
+        layers, aliases = check_config(config, cfg_file)
         weights = resolve_inside(path, config.get("weights", WEIGHTS), cfg_file, "weights")
         tensors, origin = read_tensors([weights])
         for alias, target in aliases.items():
@@ -242,7 +252,7 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
             return model
     elif hf_config is not None and ct.sparsity_config(hf_config) is not None:
         ct.check_supported(hf_config, hf_file)
-        tensors, origin = read_tensors(_weight_files(path))
+        tensors, origin = read_tensors(weight_files(path))
         sparse = {}
         for layer, parts in ct.find_layers(tensors).items():
             where = origin[parts["compressed"]]
@@ -263,7 +273,7 @@ _LAYER_FIELDS = {
 }
 
 
-def _check_config(config: dict, cfg_file: str) -> tuple[dict, dict]:
+def check_config(config: dict, cfg_file: str) -> tuple[dict, dict]:
     """``layers`` and ``aliases`` of ``sparsekern.json``, every field checked: a ValueError names the key."""
     layers, aliases = config.get("layers"), config.get("aliases", {})
     if not isinstance(layers, dict):

@@ -3,8 +3,9 @@
     sparsekern prune --model DIR --pattern 2:4 --method wanda --calib FILE --out DIR
 
 Offline only (``HF_HUB_OFFLINE=1`` is set): the model and tokenizer are read from ``--model``.
-The output directory holds the sparsekern checkpoint plus the HF config and tokenizer files, so
-:func:`load_pretrained` (or ``AutoModel.from_config`` + ``sparsekern.load``) rebuilds it.
+The output directory is the folder :func:`sparsekern.save` writes (HF config with
+``quantization_config``, tokenizer files), so ``from_pretrained`` (after ``import sparsekern``),
+:func:`load_pretrained` or ``sparsekern serve`` reads it.
 """
 
 from __future__ import annotations
@@ -106,8 +107,8 @@ def run(args: argparse.Namespace) -> int:
             model, args.pattern, args.method, calibration=calibration, skip=skip, progress=not args.no_progress
         )
     print(report)
-    save(model, args.out)
-    config.save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
-    print(f"saved to {args.out}; reload with sparsekern.prune.cli.load_pretrained({args.out!r})")
+    save(model, args.out, tokenizer=tokenizer)  # an HF folder: config, generation config, tokenizer
+    print(
+        f"saved to {args.out}; reload with AutoModelForCausalLM.from_pretrained({args.out!r}) after import sparsekern"
+    )
     return 0
