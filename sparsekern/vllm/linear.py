@@ -1,0 +1,262 @@
+"""``SparsekernLinearMethod``: a vLLM linear layer whose weight is N:M or block-sparse.
+
+vLLM builds the layer (column / row parallel, fused ``qkv_proj`` / ``gate_up_proj``,
+replicated) and calls :meth:`create_weights`; its model loader then feeds the checkpoint's
+tensors, named as the HF layers they came from (``q_proj.values`` arrives at ``qkv_proj``
+with shard id ``"q"``), to the parameters' weight loaders; :meth:`process_weights_after_loading`
+checks what arrived; :meth:`apply` computes. The computing is sparsekern's: a
+:class:`~sparsekern.nn.linear.SparseLinear` over the loaded tensors, so vLLM and transformers
+run the same kernels with the same dispatch (``torch.ops.sparsekern.*``).
+
+Tensor parallelism:
+
+- N:M: ``values [out, K*n/m]`` and ``meta [out, words]`` are vLLM ``ModelWeightParameter``s;
+  vLLM's loaders cut their rows (column parallel, fused shards) and their columns (row parallel)
+  as for a dense weight. A row-parallel cut must fall between groups (``K/tp`` a multiple of
+  ``m``); ``meta`` is re-packed on the cut, since a word may hold indices of both sides.
+- BSR: see :mod:`sparsekern.vllm.bsr_shard` (block count depends on the data).
+
+A split that would cut an N:M group or a block is refused when the layer is built.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import Parameter
+from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
+from vllm.model_executor.parameter import ModelWeightParameter
+from vllm.model_executor.utils import set_weight_attrs
+
+from sparsekern.formats.bsr import BlockSparseWeight, check_block
+from sparsekern.formats.nm import NMSparseWeight, check_nm, meta_words, pack_meta, unpack_meta
+from sparsekern.nn.linear import SparseLinear
+from sparsekern.vllm import bsr_shard
+
+_QKV = {"q": 0, "k": 1, "v": 2}
+_INDEX = ("meta", "crow_indices", "col_indices")
+
+
+class MetaParameter(ModelWeightParameter):
+    """Packed N:M ``meta``: rows split like a dense weight; a split of K re-packs the words."""
+
+    def load_row_parallel_weight(self, loaded_weight: torch.Tensor) -> None:
+        if self.tp_size == 1:
+            return super().load_row_parallel_weight(loaded_weight)
+        kept = self.kept  # per rank; set by create_weights
+        idx = unpack_meta(loaded_weight, self.m, kept * self.tp_size)
+        part = pack_meta(idx[:, self.tp_rank * kept : (self.tp_rank + 1) * kept], self.m)
+        assert self.data.shape == part.shape  # the loader checked loaded_weight's shape
+        self.data.copy_(part)
+
+
+@register_weight_loader_v2_supported_method
+class SparsekernLinearMethod(LinearMethodBase):
+    """One per sparse vLLM layer: ``names`` are the checkpoint layers fused into it, ``entries``
+    their ``quantization_config.layers`` entries (one pattern, checked by the config)."""
+
+    def __init__(self, prefix: str, names: list[str], entries: list[dict]) -> None:
+        self.prefix, self.names, self.entries = prefix, names, entries
+        first = entries[0]
+        self.kind = first["kind"]
+        self.in_features = first["in_features"]
+        self._loaded: dict[str, list[int]] = {}
+        self._pending: dict = {}  # BSR: tensors of a shard until all three arrived
+        self._pieces: list[tuple] = []  # BSR: this rank's blocks of each shard
+        self._linear: SparseLinear | None = None
+        self._bias = None
+
+    # -- building ----------------------------------------------------------------------------
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ) -> None:
+        loader = extra_weight_attrs.pop("weight_loader")
+        for name, e in zip(self.names, self.entries):
+            if e["in_features"] != input_size:
+                raise ValueError(
+                    f"quantization_config.layers[{name!r}].in_features: {e['in_features']}, but vLLM's "
+                    f"{self.prefix} takes {input_size} inputs"
+                )
+        if len(self.names) == 1 and self.entries[0]["out_features"] != output_size:
+            raise ValueError(
+                f"quantization_config.layers[{self.names[0]!r}].out_features: {self.entries[0]['out_features']}, "
+                f"but vLLM's {self.prefix} has {output_size} outputs"
+            )
+        rows, k = sum(output_partition_sizes), input_size_per_partition
+        self._local = (rows, k)  # this rank's share (ReplicatedLinear has no *_per_partition fields)
+        tp = f"{input_size} inputs split {input_size // max(k, 1)} ways" if k != input_size else f"{k} inputs"
+        if self.kind == "nm":
+            self.n, self.m = self.entries[0]["n"], self.entries[0]["m"]
+            self._wrap(check_nm, self.n, self.m)
+            if k % self.m:
+                raise ValueError(
+                    f"{self.prefix}: {self.n}:{self.m} groups of {self.m} inputs would straddle a shard boundary "
+                    f"({tp}: {k} per rank); use a tensor-parallel size that divides {input_size // self.m} groups"
+                )
+            kept = k // self.m * self.n
+            values = ModelWeightParameter(
+                data=torch.empty(rows, kept, dtype=params_dtype),
+                input_dim=1,
+                output_dim=0,
+                weight_loader=self._checked(loader, "values"),
+            )
+            meta = MetaParameter(
+                data=torch.empty(rows, meta_words(kept, self.m), dtype=torch.int32),
+                input_dim=1,
+                output_dim=0,
+                weight_loader=self._checked(loader, "meta"),
+            )
+            meta.m, meta.kept = self.m, kept
+            params = {"values": values, "meta": meta}
+        else:
+            self.bm, self.bk = self._wrap(check_block, tuple(self.entries[0]["block"]))
+            bad = [s for s in output_partition_sizes if s % self.bm]
+            if k % self.bk or bad:
+                raise ValueError(
+                    f"{self.prefix}: {self.bm}x{self.bk} blocks would straddle a shard boundary ({tp}: {k} per "
+                    f"rank; output rows per rank and shard {output_partition_sizes}); each must be a multiple of "
+                    "the block side"
+                )
+            self._loader = loader
+            params = {
+                "crow_indices": torch.zeros(rows // self.bm + 1, dtype=torch.int32),
+                "col_indices": torch.zeros(0, dtype=torch.int32),
+                "blocks": torch.zeros(0, self.bm, self.bk, dtype=params_dtype),
+            }
+            params = {t: Parameter(d, requires_grad=False) for t, d in params.items()}
+            for t, p in params.items():
+                set_weight_attrs(p, {"weight_loader": self._stash_loader(layer, t)})
+        for t, p in params.items():
+            layer.register_parameter(t, p)
+            set_weight_attrs(p, extra_weight_attrs)
+
+    def _wrap(self, fn, *args):
+        try:
+            return fn(*args)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"quantization_config.layers[{self.names[0]!r}]: {exc}") from None
+
+    # -- loading -----------------------------------------------------------------------------
+
+    def _parts(self, shard: tuple) -> list[int]:
+        """Indices into ``names`` of the checkpoint layers a load with shard id ``shard`` carries."""
+        sid = shard[0] if shard else None
+        if sid is None:
+            return list(range(len(self.names)))  # unfused, or fused on disk
+        idx = [_QKV.get(sid, sid)] if not isinstance(sid, tuple) else list(sid)
+        if len(self.names) == 1 or not all(isinstance(i, int) and 0 <= i < len(self.names) for i in idx):
+            raise ValueError(f"{self.prefix}: shard id {sid!r} does not name one of {self.names}")
+        return idx
+
+    def _where(self, parts: list[int], tensor: str) -> str:
+        name = self.names[parts[0]] if len(parts) == 1 else self.prefix
+        return f"{name}.{tensor}"
+
+    def _expect(self, tensor: str, got: torch.Tensor, want: list[int | None], dtype_ok: bool, where: str) -> None:
+        if got.dim() != len(want) or any(w is not None and g != w for g, w in zip(got.shape, want)) or not dtype_ok:
+            shape = [("nnz" if w is None else w) for w in want]
+            dtype = "int32" if tensor in _INDEX else "a float dtype"
+            raise ValueError(
+                f"checkpoint tensor {where}: shape {list(got.shape)} dtype {got.dtype}; the layer's "
+                f"quantization_config entry needs shape {shape}, {dtype}"
+            )
+
+    def _record(self, tensor: str, parts: list[int], where: str) -> None:
+        seen = self._loaded.setdefault(tensor, [])
+        if set(seen) & set(parts):
+            raise ValueError(f"checkpoint tensor {where} arrived twice")
+        seen.extend(parts)
+
+    def _checked(self, loader, tensor: str):
+        """``loader`` (vLLM's, for this layer) after checking the checkpoint tensor's shape."""
+
+        def load(param, loaded_weight: torch.Tensor, *shard) -> None:
+            parts = self._parts(shard)
+            where = self._where(parts, tensor)
+            out = sum(self.entries[i]["out_features"] for i in parts)
+            kept = self.in_features // self.m * self.n
+            want = [out, kept] if tensor == "values" else [out, meta_words(kept, self.m)]
+            ok = loaded_weight.dtype == torch.int32 if tensor == "meta" else loaded_weight.is_floating_point()
+            self._expect(tensor, loaded_weight, want, ok, where)
+            self._record(tensor, parts, where)
+            loader(param, loaded_weight, *shard)
+
+        return load
+
+    def _stash_loader(self, layer: torch.nn.Module, tensor: str):
+        """BSR: keep each shard's tensors until its three have arrived, then cut this rank's share."""
+
+        def load(param, loaded_weight: torch.Tensor, *shard) -> None:
+            parts = self._parts(shard)
+            where = self._where(parts, tensor)
+            self._record(tensor, parts, where)
+            got = self._pending.setdefault(tuple(parts), {"shard": shard})
+            got[tensor] = loaded_weight
+            if len(got) == 4:
+                del self._pending[tuple(parts)]
+                self._pieces.append(self._cut(layer, parts, got))
+
+        return load
+
+    def _cut(self, layer: torch.nn.Module, parts: list[int], got: dict) -> tuple:
+        out = sum(self.entries[i]["out_features"] for i in parts)
+        crow, col, blocks = got["crow_indices"], got["col_indices"], got["blocks"]
+        nnz = blocks.shape[0] if blocks.dim() else -1
+        self._expect(
+            "crow_indices", crow, [out // self.bm + 1], crow.dtype == torch.int32, self._where(parts, "crow_indices")
+        )
+        self._expect("col_indices", col, [nnz], col.dtype == torch.int32, self._where(parts, "col_indices"))
+        self._expect(
+            "blocks", blocks, [None, self.bm, self.bk], blocks.is_floating_point(), self._where(parts, "blocks")
+        )
+        where = self._where(parts, "*")[:-2]
+        if out % self.bm:
+            raise ValueError(f"{where}: {out} rows are not a whole number of {self.bm}-row blocks")
+        try:
+            full = BlockSparseWeight(crow, col, blocks, (out, self.in_features)).validate()
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"checkpoint layer {where}: {exc}") from None
+        row_map, col_map = bsr_shard.probe(layer, self._loader, got["shard"], self._local, (out, self.in_features))
+        return bsr_shard.select(full, row_map, col_map, where)
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        tensors = ("values", "meta") if self.kind == "nm" else ("crow_indices", "col_indices", "blocks")
+        for t in tensors:
+            missing = [self.names[i] for i in range(len(self.names)) if i not in self._loaded.get(t, [])]
+            if missing:
+                raise ValueError(f"checkpoint: tensors {[f'{n}.{t}' for n in missing]} are missing ({self.prefix})")
+        rows, k = self._local
+        if self.kind == "nm":
+            weight = NMSparseWeight(layer.values.data, layer.meta.data, self.n, self.m, (rows, k))
+        else:
+            crow, col, blocks = bsr_shard.assemble(self._pieces, rows // self.bm, k // self.bk, self.prefix)
+            self._pieces = []
+            layer.crow_indices.data, layer.col_indices.data = crow, col
+            layer.blocks.data = blocks.to(layer.blocks.dtype)
+            weight = BlockSparseWeight(layer.crow_indices.data, layer.col_indices.data, layer.blocks.data, (rows, k))
+        try:
+            weight.validate()
+        except ValueError as exc:
+            raise ValueError(f"checkpoint layer(s) {self.names}: {exc}") from None
+        bias = getattr(layer, "bias", None)
+        self._bias = None if bias is None or getattr(layer, "skip_bias_add", False) else bias
+        # The SparseLinear shares the layer's tensors (no copy); it is this method's, not a
+        # submodule, so vLLM sees only the parameters it loaded.
+        self._linear = SparseLinear(weight, self._bias)
+
+    # -- computing ---------------------------------------------------------------------------
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if bias is self._bias:
+            return self._linear(x)
+        # Row-parallel ranks > 0 and skip_bias_add layers pass no bias: the op, with the bias asked for.
+        if self.kind == "nm":
+            return torch.ops.sparsekern.nm_linear(x, layer.values, layer.meta, self.n, self.m, bias)
+        return torch.ops.sparsekern.bsr_linear(x, layer.crow_indices, layer.col_indices, layer.blocks, bias)
