@@ -1,4 +1,4 @@
-"""The `sparsekern` command: info, bench, prune.
+"""The `sparsekern` command: info, bench, prune, serve, dispatch.
 
 Subcommands other than ``info`` live beside the code they drive: a module listed in
 ``_SUBCOMMANDS`` defines ``register(subparsers)``, which adds its parser and sets ``func``.
@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-_SUBCOMMANDS = ("sparsekern.bench.cli", "sparsekern.prune.cli")
+_SUBCOMMANDS = ("sparsekern.bench.cli", "sparsekern.prune.cli", "sparsekern.serve.cli", "sparsekern.dispatch_cli")
 
 
 def _info(args: argparse.Namespace) -> int:

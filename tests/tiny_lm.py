@@ -13,7 +13,7 @@ def tokenizer():
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.decoder = decoders.Metaspace()
+    tk.decoder = decoders.WordPiece()  # joins words with spaces, so text re-tokenizes to the same ids
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
     return tok

@@ -1,0 +1,227 @@
+"""sparsekern serve: a real server process on 127.0.0.1 answering the openai client and raw HTTP;
+bad input gets a 4xx naming the field and the server keeps serving; bad folders fail at start-up."""
+
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+import sparsekern as sk
+
+openai = pytest.importorskip("openai", reason="the serving tests drive the server with the openai client")
+pytest.importorskip("fastapi", reason="sparsekern serve needs transformers[serving] (fastapi, uvicorn)")
+pytest.importorskip("uvicorn", reason="sparsekern serve needs transformers[serving] (fastapi, uvicorn)")
+tiny_lm = pytest.importorskip("tiny_lm")
+
+CONTEXT = 96
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(folder, port):
+    return subprocess.Popen(
+        [sys.executable, "-m", "sparsekern.cli", "serve", str(folder), "--port", str(port), "--device", "cpu"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("serve") / "tiny-2of4"
+    torch.manual_seed(0)
+    model = tiny_lm.llama(context=CONTEXT)
+    sk.sparsify(model, "2:4", skip=("lm_head",), progress=False)
+    sk.save(model, path, tokenizer=tiny_lm.tokenizer())
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(folder):
+    port = _free_port()
+    proc = _serve(folder, port)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}: {proc.stdout.read()}")
+            try:
+                status, _ = _request(port, "GET", "/health")
+                if status == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("server did not come up in 120 s")
+            time.sleep(0.5)
+        yield port
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def _request(port, method, path, body=None, raw=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        data = raw if raw is not None else (None if body is None else json.dumps(body))
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read() or b"null")
+    finally:
+        conn.close()
+
+
+def _client(port):
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_models_completion_and_chat(server, folder):
+    client = _client(server)
+    assert [m.id for m in client.models.list().data] == ["tiny-2of4"]
+    done = client.completions.create(model="tiny-2of4", prompt="w1 w2 w3", max_tokens=6, temperature=0)
+    assert done.usage.prompt_tokens == 3 and 1 <= done.usage.completion_tokens <= 6
+    # The served pruned model generates what from_pretrained + greedy generate() give locally.
+    from transformers import AutoModelForCausalLM
+
+    local = AutoModelForCausalLM.from_pretrained(folder)
+    tok = tiny_lm.tokenizer()
+    want = local.generate(**tok("w1 w2 w3", return_tensors="pt"), max_new_tokens=6, do_sample=False)[0, 3:]
+    want = [t for t in want.tolist() if t != tok.eos_token_id]
+    assert tok(done.choices[0].text)["input_ids"] == want[: len(tok(done.choices[0].text)["input_ids"])]
+    chat = client.chat.completions.create(
+        model="tiny-2of4", messages=[{"role": "user", "content": "w4 w5"}], max_tokens=5
+    )
+    assert isinstance(chat.choices[0].message.content, str) and chat.usage.completion_tokens <= 5
+
+
+def test_streaming(server):
+    client = _client(server)
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny-2of4", messages=[{"role": "user", "content": "w7"}], max_tokens=8, stream=True
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip() and chunks[-1].choices[0].finish_reason in ("length", "stop")
+    pieces = list(client.completions.create(model="tiny-2of4", prompt="w8 w9", max_tokens=4, stream=True))
+    assert pieces[-1].choices[0].finish_reason in ("length", "stop")
+
+
+def test_concurrent_clients(server):
+    results, client = [], _client(server)
+
+    def one(i):
+        r = client.completions.create(model="tiny-2of4", prompt=f"w{i} w{i + 1}", max_tokens=8)
+        results.append(r.usage.completion_tokens)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(results) == 6 and all(1 <= n <= 8 for n in results)
+
+
+@pytest.mark.parametrize(
+    "path, body, status, message",
+    [
+        ("/v1/completions", {"model": "gpt-4", "prompt": "w1"}, 404, "model: this server serves 'tiny-2of4', got 'gpt-4'"),
+        ("/v1/completions", {"model": "tiny-2of4"}, 400, "prompt: expected a non-empty string, got None"),
+        ("/v1/completions", {"model": "tiny-2of4", "prompt": ""}, 400, "prompt: expected a non-empty string, got ''"),
+        ("/v1/completions", {"model": "tiny-2of4", "prompt": "w1", "max_tokens": 0}, 400, "max_tokens: expected an integer >= 1, got 0"),
+        ("/v1/completions", {"model": "tiny-2of4", "prompt": "w1", "max_tokens": -3}, 400, "got -3"),
+        ("/v1/completions", {"model": "tiny-2of4", "prompt": "w1", "max_tokens": "8"}, 400, "got '8'"),
+        ("/v1/completions", {"model": "tiny-2of4", "prompt": "w1 w2", "max_tokens": CONTEXT}, 400,
+         f"max_tokens: {CONTEXT} new tokens + 2 prompt tokens exceed the model's context of {CONTEXT} (at most {CONTEXT - 2} here)"),
+        ("/v1/completions", {"model": "tiny-2of4", "prompt": " ".join(["w1"] * CONTEXT)}, 400, "leave no room"),
+        ("/v1/completions", {"model": "tiny-2of4", "prompt": "w1", "temperature": "hot"}, 400, "temperature: expected a number"),
+        ("/v1/chat/completions", {"model": "tiny-2of4"}, 400, "messages: expected a non-empty list, got None"),
+        ("/v1/chat/completions", {"model": "tiny-2of4", "messages": []}, 400, "messages: expected a non-empty list"),
+        ("/v1/chat/completions", {"model": "tiny-2of4", "messages": [{"role": "user"}]}, 400, "messages[0].content"),
+        ("/v1/chat/completions", {"model": "tiny-2of4", "messages": [{"role": "user", "content": "w1"}], "n": 3}, 400, "n: only 1"),
+        ("/v1/completions", [1, 2], 400, "body: expected a JSON object, got list"),
+    ],
+)  # fmt: skip
+def test_bad_requests_get_4xx(server, path, body, status, message):
+    got, reply = _request(server, "POST", path, body)
+    assert got == status and message in reply["error"]["message"], reply
+    assert _request(server, "GET", "/health")[0] == 200
+
+
+def test_malformed_json_and_unknown_routes(server):
+    got, reply = _request(server, "POST", "/v1/completions", raw='{"model": "tiny-2of4", "prompt": ')
+    assert got == 400 and reply["error"]["message"].startswith("body: not valid JSON")
+    # transformers' model-swapping routes are not exposed
+    assert _request(server, "POST", "/reset", {})[0] == 404
+    assert _request(server, "POST", "/load_model", {"model": "/etc"})[0] == 404
+
+
+def test_openai_client_sees_the_errors(server):
+    client = _client(server)
+    with pytest.raises(openai.NotFoundError, match="this server serves 'tiny-2of4'"):
+        client.completions.create(model="other", prompt="w1", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.chat.completions.create(model="tiny-2of4", messages=[{"role": "user", "content": "w1"}], max_tokens=0)
+
+
+def test_client_disconnecting_mid_stream_leaves_the_server_serving(server):
+    sock = socket.create_connection(("127.0.0.1", server), timeout=30)
+    body = json.dumps({"model": "tiny-2of4", "prompt": "w1 w2", "max_tokens": CONTEXT - 2, "stream": True})
+    sock.sendall(
+        f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
+    )
+    first = sock.recv(4096)
+    assert first.startswith(b"HTTP/1.1 200") and b"text/event-stream" in first
+    sock.close()  # gone mid-stream
+    done = _client(server).completions.create(model="tiny-2of4", prompt="w3", max_tokens=3)
+    assert done.usage.completion_tokens >= 1
+
+
+def _start_failure(folder) -> str:
+    proc = _serve(folder, _free_port())
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out
+    return out
+
+
+def test_folder_that_is_not_a_model_fails_at_start_up(tmp_path):
+    out = _start_failure(tmp_path)
+    assert f"{tmp_path / 'config.json'}: missing: {tmp_path} is not a Hugging Face model folder" in out
+
+
+def test_truncated_safetensors_fails_at_start_up(tmp_path, folder):
+    bad = tmp_path / "bad"
+    sk.save(sk.load(folder, tiny_lm.llama(context=CONTEXT)), bad, tokenizer=tiny_lm.tokenizer())
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[:-512])
+    assert f"{bad / 'model.safetensors'}: truncated" in _start_failure(bad)
+
+
+def test_unknown_pattern_fails_at_start_up(tmp_path, folder):
+    bad = tmp_path / "bad"
+    sk.save(sk.load(folder, tiny_lm.llama(context=CONTEXT)), bad, tokenizer=tiny_lm.tokenizer())
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["quantization_config"]["layers"]["model.layers.0.mlp.up_proj"]["pattern"] = "2:5"
+    (bad / "config.json").write_text(json.dumps(cfg))
+    out = _start_failure(bad)
+    assert f"{bad / 'config.json'}: quantization_config.layers['model.layers.0.mlp.up_proj'].pattern" in out
+    assert "'2:5' is not a supported N:M pattern" in out
+
+
+def test_serve_refuses_a_bad_port():
+    proc = subprocess.run(
+        [sys.executable, "-m", "sparsekern.cli", "serve", os.devnull, "--port", "70000"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "--port: expected 1..65535, got 70000" in proc.stderr
