@@ -131,14 +131,15 @@ def test_nm_garbage_meta_does_not_crash(isa, nm, rows):
 
 
 @pytest.mark.parametrize("rows", [1, 5, 64])
-def test_bsr_garbage_indices_do_not_crash(isa, rows):
+def test_bsr_garbage_indices_are_refused(isa, rows):
+    # The op checks the indices before any kernel reads them (csrc/cpu/op_checks.h).
     w = sk.BlockSparseWeight.from_dense(torch.randn(64, 96), block=(16, 16), sparsity=0.6)
     nnz = w.blocks.shape[0]
     crow = torch.tensor([5, -3, 2 * nnz, 1, nnz + 7], dtype=torch.int32)
     col = torch.randint(-10, 20, (nnz,), dtype=torch.int32)
     x = torch.randn(rows, 96)
-    y = torch.ops.sparsekern._bsr_linear_cpu(x, crow, col, w.blocks, None)
-    assert y.shape == (rows, 64) and torch.isfinite(y).all()
+    with pytest.raises(ValueError, match="crow: expected to start at 0"):
+        torch.ops.sparsekern._bsr_linear_cpu(x, crow, col, w.blocks, None)
 
 
 def test_backend_refuses_non_cpu_tensors():

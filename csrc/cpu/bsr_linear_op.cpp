@@ -1,5 +1,5 @@
 // sparsekern::_bsr_linear_cpu: x [rows, K] @ W.T + bias for a BSR weight (crow, col, blocks), on
-// the CPU. Arguments were checked in sparsekern/ops.py. Few rows: the decode kernel; many rows:
+// the CPU. The op checks its arguments itself (cpu/op_checks.h): it is callable without ops.py. Few rows: the decode kernel; many rows:
 // the packed micro-kernel, or (dense-ish weights) block-row decompression + dense GEMM.
 // Rows of x holding NaN/Inf come out exactly as from the dense op.
 #include <ATen/ATen.h>
@@ -10,6 +10,7 @@
 
 #include "cpu/bsr_linear.h"
 #include "cpu/linear_op_util.h"
+#include "cpu/op_checks.h"
 #include "cpu/output.h"
 
 namespace sparsekern {
@@ -55,6 +56,7 @@ void bsr_linear_gemm(const BSRLinearArgs& a, const at::Tensor& x, const at::Tens
 
 at::Tensor bsr_linear_cpu(const at::Tensor& x_in, const at::Tensor& crow_in, const at::Tensor& col_in,
                           const at::Tensor& blocks_in, const std::optional<at::Tensor>& bias_in) {
+  check_bsr_linear_args(x_in, crow_in, col_in, blocks_in, bias_in);
   const at::Tensor x = x_in.contiguous(), crow = crow_in.contiguous(), col = col_in.contiguous(),
                    blocks = blocks_in.contiguous();
   const std::optional<at::Tensor> bias = bias_in ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;

@@ -1,5 +1,5 @@
 // sparsekern::_nm_linear_cpu: x [rows, K] @ W.T + bias for an N:M weight (values, meta), on the
-// CPU. Arguments were checked in sparsekern/ops.py. Few rows: the decode kernel (weights
+// CPU. The op checks its arguments itself (cpu/op_checks.h): it is callable without ops.py. Few rows: the decode kernel (weights
 // streamed once per 8 rows); many rows: decompress tiles of W and run the dense GEMM on each.
 // Rows of x holding NaN/Inf come out exactly as from the dense op (the GEMM path is dense).
 #include <ATen/ATen.h>
@@ -10,6 +10,7 @@
 
 #include "cpu/linear_op_util.h"
 #include "cpu/nm_linear.h"
+#include "cpu/op_checks.h"
 #include "cpu/output.h"
 
 namespace sparsekern {
@@ -56,6 +57,7 @@ void nm_linear_gemm(const NMLinearArgs& a, const at::Tensor& x, const std::optio
 
 at::Tensor nm_linear_cpu(const at::Tensor& x_in, const at::Tensor& values_in, const at::Tensor& meta_in, int64_t n,
                          int64_t m, const std::optional<at::Tensor>& bias_in) {
+  check_nm_linear_args(x_in, values_in, meta_in, n, m, bias_in);
   const at::Tensor x = x_in.contiguous(), values = values_in.contiguous(), meta = meta_in.contiguous();
   const std::optional<at::Tensor> bias = bias_in ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
   const int64_t rows = x.size(0), k = x.size(1), out_features = values.size(0);
