@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 
 import torch
 
 from sparsekern import dispatch, reference
-from sparsekern.formats.bsr import BlockSparseWeight
+from sparsekern.backends.dense import weight_stamp
+from sparsekern.formats.bsr import BlockSparseWeight, check_bsr_indices
 from sparsekern.formats.nm import SUPPORTED_DTYPES, NMSparseWeight, check_nm, meta_words, nm_to_dense
 
 lib = torch.library.Library("sparsekern", "FRAGMENT")
@@ -30,7 +32,8 @@ lib.define("token_scores(Tensor q, Tensor k, bool causal=False, float? scale=Non
 lib.define(
     "pruned_attention(Tensor q, Tensor k, Tensor v, Tensor keep_idx, bool causal=False, float? scale=None) -> Tensor"
 )
-# CPU kernels (csrc/cpu): same contract as nm_linear / bsr_linear, arguments already checked.
+# CPU kernels (csrc/cpu): same contract as nm_linear / bsr_linear; they check their arguments
+# themselves (csrc/cpu/op_checks.h, same words as the checks below): anyone can call them.
 lib.define("_nm_linear_cpu(Tensor x, Tensor values, Tensor meta, int n, int m, Tensor? bias=None) -> Tensor")
 lib.define("_bsr_linear_cpu(Tensor x, Tensor crow, Tensor col, Tensor blocks, Tensor? bias=None) -> Tensor")
 # pruned_attention plus the kept keys' attention mass (fp32 [B, H, kept], averaged over queries).
@@ -38,7 +41,7 @@ lib.define(
     "pruned_attention_with_scores(Tensor q, Tensor k, Tensor v, Tensor keep_idx, bool causal=False, float? scale=None)"
     " -> (Tensor, Tensor)"
 )
-# CPU attention kernels (csrc/cpu/attention*.cpp): same contracts, arguments already checked.
+# CPU attention kernels (csrc/cpu/attention*.cpp): same contracts, arguments checked in C++ too.
 lib.define(
     "_pruned_attention_cpu(Tensor q, Tensor k, Tensor v, Tensor keep_idx, bool causal=False, float? scale=None)"
     " -> Tensor"
@@ -121,8 +124,8 @@ def check_bsr_linear(x, crow, col, blocks, bias) -> None:
     _check_tensor("blocks", blocks)
     _check_tensor("crow", crow, (torch.int32,))
     _check_tensor("col", col, (torch.int32,))
-    if blocks.dim() != 3:
-        raise ValueError(f"blocks: expected [nnz, bm, bk], got shape {tuple(blocks.shape)}")
+    if blocks.dim() != 3 or blocks.shape[1] < 1 or blocks.shape[2] < 1:
+        raise ValueError(f"blocks: expected [nnz, bm, bk] with bm, bk >= 1, got shape {tuple(blocks.shape)}")
     nnz, bm, bk = blocks.shape
     if crow.dim() != 1 or crow.numel() < 1 or col.dim() != 1 or col.numel() != nnz:
         raise ValueError(
@@ -134,6 +137,33 @@ def check_bsr_linear(x, crow, col, blocks, bias) -> None:
     _check_linear_common(x, blocks, "blocks", (crow.numel() - 1) * bm, x.shape[-1] if x.dim() else 0, bias)
     if x.shape[-1] % bk:
         raise ValueError(f"x: last dimension {x.shape[-1]} is not divisible by the block width {bk}")
+
+
+# id(col) -> (weakref to col, stamp of crow/col/K) of BSR indices that passed the value checks.
+_checked_indices: dict[int, tuple[weakref.ref, tuple]] = {}
+
+
+def check_bsr_index_values(crow, col, blocks, k: int) -> None:
+    """crow/col ranges for K = ``k``, refused in the words of the C++ ops (``check_bsr_indices``).
+
+    They read the tensors, so they stay out of the fake impl. Passed once per index tensors
+    (stamp: identity, data pointer, size and version), not per call: on a GPU every scan syncs.
+    Inference tensors have no version counter, so theirs are scanned on every call.
+    """
+    nnz, kb = blocks.shape[0], k // blocks.shape[2]
+    stamp, key = weight_stamp(crow, col, crow.numel(), col.numel(), kb), id(col)
+    hit = _checked_indices.get(key)
+    if stamp is not None and hit is not None and hit[0]() is col and hit[1] == stamp:
+        return
+    check_bsr_indices(crow, col, nnz, kb, ("crow", "col"))
+    if stamp is not None:
+        _checked_indices[key] = (weakref.ref(col, lambda _: _checked_indices.pop(key, None)), stamp)
+
+
+def check_token_scores(q, k, cls_only) -> None:
+    check_attention(q, k)
+    if cls_only and q.shape[2] < 1:
+        raise ValueError(f"q: cls_only scores the first query; expected at least one query, got shape {tuple(q.shape)}")
 
 
 def check_attention(q, k, v=None, keep_idx=None) -> None:
@@ -212,7 +242,7 @@ def _bsr_linear_fake(x, crow, col, blocks, bias=None):
 
 @torch.library.register_fake("sparsekern::token_scores")
 def _token_scores_fake(q, k, causal=False, scale=None, cls_only=False):
-    check_attention(q, k)
+    check_token_scores(q, k, cls_only)
     return q.new_empty(k.shape[:3], dtype=torch.float32)
 
 
@@ -280,6 +310,7 @@ def _nm_linear_impl(x, values, meta, n, m, bias=None):
 
 def _bsr_linear_impl(x, crow, col, blocks, bias=None):
     check_bsr_linear(x, crow, col, blocks, bias)
+    check_bsr_index_values(crow, col, blocks, x.shape[-1])  # before select: no timing on bad indices
     x2 = _flat(x)
     impl = dispatch.select("bsr_linear", x2, crow, col, blocks, bias)
     out = impl.fn(x2, crow, col, blocks, bias)
@@ -288,7 +319,7 @@ def _bsr_linear_impl(x, crow, col, blocks, bias=None):
 
 
 def _token_scores_impl(q, k, causal=False, scale=None, cls_only=False):
-    check_attention(q, k)
+    check_token_scores(q, k, cls_only)
     return dispatch.select("token_scores", q, k, causal, scale, cls_only).fn(q, k, causal, scale, cls_only)
 
 

@@ -42,6 +42,35 @@ def bsr_to_dense(crow: torch.Tensor, col: torch.Tensor, blocks: torch.Tensor, k:
     return dense.permute(0, 2, 1, 3).reshape(rows * bm, k)
 
 
+def check_bsr_indices(
+    crow: torch.Tensor, col: torch.Tensor, nnz: int, kb: int, names: tuple[str, str] = ("crow_indices", "col_indices")
+) -> None:
+    """``crow`` starts at 0, never decreases and ends at ``nnz``; every ``col`` lies in
+    ``0..kb-1`` and increases strictly within a block row. The C++ ops run the same checks in the
+    same order and words (csrc/cpu/op_checks.h), so every backend names the same first bad entry.
+    ``names``: what the caller calls the two tensors (``crow``/``col`` in the ops)."""
+    crow_name, col_name = names
+    crow, col = crow.long(), col.long()
+    if int(crow[0]) != 0 or int(crow[-1]) != nnz:
+        raise ValueError(
+            f"{crow_name}: expected to start at 0 and end at nnz={nnz}, got {int(crow[0])}..{int(crow[-1])}"
+        )
+    step = crow[1:] - crow[:-1]
+    if (step < 0).any():
+        raise ValueError(f"{crow_name}: decreases at block row {int((step < 0).nonzero()[0])}")
+    if not nnz:
+        return
+    bad = ((col < 0) | (col >= kb)).nonzero()
+    if bad.numel():
+        i = int(bad[0])
+        raise ValueError(f"{col_name}: entry {i} is {int(col[i])}, out of range 0..{kb - 1}")
+    row_of = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device), step)
+    bad = ((row_of[1:] == row_of[:-1]) & (col[1:] <= col[:-1])).nonzero()
+    if bad.numel():
+        i = int(bad[0]) + 1
+        raise ValueError(f"{col_name}: block row {int(row_of[i])} has columns out of order or repeated at entry {i}")
+
+
 @dataclass(frozen=True, eq=False)
 class BlockSparseWeight:
     """A ``[out_features, in_features]`` weight stored as its non-zero blocks."""
@@ -109,30 +138,8 @@ class BlockSparseWeight:
 
     def validate(self) -> BlockSparseWeight:
         """Check the index structure: monotone rows, in-range and increasing block columns."""
-        crow, col = self.crow_indices.long(), self.col_indices.long()
-        nnz = self.blocks.shape[0]
         kb = self.shape[1] // self.block[1]
-        if int(crow[0]) != 0 or int(crow[-1]) != nnz:
-            raise ValueError(
-                f"crow_indices: expected to start at 0 and end at nnz={nnz}, got {int(crow[0])}..{int(crow[-1])}"
-            )
-        step = crow[1:] - crow[:-1]
-        if (step < 0).any():
-            r = int((step < 0).nonzero()[0])
-            raise ValueError(f"crow_indices: decreases at block row {r}")
-        if nnz:
-            bad = ((col < 0) | (col >= kb)).nonzero()
-            if bad.numel():
-                i = int(bad[0])
-                raise ValueError(f"col_indices: entry {i} is {int(col[i])}, out of range 0..{kb - 1}")
-            row_of = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device), step)
-            same_row = row_of[1:] == row_of[:-1]
-            bad = (same_row & (col[1:] <= col[:-1])).nonzero()
-            if bad.numel():
-                i = int(bad[0]) + 1
-                raise ValueError(
-                    f"col_indices: block row {int(row_of[i])} has columns out of order or repeated at entry {i}"
-                )
+        check_bsr_indices(self.crow_indices, self.col_indices, self.blocks.shape[0], kb)
         return self
 
     def to_dense(self) -> torch.Tensor:
