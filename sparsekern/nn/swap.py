@@ -19,7 +19,7 @@ from sparsekern.formats.nm import SUPPORTED_DTYPES
 from sparsekern.nn.linear import SparseLinear, dense_weight, is_conv1d, linear_features
 from sparsekern.nn.moe import expert_weights
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
+METHODS = ("magnitude", "wanda", "sparsegpt", "admm")
 
 
 @dataclass
@@ -47,6 +47,7 @@ class SparsifyReport:
     method: str
     pattern: str
     layers: list[LayerReport] = field(default_factory=list)
+    calibration: object = None  # a SequentialInfo (time, memory) when calibrated block by block
 
     @property
     def swapped(self) -> list[LayerReport]:
@@ -161,20 +162,27 @@ def sparsify(
     skip: Iterable[str] | str | None = ("lm_head",),
     overrides: Mapping[str, str | None] | None = None,
     progress: bool = True,
+    sequential: bool | None = None,
 ) -> SparsifyReport:
     """Prune the linear layers of ``model`` in place and swap in :class:`SparseLinear`.
 
     - ``pattern``: ``"2:4"``, ``"4:8"``, ``"block32x32:0.9"``, ``"unstructured:0.5"`` (or a Pattern).
       Unstructured layers stay dense ``nn.Linear`` with zeroed weights: there is no kernel for them.
-    - ``method``: ``"magnitude"``, ``"wanda"`` or ``"sparsegpt"``; the last two need ``calibration``,
+    - ``method``: ``"magnitude"``, ``"wanda"``, ``"sparsegpt"`` or ``"admm"`` (Wanda's mask, then the
+      kept weights refitted by ADMM); all but magnitude need ``calibration``,
       an iterable of model inputs (tensor -> ``model(t)``, tuple -> ``model(*t)``, dict -> ``model(**d)``).
     - ``skip``: layer names to leave alone, by substring or glob.
     - ``overrides``: ``{glob: pattern or None}`` per layer (first matching glob wins; None skips).
+    - ``sequential``: calibrate block by block (Wanda / SparseGPT / ADMM papers' algorithm, one
+      block's statistics in memory; see :mod:`sparsekern.prune.sequential`). ``None`` (default):
+      when the model's blocks are found, else one pass over the dense model; ``True``: required
+      (``ValueError`` naming what was looked for); ``False``: one pass.
 
     Layers whose shape does not fit their pattern are skipped and listed in the report, as are
     weights no kernel takes (fused MoE expert stacks, routers), with the reason.
     """
     from sparsekern.prune import collect_stats, parse_pattern
+    from sparsekern.prune.sequential import check_calibration, prune_sequential
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected torch.nn.Module, got {type(model).__name__}")
@@ -182,6 +190,10 @@ def sparsify(
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     if method != "magnitude" and calibration is None:
         raise ValueError(f"calibration: method {method!r} needs calibration inputs, got None")
+    if sequential not in (None, True, False):
+        raise ValueError(f"sequential: expected None, True or False, got {sequential!r}")
+    if method != "magnitude":
+        calibration = check_calibration(model, calibration)
     skip = [skip] if isinstance(skip, str) else list(skip or ())
     overrides = dict(overrides or {})
     default = parse_pattern(pattern) if isinstance(pattern, str) else pattern
@@ -211,50 +223,64 @@ def sparsify(
         size = p.numel() * p.element_size()
         report.layers.append(LayerReport(name, k, out, None, "skipped", 0.0, size, size, why, experts=e))
 
-    # 2. calibration statistics (one pass over the dense model, hooks on the planned layers).
-    stats = {}
-    if method != "magnitude" and plan:
-        need = ("norm", "hessian") if method == "sparsegpt" else ("norm",)
-        was_training = model.training
-        model.eval()
-        try:
-            stats = collect_stats(
-                model, {n: m for n, (m, _) in plan.items()}, calibration, need=need, progress=progress
-            )
-        finally:
-            model.train(was_training)
-
-    # 3. prune and build every replacement before touching the model.
-    new: dict[str, nn.Module] = {}
+    # 2-3. calibration statistics, then prune and build every replacement before the swap.
     rows = {r.name: r for r in report.layers}
-    names = list(plan)
-    bar = _progress(names, progress)
-    for name in bar:
-        mod, pat = plan[name]
-        st = stats.get(name)
-        kw = {}
-        if st is not None:
-            kw = {"act_norm": st.act_norm, "hessian": getattr(st, "hessian", None)}
+
+    def build(name: str, mod: nn.Module, st=None) -> nn.Module:
+        pat = plan[name][1]
+        kw = {} if st is None else {"act_norm": st.act_norm, "hessian": st.hessian}
         if pat.kind == "unstructured":
-            new[name] = _masked_dense(mod, pat, method, **kw)
-            nnz = int((dense_weight(new[name]) != 0).sum())
+            out = _masked_dense(mod, pat, method, **kw)
+            nnz = int((dense_weight(out) != 0).sum())
             after = _layer_bytes(mod)
             module = "Linear (masked)"
         else:
-            new[name] = SparseLinear.from_linear(mod, pat, method, **kw)
-            nnz = _nnz(new[name])
-            after = new[name].nbytes()
+            out = SparseLinear.from_linear(mod, pat, method, **kw)
+            nnz = _nnz(out)
+            after = out.nbytes()
             module = "SparseLinear"
         r = rows[name]
         r.pattern, r.module, r.bytes_after = str(pat), module, after
         r.sparsity = 1.0 - nnz / (r.in_features * r.out_features)
         if pat.kind == "unstructured":
             r.note = "dense storage: no unstructured kernel"
+        return out
+
+    new: dict[str, nn.Module] = {}
+    layers = {n: m for n, (m, _) in plan.items()}
+    need = ("norm", "hessian") if method in ("sparsegpt", "admm") else ("norm",)
+    if method != "magnitude" and plan and _sequential(model, sequential):
+        # Block by block on the pruned model's own activations (the papers' algorithm); it swaps
+        # as it goes and puts every original back if anything raises.
+        new, report.calibration = prune_sequential(model, layers, calibration, build, need=need, progress=progress)
+    else:
+        stats = {}
+        if method != "magnitude" and plan:
+            # One pass over the dense model: every planned layer's statistics at once.
+            was_training = model.training
+            model.eval()
+            try:
+                stats = collect_stats(model, layers, calibration, need=need, progress=progress)
+            finally:
+                model.train(was_training)
+        for name in _progress(list(plan), progress):
+            new[name] = build(name, plan[name][0], stats.get(name))
 
     # 4. swap.
     for name, mod in new.items():
         _set_submodule(model, name, mod)
     return report
+
+
+def _sequential(model: nn.Module, wanted: bool | None) -> bool:
+    from sparsekern.prune.sequential import find_blocks
+
+    if wanted is False:
+        return False
+    found = find_blocks(model)
+    if isinstance(found, str) and wanted:
+        raise ValueError(f"sequential: True needs the model's blocks; {found}")
+    return not isinstance(found, str)
 
 
 def _nnz(layer: SparseLinear) -> int:

@@ -1,4 +1,4 @@
-"""Mask selection for N:M, block and unstructured sparsity (magnitude, Wanda, SparseGPT),
+"""Mask selection for N:M, block and unstructured sparsity (magnitude, Wanda, SparseGPT, ADMM),
 calibration statistics, and structured pruning that shrinks models (heads, MLP channels, layers).
 
 ``compute_mask`` and ``prune_weight`` work on one ``[out_features, in_features]`` weight (an
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from sparsekern.prune.admm import admm_prune, reconstruction_error
 from sparsekern.prune.calibration import ActivationStats, collect_stats
 from sparsekern.prune.magnitude import layer_sparsity_ratios, magnitude_mask
 from sparsekern.prune.patterns import Pattern, check_divisible, check_mask, check_weight, parse_pattern
@@ -16,7 +17,7 @@ from sparsekern.prune.sparsegpt import sparsegpt_prune
 from sparsekern.prune.structured import drop_layers, prune_heads, prune_mlp_channels
 from sparsekern.prune.wanda import wanda_mask
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
+METHODS = ("magnitude", "wanda", "sparsegpt", "admm")
 
 
 def _prepare(weight, pattern, method) -> Pattern:
@@ -55,6 +56,8 @@ def compute_mask(
         return magnitude_mask(weight, pattern)
     if method == "wanda":
         return wanda_mask(weight, pattern, act_norm)
+    if method == "admm":
+        return admm_prune(weight, pattern, hessian)[1]
     return sparsegpt_prune(weight, pattern, hessian, blocksize=blocksize, percdamp=percdamp)[1]
 
 
@@ -70,10 +73,13 @@ def prune_weight(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(new_weight, mask)``: zeros where pruned, same dtype and device as ``weight``.
 
-    For ``magnitude`` and ``wanda``, ``new_weight == weight * mask``. For ``sparsegpt`` the kept
-    weights are also updated (OBS reconstruction), so in general they differ from ``weight``.
+    For ``magnitude`` and ``wanda``, ``new_weight == weight * mask``. For ``sparsegpt`` (OBS
+    reconstruction) and ``admm`` (Wanda-initialised mask, ADMM refit; both need ``hessian``) the
+    kept weights are also updated, so in general they differ from ``weight``.
     """
     pattern = _prepare(weight, pattern, method)
+    if method == "admm":
+        return admm_prune(weight, pattern, hessian, percdamp=percdamp)
     if method == "sparsegpt":
         return sparsegpt_prune(weight, pattern, hessian, blocksize=blocksize, percdamp=percdamp)
     mask = compute_mask(weight, pattern, method, act_norm=act_norm)
@@ -83,6 +89,7 @@ def prune_weight(
 __all__ = [
     "ActivationStats",
     "METHODS",
+    "admm_prune",
     "Pattern",
     "check_mask",
     "collect_stats",
@@ -93,4 +100,5 @@ __all__ = [
     "prune_heads",
     "prune_mlp_channels",
     "prune_weight",
+    "reconstruction_error",
 ]

@@ -74,7 +74,7 @@ def in_features(module: nn.Module) -> int:
     raise TypeError(f"layers: expected nn.Linear or transformers' Conv1D modules, got {type(module).__name__}")
 
 
-def _call(model: nn.Module, batch, device):
+def call_model(model: nn.Module, batch, device):
     def move(t):
         return t.to(device) if isinstance(t, torch.Tensor) and device is not None else t
 
@@ -87,7 +87,7 @@ def _call(model: nn.Module, batch, device):
     raise TypeError(f"calibration: expected items that are a tensor, a tuple or a dict, got {type(batch).__name__}")
 
 
-def _token_mask(batch) -> torch.Tensor | None:
+def token_mask(batch) -> torch.Tensor | None:
     if (isinstance(batch, dict) or hasattr(batch, "keys")) and "attention_mask" in batch.keys():
         mask = batch["attention_mask"]
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
@@ -160,8 +160,8 @@ def collect_stats(
         model.eval()
         with torch.no_grad():
             for batch in items:
-                current_mask[0] = _token_mask(batch)
-                _call(model, batch, device)
+                current_mask[0] = token_mask(batch)
+                call_model(model, batch, device)
                 n_batches += 1
     finally:
         for h in handles:

@@ -20,10 +20,10 @@ import torch
 from sparsekern.prune.patterns import Pattern, block_mask, tile_view
 
 
-def check_hessian(hessian, in_features: int) -> torch.Tensor:
+def check_hessian(hessian, in_features: int, method: str = "sparsegpt") -> torch.Tensor:
     if hessian is None:
         raise ValueError(
-            "hessian: method 'sparsegpt' needs the layer's input Hessian sum(x x^T), shape "
+            f"hessian: method {method!r} needs the layer's input Hessian sum(x x^T), shape "
             f"[{in_features}, {in_features}] (collect it with collect_stats(..., need=('norm', 'hessian'))), got None"
         )
     if not isinstance(hessian, torch.Tensor):
