@@ -21,7 +21,14 @@ from sparsekern import dispatch
 from sparsekern.backends import dense as dense_backend
 from sparsekern.formats.bsr import BlockSparseWeight
 from sparsekern.formats.nm import NMSparseWeight
-from sparsekern.ops import all_finite, bsr_linear_backward, check_bsr_linear, check_nm_linear, nm_linear_backward
+from sparsekern.ops import (
+    all_finite,
+    bsr_linear_backward,
+    check_bsr_index_values,
+    check_bsr_linear,
+    check_nm_linear,
+    nm_linear_backward,
+)
 
 _NM_TENSORS = ("values", "meta")
 _BSR_TENSORS = ("crow_indices", "col_indices", "blocks")
@@ -206,6 +213,10 @@ class SparseLinear(nn.Module):
         return self._op(x, *weight_args)
 
     def _op(self, x: torch.Tensor, *weight_args) -> torch.Tensor:
+        # The BSR op takes K from x (crow/col/blocks do not carry it): a narrower x whose block
+        # columns happen to cover the stored ones would pass its checks and give a wrong answer.
+        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[-1] != self.in_features:
+            raise ValueError(f"x: expected last dimension {self.in_features} (in_features), got shape {tuple(x.shape)}")
         if self.block is None:
             return torch.ops.sparsekern.nm_linear(x, *weight_args)
         return torch.ops.sparsekern.bsr_linear(x, *weight_args)
@@ -251,7 +262,12 @@ class SparseLinear(nn.Module):
         """``(state, impl, dense weight or None, weight stamp)`` for x's row bucket."""
         args = (x.reshape(-1, self.in_features), *weight_args)
         op = "nm_linear" if self.block is None else "bsr_linear"
-        (check_nm_linear if self.block is None else check_bsr_linear)(*args)
+        # Every check before select: a measurement must never time a candidate on bad input.
+        if self.block is None:
+            check_nm_linear(*args)
+        else:
+            check_bsr_linear(*args)
+            check_bsr_index_values(*weight_args[:3], self.in_features)
         impl = dispatch.select(op, *args)
         stamp = dense_backend.weight_stamp(*tensors)
         if impl.backend != "dense" or stamp is None:
@@ -283,21 +299,39 @@ class SparseLinear(nn.Module):
     # -- state dict --------------------------------------------------------------------------
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        # The incoming weight is checked whole (shapes, then index ranges) before anything is
+        # copied: a bad one is reported through ``errors`` (load_state_dict raises naming the key)
+        # and this layer keeps its tensors; an index out of range would otherwise be read by a kernel.
+        names = self.tensor_names()
+        parts = {name: state_dict.get(prefix + name, getattr(self, name)) for name in names}
+        if all(isinstance(t, torch.Tensor) for t in parts.values()):  # else super() reports it
+            try:
+                self._incoming_weight(parts).validate()
+            except (TypeError, ValueError) as exc:
+                errors.append(f"{prefix}{exc}")
+                return
         # A BSR weight's block count depends on the data; resize to the incoming tensors so a
         # state dict from another pruning of the same layer loads (N:M shapes are fixed).
         if self.block is not None:
             blocks, col = state_dict.get(prefix + "blocks"), state_dict.get(prefix + "col_indices")
             if isinstance(blocks, torch.Tensor) and isinstance(col, torch.Tensor):
-                if blocks.dim() != 3 or tuple(blocks.shape[1:]) != tuple(self.block):
-                    errors.append(
-                        f"{prefix}blocks: expected [nnz, {self.block[0]}, {self.block[1]}], got {tuple(blocks.shape)}"
-                    )
-                    return
                 self.__dict__.pop("_plans", None)  # the density, hence the bucket, may change
                 if blocks.shape[0] != self.blocks.shape[0]:
                     self.blocks.data = self.blocks.new_empty(blocks.shape)
                     self.col_indices = self.col_indices.new_empty(col.shape)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
+
+    def _incoming_weight(self, parts: dict) -> NMSparseWeight | BlockSparseWeight:
+        """The format object a load would produce (index tensors moved next to the values)."""
+        shape = (self.out_features, self.in_features)
+        if self.block is None:
+            values = parts["values"].detach()
+            return NMSparseWeight(values, parts["meta"].to(values.device), self.n, self.m, shape)
+        blocks = parts["blocks"].detach()
+        if blocks.dim() != 3 or tuple(blocks.shape[1:]) != tuple(self.block):
+            raise ValueError(f"blocks: expected [nnz, {self.block[0]}, {self.block[1]}], got {tuple(blocks.shape)}")
+        crow, col = parts["crow_indices"].to(blocks.device), parts["col_indices"].to(blocks.device)
+        return BlockSparseWeight(crow, col, blocks, shape)
 
 
 class _PlannedAutograd(torch.autograd.Function):
