@@ -225,3 +225,39 @@ def test_serve_refuses_a_bad_port():
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 2 and "--port: expected 1..65535, got 70000" in proc.stderr
+
+
+def test_bench_serve_suite_reports_and_kills_its_servers(tmp_path, folder):
+    from sparsekern.bench import serve as bench_serve
+
+    res = bench_serve.run(
+        str(folder), compare=str(folder), clients=(1, 2), duration=1.0, max_tokens=4, out=str(tmp_path), show=False
+    )
+    assert [m["name"] for m in res["models"]] == ["tiny-2of4", "tiny-2of4"]
+    for m in res["models"]:
+        assert [r["clients"] for r in m["rows"]] == [1, 2]
+        for r in m["rows"]:
+            assert r["requests"] >= 1 and r["failed"] == 0 and r["tokens_per_s"] > 0
+            assert 0 < r["ttft_p50_ms"] <= r["ttft_p95_ms"] and r["server_rss_mb"] > 0
+    assert len(res["speedup"]) == 2
+    assert os.path.exists(res["files"]["png"]) and json.loads(open(res["files"]["json"]).read())["models"]
+    # no `sparsekern serve` of this folder is left running
+    left = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"serve" in cmd and str(folder).encode() in cmd and b"--host" in cmd:
+            left.append(pid)
+    assert not left
+
+
+def test_bench_serve_refuses_bad_arguments(tmp_path):
+    from sparsekern.bench import serve as bench_serve
+
+    with pytest.raises(ValueError, match="model: expected a model folder, got"):
+        bench_serve.run(str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match=r"clients: expected positive integers, got \(0,\)"):
+        bench_serve.run(str(tmp_path), clients=(0,))

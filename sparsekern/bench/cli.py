@@ -26,8 +26,8 @@ def register(subparsers) -> None:
         description="Layer / attention / model benchmarks with roofline, JSON and PNG output.",
     )
     p.add_argument("--quick", action="store_true", help="a small subset that runs in about a minute")
-    p.add_argument("--suite", choices=("layer", "attention", "model", "all"), action="append",
-                   help="suite to run (repeatable; default: layer and attention)")  # fmt: skip
+    p.add_argument("--suite", choices=("layer", "attention", "model", "serve", "all"), action="append",
+                   help="suite to run (repeatable; default: layer and attention; serve: see --clients)")  # fmt: skip
     p.add_argument("--tune", action="store_true", help="re-measure dispatch choices for every benchmarked shape")
     p.add_argument(
         "--out",
@@ -35,7 +35,13 @@ def register(subparsers) -> None:
         help="results directory (default: %(default)s; commit curated runs to bench/results/)",
     )
     p.add_argument("--no-out", action="store_true", help="write no files")
-    p.add_argument("--compare", metavar="OLD.json", help="print new/old time ratios for rows found in an earlier run")
+    p.add_argument("--compare", metavar="OLD.json", help="print new/old time ratios for rows found in an earlier run; "
+                   "with --suite serve: a second model folder (e.g. the dense one) served the same way")  # fmt: skip
+    p.add_argument(
+        "--clients", type=_csv(int), default=(1, 4, 8), help="serve suite: concurrent clients (default 1,4,8)"
+    )
+    p.add_argument("--duration", type=float, default=30.0, help="serve suite: seconds of load per client count")
+    p.add_argument("--max-tokens", type=int, default=64, help="serve suite: tokens generated per request")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=sorted(_DTYPES), help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--shapes", type=_csv(str), help="layer shapes by name, e.g. llama7b.attn,vit-b.fc1")
@@ -48,6 +54,15 @@ def register(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.suite and "serve" in args.suite:  # a server under load, not kernel timings: its own runner
+        from sparsekern.bench import serve
+
+        if not args.model:
+            raise SystemExit("sparsekern bench --suite serve: --model DIR is required")
+        out = None if args.no_out else ("bench/results" if args.out == "sparsekern_results" else args.out)
+        res = serve.run(args.model, compare=args.compare, clients=args.clients, duration=args.duration,
+                        max_tokens=args.max_tokens, device=args.device or "cpu", out=out)  # fmt: skip
+        return 0 if all(r["requests"] and not r["failed"] for m in res["models"] for r in m["rows"]) else 1
     from sparsekern.bench.runner import run
 
     res = run(

@@ -54,11 +54,15 @@ def preflight(folder: str) -> dict:
     return config
 
 
-def build_app(folder: str, name: str | None = None, device: str = "auto", dtype: str = "auto"):
-    """A FastAPI app serving the model in ``folder`` under ``name`` (default: the folder's name)."""
+def build_app(folder: str, name: str | None = None, device: str = "auto", dtype: str = "auto", concurrency: int = 8):
+    """A FastAPI app serving the model in ``folder`` under ``name`` (default: the folder's name).
+
+    The paged KV cache holds ``concurrency`` full contexts; more concurrent requests queue.
+    """
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
+    from transformers import ContinuousBatchingConfig
     from transformers.cli.serving.chat_completion import ChatCompletionHandler
     from transformers.cli.serving.completion import CompletionHandler
     from transformers.cli.serving.model_manager import ModelManager
@@ -66,14 +70,13 @@ def build_app(folder: str, name: str | None = None, device: str = "auto", dtype:
 
     import sparsekern.hf
 
+    if not isinstance(concurrency, int) or concurrency < 1:
+        raise ValueError(f"concurrency: expected a positive int, got {concurrency!r}")
     sparsekern.hf.register()
     preflight(folder)
     name = name or os.path.basename(os.path.normpath(folder))
     manager = ModelManager(device=device, dtype=dtype, continuous_batching=True, force_model=folder)
     model, tokenizer = manager.load_model_and_processor(manager.process_model_name(folder))
-    state = GenerationState(continuous_batching=True)
-    chat = ChatCompletionHandler(model_manager=manager, generation_state=state)
-    completion = CompletionHandler(model_manager=manager, generation_state=state)
     text_config = model.config.get_text_config()
     served = Served(
         name=name,
@@ -82,6 +85,15 @@ def build_app(folder: str, name: str | None = None, device: str = "auto", dtype:
         context=int(getattr(text_config, "max_position_embeddings", 0) or 2048),
         tokenizer=getattr(tokenizer, "tokenizer", tokenizer),
     )
+    # NOTE: left to itself, continuous batching sizes its KV cache from free memory: 14 GB of
+    # RSS on a 128 GB CPU host for a 2-layer test model, allocated on the first request (29 s).
+    page = ContinuousBatchingConfig.page_size
+    cb = ContinuousBatchingConfig(
+        num_blocks=-(-concurrency * served.context // page), max_batch_tokens=max(served.context, page)
+    )
+    state = GenerationState(continuous_batching=True, cb_config=cb)
+    chat = ChatCompletionHandler(model_manager=manager, generation_state=state)
+    completion = CompletionHandler(model_manager=manager, generation_state=state)
 
     @asynccontextmanager
     async def lifespan(app):

@@ -23,6 +23,7 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="weights dtype (default: as saved)")
     p.add_argument("--device", default="auto", help="'cpu', 'cuda', 'cuda:0' or 'auto' (default)")
     p.add_argument("--name", help="model name clients use (default: the folder's name)")
+    p.add_argument("--concurrency", type=int, default=8, help="requests batched at once; more queue (default 8)")
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=run)
 
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from sparsekern.serve.app import build_app
 
     try:
-        app = build_app(args.folder, name=args.name, device=args.device, dtype=args.dtype)
+        app = build_app(args.folder, name=args.name, device=args.device, dtype=args.dtype, concurrency=args.concurrency)
     except (ValueError, OSError) as exc:
         print(f"sparsekern serve: {exc}", file=sys.stderr)
         return 2
