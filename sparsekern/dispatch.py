@@ -12,9 +12,13 @@ the arguments is an error (never a silent fallback) and is never measured.
 ``"auto"`` follows ``SPARSEKERN_DISPATCH``:
 
 - ``measured`` (default): for each (op, device, dtype, shape bucket) the first call times every
-  auto-enabled candidate on the real arguments (warm-up, then a few interleaved reps, median)
-  and keeps the winner, in memory and in a JSON file per device + sparsekern + torch version
-  under ``$SPARSEKERN_CACHE_DIR`` (default ``~/.cache/sparsekern``). For the linears the
+  auto-enabled candidate on the real arguments (warm-up, then interleaved rounds, minimum; a
+  time the roofline says is implausible is measured again, :mod:`sparsekern.dispatch_measure`)
+  and keeps the winner, in memory and in a JSON file per device, build, ISA and thread count
+  under ``$SPARSEKERN_CACHE_DIR`` (default ``~/.cache/sparsekern``; :mod:`.dispatch_cache`).
+  On CPU, 1 auto call in :data:`SAMPLE_EVERY` is timed (:func:`probe`); when two samples in a row are more than
+  :data:`DRIFT` times off the stored figure of the chosen backend, or the entry was stored under
+  suspicion (a candidate stayed implausibly slow), the bucket is measured again. For the linears the
   ``"dense"`` fallback is a candidate and wins unless a sparse kernel is at least
   :data:`MARGIN` (5%) faster: the promise that a swapped layer is never more than 5% slower than
   the dense layer it replaced. ``"reference"`` (decompress on every call) is not timed when
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import logging
 import os
 import time
@@ -36,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from sparsekern import dispatch_cache
+from sparsekern import dispatch_cache, dispatch_measure
 
 log = logging.getLogger("sparsekern")
 
@@ -52,11 +57,13 @@ MARGIN = 0.05
 # dense 17.0 vs 9.3 us (the NaN/Inf handling of the CPU kernels is in C++; a Python-side scan
 # for kernels without nonfinite_exact adds ~3 us, covered here).
 SPARSE_CALL_OVERHEAD_S = 4e-6
-# Measurement budget per candidate (seconds, after the warm-up) and bounds on the reps.
-# NOTE: 3 reps minimum keeps the median meaningful; 0.05 s keeps a first call of a decode
-# shape (4096x4096 fp32, ~5 ms dense here on 2 cores) at ~10 reps per candidate, ~0.2 s in all.
-MEASURE_BUDGET_S = 0.05
-MIN_REPS, MAX_REPS = 3, 15
+# Drift check: 1 auto call in SAMPLE_EVERY per bucket is timed (~1 us: two clock reads); two
+# samples in a row off the stored figure by more than DRIFT x (either way) re-measure the bucket.
+SAMPLE_EVERY = 64
+DRIFT = 2.0
+# Re-measurements of a bucket whose candidates stayed implausibly slow (see dispatch_measure):
+# each is done at a later sample, when the disturbance may be gone.
+SUSPECT_RETRIES = 3
 
 Supports = Callable[..., "str | None"]
 
@@ -78,15 +85,14 @@ class Impl:
 
 
 _registry: dict[str, dict[str, Impl]] = {}
-# (cache file, bucket key) -> the chosen Impl: the per-call fast path of the measured policy.
-# Cleared whenever the registry or the stored choices change.
+# (cache file, bucket key) -> the chosen Impl (its fn wrapped by :func:`probe`): the per-call
+# fast path of the measured policy. Cleared whenever the registry or the stored choices change.
 _chosen: dict[tuple[Path, str], Impl] = {}
 # Bumped with every such change: callers that remember a choice themselves (SparseLinear's
 # per-module plans) compare it with :func:`state` to know when to ask again.
 _generation = 0
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("sparsekern_backend", default=None)
-# True while candidates are being timed: a candidate that calls a public op must not re-measure.
-_measuring: contextvars.ContextVar[bool] = contextvars.ContextVar("sparsekern_measuring", default=False)
+_measuring = dispatch_measure.measuring
 
 
 def _always(*args, **kwargs) -> None:
@@ -209,42 +215,7 @@ def _device_of(args) -> torch.device:
     return next(a for a in args if isinstance(a, torch.Tensor)).device
 
 
-def _timed(fn: Callable, args: tuple, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    fn(*args)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - t0
-
-
-def time_impls(impls: list[Impl], args: tuple) -> dict[str, float]:
-    """Median seconds per call of each implementation on ``args`` (called directly, no dispatch).
-
-    Reps are interleaved across candidates so load from other processes hits all of them alike.
-    A candidate that raises is left out (and logged).
-    """
-    device = _device_of(args)
-    samples: dict[str, list[float]] = {}
-    token = _measuring.set(True)
-    try:
-        with torch.no_grad():
-            for impl in impls:
-                try:
-                    _timed(impl.fn, args, device)  # warm-up: caches, lazy compilation, dense copy
-                    samples[impl.backend] = [_timed(impl.fn, args, device)]
-                except Exception as exc:  # noqa: BLE001
-                    log.warning("sparsekern: backend %s failed on %s, not a candidate: %s", impl.backend, impl.op, exc)
-            slowest = max((s[0] for s in samples.values()), default=0.0)
-            reps = max(MIN_REPS, min(MAX_REPS, int(MEASURE_BUDGET_S / max(slowest, 1e-6))))
-            by_name = {i.backend: i for i in impls}
-            for _ in range(reps - 1):
-                for name in samples:
-                    samples[name].append(_timed(by_name[name].fn, args, device))
-    finally:
-        _measuring.reset(token)
-    return {name: sorted(s)[len(s) // 2] for name, s in samples.items()}
+time_impls = dispatch_measure.time_impls  # module attribute: tests replace it
 
 
 def decide(times: dict[str, float]) -> str:
@@ -263,8 +234,12 @@ def _timing_set(found: list[Impl]) -> list[Impl]:
     return [i for i in found if not (i.backend == "reference" and "dense" in names)]
 
 
-def tune(op: str, *args) -> tuple[str, dict[str, float]]:
-    """Time the auto candidates of ``op`` on ``args`` now, store the winner; ``(winner, seconds)``."""
+def tune(op: str, *args, retries: int = SUSPECT_RETRIES) -> tuple[str, dict[str, float]]:
+    """Time the auto candidates of ``op`` on ``args`` now, store the winner; ``(winner, seconds)``.
+
+    Times above the roofline's slack are measured again (twice at most, keeping the minimum);
+    if some stay implausible the entry is stored as suspect, to be measured again ``retries``
+    times at later drift samples."""
     found = candidates(op, *args)
     if not found:
         raise RuntimeError(f"sparsekern: no backend can run {op} on these inputs")
@@ -273,7 +248,15 @@ def tune(op: str, *args) -> tuple[str, dict[str, float]]:
     times = {timed[0].backend: float("nan")} if len(timed) == 1 else time_impls(timed, args)
     if not times:
         raise RuntimeError(f"sparsekern: every backend failed on {op} with these inputs")
-    return record(op, args, times), times
+    slow = dispatch_measure.implausible(op, args, times) if len(times) > 1 else []
+    for _ in range(2):
+        if not slow:
+            break
+        log.info("sparsekern: %s %s: implausible times %s, measuring again", op, bucket_key(op, *args), slow)
+        again = time_impls([i for i in timed if i.backend in times], args)
+        times = {b: min(t, again.get(b, t)) for b, t in times.items()}
+        slow = dispatch_measure.implausible(op, args, times)
+    return record(op, args, times, suspect=retries if slow else 0), times
 
 
 def timing_set(op: str, *args) -> list[str]:
@@ -281,9 +264,10 @@ def timing_set(op: str, *args) -> list[str]:
     return [i.backend for i in _timing_set(candidates(op, *args))]
 
 
-def record(op: str, args: tuple, times: dict[str, float]) -> str:
+def record(op: str, args: tuple, times: dict[str, float], suspect: int = 0) -> str:
     """Store the winner of ``times`` (seconds per backend, measured elsewhere, e.g. by the
-    benchmark) as the choice for ``args``'s bucket; returns the winner."""
+    benchmark) as the choice for ``args``'s bucket; returns the winner. ``suspect``: how many
+    more times drift samples should measure this bucket again."""
     found = candidates(op, *args)
     times = {b: t for b, t in times.items() if b in {i.backend for i in found}}
     if not times:
@@ -296,10 +280,11 @@ def record(op: str, args: tuple, times: dict[str, float]) -> str:
     path = cache_path(device)
     with _lock:
         _invalidate()
-        dispatch_cache.entries(path)[bucket_key(op, *args)] = {
-            "backend": winner,
-            "times_ms": {b: round(t * 1e3, 4) for b, t in times.items() if t == t},
-        }
+        entry = {"backend": winner, "times_ms": {b: round(t * 1e3, 4) for b, t in times.items() if t == t}}
+        entry["args"] = dispatch_cache.recipe(op, args)
+        if suspect:
+            entry["suspect"] = suspect
+        dispatch_cache.put(path, bucket_key(op, *args), entry)
         dispatch_cache.write(path, device)
     log.info("sparsekern: %s %s -> %s %s", op, bucket_key(op, *args), winner, times)
     return winner
@@ -332,15 +317,56 @@ def _fast_auto(op: str, args: tuple) -> Impl | None:
     """The remembered choice for ``args``'s bucket if it still supports them (no registry scan)."""
     if _chooser is not _measured or _measuring.get() or policy() != "measured":
         return None
-    key = (cache_path(_device_of(args)), bucket_key(op, *args))
-    impl = _chosen.get(key)
+    impl = _chosen.get((cache_path(_device_of(args)), bucket_key(op, *args)))
     if impl is not None and impl.supports(*args) is None:
         return impl
     return None
 
 
+def probe(op: str, args: tuple, impl: Impl, fn: Callable | None = None) -> Callable:
+    """``fn`` (default ``impl.fn``) timing 1 call in :data:`SAMPLE_EVERY` for the drift check
+    (:func:`_check_drift`), where that applies: ``auto`` under the measured policy, on CPU;
+    ``fn`` itself elsewhere. Callers that hold a backend across calls (plans) hold this."""
+    fn = fn or impl.fn
+    if _chooser is not _measured or policy() != "measured" or current_backend() != "auto":
+        return fn
+    if _device_of(args).type != "cpu":  # timing a GPU call would synchronize the stream
+        return fn
+    key = (cache_path(_device_of(args)), bucket_key(op, *args))
+    count = [SAMPLE_EVERY, 0]  # calls until the next sample, drifted samples in a row
+
+    def sampled(*call_args):
+        count[0] -= 1
+        if count[0] > 0 or _measuring.get():
+            return fn(*call_args)
+        count[0] = SAMPLE_EVERY
+        t0 = time.perf_counter()
+        out = fn(*call_args)
+        _check_drift(op, key, impl.backend, count, call_args, time.perf_counter() - t0)
+        return out
+
+    return sampled
+
+
+def _check_drift(op: str, key: tuple, backend: str, count: list, args: tuple, seconds: float) -> None:
+    """Measure ``key``'s bucket again when its entry is suspect or two samples in a row drifted."""
+    entry = dispatch_cache.entries(key[0]).get(key[1], {})
+    stored = entry.get("times_ms", {}).get(backend)
+    drifted = isinstance(stored, (int, float)) and stored > 0 and not 1 / DRIFT <= seconds * 1e3 / stored <= DRIFT
+    count[1] = count[1] + 1 if drifted else 0
+    suspect = entry.get("suspect", 0)
+    if count[1] >= 2 or (isinstance(suspect, int) and suspect > 0):
+        log.info(
+            "sparsekern: %s %s: call took %.3g ms, stored %s ms; measuring again", op, key[1], seconds * 1e3, stored
+        )
+        count[1] = 0
+        with _lock:
+            tune(op, *args, retries=max(0, suspect - 1) if suspect else SUSPECT_RETRIES)
+
+
 def _remember(op: str, args: tuple, impl: Impl) -> Impl:
     if _chooser is _measured and policy() == "measured" and not _measuring.get():
+        impl = dataclasses.replace(impl, fn=probe(op, args, impl))
         _chosen[(cache_path(_device_of(args)), bucket_key(op, *args))] = impl
     return impl
 

@@ -1,15 +1,23 @@
-"""The on-disk side of measured dispatch: one JSON file of winners per device and version.
+"""The on-disk side of measured dispatch: one JSON file of winners per device and build.
 
-``~/.cache/sparsekern/dispatch-<device>-sk<version>-torch<version>.json`` (or under
-``$SPARSEKERN_CACHE_DIR``) maps a bucket key (:func:`bucket_key`: op, dtype, shape bucket) to
-``{"backend": name, "times_ms": {...}}``. Files are replaced atomically and merged with what
-other processes wrote meanwhile; a missing, partial or corrupt file counts as empty. Everything
-here is guarded by :data:`lock`, which :mod:`sparsekern.dispatch` also holds while it measures.
+``~/.cache/sparsekern/dispatch-<device>-sk<version>-torch<version>-<build>-<isa>-t<threads>.json``
+(or under ``$SPARSEKERN_CACHE_DIR``) maps a bucket key (:func:`bucket_key`: op, dtype, shape
+bucket) to ``{"backend": name, "times_ms": {...}, "args": recipe}``. The file name carries
+everything a timing depends on besides the shape: the compiled extension (a hash of its file),
+the CPU ISA in use and the thread count, so a rebuilt kernel or another thread count never
+reuses old answers. Writes take an exclusive ``flock`` on ``<file>.lock``, re-read the file,
+merge the entries this process changed and replace the file atomically (temp file, fsync,
+rename): concurrent processes lose no entries. A missing, partial or corrupt file counts as
+empty. Everything here is guarded by :data:`lock`, which :mod:`sparsekern.dispatch` also holds
+while it measures.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -17,7 +25,7 @@ import platform
 import re
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -83,7 +91,9 @@ def bucket_key(op: str, *args) -> str:
 lock = threading.RLock()
 _memory: dict[Path, dict[str, dict]] = {}  # cache file -> key -> {"backend", "times_ms"}
 _device_names: dict[str, str] = {}
-_paths: dict[tuple[str, str], Path] = {}
+_paths: dict[tuple, Path] = {}
+_identities: dict[Path, dict] = {}
+_dirty: dict[Path, set[str]] = {}  # keys this process changed since its last write
 
 
 def device_name(device: torch.device) -> str:
@@ -107,15 +117,64 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SPARSEKERN_CACHE_DIR") or Path.home() / ".cache" / "sparsekern")
 
 
+@functools.cache
+def build_id() -> str:
+    """Short hash of the compiled extension's file ("noext" without one): a rebuilt kernel is a
+    new build, whatever the version string says."""
+    from sparsekern import _extension
+
+    if not _extension.HAS_C_EXT:
+        return "noext"
+    from sparsekern import _C
+
+    h = hashlib.sha256()
+    with contextlib.suppress(OSError), open(_C.__file__, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:12]
+
+
+def cpu_isa() -> str:
+    from sparsekern.info import cpu_isa as isa
+
+    return isa().split(" ")[0]  # "avx2"; "none (...)" without the extension
+
+
+_RAW_ENV = getattr(os.environ, "_data", None)
+if not isinstance(_RAW_ENV, dict):
+    _RAW_ENV = None
+
+
+def _env_key() -> tuple:
+    """What picks the file besides the device, read cheaply (this runs on every auto call)."""
+    if _RAW_ENV is not None:
+        return _RAW_ENV.get(b"SPARSEKERN_CACHE_DIR"), _RAW_ENV.get(b"SPARSEKERN_CPU_ISA")
+    return os.environ.get("SPARSEKERN_CACHE_DIR"), os.environ.get("SPARSEKERN_CPU_ISA")
+
+
+def identity(device: torch.device) -> dict[str, object]:
+    """Everything a stored timing depends on besides the op and shape."""
+    import sparsekern
+
+    ident: dict[str, object] = {"device": device_name(device), "sparsekern": sparsekern.__version__}
+    ident |= {"torch": torch.__version__, "build": build_id()}
+    if device.type == "cpu":
+        ident |= {"isa": cpu_isa(), "threads": torch.get_num_threads()}
+    return ident
+
+
 def cache_path(device: torch.device) -> Path:
-    """The JSON file holding the winners for ``device`` with this sparsekern and torch."""
-    key = (str(device), os.environ.get("SPARSEKERN_CACHE_DIR", ""))
+    """The JSON file holding the winners for ``device`` with this build, ISA and thread count."""
+    key = (str(device), torch.get_num_threads(), *_env_key())
     path = _paths.get(key)
     if path is None:
-        import sparsekern
-
-        slug = re.sub(r"[^A-Za-z0-9.]+", "-", device_name(device)).strip("-")
-        path = _paths[key] = cache_dir() / f"dispatch-{slug}-sk{sparsekern.__version__}-torch{torch.__version__}.json"
+        ident = identity(device)
+        parts = [ident["device"], f"sk{ident['sparsekern']}", f"torch{ident['torch']}", ident["build"]]
+        if "isa" in ident:
+            parts += [ident["isa"], f"t{ident['threads']}"]
+        slug = re.sub(r"[^A-Za-z0-9.+]+", "-", "-".join(str(p) for p in parts)).strip("-")
+        path = _paths[key] = cache_dir() / f"dispatch-{slug}.json"
+        _identities[path] = ident
     return path
 
 
@@ -140,29 +199,93 @@ def entries(path: Path) -> dict[str, dict]:
         return _memory[path]
 
 
-def write(path: Path, device: torch.device) -> None:
-    """Merge with what other processes wrote meanwhile, then replace the file atomically."""
+def put(path: Path, key: str, entry: dict) -> None:
+    """Set one entry (in memory; :func:`write` stores it)."""
     with lock:
-        merged = {**_read(path), **_memory.get(path, {})}
-        _memory[path] = merged
+        entries(path)[key] = entry
+        _dirty.setdefault(path, set()).add(key)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _replace(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write(path: Path, device: torch.device) -> None:
+    """Under the file lock: re-read, merge the entries this process changed, replace atomically."""
+    with lock:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump({"device": device_name(device), "torch": torch.__version__, "entries": merged}, f, indent=1)
-            os.replace(tmp, path)
+            with _file_lock(path):
+                mine = entries(path)
+                merged = _read(path) | {k: mine[k] for k in _dirty.get(path, ()) if k in mine}
+                _replace(path, {**_identities.get(path, identity(device)), "entries": merged})
+            _memory[path] = merged
+            _dirty.pop(path, None)
         except OSError as exc:  # read-only home, full disk: keep the in-memory choice
             log.info("sparsekern: could not write dispatch cache %s: %s", path, exc)
-            with contextlib.suppress(OSError, UnboundLocalError):
-                os.unlink(tmp)
+
+
+def files() -> list[Path]:
+    """Every dispatch cache file in :func:`cache_dir` (any device, build, ISA, thread count)."""
+    return sorted(cache_dir().glob("dispatch-*.json"))
+
+
+def read_file(path: Path) -> tuple[dict, dict[str, dict]]:
+    """(identity fields, entries) of one cache file, for listing."""
+    try:
+        data = json.loads(path.read_text())
+        head = {k: v for k, v in data.items() if k != "entries"} if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        head = {}
+    return head, _read(path)
 
 
 def forget(disk: bool = False) -> None:
-    """Drop the in-memory choices (with ``disk`` also delete the cache files)."""
+    """Drop the in-memory choices (with ``disk`` also delete the cache files and their locks)."""
     with lock:
         paths = list(_memory)
         _memory.clear()
+        _dirty.clear()
         if disk:
-            for p in set(paths) | set(cache_dir().glob("dispatch-*.json")):
-                with contextlib.suppress(OSError):
-                    p.unlink()
+            for p in set(paths) | set(files()):
+                for q in (p, p.with_name(p.name + ".lock")):
+                    with contextlib.suppress(OSError):
+                        q.unlink()
+
+
+# -- recipes: enough to rebuild synthetic arguments for `sparsekern dispatch retune` -----------
+
+
+def recipe(op: str, args: tuple) -> dict | None:
+    """The shape, pattern and dtype of a linear's arguments (None for other ops)."""
+    x = args[0]
+    base = {"rows": int(x.shape[0]), "k": int(x.shape[-1]), "dtype": str(x.dtype).removeprefix("torch.")}
+    if op == "nm_linear":
+        values, _, n, m = args[1:5]
+        return base | {"out": int(values.shape[0]), "n": int(n), "m": int(m)}
+    if op == "bsr_linear":
+        crow, col, blocks = args[1:4]
+        nnz, bm, bk = blocks.shape
+        density = nnz / max(1, (crow.numel() - 1) * (x.shape[-1] // bk))
+        return base | {"out": int((crow.numel() - 1) * bm), "block": [int(bm), int(bk)], "density": density}
+    return None
