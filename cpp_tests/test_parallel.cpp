@@ -105,7 +105,8 @@ int test_exceptions() {
 void sleepy_helper() { std::this_thread::sleep_for(std::chrono::milliseconds(300)); }
 
 // A helper that is descheduled when the job starts (here: sleeps 300 ms on wake-up) must not
-// delay the caller: the caller does all the work and returns without waiting for it.
+// delay the caller: the caller does all the work and returns without waiting for it. (Waiting
+// for it costs >= 300 ms per run, 3 runs: the 600 ms bound leaves room for a loaded machine.)
 int test_late_helper() {
   ThreadPool pool(sleepy_helper);
   std::atomic<int> off_caller{0};
@@ -119,7 +120,7 @@ int test_late_helper() {
   }
   const double ms = ms_since(t0);
   std::printf("late helper: 3 runs of 32 x 0.2 ms in %.1f ms, %d chunks off the caller\n", ms, off_caller.load());
-  if (ms > 250) return fail("the caller waited for a helper that had not started");
+  if (ms > 600) return fail("the caller waited for a helper that had not started");
   return 0;
 }
 
