@@ -34,6 +34,7 @@ _LAZY = {
     "H2OCache": "sparsekern.nn.attention",
     "save": "sparsekern.checkpoint",
     "load": "sparsekern.checkpoint",
+    "generate": "sparsekern.lean",
 }
 
 
