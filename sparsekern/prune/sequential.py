@@ -4,8 +4,8 @@ The calibration inputs are captured where they enter block 0 (a forward pre-hook
 forward with a private exception, so the rest of the model never runs), together with block 0's
 call arguments (attention mask, rotary ``(cos, sin)``, position ids; caches dropped). Then for
 each block i: run the captured inputs through block i with hooks on its linears (Wanda's norms
-or the Hessian ``X^T X``, for block i's layers only), prune those layers, swap the pruned modules
-in, and run block i again: its outputs, computed with the PRUNED weights, are block i+1's inputs.
+or the Hessian ``X^T X``, for block i's layers only), prune those layers, and run block i again
+with the pruned weights: its outputs, computed with the PRUNED weights, are block i+1's inputs.
 So each layer is fitted to the inputs the pruned model really feeds it, and the extra memory is
 one block's statistics plus two copies of the calibration activations, never the whole model's
 statistics (~28 GB of fp32 Hessians for a 7B model in one pass).
@@ -18,6 +18,7 @@ BERT pooler) are pruned last, from one pass over the already-pruned model.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sparsekern.prune.calibration import ActivationStats, call_model, collect_stats, in_features, token_mask
+from sparsekern.prune.calibration import ActivationStats, call_model, collect_stats, in_features, is_conv1d, token_mask
 
 BLOCK_NAMES = ("layers", "h", "layer", "blocks")
 LOOKED_FOR = "one nn.ModuleList of identical blocks named *.layers, *.h, *.layer or *.blocks"
@@ -260,10 +261,12 @@ def prune_sequential(
 ) -> tuple[dict[str, nn.Module], SequentialInfo]:
     """Prune ``layers`` block by block; returns ``({name: new module}, info)``.
 
-    ``build(name, module, stats)`` returns the pruned replacement of one layer; it is swapped into
-    ``model`` at once (later blocks must see pruned weights). If anything raises, every original
-    module is put back, so the model is unchanged. ``ValueError`` when the model has no block
-    list this understands (see :func:`find_blocks`).
+    ``build(name, module, stats)`` returns the pruned replacement of one layer (a module whose
+    ``.weight`` is the dense ``[out, in]`` pruned weight, or a Linear / Conv1D). Blocks run with
+    the pruned weights copied into the original layers and restored after, so ``model`` ends as
+    it began; only when layers outside the blocks need statistics are the pruned block layers
+    swapped in first (and swapped back if anything raises). The caller swaps the result in.
+    ``ValueError`` when the model has no block list this understands (see :func:`find_blocks`).
     """
     t0 = time.perf_counter()
     found = find_blocks(model)
@@ -281,8 +284,8 @@ def prune_sequential(
         else:
             outside[name] = mod
 
-    originals: dict[str, nn.Module] = {}
     new: dict[str, nn.Module] = {}
+    swapped: list[str] = []
     rss0 = _rss()
     was_training = model.training
     model.eval()
@@ -303,23 +306,54 @@ def prune_sequential(
                     info.rss_peak = max(info.rss_peak, _rss())
                     for name, mod in per_block[i].items():
                         new[name] = build(name, mod, stats[name])
-                        originals[name] = mod
-                        _swap(model, name, new[name])
                     del stats
-                hidden = [_run_block(block, h, a, k) for h, (a, k, _) in zip(hidden, captured)]
+                with _pruned_weights(per_block[i], new):
+                    hidden = [_run_block(block, h, a, k) for h, (a, k, _) in zip(hidden, captured)]
             del hidden
             if outside:
+                # Their inputs come from the whole pruned model: swap the pruned blocks in first.
+                for name in _names(per_block):
+                    _swap(model, name, new[name])
+                    swapped.append(name)
                 stats = collect_stats(model, outside, items, need=tuple(need))
                 for name, mod in outside.items():
                     new[name] = build(name, mod, stats[name])
     except BaseException:
-        for name, mod in originals.items():
-            _swap(model, name, mod)
+        for name in swapped:
+            _swap(model, name, layers[name])
         raise
     finally:
         model.train(was_training)
     info.seconds = time.perf_counter() - t0
     return new, info
+
+
+def _names(per_block: list[dict[str, nn.Module]]) -> list[str]:
+    return [name for layers in per_block for name in layers]
+
+
+@contextlib.contextmanager
+def _pruned_weights(layers: dict[str, nn.Module], new: dict[str, nn.Module]):
+    """Run with the pruned weights copied into the original layers; put the originals back after.
+
+    The block then computes exactly what the pruned dense model would, and the compressed modules
+    never run here (their first call plans and may time kernels: seconds per new shape).
+    """
+    from sparsekern.nn.linear import dense_weight
+
+    saved = {}
+    try:
+        for name, mod in layers.items():
+            if new[name] is mod:
+                continue
+            w = dense_weight(mod)
+            saved[name] = w.detach().clone()
+            rep = new[name]
+            w.copy_(dense_weight(rep) if isinstance(rep, nn.Linear) or is_conv1d(rep) else rep.weight)
+        yield
+    finally:
+        for name, w in saved.items():
+            dense_weight(layers[name]).copy_(w)
 
 
 def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
