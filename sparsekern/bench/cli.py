@@ -26,8 +26,9 @@ def register(subparsers) -> None:
         description="Layer / attention / model benchmarks with roofline, JSON and PNG output.",
     )
     p.add_argument("--quick", action="store_true", help="a small subset that runs in about a minute")
-    p.add_argument("--suite", choices=("layer", "attention", "model", "serve", "all"), action="append",
-                   help="suite to run (repeatable; default: layer and attention; serve: see --clients)")  # fmt: skip
+    p.add_argument("--suite", choices=("layer", "attention", "model", "serve", "generate", "all"), action="append",
+                   help="suite to run (repeatable; default: layer and attention; serve: see --clients; "
+                        "generate: greedy decode of SmolLM2 / TinyLlama, see --model, --batch)")  # fmt: skip
     p.add_argument("--tune", action="store_true", help="re-measure dispatch choices for every benchmarked shape")
     p.add_argument(
         "--out",
@@ -48,7 +49,12 @@ def register(subparsers) -> None:
     p.add_argument("--rows", type=_csv(int), help="rows of x, e.g. 1,8,512")
     p.add_argument("--patterns", type=_csv(str), help="e.g. dense,2:4,block32x32:0.9")
     p.add_argument("--backends", type=_csv(str), help="backends to time (default: all registered)")
-    p.add_argument("--model", help="model suite: a local Hugging Face model directory (default: random small Llama)")
+    p.add_argument(
+        "--model",
+        help="model suite: a local Hugging Face model directory (default: random small Llama); generate suite: "
+        "smollm2, tinyllama (TinyLlama-1.1B shapes, random weights) or a directory (default: both; --quick: smollm2)",
+    )
+    p.add_argument("--batch", type=_csv(int), help="generate suite: batch sizes (default: 1,4,8; --quick: 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=main)
 
@@ -78,6 +84,7 @@ def main(args: argparse.Namespace) -> int:
         rows=args.rows,
         patterns=args.patterns,
         backends=args.backends,
+        batches=args.batch,
         progress=not args.no_progress,
     )
     return 0 if res["rows"] or res["notes"] else 1

@@ -14,12 +14,12 @@ import torch
 
 import sparsekern
 from sparsekern import dispatch
-from sparsekern.bench import attention, layer, model
+from sparsekern.bench import attention, generate, layer, model
 from sparsekern.bench.common import Context
 from sparsekern.bench.roofline import Roofline, measure_roofline
 from sparsekern.bench.timing import FULL, QUICK, Budget
 
-SUITES = ("layer", "attention", "model")
+SUITES = ("layer", "attention", "model", "generate")
 DEFAULT_OUT = "sparsekern_results"
 
 
@@ -111,6 +111,7 @@ def run(
     rows: Sequence[int] | None = None,
     patterns: Sequence[str] | None = None,
     backends: Sequence[str] | None = None,
+    batches: Sequence[int] | None = None,
     progress: bool = True,
     show: bool = True,
     plots: bool = True,
@@ -123,8 +124,12 @@ def run(
     ``-roofline.png`` beside it. With ``show`` the table (and the comparison with ``compare``,
     an earlier JSON) is printed. ``budget`` and ``roofline`` override the timing budget and skip
     the roofline measurement (tests use both to stay fast).
+
+    The ``generate`` suite (not part of ``all``: it loads real LLMs and takes long) reads
+    ``model_path`` as ``smollm2``, ``tinyllama`` or a directory, ``batches`` as its batch sizes,
+    and runs fp32 and bf16 unless ``dtype`` is given.
     """
-    suites = list(SUITES) if "all" in suites else list(suites)
+    suites = [s for s in SUITES if s != "generate"] if "all" in suites else list(suites)
     for s in suites:
         if s not in SUITES:
             raise ValueError(f"suites: expected names from {SUITES} or 'all', got {s!r}")
@@ -133,6 +138,7 @@ def run(
             if b not in dispatch.BACKENDS:
                 raise ValueError(f"backends: expected names from {dispatch.BACKENDS}, got {b!r}")
     dev = _resolve_device(device)
+    dtypes = (dtype,) if dtype is not None else None
     dtype = dtype or _default_dtype(dev)
     from rich.console import Console
 
@@ -156,7 +162,10 @@ def run(
     if "attention" in suites:
         todo += attention.cases(ctx)
     if "model" in suites:
-        todo += model.cases(ctx, path=model_path)
+        todo += model.cases(ctx, path=None if model_path in generate.MODELS else model_path)
+    if "generate" in suites:
+        models = (model_path,) if model_path else None
+        todo += generate.cases(ctx, models=models, patterns=patterns, batches=batches, dtypes=dtypes)
     results: list[dict] = []
     with _progress(len(todo), progress and show) as bar:
         task = bar.add_task("", total=len(todo))
@@ -171,6 +180,7 @@ def run(
         from sparsekern.bench import report
 
         report.print_results(res, console)
+        generate.print_rows(res, console)
         if compare is not None:
             report.print_compare(res, load(compare), console)
     return res
@@ -195,6 +205,7 @@ def _write(res: dict, out: Path, plots: bool = True) -> dict:
     files = {"json": str(out / f"{stem}.json")}
     if plots:
         files.update(report.plot(res, out / stem))
+        files.update(generate.plot(res, out / stem))
     res["files"] = files
     Path(files["json"]).write_text(json.dumps(res, indent=1, default=str) + "\n")
     return files

@@ -1,0 +1,261 @@
+"""Generate suite: greedy ``model.generate`` of a causal LM, dense vs each sparsity pattern.
+
+Per model (SmolLM2-135M real weights, TinyLlama-1.1B shapes with random weights, or a local
+directory), dtype, pattern and batch size:
+
+- decode time per step, prefill excluded: ``(t(1 + N new tokens) - t(1 new token)) / N``;
+  tokens/s = batch / that;
+- time to first token (prefill + one token) at 128 and 512 prompt tokens;
+- bytes a decode step must read (every weight once, plus the KV cache), the GB/s that implies and
+  its % of the measured read bandwidth (decode at small batch is memory bound: the roofline);
+- peak RSS of the process while that variant ran (``/proc/self/clear_refs`` resets the peak).
+
+Sparse variants are pruned by magnitude: speed does not depend on which weights survive.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from sparsekern.bench.common import Case, Context
+
+PATTERNS = ("dense", "2:4", "1:4", "2:8", "block32x32:0.9")
+BATCHES = (1, 4, 8)
+PROMPTS = (128, 512)
+MODELS = ("smollm2", "tinyllama")
+
+
+def load_model(name: str, dtype: torch.dtype):
+    """``smollm2``, ``tinyllama`` (random weights) or a local Hugging Face directory, in eval mode."""
+    from sparsekern.bench import smollm
+
+    if name == "smollm2":
+        return smollm.load(dtype)[0]
+    if name == "tinyllama":
+        return smollm.tinyllama(dtype)
+    path = Path(name)
+    if not path.is_dir():
+        raise ValueError(f"model: expected 'smollm2', 'tinyllama' or a local model directory, got {name!r}")
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True).eval()
+
+
+def _rss_peak_reset() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _proc_status(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def step_bytes(model, batch: int, context: int) -> tuple[int, int]:
+    """``(weight bytes, KV-cache bytes)`` one decode step reads at ``context`` cached tokens.
+
+    Every parameter and buffer once (shared tensors once), except an input embedding table that is
+    not tied to the output head: a step gathers ``batch`` of its rows only.
+    """
+    emb = model.get_input_embeddings().weight
+    out = model.get_output_embeddings()
+    tied = out is not None and getattr(out, "weight", None) is not None and out.weight.data_ptr() == emb.data_ptr()
+    seen, weights = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() in seen or (not tied and t.data_ptr() == emb.data_ptr()):
+            continue
+        seen.add(t.data_ptr())
+        weights += t.numel() * t.element_size()
+    cfg = model.config
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv = 2 * cfg.num_hidden_layers * heads * head_dim * context * batch * emb.element_size()
+    return weights, kv
+
+
+def _generate(model, ids: torch.Tensor, new: int) -> None:
+    with torch.no_grad():
+        model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=0,
+        )
+
+
+def _timed(model, ids, new: int, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        _generate(model, ids, new)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def measure_variant(model, batch: int, prompts, new_tokens: int, reps: int, seed: int = 0) -> dict:
+    """Decode and time-to-first-token timings of one model at one batch size (no roofline here)."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    ids = {p: torch.randint(1, vocab, (batch, p), generator=g) for p in prompts}
+    _generate(model, ids[prompts[0]][:, :16], 2)  # warm-up: plans, caches, first-call costs
+    ttft = {p: _timed(model, ids[p], 1, reps) for p in prompts}
+    t_n = _timed(model, ids[prompts[0]], 1 + new_tokens, reps)
+    step = max(t_n - ttft[prompts[0]], 1e-9) / new_tokens
+    return {"step_s": step, "ttft_s": ttft, "tokens_per_s": batch / step}
+
+
+def _variant(dense, pattern: str):
+    if pattern == "dense":
+        return dense
+    import sparsekern as sk
+
+    model = copy.deepcopy(dense)
+    sk.sparsify(model, pattern, "magnitude", progress=False)
+    return model
+
+
+def _run(ctx: Context, name: str, patterns, batches, dtype: torch.dtype) -> list[dict]:
+    quick = ctx.quick
+    prompts = PROMPTS[:1] if quick else PROMPTS
+    new_tokens, reps = (8, 1) if quick else (32, 3)
+    try:
+        dense = load_model(name, dtype)
+    except (ModuleNotFoundError, ValueError, OSError) as exc:
+        ctx.note(f"generate suite: {name} skipped: {exc}")
+        return []
+    rows, base_tps = [], {}
+    for pattern in patterns:
+        _rss_peak_reset()
+        try:
+            model = _variant(dense, pattern)
+        except Exception as exc:  # noqa: BLE001
+            ctx.note(f"generate suite: sparsify({pattern}) on {name} failed: {type(exc).__name__}: {exc}")
+            continue
+        for batch in batches:
+            m = measure_variant(model, batch, prompts, new_tokens, reps)
+            weights, kv = step_bytes(model, batch, prompts[0] + new_tokens // 2)
+            nbytes = weights + kv
+            gbs = nbytes / m["step_s"] / 1e9
+            if pattern == "dense":
+                base_tps[batch] = m["tokens_per_s"]
+            dense_tps = base_tps.get(batch)
+            rows.append(
+                {
+                    "suite": "generate",
+                    "case": name,
+                    "rows": batch,
+                    "pattern": pattern,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "backend": "auto",
+                    "kind": "generate",
+                    "median_ms": m["step_s"] * 1e3,
+                    "decode_ms_per_step": m["step_s"] * 1e3,
+                    "tokens_per_s": m["tokens_per_s"],
+                    **{f"ttft_ms_{p}": t * 1e3 for p, t in m["ttft_s"].items()},
+                    "new_tokens": new_tokens,
+                    "weight_mb": weights / 2**20,
+                    "kv_mb": kv / 2**20,
+                    "bytes_per_step": nbytes,
+                    "gbs": gbs,
+                    "roof_pct": 100.0 * gbs / ctx.roof.bandwidth_gbs,
+                    "peak_rss_mb": (_proc_status("VmHWM") or 0) / 2**20,
+                    "speedup": m["tokens_per_s"] / dense_tps if dense_tps else None,
+                }
+            )
+        if model is not dense:
+            del model
+            gc.collect()
+    del dense
+    gc.collect()
+    return rows
+
+
+def cases(
+    ctx: Context, models=None, patterns=None, batches=None, dtypes: tuple[torch.dtype, ...] | None = None
+) -> list[Case]:
+    models = tuple(models or (MODELS[:1] if ctx.quick else MODELS))
+    patterns = tuple(patterns or (("dense", "2:4") if ctx.quick else PATTERNS))
+    if "dense" not in patterns:
+        patterns = ("dense", *patterns)  # the speedups need it
+    batches = tuple(batches or ((1,) if ctx.quick else BATCHES))
+    dtypes = dtypes or ((ctx.dtype,) if ctx.quick else (torch.float32, torch.bfloat16))
+    return [
+        Case(
+            "generate",
+            f"generate {m} {str(d).removeprefix('torch.')}",
+            lambda c, m=m, d=d: _run(c, m, patterns, batches, d),
+        )
+        for m in models
+        for d in dtypes
+    ]
+
+
+def print_rows(res: dict, console) -> None:
+    from rich.table import Table
+
+    rows = [r for r in res["rows"] if r.get("suite") == "generate"]
+    if not rows:
+        return
+    bw = res["roofline"]["bandwidth_gbs"]
+    t = Table(title=f"generate suite: greedy decode (read bandwidth measured {bw:.1f} GB/s)", header_style="bold")
+    ttfts = sorted({k for r in rows for k in r if k.startswith("ttft_ms_")}, key=lambda k: int(k.rsplit("_", 1)[1]))
+    cols = ("model", "dtype", "pattern", "batch", "ms/step", "tok/s", "x dense", *[f"TTFT {k[8:]} ms" for k in ttfts])
+    for c in (*cols, "MB/step", "GB/s", "% roof", "peak RSS MB"):
+        t.add_column(c, justify="left" if c in ("model", "dtype", "pattern") else "right")
+    for r in rows:
+        t.add_row(
+            r["case"], r["dtype"], r["pattern"], str(r["rows"]), f"{r['decode_ms_per_step']:.1f}", f"{r['tokens_per_s']:.1f}",
+            f"{r['speedup']:.2f}x" if r.get("speedup") else "-", *[f"{r[k]:.0f}" for k in ttfts],
+            f"{r['bytes_per_step'] / 2**20:.0f}", f"{r['gbs']:.1f}", f"{r['roof_pct']:.0f}%", f"{r['peak_rss_mb']:.0f}",
+        )  # fmt: skip
+    console.print(t)
+
+
+def plot(res: dict, stem: Path) -> dict:
+    """``<stem>-generate.png``: decode tokens/s per pattern, one panel per model and dtype."""
+    rows = [r for r in res["rows"] if r.get("suite") == "generate"]
+    if not rows:
+        return {}
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["case"], r["dtype"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, (case, dtype) in zip(axes[0], panels):
+        sub = [r for r in rows if r["case"] == case and r["dtype"] == dtype]
+        patterns = list(dict.fromkeys(r["pattern"] for r in sub))
+        batches = sorted({r["rows"] for r in sub})
+        width = 0.8 / len(batches)
+        for j, b in enumerate(batches):
+            tps = {r["pattern"]: r["tokens_per_s"] for r in sub if r["rows"] == b}
+            xs = [i + j * width for i in range(len(patterns))]
+            ax.bar(xs, [tps.get(p, 0.0) for p in patterns], width, label=f"batch {b}")
+        ax.set_xticks([i + width * (len(batches) - 1) / 2 for i in range(len(patterns))], patterns, fontsize=8)
+        ax.set_title(f"{case} {dtype}: decode tokens/s", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(
+        f"{res['meta']['device_name']} - torch {res['meta']['torch']} - {res['meta']['git_sha'][:12]}", fontsize=8
+    )
+    fig.tight_layout()
+    path = f"{stem}-generate.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return {"generate_png": path}
