@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-pytest.importorskip("vllm", reason="vLLM is not installed here (make test-vllm runs these in .venv-vllm)")
+pytest.importorskip(
+    "vllm.model_executor", reason="vLLM is not installed here (make test-vllm runs these in .venv-vllm)"
+)
 
 from vllm.model_executor.layers.quantization import get_quantization_config  # noqa: E402
 

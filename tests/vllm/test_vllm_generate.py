@@ -16,7 +16,9 @@ import time
 
 import pytest
 
-pytest.importorskip("vllm", reason="vLLM is not installed here (make test-vllm runs these in .venv-vllm)")
+pytest.importorskip(
+    "vllm.model_executor", reason="vLLM is not installed here (make test-vllm runs these in .venv-vllm)"
+)
 
 from vllm_folders import hf_generate, tinyllama_folder, vllm_generate  # noqa: E402
 

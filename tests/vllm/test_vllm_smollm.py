@@ -3,7 +3,9 @@ token for token what transformers + sparsekern generate from the same folder."""
 
 import pytest
 
-pytest.importorskip("vllm", reason="vLLM is not installed here (make test-vllm runs these in .venv-vllm)")
+pytest.importorskip(
+    "vllm.model_executor", reason="vLLM is not installed here (make test-vllm runs these in .venv-vllm)"
+)
 
 from vllm_folders import hf_generate, smollm_folder, vllm_generate  # noqa: E402
 
