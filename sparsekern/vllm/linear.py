@@ -155,9 +155,12 @@ class SparsekernLinearMethod(LinearMethodBase):
             raise ValueError(f"{self.prefix}: shard id {sid!r} does not name one of {self.names}")
         return idx
 
+    def _name(self, parts: list[int]) -> str:
+        """The checkpoint layer a load carries (vLLM's name when several arrive fused)."""
+        return self.names[parts[0]] if len(parts) == 1 else self.prefix
+
     def _where(self, parts: list[int], tensor: str) -> str:
-        name = self.names[parts[0]] if len(parts) == 1 else self.prefix
-        return f"{name}.{tensor}"
+        return f"{self._name(parts)}.{tensor}"
 
     def _expect(self, tensor: str, got: torch.Tensor, want: list[int | None], dtype_ok: bool, where: str) -> None:
         if got.dim() != len(want) or any(w is not None and g != w for g, w in zip(got.shape, want)) or not dtype_ok:
@@ -216,7 +219,7 @@ class SparsekernLinearMethod(LinearMethodBase):
         self._expect(
             "blocks", blocks, [None, self.bm, self.bk], blocks.is_floating_point(), self._where(parts, "blocks")
         )
-        where = self._where(parts, "*")[:-2]
+        where = self._name(parts)
         if out % self.bm:
             raise ValueError(f"{where}: {out} rows are not a whole number of {self.bm}-row blocks")
         try:
