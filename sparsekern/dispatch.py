@@ -105,25 +105,20 @@ def _invalidate() -> None:
     _generation += 1
 
 
-# NOTE: os.environ.get costs ~1.1 us (key encoding); the bytes-keyed mapping behind it on POSIX
-# ~0.1 us. state() runs on every SparseLinear call, where 2 us is 10% of a small layer.
-_RAW_ENV = getattr(os.environ, "_data", None)
-_RAW_KEYS = (b"SPARSEKERN_BACKEND", b"SPARSEKERN_DISPATCH")
-if not (isinstance(_RAW_ENV, dict) and all(isinstance(k, bytes) for k in list(_RAW_ENV)[:1])):
-    _RAW_ENV, _RAW_KEYS = os.environ, ("SPARSEKERN_BACKEND", "SPARSEKERN_DISPATCH")
+_ENV_KEYS = ("SPARSEKERN_BACKEND", "SPARSEKERN_DISPATCH")
 
 
 def _env(i: int) -> str | None:
-    """``SPARSEKERN_BACKEND`` (0) or ``SPARSEKERN_DISPATCH`` (1), read the cheap way."""
-    v = _RAW_ENV.get(_RAW_KEYS[i])
-    return v.decode() if isinstance(v, bytes) else v
+    """``SPARSEKERN_BACKEND`` (0) or ``SPARSEKERN_DISPATCH`` (1)."""
+    return os.environ.get(_ENV_KEYS[i])
 
 
 def state() -> tuple:
-    """Everything a remembered choice depends on besides the arguments: the registry/choice
-    generation, the chooser, the forced backend, ``SPARSEKERN_BACKEND`` and ``SPARSEKERN_DISPATCH``."""
-    get = _RAW_ENV.get
-    return (_generation, _chooser, _forced.get(), get(_RAW_KEYS[0]), get(_RAW_KEYS[1]))
+    """What a plan depends on besides its arguments, read on each planned call: the generation,
+    the chooser, the forced backend, ``SPARSEKERN_BACKEND`` and ``SPARSEKERN_DISPATCH``. NOTE:
+    the environment reads are most of its cost (~1 us each for an unset variable: a KeyError)."""
+    get = os.environ.get
+    return (_generation, _chooser, _forced.get(), get("SPARSEKERN_BACKEND"), get("SPARSEKERN_DISPATCH"))
 
 
 def register(
@@ -402,3 +397,12 @@ def select(op: str, *args) -> Impl:
     if reason is not None:
         raise ValueError(f"backend: {name!r} cannot run {op} on these inputs: {reason}")
     return impl
+
+
+def plan(op: str, *args, dense: bool = True) -> Callable:
+    """The plan for ``op`` on ``args`` (x first): every check, the backend choice and what that
+    backend keeps per weight, done once; call it with the op's arguments (:mod:`sparsekern.plan`).
+    ``dense=False``: never a backend that keeps a dense copy of the weight."""
+    from sparsekern import plan as plans
+
+    return plans.make(op, args, dense)

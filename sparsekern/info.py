@@ -9,6 +9,7 @@ import torch
 import sparsekern
 from sparsekern import dispatch
 from sparsekern._extension import HAS_C_EXT, LOAD_ERROR
+from sparsekern.plan import dense_copy_bytes
 
 ISA_NAMES = {0: "portable", 1: "avx2", 2: "avx512", 3: "avx512bf16"}
 
@@ -47,6 +48,8 @@ def gather() -> dict[str, object]:
             name + ("" if impl.auto else " (off by default)") for name, impl in sorted(impls.items())
         )
     info["backend in force"] = dispatch.current_backend()
+    # What the dense fallback holds for this process's layers (a fresh `sparsekern info`: none).
+    info["dense copies"] = f"{dense_copy_bytes()} bytes"
     return info
 
 

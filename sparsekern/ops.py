@@ -2,23 +2,24 @@
 
 Public ops (``nm_linear``, ``bsr_linear``, ``token_scores``, ``pruned_attention``) run, on any
 device, a Python body that checks the arguments and calls the backend that
-:func:`sparsekern.dispatch.select` picks. Ops whose names start with ``_`` are one backend's
-kernels; compiled code registers their implementations
-(``TORCH_LIBRARY_IMPL(sparsekern, CPU, m)``) and nothing else.
+:func:`sparsekern.dispatch.select` picks; the linears do it through a plan made once per weight
+and row bucket (:mod:`sparsekern.plan`), which their typed wrappers and ``SparseLinear`` call
+directly in eager mode. Ops whose names start with ``_`` are one backend's kernels; compiled
+code registers their implementations (``TORCH_LIBRARY_IMPL(sparsekern, CPU, m)``) and nothing else.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import weakref
 
 import torch
 
-from sparsekern import dispatch, reference
+from sparsekern import dispatch, plan, reference
 from sparsekern.backends.dense import weight_stamp
 from sparsekern.formats.bsr import BlockSparseWeight, check_bsr_indices
 from sparsekern.formats.nm import SUPPORTED_DTYPES, NMSparseWeight, check_nm, meta_words, nm_to_dense
+from sparsekern.plan import all_finite  # noqa: F401  (re-exported: older callers import it from here)
 
 lib = torch.library.Library("sparsekern", "FRAGMENT")
 
@@ -275,47 +276,12 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def all_finite(x: torch.Tensor) -> bool:
-    """True when no element of ``x`` is NaN/Inf; may say False for finite values whose sum
-    overflows (callers then take their exact path, so that costs time, never correctness).
-
-    NOTE: one sum is ~2.5 us per decode call against ~13 us for isfinite/all/any; the dtype
-    argument (for half types, whose sums overflow at 65504) alone costs ~1 us, so fp32 skips it.
-    """
-    s = x.sum() if x.dtype == torch.float32 else x.sum(dtype=torch.float32)
-    return math.isfinite(s.item())
-
-
-def _propagate_nonfinite(impl, out, x2, dense_rows):
-    """Sparse kernels skip pruned weights, but the dense op computes 0 * inf = nan: rows of x
-    holding NaN/Inf are recomputed densely so they propagate exactly as in ``F.linear``."""
-    if impl.nonfinite_exact or out.numel() == 0:
-        return out
-    if all_finite(x2):
-        return out
-    bad = ~torch.isfinite(x2).all(dim=1)
-    if bad.any():
-        out[bad] = dense_rows(x2[bad])
-    return out
-
-
 def _nm_linear_impl(x, values, meta, n, m, bias=None):
-    check_nm_linear(x, values, meta, n, m, bias)
-    x2 = _flat(x)
-    impl = dispatch.select("nm_linear", x2, values, meta, n, m, bias)
-    out = impl.fn(x2, values, meta, n, m, bias)
-    out = _propagate_nonfinite(impl, out, x2, lambda rows: reference.nm_linear(rows, values, meta, n, m, bias))
-    return out.reshape(*x.shape[:-1], values.shape[0])
+    return plan.run(NM_LINEAR, x, (values, meta, n, m, bias), plan.plans_for(values))
 
 
 def _bsr_linear_impl(x, crow, col, blocks, bias=None):
-    check_bsr_linear(x, crow, col, blocks, bias)
-    check_bsr_index_values(crow, col, blocks, x.shape[-1])  # before select: no timing on bad indices
-    x2 = _flat(x)
-    impl = dispatch.select("bsr_linear", x2, crow, col, blocks, bias)
-    out = impl.fn(x2, crow, col, blocks, bias)
-    out = _propagate_nonfinite(impl, out, x2, lambda rows: reference.bsr_linear(rows, crow, col, blocks, bias))
-    return out.reshape(*x.shape[:-1], (crow.numel() - 1) * blocks.shape[1])
+    return plan.run(BSR_LINEAR, x, (crow, col, blocks, bias), plan.plans_for(blocks))
 
 
 def _token_scores_impl(q, k, causal=False, scale=None, cls_only=False):
@@ -404,6 +370,27 @@ torch.library.register_autograd("sparsekern::nm_linear", nm_linear_backward, set
 torch.library.register_autograd("sparsekern::bsr_linear", bsr_linear_backward, setup_context=_linear_setup)
 
 
+def _recheck_bsr(x2, crow, col, blocks, bias=None):
+    check_bsr_index_values(crow, col, blocks, x2.shape[-1])  # before any timing: never on bad indices
+
+
+# What plans (sparsekern/plan.py) need of the linears: they run the public ops, eager or not.
+NM_LINEAR = plan.LinearOp(
+    "nm_linear", torch.ops.sparsekern.nm_linear, check_nm_linear, None, reference.nm_linear, nm_linear_backward, 0, 2
+)
+BSR_LINEAR = plan.LinearOp(
+    "bsr_linear",
+    torch.ops.sparsekern.bsr_linear,
+    check_bsr_linear,
+    _recheck_bsr,
+    reference.bsr_linear,
+    bsr_linear_backward,
+    2,
+    3,
+)
+plan.LINEARS.update(nm_linear=NM_LINEAR, bsr_linear=BSR_LINEAR)
+
+
 # -- typed wrappers: the public Python API ----------------------------------------------------
 
 
@@ -411,7 +398,7 @@ def nm_linear(x: torch.Tensor, weight: NMSparseWeight, bias: torch.Tensor | None
     """``x @ weight.to_dense().T + bias`` for any leading dims of ``x``."""
     if not isinstance(weight, NMSparseWeight):
         raise TypeError(f"weight: expected NMSparseWeight, got {type(weight).__name__}")
-    return torch.ops.sparsekern.nm_linear(x, weight.values, weight.meta, weight.n, weight.m, bias)
+    return plan.linear(NM_LINEAR, x, (weight.values, weight.meta, weight.n, weight.m, bias))
 
 
 def bsr_linear(x: torch.Tensor, weight: BlockSparseWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -420,7 +407,8 @@ def bsr_linear(x: torch.Tensor, weight: BlockSparseWeight, bias: torch.Tensor | 
         raise TypeError(f"weight: expected BlockSparseWeight, got {type(weight).__name__}")
     if isinstance(x, torch.Tensor) and x.dim() and x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x: expected last dimension {weight.shape[1]} (in_features), got shape {tuple(x.shape)}")
-    return torch.ops.sparsekern.bsr_linear(x, weight.crow_indices, weight.col_indices, weight.blocks, bias)
+    args = (weight.crow_indices, weight.col_indices, weight.blocks, bias)
+    return plan.linear(BSR_LINEAR, x, args)
 
 
 def token_scores(

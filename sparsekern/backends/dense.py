@@ -5,6 +5,9 @@ This is what a swapped layer runs where no sparse kernel beats the dense layer i
 by more than the measurement noise. The measured chooser is its only intended caller; in the
 ``first`` order it comes after every sparse kernel.
 
+Plans (:mod:`sparsekern.plan`) that pick this backend hold the copy themselves and call
+``F.linear`` on it; ``sparsekern.plan.dense_copy_bytes`` counts what they hold.
+
 Memory: the decompressed ``[out, K]`` copy (``out * K * dtype size`` bytes, e.g. 64 MiB for a
 4096x4096 fp32 weight) is kept, weakly keyed on the weight's ``values`` / ``blocks`` tensor, only
 for weights this backend actually ran on. When ``dense`` loses a measurement the dispatcher calls
@@ -21,7 +24,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from sparsekern import dispatch
+from sparsekern import dispatch, plan
 from sparsekern.formats.bsr import bsr_to_dense
 from sparsekern.formats.nm import nm_to_dense
 
@@ -104,6 +107,17 @@ def bsr_linear(x, crow, col, blocks, bias=None):
     return F.linear(x, bsr_weight(crow, col, blocks, x.shape[-1]), bias)
 
 
+def _plan_nm(x, values, meta, n: int, m: int, bias=None):
+    # The copy lives in the plan (and in the cache above while this backend holds the choice).
+    w = nm_weight(values, meta, n, m)
+    return (lambda x, values, meta, n, m, bias=None: F.linear(x, w, bias)), (w,)
+
+
+def _plan_bsr(x, crow, col, blocks, bias=None):
+    w = bsr_weight(crow, col, blocks, x.shape[-1])
+    return (lambda x, crow, col, blocks, bias=None: F.linear(x, w, bias)), (w,)
+
+
 def _release_nm(x, values, *rest) -> None:
     _drop(id(values))
 
@@ -113,4 +127,6 @@ def _release_bsr(x, crow, col, blocks, *rest) -> None:
 
 
 dispatch.register("nm_linear", "dense", nm_linear, release=_release_nm, nonfinite_exact=True)
+plan.register_hook("nm_linear", "dense", _plan_nm)
 dispatch.register("bsr_linear", "dense", bsr_linear, release=_release_bsr, nonfinite_exact=True)
+plan.register_hook("bsr_linear", "dense", _plan_bsr)

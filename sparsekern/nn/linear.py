@@ -3,7 +3,9 @@
 The compressed tensors are the module's state: ``values``/``meta`` (N:M) or
 ``crow_indices``/``col_indices``/``blocks`` (BSR), plus ``bias``. Floating tensors are
 ``nn.Parameter`` so ``.half()``, ``.to(dtype)`` and optimisers see them; index tensors are int32
-buffers, which ``Module.to(dtype)`` leaves alone by design. No dense copy of the weight is kept.
+buffers, which ``Module.to(dtype)`` leaves alone by design. The layer keeps no dense copy of the
+weight; its plans (:mod:`sparsekern.plan`) may, where the dense fallback runs it, unless it was made
+with ``dense_fallback=False``.
 
 HF GPT-2's ``Conv1D`` (``y = x @ W + b`` with ``W [in, out]``) converts too: the weight is
 transposed once, and the resulting layer computes the same function as the Conv1D.
@@ -11,24 +13,13 @@ transposed once, and the resulting layer computes the same function as the Conv1
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from sparsekern import dispatch
-from sparsekern.backends import dense as dense_backend
+from sparsekern import plan
 from sparsekern.formats.bsr import BlockSparseWeight
 from sparsekern.formats.nm import NMSparseWeight
-from sparsekern.ops import (
-    all_finite,
-    bsr_linear_backward,
-    check_bsr_index_values,
-    check_bsr_linear,
-    check_nm_linear,
-    nm_linear_backward,
-)
+from sparsekern.ops import BSR_LINEAR, NM_LINEAR
 
 _NM_TENSORS = ("values", "meta")
 _BSR_TENSORS = ("crow_indices", "col_indices", "blocks")
@@ -58,7 +49,11 @@ class SparseLinear(nn.Module):
     """``y = x @ W.T + bias`` with ``W`` held as an :class:`NMSparseWeight` or :class:`BlockSparseWeight`."""
 
     def __init__(
-        self, weight: NMSparseWeight | BlockSparseWeight, bias: torch.Tensor | None = None, requires_grad: bool = False
+        self,
+        weight: NMSparseWeight | BlockSparseWeight,
+        bias: torch.Tensor | None = None,
+        requires_grad: bool = False,
+        dense_fallback: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(weight, (NMSparseWeight, BlockSparseWeight)):
@@ -80,6 +75,25 @@ class SparseLinear(nn.Module):
                 raise ValueError(f"bias: expected a tensor of shape {(self.out_features,)}, got {got}")
             bias = nn.Parameter(bias.detach().to(device=weight.device, dtype=weight.dtype), requires_grad=requires_grad)
         self.bias = bias
+        self.dense_fallback = dense_fallback
+
+    @property
+    def dense_fallback(self) -> bool:
+        """Whether the dense fallback may run this layer (keeping a dense copy of its weight).
+        ``False``: no dense copy anywhere; the fastest sparse kernel runs it."""
+        return self.__dict__["_dense_fallback"]
+
+    @dense_fallback.setter
+    def dense_fallback(self, allowed: bool) -> None:
+        if not isinstance(allowed, bool):
+            raise TypeError(f"dense_fallback: expected bool, got {type(allowed).__name__}")
+        self.__dict__["_dense_fallback"] = allowed
+        self._drop_plans()
+
+    def _drop_plans(self) -> None:
+        self.__dict__["_plans"] = plan.Plans(dense=self.dense_fallback)
+        # The op's own plans (compile, tracing) are per weight tensor: tell them too.
+        plan.set_dense_fallback(self.dtype_param(), self.dense_fallback)
 
     # -- construction ------------------------------------------------------------------------
 
@@ -92,6 +106,7 @@ class SparseLinear(nn.Module):
         *,
         act_norm: torch.Tensor | None = None,
         hessian: torch.Tensor | None = None,
+        dense_fallback: bool = True,
     ) -> SparseLinear:
         """Prune ``linear`` (``nn.Linear`` or ``Conv1D``) to ``pattern`` with ``method``, then compress.
 
@@ -117,7 +132,7 @@ class SparseLinear(nn.Module):
             else:
                 sparse = BlockSparseWeight.from_dense(weight, block=tuple(pat.block))
         requires_grad = bool(linear.weight.requires_grad)
-        return cls(sparse, linear.bias, requires_grad=requires_grad)
+        return cls(sparse, linear.bias, requires_grad=requires_grad, dense_fallback=dense_fallback)
 
     # -- views -------------------------------------------------------------------------------
 
@@ -179,104 +194,19 @@ class SparseLinear(nn.Module):
     # -- forward -----------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The public ops pick the backend (C++ CPU, Triton, CUDA, dense fallback, reference);
-        # nothing here knows which one runs. Plain inference calls skip the op's Python layers
-        # (see _run_planned); autograd, torch.compile, tracing and odd inputs take the op.
-        # NOTE: the state is read from _parameters/_buffers directly: five nn.Module.__getattr__
-        # lookups cost ~3 us per call, a seventh of a MiniLM-sized layer.
-        params, buffers = self._parameters, self._buffers
-        bias = params.get("bias")
+        # The layer's plans pick and hold the backend (sparsekern/plan.py); nothing here knows
+        # which one runs. NOTE: the state is read from _parameters/_buffers directly: five
+        # nn.Module.__getattr__ lookups cost ~3 us per call, a seventh of a MiniLM-sized layer.
+        params, buffers, plans = self._parameters, self._buffers, self.__dict__["_plans"]
         if self.block is None:
-            p = params["values"]
-            weight_args = (p, buffers["meta"], self.n, self.m, bias)
-        else:
-            p = params["blocks"]
-            weight_args = (buffers["crow_indices"], buffers["col_indices"], p, bias)
-        if (
-            type(x) is torch.Tensor  # not a subclass (fake/functional tensors under export, ...)
-            and x.dtype == p.dtype
-            and x.device == p.device
-            and x.dim() > 0
-            and x.shape[-1] == self.in_features
-            and x.numel() > 0
-            and not torch.compiler.is_compiling()
-            and not torch.jit.is_tracing()
-        ):
-            if torch.is_grad_enabled() and (
-                x.requires_grad or p.requires_grad or (bias is not None and bias.requires_grad)
-            ):
-                # NOTE: an HF model called without no_grad() has weights that require grad:
-                # MiniLM 1x128 through the op's autograd 0.81x dense, through this 0.9x+.
-                return _PlannedAutograd.apply(x, p, bias, weight_args, self)
-            return self._run_planned(x, weight_args)
-        # Everything else, bad input included (the op's checks say what is wrong).
-        return self._op(x, *weight_args)
-
-    def _op(self, x: torch.Tensor, *weight_args) -> torch.Tensor:
+            args = (params["values"], buffers["meta"], self.n, self.m, params.get("bias"))
+            return plan.linear(NM_LINEAR, x, args, plans)
         # The BSR op takes K from x (crow/col/blocks do not carry it): a narrower x whose block
         # columns happen to cover the stored ones would pass its checks and give a wrong answer.
         if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected last dimension {self.in_features} (in_features), got shape {tuple(x.shape)}")
-        if self.block is None:
-            return torch.ops.sparsekern.nm_linear(x, *weight_args)
-        return torch.ops.sparsekern.bsr_linear(x, *weight_args)
-
-    def _run_planned(self, x: torch.Tensor, weight_args: tuple) -> torch.Tensor:
-        """The op's work without its per-call Python layers: the backend the dispatcher picked
-        for this row bucket is remembered here (until :func:`dispatch.state` changes) and called
-        directly; the full argument check runs when a plan is made. Where the dense fallback
-        won, the plan holds its dense weight and the call is ``F.linear``, as in ``nn.Linear``.
-
-        NOTE: on a 384x384 2:4 layer at 1 row (MiniLM-sized), the public op cost 60-95 us per call
-        against 12 us for the CPU kernel itself (dispatcher -> Python, checks, select, finiteness
-        scan) while F.linear takes ~22 us: without this, small swapped layers lose to dense.
-        Planned: ~21 us on the CPU kernel.
-        """
-        tensors = weight_args[:2] if self.block is None else weight_args[:3]
-        state = dispatch.state()
-        key = (dispatch.row_bucket(x.numel() // self.in_features), x.dtype, x.device)
-        plans = self.__dict__.setdefault("_plans", {})
-        plan = plans.get(key)
-        if (
-            plan is None
-            or plan[0] != state
-            # a dense copy is only good while the weight is the one it came from
-            or (plan[2] is not None and dense_backend.weight_stamp(*tensors) != plan[3])
-        ):
-            plan = plans[key] = self._make_plan(x, weight_args, tensors, state)
-        impl, dense_w = plan[1], plan[2]
-        if dense_w is not None:
-            return F.linear(x, dense_w, weight_args[-1])
-        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        args = (x2, *weight_args)
-        if impl.supports(*args) is not None:
-            return self._op(x, *weight_args)
-        out = impl.fn(*args)
-        # Sparse kernels skip pruned weights where dense computes 0 * inf = nan: inputs with
-        # NaN/Inf take the op, which propagates them exactly as F.linear does.
-        if not impl.nonfinite_exact and not all_finite(x2):
-            return self._op(x, *weight_args)
-        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
-
-    def _make_plan(self, x: torch.Tensor, weight_args: tuple, tensors: tuple, state: tuple) -> tuple:
-        """``(state, impl, dense weight or None, weight stamp)`` for x's row bucket."""
-        args = (x.reshape(-1, self.in_features), *weight_args)
-        op = "nm_linear" if self.block is None else "bsr_linear"
-        # Every check before select: a measurement must never time a candidate on bad input.
-        if self.block is None:
-            check_nm_linear(*args)
-        else:
-            check_bsr_linear(*args)
-            check_bsr_index_values(*weight_args[:3], self.in_features)
-        impl = dispatch.select(op, *args)
-        stamp = dense_backend.weight_stamp(*tensors)
-        if impl.backend != "dense" or stamp is None:
-            return (state, impl, None, None)
-        if self.block is None:
-            dense_w = dense_backend.nm_weight(*weight_args[:4])
-        else:
-            dense_w = dense_backend.bsr_weight(*weight_args[:3], self.in_features)
-        return (state, impl, dense_w, stamp)
+        args = (buffers["crow_indices"], buffers["col_indices"], params["blocks"], params.get("bias"))
+        return plan.linear(BSR_LINEAR, x, args, plans)
 
     def extra_repr(self) -> str:
         return (
@@ -287,7 +217,9 @@ class SparseLinear(nn.Module):
     def _apply(self, *args, **kwargs):
         # .to() / .half() / .cuda(): plans (and dense copies) for the old tensors are dropped.
         self.__dict__.pop("_plans", None)
-        return super()._apply(*args, **kwargs)
+        out = super()._apply(*args, **kwargs)
+        self._drop_plans()  # the parameter may be a new object now
+        return out
 
     def __getstate__(self):
         # Plans are per-process caches (and may hold a dense copy of the weight): never pickled
@@ -295,6 +227,11 @@ class SparseLinear(nn.Module):
         state = dict(super().__getstate__())
         state.pop("_plans", None)
         return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_dense_fallback", True)
+        self._drop_plans()
 
     # -- state dict --------------------------------------------------------------------------
 
@@ -315,11 +252,12 @@ class SparseLinear(nn.Module):
         if self.block is not None:
             blocks, col = state_dict.get(prefix + "blocks"), state_dict.get(prefix + "col_indices")
             if isinstance(blocks, torch.Tensor) and isinstance(col, torch.Tensor):
-                self.__dict__.pop("_plans", None)  # the density, hence the bucket, may change
+                self._drop_plans()  # the density, hence the bucket, may change
                 if blocks.shape[0] != self.blocks.shape[0]:
                     self.blocks.data = self.blocks.new_empty(blocks.shape)
                     self.col_indices = self.col_indices.new_empty(col.shape)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
+        self._drop_plans()  # load_state_dict(assign=True) puts in new parameters
 
     def _incoming_weight(self, parts: dict) -> NMSparseWeight | BlockSparseWeight:
         """The format object a load would produce (index tensors moved next to the values)."""
@@ -332,34 +270,3 @@ class SparseLinear(nn.Module):
             raise ValueError(f"blocks: expected [nnz, {self.block[0]}, {self.block[1]}], got {tuple(blocks.shape)}")
         crow, col = parts["crow_indices"].to(blocks.device), parts["col_indices"].to(blocks.device)
         return BlockSparseWeight(crow, col, blocks, shape)
-
-
-class _PlannedAutograd(torch.autograd.Function):
-    """The planned path with gradients: forward runs the remembered backend, backward is the
-    public op's own formula (``ops.nm_linear_backward`` / ``ops.bsr_linear_backward``), so the
-    graph holds one node instead of the op's Python layers per call.
-
-    Only x, the kept weights and the bias are inputs of the node. NOTE: every argument of
-    ``apply`` costs ~1 us of functorch unwrapping: 5 arguments instead of 8 save ~3 us a call.
-    """
-
-    @staticmethod
-    def forward(ctx, x, p, bias, weight_args, layer):
-        ctx.save_for_backward(x, p, bias)
-        ctx.weight_args, ctx.nm = weight_args, layer.block is None
-        return layer._run_planned(x, weight_args)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, p, bias = ctx.saved_tensors
-        need_x, need_p, need_b = ctx.needs_input_grad[:3]
-        # The op's backward takes the op's arguments and which of them need a gradient.
-        if ctx.nm:
-            args = (x, p, *ctx.weight_args[1:4], bias)
-            op_ctx = SimpleNamespace(args=args, needs_input_grad=(need_x, need_p, False, False, False, need_b))
-            gx, gp, *_, gb = nm_linear_backward(op_ctx, grad)
-        else:
-            args = (x, *ctx.weight_args[:2], p, bias)
-            op_ctx = SimpleNamespace(args=args, needs_input_grad=(need_x, False, False, need_p, need_b))
-            gx, _, _, gp, gb = bsr_linear_backward(op_ctx, grad)
-        return gx, gp, gb, None, None

@@ -48,6 +48,14 @@ class SparsifyReport:
     pattern: str
     layers: list[LayerReport] = field(default_factory=list)
     calibration: object = None  # a SequentialInfo (time, memory) when calibrated block by block
+    dense_fallback: bool = True
+
+    @property
+    def dense_copy_bytes(self) -> int:
+        """Bytes of dense weight copies the dense fallback holds now (every model, not only this one)."""
+        from sparsekern.plan import dense_copy_bytes
+
+        return dense_copy_bytes()
 
     @property
     def swapped(self) -> list[LayerReport]:
@@ -108,7 +116,8 @@ class SparsifyReport:
             f"SparseLinear, {len(self.masked)} masked dense, {len(self.skipped)} skipped; sparsity "
             f"{self.sparsity:.1%} of all linear weights ({self.pruned_sparsity:.1%} of the pruned ones); "
             f"weights {_fmt_bytes(self.bytes_before)} -> {_fmt_bytes(self.bytes_after)} "
-            f"(saved {_fmt_bytes(self.bytes_saved)})"
+            f"(saved {_fmt_bytes(self.bytes_saved)}); dense copies held by the dense fallback now: "
+            f"{_fmt_bytes(self.dense_copy_bytes)}" + ("" if self.dense_fallback else " (dense_fallback=False)")
         )
         return "\n".join(out)
 
@@ -163,6 +172,7 @@ def sparsify(
     overrides: Mapping[str, str | None] | None = None,
     progress: bool = True,
     sequential: bool | None = None,
+    dense_fallback: bool = True,
 ) -> SparsifyReport:
     """Prune the linear layers of ``model`` in place and swap in :class:`SparseLinear`.
 
@@ -177,6 +187,9 @@ def sparsify(
       block's statistics in memory; see :mod:`sparsekern.prune.sequential`). ``None`` (default):
       when the model's blocks are found, else one pass over the dense model; ``True``: required
       (``ValueError`` naming what was looked for); ``False``: one pass.
+    - ``dense_fallback``: whether dispatch may run a swapped layer densely where no sparse kernel
+      wins, keeping a dense copy of its weight (the report shows their bytes). ``False``: no dense
+      copy, ever; the fastest sparse kernel runs every layer.
 
     Layers whose shape does not fit their pattern are skipped and listed in the report, as are
     weights no kernel takes (fused MoE expert stacks, routers), with the reason.
@@ -192,6 +205,8 @@ def sparsify(
         raise ValueError(f"calibration: method {method!r} needs calibration inputs, got None")
     if sequential not in (None, True, False):
         raise ValueError(f"sequential: expected None, True or False, got {sequential!r}")
+    if not isinstance(dense_fallback, bool):
+        raise TypeError(f"dense_fallback: expected bool, got {type(dense_fallback).__name__}")
     if method != "magnitude":
         calibration = check_calibration(model, calibration)
     skip = [skip] if isinstance(skip, str) else list(skip or ())
@@ -200,7 +215,7 @@ def sparsify(
     parsed = {g: (None if p is None else parse_pattern(p) if isinstance(p, str) else p) for g, p in overrides.items()}
 
     # 1. plan: which layers, which pattern each; misfits become report rows, never exceptions.
-    report = SparsifyReport(method=method, pattern=str(default))
+    report = SparsifyReport(method=method, pattern=str(default), dense_fallback=dense_fallback)
     plan: dict[str, tuple[nn.Module, object]] = {}
     for name, mod in find_linears(model).items():
         k, out = linear_features(mod)
@@ -235,7 +250,7 @@ def sparsify(
             after = _layer_bytes(mod)
             module = "Linear (masked)"
         else:
-            out = SparseLinear.from_linear(mod, pat, method, **kw)
+            out = SparseLinear.from_linear(mod, pat, method, dense_fallback=dense_fallback, **kw)
             nnz = _nnz(out)
             after = out.nbytes()
             module = "SparseLinear"
