@@ -11,10 +11,11 @@ The public linears (``sparsekern.ops``) and ``SparseLinear`` both call plans thr
 backward is the op's own formula, and ``torch.compile``, tracing and tensor subclasses take
 ``torch.ops.sparsekern.*`` (whose implementation runs plans too). Nobody else picks a backend.
 
-A weight's plans (:class:`Plans`, one per (row bucket, dtype, device, K)) are dropped together
-when the weight changes (identity, storage or version of any of its tensors, or the bias's
-identity) or :func:`dispatch.state` does (a forced backend, ``SPARSEKERN_BACKEND`` /
-``SPARSEKERN_DISPATCH``, a new registration or stored choice). ``SparseLinear`` holds its own;
+A weight's plans (:class:`Plans`, one per (row bucket, dtype, device, K)) are re-made, and the
+stale ones dropped, when the weight changes (identity, storage, version or dtype of its tensors,
+the bias's identity) or :func:`dispatch.state` does (a forced backend, ``SPARSEKERN_BACKEND`` /
+``SPARSEKERN_DISPATCH``, a new registration or stored choice). Inference tensors carry no version:
+for those nothing is kept per weight and the checks that read the weight run on every call. ``SparseLinear`` holds its own;
 the op keeps one per weight here, weakly keyed on the weight's values / blocks tensor.
 """
 
@@ -90,10 +91,12 @@ class Plan:
     """``op`` on one weight, for x of one row bucket, dtype, device and K: call it with the op's
     arguments. ``backend`` says which backend runs; ``held`` the tensors it keeps alive."""
 
-    __slots__ = ("op", "backend", "run", "k", "exact", "held", "__weakref__")
+    __slots__ = ("op", "backend", "run", "k", "exact", "held", "state", "stamp", "__weakref__")
 
     def __init__(self, op: LinearOp, backend: str, run: Callable, k: int, exact: bool, held: tuple) -> None:
         self.op, self.backend, self.run, self.k, self.exact, self.held = op, backend, run, k, exact, held
+        # What a cached plan was made under (set by run()): dispatch.state() and the weight stamp.
+        self.state = self.stamp = None
 
     def __call__(self, x: torch.Tensor, *args) -> torch.Tensor:
         return _call(self, x, args)
@@ -181,13 +184,12 @@ def select_without_dense(name: str, args: tuple) -> dispatch.Impl:
 
 
 class Plans:
-    """The plans of one weight by (row bucket, dtype, device, K), all valid for one weight stamp
-    and dispatch state. ``dense``: whether a plan may keep a dense copy of the weight."""
+    """The plans of one weight by (row bucket, dtype, device, K). ``dense``: whether a plan may
+    keep a dense copy of the weight."""
 
-    __slots__ = ("state", "stamp", "by_key", "dense", "__weakref__")
+    __slots__ = ("by_key", "dense", "__weakref__")
 
     def __init__(self, dense: bool = True) -> None:
-        self.state = self.stamp = None
         self.by_key: dict[tuple, Plan] = {}
         self.dense = dense
 
@@ -240,12 +242,14 @@ def run(op: LinearOp, x: torch.Tensor, args: tuple, plans: Plans) -> torch.Tenso
     rows = shape[0] if nd == 2 else (math.prod(shape[:-1]) if nd else 0)
     key = (_BUCKETS.get(rows) or _bucket(rows), x.dtype, x.device, shape[-1] if nd else -1)
     state, stamp = dispatch.state(), _stamp(args, op.tensors, op.param)
-    if plans.state != state or plans.stamp != stamp:
-        plans.by_key.clear()
-        plans.state, plans.stamp = state, stamp
     p = plans.by_key.get(key)
-    if p is None:
+    # Each plan carries what it was made under: a thread whose use_backend differs never runs
+    # another thread's plan.
+    if p is None or p.state != state or p.stamp != stamp:
+        if p is not None:
+            plans.by_key.clear()  # the weight or the state changed: the other buckets' plans are stale too
         p = make(op.name, (x, *args), plans.dense)
+        p.state, p.stamp = state, stamp
         plans.by_key[key] = p
     return _call(p, x, args)
 

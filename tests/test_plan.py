@@ -89,6 +89,25 @@ def test_dense_plan_sees_a_dtype_view_swap():
             layer(x)
 
 
+@pytest.mark.parametrize("backend", ["dense", "reference"])
+def test_inference_weights_checked_and_not_copied_per_weight(backend):
+    # Inference tensors have no version counter: an in-place write cannot be seen, so a plan keeps
+    # no dense copy of them and re-reads the BSR indices on every call.
+    with torch.inference_mode():
+        dense = torch.randn(32, 64)
+        layer = sk.SparseLinear(sk.BlockSparseWeight.from_dense(dense, block=(16, 16), sparsity=0.5))
+        x = torch.randn(2, 64)
+        held = plan.dense_copy_bytes()
+        with sk.use_backend(backend):
+            layer(x)
+            assert plan.dense_copy_bytes() == held
+            layer.blocks.mul_(2)
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+            layer.col_indices[0] = 9
+            with pytest.raises(ValueError, match="col: entry 0 is 9, out of range 0..3"):
+                layer(x)
+
+
 def test_plan_callable_from_dispatch():
     w, x = _nm(), torch.randn(5, 96)
     p = dispatch.plan("nm_linear", x, w.values, w.meta, 2, 4, None)
