@@ -151,6 +151,10 @@ def make(name: str, args: tuple, dense: bool = True) -> Plan:
 
     elif (name, impl.backend) in _HOOKS:
         run, held = _HOOKS[(name, impl.backend)](x2, *wargs)
+    # Under measured auto dispatch, 1 call in dispatch.SAMPLE_EVERY is timed against the stored
+    # figure: a choice that drifted (made on a busy moment) is measured again, and the new
+    # choice bumps dispatch.state(), which re-makes this plan.
+    run = dispatch.probe(name, (x2, *wargs), impl, run)
     p = Plan(op, impl.backend, run, int(x.shape[-1]), impl.nonfinite_exact, tuple(held))
     _live.add(p)
     return p

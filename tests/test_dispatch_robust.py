@@ -100,6 +100,28 @@ def test_poisoned_entry_is_remeasured_on_drift(measured, monkeypatch, fixed_band
     assert dispatch.select("nm_linear", *args).backend == "cpu"
 
 
+@pytest.mark.parametrize("caller", ["op", "layer"])
+def test_poisoned_entry_is_remeasured_through_plans(measured, monkeypatch, fixed_bandwidth, caller):
+    """Plans (the public op's and SparseLinear's) hold the sampled call too: a choice stored from
+    a busy moment does not stick on the planned path either."""
+    only_backends("nm_linear", "reference", "dense")
+    dispatch.register("nm_linear", "cpu", _fast_kernel)
+    monkeypatch.setattr(dispatch, "SAMPLE_EVERY", 1)
+    w, x, args = _weight()
+    path, key = dispatch.cache_path(x.device), dispatch.bucket_key("nm_linear", *args)
+    dispatch_cache.put(path, key, {"backend": "dense", "times_ms": {"dense": 5000.0, "cpu": 9000.0}})
+    dispatch._invalidate()
+    tuned = []
+    monkeypatch.setattr(dispatch, "time_impls", lambda impls, a: tuned.append(1) or {"cpu": 1e-4, "dense": 2e-4})
+    layer = sk.SparseLinear(w)
+    call = (lambda: sk.ops.nm_linear(x, w)) if caller == "op" else (lambda: layer(x))
+    with torch.no_grad():
+        for _ in range(4):
+            torch.testing.assert_close(call(), x @ w.to_dense().T)
+    assert tuned, "the drifted entry was never measured again on the planned path"
+    assert dispatch_cache.entries(path)[key]["backend"] == "cpu"
+
+
 def test_probe_held_across_calls_samples_one_in_n(measured, monkeypatch, fixed_bandwidth):
     """A caller that holds a backend (a plan) holds dispatch.probe(...): drift is seen there too."""
     only_backends("nm_linear", "reference", "dense")
