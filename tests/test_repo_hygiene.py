@@ -42,3 +42,14 @@ def test_design_doc_referenced_where_it_is():
     files = [ROOT / "README.md", *(ROOT / "sparsekern").rglob("*.py"), *(ROOT / "kernels").rglob("*.py")]
     stale = [str(f.relative_to(ROOT)) for f in files if re.search(r"(?<!docs/)\bDESIGN\.md", f.read_text())]
     assert not stale, f"these point to a DESIGN.md that is not in the repository (use docs/DESIGN.md): {stale}"
+
+
+def test_setup_ships_every_subpackage():
+    # An editable install works without the list; a wheel built from it would not.
+    listed = set(re.findall(r'"(sparsekern(?:\.\w+)*)"', (ROOT / "setup.py").read_text()))
+    found = {
+        ".".join(p.parent.relative_to(ROOT).parts)
+        for p in (ROOT / "sparsekern").rglob("__init__.py")
+        if "__pycache__" not in p.parts
+    }
+    assert found <= listed, f"setup.py packages: missing {sorted(found - listed)}"
