@@ -1,8 +1,11 @@
 """The repository keeps its promises about itself: pinned installs, and docs that exist."""
 
 import re
-import tomllib
 from pathlib import Path
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
 
 ROOT = Path(__file__).resolve().parents[1]
 
