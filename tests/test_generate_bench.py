@@ -99,3 +99,10 @@ def test_cli_parses_generate_options():
         ["bench", "--suite", "generate", "--model", "tinyllama", "--batch", "1,4", "--quick"]
     )
     assert args.suite == ["generate"] and args.batch == (1, 4) and args.model == "tinyllama"
+
+
+def test_noisy_decode_is_nan_not_a_made_up_rate(monkeypatch):
+    # t(1 + N) below t(1): only noise can do that; the rate must not be invented from it.
+    monkeypatch.setattr(generate, "_timed", lambda model, ids, new, reps: 2.0 - 0.1 * new)
+    m = generate.measure_variant(_tiny(), batch=1, prompts=(8,), new_tokens=3, reps=1)
+    assert m["step_s"] != m["step_s"] and m["tokens_per_s"] != m["tokens_per_s"]
