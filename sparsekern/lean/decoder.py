@@ -13,6 +13,14 @@ GQA at decode: the G query heads that share a KV head attend as G query rows of 
 (``q.view(B, Hkv, G, D)``). With one query position there is no causal mask, so this is exact.
 NOTE: bf16, SmolLM2 shapes (9 / 3 heads, 100 keys): 25 us per call, against 99 us for
 ``enable_gqa=True`` with ``[B, 9, 1, D]`` (torch 2.13, one EPYC core).
+
+NOTE: eager, not ``torch.compile``. On SmolLM2's depth and heads at 8 dims per head (weights
+~0, so time per token = framework work), one thread of a shared 2-core EPYC: HF generate 14.2 ms
+per token fp32 dense, this loop 8.0 ms (2:4 bf16: 20.0 vs 11.4; bench/bench_lean_decode.py). Per block, timed alone: rms_norm
+9 us (x2), each SparseLinear 8-10 us (x4), rope 9, K/V write 7, SDPA 13, silu*up 6: ~90 us, ~2.7
+ms for 30 blocks. ``torch.compile(step, dynamic=True)`` had not finished compiling (inductor,
+30 unrolled blocks) after 14 CPU-minutes there, which rules it out for a call that should start
+decoding at once.
 """
 
 from __future__ import annotations
