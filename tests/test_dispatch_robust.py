@@ -80,19 +80,25 @@ def test_plausible_times_are_not_remeasured(measured, monkeypatch, fixed_bandwid
     assert dispatch.tune("nm_linear", *args)[0] == "dense" and len(seen) == 1
 
 
-def test_poisoned_entry_is_remeasured_on_drift(measured, monkeypatch, fixed_bandwidth):
-    """A stored figure far from what the chosen backend really takes (measured in a busy moment)
-    is found by the sampled calls and measured again; the right backend then wins."""
+def _poisoned(monkeypatch):
+    """A stored choice of "dense" on a fake 5 s figure (cpu at a fake 9 s), every call sampled,
+    and re-measurements recorded in ``tuned`` (they find cpu twice as fast as dense)."""
     only_backends("nm_linear", "reference", "dense")
     dispatch.register("nm_linear", "cpu", _fast_kernel)
     monkeypatch.setattr(dispatch, "SAMPLE_EVERY", 1)
     w, x, args = _weight()
     path, key = dispatch.cache_path(x.device), dispatch.bucket_key("nm_linear", *args)
-    # Poisoned: "dense" chosen on a fake 5 s figure (and cpu at a fake 9 s).
     dispatch_cache.put(path, key, {"backend": "dense", "times_ms": {"dense": 5000.0, "cpu": 9000.0}})
     dispatch._invalidate()
     tuned = []
     monkeypatch.setattr(dispatch, "time_impls", lambda impls, a: tuned.append(1) or {"cpu": 1e-4, "dense": 2e-4})
+    return w, x, args, path, key, tuned
+
+
+def test_poisoned_entry_is_remeasured_on_drift(measured, monkeypatch, fixed_bandwidth):
+    """A stored figure far from what the chosen backend really takes (measured in a busy moment)
+    is found by the sampled calls and measured again; the right backend then wins."""
+    w, x, args, path, key, tuned = _poisoned(monkeypatch)
     for _ in range(4):
         torch.testing.assert_close(_auto_call(args), x @ w.to_dense().T)
     assert tuned, "the drifted entry was never measured again"
@@ -104,15 +110,7 @@ def test_poisoned_entry_is_remeasured_on_drift(measured, monkeypatch, fixed_band
 def test_poisoned_entry_is_remeasured_through_plans(measured, monkeypatch, fixed_bandwidth, caller):
     """Plans (the public op's and SparseLinear's) hold the sampled call too: a choice stored from
     a busy moment does not stick on the planned path either."""
-    only_backends("nm_linear", "reference", "dense")
-    dispatch.register("nm_linear", "cpu", _fast_kernel)
-    monkeypatch.setattr(dispatch, "SAMPLE_EVERY", 1)
-    w, x, args = _weight()
-    path, key = dispatch.cache_path(x.device), dispatch.bucket_key("nm_linear", *args)
-    dispatch_cache.put(path, key, {"backend": "dense", "times_ms": {"dense": 5000.0, "cpu": 9000.0}})
-    dispatch._invalidate()
-    tuned = []
-    monkeypatch.setattr(dispatch, "time_impls", lambda impls, a: tuned.append(1) or {"cpu": 1e-4, "dense": 2e-4})
+    w, x, args, path, key, tuned = _poisoned(monkeypatch)
     layer = sk.SparseLinear(w)
     call = (lambda: sk.ops.nm_linear(x, w)) if caller == "op" else (lambda: layer(x))
     with torch.no_grad():
