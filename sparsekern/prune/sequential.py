@@ -19,6 +19,7 @@ BERT pooler) are pruned last, from one pass over the already-pruned model.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -49,7 +50,7 @@ class SequentialInfo:
     activation_bytes: int = 0  # captured block inputs + outputs, both held at once
     peak_stats_bytes: int = 0  # the largest one block's statistics (norms, Hessians)
     rss_start: int = 0
-    rss_peak: int = 0  # sampled after each block's statistics are full
+    rss_peak: int = 0  # sampled when a block's statistics are full and after each layer is pruned
     outside: list[str] = field(default_factory=list)  # pruned after the blocks, one pass
 
     @property
@@ -188,8 +189,6 @@ def _run_block(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict
 def _rss() -> int:
     try:
         with open("/proc/self/statm") as f:
-            import os
-
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
@@ -306,6 +305,7 @@ def prune_sequential(
                     info.rss_peak = max(info.rss_peak, _rss())
                     for name, mod in per_block[i].items():
                         new[name] = build(name, mod, stats[name])
+                        info.rss_peak = max(info.rss_peak, _rss())
                     del stats
                 with _pruned_weights(per_block[i], new):
                     hidden = [_run_block(block, h, a, k) for h, (a, k, _) in zip(hidden, captured)]
