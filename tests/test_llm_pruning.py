@@ -271,11 +271,15 @@ def test_smollm2_sequential_beats_magnitude():
         pytest.skip(str(exc))
     model, tok = smollm.load()
     ids = text.token_ids(tok)
-    cal = text.calibration_batches(ids, n=4, seqlen=128)
-    windows = text.eval_windows(ids, 128, max_tokens=1024)
+    cal = text.calibration_batches(ids, n=2, seqlen=128)
+    windows = text.eval_windows(ids, 128, max_tokens=512)
+    # NOTE: the first 3 of 30 blocks only (every block still runs to carry the calibration
+    # through): the whole model took > 6 min here on a loaded 2-core machine, too long for CI.
+    # bench/bench_prune_llm.py measures the whole model.
+    skip = ["lm_head", *(f"model.layers.{i}." for i in range(3, 30))]
     magnitude = copy.deepcopy(model)
-    sk.sparsify(magnitude, "2:4", "magnitude", progress=False)
-    report = sk.sparsify(model, "2:4", "sparsegpt", calibration=cal, progress=False)
+    sk.sparsify(magnitude, "2:4", "magnitude", skip=skip, progress=False)
+    report = sk.sparsify(model, "2:4", "sparsegpt", calibration=cal, skip=skip, progress=False)
     assert isinstance(report.calibration, SequentialInfo) and report.calibration.n_blocks == 30
     ppl, ppl_mag = text.perplexity(model, windows).ppl, text.perplexity(magnitude, windows).ppl
     assert ppl == ppl and ppl < ppl_mag, (ppl, ppl_mag)
