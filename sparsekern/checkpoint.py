@@ -36,6 +36,7 @@ from torch import nn
 from sparsekern.folder import read_json, resolve_inside, write_folder
 from sparsekern.formats.bsr import BlockSparseWeight
 from sparsekern.formats.nm import NMSparseWeight
+from sparsekern.formats.quant import QUANTS
 from sparsekern.nn.linear import SparseLinear, is_conv1d, linear_features
 from sparsekern.prune.structure import describe, rebuild
 
@@ -82,6 +83,8 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> None:
                 "dtype": str(mod.dtype).removeprefix("torch."),
             }
             info.update({"n": mod.n, "m": mod.m} if mod.block is None else {"block": list(mod.block)})
+            if mod.quant is not None:
+                info.update(quant=mod.quant, group_size=mod.group_size, zeros=mod.zeros is not None)
             layers[name] = info
     tensors, aliases, first = {}, {}, {}
     for key, t in model.state_dict().items():
@@ -299,13 +302,38 @@ def check_config(config: dict, cfg_file: str) -> tuple[dict, dict]:
             if not ok:
                 want = {int: "a positive int", bool: "true or false", list: "[rows, cols] of positive ints"}[typ]
                 raise ValueError(f"{where}.{key}: expected {want}, got {value!r}")
+        check_quant_fields(info, where)
     return layers, aliases
+
+
+def check_quant_fields(info: dict, where: str) -> None:
+    """The optional ``quant`` / ``group_size`` / ``zeros`` of an N:M layer entry."""
+    if info.get("quant") is None:
+        if any(key in info for key in ("group_size", "zeros")):
+            raise ValueError(f"{where}: group_size/zeros given without quant")
+        return
+    if info["kind"] != "nm" or info["quant"] not in QUANTS:
+        raise ValueError(f"{where}.quant: expected one of {QUANTS} on an 'nm' layer, got {info['quant']!r}")
+    size, zeros = info.get("group_size"), info.get("zeros")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ValueError(f"{where}.group_size: expected an int >= 0, got {size!r}")
+    if not isinstance(zeros, bool):
+        raise ValueError(f"{where}.zeros: expected true or false, got {zeros!r}")
+
+
+def layer_tensors(info: dict) -> tuple[str, ...]:
+    """Names of the tensors a layer entry stores (bias aside)."""
+    if info["kind"] != "nm":
+        return ("crow_indices", "col_indices", "blocks")
+    if info.get("quant") is None:
+        return ("values", "meta")
+    return ("values", "meta", "scales") + (("zeros",) if info["zeros"] else ())
 
 
 def _native_layers(layers: dict, tensors: dict, origin: dict, cfg_file: str) -> dict:
     out = {}
     for name, info in layers.items():
-        names = ("values", "meta") if info["kind"] == "nm" else ("crow_indices", "col_indices", "blocks")
+        names = layer_tensors(info)
         keys = [f"{name}.{t}" for t in names]
         missing = [k for k in keys if k not in tensors]
         if missing:
@@ -314,7 +342,13 @@ def _native_layers(layers: dict, tensors: dict, origin: dict, cfg_file: str) -> 
         shape = (info["out_features"], info["in_features"])
         try:
             parts = [tensors.pop(k) for k in keys]
-            if info["kind"] == "nm":
+            if info["kind"] == "nm" and info.get("quant") is not None:
+                values, meta, scales, zeros = (*parts, None)[:4]
+                w = NMSparseWeight(values, meta, info["n"], info["m"], shape, scales, zeros, info["group_size"])
+                if w.quant != info["quant"]:
+                    raise ValueError(f"values: expected {info['quant']} values, got dtype {values.dtype}")
+                w.validate()
+            elif info["kind"] == "nm":
                 w = NMSparseWeight(*parts, info["n"], info["m"], shape).validate()
             else:
                 w = BlockSparseWeight(*parts, shape).validate()
@@ -347,8 +381,7 @@ def _apply(model: nn.Module, sparse: dict, tensors: dict, origin: dict) -> None:
             raise ValueError(f"{where}: layer {name!r}: bias {'missing' if has_bias else 'unexpected'} in checkpoint")
         if bias is not None and tuple(bias.shape) != (out,):
             raise ValueError(f"{where}: layer {name!r}: bias shape {tuple(bias.shape)}, expected {(out,)}")
-        ref = mod.values if isinstance(mod, SparseLinear) and mod.block is None else None
-        ref = ref if ref is not None else (mod.blocks if isinstance(mod, SparseLinear) else mod.weight)
+        ref = mod.dtype_param() if isinstance(mod, SparseLinear) else mod.weight
         w = w.to(device=ref.device, dtype=ref.dtype)
         layer = SparseLinear(w, None if bias is None else bias.to(device=ref.device, dtype=ref.dtype))
         layer.requires_grad_(ref.requires_grad)

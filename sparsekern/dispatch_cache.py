@@ -49,8 +49,11 @@ def row_bucket(rows: int) -> str:
     return str(1 << (rows - 1).bit_length())
 
 
-def _nm_bucket(x, values, meta, n, m, bias=None) -> str:
-    return f"r{row_bucket(x.shape[0])}|w{values.shape[0]}x{values.shape[1] // n * m}|{n}:{m}"
+def _nm_bucket(x, values, meta, n, m, bias=None, scales=None, zeros=None, group_size=0) -> str:
+    key = f"r{row_bucket(x.shape[0])}|w{values.shape[0]}x{x.shape[-1]}|{n}:{m}"
+    if scales is not None:  # quantized values: int8 / int4 and the scale group
+        key += f"|{'int4' if values.dtype == torch.uint8 else 'int8'}g{group_size}"
+    return key
 
 
 def _bsr_bucket(x, crow, col, blocks, bias=None) -> str:
@@ -282,7 +285,10 @@ def recipe(op: str, args: tuple) -> dict | None:
     base = {"rows": int(x.shape[0]), "k": int(x.shape[-1]), "dtype": str(x.dtype).removeprefix("torch.")}
     if op == "nm_linear":
         values, _, n, m = args[1:5]
-        return base | {"out": int(values.shape[0]), "n": int(n), "m": int(m)}
+        out = base | {"out": int(values.shape[0]), "n": int(n), "m": int(m)}
+        if len(args) > 6 and args[6] is not None:
+            out |= {"quant": "int4" if values.dtype == torch.uint8 else "int8", "group_size": int(args[8])}
+        return out
     if op == "bsr_linear":
         crow, col, blocks = args[1:4]
         nnz, bm, bk = blocks.shape

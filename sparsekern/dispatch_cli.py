@@ -27,7 +27,9 @@ def synthetic_args(op: str, recipe: dict) -> tuple:
     dense = torch.randn(recipe["out"], recipe["k"])
     if op == "nm_linear":
         w = NMSparseWeight.from_dense(dense, n=recipe["n"], m=recipe["m"], prune=True).to(dtype)
-        return (x, w.values, w.meta, w.n, w.m, None)
+        if recipe.get("quant"):
+            w = w.quantize(recipe["quant"], int(recipe.get("group_size", 0)))
+        return (x, w.values, w.meta, w.n, w.m, None, *w.quant_args())
     if op == "bsr_linear":
         sparsity = min(1.0, max(0.0, 1.0 - float(recipe["density"])))
         w = BlockSparseWeight.from_dense(dense, block=tuple(recipe["block"]), sparsity=sparsity).to(dtype)

@@ -17,6 +17,7 @@ import torch
 
 from sparsekern import dispatch, plan, reference
 from sparsekern.backends.dense import weight_stamp
+from sparsekern.formats import quant
 from sparsekern.formats.bsr import BlockSparseWeight, check_bsr_indices
 from sparsekern.formats.nm import SUPPORTED_DTYPES, NMSparseWeight, check_nm, meta_words, nm_to_dense
 from sparsekern.plan import all_finite  # noqa: F401  (re-exported: older callers import it from here)
@@ -24,7 +25,13 @@ from sparsekern.plan import all_finite  # noqa: F401  (re-exported: older caller
 lib = torch.library.Library("sparsekern", "FRAGMENT")
 
 # x @ W.T + bias for an N:M weight W given as values [out, K*n/m] and packed meta int32 [out, words].
-lib.define("nm_linear(Tensor x, Tensor values, Tensor meta, int n, int m, Tensor? bias=None) -> Tensor")
+# Quantized W (sparsekern/formats/quant.py): values int8 [out, kept] or uint8 [out, kept/2] (int4),
+# scales [out, groups] in x's dtype, zeros int8 [out, groups] or None, group_size dense columns (0: per row).
+NM_SCHEMA = (
+    "(Tensor x, Tensor values, Tensor meta, int n, int m, Tensor? bias=None, Tensor? scales=None,"
+    " Tensor? zeros=None, int group_size=0) -> Tensor"
+)
+lib.define("nm_linear" + NM_SCHEMA)
 # x @ W.T + bias for a BSR weight W (crow int32 [out/bm+1], col int32 [nnz], blocks [nnz, bm, bk]).
 lib.define("bsr_linear(Tensor x, Tensor crow, Tensor col, Tensor blocks, Tensor? bias=None) -> Tensor")
 # fp32 [B, H, Sk]: attention mass each key receives, averaged over queries (or CLS only).
@@ -35,7 +42,7 @@ lib.define(
 )
 # CPU kernels (csrc/cpu): same contract as nm_linear / bsr_linear; they check their arguments
 # themselves (csrc/cpu/op_checks.h, same words as the checks below): anyone can call them.
-lib.define("_nm_linear_cpu(Tensor x, Tensor values, Tensor meta, int n, int m, Tensor? bias=None) -> Tensor")
+lib.define("_nm_linear_cpu" + NM_SCHEMA)
 lib.define("_bsr_linear_cpu(Tensor x, Tensor crow, Tensor col, Tensor blocks, Tensor? bias=None) -> Tensor")
 # pruned_attention plus the kept keys' attention mass (fp32 [B, H, kept], averaged over queries).
 lib.define(
@@ -107,18 +114,26 @@ def _check_linear_common(x, weight: torch.Tensor, weight_name: str, out: int, k:
             raise ValueError(f"bias: expected shape {(out,)}, got {tuple(bias.shape)}")
 
 
-def check_nm_linear(x, values, meta, n, m, bias) -> None:
+def check_nm_linear(x, values, meta, n, m, bias, scales=None, zeros=None, group_size=0) -> None:
     check_nm(n, m)
-    _check_tensor("values", values)
+    _check_tensor("values", values, (*SUPPORTED_DTYPES, torch.int8, torch.uint8))
     _check_tensor("meta", meta, (torch.int32,))
-    if values.dim() != 2 or values.shape[1] % n:
+    packed = 2 if values.dtype == torch.uint8 else 1  # int4: two kept weights per byte
+    if values.dim() != 2 or values.shape[1] * packed % n:
         raise ValueError(f"values: expected [out, K*{n}/{m}], got shape {tuple(values.shape)}")
-    out, kept = values.shape
+    out, kept = values.shape[0], values.shape[1] * packed
     if tuple(meta.shape) != (out, meta_words(kept, m)):
         raise ValueError(f"meta: expected shape {(out, meta_words(kept, m))}, got {tuple(meta.shape)}")
     if meta.device != values.device:
         raise ValueError(f"meta: expected device {values.device} (that of values), got {meta.device}")
-    _check_linear_common(x, values, "values", out, kept // n * m, bias)
+    k = kept // n * m
+    if quant.quant_of(values) is None:
+        if scales is not None or zeros is not None or group_size:
+            raise ValueError(f"scales/zeros/group_size: only int8 / uint8 (int4) values take them, got {values.dtype}")
+        _check_linear_common(x, values, "values", out, k, bias)
+        return
+    quant.check_parts(values, scales, zeros, out, kept, quant.groups_of(group_size, k, m))
+    _check_linear_common(x, scales, "scales", out, k, bias)
 
 
 def check_bsr_linear(x, crow, col, blocks, bias) -> None:
@@ -230,8 +245,8 @@ def _nan_rows(t: torch.Tensor, bad: torch.Tensor | None) -> torch.Tensor:
 
 
 @torch.library.register_fake("sparsekern::nm_linear")
-def _nm_linear_fake(x, values, meta, n, m, bias=None):
-    check_nm_linear(x, values, meta, n, m, bias)
+def _nm_linear_fake(x, values, meta, n, m, bias=None, scales=None, zeros=None, group_size=0):
+    check_nm_linear(x, values, meta, n, m, bias, scales, zeros, group_size)
     return x.new_empty((*x.shape[:-1], values.shape[0]))
 
 
@@ -276,8 +291,10 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def _nm_linear_impl(x, values, meta, n, m, bias=None):
-    return plan.run(NM_LINEAR, x, (values, meta, n, m, bias), plan.plans_for(values))
+def _nm_linear_impl(x, values, meta, n, m, bias=None, scales=None, zeros=None, group_size=0):
+    # Floating weights keep the short argument list: backends registered for it still run them.
+    quant = () if scales is None and zeros is None and not group_size else (scales, zeros, group_size)
+    return plan.run(NM_LINEAR, x, (values, meta, n, m, bias, *quant), plan.plans_for(values))
 
 
 def _bsr_linear_impl(x, crow, col, blocks, bias=None):
@@ -332,18 +349,19 @@ def _dense_grad(grad, x):
 
 
 def nm_linear_backward(ctx, grad):
-    x, values, meta, n, m, bias = ctx.args
+    x, values, meta, n, m, bias, scales, zeros, group_size = (*ctx.args, None, None, 0)[:9]
     gx = gv = gb = None
     if ctx.needs_input_grad[0]:
-        gx = grad @ nm_to_dense(values, meta, n, m)
-    if ctx.needs_input_grad[1]:
+        kept = values if scales is None else quant.dequantize(values, scales, zeros)
+        gx = grad @ nm_to_dense(kept, meta, n, m)
+    if ctx.needs_input_grad[1] and scales is None:  # integer values take no gradient
         from sparsekern.formats.nm import column_indices
 
         cols = column_indices(meta, n, m, values.shape[1])
         gv = _dense_grad(grad, x).gather(1, cols).to(values.dtype)
     if bias is not None and ctx.needs_input_grad[5]:
         gb = _flat(grad).sum(0).to(bias.dtype)
-    return gx, gv, None, None, None, gb
+    return (gx, gv, None, None, None, gb, None, None, None)[: len(ctx.args)]
 
 
 def bsr_linear_backward(ctx, grad):
@@ -376,7 +394,7 @@ def _recheck_bsr(x2, crow, col, blocks, bias=None):
 
 # What plans (sparsekern/plan.py) need of the linears: they run the public ops, eager or not.
 NM_LINEAR = plan.LinearOp(
-    "nm_linear", torch.ops.sparsekern.nm_linear, check_nm_linear, None, reference.nm_linear, nm_linear_backward, 0, 2
+    "nm_linear", torch.ops.sparsekern.nm_linear, check_nm_linear, None, reference.nm_linear, nm_linear_backward, 0, 2, 4
 )
 BSR_LINEAR = plan.LinearOp(
     "bsr_linear",
@@ -386,6 +404,7 @@ BSR_LINEAR = plan.LinearOp(
     reference.bsr_linear,
     bsr_linear_backward,
     2,
+    3,
     3,
 )
 plan.LINEARS.update(nm_linear=NM_LINEAR, bsr_linear=BSR_LINEAR)
@@ -398,7 +417,8 @@ def nm_linear(x: torch.Tensor, weight: NMSparseWeight, bias: torch.Tensor | None
     """``x @ weight.to_dense().T + bias`` for any leading dims of ``x``."""
     if not isinstance(weight, NMSparseWeight):
         raise TypeError(f"weight: expected NMSparseWeight, got {type(weight).__name__}")
-    return plan.linear(NM_LINEAR, x, (weight.values, weight.meta, weight.n, weight.m, bias))
+    quant = () if weight.scales is None else weight.quant_args()
+    return plan.linear(NM_LINEAR, x, (weight.values, weight.meta, weight.n, weight.m, bias, *quant))
 
 
 def bsr_linear(x: torch.Tensor, weight: BlockSparseWeight, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -45,6 +45,7 @@ class LinearOp:
     backward: Callable  # the op's backward(ctx, grad); ctx has .args and .needs_input_grad
     param: int  # index among the weight args of the floating weight (values / blocks)
     tensors: int  # leading weight args that are tensors (stamped)
+    bias: int  # index among the weight args of the bias; tensors after it (scales, zeros) are stamped too
 
 
 LINEARS: dict[str, LinearOp] = {}
@@ -121,8 +122,9 @@ def _call(p: Plan, x: torch.Tensor, args: tuple) -> torch.Tensor:
 _live: weakref.WeakSet[Plan] = weakref.WeakSet()
 
 
-def _untracked(args, n: int) -> bool:
-    return any(t.is_inference() for t in args[:n] if isinstance(t, torch.Tensor))
+def _untracked(args, op: LinearOp) -> bool:
+    weight = (*args[: op.tensors], *args[op.bias + 1 :])  # bias excluded: it is stamped by identity
+    return any(t.is_inference() for t in weight if isinstance(t, torch.Tensor))
 
 
 def make(name: str, args: tuple, dense: bool = True) -> Plan:
@@ -139,7 +141,7 @@ def make(name: str, args: tuple, dense: bool = True) -> Plan:
     # The registered Impl, not a per-call wrapper the dispatcher may have handed out.
     impl = dispatch.implementations(name).get(chosen.backend, chosen)
     run, held = impl.fn, ()
-    if _untracked(wargs, op.tensors):
+    if _untracked(wargs, op):
         # Inference tensors carry no version: an in-place write could not be seen, so nothing is
         # kept per weight and the checks that read the weight run on every call.
         if op.recheck is not None:
@@ -216,24 +218,31 @@ def _bucket(rows: int) -> str:
     return b
 
 
-def _stamp(args: tuple, n: int, p: int) -> tuple:
+def _stamp(args: tuple, n: int, p: int, bi: int) -> tuple:
     """Identity, data pointer and version of each weight tensor, the dtype of the floating one
-    (``.data`` swapped for a view of another dtype keeps the pointer) and the bias's identity."""
+    (``.data`` swapped for a view of another dtype keeps the pointer), the bias's identity and,
+    for a quantized weight, its scales and zeros."""
     # NOTE: written out, not a generator, since this runs on every call (a generator expression
     # costs ~1 us more).
     a, b = args[0], args[1]
     try:
         if n == 2:
-            return (id(a), a.data_ptr(), a._version, id(b), b.data_ptr(), b._version, args[p].dtype, id(args[-1]))
+            st = (id(a), a.data_ptr(), a._version, id(b), b.data_ptr(), b._version, args[p].dtype, id(args[bi]))
+            if len(args) > bi + 1 and args[bi + 1] is not None:
+                sc, z = args[bi + 1], args[bi + 2]
+                st += (id(sc), sc.data_ptr(), sc._version, sc.dtype, id(z), args[bi + 3])
+                if z is not None:
+                    st += (z.data_ptr(), z._version)
+            return st
         c = args[2]
         return (
             id(a), a.data_ptr(), a._version, id(b), b.data_ptr(), b._version,
-            id(c), c.data_ptr(), c._version, args[p].dtype, id(args[-1]),
+            id(c), c.data_ptr(), c._version, args[p].dtype, id(args[bi]),
         )  # fmt: skip
     except RuntimeError:  # inference tensors carry no version counter
         return tuple(
             (id(t), t.data_ptr(), t.dtype, -1 if t.is_inference() else t._version) if isinstance(t, torch.Tensor) else t
-            for t in (*args[:n], id(args[-1]))
+            for t in (*args[:n], *args[bi:])
         )
     except AttributeError:  # not tensors: make() says what is wrong
         return (object(),)
@@ -245,7 +254,7 @@ def run(op: LinearOp, x: torch.Tensor, args: tuple, plans: Plans) -> torch.Tenso
     nd = len(shape)
     rows = shape[0] if nd == 2 else (math.prod(shape[:-1]) if nd else 0)
     key = (_BUCKETS.get(rows) or _bucket(rows), x.dtype, x.device, shape[-1] if nd else -1)
-    state, stamp = dispatch.state(), _stamp(args, op.tensors, op.param)
+    state, stamp = dispatch.state(), _stamp(args, op.tensors, op.param, op.bias)
     p = plans.by_key.get(key)
     # Each plan carries what it was made under: a thread whose use_backend differs never runs
     # another thread's plan.
@@ -321,11 +330,11 @@ class _Autograd(torch.autograd.Function):
         x, p, bias = ctx.saved_tensors
         op = ctx.op
         args = list(ctx.args)
-        args[op.param], args[-1] = p, bias
+        args[op.param], args[op.bias] = p, bias
         need = [False] * (len(args) + 1)
-        need[0], need[1 + op.param], need[-1] = ctx.needs_input_grad[:3]
+        need[0], need[1 + op.param], need[1 + op.bias] = ctx.needs_input_grad[:3]
         grads = op.backward(SimpleNamespace(args=(x, *args), needs_input_grad=tuple(need)), grad)
-        return grads[0], grads[1 + op.param], grads[-1], None
+        return grads[0], grads[1 + op.param], grads[1 + op.bias], None
 
 
 def linear(op: LinearOp, x, args: tuple, plans: Plans | None = None) -> torch.Tensor:
@@ -336,7 +345,7 @@ def linear(op: LinearOp, x, args: tuple, plans: Plans | None = None) -> torch.Te
     if plans is None:
         plans = plans_for(args[op.param])
     if torch.is_grad_enabled():
-        p, bias = args[op.param], args[-1]
+        p, bias = args[op.param], args[op.bias]
         if x.requires_grad or getattr(p, "requires_grad", False) or getattr(bias, "requires_grad", False):
             return _Autograd.apply(x, p, bias, (op, args, plans))
     return run(op, x, args, plans)

@@ -14,11 +14,14 @@ import torch.nn.functional as F
 
 from sparsekern.formats.bsr import bsr_to_dense
 from sparsekern.formats.nm import nm_to_dense
+from sparsekern.formats.quant import dequantize
 
 
-def nm_linear(x, values, meta, n: int, m: int, bias=None):
-    """``x @ W.T + bias`` for the N:M weight ``W`` held as ``values``/``meta``."""
-    return F.linear(x, nm_to_dense(values, meta, n, m), bias)
+def nm_linear(x, values, meta, n: int, m: int, bias=None, scales=None, zeros=None, group_size=0):
+    """``x @ W.T + bias`` for the N:M weight ``W`` held as ``values``/``meta``; quantized values
+    are dequantized first (``(q - zero) * scale`` per group, in the dtype of ``scales``)."""
+    kept = values if scales is None else dequantize(values, scales, zeros)
+    return F.linear(x, nm_to_dense(kept, meta, n, m), bias)
 
 
 def bsr_linear(x, crow, col, blocks, bias=None):

@@ -27,7 +27,36 @@ struct NMLinearArgs {
   int64_t ldo;
   DType dtype;
   int threads;
+  // Quantized values (sparsekern/formats/quant.py), qbits 8 or 4 (0: values are of dtype):
+  // values int8 [out, kept] or uint8 [out, kept / 2] (int4: slot 2j in the low nibble, 2j+1 in
+  // the high one, unsigned). Kept slot j of row o is (q - zero) * scale of group j / group_kept;
+  // scales [out, groups] of dtype, zeros int8 [out, groups] or nullptr (0 for int8, 8 for int4).
+  int qbits = 0;
+  const void* scales = nullptr;
+  const int8_t* zeros = nullptr;
+  int64_t groups = 1, group_kept = 0;
 };
+
+// The scale and zero of group g of row o of a quantized weight.
+inline float nm_scale(const NMLinearArgs& a, int64_t o, int64_t g) { return load_f32(a.scales, o * a.groups + g, a.dtype); }
+inline int nm_zero(const NMLinearArgs& a, int64_t o, int64_t g) {
+  return a.zeros ? a.zeros[o * a.groups + g] : (a.qbits == 4 ? 8 : 0);
+}
+
+// Kept weight j of row o as fp32, whatever the storage (scalar: portable paths and tails).
+inline float nm_weight(const NMLinearArgs& a, int64_t o, int64_t j) {
+  const int64_t kept = a.k / a.m * a.n;
+  if (a.qbits == 0) return load_f32(a.values, o * kept + j, a.dtype);
+  int q;
+  if (a.qbits == 8) {
+    q = static_cast<const int8_t*>(a.values)[o * kept + j];
+  } else {
+    const uint8_t b = static_cast<const uint8_t*>(a.values)[o * (kept / 2) + j / 2];
+    q = (j & 1) ? b >> 4 : b & 15;
+  }
+  const int64_t g = j / a.group_kept;
+  return static_cast<float>(q - nm_zero(a, o, g)) * nm_scale(a, o, g);
+}
 
 // Same for a BSR weight: crow [out/bm + 1], col [nnz], blocks [nnz, bm, bk].
 struct BSRLinearArgs {

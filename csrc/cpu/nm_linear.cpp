@@ -60,7 +60,7 @@ void convert_rows_f32(const void* x, int64_t rows, int64_t k, int64_t ldx, DType
 namespace detail {
 
 void nm_linear_decode_portable(const NMLinearArgs& a) {
-  const int64_t kept = a.k / a.m * a.n, groups = a.k / a.m;
+  const int64_t groups = a.k / a.m;
   const int bits = log2i(a.m);
   std::vector<float> xf(a.rows * a.k);
   convert_rows_f32(a.x, a.rows, a.k, a.ldx, a.dtype, xf.data(), a.k, a.threads);
@@ -72,11 +72,11 @@ void nm_linear_decode_portable(const NMLinearArgs& a) {
         const int nr = static_cast<int>(std::min<int64_t>(kRowBlock, a.rows - r0));
         float acc[kRowBlock] = {};
         MetaReader meta(mrow, a.meta_words, bits);
-        int64_t j = o * kept;
+        int64_t j = 0;
         for (int64_t g = 0; g < groups; ++g) {
           for (int s = 0; s < a.n; ++s, ++j) {
             const int64_t c = g * a.m + meta.next();
-            const float v = load_f32(a.values, j, a.dtype);
+            const float v = nm_weight(a, o, j);
             for (int r = 0; r < nr; ++r) acc[r] += v * xf[(r0 + r) * a.k + c];
           }
         }
@@ -91,7 +91,12 @@ void nm_linear_decode_portable(const NMLinearArgs& a) {
 
 void nm_linear_decode(const NMLinearArgs& a, Isa isa) {
 #if defined(__x86_64__)
-  if (isa >= Isa::kAvx2) return detail::nm_linear_decode_avx2(a);
+  // Quantized values: the quads kernel where each of its 16-slot steps lies in one scale group.
+  if (isa >= Isa::kAvx2 && a.qbits && detail::nm_quads_supported(a.n, a.m) &&
+      (a.groups == 1 || a.group_kept % 16 == 0)) {
+    return detail::nm_linear_decode_quads_avx2(a);
+  }
+  if (isa >= Isa::kAvx2 && !a.qbits) return detail::nm_linear_decode_avx2(a);
 #else
   (void)isa;
 #endif
@@ -124,7 +129,26 @@ void scatter_rows(const NMLinearArgs& a, int64_t row0, int64_t nrows, Dst* dense
 
 void nm_decompress_rows(const NMLinearArgs& a, int64_t row0, int64_t nrows, void* dense, int64_t ld,
                         DType dense_t) {
-  if (dense_t == a.dtype) {  // same element type: copy the bits
+  if (a.qbits && dense_t == DType::kF32) {  // dequantize: (q - zero) * scale per kept slot
+    const int bits = log2i(a.m);
+    const int64_t groups = a.k / a.m;
+    parallel_range(nrows, a.threads, 16, [&](int64_t i0, int64_t i1, int) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t o = row0 + i;
+        float* d = static_cast<float*>(dense) + i * ld;
+        std::memset(d, 0, a.k * sizeof(float));
+        MetaReader meta(a.meta + o * a.meta_words, a.meta_words, bits);
+        int64_t j = 0;
+        for (int64_t g = 0; g < groups; ++g)
+          for (int s = 0; s < a.n; ++s, ++j) d[g * a.m + meta.next()] = nm_weight(a, o, j);
+      }
+    });
+  } else if (a.qbits) {
+    std::vector<float> tmp(nrows * a.k);
+    nm_decompress_rows(a, row0, nrows, tmp.data(), a.k, DType::kF32);
+    for (int64_t i = 0; i < nrows; ++i)
+      for (int64_t c = 0; c < a.k; ++c) store_f32(dense, i * ld + c, tmp[i * a.k + c], dense_t);
+  } else if (dense_t == a.dtype) {  // same element type: copy the bits
     if (a.dtype == DType::kF32) {
       scatter_rows<float, float>(a, row0, nrows, static_cast<float*>(dense), ld, [](float v) { return v; });
     } else {

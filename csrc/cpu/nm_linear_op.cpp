@@ -56,10 +56,14 @@ void nm_linear_gemm(const NMLinearArgs& a, const at::Tensor& x, const std::optio
 }
 
 at::Tensor nm_linear_cpu(const at::Tensor& x_in, const at::Tensor& values_in, const at::Tensor& meta_in, int64_t n,
-                         int64_t m, const std::optional<at::Tensor>& bias_in) {
-  check_nm_linear_args(x_in, values_in, meta_in, n, m, bias_in);
+                         int64_t m, const std::optional<at::Tensor>& bias_in,
+                         const std::optional<at::Tensor>& scales_in, const std::optional<at::Tensor>& zeros_in,
+                         int64_t group_size) {
+  check_nm_linear_args(x_in, values_in, meta_in, n, m, bias_in, scales_in, zeros_in, group_size);
   const at::Tensor x = x_in.contiguous(), values = values_in.contiguous(), meta = meta_in.contiguous();
   const std::optional<at::Tensor> bias = bias_in ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
+  const at::Tensor scales = scales_in ? scales_in->contiguous() : at::Tensor();
+  const at::Tensor zeros = zeros_in ? zeros_in->contiguous() : at::Tensor();
   const int64_t rows = x.size(0), k = x.size(1), out_features = values.size(0);
   at::Tensor y = new_output({rows, out_features}, x.options());
   if (rows == 0 || out_features == 0) return y;
@@ -81,6 +85,13 @@ at::Tensor nm_linear_cpu(const at::Tensor& x_in, const at::Tensor& values_in, co
   a.ldo = out_features;
   a.dtype = to_dtype(x.scalar_type());
   a.threads = at::get_num_threads();
+  if (scales.defined()) {
+    a.qbits = values.scalar_type() == at::kByte ? 4 : 8;
+    a.scales = scales.data_ptr();
+    a.zeros = zeros.defined() ? zeros.data_ptr<int8_t>() : nullptr;
+    a.groups = scales.size(1);
+    a.group_kept = k / m * n / a.groups;
+  }
   if (rows > (a.dtype == DType::kF32 ? kChunkedDecodeMaxRowsF32 : kChunkedDecodeMaxRowsHalf)) {
     nm_linear_gemm(a, x, bias, y);
     return y;

@@ -74,6 +74,23 @@ SK_AVX2 inline void load16(const typename Elem<T>::type* p, __m256& a, __m256& b
   }
 }
 
+// 16 quantized slots (Q = 8: 16 int8; Q = 4: 8 bytes of nibbles, slot 2j low) as fp32 integers
+// in slot order, zero point not yet applied.
+template <int Q>
+SK_AVX2 inline void load16q(const uint8_t* p, __m256& a, __m256& b) {
+  __m128i q;
+  if constexpr (Q == 8) {
+    q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+    b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8)));
+  } else {
+    const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)), low = _mm_set1_epi8(15);
+    q = _mm_unpacklo_epi8(_mm_and_si128(raw, low), _mm_and_si128(_mm_srli_epi16(raw, 4), low));
+    a = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q));
+    b = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(q, 8)));
+  }
+}
+
 // Per-lane meta tables. 2-bit: the shift of each lane's field in the super-step's word. 3-bit:
 // for each of the 5 phases (super-step index mod 5; its first field sits at 6 * phase mod 10 in
 // word j0 / 10), the word (0..2 after j0 / 10) and the shift of each lane's field.
@@ -143,14 +160,39 @@ SK_AVX2 inline __m256 vec_x(const float* xs, __m256i idx, __m256 bit2) {
 // Rows r0 .. r0+R-1 of x against output row o.
 // NOTE: interleaving 2 or 4 output rows (more weight streams in flight) was slower at 1 row:
 // 2:4 bf16 1.27 ns per 8 values with 1 row, 1.8 with 2, 1.5-1.8 with 4; fp32 within noise.
-template <DType T, int N, int M, int R>
+// Q = 8 / 4: quantized values (T then only names x's type, read through xq and load_f32); every
+// super-step lies in one scale group (a.groups == 1 or a.group_kept % 16 == 0), whose scale s and
+// -zero * s turn the integers into weights with one FMA per 8.
+template <DType T, int N, int M, int R, int Q = 0>
 SK_AVX2 void quads_rows(const NMLinearArgs& a, const float* xq, int64_t ldq, int64_t r0, int64_t o) {
-  constexpr Lanes L = lanes_for<T, N>();
+  constexpr Lanes L = Q ? Lanes::kInOrder : lanes_for<T, N>();
   constexpr int SS = 16 * M / N;  // reordered x floats per super-step (two vectors)
   using E = typename Elem<T>::type;
   const MetaTables& tb = Tables<L>::value;
   const int64_t kept = a.k / a.m * a.n, words = a.meta_words;
   const E* v = static_cast<const E*>(a.values) + o * kept;
+  constexpr int QB = Q == 8 ? 16 : 8;  // bytes per super-step of quantized values
+  const uint8_t* vq = static_cast<const uint8_t*>(a.values) + o * (Q == 4 ? kept / 2 : kept);
+  const int64_t steps_per_group = a.groups == 1 ? INT64_MAX : a.group_kept / 16;
+  int64_t group = -1, group_end = 0;
+  __m256 scale = _mm256_setzero_ps(), shift = _mm256_setzero_ps();
+  // Weights of super-step s (from a zero-padded copy on the row's last, partial one).
+  auto load = [&](int64_t s, const void* src, __m256& wa, __m256& wb) SK_AVX2 {
+    if constexpr (Q == 0) {
+      load16<T, L>(static_cast<const E*>(src), wa, wb);
+    } else {
+      if (s >= group_end) {
+        ++group;
+        group_end = a.groups == 1 ? INT64_MAX : (group + 1) * steps_per_group;
+        const float sc = nm_scale(a, o, group);
+        scale = _mm256_set1_ps(sc);
+        shift = _mm256_set1_ps(-static_cast<float>(nm_zero(a, o, group)) * sc);
+      }
+      load16q<Q>(static_cast<const uint8_t*>(src), wa, wb);
+      wa = _mm256_fmadd_ps(wa, scale, shift);
+      wb = _mm256_fmadd_ps(wb, scale, shift);
+    }
+  };
   const int32_t* mrow = a.meta + o * words;
   const float* xr = xq + r0 * ldq;
   __m256 acc0[R], acc1[R];
@@ -179,23 +221,40 @@ SK_AVX2 void quads_rows(const NMLinearArgs& a, const float* xq, int64_t ldq, int
   __m256 wa, wb;
   if constexpr (M == 4) {
     for (; 16 * s + 16 <= kept; ++s) {
-      _mm_prefetch(reinterpret_cast<const char*>(v + 16 * s) + kPrefetch, _MM_HINT_T0);
-      load16<T, L>(v + 16 * s, wa, wb);
+      if constexpr (Q == 0) {
+        _mm_prefetch(reinterpret_cast<const char*>(v + 16 * s) + kPrefetch, _MM_HINT_T0);
+        load(s, v + 16 * s, wa, wb);
+      } else {
+        _mm_prefetch(reinterpret_cast<const char*>(vq + QB * s) + kPrefetch, _MM_HINT_T0);
+        load(s, vq + QB * s, wa, wb);
+      }
       step(wa, wb, _mm256_set1_epi32(mrow[s]), 0, s);
     }
   } else {
     for (; 16 * s + 16 <= kept && (16 * s) / 10 + 4 <= words; ++s) {
-      _mm_prefetch(reinterpret_cast<const char*>(v + 16 * s) + kPrefetch, _MM_HINT_T0);
-      load16<T, L>(v + 16 * s, wa, wb);
+      if constexpr (Q == 0) {
+        _mm_prefetch(reinterpret_cast<const char*>(v + 16 * s) + kPrefetch, _MM_HINT_T0);
+        load(s, v + 16 * s, wa, wb);
+      } else {
+        _mm_prefetch(reinterpret_cast<const char*>(vq + QB * s) + kPrefetch, _MM_HINT_T0);
+        load(s, vq + QB * s, wa, wb);
+      }
       const __m128i w4 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(mrow + (16 * s) / 10));
       step(wa, wb, _mm256_broadcastsi128_si256(w4), ph, s);
       ph = ph == 4 ? 0 : ph + 1;
     }
   }
   for (; 16 * s < kept; ++s) {  // last super-steps: copies, zero past the row (x is zero past K too)
-    E tv[16] = {};
-    std::copy(v + 16 * s, v + std::min<int64_t>(kept, 16 * s + 16), tv);
-    load16<T, L>(tv, wa, wb);
+    if constexpr (Q == 0) {
+      E tv[16] = {};
+      std::copy(v + 16 * s, v + std::min<int64_t>(kept, 16 * s + 16), tv);
+      load(s, tv, wa, wb);
+    } else {
+      uint8_t tv[16] = {};
+      const int64_t row_bytes = Q == 4 ? kept / 2 : kept;
+      std::copy(vq + QB * s, vq + std::min<int64_t>(row_bytes, QB * s + QB), tv);
+      load(s, tv, wa, wb);
+    }
     if constexpr (M == 4) {
       step(wa, wb, _mm256_set1_epi32(mrow[s]), 0, s);
     } else {
@@ -210,16 +269,16 @@ SK_AVX2 void quads_rows(const NMLinearArgs& a, const float* xq, int64_t ldq, int
     store_f32(a.out, (r0 + r) * a.ldo + o, hsum(_mm256_add_ps(acc0[r], acc1[r])) + b, a.dtype);
 }
 
-template <DType T, int N, int M>
+template <DType T, int N, int M, int Q = 0>
 SK_AVX2 void quads_all(const NMLinearArgs& a, const float* xq, int64_t ldq) {
   parallel_range(a.out_features, a.threads, 16, [&](int64_t lo, int64_t hi, int) {
     for (int64_t o = lo; o < hi; ++o) {
       int64_t r0 = 0;
-      for (; r0 + 4 <= a.rows; r0 += 4) quads_rows<T, N, M, 4>(a, xq, ldq, r0, o);
+      for (; r0 + 4 <= a.rows; r0 += 4) quads_rows<T, N, M, 4, Q>(a, xq, ldq, r0, o);
       switch (a.rows - r0) {
-        case 3: quads_rows<T, N, M, 3>(a, xq, ldq, r0, o); break;
-        case 2: quads_rows<T, N, M, 2>(a, xq, ldq, r0, o); break;
-        case 1: quads_rows<T, N, M, 1>(a, xq, ldq, r0, o); break;
+        case 3: quads_rows<T, N, M, 3, Q>(a, xq, ldq, r0, o); break;
+        case 2: quads_rows<T, N, M, 2, Q>(a, xq, ldq, r0, o); break;
+        case 1: quads_rows<T, N, M, 1, Q>(a, xq, ldq, r0, o); break;
         default: break;
       }
     }
@@ -260,6 +319,10 @@ void quads_nm(const NMLinearArgs& a) {
   // 16-byte alignment split every other 32-byte load).
   std::vector<float> buf(a.rows * ldq + 16);
   float* xq = buf.data() + (16 - reinterpret_cast<uintptr_t>(buf.data()) / 4 % 16) % 16;
+  if (a.qbits) {  // slots in order; x's type only matters to the reordering and the stores
+    reorder_x<N, M, Lanes::kInOrder>(a, xq, ldq, supersteps);
+    return a.qbits == 8 ? quads_all<DType::kF32, N, M, 8>(a, xq, ldq) : quads_all<DType::kF32, N, M, 4>(a, xq, ldq);
+  }
   switch (a.dtype) {
     case DType::kBF16:
       reorder_x<N, M, lanes_for<DType::kBF16, N>()>(a, xq, ldq, supersteps);

@@ -84,23 +84,50 @@ inline void check_linear_common(const at::Tensor& x, const at::Tensor& weight, c
   }
 }
 
-// sparsekern/formats/nm.py check_nm and sparsekern/ops.py check_nm_linear.
+// sparsekern/formats/nm.py check_nm, sparsekern/ops.py check_nm_linear and, for quantized
+// values, sparsekern/formats/quant.py check_parts.
 inline void check_nm_linear_args(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta, int64_t n,
-                                 int64_t m, const std::optional<at::Tensor>& bias) {
+                                 int64_t m, const std::optional<at::Tensor>& bias,
+                                 const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& zeros,
+                                 int64_t group_size) {
   TORCH_CHECK_VALUE(m == 2 || m == 4 || m == 8 || m == 16, "m: expected one of (2, 4, 8, 16), got ", m);
   TORCH_CHECK_VALUE(0 < n && n < m, "n: expected 0 < n < m=", m, ", got ", n);
-  check_float("values", values);
+  check_tensor("values", values, {at::kFloat, at::kHalf, at::kBFloat16, at::kChar, at::kByte});
   check_tensor("meta", meta, {at::kInt});
-  TORCH_CHECK_VALUE(values.dim() == 2 && values.size(1) % n == 0, "values: expected [out, K*", n, "/", m,
+  const bool quantized = values.scalar_type() == at::kChar || values.scalar_type() == at::kByte;
+  const int64_t packed = values.scalar_type() == at::kByte ? 2 : 1;  // int4: two kept weights per byte
+  TORCH_CHECK_VALUE(values.dim() == 2 && values.size(1) * packed % n == 0, "values: expected [out, K*", n, "/", m,
                     "], got shape ", py_shape(values.sizes()));
-  const int64_t out = values.size(0), kept = values.size(1);
+  const int64_t out = values.size(0), kept = values.size(1) * packed, k = kept / n * m;
   int bits = 0;
   while ((int64_t{1} << bits) < m) ++bits;
   const int64_t per_word = 32 / bits, words = (kept + per_word - 1) / per_word;
   TORCH_CHECK_VALUE(meta.dim() == 2 && meta.size(0) == out && meta.size(1) == words, "meta: expected shape ",
                     py_shape({out, words}), ", got ", py_shape(meta.sizes()));
   check_same_device("meta", meta, values, "values");
-  check_linear_common(x, values, "values", out, kept / n * m, bias);
+  if (!quantized) {
+    TORCH_CHECK_VALUE(!scales && !zeros && group_size == 0,
+                      "scales/zeros/group_size: only int8 / uint8 (int4) values take them, got ",
+                      py_dtype(values.scalar_type()));
+    check_linear_common(x, values, "values", out, k, bias);
+    return;
+  }
+  TORCH_CHECK_VALUE(group_size == 0 || (group_size > 0 && group_size % m == 0 && k % group_size == 0),
+                    "group_size: expected 0 (one scale per row) or a multiple of m=", m, " that divides in_features ",
+                    k, ", got ", group_size);
+  const int64_t groups = group_size ? k / group_size : 1;
+  TORCH_CHECK_TYPE(scales.has_value(), "scales: expected torch.Tensor for quantized values, got None");
+  check_float("scales", *scales);
+  TORCH_CHECK_VALUE(scales->dim() == 2 && scales->size(0) == out && scales->size(1) == groups, "scales: expected shape ",
+                    py_shape({out, groups}), " (rows, groups), got ", py_shape(scales->sizes()));
+  check_same_device("scales", *scales, values, "values");
+  if (zeros) {
+    check_tensor("zeros", *zeros, {at::kChar});
+    TORCH_CHECK_VALUE(zeros->dim() == 2 && zeros->size(0) == out && zeros->size(1) == groups, "zeros: expected shape ",
+                      py_shape({out, groups}), ", got ", py_shape(zeros->sizes()));
+    check_same_device("zeros", *zeros, values, "values");
+  }
+  check_linear_common(x, *scales, "scales", out, k, bias);
 }
 
 // The index structure of a BSR weight: crow starts at 0, never decreases, ends at nnz; every

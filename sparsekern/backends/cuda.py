@@ -53,7 +53,9 @@ def has_kernel() -> bool:
         return False
 
 
-def supports(x, values, meta, n, m, bias=None) -> str | None:
+def supports(x, values, meta, n, m, bias=None, scales=None, *quant) -> str | None:
+    if scales is not None:
+        return "quantized (int8/int4) values: no mma.sp kernel for them"
     if (n, m) != (2, 4):
         return f"only the 2:4 pattern (got {n}:{m})"
     if not x.is_cuda:
@@ -92,7 +94,7 @@ def clear_cache() -> None:
         _cache.clear()
 
 
-def nm_linear(x, values, meta, n, m, bias=None):
+def nm_linear(x, values, meta, n, m, bias=None, *quant):
     values_hw, meta_hw = hw_weight(values, meta)
     y = torch.ops.sparsekern._nm24_mma(x, values_hw, meta_hw, values.shape[0], bias)
     if HAVE_TRITON:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from sparsekern import dispatch, plan
 from sparsekern.formats.bsr import bsr_to_dense
 from sparsekern.formats.nm import nm_to_dense
+from sparsekern.formats.quant import dequantize
 
 # id(key tensor) -> (weakref to it, stamp of every tensor the dense copy came from, dense copy)
 _cache: dict[int, tuple[weakref.ref, tuple, torch.Tensor]] = {}
@@ -89,9 +90,14 @@ def cached_bytes() -> int:
         return sum(d.numel() * d.element_size() for _, _, d in _cache.values())
 
 
-def nm_weight(values, meta, n: int, m: int) -> torch.Tensor:
-    """The dense ``[out, K]`` copy of an N:M weight, from the cache when it is still current."""
-    return _cached(values, weight_stamp(values, meta, n, m), lambda: nm_to_dense(values, meta, n, m))
+def nm_weight(values, meta, n: int, m: int, scales=None, zeros=None) -> torch.Tensor:
+    """The dense ``[out, K]`` copy of an N:M weight (dequantized when quantized), from the cache
+    when it is still current."""
+
+    def build():
+        return nm_to_dense(values if scales is None else dequantize(values, scales, zeros), meta, n, m)
+
+    return _cached(values, weight_stamp(values, meta, n, m, scales, zeros), build)
 
 
 def bsr_weight(crow, col, blocks, k: int) -> torch.Tensor:
@@ -99,18 +105,18 @@ def bsr_weight(crow, col, blocks, k: int) -> torch.Tensor:
     return _cached(blocks, weight_stamp(blocks, crow, col, k), lambda: bsr_to_dense(crow, col, blocks, k))
 
 
-def nm_linear(x, values, meta, n: int, m: int, bias=None):
-    return F.linear(x, nm_weight(values, meta, n, m), bias)
+def nm_linear(x, values, meta, n: int, m: int, bias=None, scales=None, zeros=None, group_size=0):
+    return F.linear(x, nm_weight(values, meta, n, m, scales, zeros), bias)
 
 
 def bsr_linear(x, crow, col, blocks, bias=None):
     return F.linear(x, bsr_weight(crow, col, blocks, x.shape[-1]), bias)
 
 
-def _plan_nm(x, values, meta, n: int, m: int, bias=None):
+def _plan_nm(x, values, meta, n: int, m: int, bias=None, scales=None, zeros=None, group_size=0):
     # The copy lives in the plan (and in the cache above while this backend holds the choice).
-    w = nm_weight(values, meta, n, m)
-    return (lambda x, values, meta, n, m, bias=None: F.linear(x, w, bias)), (w,)
+    w = nm_weight(values, meta, n, m, scales, zeros)
+    return (lambda x, values, meta, n, m, bias=None, *quant: F.linear(x, w, bias)), (w,)
 
 
 def _plan_bsr(x, crow, col, blocks, bias=None):

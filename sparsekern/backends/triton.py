@@ -42,7 +42,9 @@ def _device_reason(x) -> str | None:
     return None
 
 
-def _nm_supports(x, values, meta, n, m, bias=None) -> str | None:
+def _nm_supports(x, values, meta, n, m, bias=None, scales=None, *quant) -> str | None:
+    if scales is not None:
+        return "quantized (int8/int4) values: no Triton kernel yet"
     return _device_reason(x)
 
 
@@ -50,7 +52,7 @@ def _bsr_supports(x, crow, col, blocks, bias=None) -> str | None:
     return _device_reason(x)
 
 
-def _nm_linear(x, values, meta, n, m, bias=None):
+def _nm_linear(x, values, meta, n, m, bias=None, *quant):
     return importlib.import_module("sparsekern.kernels.nm_linear").nm_linear(x, values, meta, n, m, bias)
 
 

@@ -9,6 +9,9 @@ Storage (docs/DESIGN.md, "Formats"):
   are zero. Within a group the N indices are strictly increasing. A group with fewer than N
   non-zeros stores explicit zeros at its lowest free positions, so every group has N entries.
 
+Quantized kept weights (int8, int4 two per byte) with per-group ``scales`` and optional
+``zeros``: :mod:`sparsekern.formats.quant`. ``meta`` is the same either way.
+
 Derived hardware layouts (the ``mma.sp`` order, CPU interleaving) are made from this once at
 load time; they are not separate formats.
 """
@@ -19,6 +22,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from sparsekern.formats import quant as q
 
 SUPPORTED_M = (2, 4, 8, 16)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -125,17 +130,28 @@ class NMSparseWeight:
     n: int
     m: int
     shape: tuple[int, int]
+    # Quantized values only (int8 / packed int4 ``values``): see sparsekern/formats/quant.py.
+    scales: torch.Tensor | None = None
+    zeros: torch.Tensor | None = None
+    group_size: int = 0
 
     def __post_init__(self) -> None:
         check_nm(self.n, self.m)
         out, k = self.shape
         if not isinstance(self.values, torch.Tensor) or not isinstance(self.meta, torch.Tensor):
             raise TypeError("values and meta: expected torch.Tensor")
-        check_dtype("values", self.values)
         if k % self.m:
             raise ValueError(f"shape: in_features {k} is not divisible by m={self.m}")
         kept = k // self.m * self.n
-        if tuple(self.values.shape) != (out, kept):
+        if q.quant_of(self.values) is not None:
+            q.check_parts(self.values, self.scales, self.zeros, out, kept, q.groups_of(self.group_size, k, self.m))
+        else:
+            check_dtype("values", self.values)
+            if self.scales is not None or self.zeros is not None or self.group_size:
+                raise ValueError(
+                    f"scales/zeros/group_size: only quantized (int8 / uint8) values take them, got values of {self.values.dtype}"
+                )
+        if q.quant_of(self.values) is None and tuple(self.values.shape) != (out, kept):
             raise ValueError(
                 f"values: expected shape {(out, kept)} for {self.shape} at {self.n}:{self.m}, got {tuple(self.values.shape)}"
             )
@@ -150,8 +166,35 @@ class NMSparseWeight:
     # -- construction ------------------------------------------------------------------------
 
     @classmethod
-    def from_dense(cls, dense: torch.Tensor, n: int = 2, m: int = 4, prune: bool = False) -> NMSparseWeight:
-        """Compress a dense ``[out, K]`` weight. Without ``prune`` it must already be N:M."""
+    def from_dense(
+        cls,
+        dense: torch.Tensor,
+        n: int = 2,
+        m: int = 4,
+        prune: bool = False,
+        quant: str | None = None,
+        group_size: int = 0,
+        symmetric: bool = True,
+    ) -> NMSparseWeight:
+        """Compress a dense ``[out, K]`` weight. Without ``prune`` it must already be N:M.
+        With ``quant`` (``"int8"``/``"int4"``) the kept weights are then quantized (:meth:`quantize`)."""
+        weight = cls._from_dense(dense, n, m, prune)
+        return weight if quant is None else weight.quantize(quant, group_size, symmetric)
+
+    def quantize(self, quant: str, group_size: int = 0, symmetric: bool = True) -> NMSparseWeight:
+        """This weight with its kept values rounded to ``quant`` (round to nearest), one scale per
+        ``group_size`` dense columns of a row (0: per row), in the values' dtype."""
+        q.check_quant(quant)
+        if self.quant is not None:
+            raise ValueError(f"quant: this weight is already {self.quant}")
+        groups = q.groups_of(group_size, self.shape[1], self.m)
+        if quant == "int4" and self.values.shape[1] % 2:
+            raise ValueError(f"quant: int4 packs kept weights in pairs; {self.values.shape[1]} kept per row is odd")
+        values, scales, zeros = q.quantize(self.values, quant, groups, symmetric)
+        return NMSparseWeight(values, self.meta, self.n, self.m, self.shape, scales, zeros, group_size)
+
+    @classmethod
+    def _from_dense(cls, dense: torch.Tensor, n: int, m: int, prune: bool) -> NMSparseWeight:
         check_nm(n, m)
         if not isinstance(dense, torch.Tensor):
             raise TypeError(f"dense: expected torch.Tensor, got {type(dense).__name__}")
@@ -169,7 +212,7 @@ class NMSparseWeight:
 
     def validate(self) -> NMSparseWeight:
         """Check packed indices: strictly increasing in every group, padding bits zero."""
-        kept = self.values.shape[1]
+        kept = self.kept
         idx = unpack_meta(self.meta, self.m, kept).view(self.shape[0], -1, self.n)
         bad = (idx[..., 1:] <= idx[..., :-1]).any(-1).nonzero()
         if bad.numel():
@@ -180,34 +223,67 @@ class NMSparseWeight:
             )
         if not torch.equal(pack_meta(idx.view(self.shape[0], -1), self.m), self.meta):
             raise ValueError("meta: bits set beyond the last index of a row (index out of range)")
+        if self.scales is not None:
+            q.check_values(self.values, self.scales, self.zeros)
         return self
 
     # -- conversion --------------------------------------------------------------------------
 
     def to_dense(self) -> torch.Tensor:
-        return nm_to_dense(self.values, self.meta, self.n, self.m)
+        """The dense ``[out, K]`` weight (dequantized, in :attr:`dtype`, when quantized)."""
+        return nm_to_dense(self.float_values(), self.meta, self.n, self.m)
+
+    def float_values(self) -> torch.Tensor:
+        """The kept weights ``[out, kept]`` as floats (dequantized when quantized)."""
+        return self.values if self.scales is None else q.dequantize(self.values, self.scales, self.zeros)
 
     def to(self, *args, **kwargs) -> NMSparseWeight:
-        """Like ``Tensor.to``: moves both tensors; a dtype applies to ``values`` only."""
-        values = self.values.to(*args, **kwargs)
-        check_dtype("dtype", values)
-        meta = self.meta.to(device=values.device)
-        return NMSparseWeight(values, meta, self.n, self.m, self.shape)
+        """Like ``Tensor.to``: moves every tensor; a dtype applies to the floating one (``values``,
+        or ``scales`` when quantized)."""
+        if self.scales is None:
+            values = self.values.to(*args, **kwargs)
+            check_dtype("dtype", values)
+            return NMSparseWeight(values, self.meta.to(device=values.device), self.n, self.m, self.shape)
+        scales = self.scales.to(*args, **kwargs)
+        check_dtype("dtype", scales)
+        dev = scales.device
+        zeros = None if self.zeros is None else self.zeros.to(device=dev)
+        return NMSparseWeight(
+            self.values.to(device=dev), self.meta.to(device=dev), self.n, self.m, self.shape, scales, zeros,
+            self.group_size,
+        )  # fmt: skip
+
+    @property
+    def quant(self) -> str | None:
+        """``"int8"``, ``"int4"`` or None (floating values)."""
+        return q.quant_of(self.values)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.values.dtype
+        """The floating dtype of the weight: that of ``values``, or of ``scales`` when quantized."""
+        return self.values.dtype if self.scales is None else self.scales.dtype
 
     @property
     def device(self) -> torch.device:
         return self.values.device
 
     @property
+    def kept(self) -> int:
+        """Kept weights per row (``K * n / m``), however they are stored."""
+        return self.shape[1] // self.m * self.n
+
+    @property
     def pattern(self) -> str:
         return f"{self.n}:{self.m}"
 
+    def quant_args(self) -> tuple:
+        """The op's trailing arguments ``(scales, zeros, group_size)`` (all None/0 when floating)."""
+        return (self.scales, self.zeros, self.group_size)
+
     def nbytes(self) -> int:
-        return self.values.numel() * self.values.element_size() + self.meta.numel() * 4
+        parts = (self.values, self.meta, self.scales, self.zeros)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
     def __repr__(self) -> str:
-        return f"NMSparseWeight({self.pattern}, shape={self.shape}, dtype={self.dtype}, device={self.device})"
+        qs = "" if self.scales is None else f", quant={self.quant}, group_size={self.group_size}"
+        return f"NMSparseWeight({self.pattern}, shape={self.shape}, dtype={self.dtype}{qs}, device={self.device})"

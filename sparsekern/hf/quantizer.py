@@ -30,9 +30,10 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from sparsekern.checkpoint import FORMAT_VERSION, check_config, check_safetensors
+from sparsekern.checkpoint import FORMAT_VERSION, check_config, check_safetensors, layer_tensors
 from sparsekern.formats.bsr import BlockSparseWeight
 from sparsekern.formats.nm import NMSparseWeight, meta_words
+from sparsekern.formats.quant import groups_of
 from sparsekern.hf import METHOD
 from sparsekern.nn.linear import SparseLinear, is_conv1d, linear_features
 from sparsekern.prune.patterns import parse_pattern
@@ -69,6 +70,9 @@ class SparsekernHfQuantizer(HfQuantizer):
                 f"got {self.quantization_config.format_version!r}"
             )
         layers, _ = check_config({"layers": self.quantization_config.layers}, f"{where}: quantization_config")
+        # The dtype the rest of the model is built in (from_pretrained's dtype, resolved; the
+        # base class does not pass it on): the sparse layers must match it, or x and the weight differ.
+        dtype = dtype or getattr(model.config, "dtype", None)
         headers = {}
         for file in files:  # a truncated or garbled file is refused here, before any tensor is read
             for key, entry in check_safetensors(file).items():
@@ -120,11 +124,14 @@ def _validate(w: NMSparseWeight | BlockSparseWeight, where: str) -> None:
         chunks = [(0, w.shape[0], w)]
     else:
         rows = max(1, _VALIDATE_CHUNK // max(1, w.values.shape[1]))
-        chunks = [
-            (r, min(r + rows, w.shape[0]), NMSparseWeight(w.values[r : r + rows], w.meta[r : r + rows], w.n, w.m,
-                                                         (min(rows, w.shape[0] - r), w.shape[1])))
-            for r in range(0, w.shape[0], rows)
-        ]  # fmt: skip
+
+        def part(r):
+            cut = slice(r, r + rows)
+            quant = () if w.scales is None else (w.scales[cut], None if w.zeros is None else w.zeros[cut], w.group_size)
+            shape = (min(rows, w.shape[0] - r), w.shape[1])
+            return NMSparseWeight(w.values[cut], w.meta[cut], w.n, w.m, shape, *quant)
+
+        chunks = [(r, min(r + rows, w.shape[0]), part(r)) for r in range(0, w.shape[0], rows)]
     for start, stop, part in chunks:
         try:
             part.validate()
@@ -157,14 +164,14 @@ def _empty_layer(name: str, info: dict, module: nn.Module, headers: dict, dtype,
             f"{here}: bias {info['bias']}, the model's layer {'has' if module.bias is not None else 'has no'} bias"
         )
     _check_pattern(info, here)
-    names = ("values", "meta") if info["kind"] == "nm" else ("crow_indices", "col_indices", "blocks")
+    names = layer_tensors(info)
     found = {}
     for t in names + (("bias",) if info["bias"] else ()):
         key = f"{name}.{t}"
         if key not in headers:
             raise ValueError(f"{here}: tensor {key!r} is not in the checkpoint")
         found[t] = headers[key]
-    float_name = "values" if info["kind"] == "nm" else "blocks"
+    float_name = "blocks" if info["kind"] != "nm" else "values" if info.get("quant") is None else "scales"
     entry, file = found[float_name]
     if dtype is None:
         dtype = _ST_TORCH.get(entry["dtype"])
@@ -177,13 +184,29 @@ def _empty_layer(name: str, info: dict, module: nn.Module, headers: dict, dtype,
             raise ValueError(f"{here}: in_features {k} is not divisible by m={m}")
         kept = k // m * n
         want = {"values": [out, kept], "meta": [out, meta_words(kept, m)]}
-        weight_of = lambda: NMSparseWeight(  # noqa: E731
-            torch.empty(out, kept, dtype=dtype, **meta),
-            torch.empty(*want["meta"], dtype=torch.int32, **meta),
-            n,
-            m,
-            (out, k),
-        )
+        quant = info.get("quant")
+        if quant is None:
+            weight_of = lambda: NMSparseWeight(  # noqa: E731
+                torch.empty(out, kept, dtype=dtype, **meta),
+                torch.empty(*want["meta"], dtype=torch.int32, **meta),
+                n,
+                m,
+                (out, k),
+            )
+        else:
+            groups = groups_of(info["group_size"], k, m)
+            width, qdtype = (kept // 2, torch.uint8) if quant == "int4" else (kept, torch.int8)
+            want.update(values=[out, width], scales=[out, groups], zeros=[out, groups])
+            weight_of = lambda: NMSparseWeight(  # noqa: E731
+                torch.empty(out, width, dtype=qdtype, **meta),
+                torch.empty(*want["meta"], dtype=torch.int32, **meta),
+                n,
+                m,
+                (out, k),
+                torch.empty(out, groups, dtype=dtype, **meta),
+                torch.empty(out, groups, dtype=torch.int8, **meta) if info["zeros"] else None,
+                info["group_size"],
+            )
     else:
         bm, bk = info["block"]
         if out % bm or k % bk:
@@ -203,6 +226,9 @@ def _empty_layer(name: str, info: dict, module: nn.Module, headers: dict, dtype,
         is_index = t in ("meta", "crow_indices", "col_indices")
         if is_index and entry["dtype"] != "I32":
             raise ValueError(f"{file}: tensor {name}.{t}: dtype {entry['dtype']}, expected I32")
+        integer = {"int8": "I8", "int4": "U8"}.get(info.get("quant")) if t == "values" else "I8" if t == "zeros" else None
+        if integer is not None and entry["dtype"] != integer:
+            raise ValueError(f"{file}: tensor {name}.{t}: dtype {entry['dtype']}, expected {integer}")
     try:
         weight = weight_of()
     except (ValueError, TypeError) as exc:

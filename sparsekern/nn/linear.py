@@ -19,9 +19,11 @@ from torch import nn
 from sparsekern import plan
 from sparsekern.formats.bsr import BlockSparseWeight
 from sparsekern.formats.nm import NMSparseWeight
+from sparsekern.formats.quant import quant_of
 from sparsekern.ops import BSR_LINEAR, NM_LINEAR
 
 _NM_TENSORS = ("values", "meta")
+_QNM_TENSORS = ("values", "meta", "scales", "zeros")
 _BSR_TENSORS = ("crow_indices", "col_indices", "blocks")
 
 
@@ -59,7 +61,16 @@ class SparseLinear(nn.Module):
         if not isinstance(weight, (NMSparseWeight, BlockSparseWeight)):
             raise TypeError(f"weight: expected NMSparseWeight or BlockSparseWeight, got {type(weight).__name__}")
         self.out_features, self.in_features = (int(s) for s in weight.shape)
-        if isinstance(weight, NMSparseWeight):
+        self.group_size = 0
+        if isinstance(weight, NMSparseWeight) and weight.quant is not None:
+            # Quantized: the integer values are a buffer (no gradients, Module.to(dtype) leaves
+            # them alone); the scales carry the layer's floating dtype.
+            self.n, self.m, self.block, self.group_size = weight.n, weight.m, None, weight.group_size
+            self.register_buffer("values", weight.values.detach())
+            self.register_buffer("meta", weight.meta.detach())
+            self.scales = nn.Parameter(weight.scales.detach(), requires_grad=False)
+            self.register_buffer("zeros", None if weight.zeros is None else weight.zeros.detach())
+        elif isinstance(weight, NMSparseWeight):
             self.n, self.m, self.block = weight.n, weight.m, None
             self.values = nn.Parameter(weight.values.detach(), requires_grad=requires_grad)
             self.register_buffer("meta", weight.meta.detach())
@@ -93,7 +104,7 @@ class SparseLinear(nn.Module):
     def _drop_plans(self) -> None:
         self.__dict__["_plans"] = plan.Plans(dense=self.dense_fallback)
         # The op's own plans (compile, tracing) are per weight tensor: tell them too.
-        plan.set_dense_fallback(self.dtype_param(), self.dense_fallback)
+        plan.set_dense_fallback(self.values if self.block is None else self.blocks, self.dense_fallback)
 
     # -- construction ------------------------------------------------------------------------
 
@@ -107,16 +118,22 @@ class SparseLinear(nn.Module):
         act_norm: torch.Tensor | None = None,
         hessian: torch.Tensor | None = None,
         dense_fallback: bool = True,
+        quant: str | None = None,
+        group_size: int = 0,
     ) -> SparseLinear:
         """Prune ``linear`` (``nn.Linear`` or ``Conv1D``) to ``pattern`` with ``method``, then compress.
 
         ``method=None`` takes the weight as it is: it must already follow the pattern (a layer
         pruned elsewhere); nothing is re-pruned. ``pattern`` is a string such as ``"2:4"`` or
-        ``"block32x32:0.9"``, or a :class:`sparsekern.prune.Pattern`.
+        ``"block32x32:0.9"``, or a :class:`sparsekern.prune.Pattern`. ``quant`` (``"int8"`` /
+        ``"int4"``, N:M only): the kept weights are then rounded to integers with one scale per
+        ``group_size`` columns (0: per row), see :meth:`NMSparseWeight.quantize`.
         """
         from sparsekern.prune import parse_pattern, prune_weight
 
         pat = parse_pattern(pattern) if isinstance(pattern, str) else pattern
+        if quant is not None and pat.kind != "nm":
+            raise ValueError(f"quant: int8/int4 values are implemented for N:M patterns, got {str(pat)!r}")
         if pat.kind == "unstructured":
             raise ValueError(
                 f"pattern: SparseLinear holds N:M or block weights, got {str(pat)!r}; unstructured sparsity "
@@ -128,10 +145,10 @@ class SparseLinear(nn.Module):
                 weight, _ = prune_weight(weight, pat, method, act_norm=act_norm, hessian=hessian)
             weight = weight.to(dense_weight(linear).dtype)
             if pat.kind == "nm":
-                sparse = NMSparseWeight.from_dense(weight, n=pat.n, m=pat.m)
+                sparse = NMSparseWeight.from_dense(weight, n=pat.n, m=pat.m, quant=quant, group_size=group_size)
             else:
                 sparse = BlockSparseWeight.from_dense(weight, block=tuple(pat.block))
-        requires_grad = bool(linear.weight.requires_grad)
+        requires_grad = bool(linear.weight.requires_grad) and quant is None
         return cls(sparse, linear.bias, requires_grad=requires_grad, dense_fallback=dense_fallback)
 
     # -- views -------------------------------------------------------------------------------
@@ -141,7 +158,8 @@ class SparseLinear(nn.Module):
         """The weight as a format object sharing this module's tensors."""
         shape = (self.out_features, self.in_features)
         if self.block is None:
-            return NMSparseWeight(self.values, self.meta, self.n, self.m, shape)
+            scales, zeros = self._parameters.get("scales"), self._buffers.get("zeros")
+            return NMSparseWeight(self.values, self.meta, self.n, self.m, shape, scales, zeros, self.group_size)
         return BlockSparseWeight(self.crow_indices, self.col_indices, self.blocks, shape)
 
     @property
@@ -161,14 +179,21 @@ class SparseLinear(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return (self.values if self.block is None else self.blocks).dtype
+        return self.dtype_param().dtype
 
     @property
     def device(self) -> torch.device:
-        return (self.values if self.block is None else self.blocks).device
+        return self.dtype_param().device
+
+    @property
+    def quant(self) -> str | None:
+        """``"int8"``/``"int4"`` for quantized values, else None."""
+        return quant_of(self.values) if "scales" in self._parameters else None
 
     def tensor_names(self) -> tuple[str, ...]:
-        return _NM_TENSORS if self.block is None else _BSR_TENSORS
+        if self.block is not None:
+            return _BSR_TENSORS
+        return _QNM_TENSORS if "scales" in self._parameters else _NM_TENSORS
 
     def nbytes(self) -> int:
         """Bytes held by the weight and bias."""
@@ -188,8 +213,11 @@ class SparseLinear(nn.Module):
         return lin
 
     def dtype_param(self) -> nn.Parameter:
-        """The floating parameter holding the kept weights (``values`` or ``blocks``)."""
-        return self.values if self.block is None else self.blocks
+        """The floating parameter that carries the layer's dtype: ``values`` or ``blocks``, or
+        ``scales`` when the values are quantized integers."""
+        if self.block is not None:
+            return self.blocks
+        return self._parameters.get("scales", self._parameters.get("values", self.values))
 
     # -- forward -----------------------------------------------------------------------------
 
@@ -199,7 +227,12 @@ class SparseLinear(nn.Module):
         # nn.Module.__getattr__ lookups cost ~3 us per call, a seventh of a MiniLM-sized layer.
         params, buffers, plans = self._parameters, self._buffers, self.__dict__["_plans"]
         if self.block is None:
-            args = (params["values"], buffers["meta"], self.n, self.m, params.get("bias"))
+            scales = params.get("scales")
+            if scales is None:
+                args = (params["values"], buffers["meta"], self.n, self.m, params.get("bias"))
+            else:
+                args = (buffers["values"], buffers["meta"], self.n, self.m, params.get("bias"), scales,
+                        buffers["zeros"], self.group_size)  # fmt: skip
             return plan.linear(NM_LINEAR, x, args, plans)
         # The BSR op takes K from x (crow/col/blocks do not carry it): a narrower x whose block
         # columns happen to cover the stored ones would pass its checks and give a wrong answer.
@@ -209,9 +242,10 @@ class SparseLinear(nn.Module):
         return plan.linear(BSR_LINEAR, x, args, plans)
 
     def extra_repr(self) -> str:
+        q = "" if self.quant is None else f", quant={self.quant}, group_size={self.group_size}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"pattern={self.pattern}"
+            f"pattern={self.pattern}{q}"
         )
 
     def _apply(self, *args, **kwargs):
@@ -241,7 +275,7 @@ class SparseLinear(nn.Module):
         # and this layer keeps its tensors; an index out of range would otherwise be read by a kernel.
         names = self.tensor_names()
         parts = {name: state_dict.get(prefix + name, getattr(self, name)) for name in names}
-        if all(isinstance(t, torch.Tensor) for t in parts.values()):  # else super() reports it
+        if all(isinstance(t, torch.Tensor) for name, t in parts.items() if name != "zeros"):  # else super() reports it
             try:
                 self._incoming_weight(parts).validate()
             except (TypeError, ValueError) as exc:
@@ -263,8 +297,11 @@ class SparseLinear(nn.Module):
         """The format object a load would produce (index tensors moved next to the values)."""
         shape = (self.out_features, self.in_features)
         if self.block is None:
-            values = parts["values"].detach()
-            return NMSparseWeight(values, parts["meta"].to(values.device), self.n, self.m, shape)
+            values, dev = parts["values"].detach(), parts["values"].device
+            scales, zeros = parts.get("scales"), parts.get("zeros")
+            scales = None if scales is None else scales.detach().to(dev)
+            zeros = None if zeros is None else zeros.to(dev)
+            return NMSparseWeight(values, parts["meta"].to(dev), self.n, self.m, shape, scales, zeros, self.group_size)
         blocks = parts["blocks"].detach()
         if blocks.dim() != 3 or tuple(blocks.shape[1:]) != tuple(self.block):
             raise ValueError(f"blocks: expected [nnz, {self.block[0]}, {self.block[1]}], got {tuple(blocks.shape)}")

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from sparsekern.formats.nm import SUPPORTED_DTYPES
+from sparsekern.formats.quant import check_quant
 from sparsekern.nn.linear import SparseLinear, dense_weight, is_conv1d, linear_features
 from sparsekern.nn.moe import expert_weights
 
@@ -144,10 +145,16 @@ def find_linears(model: nn.Module) -> dict[str, nn.Module]:
     return {name: mod for name, mod in model.named_modules() if isinstance(mod, nn.Linear) or is_conv1d(mod)}
 
 
-def _fits(pat, k: int, out: int, dtype: torch.dtype) -> str | None:
-    """Why a layer cannot take ``pat`` (None if it can)."""
+def _fits(pat, k: int, out: int, dtype: torch.dtype, quant: str | None = None, group_size: int = 0) -> str | None:
+    """Why a layer cannot take ``pat`` (None if it can), quantized to ``quant`` if given."""
     if dtype not in SUPPORTED_DTYPES:
         return f"dtype {dtype} not supported"
+    if quant is not None and pat.kind != "nm":
+        return f"{quant} values are implemented for N:M patterns only"
+    if quant is not None and group_size and (k % group_size or group_size % pat.m):
+        return f"group_size {group_size} does not divide in_features {k} in whole groups of m={pat.m}"
+    if quant == "int4" and pat.kind == "nm" and (k // pat.m * pat.n) % 2:
+        return "int4 packs kept weights in pairs: an odd count per row"
     if pat.kind == "nm" and k % pat.m:
         return f"in_features {k} not divisible by m={pat.m}"
     if pat.kind == "block":
@@ -173,6 +180,8 @@ def sparsify(
     progress: bool = True,
     sequential: bool | None = None,
     dense_fallback: bool = True,
+    quant: str | None = None,
+    group_size: int = 0,
 ) -> SparsifyReport:
     """Prune the linear layers of ``model`` in place and swap in :class:`SparseLinear`.
 
@@ -190,6 +199,10 @@ def sparsify(
     - ``dense_fallback``: whether dispatch may run a swapped layer densely where no sparse kernel
       wins, keeping a dense copy of its weight (the report shows their bytes). ``False``: no dense
       copy, ever; the fastest sparse kernel runs every layer.
+    - ``quant``: ``"int8"`` or ``"int4"``: after pruning, the kept weights of every N:M layer are
+      rounded to integers (round to nearest, symmetric) with one scale per ``group_size`` input
+      columns (0: one per output row); see :mod:`sparsekern.formats.quant`. Layers whose
+      pattern is not N:M, or whose in_features ``group_size`` does not divide, are skipped and listed.
 
     Layers whose shape does not fit their pattern are skipped and listed in the report, as are
     weights no kernel takes (fused MoE expert stacks, routers), with the reason.
@@ -207,6 +220,10 @@ def sparsify(
         raise ValueError(f"sequential: expected None, True or False, got {sequential!r}")
     if not isinstance(dense_fallback, bool):
         raise TypeError(f"dense_fallback: expected bool, got {type(dense_fallback).__name__}")
+    if quant is not None:
+        check_quant(quant)
+        if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 0:
+            raise ValueError(f"group_size: expected an int >= 0 (0: one scale per row), got {group_size!r}")
     if method != "magnitude":
         calibration = check_calibration(model, calibration)
     skip = [skip] if isinstance(skip, str) else list(skip or ())
@@ -225,7 +242,7 @@ def sparsify(
         else:
             glob = next((g for g in parsed if fnmatch.fnmatchcase(name, g) or g == name), None)
             pat = parsed[glob] if glob is not None else default
-            why = None if pat is None else _fits(pat, k, out, dense_weight(mod).dtype)
+            why = None if pat is None else _fits(pat, k, out, dense_weight(mod).dtype, quant, group_size)
             if pat is None:
                 row.note = f"override {glob!r}: skip"
             elif why:
@@ -250,7 +267,8 @@ def sparsify(
             after = _layer_bytes(mod)
             module = "Linear (masked)"
         else:
-            out = SparseLinear.from_linear(mod, pat, method, dense_fallback=dense_fallback, **kw)
+            q = {"quant": quant, "group_size": group_size} if quant else {}
+            out = SparseLinear.from_linear(mod, pat, method, dense_fallback=dense_fallback, **q, **kw)
             nnz = _nnz(out)
             after = out.nbytes()
             module = "SparseLinear"
@@ -300,7 +318,8 @@ def _sequential(model: nn.Module, wanted: bool | None) -> bool:
 
 def _nnz(layer: SparseLinear) -> int:
     # Stored entries that are non-zero: the same count as the dense weight's, without decompressing.
-    return int((layer.dtype_param() != 0).sum())
+    kept = layer.dtype_param() if layer.quant is None else layer.sparse_weight.float_values()
+    return int((kept != 0).sum())
 
 
 def _masked_dense(mod: nn.Module, pat, method: str, **kw) -> nn.Module:

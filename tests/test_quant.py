@@ -1,0 +1,282 @@
+"""Quantized N:M weights (int8, int4 two per byte, per-group scales, optional zeros): the format,
+the CPU kernels against the reference, bad input, SparseLinear, sparsify, save / load and HF
+``from_pretrained``."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_matches_reference
+
+import sparsekern as sk
+from sparsekern import _extension
+from sparsekern.formats import quant as q
+
+needs_ext = pytest.mark.skipif(not _extension.HAS_C_EXT, reason="compiled extension not loaded")
+ISAS = {"portable": 0, "avx2": 1}
+
+
+def _qweight(out, k, n, m, quant, group_size, symmetric=True, dtype=torch.float32):
+    w = sk.NMSparseWeight.from_dense(torch.randn(out, k), n=n, m=m, prune=True)
+    return w.quantize(quant, group_size, symmetric).to(dtype)
+
+
+# -- format ----------------------------------------------------------------------------------
+
+
+def test_int4_pack_round_trip_is_exact():
+    nib = torch.randint(0, 16, (5, 38), dtype=torch.uint8)
+    packed = q.pack_int4(nib)
+    assert packed.shape == (5, 19) and packed.dtype == torch.uint8
+    assert torch.equal(q.unpack_int4(packed), nib)
+    assert int(packed[0, 0]) == int(nib[0, 0]) | (int(nib[0, 1]) << 4)  # slot 2j low, 2j+1 high
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group_size", [0, 32, 128])
+@pytest.mark.parametrize("quant", q.QUANTS)
+def test_quantize_error_within_half_a_step(quant, group_size, symmetric):
+    w = sk.NMSparseWeight.from_dense(torch.randn(24, 256), n=2, m=4, prune=True)
+    wq = w.quantize(quant, group_size, symmetric).validate()
+    assert wq.quant == quant and wq.meta is w.meta and wq.dtype == torch.float32
+    groups = 1 if group_size == 0 else 256 // group_size
+    assert wq.scales.shape == (24, groups) and (wq.zeros is None) == symmetric
+    # Every kept weight within half a step (plus fp32 rounding) of its original; pruned ones stay 0.
+    step = wq.scales.repeat_interleave(w.kept // groups, dim=1)
+    assert ((wq.float_values() - w.values).abs() <= step / 2 + 1e-6).all()
+    assert torch.equal(wq.to_dense() == 0, (w.to_dense() == 0) | (wq.to_dense() == 0))
+    # The stored form round-trips through a new object unchanged (what save / load rely on).
+    again = sk.NMSparseWeight(wq.values.clone(), wq.meta.clone(), 2, 4, wq.shape, wq.scales.clone(),
+                              None if wq.zeros is None else wq.zeros.clone(), group_size)  # fmt: skip
+    assert torch.equal(again.to_dense(), wq.to_dense())
+
+
+def test_to_dtype_moves_scales_and_keeps_integers():
+    wq = _qweight(8, 64, 2, 4, "int8", 32).to(torch.bfloat16)
+    assert wq.values.dtype == torch.int8 and wq.scales.dtype == torch.bfloat16 and wq.dtype == torch.bfloat16
+    assert wq.to_dense().dtype == torch.bfloat16
+    assert wq.nbytes() == 8 * 32 + wq.meta.numel() * 4 + 8 * 2 * 2
+
+
+def test_bad_quantized_parts_are_refused():
+    wq = _qweight(8, 64, 2, 4, "int4", 32, symmetric=False)
+    parts = dict(values=wq.values, meta=wq.meta, n=2, m=4, shape=(8, 64), scales=wq.scales, zeros=wq.zeros,
+                 group_size=32)  # fmt: skip
+
+    def make(**kw):
+        return sk.NMSparseWeight(**(parts | kw)).validate()
+
+    with pytest.raises(ValueError, match=r"scales: expected shape \(8, 2\)"):
+        make(scales=wq.scales[:, :1])
+    with pytest.raises(TypeError, match="scales: expected dtype"):
+        make(scales=wq.scales.to(torch.int32))
+    with pytest.raises(TypeError, match="scales: expected torch.Tensor"):
+        make(scales=None)
+    with pytest.raises(ValueError, match=r"scales: expected finite values > 0, got 0.0 at row 3, group 1"):
+        make(scales=wq.scales.clone().index_put_((torch.tensor(3), torch.tensor(1)), torch.tensor(0.0)))
+    with pytest.raises(ValueError, match="scales: expected finite values > 0, got nan"):
+        make(scales=torch.full_like(wq.scales, float("nan")))
+    with pytest.raises(ValueError, match=r"zeros: expected values in 0..15, got 16"):
+        make(zeros=torch.full_like(wq.zeros, 16))
+    with pytest.raises(TypeError, match="zeros: expected an int8 tensor"):
+        make(zeros=wq.zeros.to(torch.int32))
+    with pytest.raises(ValueError, match="group_size: expected 0 .* that divides in_features 64, got 24"):
+        make(group_size=24)
+    with pytest.raises(ValueError, match="group_size: expected 0 .* multiple of m=4 .*, got 6"):
+        make(group_size=6)
+    with pytest.raises(ValueError, match="values: expected int4 shape"):
+        make(values=wq.values[:, :-1])
+    with pytest.raises(ValueError, match="scales/zeros/group_size: only quantized"):
+        sk.NMSparseWeight(torch.zeros(8, 32), wq.meta, 2, 4, (8, 64), scales=wq.scales)
+    # int4 with an odd kept count per row (K = 12 at 2:4 keeps 6 ... K = 4 * odd groups at 1:4)
+    odd = sk.NMSparseWeight.from_dense(torch.randn(4, 12), n=1, m=4, prune=True)
+    with pytest.raises(ValueError, match="int4 packs kept weights in pairs"):
+        odd.quantize("int4")
+    with pytest.raises(ValueError, match="quant: expected one of"):
+        odd.quantize("int3")
+
+
+# -- kernels against the reference -------------------------------------------------------------
+
+
+@pytest.fixture(params=list(ISAS))
+def isa(request, monkeypatch):
+    monkeypatch.setenv("SPARSEKERN_CPU_ISA", request.param)
+    if int(torch.ops.sparsekern._cpu_isa()) != ISAS[request.param]:
+        pytest.skip(f"this CPU lacks {request.param}")
+    return request.param
+
+
+def _check(y, x, wq, bias, what):
+    dense32 = wq.to(torch.float32).to_dense() if wq.dtype != torch.float32 else wq.to_dense()
+    # The kernels dequantize in fp32 from the stored scale: so does this fp32 reference.
+    dense32 = sk.NMSparseWeight(wq.values, wq.meta, wq.n, wq.m, wq.shape, wq.scales.float(), wq.zeros,
+                                wq.group_size).to_dense()  # fmt: skip
+    b32 = None if bias is None else bias.float()
+    ref32 = F.linear(x.float(), dense32, b32)
+    same = F.linear(x, dense32.to(x.dtype), bias)
+    mag = F.linear(x.float().abs(), dense32.abs(), None if bias is None else b32.abs())
+    assert_matches_reference(y, ref32, same, what, magnitude=mag)
+
+
+NM = [(2, 4), (1, 4), (2, 8), (4, 8), (1, 8), (3, 8), (2, 16)]  # 3:8 and 2:16: the portable path
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("rows", [1, 3, 13, 40])  # 40: decompress + GEMM
+@pytest.mark.parametrize("group_size", [0, 32, 128])
+@pytest.mark.parametrize("quant", q.QUANTS)
+@pytest.mark.parametrize("nm", NM, ids=lambda p: f"{p[0]}:{p[1]}")
+def test_quantized_nm_linear_cpu(isa, nm, quant, group_size, rows, dtype):
+    n, m = nm
+    k = 384 if group_size != 32 else 352  # 352: 11 groups of 32, a partial last 16-slot step at 2:4
+    if group_size and (k % group_size or group_size % m):
+        pytest.skip("group does not divide K")
+    symmetric = rows % 2 == 1
+    wq = _qweight(19, k, n, m, quant, group_size, symmetric, dtype)
+    x = torch.randn(rows, k).to(dtype)
+    bias = torch.randn(19).to(dtype) if rows != 3 else None
+    with sk.use_backend("cpu"):
+        y = sk.ops.nm_linear(x, wq, bias)
+    _check(y, x, wq, bias, f"{isa} {n}:{m} {quant} g{group_size} sym={symmetric} rows={rows} {dtype}")
+
+
+@needs_ext
+@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.parametrize("quant", q.QUANTS)
+def test_quantized_real_shape(quant, rows):
+    """Llama-7B / TinyLlama MLP shape (11008 x 4096), 2:4, group 128, bf16 activations."""
+    wq = _qweight(11008, 4096, 2, 4, quant, 128, dtype=torch.bfloat16)
+    x = torch.randn(rows, 4096).to(torch.bfloat16)
+    with sk.use_backend("cpu"):
+        y = sk.ops.nm_linear(x, wq)
+    _check(y, x, wq, None, f"11008x4096 {quant} rows={rows}")
+
+
+@needs_ext
+def test_nonfinite_x_propagates_like_dense():
+    wq = _qweight(16, 128, 2, 4, "int8", 64)
+    x = torch.randn(3, 128)
+    x[1, 5] = float("inf")
+    with sk.use_backend("cpu"):
+        y = sk.ops.nm_linear(x, wq)
+    ref = F.linear(x, wq.to_dense())
+    assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.isfinite(y[[0, 2]]).all()
+
+
+@needs_ext
+def test_cpu_op_checks_quantized_arguments_itself():
+    wq = _qweight(8, 64, 2, 4, "int4", 32, symmetric=False)
+    op = torch.ops.sparsekern._nm_linear_cpu
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError, match=r"scales: expected shape \(8, 2\)"):
+        op(x, wq.values, wq.meta, 2, 4, None, wq.scales[:, :1], wq.zeros, 32)
+    with pytest.raises(TypeError, match="scales: expected torch.Tensor for quantized values, got None"):
+        op(x, wq.values, wq.meta, 2, 4, None, None, None, 32)
+    with pytest.raises(TypeError, match="zeros: expected dtype"):
+        op(x, wq.values, wq.meta, 2, 4, None, wq.scales, wq.zeros.to(torch.uint8), 32)
+    with pytest.raises(ValueError, match="group_size: expected 0"):
+        op(x, wq.values, wq.meta, 2, 4, None, wq.scales, wq.zeros, 24)
+    with pytest.raises(TypeError, match=r"scales: expected dtype torch.bfloat16 \(that of x\)"):
+        op(x.bfloat16(), wq.values, wq.meta, 2, 4, None, wq.scales, wq.zeros, 32)
+    with pytest.raises(ValueError, match="scales/zeros/group_size: only int8"):
+        op(x, wq.float_values(), wq.meta, 2, 4, None, wq.scales, None, 32)
+    # the same words from the Python op (every backend)
+    with pytest.raises(ValueError, match=r"scales: expected shape \(8, 2\)"):
+        torch.ops.sparsekern.nm_linear(x, wq.values, wq.meta, 2, 4, None, wq.scales[:, :1], wq.zeros, 32)
+
+
+@needs_ext
+@pytest.mark.parametrize("rows", [1, 37])
+def test_opcheck_quantized(rows):
+    wq = _qweight(20, 64, 2, 4, "int4", 32, symmetric=False)
+    args = (torch.randn(rows, 64), wq.values, wq.meta, 2, 4, torch.randn(20), wq.scales, wq.zeros, 32)
+    torch.library.opcheck(torch.ops.sparsekern._nm_linear_cpu.default, args)
+    torch.library.opcheck(torch.ops.sparsekern.nm_linear.default, args)
+
+
+def test_gpu_backends_decline_quantized_values():
+    from sparsekern import dispatch
+
+    wq = _qweight(8, 64, 2, 4, "int8", 0)
+    args = (torch.randn(1, 64), wq.values, wq.meta, 2, 4, None, *wq.quant_args())
+    for name in ("triton", "cuda"):
+        impl = dispatch.implementations("nm_linear").get(name)
+        if impl is not None:
+            assert "quantized" in impl.supports(*args)
+
+
+# -- modules, sparsify, checkpoints ------------------------------------------------------------
+
+
+def test_sparse_linear_quantized_state_and_dtype():
+    lin = torch.nn.Linear(64, 24)
+    layer = sk.SparseLinear.from_linear(lin, "2:4", quant="int8", group_size=32)
+    assert layer.quant == "int8" and layer.dtype == torch.float32 and layer.group_size == 32
+    assert set(layer.state_dict()) == {"values", "meta", "scales", "bias"}
+    x = torch.randn(5, 64)
+    with sk.use_backend("reference"):
+        ref = layer(x)
+    torch.testing.assert_close(ref, F.linear(x, layer.weight, layer.bias))
+    half = layer.to(torch.bfloat16)
+    assert half.values.dtype == torch.int8 and half.scales.dtype == torch.bfloat16 and half.bias.dtype == torch.bfloat16
+    assert half(x.bfloat16()).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="quant: int8/int4 values are implemented for N:M"):
+        sk.SparseLinear.from_linear(lin, "block8x8:0.5", quant="int8")
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("quant,group_size,symmetric", [("int8", 0, True), ("int4", 32, True)])
+def test_sparsify_save_load_from_pretrained(tmp_path, quant, group_size, symmetric):
+    from transformers import AutoModelForCausalLM
+
+    model = _tiny_llama()
+    ids = torch.randint(0, 128, (1, 9))
+    report = sk.sparsify(model, "2:4", skip=["lm_head"], quant=quant, group_size=group_size, progress=False)
+    assert len(report.swapped) == 14
+    layer = model.model.layers[0].mlp.down_proj
+    assert layer.quant == quant and layer.group_size == group_size
+    with torch.no_grad():
+        ref = model(ids).logits
+    sk.save(model, tmp_path / "ck")
+    again = _tiny_llama()
+    sk.load(tmp_path / "ck", again)
+    assert again.model.layers[0].mlp.down_proj.quant == quant
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ck")
+    hf_bf16 = AutoModelForCausalLM.from_pretrained(tmp_path / "ck", dtype=torch.bfloat16)
+    assert hf_bf16.model.layers[1].self_attn.q_proj.scales.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, ref)
+        assert torch.equal(hf(ids).logits, ref)
+        assert (hf_bf16(ids).logits.float() - ref).abs().max() < 0.05
+
+
+def test_sparsify_skips_layers_the_group_does_not_divide():
+    model = _tiny_llama()
+    report = sk.sparsify(model, "2:4", skip=["lm_head"], quant="int8", group_size=128, progress=False)
+    skipped = {r.name for r in report.skipped}
+    # in_features 64 (q/k/v/o, gate/up) is not divisible by 128; down_proj (128) is
+    assert "model.layers.0.self_attn.q_proj" in skipped and "model.layers.0.mlp.down_proj" not in skipped
+    with pytest.raises(ValueError, match="quant: expected one of"):
+        sk.sparsify(_tiny_llama(), "2:4", quant="fp8", progress=False)
+
+
+def test_checkpoint_with_wrong_quant_field_is_refused(tmp_path):
+    import json
+
+    model = _tiny_llama()
+    sk.sparsify(model, "2:4", skip=["lm_head"], quant="int8", progress=False)
+    sk.save(model, tmp_path / "ck")
+    cfg_file = tmp_path / "ck" / "sparsekern.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["layers"]["model.layers.0.mlp.up_proj"]["quant"] = "int4"
+    cfg_file.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="expected int4 shape|expected int4 values"):
+        sk.load(tmp_path / "ck", _tiny_llama())
