@@ -30,6 +30,7 @@ _hf.install()
 _LAZY = {
     "SparseLinear": "sparsekern.nn.linear",
     "sparsify": "sparsekern.nn.swap",
+    "quantize": "sparsekern.nn.swap",
     "prune_tokens": "sparsekern.nn.attention",
     "H2OCache": "sparsekern.nn.attention",
     "save": "sparsekern.checkpoint",

@@ -102,6 +102,23 @@ def test_cli_bench_and_bad_compare_file(env, capsys, monkeypatch):
         layer.parse_pattern("half")
 
 
+def test_quantized_patterns_run_with_their_real_bytes(env):
+    res = _tiny_run(None, rows=(1,), patterns=("2:4", "2:4+int8", "2:4+int4g128z"), show=False)
+    rows = {(r["pattern"], r["backend"]): r for r in res["rows"]}
+    cpu8, cpu4, cpu16 = rows[("2:4+int8", "cpu")], rows[("2:4+int4g128z", "cpu")], rows[("2:4", "cpu")]
+    # 768x768 at 2:4: kept 768*384; meta 2 bits each; scales per row (int8) / per group (int4, + zeros)
+    kept, meta = 768 * 384, 768 * 384 // 4
+    io = (768 + 768) * 4
+    assert cpu8["bytes"] == kept + meta + 768 * 4 + io
+    assert cpu4["bytes"] == kept // 2 + meta + 768 * 6 * (4 + 1) + io
+    assert cpu16["bytes"] == kept * 4 + meta + io
+    assert rows[("2:4+int8", "auto")]["auto_pick"]
+    with pytest.raises(ValueError, match="quant suffix"):
+        layer.parse_pattern("2:4+int3")
+    with pytest.raises(ValueError, match="N:M only"):
+        layer.parse_pattern("block32x32:0.9+int8")
+
+
 def test_attention_case_small(env):
     ctx = Context(torch.device("cpu"), torch.float32, TINY, ROOF)
     rows = attention._run_case(ctx, "decode", 2, 1, 256, 64, 0.25)

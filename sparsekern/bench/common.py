@@ -63,6 +63,7 @@ def result_row(
         "backend": backend,
         "kind": kind,
         **timing.as_dict(),
+        "bytes": int(nbytes),  # what the roofline counts: the weight as stored, x and y
         "tflops": flops / s / 1e12,
         "gbs": nbytes / s / 1e9,
         "roof_pct": ctx.roof.percent(flops, nbytes, s),

@@ -42,14 +42,37 @@ PATTERNS = (
     "2:8",
     "4:8",
     *(f"block{b}x{b}:{s}" for b in (32, 64) for s in (0.5, 0.8, 0.9)),
+    "2:4+int8",
+    "2:4+int8g128",
+    "2:4+int4g128",
+    "1:4+int8",
+    "2:8+int4g128",
 )
 QUICK_SHAPES = ("llama7b.attn", "llama7b.up")
 QUICK_ROWS = (1, 512)
-QUICK_PATTERNS = ("dense", "2:4", "1:4", "block32x32:0.9")
+QUICK_PATTERNS = ("dense", "2:4", "1:4", "block32x32:0.9", "2:4+int8", "2:4+int4g128")
+
+
+def parse_quant(spec: str) -> tuple[str, int, bool]:
+    """``"int8"`` -> ("int8", 0, True); ``"int4g128"`` -> ("int4", 128, True); a trailing ``z``:
+    zero points (asymmetric), e.g. ``"int4g128z"``."""
+    symmetric = not spec.endswith("z")
+    body = spec.removesuffix("z")
+    quant, _, group = body.partition("g")
+    if quant not in ("int8", "int4") or not (group == "" or group.isdigit()):
+        raise ValueError(f"pattern: expected a quant suffix like '+int8', '+int4g128', '+int4g128z', got {spec!r}")
+    return quant, int(group or 0), symmetric
 
 
 def parse_pattern(pattern: str) -> tuple[str, tuple]:
-    """``"2:4"`` -> ("nm", (2, 4)); ``"block32x32:0.9"`` -> ("bsr", ((32, 32), 0.9)); "dense"."""
+    """``"2:4"`` -> ("nm", (2, 4)); ``"2:4+int4g128"`` -> ("nm", (2, 4, ("int4", 128, True)));
+    ``"block32x32:0.9"`` -> ("bsr", ((32, 32), 0.9)); "dense"."""
+    base, plus, spec = pattern.partition("+")
+    if plus:
+        kind, params = parse_pattern(base)
+        if kind != "nm":
+            raise ValueError(f"pattern: quantized values are N:M only, got {pattern!r}")
+        return "nm", (*params, parse_quant(spec))
     if pattern == "dense":
         return "dense", ()
     if pattern.startswith("block"):
@@ -65,15 +88,16 @@ def parse_pattern(pattern: str) -> tuple[str, tuple]:
 def _compress(dense: torch.Tensor, pattern: str):
     kind, params = parse_pattern(pattern)
     if kind == "nm":
-        return sk.NMSparseWeight.from_dense(dense, n=params[0], m=params[1], prune=True)
+        w = sk.NMSparseWeight.from_dense(dense, n=params[0], m=params[1], prune=True)
+        return w if len(params) == 2 else w.quantize(*params[2])
     return sk.BlockSparseWeight.from_dense(dense, block=params[0], sparsity=params[1])
 
 
 def _parts(w) -> tuple:
-    """The op's weight arguments, in schema order."""
+    """The op's weight arguments after x, in schema order (no bias)."""
     if isinstance(w, sk.NMSparseWeight):
-        return (w.values, w.meta, w.n, w.m)
-    return (w.crow_indices, w.col_indices, w.blocks)
+        return (w.values, w.meta, w.n, w.m, None) + (() if w.quant is None else w.quant_args())
+    return (w.crow_indices, w.col_indices, w.blocks, None)
 
 
 def _linear(weight: torch.Tensor) -> torch.nn.Linear:
@@ -85,7 +109,8 @@ def _linear(weight: torch.Tensor) -> torch.nn.Linear:
 
 def _clone(w):
     if isinstance(w, sk.NMSparseWeight):
-        return sk.NMSparseWeight(w.values.clone(), w.meta.clone(), w.n, w.m, w.shape)
+        quant = () if w.quant is None else (w.scales.clone(), None if w.zeros is None else w.zeros.clone(), w.group_size)
+        return sk.NMSparseWeight(w.values.clone(), w.meta.clone(), w.n, w.m, w.shape, *quant)
     return sk.BlockSparseWeight(w.crow_indices.clone(), w.col_indices.clone(), w.blocks.clone(), w.shape)
 
 
@@ -177,7 +202,7 @@ def _run_case(ctx: Context, name: str, rows: int, pattern: str) -> list[dict]:
     n_w = copies_to_flush(sparse.nbytes(), ctx.device)
     ws = [sparse] + [_clone(sparse) for _ in range(n_w - 1)]
     n_sets = max(len(xs), len(ws))
-    raw_sets = [(xs[i % len(xs)], *_parts(ws[i % len(ws)]), None) for i in range(n_sets)]
+    raw_sets = [(xs[i % len(xs)], *_parts(ws[i % len(ws)])) for i in range(n_sets)]
     flops = 2.0 * rows * out_f * k * _density(sparse)
     nbytes = sparse.nbytes() + io_bytes
 

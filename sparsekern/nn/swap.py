@@ -305,6 +305,28 @@ def sparsify(
     return report
 
 
+def quantize(
+    model: nn.Module, quant: str, group_size: int = 0, symmetric: bool = True, skip: Iterable[str] | str | None = ()
+) -> list[str]:
+    """Quantize the kept weights of every floating N:M ``SparseLinear`` of ``model`` in place
+    (round to nearest, see :meth:`NMSparseWeight.quantize`): the step after pruning, for a model
+    already sparsified (``sparsify(..., quant=)`` does both). Layers whose in_features
+    ``group_size`` does not divide are left as they are. Returns the names of the layers quantized."""
+    check_quant(quant)
+    skip = [skip] if isinstance(skip, str) else list(skip or ())
+    done = []
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, SparseLinear) or mod.block is not None or mod.quant is not None:
+            continue
+        if any(_matches(name, s) for s in skip) or (group_size and mod.in_features % group_size):
+            continue
+        w = mod.sparse_weight.quantize(quant, group_size, symmetric)
+        new = SparseLinear(w, mod.bias, dense_fallback=mod.dense_fallback)
+        _set_submodule(model, name, new)
+        done.append(name)
+    return done
+
+
 def _sequential(model: nn.Module, wanted: bool | None) -> bool:
     from sparsekern.prune.sequential import find_blocks
 
