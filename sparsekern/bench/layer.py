@@ -109,7 +109,9 @@ def _linear(weight: torch.Tensor) -> torch.nn.Linear:
 
 def _clone(w):
     if isinstance(w, sk.NMSparseWeight):
-        quant = () if w.quant is None else (w.scales.clone(), None if w.zeros is None else w.zeros.clone(), w.group_size)
+        quant = (
+            () if w.quant is None else (w.scales.clone(), None if w.zeros is None else w.zeros.clone(), w.group_size)
+        )
         return sk.NMSparseWeight(w.values.clone(), w.meta.clone(), w.n, w.m, w.shape, *quant)
     return sk.BlockSparseWeight(w.crow_indices.clone(), w.col_indices.clone(), w.blocks.clone(), w.shape)
 

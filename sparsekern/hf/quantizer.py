@@ -226,7 +226,9 @@ def _empty_layer(name: str, info: dict, module: nn.Module, headers: dict, dtype,
         is_index = t in ("meta", "crow_indices", "col_indices")
         if is_index and entry["dtype"] != "I32":
             raise ValueError(f"{file}: tensor {name}.{t}: dtype {entry['dtype']}, expected I32")
-        integer = {"int8": "I8", "int4": "U8"}.get(info.get("quant")) if t == "values" else "I8" if t == "zeros" else None
+        integer = (
+            {"int8": "I8", "int4": "U8"}.get(info.get("quant")) if t == "values" else "I8" if t == "zeros" else None
+        )
         if integer is not None and entry["dtype"] != integer:
             raise ValueError(f"{file}: tensor {name}.{t}: dtype {entry['dtype']}, expected {integer}")
     try:
