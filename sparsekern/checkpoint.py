@@ -13,10 +13,11 @@ A sparsekern checkpoint is a directory with
 
 ``load(dir, model)`` takes the dense architecture (e.g. built from the same HF config), swaps in
 ``SparseLinear`` for the layers listed (no re-pruning) and loads every tensor. It also reads
-compressed-tensors ``sparse-24-bitmask`` checkpoints (detected from ``config.json``; see
-:mod:`sparsekern.formats.compressed_tensors`). Everything is validated before the model is
-touched: file integrity (a truncated file names the tensor cut off), missing and unexpected
-keys, shapes, dtypes and sparse index validity. A refused checkpoint leaves the model unchanged.
+compressed-tensors checkpoints (detected from ``config.json``): ``sparse-24-bitmask``, and 2:4 +
+W4A16 / W8A16 (``pack-quantized``, ``marlin-24``; see :mod:`sparsekern.formats.compressed_tensors`).
+Everything is validated before the model is touched: file integrity (a truncated file names the
+tensor cut off), missing and unexpected keys, shapes, dtypes and sparse index validity. A refused
+checkpoint leaves the model unchanged.
 
 Safe inputs: file names read from the JSON (``weights``, shard names of an index) must resolve
 inside the folder (:func:`sparsekern.folder.resolve_inside`); malformed JSON, a missing key or
@@ -253,17 +254,10 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
                 undo()
                 raise
             return model
-    elif hf_config is not None and ct.sparsity_config(hf_config) is not None:
-        ct.check_supported(hf_config, hf_file)
+    elif hf_config is not None and ct.is_compressed_tensors(hf_config):
+        ct.check_supported(hf_config, hf_file)  # a refused config reads no weights
         tensors, origin = read_tensors(weight_files(path))
-        sparse = {}
-        for layer, parts in ct.find_layers(tensors).items():
-            where = origin[parts["compressed"]]
-            try:
-                w = ct.bitmask_to_nm(*(tensors.pop(parts[s]) for s in ct.SUFFIXES), name=layer)
-            except (ValueError, TypeError) as exc:
-                raise ValueError(f"{where}: layer {layer!r}: {exc}") from None
-            sparse[layer] = (w, tensors.pop(f"{layer}.bias", None), where)
+        sparse = ct.read_layers(hf_config, hf_file, tensors, origin, model)
     else:
         raise FileNotFoundError(f"path: {path} has neither {CONFIG} nor a compressed-tensors config.json")
     _apply(model, sparse, tensors, origin)

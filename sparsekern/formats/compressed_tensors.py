@@ -5,7 +5,8 @@ Fields relied on (compressed-tensors, ``compressors/sparse_compressors/sparse_24
 
 - ``config.json``: ``quantization_config`` (older files: ``compression_config``) holds
   ``sparsity_config`` with ``"format": "sparse-24-bitmask"``. A ``config_groups`` entry there
-  means the weights are also quantized, which is not read here (refused with an error).
+  means the weights are also quantized (2:4 + W4A16 / W8A16): those checkpoints are read by
+  :mod:`sparsekern.formats.compressed_tensors_quant` (:func:`read_layers` picks the reader).
 - Per compressed layer, three tensors, named ``<layer>.shape``, ``<layer>.compressed``,
   ``<layer>.bitmask`` (current releases strip ``.weight`` from the prefix) or
   ``<layer>.weight.shape`` / ``.weight.compressed`` / ``.weight.bitmask`` (older releases);
@@ -26,6 +27,7 @@ import os
 
 import torch
 
+from sparsekern.formats import compressed_tensors_quant as ctq
 from sparsekern.formats.nm import NMSparseWeight, column_indices, pack_meta
 
 FORMAT = "sparse-24-bitmask"
@@ -46,18 +48,37 @@ def is_sparse24_bitmask(config: dict) -> bool:
     return sc is not None and sc.get("format") == FORMAT
 
 
+def is_compressed_tensors(config: dict) -> bool:
+    """Whether an HF ``config.json`` dict describes a compressed-tensors checkpoint."""
+    return sparsity_config(config) is not None or ctq.section_of(config)[1].get("quant_method") == "compressed-tensors"
+
+
 def check_supported(config: dict, where: str) -> None:
-    """Refuse compressed-tensors configs this reader cannot convert exactly."""
+    """Refuse compressed-tensors configs this reader cannot convert exactly (before any weight is read)."""
+    if ctq.is_quantized(config):
+        ctq.read_config(config, where)
+        return
     sc = sparsity_config(config)
     if sc is None or sc.get("format") != FORMAT:
         got = None if sc is None else sc.get("format")
         raise ValueError(f"{where}: expected a compressed-tensors sparsity_config with format {FORMAT!r}, got {got!r}")
-    section = config.get("quantization_config") or config.get("compression_config") or {}
-    if section.get("config_groups"):
-        raise ValueError(
-            f"{where}: the checkpoint is quantized as well as 2:4 sparse (quantization_config.config_groups); "
-            "only unquantized sparse-24-bitmask weights are supported"
-        )
+
+
+def read_layers(config: dict, where: str, tensors: dict, origin: dict, model: torch.nn.Module) -> dict:
+    """``{layer: (NMSparseWeight, bias, file)}`` for every compressed layer of a checkpoint whose
+    ``config.json`` (at ``where``) is ``config``; the tensors used are popped from ``tensors``."""
+    check_supported(config, where)
+    if ctq.is_quantized(config):
+        return ctq.quantized_layers(config, where, tensors, origin, dict(model.named_modules()))
+    sparse = {}
+    for layer, parts in find_layers(tensors).items():
+        file = origin[parts["compressed"]]
+        try:
+            w = bitmask_to_nm(*(tensors.pop(parts[s]) for s in SUFFIXES), name=layer)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{file}: layer {layer!r}: {exc}") from None
+        sparse[layer] = (w, tensors.pop(f"{layer}.bias", None), file)
+    return sparse
 
 
 def pack_bitmask(mask: torch.Tensor) -> torch.Tensor:
