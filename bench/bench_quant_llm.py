@@ -79,6 +79,21 @@ def main() -> None:
             rows.append((f"{method} {args.pattern}", label, ppl, ratio, _linear_bytes(model), prune_s))
             print(f"{method} {label}: ppl {ppl:.2f} ({time.perf_counter() - t:.0f} s eval)", flush=True)
             del model
+        if method != "sparsegpt":
+            continue
+        # Joint: rounding inside SparseGPT's sweep (sparsify(..., quant=)), pruned afresh.
+        for label, quant, symmetric in ((f"int4 g{g} joint", "int4", True), (f"int4 g{g} zero points joint", "int4", False),
+                                        (f"int8 g{g} joint", "int8", True)):  # fmt: skip
+            model = copy.deepcopy(dense)
+            t = time.perf_counter()
+            sk.sparsify(model, args.pattern, method, calibration=cal, progress=False, quant=quant, group_size=g,
+                        symmetric=symmetric)  # fmt: skip
+            prune_s = time.perf_counter() - t
+            model = model.bfloat16()  # scales to bf16, as the RTN rows (integers unchanged)
+            ppl = text.perplexity(model, windows).ppl
+            rows.append((f"{method} {args.pattern}", label, ppl, ppl / base16, _linear_bytes(model), prune_s))
+            print(f"{method} {label}: ppl {ppl:.2f} (prune {prune_s:.0f} s)", flush=True)
+            del model
     print(f"\nperplexity on {args.eval_tokens} tokens (windows of 256), second half of the text\n")
     print("| model | weights | perplexity | x bf16 2:4 | decoder linear bytes (MB) |")
     print("|---|---|---|---|---|")

@@ -86,6 +86,8 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> None:
             info.update({"n": mod.n, "m": mod.m} if mod.block is None else {"block": list(mod.block)})
             if mod.quant is not None:
                 info.update(quant=mod.quant, group_size=mod.group_size, zeros=mod.zeros is not None)
+                if mod.act_block:
+                    info["act_block"] = mod.act_block
             layers[name] = info
     tensors, aliases, first = {}, {}, {}
     for key, t in model.state_dict().items():
@@ -303,8 +305,8 @@ def check_config(config: dict, cfg_file: str) -> tuple[dict, dict]:
 def check_quant_fields(info: dict, where: str) -> None:
     """The optional ``quant`` / ``group_size`` / ``zeros`` of an N:M layer entry."""
     if info.get("quant") is None:
-        if any(key in info for key in ("group_size", "zeros")):
-            raise ValueError(f"{where}: group_size/zeros given without quant")
+        if any(key in info for key in ("group_size", "zeros", "act_block")):
+            raise ValueError(f"{where}: group_size/zeros/act_block given without quant")
         return
     if info["kind"] != "nm" or info["quant"] not in QUANTS:
         raise ValueError(f"{where}.quant: expected one of {QUANTS} on an 'nm' layer, got {info['quant']!r}")
@@ -313,6 +315,9 @@ def check_quant_fields(info: dict, where: str) -> None:
         raise ValueError(f"{where}.group_size: expected an int >= 0, got {size!r}")
     if not isinstance(zeros, bool):
         raise ValueError(f"{where}.zeros: expected true or false, got {zeros!r}")
+    act = info.get("act_block", 0)
+    if not isinstance(act, int) or isinstance(act, bool) or act < 0:
+        raise ValueError(f"{where}.act_block: expected an int >= 0, got {act!r}")
 
 
 def layer_tensors(info: dict) -> tuple[str, ...]:
@@ -338,7 +343,8 @@ def _native_layers(layers: dict, tensors: dict, origin: dict, cfg_file: str) -> 
             parts = [tensors.pop(k) for k in keys]
             if info["kind"] == "nm" and info.get("quant") is not None:
                 values, meta, scales, zeros = (*parts, None)[:4]
-                w = NMSparseWeight(values, meta, info["n"], info["m"], shape, scales, zeros, info["group_size"])
+                quant = (scales, zeros, info["group_size"], info.get("act_block", 0))
+                w = NMSparseWeight(values, meta, info["n"], info["m"], shape, *quant)
                 if w.quant != info["quant"]:
                     raise ValueError(f"values: expected {info['quant']} values, got dtype {values.dtype}")
                 w.validate()

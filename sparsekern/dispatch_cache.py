@@ -49,10 +49,12 @@ def row_bucket(rows: int) -> str:
     return str(1 << (rows - 1).bit_length())
 
 
-def _nm_bucket(x, values, meta, n, m, bias=None, scales=None, zeros=None, group_size=0) -> str:
+def _nm_bucket(x, values, meta, n, m, bias=None, scales=None, zeros=None, group_size=0, act_block=0) -> str:
     key = f"r{row_bucket(x.shape[0])}|w{values.shape[0]}x{x.shape[-1]}|{n}:{m}"
-    if scales is not None:  # quantized values: int8 / int4 and the scale group
-        key += f"|{'int4' if values.dtype == torch.uint8 else 'int8'}g{group_size}"
+    if scales is not None:  # quantized values: int8 / int4, the scale group, int8 activations
+        key += f"|{'int4' if values.dtype == torch.uint8 else 'int8'}g{group_size}" + (
+            f"a{act_block}" if act_block else ""
+        )
     return key
 
 
@@ -288,6 +290,7 @@ def recipe(op: str, args: tuple) -> dict | None:
         out = base | {"out": int(values.shape[0]), "n": int(n), "m": int(m)}
         if len(args) > 6 and args[6] is not None:
             out |= {"quant": "int4" if values.dtype == torch.uint8 else "int8", "group_size": int(args[8])}
+            out |= {"act_block": int(args[9])} if len(args) > 9 and args[9] else {}
         return out
     if op == "bsr_linear":
         crow, col, blocks = args[1:4]

@@ -28,7 +28,7 @@ def synthetic_args(op: str, recipe: dict) -> tuple:
     if op == "nm_linear":
         w = NMSparseWeight.from_dense(dense, n=recipe["n"], m=recipe["m"], prune=True).to(dtype)
         if recipe.get("quant"):
-            w = w.quantize(recipe["quant"], int(recipe.get("group_size", 0)))
+            w = w.quantize(recipe["quant"], int(recipe.get("group_size", 0)), act_block=int(recipe.get("act_block", 0)))
         return (x, w.values, w.meta, w.n, w.m, None, *w.quant_args())
     if op == "bsr_linear":
         sparsity = min(1.0, max(0.0, 1.0 - float(recipe["density"])))

@@ -26,10 +26,11 @@ lib = torch.library.Library("sparsekern", "FRAGMENT")
 
 # x @ W.T + bias for an N:M weight W given as values [out, K*n/m] and packed meta int32 [out, words].
 # Quantized W (sparsekern/formats/quant.py): values int8 [out, kept] or uint8 [out, kept/2] (int4),
-# scales [out, groups] in x's dtype, zeros int8 [out, groups] or None, group_size dense columns (0: per row).
+# scales [out, groups] in x's dtype, zeros int8 [out, groups] or None, group_size dense columns (0: per row);
+# act_block > 0: x rounded to int8 per block of act_block columns first (reference.quantize_x).
 NM_SCHEMA = (
     "(Tensor x, Tensor values, Tensor meta, int n, int m, Tensor? bias=None, Tensor? scales=None,"
-    " Tensor? zeros=None, int group_size=0) -> Tensor"
+    " Tensor? zeros=None, int group_size=0, int act_block=0) -> Tensor"
 )
 lib.define("nm_linear" + NM_SCHEMA)
 # x @ W.T + bias for a BSR weight W (crow int32 [out/bm+1], col int32 [nnz], blocks [nnz, bm, bk]).
@@ -114,7 +115,7 @@ def _check_linear_common(x, weight: torch.Tensor, weight_name: str, out: int, k:
             raise ValueError(f"bias: expected shape {(out,)}, got {tuple(bias.shape)}")
 
 
-def check_nm_linear(x, values, meta, n, m, bias, scales=None, zeros=None, group_size=0) -> None:
+def check_nm_linear(x, values, meta, n, m, bias, scales=None, zeros=None, group_size=0, act_block=0) -> None:
     check_nm(n, m)
     _check_tensor("values", values, (*SUPPORTED_DTYPES, torch.int8, torch.uint8))
     _check_tensor("meta", meta, (torch.int32,))
@@ -128,11 +129,14 @@ def check_nm_linear(x, values, meta, n, m, bias, scales=None, zeros=None, group_
         raise ValueError(f"meta: expected device {values.device} (that of values), got {meta.device}")
     k = kept // n * m
     if quant.quant_of(values) is None:
-        if scales is not None or zeros is not None or group_size:
-            raise ValueError(f"scales/zeros/group_size: only int8 / uint8 (int4) values take them, got {values.dtype}")
+        if scales is not None or zeros is not None or group_size or act_block:
+            raise ValueError(
+                f"scales/zeros/group_size/act_block: only int8 / uint8 (int4) values take them, got {values.dtype}"
+            )
         _check_linear_common(x, values, "values", out, k, bias)
         return
     quant.check_parts(values, scales, zeros, out, kept, quant.groups_of(group_size, k, m))
+    quant.check_act_block(act_block, k)
     _check_linear_common(x, scales, "scales", out, k, bias)
 
 
@@ -245,8 +249,8 @@ def _nan_rows(t: torch.Tensor, bad: torch.Tensor | None) -> torch.Tensor:
 
 
 @torch.library.register_fake("sparsekern::nm_linear")
-def _nm_linear_fake(x, values, meta, n, m, bias=None, scales=None, zeros=None, group_size=0):
-    check_nm_linear(x, values, meta, n, m, bias, scales, zeros, group_size)
+def _nm_linear_fake(x, values, meta, n, m, bias=None, scales=None, zeros=None, group_size=0, act_block=0):
+    check_nm_linear(x, values, meta, n, m, bias, scales, zeros, group_size, act_block)
     return x.new_empty((*x.shape[:-1], values.shape[0]))
 
 
@@ -291,9 +295,10 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def _nm_linear_impl(x, values, meta, n, m, bias=None, scales=None, zeros=None, group_size=0):
+def _nm_linear_impl(x, values, meta, n, m, bias=None, scales=None, zeros=None, group_size=0, act_block=0):
     # Floating weights keep the short argument list: backends registered for it still run them.
-    quant = () if scales is None and zeros is None and not group_size else (scales, zeros, group_size)
+    short = scales is None and zeros is None and not group_size and not act_block
+    quant = () if short else (scales, zeros, group_size, act_block)
     return plan.run(NM_LINEAR, x, (values, meta, n, m, bias, *quant), plan.plans_for(values))
 
 
@@ -349,7 +354,7 @@ def _dense_grad(grad, x):
 
 
 def nm_linear_backward(ctx, grad):
-    x, values, meta, n, m, bias, scales, zeros, group_size = (*ctx.args, None, None, 0)[:9]
+    x, values, meta, n, m, bias, scales, zeros, group_size, act_block = (*ctx.args, None, None, 0, 0)[:10]
     gx = gv = gb = None
     if ctx.needs_input_grad[0]:
         kept = values if scales is None else quant.dequantize(values, scales, zeros)
@@ -361,7 +366,7 @@ def nm_linear_backward(ctx, grad):
         gv = _dense_grad(grad, x).gather(1, cols).to(values.dtype)
     if bias is not None and ctx.needs_input_grad[5]:
         gb = _flat(grad).sum(0).to(bias.dtype)
-    return (gx, gv, None, None, None, gb, None, None, None)[: len(ctx.args)]
+    return (gx, gv, None, None, None, gb, None, None, None, None)[: len(ctx.args)]
 
 
 def bsr_linear_backward(ctx, grad):

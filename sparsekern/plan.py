@@ -230,7 +230,7 @@ def _stamp(args: tuple, n: int, p: int, bi: int) -> tuple:
             st = (id(a), a.data_ptr(), a._version, id(b), b.data_ptr(), b._version, args[p].dtype, id(args[bi]))
             if len(args) > bi + 1 and args[bi + 1] is not None:
                 sc, z = args[bi + 1], args[bi + 2]
-                st += (id(sc), sc.data_ptr(), sc._version, sc.dtype, id(z), args[bi + 3])
+                st += (id(sc), sc.data_ptr(), sc._version, sc.dtype, id(z), *args[bi + 3 :])
                 if z is not None:
                     st += (z.data_ptr(), z._version)
             return st

@@ -17,11 +17,25 @@ from sparsekern.formats.nm import nm_to_dense
 from sparsekern.formats.quant import dequantize
 
 
-def nm_linear(x, values, meta, n: int, m: int, bias=None, scales=None, zeros=None, group_size=0):
+def nm_linear(x, values, meta, n: int, m: int, bias=None, scales=None, zeros=None, group_size=0, act_block=0):
     """``x @ W.T + bias`` for the N:M weight ``W`` held as ``values``/``meta``; quantized values
-    are dequantized first (``(q - zero) * scale`` per group, in the dtype of ``scales``)."""
-    kept = values if scales is None else dequantize(values, scales, zeros)
-    return F.linear(x, nm_to_dense(kept, meta, n, m), bias)
+    are dequantized first (``(q - zero) * scale`` per group, in the dtype of ``scales``). With
+    ``act_block``, x is first rounded to int8 per block (:func:`quantize_x`) and the product is
+    taken in fp32, then cast to x's dtype."""
+    if not act_block:
+        kept = values if scales is None else dequantize(values, scales, zeros)
+        return F.linear(x, nm_to_dense(kept, meta, n, m), bias)
+    w = nm_to_dense(dequantize(values, scales.float(), zeros), meta, n, m)  # fp32, as the kernels
+    return F.linear(quantize_x(x, act_block), w, None if bias is None else bias.float()).to(x.dtype)
+
+
+def quantize_x(x, block: int):
+    """x rounded to int8 per ``block`` columns and back, in fp32: scale = max |x| / 127 per block
+    (1 for an all-zero block), ``round(x / scale)`` to nearest even, times the scale."""
+    xs = x.float().reshape(*x.shape[:-1], -1, block)
+    amax = xs.abs().amax(-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    return (torch.round(xs / scale).clamp(-127, 127) * scale).reshape(x.shape)
 
 
 def bsr_linear(x, crow, col, blocks, bias=None):

@@ -12,7 +12,7 @@ from sparsekern import _extension
 from sparsekern.formats import quant as q
 
 needs_ext = pytest.mark.skipif(not _extension.HAS_C_EXT, reason="compiled extension not loaded")
-ISAS = {"portable": 0, "avx2": 1}
+ISAS = {"portable": 0, "avx2": 1, "avx512": 2}
 
 
 def _qweight(out, k, n, m, quant, group_size, symmetric=True, dtype=torch.float32):
@@ -85,7 +85,7 @@ def test_bad_quantized_parts_are_refused():
         make(group_size=6)
     with pytest.raises(ValueError, match="values: expected int4 shape"):
         make(values=wq.values[:, :-1])
-    with pytest.raises(ValueError, match="scales/zeros/group_size: only quantized"):
+    with pytest.raises(ValueError, match="scales/zeros/group_size/act_block: only quantized"):
         sk.NMSparseWeight(torch.zeros(8, 32), wq.meta, 2, 4, (8, 64), scales=wq.scales)
     # int4 with an odd kept count per row (K = 12 at 2:4 keeps 6 ... K = 4 * odd groups at 1:4)
     odd = sk.NMSparseWeight.from_dense(torch.randn(4, 12), n=1, m=4, prune=True)
@@ -104,6 +104,11 @@ def isa(request, monkeypatch):
     if int(torch.ops.sparsekern._cpu_isa()) != ISAS[request.param]:
         pytest.skip(f"this CPU lacks {request.param}")
     return request.param
+
+
+def _has_vnni_vbmi() -> bool:
+    flags = open("/proc/cpuinfo").read().split()
+    return "avx512_vnni" in flags and "avx512vbmi" in flags
 
 
 def _check(y, x, wq, bias, what):
@@ -179,7 +184,7 @@ def test_cpu_op_checks_quantized_arguments_itself():
         op(x, wq.values, wq.meta, 2, 4, None, wq.scales, wq.zeros, 24)
     with pytest.raises(TypeError, match=r"scales: expected dtype torch.bfloat16 \(that of x\)"):
         op(x.bfloat16(), wq.values, wq.meta, 2, 4, None, wq.scales, wq.zeros, 32)
-    with pytest.raises(ValueError, match="scales/zeros/group_size: only int8"):
+    with pytest.raises(ValueError, match="scales/zeros/group_size/act_block: only int8"):
         op(x, wq.float_values(), wq.meta, 2, 4, None, wq.scales, None, 32)
     # the same words from the Python op (every backend)
     with pytest.raises(ValueError, match=r"scales: expected shape \(8, 2\)"):
@@ -280,3 +285,123 @@ def test_checkpoint_with_wrong_quant_field_is_refused(tmp_path):
     cfg_file.write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="expected int4 shape|expected int4 values"):
         sk.load(tmp_path / "ck", _tiny_llama())
+
+
+def test_sparsegpt_rounds_inside_its_sweep():
+    """Joint pruning + int4: rounding errors spread by OBS beat rounding SparseGPT's result after."""
+    from sparsekern.prune import prune_quantized, prune_weight
+
+    w = torch.randn(64, 256)
+    x = torch.randn(1024, 256) @ torch.randn(256, 256) * 0.3  # correlated inputs, as in a real layer
+    h = x.T @ x
+
+    def added_error(sparse, base):  # output error beyond the unquantized SparseGPT result's
+        return float(((x @ (w - sparse.to_dense()).T) ** 2).mean() - ((x @ (w - base).T) ** 2).mean())
+
+    base, keep = prune_weight(w, "2:4", "sparsegpt", hessian=h)
+    for quant, group_size, symmetric in (("int4", 32, True), ("int4", 64, False)):
+        joint = prune_quantized(w, "2:4", "sparsegpt", quant, group_size, symmetric, hessian=h).validate()
+        assert joint.quant == quant and joint.scales.shape == (64, 256 // group_size)
+        assert torch.equal(joint.to_dense() != 0, (joint.to_dense() != 0) & keep)  # SparseGPT's own mask
+        after = sk.NMSparseWeight.from_dense(base, 2, 4).quantize(quant, group_size, symmetric)
+        assert added_error(joint, base) < added_error(after, base), (quant, group_size)
+    with pytest.raises(ValueError, match="quant: int8/int4 values are implemented for N:M"):
+        prune_quantized(w, "block16x16:0.5", "sparsegpt", "int8", hessian=h)
+
+
+# -- int8 activations (act_block) ---------------------------------------------------------------
+
+
+def test_quantize_x_rounds_per_block():
+    from sparsekern.reference import quantize_x
+
+    x = torch.randn(3, 96) * torch.linspace(0.01, 10, 96)
+    xq = quantize_x(x, 32)
+    step = x.view(3, 3, 32).abs().amax(-1, keepdim=True) / 127
+    assert ((xq - x).view(3, 3, 32).abs() <= step / 2 + 1e-6).all()
+    units = xq.view(3, 3, 32) / step
+    assert ((units - units.round()).abs() < 1e-4).all() and units.abs().max() <= 127 + 1e-4  # on the grid
+    assert torch.equal(quantize_x(torch.zeros(2, 32), 32), torch.zeros(2, 32))
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows", [1, 3, 5, 40])
+@pytest.mark.parametrize("group_size", [0, 64, 128, 192])  # 192: steps straddle groups (portable)
+@pytest.mark.parametrize("quant", q.QUANTS)
+@pytest.mark.parametrize("nm", [(2, 4), (1, 4), (2, 8)], ids=lambda p: f"{p[0]}:{p[1]}")
+def test_int8_activations_cpu(isa, nm, quant, group_size, rows, dtype):
+    """act_block=32 against the reference (x rounded per block, then the fp32 product). 2:4 takes
+    the AVX-512 VBMI+VNNI kernel where the CPU has it; 320 columns end in a partial 128-column step."""
+    from sparsekern.reference import quantize_x
+
+    if isa == "avx512" and not _has_vnni_vbmi():
+        pytest.skip("this CPU lacks AVX-512 VBMI/VNNI")
+    n, m = nm
+    k = 320 if group_size in (0, 64) else 384
+    symmetric = rows != 3
+    w = sk.NMSparseWeight.from_dense(torch.randn(21, k), n=n, m=m, prune=True)
+    wq = w.quantize(quant, group_size, symmetric, act_block=32).to(dtype)
+    x = torch.randn(rows, k).to(dtype)
+    bias = torch.randn(21).to(dtype)
+    with sk.use_backend("cpu"):
+        y = sk.ops.nm_linear(x, wq, bias)
+    dense32 = sk.NMSparseWeight(wq.values, wq.meta, n, m, wq.shape, wq.scales.float(), wq.zeros, group_size).to_dense()
+    xq = quantize_x(x, 32)
+    ref32 = F.linear(xq, dense32, bias.float())
+    same = ref32.to(dtype)  # the op's result rounds once to x's dtype
+    mag = F.linear(xq.abs(), dense32.abs(), bias.float().abs())
+    assert_matches_reference(y, ref32, same, f"{isa} {n}:{m} {quant} g{group_size} a32 rows={rows} {dtype}", mag)
+    # and it is what the reference backend computes
+    with sk.use_backend("reference"):
+        torch.testing.assert_close(sk.ops.nm_linear(x, wq, bias).float(), ref32.to(dtype).float(), rtol=0, atol=0)
+
+
+@needs_ext
+@pytest.mark.parametrize("quant,group_size", [("int8", 0), ("int4", 128)])
+def test_int8_activations_real_shape(quant, group_size):
+    """Llama-7B / TinyLlama MLP shape (11008 x 4096), 2:4, bf16 x: the kernel reads every weight."""
+    from sparsekern.reference import quantize_x
+
+    w = sk.NMSparseWeight.from_dense(torch.randn(11008, 4096), 2, 4, prune=True)
+    wq = w.quantize(quant, group_size, act_block=32).to(torch.bfloat16)
+    x = torch.randn(1, 4096).to(torch.bfloat16)
+    with sk.use_backend("cpu"):
+        y = sk.ops.nm_linear(x, wq)
+    dense32 = sk.NMSparseWeight(wq.values, wq.meta, 2, 4, wq.shape, wq.scales.float(), None, group_size).to_dense()
+    xq = quantize_x(x, 32)
+    ref32 = F.linear(xq, dense32)
+    assert_matches_reference(
+        y, ref32, ref32.to(torch.bfloat16), f"11008x4096 {quant} a32", F.linear(xq.abs(), dense32.abs())
+    )
+
+
+def test_int8_activations_bad_input():
+    w = sk.NMSparseWeight.from_dense(torch.randn(8, 96), 2, 4, prune=True)
+    with pytest.raises(ValueError, match="act_block: expected 0 .* divides in_features 96, got 64"):
+        w.quantize("int8", act_block=64)
+    with pytest.raises(ValueError, match="scales/zeros/group_size/act_block: only quantized"):
+        sk.NMSparseWeight(w.values, w.meta, 2, 4, w.shape, act_block=32)
+    wq = w.quantize("int8", act_block=32)
+    x = torch.randn(1, 96)
+    with pytest.raises(ValueError, match="act_block: expected 0 .* got 40"):
+        torch.ops.sparsekern.nm_linear(x, wq.values, wq.meta, 2, 4, None, wq.scales, None, 0, 40)
+    if _extension.HAS_C_EXT:
+        with pytest.raises(ValueError, match="act_block: expected 0"):
+            torch.ops.sparsekern._nm_linear_cpu(x, wq.values, wq.meta, 2, 4, None, wq.scales, None, 0, 40)
+
+
+def test_int8_activations_survive_save_and_from_pretrained(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = _tiny_llama()
+    sk.sparsify(model, "2:4", skip=["lm_head"], quant="int4", group_size=64, act_block=32, progress=False)
+    assert model.model.layers[0].mlp.up_proj.act_block == 32
+    ids = torch.randint(0, 128, (1, 7))
+    with torch.no_grad():
+        ref = model(ids).logits
+    sk.save(model, tmp_path / "ck")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ck")
+    assert hf.model.layers[1].mlp.down_proj.act_block == 32
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, ref)

@@ -35,6 +35,9 @@ struct NMLinearArgs {
   const void* scales = nullptr;
   const int8_t* zeros = nullptr;
   int64_t groups = 1, group_kept = 0;
+  // int8 activations (opt-in, quantized values only): x rounded per row and block of act_block
+  // columns (nm_linear_a8.cpp); 0: x used as it is.
+  int64_t act_block = 0;
 };
 
 // The scale and zero of group g of row o of a quantized weight.

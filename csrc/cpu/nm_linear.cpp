@@ -90,6 +90,12 @@ void nm_linear_decode_portable(const NMLinearArgs& a) {
 }  // namespace detail
 
 void nm_linear_decode(const NMLinearArgs& a, Isa isa) {
+  if (a.act_block) {
+#if defined(__x86_64__)
+    if (isa >= Isa::kAvx512 && detail::nm_a8_avx512_supported(a)) return detail::nm_linear_decode_a8_avx512(a);
+#endif
+    return detail::nm_linear_decode_a8_portable(a);
+  }
 #if defined(__x86_64__)
   // Quantized values: the quads kernel where each of its 16-slot steps lies in one scale group.
   if (isa >= Isa::kAvx2 && a.qbits && detail::nm_quads_supported(a.n, a.m) &&

@@ -31,8 +31,25 @@ inline uint32_t nm_meta_chunk8(const int32_t* meta_row, int64_t words, int64_t w
   return static_cast<uint32_t>(lo >> (bits * r)) & (bits == 4 ? 0xffffffffu : (1u << (8 * bits)) - 1u);
 }
 
+// In-group index (0..m-1) of kept slot j of row o.
+inline int nm_meta_index(const NMLinearArgs& a, int64_t o, int64_t j) {
+  const int bits = a.m == 2 ? 1 : a.m == 4 ? 2 : a.m == 8 ? 3 : 4, per = 32 / bits;
+  const uint32_t word = static_cast<uint32_t>(a.meta[o * a.meta_words + j / per]);
+  return static_cast<int>((word >> (bits * (j % per))) & ((1u << bits) - 1u));
+}
+
+// x rows as int8 per block of a.act_block columns: xq [rows, ldq] (zero past K), scales sx
+// [rows, lds] (zero past the last block); max |x| / 127 per block, round to nearest even.
+void nm_quantize_x_a8(const NMLinearArgs& a, int8_t* xq, int64_t ldq, float* sx, int64_t lds);
+
 namespace detail {
 void nm_linear_decode_portable(const NMLinearArgs& a);
+// int8 activations (a.act_block > 0): any N:M, and AVX-512 VBMI+VNNI for 2:4 where supported.
+void nm_linear_decode_a8_portable(const NMLinearArgs& a);
+#if defined(__x86_64__)
+bool nm_a8_avx512_supported(const NMLinearArgs& a);
+void nm_linear_decode_a8_avx512(const NMLinearArgs& a);
+#endif
 #if defined(__x86_64__)
 // AVX2+FMA+F16C. Also what AVX-512 machines run: no AVX-512 kernel exists yet (none could be
 // tested on the development machine, and an untested path must not be the default).

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "cpu/linear_op_util.h"
 #include "cpu/nm_linear.h"
@@ -58,8 +59,8 @@ void nm_linear_gemm(const NMLinearArgs& a, const at::Tensor& x, const std::optio
 at::Tensor nm_linear_cpu(const at::Tensor& x_in, const at::Tensor& values_in, const at::Tensor& meta_in, int64_t n,
                          int64_t m, const std::optional<at::Tensor>& bias_in,
                          const std::optional<at::Tensor>& scales_in, const std::optional<at::Tensor>& zeros_in,
-                         int64_t group_size) {
-  check_nm_linear_args(x_in, values_in, meta_in, n, m, bias_in, scales_in, zeros_in, group_size);
+                         int64_t group_size, int64_t act_block) {
+  check_nm_linear_args(x_in, values_in, meta_in, n, m, bias_in, scales_in, zeros_in, group_size, act_block);
   const at::Tensor x = x_in.contiguous(), values = values_in.contiguous(), meta = meta_in.contiguous();
   const std::optional<at::Tensor> bias = bias_in ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
   const at::Tensor scales = scales_in ? scales_in->contiguous() : at::Tensor();
@@ -91,9 +92,24 @@ at::Tensor nm_linear_cpu(const at::Tensor& x_in, const at::Tensor& values_in, co
     a.zeros = zeros.defined() ? zeros.data_ptr<int8_t>() : nullptr;
     a.groups = scales.size(1);
     a.group_kept = k / m * n / a.groups;
+    a.act_block = act_block;
   }
   if (rows > (a.dtype == DType::kF32 ? kChunkedDecodeMaxRowsF32 : kChunkedDecodeMaxRowsHalf)) {
-    nm_linear_gemm(a, x, bias, y);
+    if (!a.act_block) {
+      nm_linear_gemm(a, x, bias, y);
+      return y;
+    }
+    // int8 activations: the GEMM runs on x rounded as the decode kernels round it (the op's
+    // result for a row does not depend on how many rows came with it).
+    std::vector<int8_t> xq(rows * k);
+    std::vector<float> sx(rows * (k / act_block));
+    nm_quantize_x_a8(a, xq.data(), k, sx.data(), k / act_block);
+    at::Tensor xf = at::empty({rows, k}, x.options().dtype(at::kFloat));
+    float* f = xf.data_ptr<float>();
+    for (int64_t i = 0; i < rows * k; ++i) f[i] = static_cast<float>(xq[i]) * sx[i / act_block];
+    at::Tensor y32 = x.scalar_type() == at::kFloat ? y : at::empty({rows, out_features}, xf.options());
+    nm_linear_gemm(a, xf, bias, y32);
+    if (x.scalar_type() != at::kFloat) y.copy_(y32);
     return y;
   }
   // Few rows: the decode kernel, 8 rows of x per pass over the weights.

@@ -89,7 +89,7 @@ inline void check_linear_common(const at::Tensor& x, const at::Tensor& weight, c
 inline void check_nm_linear_args(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta, int64_t n,
                                  int64_t m, const std::optional<at::Tensor>& bias,
                                  const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& zeros,
-                                 int64_t group_size) {
+                                 int64_t group_size, int64_t act_block) {
   TORCH_CHECK_VALUE(m == 2 || m == 4 || m == 8 || m == 16, "m: expected one of (2, 4, 8, 16), got ", m);
   TORCH_CHECK_VALUE(0 < n && n < m, "n: expected 0 < n < m=", m, ", got ", n);
   check_tensor("values", values, {at::kFloat, at::kHalf, at::kBFloat16, at::kChar, at::kByte});
@@ -106,8 +106,8 @@ inline void check_nm_linear_args(const at::Tensor& x, const at::Tensor& values, 
                     py_shape({out, words}), ", got ", py_shape(meta.sizes()));
   check_same_device("meta", meta, values, "values");
   if (!quantized) {
-    TORCH_CHECK_VALUE(!scales && !zeros && group_size == 0,
-                      "scales/zeros/group_size: only int8 / uint8 (int4) values take them, got ",
+    TORCH_CHECK_VALUE(!scales && !zeros && group_size == 0 && act_block == 0,
+                      "scales/zeros/group_size/act_block: only int8 / uint8 (int4) values take them, got ",
                       py_dtype(values.scalar_type()));
     check_linear_common(x, values, "values", out, k, bias);
     return;
@@ -116,6 +116,9 @@ inline void check_nm_linear_args(const at::Tensor& x, const at::Tensor& values, 
                     "group_size: expected 0 (one scale per row) or a multiple of m=", m, " that divides in_features ",
                     k, ", got ", group_size);
   const int64_t groups = group_size ? k / group_size : 1;
+  TORCH_CHECK_VALUE(act_block == 0 || (act_block > 0 && k % act_block == 0),
+                    "act_block: expected 0 (x as it is) or a block size that divides in_features ", k, ", got ",
+                    act_block);
   TORCH_CHECK_TYPE(scales.has_value(), "scales: expected torch.Tensor for quantized values, got None");
   check_float("scales", *scales);
   TORCH_CHECK_VALUE(scales->dim() == 2 && scales->size(0) == out && scales->size(1) == groups, "scales: expected shape ",

@@ -24,8 +24,8 @@ def supports_cpu(first, *args) -> str | None:
     return None
 
 
-def _nm_linear(x, values, meta, n, m, bias=None, scales=None, zeros=None, group_size=0):
-    return torch.ops.sparsekern._nm_linear_cpu(x, values, meta, n, m, bias, scales, zeros, group_size)
+def _nm_linear(x, values, meta, n, m, bias=None, scales=None, zeros=None, group_size=0, act_block=0):
+    return torch.ops.sparsekern._nm_linear_cpu(x, values, meta, n, m, bias, scales, zeros, group_size, act_block)
 
 
 def _bsr_linear(x, crow, col, blocks, bias=None):

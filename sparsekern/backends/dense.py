@@ -28,6 +28,7 @@ from sparsekern import dispatch, plan
 from sparsekern.formats.bsr import bsr_to_dense
 from sparsekern.formats.nm import nm_to_dense
 from sparsekern.formats.quant import dequantize
+from sparsekern.reference import quantize_x
 
 # id(key tensor) -> (weakref to it, stamp of every tensor the dense copy came from, dense copy)
 _cache: dict[int, tuple[weakref.ref, tuple, torch.Tensor]] = {}
@@ -90,14 +91,16 @@ def cached_bytes() -> int:
         return sum(d.numel() * d.element_size() for _, _, d in _cache.values())
 
 
-def nm_weight(values, meta, n: int, m: int, scales=None, zeros=None) -> torch.Tensor:
-    """The dense ``[out, K]`` copy of an N:M weight (dequantized when quantized), from the cache
-    when it is still current."""
+def nm_weight(values, meta, n: int, m: int, scales=None, zeros=None, fp32: bool = False) -> torch.Tensor:
+    """The dense ``[out, K]`` copy of an N:M weight (dequantized when quantized, in fp32 with
+    ``fp32``), from the cache when it is still current."""
 
     def build():
-        return nm_to_dense(values if scales is None else dequantize(values, scales, zeros), meta, n, m)
+        if scales is None:
+            return nm_to_dense(values, meta, n, m)
+        return nm_to_dense(dequantize(values, scales.float() if fp32 else scales, zeros), meta, n, m)
 
-    return _cached(values, weight_stamp(values, meta, n, m, scales, zeros), build)
+    return _cached(values, weight_stamp(values, meta, n, m, scales, zeros, fp32), build)
 
 
 def bsr_weight(crow, col, blocks, k: int) -> torch.Tensor:
@@ -105,7 +108,10 @@ def bsr_weight(crow, col, blocks, k: int) -> torch.Tensor:
     return _cached(blocks, weight_stamp(blocks, crow, col, k), lambda: bsr_to_dense(crow, col, blocks, k))
 
 
-def nm_linear(x, values, meta, n: int, m: int, bias=None, scales=None, zeros=None, group_size=0):
+def nm_linear(x, values, meta, n: int, m: int, bias=None, scales=None, zeros=None, group_size=0, act_block=0):
+    if act_block:  # int8 activations: the reference's rounding of x, then the fp32 weight
+        w = nm_weight(values, meta, n, m, scales, zeros, fp32=True)
+        return F.linear(quantize_x(x, act_block), w, None if bias is None else bias.float()).to(x.dtype)
     return F.linear(x, nm_weight(values, meta, n, m, scales, zeros), bias)
 
 
@@ -113,8 +119,10 @@ def bsr_linear(x, crow, col, blocks, bias=None):
     return F.linear(x, bsr_weight(crow, col, blocks, x.shape[-1]), bias)
 
 
-def _plan_nm(x, values, meta, n: int, m: int, bias=None, scales=None, zeros=None, group_size=0):
+def _plan_nm(x, values, meta, n: int, m: int, bias=None, scales=None, zeros=None, group_size=0, act_block=0):
     # The copy lives in the plan (and in the cache above while this backend holds the choice).
+    if act_block:
+        return nm_linear, (nm_weight(values, meta, n, m, scales, zeros, fp32=True),)
     w = nm_weight(values, meta, n, m, scales, zeros)
     return (lambda x, values, meta, n, m, bias=None, *quant: F.linear(x, w, bias)), (w,)
 

@@ -10,6 +10,7 @@ whether the swapped layer keeps the promise (>= 0.95x dense).
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import torch
@@ -45,23 +46,27 @@ PATTERNS = (
     "2:4+int8",
     "2:4+int8g128",
     "2:4+int4g128",
+    "2:4+int8a32",
+    "2:4+int4g128a32",
     "1:4+int8",
     "2:8+int4g128",
 )
 QUICK_SHAPES = ("llama7b.attn", "llama7b.up")
 QUICK_ROWS = (1, 512)
-QUICK_PATTERNS = ("dense", "2:4", "1:4", "block32x32:0.9", "2:4+int8", "2:4+int4g128")
+QUICK_PATTERNS = ("dense", "2:4", "1:4", "block32x32:0.9", "2:4+int8", "2:4+int4g128", "2:4+int4g128a32")
 
 
-def parse_quant(spec: str) -> tuple[str, int, bool]:
-    """``"int8"`` -> ("int8", 0, True); ``"int4g128"`` -> ("int4", 128, True); a trailing ``z``:
-    zero points (asymmetric), e.g. ``"int4g128z"``."""
-    symmetric = not spec.endswith("z")
-    body = spec.removesuffix("z")
-    quant, _, group = body.partition("g")
-    if quant not in ("int8", "int4") or not (group == "" or group.isdigit()):
-        raise ValueError(f"pattern: expected a quant suffix like '+int8', '+int4g128', '+int4g128z', got {spec!r}")
-    return quant, int(group or 0), symmetric
+_QUANT_SPEC = re.compile(r"(int8|int4)(?:g(\d+))?(z?)(?:a(\d+))?")
+
+
+def parse_quant(spec: str) -> tuple[str, int, bool, int]:
+    """``"int8"`` -> ("int8", 0, True, 0); ``"int4g128"`` -> ("int4", 128, True, 0); ``z``: zero
+    points (``"int4g128z"``); ``a32``: int8 activations per 32 columns (``"int4g128a32"``)."""
+    found = _QUANT_SPEC.fullmatch(spec)
+    if found is None:
+        raise ValueError(f"pattern: expected a quant suffix like '+int8', '+int4g128', '+int4g128za32', got {spec!r}")
+    quant, group, zeros, act = found.groups()
+    return quant, int(group or 0), not zeros, int(act or 0)
 
 
 def parse_pattern(pattern: str) -> tuple[str, tuple]:

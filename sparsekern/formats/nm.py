@@ -134,6 +134,8 @@ class NMSparseWeight:
     scales: torch.Tensor | None = None
     zeros: torch.Tensor | None = None
     group_size: int = 0
+    # > 0: the op rounds x to int8 per block of this many columns (int8 activations, opt-in).
+    act_block: int = 0
 
     def __post_init__(self) -> None:
         check_nm(self.n, self.m)
@@ -145,11 +147,13 @@ class NMSparseWeight:
         kept = k // self.m * self.n
         if q.quant_of(self.values) is not None:
             q.check_parts(self.values, self.scales, self.zeros, out, kept, q.groups_of(self.group_size, k, self.m))
+            q.check_act_block(self.act_block, k)
         else:
             check_dtype("values", self.values)
-            if self.scales is not None or self.zeros is not None or self.group_size:
+            if self.scales is not None or self.zeros is not None or self.group_size or self.act_block:
                 raise ValueError(
-                    f"scales/zeros/group_size: only quantized (int8 / uint8) values take them, got values of {self.values.dtype}"
+                    "scales/zeros/group_size/act_block: only quantized (int8 / uint8) values take them, "
+                    f"got values of {self.values.dtype}"
                 )
         if q.quant_of(self.values) is None and tuple(self.values.shape) != (out, kept):
             raise ValueError(
@@ -175,15 +179,18 @@ class NMSparseWeight:
         quant: str | None = None,
         group_size: int = 0,
         symmetric: bool = True,
+        act_block: int = 0,
     ) -> NMSparseWeight:
         """Compress a dense ``[out, K]`` weight. Without ``prune`` it must already be N:M.
         With ``quant`` (``"int8"``/``"int4"``) the kept weights are then quantized (:meth:`quantize`)."""
         weight = cls._from_dense(dense, n, m, prune)
-        return weight if quant is None else weight.quantize(quant, group_size, symmetric)
+        return weight if quant is None else weight.quantize(quant, group_size, symmetric, act_block)
 
-    def quantize(self, quant: str, group_size: int = 0, symmetric: bool = True) -> NMSparseWeight:
+    def quantize(self, quant: str, group_size: int = 0, symmetric: bool = True, act_block: int = 0) -> NMSparseWeight:
         """This weight with its kept values rounded to ``quant`` (round to nearest), one scale per
-        ``group_size`` dense columns of a row (0: per row), in the values' dtype."""
+        ``group_size`` dense columns of a row (0: per row), in the values' dtype. ``act_block``
+        (e.g. 32): the op also rounds x to int8 per block of that many columns, so the products
+        are integer dot products (faster where the CPU has VNNI; see docs/DESIGN.md)."""
         q.check_quant(quant)
         if self.quant is not None:
             raise ValueError(f"quant: this weight is already {self.quant}")
@@ -191,7 +198,7 @@ class NMSparseWeight:
         if quant == "int4" and self.values.shape[1] % 2:
             raise ValueError(f"quant: int4 packs kept weights in pairs; {self.values.shape[1]} kept per row is odd")
         values, scales, zeros = q.quantize(self.values, quant, groups, symmetric)
-        return NMSparseWeight(values, self.meta, self.n, self.m, self.shape, scales, zeros, group_size)
+        return NMSparseWeight(values, self.meta, self.n, self.m, self.shape, scales, zeros, group_size, act_block)
 
     @classmethod
     def _from_dense(cls, dense: torch.Tensor, n: int, m: int, prune: bool) -> NMSparseWeight:
@@ -250,7 +257,7 @@ class NMSparseWeight:
         zeros = None if self.zeros is None else self.zeros.to(device=dev)
         return NMSparseWeight(
             self.values.to(device=dev), self.meta.to(device=dev), self.n, self.m, self.shape, scales, zeros,
-            self.group_size,
+            self.group_size, self.act_block,
         )  # fmt: skip
 
     @property
@@ -277,8 +284,8 @@ class NMSparseWeight:
         return f"{self.n}:{self.m}"
 
     def quant_args(self) -> tuple:
-        """The op's trailing arguments ``(scales, zeros, group_size)`` (all None/0 when floating)."""
-        return (self.scales, self.zeros, self.group_size)
+        """The op's trailing arguments ``(scales, zeros, group_size, act_block)`` (None/0 when floating)."""
+        return (self.scales, self.zeros, self.group_size, self.act_block)
 
     def nbytes(self) -> int:
         parts = (self.values, self.meta, self.scales, self.zeros)
@@ -286,4 +293,5 @@ class NMSparseWeight:
 
     def __repr__(self) -> str:
         qs = "" if self.scales is None else f", quant={self.quant}, group_size={self.group_size}"
+        qs += f", act_block={self.act_block}" if self.act_block else ""
         return f"NMSparseWeight({self.pattern}, shape={self.shape}, dtype={self.dtype}{qs}, device={self.device})"

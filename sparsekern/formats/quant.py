@@ -80,33 +80,62 @@ def dequantize(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor |
     return w.reshape(rows, -1).to(scales.dtype)
 
 
-def quantize(
-    kept: torch.Tensor, quant: str, groups: int, symmetric: bool = True
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Round-to-nearest quantization of kept weights ``[rows, kept]`` in ``groups`` equal runs.
-
-    Returns ``(values, scales, zeros)`` in the stored form (int4 packed), scales in
-    ``kept.dtype``. An all-zero group gets scale 1 (its integers are all zero points).
-    """
-    check_quant(quant)
-    rows = kept.shape[0]
-    w = kept.detach().float().reshape(rows, groups, -1)
+def scale_zero(w: torch.Tensor, quant: str, symmetric: bool, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest parameters of each run ``w [..., run]``: ``(scale, zero)`` as fp32, the
+    scale already rounded to ``dtype`` (what is stored). An all-zero run gets scale 1."""
     lo_q, hi_q = _RANGE[quant]
+    w = w.float()
     if symmetric:
-        half = 127.0 if quant == "int8" else 7.0
-        scale = w.abs().amax(-1) / half
+        scale = w.abs().amax(-1) / (127.0 if quant == "int8" else 7.0)
         zero = torch.full_like(scale, 0 if quant == "int8" else INT4_ZERO)
     else:
         lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
         scale = (hi - lo) / (hi_q - lo_q)
         zero = (lo_q - lo / torch.where(scale > 0, scale, 1.0)).round().clamp(lo_q, hi_q)
-    scale = torch.where(scale > 0, scale, 1.0).to(kept.dtype)
-    # Round with the scale as stored (a bf16 scale differs from the fp32 one it came from).
-    q = (w / scale.float().unsqueeze(-1)).round() + zero.unsqueeze(-1)
-    q = q.clamp(lo_q, hi_q).to(torch.int32).reshape(rows, -1)
+    scale = torch.where(scale > 0, scale, 1.0).to(dtype).float()
+    return scale, zero
+
+
+def to_integers(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, quant: str) -> torch.Tensor:
+    """``w [..., run]`` on the grid of ``scale``/``zero [...]``: int32 in the type's range."""
+    lo_q, hi_q = _RANGE[quant]
+    q = (w.float() / scale.unsqueeze(-1)).round() + zero.unsqueeze(-1)
+    return q.clamp(lo_q, hi_q).to(torch.int32)
+
+
+def quantize(
+    kept: torch.Tensor,
+    quant: str,
+    groups: int,
+    symmetric: bool = True,
+    scale: torch.Tensor | None = None,
+    zero: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Round-to-nearest quantization of kept weights ``[rows, kept]`` in ``groups`` equal runs.
+
+    Returns ``(values, scales, zeros)`` in the stored form (int4 packed), scales in
+    ``kept.dtype``. ``scale``/``zero`` (fp32 ``[rows, groups]``): use these instead of the runs'
+    own range (a pruner that rounded onto a grid as it went, :mod:`sparsekern.prune.sparsegpt`).
+    """
+    check_quant(quant)
+    rows = kept.shape[0]
+    w = kept.detach().float().reshape(rows, groups, -1)
+    if scale is None:
+        scale, zero = scale_zero(w, quant, symmetric, kept.dtype)
+    q = to_integers(w, scale, zero, quant).reshape(rows, -1)
     values = pack_int4(q) if quant == "int4" else q.to(torch.int8)
-    zeros = None if symmetric else zero.to(torch.int8)
-    return values.contiguous(), scale.contiguous(), zeros if zeros is None else zeros.contiguous()
+    zeros = None if symmetric else zero.to(torch.int8).contiguous()
+    return values.contiguous(), scale.to(kept.dtype).contiguous(), zeros
+
+
+def check_act_block(act_block, k: int) -> None:
+    """``act_block``: 0 (x as it is) or a block of columns that divides ``k``."""
+    if not isinstance(act_block, int) or isinstance(act_block, bool):
+        raise TypeError(f"act_block: expected int, got {type(act_block).__name__}")
+    if act_block < 0 or (act_block and k % act_block):
+        raise ValueError(
+            f"act_block: expected 0 (x as it is) or a block size that divides in_features {k}, got {act_block}"
+        )
 
 
 def check_parts(values: torch.Tensor, scales, zeros, rows: int, kept: int, groups: int) -> None:

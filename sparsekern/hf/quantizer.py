@@ -127,7 +127,8 @@ def _validate(w: NMSparseWeight | BlockSparseWeight, where: str) -> None:
 
         def part(r):
             cut = slice(r, r + rows)
-            quant = () if w.scales is None else (w.scales[cut], None if w.zeros is None else w.zeros[cut], w.group_size)
+            zeros = None if w.zeros is None else w.zeros[cut]
+            quant = () if w.scales is None else (w.scales[cut], zeros, w.group_size, w.act_block)
             shape = (min(rows, w.shape[0] - r), w.shape[1])
             return NMSparseWeight(w.values[cut], w.meta[cut], w.n, w.m, shape, *quant)
 
@@ -206,6 +207,7 @@ def _empty_layer(name: str, info: dict, module: nn.Module, headers: dict, dtype,
                 torch.empty(out, groups, dtype=dtype, **meta),
                 torch.empty(out, groups, dtype=torch.int8, **meta) if info["zeros"] else None,
                 info["group_size"],
+                info.get("act_block", 0),
             )
     else:
         bm, bk = info["block"]

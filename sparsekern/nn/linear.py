@@ -13,6 +13,8 @@ transposed once, and the resulting layer computes the same function as the Conv1
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -61,11 +63,12 @@ class SparseLinear(nn.Module):
         if not isinstance(weight, (NMSparseWeight, BlockSparseWeight)):
             raise TypeError(f"weight: expected NMSparseWeight or BlockSparseWeight, got {type(weight).__name__}")
         self.out_features, self.in_features = (int(s) for s in weight.shape)
-        self.group_size = 0
+        self.group_size = self.act_block = 0
         if isinstance(weight, NMSparseWeight) and weight.quant is not None:
             # Quantized: the integer values are a buffer (no gradients, Module.to(dtype) leaves
             # them alone); the scales carry the layer's floating dtype.
             self.n, self.m, self.block, self.group_size = weight.n, weight.m, None, weight.group_size
+            self.act_block = weight.act_block
             self.register_buffer("values", weight.values.detach())
             self.register_buffer("meta", weight.meta.detach())
             self.scales = nn.Parameter(weight.scales.detach(), requires_grad=False)
@@ -120,6 +123,8 @@ class SparseLinear(nn.Module):
         dense_fallback: bool = True,
         quant: str | None = None,
         group_size: int = 0,
+        symmetric: bool = True,
+        act_block: int = 0,
     ) -> SparseLinear:
         """Prune ``linear`` (``nn.Linear`` or ``Conv1D``) to ``pattern`` with ``method``, then compress.
 
@@ -127,9 +132,11 @@ class SparseLinear(nn.Module):
         pruned elsewhere); nothing is re-pruned. ``pattern`` is a string such as ``"2:4"`` or
         ``"block32x32:0.9"``, or a :class:`sparsekern.prune.Pattern`. ``quant`` (``"int8"`` /
         ``"int4"``, N:M only): the kept weights are then rounded to integers with one scale per
-        ``group_size`` columns (0: per row), see :meth:`NMSparseWeight.quantize`.
+        ``group_size`` columns (0: per row), and zero points unless ``symmetric``, see
+        :func:`sparsekern.prune.prune_quantized` (SparseGPT rounds inside its sweep); ``act_block``
+        (e.g. 32): x is rounded to int8 per block of that many columns too (integer dot products).
         """
-        from sparsekern.prune import parse_pattern, prune_weight
+        from sparsekern.prune import parse_pattern, prune_quantized, prune_weight
 
         pat = parse_pattern(pattern) if isinstance(pattern, str) else pattern
         if quant is not None and pat.kind != "nm":
@@ -140,15 +147,30 @@ class SparseLinear(nn.Module):
                 "has no kernel here (sparsify() keeps such layers as dense nn.Linear with zeroed weights)"
             )
         weight = dense_weight(linear).detach()
+        requires_grad = bool(linear.weight.requires_grad) and quant is None
+        if quant is not None and method is not None:
+            with torch.no_grad():
+                sparse = prune_quantized(
+                    weight, pat, method, quant, group_size, symmetric, act_norm=act_norm, hessian=hessian
+                )
+            sparse = dataclasses.replace(sparse, act_block=act_block)
+            return cls(sparse, linear.bias, requires_grad=False, dense_fallback=dense_fallback)
         with torch.no_grad():
             if method is not None:
                 weight, _ = prune_weight(weight, pat, method, act_norm=act_norm, hessian=hessian)
             weight = weight.to(dense_weight(linear).dtype)
             if pat.kind == "nm":
-                sparse = NMSparseWeight.from_dense(weight, n=pat.n, m=pat.m, quant=quant, group_size=group_size)
+                sparse = NMSparseWeight.from_dense(
+                    weight,
+                    n=pat.n,
+                    m=pat.m,
+                    quant=quant,
+                    group_size=group_size,
+                    symmetric=symmetric,
+                    act_block=act_block if quant else 0,
+                )
             else:
                 sparse = BlockSparseWeight.from_dense(weight, block=tuple(pat.block))
-        requires_grad = bool(linear.weight.requires_grad) and quant is None
         return cls(sparse, linear.bias, requires_grad=requires_grad, dense_fallback=dense_fallback)
 
     # -- views -------------------------------------------------------------------------------
@@ -159,7 +181,8 @@ class SparseLinear(nn.Module):
         shape = (self.out_features, self.in_features)
         if self.block is None:
             scales, zeros = self._parameters.get("scales"), self._buffers.get("zeros")
-            return NMSparseWeight(self.values, self.meta, self.n, self.m, shape, scales, zeros, self.group_size)
+            quant = (scales, zeros, self.group_size, self.act_block)
+            return NMSparseWeight(self.values, self.meta, self.n, self.m, shape, *quant)
         return BlockSparseWeight(self.crow_indices, self.col_indices, self.blocks, shape)
 
     @property
@@ -232,7 +255,7 @@ class SparseLinear(nn.Module):
                 args = (params["values"], buffers["meta"], self.n, self.m, params.get("bias"))
             else:
                 args = (buffers["values"], buffers["meta"], self.n, self.m, params.get("bias"), scales,
-                        buffers["zeros"], self.group_size)  # fmt: skip
+                        buffers["zeros"], self.group_size, self.act_block)  # fmt: skip
             return plan.linear(NM_LINEAR, x, args, plans)
         # The BSR op takes K from x (crow/col/blocks do not carry it): a narrower x whose block
         # columns happen to cover the stored ones would pass its checks and give a wrong answer.
@@ -243,6 +266,7 @@ class SparseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         q = "" if self.quant is None else f", quant={self.quant}, group_size={self.group_size}"
+        q += f", act_block={self.act_block}" if self.act_block else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"pattern={self.pattern}{q}"
@@ -301,7 +325,8 @@ class SparseLinear(nn.Module):
             scales, zeros = parts.get("scales"), parts.get("zeros")
             scales = None if scales is None else scales.detach().to(dev)
             zeros = None if zeros is None else zeros.to(dev)
-            return NMSparseWeight(values, parts["meta"].to(dev), self.n, self.m, shape, scales, zeros, self.group_size)
+            quant = (scales, zeros, self.group_size, self.act_block)
+            return NMSparseWeight(values, parts["meta"].to(dev), self.n, self.m, shape, *quant)
         blocks = parts["blocks"].detach()
         if blocks.dim() != 3 or tuple(blocks.shape[1:]) != tuple(self.block):
             raise ValueError(f"blocks: expected [nnz, {self.block[0]}, {self.block[1]}], got {tuple(blocks.shape)}")

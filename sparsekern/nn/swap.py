@@ -145,12 +145,16 @@ def find_linears(model: nn.Module) -> dict[str, nn.Module]:
     return {name: mod for name, mod in model.named_modules() if isinstance(mod, nn.Linear) or is_conv1d(mod)}
 
 
-def _fits(pat, k: int, out: int, dtype: torch.dtype, quant: str | None = None, group_size: int = 0) -> str | None:
+def _fits(
+    pat, k: int, out: int, dtype: torch.dtype, quant: str | None = None, group_size: int = 0, act_block: int = 0
+) -> str | None:
     """Why a layer cannot take ``pat`` (None if it can), quantized to ``quant`` if given."""
     if dtype not in SUPPORTED_DTYPES:
         return f"dtype {dtype} not supported"
     if quant is not None and pat.kind != "nm":
         return f"{quant} values are implemented for N:M patterns only"
+    if quant is not None and act_block and k % act_block:
+        return f"act_block {act_block} does not divide in_features {k}"
     if quant is not None and group_size and (k % group_size or group_size % pat.m):
         return f"group_size {group_size} does not divide in_features {k} in whole groups of m={pat.m}"
     if quant == "int4" and pat.kind == "nm" and (k // pat.m * pat.n) % 2:
@@ -182,6 +186,8 @@ def sparsify(
     dense_fallback: bool = True,
     quant: str | None = None,
     group_size: int = 0,
+    symmetric: bool = True,
+    act_block: int = 0,
 ) -> SparsifyReport:
     """Prune the linear layers of ``model`` in place and swap in :class:`SparseLinear`.
 
@@ -200,8 +206,12 @@ def sparsify(
       wins, keeping a dense copy of its weight (the report shows their bytes). ``False``: no dense
       copy, ever; the fastest sparse kernel runs every layer.
     - ``quant``: ``"int8"`` or ``"int4"``: after pruning, the kept weights of every N:M layer are
-      rounded to integers (round to nearest, symmetric) with one scale per ``group_size`` input
-      columns (0: one per output row); see :mod:`sparsekern.formats.quant`. Layers whose
+      rounded to integers with one scale per ``group_size`` input columns (0: one per output row)
+      and, unless ``symmetric``, a zero point; see :mod:`sparsekern.formats.quant`. With
+      ``method="sparsegpt"`` the rounding happens inside the OBS sweep (GPTQ-style: rounding
+      errors are compensated with the pruning errors); the other methods round to nearest.
+      ``act_block`` (e.g. 32, llama.cpp's Q8_0 block): the layers also round x to int8 per block of
+      that many columns, so they run integer dot products (faster; not W8A16 / W4A16 any more). Layers whose
       pattern is not N:M, or whose in_features ``group_size`` does not divide, are skipped and listed.
 
     Layers whose shape does not fit their pattern are skipped and listed in the report, as are
@@ -242,7 +252,7 @@ def sparsify(
         else:
             glob = next((g for g in parsed if fnmatch.fnmatchcase(name, g) or g == name), None)
             pat = parsed[glob] if glob is not None else default
-            why = None if pat is None else _fits(pat, k, out, dense_weight(mod).dtype, quant, group_size)
+            why = None if pat is None else _fits(pat, k, out, dense_weight(mod).dtype, quant, group_size, act_block)
             if pat is None:
                 row.note = f"override {glob!r}: skip"
             elif why:
@@ -267,7 +277,11 @@ def sparsify(
             after = _layer_bytes(mod)
             module = "Linear (masked)"
         else:
-            q = {"quant": quant, "group_size": group_size} if quant else {}
+            q = (
+                {"quant": quant, "group_size": group_size, "symmetric": symmetric, "act_block": act_block}
+                if quant
+                else {}
+            )
             out = SparseLinear.from_linear(mod, pat, method, dense_fallback=dense_fallback, **q, **kw)
             nnz = _nnz(out)
             after = out.nbytes()
@@ -306,7 +320,12 @@ def sparsify(
 
 
 def quantize(
-    model: nn.Module, quant: str, group_size: int = 0, symmetric: bool = True, skip: Iterable[str] | str | None = ()
+    model: nn.Module,
+    quant: str,
+    group_size: int = 0,
+    symmetric: bool = True,
+    skip: Iterable[str] | str | None = (),
+    act_block: int = 0,
 ) -> list[str]:
     """Quantize the kept weights of every floating N:M ``SparseLinear`` of ``model`` in place
     (round to nearest, see :meth:`NMSparseWeight.quantize`): the step after pruning, for a model
@@ -318,9 +337,10 @@ def quantize(
     for name, mod in list(model.named_modules()):
         if not isinstance(mod, SparseLinear) or mod.block is not None or mod.quant is not None:
             continue
-        if any(_matches(name, s) for s in skip) or (group_size and mod.in_features % group_size):
+        misfit = (group_size and mod.in_features % group_size) or (act_block and mod.in_features % act_block)
+        if any(_matches(name, s) for s in skip) or misfit:
             continue
-        w = mod.sparse_weight.quantize(quant, group_size, symmetric)
+        w = mod.sparse_weight.quantize(quant, group_size, symmetric, act_block)
         new = SparseLinear(w, mod.bias, dense_fallback=mod.dense_fallback)
         _set_submodule(model, name, new)
         done.append(name)

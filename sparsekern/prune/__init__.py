@@ -86,7 +86,45 @@ def prune_weight(
     return torch.where(mask, weight.detach(), torch.zeros((), dtype=weight.dtype, device=weight.device)), mask
 
 
+def prune_quantized(
+    weight: torch.Tensor,
+    pattern: str | Pattern,
+    method: str,
+    quant: str,
+    group_size: int = 0,
+    symmetric: bool = True,
+    *,
+    act_norm: torch.Tensor | None = None,
+    hessian: torch.Tensor | None = None,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+):
+    """Prune ``weight`` to an N:M ``pattern`` and quantize the kept weights: an
+    :class:`~sparsekern.formats.nm.NMSparseWeight` with int8 / int4 values. SparseGPT rounds inside
+    its sweep (pruning and rounding errors compensated together, see
+    :mod:`sparsekern.prune.sparsegpt`); the other methods prune, then round to nearest."""
+    from sparsekern.formats import quant as qfmt
+    from sparsekern.formats.nm import NMSparseWeight
+
+    pattern = _prepare(weight, pattern, method)
+    qfmt.check_quant(quant)
+    if pattern.kind != "nm":
+        raise ValueError(f"quant: int8/int4 values are implemented for N:M patterns, got {str(pattern)!r}")
+    if method != "sparsegpt":
+        pruned, _ = prune_weight(weight, pattern, method, act_norm=act_norm, hessian=hessian, percdamp=percdamp)
+        return NMSparseWeight.from_dense(pruned, pattern.n, pattern.m).quantize(quant, group_size, symmetric)
+    grid = (quant, group_size, symmetric)
+    pruned, _, scale, zero = sparsegpt_prune(
+        weight, pattern, hessian, blocksize=blocksize, percdamp=percdamp, quant=grid
+    )
+    sparse = NMSparseWeight.from_dense(pruned, pattern.n, pattern.m)
+    # The kept weights already lie on the grid: their integers are recovered exactly.
+    values, scales, zeros = qfmt.quantize(sparse.values, quant, scale.shape[1], symmetric, scale, zero)
+    return NMSparseWeight(values, sparse.meta, pattern.n, pattern.m, sparse.shape, scales, zeros, group_size)
+
+
 __all__ = [
+    "prune_quantized",
     "ActivationStats",
     "METHODS",
     "admm_prune",

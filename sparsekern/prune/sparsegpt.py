@@ -9,6 +9,13 @@ saliency ``w^2 / [H^-1]_jj^2``: per block of columns for unstructured sparsity, 
 start for N:M (the paper's semi-structured variant). Block patterns choose their blocks once up
 front (summed saliency, with the inverse of the full Hessian) and then reconstruct with that mask.
 All math is fp32; the result is cast back to the weight's dtype.
+
+With ``quant`` (N:M only) the kept weights are also rounded onto an int8 / int4 grid inside an
+OBS sweep, as GPTQ does: each kept weight is rounded as its column is visited and its rounding
+error is spread over the columns not yet visited. The grid comes from a first, unquantized
+SparseGPT pass (its mask is kept, and each group's scale / zero is set from its reconstructed
+weights): a grid set from the weights before pruning clips the larger values the pruning
+compensation moves them to (SmolLM2-sized layers: int8 per row lost more than plain rounding).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import contextlib
 
 import torch
 
+from sparsekern.formats import quant as qfmt
 from sparsekern.prune.patterns import Pattern, block_mask, tile_view
 
 
@@ -72,15 +80,39 @@ def _one_thread(device: torch.device):
         torch.set_num_threads(before)
 
 
-def _columns(w1, q1, err1, u1, d1, prune1, pattern: Pattern) -> None:
-    """The sequential OBS sweep over one block of columns (updates the block's tensors in place)."""
+class _Grid:
+    """Rounding onto one scale (and zero) per row and group of ``size`` columns, the scales set
+    from the weights ``w`` (the reconstructed ones of an unquantized pass)."""
+
+    def __init__(self, quant: str, group_size: int, symmetric: bool, dtype: torch.dtype, w: torch.Tensor) -> None:
+        rows, cols = w.shape
+        self.quant, self.size = quant, group_size or cols
+        runs = w.float().reshape(rows, cols // self.size, self.size)
+        self.scales, self.zeros = qfmt.scale_zero(runs, quant, symmetric, dtype)
+        self.start(0)
+
+    def start(self, g: int) -> None:
+        self.scale, self.zero = self.scales[:, g], self.zeros[:, g]
+
+    def round(self, col: torch.Tensor) -> torch.Tensor:
+        q = qfmt.to_integers(col.unsqueeze(-1), self.scale, self.zero, self.quant).squeeze(-1)
+        return (q - self.zero) * self.scale
+
+
+def _columns(w1, q1, err1, u1, d1, prune1, pattern: Pattern, grid: _Grid | None = None, c0: int = 0) -> None:
+    """The sequential OBS sweep over one block of columns (updates the block's tensors in place);
+    ``c0``: the block's first column in the weight. With a ``grid`` the mask is fixed (given in
+    ``prune1``) and kept weights are rounded onto it."""
     for i in range(w1.shape[1]):
-        if pattern.kind == "nm" and i % pattern.m == 0:
+        if grid is None and pattern.kind == "nm" and i % pattern.m == 0:
             sal = w1[:, i : i + pattern.m] ** 2 / d1[i : i + pattern.m].unsqueeze(0) ** 2
             lowest = torch.sort(sal, dim=1, stable=True).indices[:, : pattern.m - pattern.n]
             prune1.scatter_(1, i + lowest, True)
+        if grid is not None and (c0 + i) % grid.size == 0:
+            grid.start((c0 + i) // grid.size)
         col = w1[:, i]
-        q = torch.where(prune1[:, i], torch.zeros_like(col), col)
+        kept = col if grid is None else grid.round(col)
+        q = torch.where(prune1[:, i], torch.zeros_like(col), kept)
         q1[:, i] = q
         e = (col - q) / d1[i]
         w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
@@ -94,8 +126,11 @@ def sparsegpt_prune(
     *,
     blocksize: int = 128,
     percdamp: float = 0.01,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(pruned and reconstructed weight, keep mask)``; see the module docstring."""
+    quant: tuple[str, int, bool] | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """``(pruned and reconstructed weight, keep mask)``; see the module docstring. With ``quant``
+    = ``(quant, group_size, symmetric)`` (N:M only) the kept weights come out on the grid and
+    ``(weight, keep, scales, zeros)`` is returned, scales / zeros fp32 ``[rows, groups]``."""
     if not isinstance(blocksize, int) or blocksize < 1:
         raise ValueError(f"blocksize: expected a positive int, got {blocksize!r}")
     if not isinstance(percdamp, (int, float)) or not percdamp >= 0:
@@ -115,6 +150,16 @@ def sparsegpt_prune(
     if pattern.kind == "nm":
         # N:M groups must not straddle a block of columns.
         blocksize = -(-blocksize // pattern.m) * pattern.m
+    grid = None
+    if quant is not None:
+        if pattern.kind != "nm":
+            raise ValueError(f"quant: joint quantization is implemented for N:M patterns, got {pattern}")
+        qname, group_size, symmetric = quant
+        qfmt.groups_of(group_size, cols, pattern.m)
+        qfmt.check_quant(qname)
+        first, keep = sparsegpt_prune(weight, pattern, hessian, blocksize=blocksize, percdamp=percdamp)
+        grid = _Grid(qname, group_size, symmetric, weight.dtype, first)
+        fixed = ~keep
 
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -136,7 +181,7 @@ def sparsegpt_prune(
             prune1 = torch.zeros_like(w1, dtype=torch.bool)
 
         with _one_thread(w.device):
-            _columns(w1, q1, err1, u1, d1, prune1, pattern)
+            _columns(w1, q1, err1, u1, d1, prune1, pattern, grid, i1)
 
         w[:, i1:i2] = q1
         prune[:, i1:i2] = prune1
@@ -145,4 +190,6 @@ def sparsegpt_prune(
     keep = ~prune
     # Exact zeros where pruned (q is already 0 there; this also guards -0.0/NaN from dead inputs).
     w = torch.where(keep, w, torch.zeros_like(w))
+    if grid is not None:
+        return w.to(weight.dtype), keep, grid.scales, grid.zeros
     return w.to(weight.dtype), keep

@@ -1,0 +1,84 @@
+"""Quantized + sparse decode, one row, side by side: dense bf16, 2:4 bf16, 2:4 int8 / int4 with
+bf16 activations (W8A16 / W4A16) and with int8 activations (``act_block=32``).
+
+Every variant is timed interleaved in one run (min of rounds of ``--calls`` calls each, weights
+rotated through copies larger than the L3 so no call finds them cached), on the machine's
+threads. The roofline is the weight bytes as stored (values, meta, scales, zeros) over the
+bandwidth measured in the same run (``sparsekern.bench.roofline``: large copy or large read).
+
+    .venv/bin/python bench/bench_quant_decode.py [--shapes 11008x4096,4096x4096] [--rounds 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+import sparsekern as sk
+
+VARIANTS = (
+    ("2:4 bf16", None),
+    ("2:4 int8", ("int8", 0, True, 0)),
+    ("2:4 int8 g128", ("int8", 128, True, 0)),
+    ("2:4 int4 g128", ("int4", 128, True, 0)),
+    ("2:4 int8 +a8", ("int8", 0, True, 32)),
+    ("2:4 int4 g128 +a8", ("int4", 128, True, 32)),
+    ("2:4 int4 g128 zp +a8", ("int4", 128, False, 32)),
+)
+
+
+def bandwidth_gbs() -> float:
+    """The layer benchmark's roofline bandwidth: the better of a large copy and a large read."""
+    from sparsekern.bench.roofline import measure_roofline
+
+    return measure_roofline(torch.device("cpu"), torch.float32).bandwidth_gbs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="11008x4096,4096x4096")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--calls", type=int, default=20)
+    args = ap.parse_args()
+    bw = bandwidth_gbs()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, roofline bandwidth {bw:.1f} GB/s\n")
+    print("| shape | weights | ms | weight MB | GB/s | % roofline | x dense bf16 | x 2:4 bf16 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for shape in args.shapes.split(","):
+        out, k = (int(v) for v in shape.split("x"))
+        dense = torch.randn(out, k) * 0.02
+        w24 = sk.NMSparseWeight.from_dense(dense, 2, 4, prune=True)
+        cases = {"dense bf16": [dense.bfloat16() for _ in range(3)]}
+        for name, q in VARIANTS:
+            w = w24 if q is None else w24.quantize(*q)
+            cases[name] = [sk.SparseLinear(w.to(torch.bfloat16)) for _ in range(3)]
+        x = torch.randn(1, k).bfloat16()
+        best = {name: float("inf") for name in cases}
+        with torch.no_grad(), sk.use_backend("cpu"):
+            for ws in cases.values():  # warm up (plans, pools)
+                for w in ws:
+                    F.linear(x, w) if isinstance(w, torch.Tensor) else w(x)
+            for _ in range(args.rounds):
+                for name, ws in cases.items():
+                    t = time.perf_counter()
+                    for i in range(args.calls):
+                        w = ws[i % len(ws)]
+                        F.linear(x, w) if isinstance(w, torch.Tensor) else w(x)
+                    best[name] = min(best[name], (time.perf_counter() - t) / args.calls)
+        for name, ws in cases.items():
+            w = ws[0]
+            nbytes = w.numel() * 2 if isinstance(w, torch.Tensor) else w.sparse_weight.nbytes()
+            ms = best[name] * 1e3
+            gbs = nbytes / best[name] / 1e9
+            print(
+                f"| {shape} | {name} | {ms:.3f} | {nbytes / 1e6:.1f} | {gbs:.1f} | {100 * gbs / bw:.0f}% | "
+                f"{best['dense bf16'] / best[name]:.2f} | {best['2:4 bf16'] / best[name]:.2f} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
