@@ -27,6 +27,7 @@ import torch  # noqa: E402
 
 import sparsekern as sk  # noqa: E402
 from sparsekern.bench import smollm  # noqa: E402
+from sparsekern.bench.generate import sparsify_pattern  # noqa: E402
 from sparsekern.bench.timing import quantile  # noqa: E402
 
 PROMPT = "The three most useful things to know about sparse matrix multiplication are"
@@ -67,7 +68,7 @@ def variants(base: torch.nn.Module, dtypes: list[str], patterns: list[str]) -> d
     for pattern in patterns:
         pruned = copy.deepcopy(base)
         if pattern != "dense":
-            sk.sparsify(pruned, pattern, method="magnitude", progress=False)
+            sparsify_pattern(pruned, pattern)  # "2:4", or quantized: "2:4+int4g64a32"
         for dname in dtypes:
             models[(dname, pattern)] = copy.deepcopy(pruned).to(DTYPES[dname])
     return models

@@ -23,23 +23,35 @@
 
 namespace sparsekern {
 
+// Round to nearest even without a libm call (std::nearbyint is one per element at the baseline
+// ISA): adding and removing 1.5 * 2^23 leaves the rounded value for |v| < 2^22. NOTE: with
+// nearbyint the rounding of one 5632-column row cost ~0.1 ms, ~17 ms per TinyLlama token.
+inline float round_even(float v) {
+  constexpr float kMagic = 12582912.0f;  // IEEE arithmetic (no -ffast-math): the pair is not folded away
+  return (v + kMagic) - kMagic;
+}
+
 void nm_quantize_x_a8(const NMLinearArgs& a, int8_t* xq, int64_t ldq, float* sx, int64_t lds) {
   const int64_t block = a.act_block, blocks = a.k / block;
+  std::vector<float> xf(a.k);
   for (int64_t r = 0; r < a.rows; ++r) {
     int8_t* q = xq + r * ldq;
     float* s = sx + r * lds;
     std::fill(q + a.k, q + ldq, int8_t{0});
     std::fill(s + blocks, s + lds, 0.0f);
+    convert_rows_f32(static_cast<const char*>(a.x) + r * a.ldx * dtype_size(a.dtype), 1, a.k, a.k, a.dtype, xf.data(),
+                     a.k, 1);
     for (int64_t b = 0; b < blocks; ++b) {
+      const float* xb = xf.data() + b * block;
       float amax = 0.0f;
-      for (int64_t c = b * block; c < (b + 1) * block; ++c) amax = std::fmax(amax, std::fabs(load_f32(a.x, r * a.ldx + c, a.dtype)));
+      for (int64_t c = 0; c < block; ++c) amax = std::fmax(amax, std::fabs(xb[c]));
       // A non-finite row is recomputed densely by the op (redo_nonfinite_rows): any finite value here.
       const bool ok = std::isfinite(amax) && amax > 0.0f;
       const float scale = ok ? amax / 127.0f : 1.0f;
       s[b] = scale;
-      for (int64_t c = b * block; c < (b + 1) * block; ++c) {
-        const float v = ok ? std::nearbyint(load_f32(a.x, r * a.ldx + c, a.dtype) / scale) : 0.0f;
-        q[c] = static_cast<int8_t>(std::fmax(-127.0f, std::fmin(127.0f, v)));
+      for (int64_t c = 0; c < block; ++c) {
+        const float v = ok ? round_even(xb[c] / scale) : 0.0f;
+        q[b * block + c] = static_cast<int8_t>(std::fmax(-127.0f, std::fmin(127.0f, v)));
       }
     }
   }

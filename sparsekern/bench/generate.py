@@ -127,13 +127,24 @@ def measure_variant(model, batch: int, prompts, new_tokens: int, reps: int, seed
     return {"step_s": step, "ttft_s": ttft, "tokens_per_s": batch / step}
 
 
+def sparsify_pattern(model, pattern: str, method: str = "magnitude", **kw) -> None:
+    """``sk.sparsify`` with a benchmark pattern, e.g. ``"2:4"`` or ``"2:4+int4g128a32"`` (quantized
+    kept weights, see :func:`sparsekern.bench.layer.parse_quant`)."""
+    import sparsekern as sk
+    from sparsekern.bench.layer import parse_quant
+
+    base, plus, spec = pattern.partition("+")
+    if plus:
+        quant, group_size, symmetric, act_block = parse_quant(spec)
+        kw.update(quant=quant, group_size=group_size, symmetric=symmetric, act_block=act_block)
+    sk.sparsify(model, base, method, progress=False, **kw)
+
+
 def _variant(dense, pattern: str):
     if pattern == "dense":
         return dense
-    import sparsekern as sk
-
     model = copy.deepcopy(dense)
-    sk.sparsify(model, pattern, "magnitude", progress=False)
+    sparsify_pattern(model, pattern)
     return model
 
 

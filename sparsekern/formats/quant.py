@@ -80,16 +80,38 @@ def dequantize(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor |
     return w.reshape(rows, -1).to(scales.dtype)
 
 
-def scale_zero(w: torch.Tensor, quant: str, symmetric: bool, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def scale_zero(
+    w: torch.Tensor, quant: str, symmetric: bool, dtype: torch.dtype, shrink: tuple[float, ...] = (1.0,)
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest parameters of each run ``w [..., run]``: ``(scale, zero)`` as fp32, the
-    scale already rounded to ``dtype`` (what is stored). An all-zero run gets scale 1."""
-    lo_q, hi_q = _RANGE[quant]
+    scale already rounded to ``dtype`` (what is stored). An all-zero run gets scale 1.
+
+    ``shrink``: candidate fractions of the run's range; each run takes the one whose rounding
+    leaves the least squared error (clipping a few outliers can buy a finer step for the rest)."""
     w = w.float()
+    best = best_err = None
+    for p in shrink:
+        scale, zero = _range_params(w, quant, symmetric, dtype, p)
+        if len(shrink) == 1:
+            return scale, zero
+        q = to_integers(w, scale, zero, quant)
+        err = ((q - zero.unsqueeze(-1)) * scale.unsqueeze(-1) - w).square().sum(-1)
+        if best is None:
+            best, best_err = (scale, zero), err
+            continue
+        better = err < best_err
+        best = (torch.where(better, scale, best[0]), torch.where(better, zero, best[1]))
+        best_err = torch.minimum(err, best_err)
+    return best
+
+
+def _range_params(w, quant: str, symmetric: bool, dtype: torch.dtype, p: float):
+    lo_q, hi_q = _RANGE[quant]
     if symmetric:
-        scale = w.abs().amax(-1) / (127.0 if quant == "int8" else 7.0)
+        scale = p * w.abs().amax(-1) / (127.0 if quant == "int8" else 7.0)
         zero = torch.full_like(scale, 0 if quant == "int8" else INT4_ZERO)
     else:
-        lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
+        lo, hi = p * w.amin(-1).clamp(max=0), p * w.amax(-1).clamp(min=0)
         scale = (hi - lo) / (hi_q - lo_q)
         zero = (lo_q - lo / torch.where(scale > 0, scale, 1.0)).round().clamp(lo_q, hi_q)
     scale = torch.where(scale > 0, scale, 1.0).to(dtype).float()
