@@ -57,6 +57,9 @@ def register(subparsers) -> None:
         "smollm2, tinyllama (TinyLlama-1.1B shapes, random weights) or a directory (default: both; --quick: smollm2)",
     )
     p.add_argument("--batch", type=_csv(int), help="generate suite: batch sizes (default: 1,4,8; --quick: 1)")
+    p.add_argument("--peer", choices=("llama.cpp",),
+                   help="generate suite: also run the same models through llama.cpp (batch 1; needs the venv "
+                        "that bash bench/llamacpp_env.sh builds)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=main)
 
@@ -71,6 +74,15 @@ def main(args: argparse.Namespace) -> int:
         res = serve.run(args.model, compare=args.compare, clients=args.clients, duration=args.duration,
                         max_tokens=args.max_tokens, device=args.device or "cpu", out=out, server=args.server)  # fmt: skip
         return 0 if all(r["requests"] and not r["failed"] for m in res["models"] for r in m["rows"]) else 1
+    if args.peer:  # refuse before the roofline and the sparsekern runs, not after them
+        if not args.suite or "generate" not in args.suite:
+            raise SystemExit(f"sparsekern bench --peer {args.peer}: needs --suite generate")
+        from sparsekern.bench.llamacpp import LlamaCppMissing, find_python
+
+        try:
+            find_python()
+        except LlamaCppMissing as exc:
+            raise SystemExit(str(exc)) from None
     from sparsekern.bench.runner import run
 
     res = run(
@@ -87,6 +99,7 @@ def main(args: argparse.Namespace) -> int:
         patterns=args.patterns,
         backends=args.backends,
         batches=args.batch,
+        peer=args.peer,
         progress=not args.no_progress,
     )
     return 0 if res["rows"] or res["notes"] else 1

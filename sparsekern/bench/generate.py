@@ -113,11 +113,20 @@ def _timed(model, ids, new: int, reps: int) -> float:
     return statistics.median(times)
 
 
+def schedule(quick: bool) -> tuple[tuple[int, ...], int, int]:
+    """``(prompt lengths, new tokens, repetitions)`` of a run; the llama.cpp peer uses the same."""
+    return (PROMPTS[:1], 8, 1) if quick else (PROMPTS, 32, 3)
+
+
+def prompt_ids(vocab: int, batch: int, prompts, seed: int = 0) -> dict[int, torch.Tensor]:
+    """The seeded random prompts ``{length: [batch, length]}`` every engine is timed on."""
+    g = torch.Generator().manual_seed(seed)
+    return {p: torch.randint(1, vocab, (batch, p), generator=g) for p in prompts}
+
+
 def measure_variant(model, batch: int, prompts, new_tokens: int, reps: int, seed: int = 0) -> dict:
     """Decode and time-to-first-token timings of one model at one batch size (no roofline here)."""
-    g = torch.Generator().manual_seed(seed)
-    vocab = model.config.vocab_size
-    ids = {p: torch.randint(1, vocab, (batch, p), generator=g) for p in prompts}
+    ids = prompt_ids(model.config.vocab_size, batch, prompts, seed)
     for p in prompts:  # warm-up at every prefill shape: kernel plans and first-call costs stay out
         _generate(model, ids[p], 2)
     ttft = {p: _timed(model, ids[p], 1, reps) for p in prompts}
@@ -149,9 +158,7 @@ def _variant(dense, pattern: str):
 
 
 def _run(ctx: Context, name: str, patterns, batches, dtype: torch.dtype) -> list[dict]:
-    quick = ctx.quick
-    prompts = PROMPTS[:1] if quick else PROMPTS
-    new_tokens, reps = (8, 1) if quick else (32, 3)
+    prompts, new_tokens, reps = schedule(ctx.quick)
     try:
         dense = load_model(name, dtype)
     except (ModuleNotFoundError, ValueError, OSError) as exc:
@@ -180,6 +187,7 @@ def _run(ctx: Context, name: str, patterns, batches, dtype: torch.dtype) -> list
             rows.append(
                 {
                     "suite": "generate",
+                    "engine": "sparsekern",
                     "case": name,
                     "rows": batch,
                     "pattern": pattern,
@@ -209,14 +217,28 @@ def _run(ctx: Context, name: str, patterns, batches, dtype: torch.dtype) -> list
 
 
 def cases(
-    ctx: Context, models=None, patterns=None, batches=None, dtypes: tuple[torch.dtype, ...] | None = None
+    ctx: Context,
+    models=None,
+    patterns=None,
+    batches=None,
+    dtypes: tuple[torch.dtype, ...] | None = None,
+    peer: str | None = None,
 ) -> list[Case]:
+    """The suite's cases; ``peer="llama.cpp"`` adds the same models run by llama.cpp
+    (:mod:`sparsekern.bench.llamacpp`; ``LlamaCppMissing`` at once when its venv is absent)."""
     models = tuple(models or (MODELS[:1] if ctx.quick else MODELS))
     patterns = tuple(patterns or (("dense", "2:4") if ctx.quick else PATTERNS))
     if "dense" not in patterns:
         patterns = ("dense", *patterns)  # the speedups need it
     batches = tuple(batches or ((1,) if ctx.quick else BATCHES))
     dtypes = dtypes or ((ctx.dtype,) if ctx.quick else (torch.float32, torch.bfloat16))
+    if peer not in (None, "llama.cpp"):
+        raise ValueError(f"peer: expected None or 'llama.cpp', got {peer!r}")
+    peers = []
+    if peer:
+        from sparsekern.bench import llamacpp
+
+        peers = llamacpp.cases(ctx, models)
     return [
         Case(
             "generate",
@@ -225,7 +247,7 @@ def cases(
         )
         for m in models
         for d in dtypes
-    ]
+    ] + peers
 
 
 def print_rows(res: dict, console) -> None:
@@ -237,14 +259,18 @@ def print_rows(res: dict, console) -> None:
     bw = res["roofline"]["bandwidth_gbs"]
     t = Table(title=f"generate suite: greedy decode (read bandwidth measured {bw:.1f} GB/s)", header_style="bold")
     ttfts = sorted({k for r in rows for k in r if k.startswith("ttft_ms_")}, key=lambda k: int(k.rsplit("_", 1)[1]))
-    cols = ("model", "dtype", "pattern", "B", "ms/step", "tok/s", "x dense", *[f"TTFT{k[8:]} ms" for k in ttfts])
-    for c in (*cols, "MB/step", "GB/s", "%roof", "RSS MB"):
-        t.add_column(c, justify="left" if c in ("model", "dtype", "pattern") else "right")
+    ppl = ("ppl",) if any("ppl" in r for r in rows) else ()  # measured where weights are real (llama.cpp peer)
+    heads = ("model", "engine", "dtype", "pattern", "B", "ms/step", "tok/s", "x dense")
+    cols = (*heads, *[f"TTFT{k[8:]} ms" for k in ttfts])
+    for c in (*cols, "MB/step", "GB/s", "%roof", "RSS MB", *ppl):
+        t.add_column(c, justify="left" if c in ("model", "engine", "dtype", "pattern") else "right")
     for r in rows:
         t.add_row(
-            r["case"], r["dtype"].replace("bfloat", "bf").replace("float", "fp"), r["pattern"], str(r["rows"]), f"{r['decode_ms_per_step']:.1f}", f"{r['tokens_per_s']:.1f}",
-            f"{r['speedup']:.2f}x" if r.get("speedup") else "-", *[f"{r[k]:.0f}" for k in ttfts],
+            r["case"], r.get("engine", "sparsekern"), r["dtype"].replace("bfloat", "bf").replace("float", "fp"), r["pattern"], str(r["rows"]),
+            f"{r['decode_ms_per_step']:.1f}", f"{r['tokens_per_s']:.1f}", f"{r['speedup']:.2f}x" if r.get("speedup") else "-",
+            *[f"{r[k]:.0f}" if k in r else "-" for k in ttfts],
             f"{r['bytes_per_step'] / 2**20:.0f}", f"{r['gbs']:.1f}", f"{r['roof_pct']:.0f}%", f"{r['peak_rss_mb']:.0f}",
+            *([f"{r['ppl']:.2f}" if "ppl" in r else "-"] if ppl else []),
         )  # fmt: skip
     console.print(t)
 

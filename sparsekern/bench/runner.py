@@ -112,6 +112,7 @@ def run(
     patterns: Sequence[str] | None = None,
     backends: Sequence[str] | None = None,
     batches: Sequence[int] | None = None,
+    peer: str | None = None,
     progress: bool = True,
     show: bool = True,
     plots: bool = True,
@@ -127,7 +128,8 @@ def run(
 
     The ``generate`` suite (not part of ``all``: it loads real LLMs and takes long) reads
     ``model_path`` as ``smollm2``, ``tinyllama`` or a directory, ``batches`` as its batch sizes,
-    and runs fp32 and bf16 unless ``dtype`` is given.
+    and runs fp32 and bf16 unless ``dtype`` is given; ``peer="llama.cpp"`` adds the same models run
+    by llama.cpp (:mod:`sparsekern.bench.llamacpp`).
     """
     suites = [s for s in SUITES if s != "generate"] if "all" in suites else list(suites)
     for s in suites:
@@ -165,7 +167,7 @@ def run(
         todo += model.cases(ctx, path=None if model_path in generate.MODELS else model_path)
     if "generate" in suites:
         models = (model_path,) if model_path else None
-        todo += generate.cases(ctx, models=models, patterns=patterns, batches=batches, dtypes=dtypes)
+        todo += generate.cases(ctx, models=models, patterns=patterns, batches=batches, dtypes=dtypes, peer=peer)
     results: list[dict] = []
     with _progress(len(todo), progress and show) as bar:
         task = bar.add_task("", total=len(todo))
