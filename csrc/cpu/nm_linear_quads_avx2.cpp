@@ -219,26 +219,19 @@ SK_AVX2 void quads_rows(const NMLinearArgs& a, const float* xq, int64_t ldq, int
   int64_t s = 0;
   int ph = 0;  // s mod 5
   __m256 wa, wb;
+  auto fetch = [&](int64_t s) SK_AVX2 {  // a whole super-step's weights, prefetching ahead
+    const char* p = Q == 0 ? reinterpret_cast<const char*>(v + 16 * s) : reinterpret_cast<const char*>(vq + QB * s);
+    _mm_prefetch(p + kPrefetch, _MM_HINT_T0);
+    load(s, p, wa, wb);
+  };
   if constexpr (M == 4) {
     for (; 16 * s + 16 <= kept; ++s) {
-      if constexpr (Q == 0) {
-        _mm_prefetch(reinterpret_cast<const char*>(v + 16 * s) + kPrefetch, _MM_HINT_T0);
-        load(s, v + 16 * s, wa, wb);
-      } else {
-        _mm_prefetch(reinterpret_cast<const char*>(vq + QB * s) + kPrefetch, _MM_HINT_T0);
-        load(s, vq + QB * s, wa, wb);
-      }
+      fetch(s);
       step(wa, wb, _mm256_set1_epi32(mrow[s]), 0, s);
     }
   } else {
     for (; 16 * s + 16 <= kept && (16 * s) / 10 + 4 <= words; ++s) {
-      if constexpr (Q == 0) {
-        _mm_prefetch(reinterpret_cast<const char*>(v + 16 * s) + kPrefetch, _MM_HINT_T0);
-        load(s, v + 16 * s, wa, wb);
-      } else {
-        _mm_prefetch(reinterpret_cast<const char*>(vq + QB * s) + kPrefetch, _MM_HINT_T0);
-        load(s, vq + QB * s, wa, wb);
-      }
+      fetch(s);
       const __m128i w4 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(mrow + (16 * s) / 10));
       step(wa, wb, _mm256_broadcastsi128_si256(w4), ph, s);
       ph = ph == 4 ? 0 : ph + 1;

@@ -17,6 +17,7 @@ suite's prompt length and new-token count, n_threads = the cores this process ma
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -310,6 +311,7 @@ def _ggufs(py: Path, name: str, folder: Path) -> list[Path]:
     model = generate.load_model(name, torch.float32)  # the suite's own weights (seed 0 for tinyllama)
     f16 = write_gguf(model, folder / "model-F16.gguf", name=Path(name).name)
     del model
+    gc.collect()  # the fp32 model (4.4 GB at TinyLlama size) is not needed while llama.cpp runs
     paths = [f16]
     for q in QUANTS[1:]:
         paths.append(quantize(py, f16, folder / f"model-{q}.gguf", q, threads()))
