@@ -135,18 +135,22 @@ def test_weights_changed_after_first_call_are_seen():
     )
 
 
-@pytest.mark.parametrize("pattern", ["2:4", "block16x16:0.5", None, "mixed"])
+@pytest.mark.parametrize("pattern", ["2:4", "2:4+int4", "2:4+int8a32", "block16x16:0.5", None, "mixed", "mixed-quant"])
 def test_fuse_linears_stacks_output_rows(pattern):
     lins = [nn.Linear(64, out, bias=True) for out in (64, 32, 32)]
-    mods = [lin if pattern is None else SparseLinear.from_linear(lin, pattern.replace("mixed", "2:4")) for lin in lins]
+    quant = {"2:4+int4": dict(quant="int4", group_size=32), "2:4+int8a32": dict(quant="int8", act_block=32)}
+    base = "2:4" if pattern and pattern.startswith(("2:4", "mixed")) else pattern
+    mods = [lin if pattern is None else SparseLinear.from_linear(lin, base, **quant.get(pattern, {})) for lin in lins]
     if pattern == "mixed":
         mods[1] = lins[1]
+    if pattern == "mixed-quant":  # quantized rows stack only with the same quantization
+        mods[1] = SparseLinear.from_linear(lins[1], "2:4", quant="int8")
     fused = fuse_linears(mods)
     x = torch.randn(3, 64)
     with torch.no_grad():
         ref = torch.cat([m(x) for m in mods], -1)
         torch.testing.assert_close(fused(x), ref, rtol=1e-5, atol=1e-5)
-    want = {None: nn.Linear, "mixed": Concat}.get(pattern, SparseLinear)
+    want = {None: nn.Linear, "mixed": Concat, "mixed-quant": Concat}.get(pattern, SparseLinear)
     assert type(fused) is want
 
 

@@ -59,8 +59,12 @@ def _nm(mods: list[SparseLinear]) -> SparseLinear:
     values = torch.cat([m.values.detach() for m in mods])
     meta = torch.cat([m.meta for m in mods])
     shape = (values.shape[0], first.in_features)
-    weight = NMSparseWeight(values, meta, first.n, first.m, shape)
-    return SparseLinear(weight, _bias(mods, [m.out_features for m in mods], values))
+    quant = ()
+    if first.quant is not None:  # scales (and zeros) are per output row: stacked like the rows
+        zeros = None if first.zeros is None else torch.cat([m.zeros for m in mods])
+        quant = (torch.cat([m.scales.detach() for m in mods]), zeros, first.group_size, first.act_block)
+    weight = NMSparseWeight(values, meta, first.n, first.m, shape, *quant)
+    return SparseLinear(weight, _bias(mods, [m.out_features for m in mods], first.dtype_param()))
 
 
 def _bsr(mods: list[SparseLinear]) -> SparseLinear:
@@ -80,6 +84,8 @@ def _kind(m: nn.Module) -> tuple | None:
         return ("dense", m.in_features, m.weight.dtype, m.weight.device)
     if type(m) is SparseLinear:
         fmt = ("nm", m.n, m.m) if m.block is None else ("block", tuple(m.block))
+        if m.quant is not None:  # quantized rows stack only with the same quantization
+            fmt += (m.quant, m.group_size, m.act_block, m.zeros is None)
         return (*fmt, m.in_features, m.dtype, m.device)
     return None
 
