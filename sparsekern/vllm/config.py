@@ -53,6 +53,12 @@ class SparsekernConfig(QuantizationConfig):
         if config.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{where}.format_version: expected {FORMAT_VERSION}, got {config.get('format_version')!r}")
         layers, _ = check_config({"layers": config.get("layers")}, where)
+        quantized = sorted(name for name, info in layers.items() if info.get("quant") is not None)
+        if quantized:
+            raise ValueError(
+                f"{where}.layers[{quantized[0]!r}].quant: {layers[quantized[0]]['quant']!r} values are not served by "
+                f"the vLLM plugin yet ({len(quantized)} quantized layers); serve this folder with `sparsekern serve`"
+            )
         return cls(dict(layers))
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:

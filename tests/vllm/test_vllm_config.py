@@ -43,6 +43,11 @@ def test_reads_quantization_config_and_sparsekern_json(config):
             {"quant_method": "sparsekern", "format_version": 1, "layers": {"p": {**ENTRY, "m": "4"}}},
             r"layers\['p'\]\.m: expected a positive int, got '4'",
         ),
+        (
+            {"quant_method": "sparsekern", "format_version": 1,
+             "layers": {"p": {**ENTRY, "quant": "int4", "group_size": 32, "zeros": False}}},  # fmt: skip
+            r"layers\['p'\]\.quant: 'int4' values are not served by the vLLM plugin yet",
+        ),
     ],
 )
 def test_bad_config_is_refused_naming_the_key(config, words):
