@@ -58,18 +58,42 @@ def nm_gemv_configs(rows_bucket: int) -> list[triton.Config]:
 
 
 @triton.jit
+def _kept_values(v_rows, s_rows, z_rows, j, mask, group_kept, QBITS: tl.constexpr, HAS_ZEROS: tl.constexpr):
+    """Kept weights ``j`` of the rows at ``v_rows`` as fp32: floats as stored, or quantized
+    integers (int8; int4 two per byte, slot 2j low) as ``(q - zero) * scale`` of their group."""
+    if QBITS == 0:
+        return tl.load(v_rows[:, None] + j[None, :], mask=mask, other=0.0).to(tl.float32)
+    if QBITS == 8:
+        q = tl.load(v_rows[:, None] + j[None, :], mask=mask, other=0).to(tl.int32)
+    else:
+        b = tl.load(v_rows[:, None] + (j // 2)[None, :], mask=mask, other=0).to(tl.int32)
+        q = (b >> ((j % 2) * 4)[None, :]) & 15
+    g = (j // group_kept)[None, :]
+    scale = tl.load(s_rows[:, None] + g, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        zero = tl.load(z_rows[:, None] + g, mask=mask, other=0).to(tl.int32)
+    else:
+        zero = 8 if QBITS == 4 else 0
+    return (q - zero).to(tl.float32) * scale
+
+
+@triton.jit
 def _nm_gemv_kernel(
     x_ptr,  # (rows, K)
-    values_ptr,  # (out, K*N/M)
+    values_ptr,  # (out, K*N/M); int8 (out, kept) / uint8 (out, kept/2) when quantized
     meta_ptr,  # (out, words) int32
     bias_ptr,  # (out,) or unused
     y_ptr,  # (rows, out) dtype of x; fp32 (n_splits, rows, out) when PARTIAL
+    scales_ptr,  # (out, groups) when QBITS, else unused
+    zeros_ptr,  # (out, groups) int8 when HAS_ZEROS, else unused
     rows,
     out_features,
     kept,  # K*N/M
+    group_kept,  # kept weights per scale group (QBITS)
     stride_xr,
     stride_vr,
     stride_mr,
+    stride_sr,  # row stride of scales / zeros
     stride_ys,  # split stride of y (0 unless PARTIAL)
     n_splits,
     HAS_BIAS: tl.constexpr,
@@ -78,6 +102,8 @@ def _nm_gemv_kernel(
     M: tl.constexpr,
     BITS: tl.constexpr,
     PER_WORD: tl.constexpr,
+    QBITS: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_J: tl.constexpr,
@@ -97,17 +123,19 @@ def _nm_gemv_kernel(
     x_rows = x_ptr + offs_r.to(tl.int64) * stride_xr
     v_rows = values_ptr + offs_n.to(tl.int64) * stride_vr
     m_rows = meta_ptr + offs_n.to(tl.int64) * stride_mr
+    s_rows = scales_ptr + offs_n.to(tl.int64) * stride_sr
+    z_rows = zeros_ptr + offs_n.to(tl.int64) * stride_sr
     acc = tl.zeros((BLOCK_R, BLOCK_N), tl.float32)
     for jt in range(j_lo, j_hi):
         offs_j = jt * BLOCK_J + tl.arange(0, BLOCK_J)
         w_mask = n_mask[:, None] & (offs_j < kept)[None, :]
-        v = tl.load(v_rows[:, None] + offs_j[None, :], mask=w_mask, other=0.0)
+        v = _kept_values(v_rows, s_rows, z_rows, offs_j, w_mask, group_kept, QBITS, HAS_ZEROS)
         word = tl.load(m_rows[:, None] + (offs_j // PER_WORD)[None, :], mask=w_mask, other=0)
         idx = (word >> ((offs_j % PER_WORD) * BITS)[None, :]) & (M - 1)
         col = (offs_j // N * M)[None, :] + idx  # (BLOCK_N, BLOCK_J), < K wherever w_mask holds
         x_mask = r_mask[:, None, None] & w_mask[None, :, :]
         xg = tl.load(x_rows[:, None, None] + col[None, :, :], mask=x_mask, other=0.0)
-        acc += tl.sum(xg.to(tl.float32) * v.to(tl.float32)[None, :, :], axis=2)
+        acc += tl.sum(xg.to(tl.float32) * v[None, :, :], axis=2)
     store_tile(acc, y_ptr, bias_ptr, offs_r, r_mask, offs_n, n_mask, out_features, pid_s, stride_ys, HAS_BIAS, PARTIAL)
 
 
@@ -138,16 +166,20 @@ def nm_gemm_configs(rows_bucket: int, elem_bytes: int = 2) -> list[triton.Config
 @triton.jit
 def _nm_gemm_kernel(
     x_ptr,  # (rows, K)
-    values_ptr,  # (out, K*N/M)
+    values_ptr,  # (out, K*N/M); int8 (out, kept) / uint8 (out, kept/2) when quantized
     meta_ptr,  # (out, words) int32
     bias_ptr,  # (out,) or unused
     y_ptr,  # (rows, out) dtype of x; fp32 (n_splits, rows, out) when PARTIAL
+    scales_ptr,  # (out, groups) when QBITS, else unused
+    zeros_ptr,  # (out, groups) int8 when HAS_ZEROS, else unused
     rows,
     out_features,
     K,
+    group_kept,  # kept weights per scale group (QBITS)
     stride_xr,
     stride_vr,
     stride_mr,
+    stride_sr,  # row stride of scales / zeros
     stride_ys,  # split stride of y (0 unless PARTIAL)
     n_splits,
     HAS_BIAS: tl.constexpr,
@@ -156,6 +188,8 @@ def _nm_gemm_kernel(
     M: tl.constexpr,
     BITS: tl.constexpr,
     PER_WORD: tl.constexpr,
+    QBITS: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -180,6 +214,8 @@ def _nm_gemm_kernel(
     x_rows = x_ptr + offs_m.to(tl.int64) * stride_xr
     v_rows = values_ptr + offs_n.to(tl.int64) * stride_vr
     m_rows = meta_ptr + offs_n.to(tl.int64) * stride_mr
+    s_rows = scales_ptr + offs_n.to(tl.int64) * stride_sr
+    z_rows = zeros_ptr + offs_n.to(tl.int64) * stride_sr
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for kt in range(k_lo, k_hi):
         offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -191,10 +227,10 @@ def _nm_gemm_kernel(
         w = tl.zeros((BLOCK_N, G, M), x_ptr.dtype.element_ty)
         for s in tl.static_range(N):
             j = grp * N + s
-            v = tl.load(v_rows[:, None] + j[None, :], mask=w_mask, other=0.0)
+            v = _kept_values(v_rows, s_rows, z_rows, j, w_mask, group_kept, QBITS, HAS_ZEROS)
             word = tl.load(m_rows[:, None] + (j // PER_WORD)[None, :], mask=w_mask, other=0)
             idx = (word >> ((j % PER_WORD) * BITS)[None, :]) & (M - 1)
-            w += tl.where(idx[:, :, None] == offs_p[None, None, :], v[:, :, None], 0.0)
+            w += tl.where(idx[:, :, None] == offs_p[None, None, :], v.to(w.dtype)[:, :, None], 0.0)
         w = tl.reshape(w, (BLOCK_N, BLOCK_K))
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
     store_tile(acc, y_ptr, bias_ptr, offs_m, m_mask, offs_n, n_mask, out_features, pid_s, stride_ys, HAS_BIAS, PARTIAL)
@@ -216,14 +252,35 @@ def _tuner(kind: str, bucket: int, elem_bytes: int):
     return _tuned[key]
 
 
-def nm_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, n: int, m: int, bias=None, config=None):
+def nm_linear(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    meta: torch.Tensor,
+    n: int,
+    m: int,
+    bias=None,
+    scales=None,
+    zeros=None,
+    group_size: int = 0,
+    act_block: int = 0,
+    config=None,
+):
     """``x [rows, K] @ W.T + bias`` for arguments already checked by ``ops.check_nm_linear``.
 
+    Quantized values (``scales`` given) are dequantized in the kernels. ``act_block``: x is first
+    rounded as ``reference.quantize_x`` does and the kernel runs in fp32 (output in x's dtype).
     ``config`` pins one config of :func:`nm_gemv_configs` (rows <= GEMV_MAX_ROWS) or
     :func:`nm_gemm_configs` instead of autotuning (tests, benchmarks).
     """
+    if act_block:
+        from sparsekern.reference import quantize_x
+
+        fp32_bias = None if bias is None else bias.float()
+        y = nm_linear(quantize_x(x, act_block), values, meta, n, m, fp32_bias, scales, zeros, group_size, 0, config)
+        return y.to(x.dtype)
     rows, k = x.shape
-    out_features, kept = values.shape
+    qbits = 0 if scales is None else 4 if values.dtype == torch.uint8 else 8
+    out_features, kept = values.shape[0], values.shape[1] * (2 if qbits == 4 else 1)
     if x.stride(-1) != 1:
         x = x.contiguous()
     values, meta = values.contiguous(), meta.contiguous()
@@ -245,13 +302,18 @@ def nm_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, n: int,
     dst = torch.empty((n_splits, rows, out_features), dtype=torch.float32, device=x.device) if partial else y
     stride_ys = rows * out_features if partial else 0
     common = dict(HAS_BIAS=bias is not None, PARTIAL=partial, N=n, M=m, BITS=meta_bits(m), PER_WORD=meta_per_word(m))
-    bias_arg = bias if bias is not None else values
+    common.update(QBITS=qbits, HAS_ZEROS=zeros is not None)
+    bias_arg = bias if bias is not None else x
+    scales_arg = scales.contiguous() if scales is not None else x
+    zeros_arg = zeros.contiguous() if zeros is not None else x
+    group_kept = kept // scales.shape[1] if scales is not None else 1
+    stride_sr = scales_arg.stride(0) if scales is not None else 0
     if gemv:
         grid = lambda meta_: (triton.cdiv(out_features, meta_["BLOCK_N"]), n_splits)  # noqa: E731
         launcher = Fixed(_nm_gemv_kernel, config) if config is not None else _tuner("gemv", bucket, x.element_size())
         launcher[grid](
-            x, values, meta, bias_arg, dst, rows, out_features, kept,
-            x.stride(0), values.stride(0), meta.stride(0), stride_ys, n_splits,
+            x, values, meta, bias_arg, dst, scales_arg, zeros_arg, rows, out_features, kept, group_kept,
+            x.stride(0), values.stride(0), meta.stride(0), stride_sr, stride_ys, n_splits,
             BLOCK_R=bucket, **common,
         )  # fmt: skip
     else:
@@ -266,8 +328,8 @@ def nm_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, n: int,
             else _tuner("gemm", min(bucket, 4096), x.element_size())
         )
         launcher[grid](
-            x, values, meta, bias_arg, dst, rows, out_features, k,
-            x.stride(0), values.stride(0), meta.stride(0), stride_ys, n_splits,
+            x, values, meta, bias_arg, dst, scales_arg, zeros_arg, rows, out_features, k, group_kept,
+            x.stride(0), values.stride(0), meta.stride(0), stride_sr, stride_ys, n_splits,
             DOT_PRECISION=dot_precision(x.dtype), **common,
         )  # fmt: skip
     y = splitk_reduce(dst, bias, y) if partial else y

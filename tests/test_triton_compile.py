@@ -37,12 +37,14 @@ def _cases():
     from sparsekern.formats.nm import meta_bits, meta_per_word
     from sparsekern.kernels import _common, bsr_linear, nm_linear, nonfinite
 
-    def nm_consts(n, m, partial):
-        return dict(HAS_BIAS=not partial, PARTIAL=partial, N=n, M=m, BITS=meta_bits(m), PER_WORD=meta_per_word(m))
+    def nm_consts(n, m, partial, qbits=0, zeros=False):
+        return dict(HAS_BIAS=not partial, PARTIAL=partial, N=n, M=m, BITS=meta_bits(m), PER_WORD=meta_per_word(m),
+                    QBITS=qbits, HAS_ZEROS=zeros)  # fmt: skip
 
-    def nm_ptrs(dt, partial):
-        return dict(x_ptr=f"*{dt}", values_ptr=f"*{dt}", meta_ptr="*i32", bias_ptr=f"*{dt}",
-                    y_ptr="*fp32" if partial else f"*{dt}")  # fmt: skip
+    def nm_ptrs(dt, partial, qbits=0):
+        values = {0: f"*{dt}", 8: "*i8", 4: "*u8"}[qbits]
+        return dict(x_ptr=f"*{dt}", values_ptr=values, meta_ptr="*i32", bias_ptr=f"*{dt}",
+                    y_ptr="*fp32" if partial else f"*{dt}", scales_ptr=f"*{dt}", zeros_ptr="*i8")  # fmt: skip
 
     for bucket in (1, 4):  # decode: split-K partials, no tensor cores
         for cfg in nm_linear.nm_gemv_configs(bucket):
@@ -64,6 +66,14 @@ def _cases():
     for cfg in nm_linear.nm_gemm_configs(4096, elem_bytes=4):
         cx = {**nm_consts(2, 4, False), "DOT_PRECISION": "tf32x3", **cfg.kwargs}
         yield "nm_gemm 2:4 fp32 prefill", nm_linear._nm_gemm_kernel, nm_ptrs("fp32", False), cx, cfg, "mma", (90,)
+    # Quantized values (int8 per row; int4 per group with zero points): decode and prefill tiles.
+    for qbits, zeros in ((8, False), (4, True)):
+        cfg = nm_linear.nm_gemv_configs(1)[0]
+        cx = {**nm_consts(2, 4, True, qbits, zeros), "BLOCK_R": 1, **cfg.kwargs}
+        yield f"nm_gemv 2:4 int{qbits}", nm_linear._nm_gemv_kernel, nm_ptrs("bf16", True, qbits), cx, cfg, None, CCS
+        cx = {**nm_consts(2, 4, False, qbits, zeros), "DOT_PRECISION": "tf32", **big.kwargs}
+        label = f"nm_gemm 2:4 int{qbits} prefill"
+        yield label, nm_linear._nm_gemm_kernel, nm_ptrs("bf16", False, qbits), cx, big, "wgmma", (90,)
 
     def bsr_ptrs(dt, partial):
         return dict(x_ptr=f"*{dt}", crow_ptr="*i32", col_ptr="*i32", blocks_ptr=f"*{dt}", bias_ptr=f"*{dt}",

@@ -119,6 +119,37 @@ else:
     def test_nm_bf16():
         pytest.skip("bf16 is broken in the Triton interpreter here; tests/gpu covers bf16")
 
+    @pytest.mark.parametrize("act_block", (0, 32))
+    @pytest.mark.parametrize("rows", (1, 3, 9))  # gemv, gemv with 4-row tiles, gemm
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    @pytest.mark.parametrize(
+        "quant, group_size, symmetric", [("int8", 0, True), ("int4", 32, True), ("int4", 64, False)]
+    )
+    def test_nm_quantized(quant, group_size, symmetric, dtype, rows, act_block):
+        """int8 / int4 kept weights dequantized in the kernels, against the reference backend."""
+        k = 192
+        w = sk.NMSparseWeight.from_dense(torch.randn(40, k), n=2, m=4, prune=True)
+        wq = w.quantize(quant, group_size, symmetric, act_block=act_block).to(dtype)
+        x = torch.randn(rows, k).to(dtype)
+        b = torch.randn(40).to(dtype)
+        with sk.use_backend("triton"):
+            out = sk.ops.nm_linear(x, wq, b)
+        with sk.use_backend("reference"):
+            same = sk.ops.nm_linear(x, wq, b)
+        fp32 = sk.NMSparseWeight(wq.values, wq.meta, 2, 4, wq.shape, wq.scales.float(), wq.zeros, group_size, act_block)
+        ref32 = sk.ops.nm_linear(x.float(), fp32, b.float()) if not act_block else same.float()
+        if act_block:
+            from sparsekern.reference import quantize_x
+
+            dense32 = sk.NMSparseWeight(wq.values, wq.meta, 2, 4, wq.shape, wq.scales.float(), wq.zeros, group_size)
+            ref32 = F.linear(quantize_x(x, act_block), dense32.to_dense(), b.float())
+        mag = F.linear(
+            x.float().abs(), fp32.to_dense().abs() if not act_block else dense32.to_dense().abs(), b.float().abs()
+        )
+        assert_matches_reference(
+            out, ref32, same, f"nm_linear {quant} g{group_size} a{act_block} rows={rows} {dtype}", mag
+        )
+
     BLOCKS = [(8, 8), (16, 16), (32, 16), (16, 64), (48, 24), (64, 64), (128, 128)]
 
     def _bsr_case(rows, out, k, block, dtype, sparsity=0.6, bias=True):

@@ -42,9 +42,7 @@ def _device_reason(x) -> str | None:
     return None
 
 
-def _nm_supports(x, values, meta, n, m, bias=None, scales=None, *quant) -> str | None:
-    if scales is not None:
-        return "quantized (int8/int4) values: no Triton kernel yet"
+def _nm_supports(x, values, meta, n, m, bias=None, *quant) -> str | None:
     return _device_reason(x)
 
 
@@ -53,7 +51,8 @@ def _bsr_supports(x, crow, col, blocks, bias=None) -> str | None:
 
 
 def _nm_linear(x, values, meta, n, m, bias=None, *quant):
-    return importlib.import_module("sparsekern.kernels.nm_linear").nm_linear(x, values, meta, n, m, bias)
+    # quant: (scales, zeros, group_size, act_block) of quantized values, dequantized in the kernels
+    return importlib.import_module("sparsekern.kernels.nm_linear").nm_linear(x, values, meta, n, m, bias, *quant)
 
 
 def _bsr_linear(x, crow, col, blocks, bias=None):
