@@ -37,8 +37,25 @@ constexpr int64_t kTileRows = 1024;
 // Decompress tiles of W and run the dense GEMM on each: exact dense semantics (0 * inf = nan).
 void nm_linear_gemm(const NMLinearArgs& a, const at::Tensor& x, const std::optional<at::Tensor>& bias, at::Tensor& y) {
   const int64_t rows = x.size(0), k = x.size(1), out_features = a.out_features;
-  // Low-precision inputs: decompress to fp32 and run the fp32 GEMM. NOTE: at 512x4096x4096 on
-  // the AVX2 EPYC, torch's bf16 GEMM took 4.1 s against 0.7 s for fp32 (no native bf16 FMA).
+  // bf16 x on a CPU with AVX-512 bf16: bf16 tiles and torch's bf16 GEMM. NOTE: Zen 4 EPYC,
+  // 128 x 5632 x 2048: bf16 F.linear 8 ms against ~30 ms for decompress + fp32 GEMM.
+  if (x.scalar_type() == at::kBFloat16 && active_isa() >= Isa::kAvx512Bf16) {
+    at::Tensor tile = at::empty({std::min(kTileRows, out_features), k}, x.options());
+    for (int64_t o0 = 0; o0 < out_features; o0 += kTileRows) {
+      const int64_t nr = std::min(kTileRows, out_features - o0);
+      at::Tensor t = tile.narrow(0, 0, nr);
+      nm_decompress_rows(a, o0, nr, t.data_ptr(), k, DType::kBF16);
+      at::Tensor ys = y.narrow(1, o0, nr);
+      if (bias) {
+        at::addmm_out(ys, bias->narrow(0, o0, nr), x, t.t());
+      } else {
+        at::mm_out(ys, x, t.t());
+      }
+    }
+    return;
+  }
+  // Other low-precision inputs: decompress to fp32 and run the fp32 GEMM. NOTE: at 512x4096x4096
+  // on the AVX2 EPYC, torch's bf16 GEMM took 4.1 s against 0.7 s for fp32 (no native bf16 FMA).
   const at::Tensor x32 = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
   at::Tensor y32 = x.scalar_type() == at::kFloat ? y : at::empty({rows, std::min(kTileRows, out_features)}, x32.options());
   at::Tensor tile = at::empty({std::min(kTileRows, out_features), k}, x32.options());
