@@ -141,11 +141,10 @@ def sparsegpt_prune(
         raise ValueError(f"blocksize: expected a positive int, got {blocksize!r}")
     if not isinstance(percdamp, (int, float)) or not percdamp >= 0:
         raise ValueError(f"percdamp: expected a non-negative float, got {percdamp!r}")
-    rows, cols = weight.shape
+    cols = weight.shape[1]
     check_hessian(hessian, cols)
     w = weight.detach().float().clone()
     u = _inverse_cholesky(hessian, w, float(percdamp))
-    prune = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)  # True = pruned
 
     fixed = None
     if pattern.kind == "block":
@@ -156,17 +155,27 @@ def sparsegpt_prune(
     if pattern.kind == "nm":
         # N:M groups must not straddle a block of columns.
         blocksize = -(-blocksize // pattern.m) * pattern.m
-    grid = None
-    if quant is not None:
-        if pattern.kind != "nm":
-            raise ValueError(f"quant: joint quantization is implemented for N:M patterns, got {pattern}")
-        qname, group_size, symmetric = quant
-        qfmt.groups_of(group_size, cols, pattern.m)
-        qfmt.check_quant(qname)
-        first, keep = sparsegpt_prune(weight, pattern, hessian, blocksize=blocksize, percdamp=percdamp)
-        grid = _Grid(qname, group_size, symmetric, weight.dtype, first)
-        fixed = ~keep
+    if quant is None:
+        w, keep = _sweep(w, u, pattern, blocksize, fixed)
+        return w.to(weight.dtype), keep
+    if pattern.kind != "nm":
+        raise ValueError(f"quant: joint quantization is implemented for N:M patterns, got {pattern}")
+    qname, group_size, symmetric = quant
+    qfmt.groups_of(group_size, cols, pattern.m)
+    qfmt.check_quant(qname)
+    # The unquantized pass chooses the mask and the grid; the second sweep (same H^-1) rounds.
+    first, keep = _sweep(w.clone(), u, pattern, blocksize, None)
+    grid = _Grid(qname, group_size, symmetric, weight.dtype, first.to(weight.dtype))
+    w, keep = _sweep(w, u, pattern, blocksize, ~keep, grid)
+    return w.to(weight.dtype), keep, grid.scales, grid.zeros
 
+
+def _sweep(w, u, pattern: Pattern, blocksize: int, fixed, grid: _Grid | None = None):
+    """The OBS sweep over ``w`` (fp32, updated in place) in blocks of columns with lazy updates:
+    ``(weight with exact zeros where pruned, keep mask)``. ``fixed``: a given pruned mask (block
+    patterns, or the joint pass's second sweep), else chosen on the fly."""
+    rows, cols = w.shape
+    prune = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)  # True = pruned
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         w1 = w[:, i1:i2].clone()
@@ -195,7 +204,4 @@ def sparsegpt_prune(
 
     keep = ~prune
     # Exact zeros where pruned (q is already 0 there; this also guards -0.0/NaN from dead inputs).
-    w = torch.where(keep, w, torch.zeros_like(w))
-    if grid is not None:
-        return w.to(weight.dtype), keep, grid.scales, grid.zeros
-    return w.to(weight.dtype), keep
+    return torch.where(keep, w, torch.zeros_like(w)), keep
