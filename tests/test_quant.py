@@ -404,3 +404,12 @@ def test_int8_activations_survive_save_and_from_pretrained(tmp_path):
     assert hf.model.layers[1].mlp.down_proj.act_block == 32
     with torch.no_grad():
         assert torch.equal(hf(ids).logits, ref)
+
+
+def test_quantize_leaves_the_layers_sparsify_would_skip():
+    """sk.quantize skips what sparsify(..., quant=) skips, instead of stopping half-way."""
+    model = torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.Linear(12, 8), torch.nn.Linear(96, 8))
+    sk.sparsify(model, "1:4", skip=[], progress=False)
+    # layer 1: 12 columns at 1:4 keep 3 a row, an odd count: no int4 pairs (one scale per row)
+    assert sk.quantize(model, "int4") == ["0", "2"]
+    assert [layer.quant for layer in model] == ["int4", None, "int4"]

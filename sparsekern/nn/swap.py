@@ -329,15 +329,19 @@ def quantize(
 ) -> list[str]:
     """Quantize the kept weights of every floating N:M ``SparseLinear`` of ``model`` in place
     (round to nearest, see :meth:`NMSparseWeight.quantize`): the step after pruning, for a model
-    already sparsified (``sparsify(..., quant=)`` does both). Layers whose in_features
-    ``group_size`` does not divide are left as they are. Returns the names of the layers quantized."""
+    already sparsified (``sparsify(..., quant=)`` does both). Layers that cannot take it (what
+    ``sparsify`` would skip: a group size or act_block that does not divide in_features, int4 with
+    an odd kept count) are left as they are. Returns the names of the layers quantized."""
+    from sparsekern.prune import parse_pattern
+
     check_quant(quant)
     skip = [skip] if isinstance(skip, str) else list(skip or ())
     done = []
     for name, mod in list(model.named_modules()):
         if not isinstance(mod, SparseLinear) or mod.block is not None or mod.quant is not None:
             continue
-        misfit = (group_size and mod.in_features % group_size) or (act_block and mod.in_features % act_block)
+        pat = parse_pattern(mod.pattern)
+        misfit = _fits(pat, mod.in_features, mod.out_features, mod.dtype, quant, group_size, act_block)
         if any(_matches(name, s) for s in skip) or misfit:
             continue
         w = mod.sparse_weight.quantize(quant, group_size, symmetric, act_block)
