@@ -26,7 +26,13 @@ def nm_linear(x, values, meta, n: int, m: int, bias=None, scales=None, zeros=Non
         kept = values if scales is None else dequantize(values, scales, zeros)
         return F.linear(x, nm_to_dense(kept, meta, n, m), bias)
     w = nm_to_dense(dequantize(values, scales.float(), zeros), meta, n, m)  # fp32, as the kernels
-    return F.linear(quantize_x(x, act_block), w, None if bias is None else bias.float()).to(x.dtype)
+    return linear_a8(x, w, bias, act_block)
+
+
+def linear_a8(x, w32, bias, act_block: int):
+    """The int8-activation product: x rounded by :func:`quantize_x`, times the fp32 dense weight
+    ``w32``, plus bias, in fp32; the result in x's dtype."""
+    return F.linear(quantize_x(x, act_block), w32, None if bias is None else bias.float()).to(x.dtype)
 
 
 def quantize_x(x, block: int):

@@ -28,7 +28,7 @@ from sparsekern import dispatch, plan
 from sparsekern.formats.bsr import bsr_to_dense
 from sparsekern.formats.nm import nm_to_dense
 from sparsekern.formats.quant import dequantize
-from sparsekern.reference import quantize_x
+from sparsekern.reference import linear_a8
 
 # id(key tensor) -> (weakref to it, stamp of every tensor the dense copy came from, dense copy)
 _cache: dict[int, tuple[weakref.ref, tuple, torch.Tensor]] = {}
@@ -109,9 +109,8 @@ def bsr_weight(crow, col, blocks, k: int) -> torch.Tensor:
 
 
 def nm_linear(x, values, meta, n: int, m: int, bias=None, scales=None, zeros=None, group_size=0, act_block=0):
-    if act_block:  # int8 activations: the reference's rounding of x, then the fp32 weight
-        w = nm_weight(values, meta, n, m, scales, zeros, fp32=True)
-        return F.linear(quantize_x(x, act_block), w, None if bias is None else bias.float()).to(x.dtype)
+    if act_block:  # int8 activations: the reference's product, on the cached fp32 weight
+        return linear_a8(x, nm_weight(values, meta, n, m, scales, zeros, fp32=True), bias, act_block)
     return F.linear(x, nm_weight(values, meta, n, m, scales, zeros), bias)
 
 
