@@ -8,35 +8,6 @@
 
 namespace sparsekern {
 
-namespace {
-
-// Walks one row's packed indices in order (no index straddles a word).
-struct MetaReader {
-  const int32_t* row;
-  int64_t words, w = 0;
-  int bits, per, left;
-  uint32_t cur, mask;
-  MetaReader(const int32_t* r, int64_t nwords, int b)
-      : row(r), words(nwords), bits(b), per(32 / b), left(32 / b), mask((1u << b) - 1u) {
-    cur = words > 0 ? static_cast<uint32_t>(row[0]) : 0u;
-  }
-  int next() {
-    if (left == 0) {
-      ++w;
-      cur = w < words ? static_cast<uint32_t>(row[w]) : 0u;
-      left = per;
-    }
-    int idx = static_cast<int>(cur & mask);
-    cur >>= bits;
-    --left;
-    return idx;
-  }
-};
-
-int log2i(int m) { return m == 2 ? 1 : m == 4 ? 2 : m == 8 ? 3 : 4; }
-
-}  // namespace
-
 void convert_rows_f32(const void* x, int64_t rows, int64_t k, int64_t ldx, DType t, float* dst, int64_t ld_dst,
                       int threads) {
   parallel_range(rows, threads, grain_for(k), [&](int64_t r0, int64_t r1, int) {

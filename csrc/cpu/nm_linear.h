@@ -31,12 +31,31 @@ inline uint32_t nm_meta_chunk8(const int32_t* meta_row, int64_t words, int64_t w
   return static_cast<uint32_t>(lo >> (bits * r)) & (bits == 4 ? 0xffffffffu : (1u << (8 * bits)) - 1u);
 }
 
-// In-group index (0..m-1) of kept slot j of row o.
-inline int nm_meta_index(const NMLinearArgs& a, int64_t o, int64_t j) {
-  const int bits = a.m == 2 ? 1 : a.m == 4 ? 2 : a.m == 8 ? 3 : 4, per = 32 / bits;
-  const uint32_t word = static_cast<uint32_t>(a.meta[o * a.meta_words + j / per]);
-  return static_cast<int>((word >> (bits * (j % per))) & ((1u << bits) - 1u));
-}
+// Walks one row's packed indices in order (no index straddles a word).
+struct MetaReader {
+  const int32_t* row;
+  int64_t words, w = 0;
+  int bits, per, left;
+  uint32_t cur, mask;
+  MetaReader(const int32_t* r, int64_t nwords, int b)
+      : row(r), words(nwords), bits(b), per(32 / b), left(32 / b), mask((1u << b) - 1u) {
+    cur = words > 0 ? static_cast<uint32_t>(row[0]) : 0u;
+  }
+  int next() {
+    if (left == 0) {
+      ++w;
+      cur = w < words ? static_cast<uint32_t>(row[w]) : 0u;
+      left = per;
+    }
+    int idx = static_cast<int>(cur & mask);
+    cur >>= bits;
+    --left;
+    return idx;
+  }
+};
+
+// Bits per packed in-group index for group size m.
+inline int log2i(int m) { return m == 2 ? 1 : m == 4 ? 2 : m == 8 ? 3 : 4; }
 
 // x rows as int8 per block of a.act_block columns: xq [rows, ldq] (zero past K), scales sx
 // [rows, lds] (zero past the last block); max |x| / 127 per block, round to nearest even.

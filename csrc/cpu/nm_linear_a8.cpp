@@ -71,10 +71,11 @@ void nm_linear_decode_a8_portable(const NMLinearArgs& a) {
         const int8_t* q = xq.data() + r * ldq;
         const float* s = sx.data() + r * lds;
         float acc = 0.0f;
+        MetaReader meta(a.meta + o * a.meta_words, a.meta_words, log2i(a.m));
         int64_t j = 0;
         for (int64_t g = 0; g < groups; ++g) {
           for (int t = 0; t < a.n; ++t, ++j) {
-            const int64_t c = g * a.m + nm_meta_index(a, o, j);
+            const int64_t c = g * a.m + meta.next();
             acc += nm_weight(a, o, j) * (static_cast<float>(q[c]) * s[c / a.act_block]);
           }
         }
