@@ -155,10 +155,11 @@ class NMSparseWeight:
                     "scales/zeros/group_size/act_block: only quantized (int8 / uint8) values take them, "
                     f"got values of {self.values.dtype}"
                 )
-        if q.quant_of(self.values) is None and tuple(self.values.shape) != (out, kept):
-            raise ValueError(
-                f"values: expected shape {(out, kept)} for {self.shape} at {self.n}:{self.m}, got {tuple(self.values.shape)}"
-            )
+            if tuple(self.values.shape) != (out, kept):
+                raise ValueError(
+                    f"values: expected shape {(out, kept)} for {self.shape} at {self.n}:{self.m}, "
+                    f"got {tuple(self.values.shape)}"
+                )
         words = meta_words(kept, self.m)
         if self.meta.dtype != torch.int32:
             raise TypeError(f"meta: expected dtype torch.int32, got {self.meta.dtype}")

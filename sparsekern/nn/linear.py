@@ -167,7 +167,7 @@ class SparseLinear(nn.Module):
                     quant=quant,
                     group_size=group_size,
                     symmetric=symmetric,
-                    act_block=act_block if quant else 0,
+                    act_block=act_block,
                 )
             else:
                 sparse = BlockSparseWeight.from_dense(weight, block=tuple(pat.block))
