@@ -44,8 +44,11 @@ def test_reads_quantization_config_and_sparsekern_json(config):
             r"layers\['p'\]\.m: expected a positive int, got '4'",
         ),
         (
-            {"quant_method": "sparsekern", "format_version": 1,
-             "layers": {"p": {**ENTRY, "quant": "int4", "group_size": 32, "zeros": False}}},  # fmt: skip
+            {
+                "quant_method": "sparsekern",
+                "format_version": 1,
+                "layers": {"p": {**ENTRY, "quant": "int4", "group_size": 32, "zeros": False}},
+            },  # fmt: skip
             r"layers\['p'\]\.quant: 'int4' values are not served by the vLLM plugin yet",
         ),
     ],
