@@ -35,10 +35,11 @@ from sparsekern.nn._attn_patch import attention_with_scores, fallback_attention
 
 IMPL_NAME = "sparsekern_token_prune"
 SCORES = ("mean", "cls")
+MODALITIES = ("text", "image")
 
 
 def _supported():
-    """(base model class, layers of a base model, attention module of a layer) rows.
+    """(base model class, layers of a base model, attention module of a layer, modality) rows.
 
     Each listed model's layers call ``layer(hidden, attention_mask)`` and its attention module
     calls the HF attention interface with no extra bias; a model is added only once tested.
@@ -47,14 +48,14 @@ def _supported():
 
     encoder_layer, layers = (lambda m: m.encoder.layer), (lambda m: m.layers)
     return (
-        (t.BertModel, encoder_layer, lambda layer: layer.attention.self),
-        (t.RobertaModel, encoder_layer, lambda layer: layer.attention.self),
-        (t.DistilBertModel, lambda m: m.transformer.layer, lambda layer: layer.attention),
-        (t.ViTModel, layers, lambda layer: layer.attention),
-        (t.DeiTModel, layers, lambda layer: layer.attention),
-        (t.ViTMSNModel, layers, lambda layer: layer.attention),
-        (t.Dinov2Model, encoder_layer, lambda layer: layer.attention),
-        (t.Dinov2WithRegistersModel, encoder_layer, lambda layer: layer.attention),
+        (t.BertModel, encoder_layer, lambda layer: layer.attention.self, "text"),
+        (t.RobertaModel, encoder_layer, lambda layer: layer.attention.self, "text"),
+        (t.DistilBertModel, lambda m: m.transformer.layer, lambda layer: layer.attention, "text"),
+        (t.ViTModel, layers, lambda layer: layer.attention, "image"),
+        (t.DeiTModel, layers, lambda layer: layer.attention, "image"),
+        (t.ViTMSNModel, layers, lambda layer: layer.attention, "image"),
+        (t.Dinov2Model, encoder_layer, lambda layer: layer.attention, "image"),
+        (t.Dinov2WithRegistersModel, encoder_layer, lambda layer: layer.attention, "image"),
     )
 
 
@@ -70,17 +71,28 @@ def special_tokens(base: nn.Module) -> int:
     return n
 
 
-def _resolve(model):
+def _resolve(model, modality):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a transformers PreTrainedModel, got {type(model).__name__}")
     base = getattr(model, "base_model", model)
-    for cls, layers_of, attention_of in _supported():
+    for cls, layers_of, attention_of, kind in _supported():
         if isinstance(base, cls):
             if getattr(base.config, "is_decoder", False):
                 raise ValueError("model: token pruning needs an encoder; got a model with config.is_decoder=True")
+            if modality not in (None, kind):
+                raise ValueError(f"modality: {type(model).__name__} holds {kind} tokens; expected {kind!r} (or None), got {modality!r}")
             return base, layers_of(base), attention_of
     names = ", ".join(row[0].__name__ for row in _supported())
-    raise TypeError(f"model: expected one of {names} (or a model built on one), got {type(model).__name__}")
+    raise TypeError(
+        f"model: expected one of {names}, LlavaModel, LlavaNextModel (or a model built on one), got {type(model).__name__}"
+    )
+
+
+def _check_modality(modality) -> None:
+    if modality is not None and not isinstance(modality, str):
+        raise TypeError(f"modality: expected one of {MODALITIES} or None, got {type(modality).__name__}")
+    if modality is not None and modality not in MODALITIES:
+        raise ValueError(f"modality: expected one of {MODALITIES} or None, got {modality!r}")
 
 
 def _check_args(keep, layers, n_layers: int, score: str) -> tuple[float, tuple[int, ...]]:
@@ -163,9 +175,15 @@ def prune_tokens(
     *,
     score: str = "mean",
     keep_cls: bool = True,
+    modality: str | None = None,
 ) -> TokenPruningHandle:
     """Prune tokens inside an HF encoder (BERT, RoBERTa, DistilBERT, ViT, DeiT, ViT-MSN, DINOv2 and
-    models built on them).
+    models built on them), or the image tokens inside a LLaVA decoder.
+
+    ``modality``: ``"text"`` or ``"image"``, the tokens the model holds (checked), or None for the
+    model's own. LLaVA / LLaVA-NeXT (``modality="image"``, one layer index into the language
+    model's layers, ``score="mean"``): see ``token_pruning_vlm.py``; the rest of this docstring
+    is about encoders.
 
     After each layer index in ``layers`` (0-based; "after layer 2" = the output of
     ``encoder.layer[2]``), keep ``ceil(keep * n_valid)`` tokens per example, where ``n_valid``
@@ -184,7 +202,13 @@ def prune_tokens(
     only (the model must be in ``eval()`` mode). Modifies ``model`` in place until
     ``handle.remove()``.
     """
-    base, layer_list, attention_of = _resolve(model)
+    from sparsekern.nn import token_pruning_vlm  # imports this module: loaded on first use
+
+    _check_modality(modality)
+    vlm = token_pruning_vlm.vlm_base(model) if isinstance(model, nn.Module) else None
+    if vlm is not None:
+        return token_pruning_vlm.prune_vlm_tokens(model, vlm, keep, layers, modality, score)
+    base, layer_list, attention_of = _resolve(model, modality)
     keep, layers = _check_args(keep, layers, len(layer_list), score)
     if hasattr(base, "_sparsekern_token_pruning"):
         raise ValueError("model: token pruning is already applied; call .remove() on its handle first")
