@@ -58,6 +58,11 @@ def _nm_bucket(x, values, meta, n, m, bias=None, scales=None, zeros=None, group_
     return key
 
 
+def _nm_grouped_bucket(x, values, meta, offsets, n, m) -> str:
+    # Rows in all and the expert count: with E experts, T rows give about T / E rows per expert.
+    return f"r{row_bucket(x.shape[0])}|e{values.shape[0]}|w{values.shape[1]}x{x.shape[-1]}|{n}:{m}"
+
+
 def _bsr_bucket(x, crow, col, blocks, bias=None) -> str:
     nnz, bm, bk = blocks.shape
     block_rows, block_cols = crow.numel() - 1, x.shape[-1] // bk
@@ -76,6 +81,7 @@ def _attention_bucket(q, k, *rest) -> str:
 _BUCKETS: dict[str, Callable[..., str]] = {
     "nm_linear": _nm_bucket,
     "bsr_linear": _bsr_bucket,
+    "nm_grouped_linear": _nm_grouped_bucket,
     "token_scores": _attention_bucket,
     "pruned_attention": _attention_bucket,
 }

@@ -37,6 +37,11 @@ NM_SCHEMA = (
     " Tensor? zeros=None, int group_size=0, int act_block=0) -> Tensor"
 )
 lib.define("nm_linear" + NM_SCHEMA)
+# Mixture of experts: x [T, K] (rows sorted by expert) @ W_e.T for the rows offsets[e]:offsets[e+1]
+# of each expert e; values [E, out, K*n/m] and meta int32 [E, out, words] stack E float N:M weights,
+# offsets int64 [E+1] on the CPU (0 .. T, non-decreasing). No bias. Python side: sparsekern/ops_moe.py.
+NM_GROUPED_SCHEMA = "(Tensor x, Tensor values, Tensor meta, Tensor offsets, int n, int m) -> Tensor"
+lib.define("nm_grouped_linear" + NM_GROUPED_SCHEMA)
 # x @ W.T + bias for a BSR weight W (crow int32 [out/bm+1], col int32 [nnz], blocks [nnz, bm, bk]).
 lib.define("bsr_linear(Tensor x, Tensor crow, Tensor col, Tensor blocks, Tensor? bias=None) -> Tensor")
 # fp32 [B, H, Sk]: attention mass each key receives, averaged over queries (or CLS only).
@@ -49,6 +54,7 @@ lib.define(
 # themselves (csrc/cpu/op_checks.h, same words as the checks below): anyone can call them.
 lib.define("_nm_linear_cpu" + NM_SCHEMA)
 lib.define("_bsr_linear_cpu(Tensor x, Tensor crow, Tensor col, Tensor blocks, Tensor? bias=None) -> Tensor")
+lib.define("_nm_grouped_linear_cpu" + NM_GROUPED_SCHEMA)
 # pruned_attention plus the kept keys' attention mass (fp32 [B, H, kept], averaged over queries).
 lib.define(
     "pruned_attention_with_scores(Tensor q, Tensor k, Tensor v, Tensor keep_idx, bool causal=False, float? scale=None)"
@@ -385,3 +391,7 @@ def pruned_attention(
     if return_scores:
         return torch.ops.sparsekern.pruned_attention_with_scores(q, k, v, keep_idx, causal, scale)
     return torch.ops.sparsekern.pruned_attention(q, k, v, keep_idx, causal, scale)
+
+
+# The grouped (MoE) op's checks, fake, implementation and typed wrapper live in ops_moe.py.
+from sparsekern.ops_moe import nm_grouped_linear  # noqa: E402,F401

@@ -29,6 +29,17 @@ def nm_linear(x, values, meta, n: int, m: int, bias=None, scales=None, zeros=Non
     return linear_a8(x, w, bias, act_block)
 
 
+def nm_grouped_linear(x, values, meta, offsets, n: int, m: int):
+    """One N:M linear per expert: rows ``offsets[e]:offsets[e+1]`` of ``x [T, K]`` times
+    ``W_e.T``, ``W_e`` held as ``values[e]``/``meta[e]``; ``[T, out]`` in x's dtype."""
+    bounds = offsets.tolist()
+    parts = [x.new_empty((0, values.shape[1]))]
+    for e, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if hi > lo:
+            parts.append(F.linear(x[lo:hi], nm_to_dense(values[e], meta[e], n, m)))
+    return torch.cat(parts)
+
+
 def linear_a8(x, w32, bias, act_block: int):
     """The int8-activation product: x rounded by :func:`quantize_x`, times the fp32 dense weight
     ``w32``, plus bias, in fp32; the result in x's dtype."""

@@ -11,6 +11,7 @@
 
 #include "cpu/linear_op_util.h"
 #include "cpu/nm_linear.h"
+#include "cpu/nm_linear_op.h"
 #include "cpu/op_checks.h"
 #include "cpu/output.h"
 
@@ -34,7 +35,23 @@ constexpr int64_t kChunkedDecodeMaxRowsHalf = 64;
 // (a 16 MiB tile stays in the 32 MiB L3 for its GEMM; a 64 MiB weight is written and re-read).
 constexpr int64_t kTileRows = 1024;
 
-// Decompress tiles of W and run the dense GEMM on each: exact dense semantics (0 * inf = nan).
+}  // namespace
+
+int64_t nm_decode_max_rows(DType t) {
+  return t == DType::kF32 ? kChunkedDecodeMaxRowsF32 : kChunkedDecodeMaxRowsHalf;
+}
+
+void nm_linear_decode_passes(const NMLinearArgs& a) {
+  const int64_t es = dtype_size(a.dtype);
+  for (int64_t r0 = 0; r0 < a.rows; r0 += kDecodeMaxRows) {
+    NMLinearArgs c = a;
+    c.rows = std::min(kDecodeMaxRows, a.rows - r0);
+    c.x = static_cast<const char*>(a.x) + r0 * a.ldx * es;
+    c.out = static_cast<char*>(a.out) + r0 * a.ldo * es;
+    nm_linear_decode(c, active_isa());
+  }
+}
+
 void nm_linear_gemm(const NMLinearArgs& a, const at::Tensor& x, const std::optional<at::Tensor>& bias, at::Tensor& y) {
   const int64_t rows = x.size(0), k = x.size(1), out_features = a.out_features;
   // bf16 x on a CPU with AVX-512 bf16: bf16 tiles and torch's bf16 GEMM. NOTE: Zen 4 EPYC,
@@ -72,6 +89,8 @@ void nm_linear_gemm(const NMLinearArgs& a, const at::Tensor& x, const std::optio
     if (x.scalar_type() != at::kFloat) y.narrow(1, o0, nr).copy_(ys);
   }
 }
+
+namespace {
 
 at::Tensor nm_linear_cpu(const at::Tensor& x_in, const at::Tensor& values_in, const at::Tensor& meta_in, int64_t n,
                          int64_t m, const std::optional<at::Tensor>& bias_in,
@@ -111,7 +130,7 @@ at::Tensor nm_linear_cpu(const at::Tensor& x_in, const at::Tensor& values_in, co
     a.group_kept = k / m * n / a.groups;
     a.act_block = act_block;
   }
-  if (rows > (a.dtype == DType::kF32 ? kChunkedDecodeMaxRowsF32 : kChunkedDecodeMaxRowsHalf)) {
+  if (rows > nm_decode_max_rows(a.dtype)) {
     if (!a.act_block) {
       nm_linear_gemm(a, x, bias, y);
       return y;
@@ -130,13 +149,7 @@ at::Tensor nm_linear_cpu(const at::Tensor& x_in, const at::Tensor& values_in, co
     return y;
   }
   // Few rows: the decode kernel, 8 rows of x per pass over the weights.
-  for (int64_t r0 = 0; r0 < rows; r0 += kDecodeMaxRows) {
-    NMLinearArgs c = a;
-    c.rows = std::min(kDecodeMaxRows, rows - r0);
-    c.x = static_cast<const char*>(a.x) + r0 * k * x.element_size();
-    c.out = static_cast<char*>(a.out) + r0 * out_features * y.element_size();
-    nm_linear_decode(c, active_isa());
-  }
+  nm_linear_decode_passes(a);
   redo_nonfinite_rows(x, y, nonfinite_rows(x), [&](const at::Tensor& xb) {
     at::Tensor yb = at::empty({xb.size(0), out_features}, y.options());
     nm_linear_gemm(a, xb, bias, yb);  // uses a's weights only

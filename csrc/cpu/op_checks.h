@@ -133,6 +133,48 @@ inline void check_nm_linear_args(const at::Tensor& x, const at::Tensor& values, 
   check_linear_common(x, *scales, "scales", out, k, bias);
 }
 
+// sparsekern/ops_moe.py check_nm_grouped_linear and check_offsets_values: x [T, K] on the CPU,
+// values [E, out, K*n/m] of x's dtype (float only), meta int32 [E, out, words], offsets int64
+// [E+1] on the CPU from 0 to T, non-decreasing. Returns nothing; the op reads offsets itself.
+inline void check_nm_grouped_linear_args(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+                                         const at::Tensor& offsets, int64_t n, int64_t m) {
+  TORCH_CHECK_VALUE(m == 2 || m == 4 || m == 8 || m == 16, "m: expected one of (2, 4, 8, 16), got ", m);
+  TORCH_CHECK_VALUE(0 < n && n < m, "n: expected 0 < n < m=", m, ", got ", n);
+  TORCH_CHECK_VALUE(!values.defined() || (values.scalar_type() != at::kChar && values.scalar_type() != at::kByte),
+                    "values: nm_grouped_linear takes float values only (quantized experts are not supported yet), got ",
+                    py_dtype(values.scalar_type()));
+  check_float("values", values);
+  check_tensor("meta", meta, {at::kInt});
+  TORCH_CHECK_VALUE(values.dim() == 3 && values.size(2) % n == 0, "values: expected [experts, out, K*", n, "/", m,
+                    "], got shape ", py_shape(values.sizes()));
+  const int64_t e = values.size(0), out = values.size(1), kept = values.size(2);
+  int bits = 0;
+  while ((int64_t{1} << bits) < m) ++bits;
+  const int64_t per_word = 32 / bits, words = (kept + per_word - 1) / per_word;
+  TORCH_CHECK_VALUE(meta.dim() == 3 && meta.size(0) == e && meta.size(1) == out && meta.size(2) == words,
+                    "meta: expected shape ", py_shape({e, out, words}), ", got ", py_shape(meta.sizes()));
+  check_same_device("meta", meta, values, "values");
+  check_float("x", x);
+  TORCH_CHECK_VALUE(x.dim() == 2, "x: expected a 2-D [tokens, in_features] tensor, got shape ", py_shape(x.sizes()));
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "x: expected device cpu (a CPU kernel), got ", x.device());
+  check_same("values", values, x, "x");
+  TORCH_CHECK_VALUE(x.size(1) == kept / n * m, "x: expected last dimension ", kept / n * m,
+                    " (in_features), got shape ", py_shape(x.sizes()));
+  check_tensor("offsets", offsets, {at::kLong});
+  TORCH_CHECK_VALUE(offsets.device().is_cpu(), "offsets: expected device cpu (the host splits rows by expert), got ",
+                    offsets.device());
+  TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.size(0) == e + 1, "offsets: expected shape ", py_shape({e + 1}),
+                    " (experts + 1), got ", py_shape(offsets.sizes()));
+  const at::Tensor off_c = offsets.contiguous();
+  const int64_t* off = off_c.data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(off[0] == 0 && off[e] == x.size(0), "offsets: expected to start at 0 and end at the rows of x (",
+                    x.size(0), "), got ", off[0], "..", off[e]);
+  for (int64_t i = 0; i < e; ++i) {
+    TORCH_CHECK_VALUE(off[i + 1] >= off[i], "offsets: expected non-decreasing, got ", off[i], " then ", off[i + 1],
+                      " at expert ", i);
+  }
+}
+
 // The index structure of a BSR weight: crow starts at 0, never decreases, ends at nnz; every
 // col in 0..kb-1 and strictly increasing within a block row. The same checks, in the same order,
 // as sparsekern/formats/bsr.py check_bsr_indices, so both name the same first bad entry.

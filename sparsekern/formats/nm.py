@@ -296,3 +296,35 @@ class NMSparseWeight:
         qs = "" if self.scales is None else f", quant={self.quant}, group_size={self.group_size}"
         qs += f", act_block={self.act_block}" if self.act_block else ""
         return f"NMSparseWeight({self.pattern}, shape={self.shape}, dtype={self.dtype}{qs}, device={self.device})"
+
+
+def stack_nm(
+    weights: torch.Tensor | list[NMSparseWeight], n: int = 2, m: int = 4, prune: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values [E, out, kept], meta int32 [E, out, words])`` for ``nm_grouped_linear``: E expert
+    weights stacked, ``values[e]``/``meta[e]`` being expert e's :class:`NMSparseWeight` parts.
+
+    ``weights`` is a dense ``[E, out, K]`` tensor (each expert compressed with ``n``, ``m``,
+    ``prune`` as in :meth:`NMSparseWeight.from_dense`) or a list of float NMSparseWeight of one
+    pattern, shape, dtype and device (their own pattern is used; ``n``, ``m``, ``prune`` are ignored).
+    """
+    if isinstance(weights, torch.Tensor):
+        if weights.dim() != 3:
+            raise ValueError(f"weights: expected a 3-D [experts, out, in] tensor, got shape {tuple(weights.shape)}")
+        weights = [NMSparseWeight.from_dense(w, n=n, m=m, prune=prune) for w in weights]
+    if not isinstance(weights, (list, tuple)) or not weights:
+        raise TypeError(f"weights: expected a 3-D tensor or a non-empty list of NMSparseWeight, got {weights!r:.80}")
+    first = weights[0]
+    for i, w in enumerate(weights):
+        if not isinstance(w, NMSparseWeight):
+            raise TypeError(f"weights[{i}]: expected NMSparseWeight, got {type(w).__name__}")
+        if w.quant is not None:
+            raise ValueError(
+                f"weights[{i}]: expected float values, got {w.quant} (quantized experts: not supported yet)"
+            )
+        got, want = (w.pattern, w.shape, w.dtype, w.device), (first.pattern, first.shape, first.dtype, first.device)
+        if got != want:
+            raise ValueError(
+                f"weights[{i}]: expected (pattern, shape, dtype, device) {want} like weights[0], got {got}"
+            )
+    return torch.stack([w.values for w in weights]), torch.stack([w.meta for w in weights])

@@ -1,0 +1,25 @@
+// The N:M linear's two regimes on whole tensors (nm_linear_op.cpp), shared by the ops that run
+// N:M weights: _nm_linear_cpu and the grouped (MoE) op, which runs them per expert.
+#pragma once
+#ifdef SPARSEKERN_TORCH
+#include <ATen/ATen.h>
+
+#include <optional>
+
+#include "cpu/linear_common.h"
+
+namespace sparsekern {
+
+// Rows of x in type t up to which the decode passes beat decompress + GEMM.
+int64_t nm_decode_max_rows(DType t);
+
+// The decode kernel on a.rows rows (x row stride a.ldx, out row stride a.ldo), 8 rows per pass
+// over the weights. NaN/Inf in x are not given dense semantics here (the callers redo those rows).
+void nm_linear_decode_passes(const NMLinearArgs& a);
+
+// x [rows, a.k] @ W.T (+ bias) into y [rows, a.out_features] (contiguous): tiles of W decompressed,
+// dense GEMM on each, so NaN/Inf propagate as in the dense op. Reads only a's weights.
+void nm_linear_gemm(const NMLinearArgs& a, const at::Tensor& x, const std::optional<at::Tensor>& bias, at::Tensor& y);
+
+}  // namespace sparsekern
+#endif

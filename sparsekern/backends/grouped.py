@@ -1,0 +1,69 @@
+"""Every backend of ``nm_grouped_linear`` (the MoE op, :mod:`sparsekern.ops_moe`).
+
+- ``cpu``: the compiled kernel ``_nm_grouped_linear_cpu`` (csrc/cpu/nm_grouped_linear_op.cpp).
+- ``triton``: ``sparsekern.kernels.nm_grouped_linear``, off by default (``auto=False``) like the
+  other Triton kernels until it has passed on a real GPU.
+- ``dense``: the experts decompressed once (``[E, out, K]``, cached like the dense fallback of
+  ``nm_linear``, dropped when it loses a measurement), one GEMM per expert with rows.
+- ``reference``: decompress per call (:func:`sparsekern.reference.nm_grouped_linear`).
+
+Each handles NaN/Inf in x as the dense op does, itself: the op has no plan to do it for them.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from sparsekern import dispatch, reference
+from sparsekern.backends import dense
+from sparsekern.backends.cpu import supports_cpu
+from sparsekern.backends.triton import _device_reason
+from sparsekern.formats.nm import nm_to_dense
+from sparsekern.ops import new_output
+from sparsekern.ops_moe import OP
+
+
+def _cpu(x, values, meta, offsets, n, m):
+    return torch.ops.sparsekern._nm_grouped_linear_cpu(x, values, meta, offsets, n, m)
+
+
+def _triton_supports(x, *args) -> str | None:
+    return _device_reason(x)
+
+
+def _triton(x, values, meta, offsets, n, m):
+    kernels = importlib.import_module("sparsekern.kernels.nm_grouped_linear")
+    return kernels.nm_grouped_linear(x, values, meta, offsets, n, m)
+
+
+def dense_experts(values, meta, n: int, m: int) -> torch.Tensor:
+    """The dense ``[E, out, K]`` copy of stacked experts, from the cache while still current."""
+    e, out, kept = values.shape
+
+    def build():
+        flat = nm_to_dense(values.reshape(e * out, kept), meta.reshape(e * out, -1), n, m)
+        return flat.view(e, out, -1)
+
+    return dense._cached(values, dense.weight_stamp(values, meta, n, m), build)
+
+
+def _dense(x, values, meta, offsets, n, m):
+    w = dense_experts(values, meta, n, m)
+    out = new_output((x.shape[0], values.shape[1]), x)
+    bounds = offsets.tolist()
+    for e, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if hi > lo:
+            torch.mm(x[lo:hi], w[e].t(), out=out[lo:hi])
+    return out
+
+
+def _release_dense(x, values, *rest) -> None:
+    dense._drop(id(values))
+
+
+dispatch.register(OP, "cpu", _cpu, supports_cpu, nonfinite_exact=True)
+dispatch.register(OP, "triton", _triton, _triton_supports, auto=False, nonfinite_exact=True)
+dispatch.register(OP, "dense", _dense, release=_release_dense, nonfinite_exact=True)
+dispatch.register(OP, "reference", reference.nm_grouped_linear, nonfinite_exact=True)

@@ -1,0 +1,95 @@
+"""``torch.ops.sparsekern.nm_grouped_linear``: one N:M linear per expert, for mixture-of-experts layers.
+
+The schema is in :mod:`sparsekern.ops` (with every other); here are its argument checks, fake
+implementation, public implementation and typed wrapper. Backends register ``"nm_grouped_linear"``
+with :mod:`sparsekern.dispatch` (``cpu``, ``triton``, ``dense``, ``reference``); the op asks
+:func:`dispatch.select` per call: a plan (:mod:`sparsekern.plan`) is made per weight and row bucket,
+which does not fit an op whose rows are split over experts by a per-call ``offsets``.
+
+Contract: ``x [T, K]`` with rows already sorted by expert; ``values [E, out, K*n/m]`` and ``meta``
+int32 ``[E, out, words]`` are E float N:M weights stacked (:func:`sparsekern.formats.nm.stack_nm`);
+``offsets`` int64 ``[E+1]`` on the CPU: rows ``offsets[e]:offsets[e+1]`` belong to expert e,
+``offsets[0] == 0``, non-decreasing, ``offsets[E] == T``. ``out [T, out]`` in x's dtype, no bias.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sparsekern import dispatch
+from sparsekern.checks import check_same, check_tensor
+from sparsekern.formats.nm import SUPPORTED_DTYPES, check_nm, meta_words
+from sparsekern.ops import lib  # ops.py imports this module at its end, after lib exists
+
+OP = "nm_grouped_linear"
+
+
+def check_nm_grouped_linear(x, values, meta, offsets, n, m) -> None:
+    """Every check that reads no tensor data (the fake implementation runs these too)."""
+    check_nm(n, m)
+    if isinstance(values, torch.Tensor) and values.dtype in (torch.int8, torch.uint8):
+        raise ValueError(
+            f"values: nm_grouped_linear takes float values only (quantized experts are not supported yet), "
+            f"got {values.dtype}"
+        )
+    check_tensor("values", values)
+    check_tensor("meta", meta, (torch.int32,))
+    if values.dim() != 3 or values.shape[2] % n:
+        raise ValueError(f"values: expected [experts, out, K*{n}/{m}], got shape {tuple(values.shape)}")
+    e, out, kept = values.shape
+    words = meta_words(kept, m)
+    if tuple(meta.shape) != (e, out, words):
+        raise ValueError(f"meta: expected shape {(e, out, words)}, got {tuple(meta.shape)}")
+    if meta.device != values.device:
+        raise ValueError(f"meta: expected device {values.device} (that of values), got {meta.device}")
+    check_tensor("x", x, SUPPORTED_DTYPES)
+    if x.dim() != 2:
+        raise ValueError(f"x: expected a 2-D [tokens, in_features] tensor, got shape {tuple(x.shape)}")
+    check_same("values", values, x, "x")
+    k = kept // n * m
+    if x.shape[1] != k:
+        raise ValueError(f"x: expected last dimension {k} (in_features), got shape {tuple(x.shape)}")
+    check_tensor("offsets", offsets, (torch.int64,))
+    if offsets.device.type != "cpu":
+        raise ValueError(f"offsets: expected device cpu (the host splits rows by expert), got {offsets.device}")
+    if tuple(offsets.shape) != (e + 1,):
+        raise ValueError(f"offsets: expected shape {(e + 1,)} (experts + 1), got {tuple(offsets.shape)}")
+
+
+def check_offsets_values(offsets: torch.Tensor, tokens: int) -> list[int]:
+    """The expert boundaries as a list: 0 first, never decreasing, ``tokens`` last."""
+    bounds = offsets.tolist()
+    if bounds[0] != 0 or bounds[-1] != tokens:
+        raise ValueError(
+            f"offsets: expected to start at 0 and end at the rows of x ({tokens}), got {bounds[0]}..{bounds[-1]}"
+        )
+    for e in range(len(bounds) - 1):
+        if bounds[e + 1] < bounds[e]:
+            raise ValueError(f"offsets: expected non-decreasing, got {bounds[e]} then {bounds[e + 1]} at expert {e}")
+    return bounds
+
+
+@torch.library.register_fake("sparsekern::nm_grouped_linear")
+def _nm_grouped_linear_fake(x, values, meta, offsets, n, m):
+    check_nm_grouped_linear(x, values, meta, offsets, n, m)
+    return x.new_empty((x.shape[0], values.shape[1]))
+
+
+torch.library.register_fake("sparsekern::_nm_grouped_linear_cpu")(_nm_grouped_linear_fake)
+
+
+def _nm_grouped_linear_impl(x, values, meta, offsets, n, m):
+    check_nm_grouped_linear(x, values, meta, offsets, n, m)
+    check_offsets_values(offsets, x.shape[0])
+    return dispatch.select(OP, x, values, meta, offsets, n, m).fn(x, values, meta, offsets, n, m)
+
+
+lib.impl(OP, _nm_grouped_linear_impl, "CompositeExplicitAutograd")
+
+
+def nm_grouped_linear(
+    x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, offsets: torch.Tensor, n: int, m: int
+) -> torch.Tensor:
+    """``out[r] = x[r] @ W_e.T`` for every row r of expert e's range ``offsets[e]:offsets[e+1]``
+    (see the module docstring); ``values``/``meta`` from :func:`sparsekern.formats.nm.stack_nm`."""
+    return torch.ops.sparsekern.nm_grouped_linear(x, values, meta, offsets, n, m)
