@@ -1,15 +1,26 @@
-"""Mixture-of-experts weights that are not ``nn.Linear``: found so reports can count them.
+"""Mixture-of-experts weights: fused expert stacks, found, checked and swapped for ``SparseExperts``.
 
 transformers 5 stores a MoE layer's experts fused, as 3-D parameters ``[num_experts, out, in]``
 on one module (``MixtralExperts.gate_up_proj`` / ``down_proj``, ``Qwen2MoeExperts``, ...), and
-the router as a bare 2-D parameter (``MixtralTopKRouter.weight``). They are matrix weights like
-a linear layer's -- in Mixtral they hold ~90% of the parameters -- but no sparsekern kernel
-takes them, so ``sparsify`` must list them as not pruned and count them in its sparsity.
+the router as a bare 2-D parameter (``MixtralTopKRouter.weight``). In Mixtral the experts hold
+~90% of the parameters. Every such class is decorated with transformers'
+``use_experts_implementation``, which records its layout on the instance (``has_gate``,
+``is_transposed``, ``is_concatenated``, ``has_bias``, ``has_post_expert_norm``) and gives the one
+forward all of them share: ``up`` (or ``gate_up``) projection of the tokens routed to an expert,
+the gate, ``down`` projection, times the routing weight, summed over the top-k experts.
+
+:class:`SparseExperts` computes that forward with each expert's two weights N:M-sparse, running
+only the routed tokens through ``sparsekern.ops.nm_grouped_linear`` (one call per projection
+for all experts). Layouts it does not take (transposed or interleaved stacks, biases, a custom
+gate function, a post-expert norm) are reported by :func:`experts_layout` and left dense.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
+
+from sparsekern.formats.nm import NMSparseWeight
 
 _EXPERT_COUNT_ATTRS = ("num_experts", "num_local_experts")
 
@@ -22,25 +33,160 @@ def _num_experts(module: nn.Module) -> int | None:
     return None
 
 
-def expert_weights(model: nn.Module) -> list[tuple[str, nn.Parameter, str]]:
-    """``(name, parameter, reason not pruned)`` for every fused expert stack and router weight.
+def _is_stack(module: nn.Module) -> bool:
+    """A fused experts module: expert count and a 3-D ``down_proj`` parameter."""
+    p = getattr(module, "down_proj", None)
+    return (
+        _num_experts(module) is not None
+        and not isinstance(module, nn.Linear)
+        and isinstance(p, nn.Parameter)
+        and p.dim() == 3
+    )
+
+
+def up_name(module: nn.Module) -> str:
+    return "gate_up_proj" if getattr(module, "has_gate", True) else "up_proj"
+
+
+def experts_layout(module: nn.Module) -> str | None:
+    """Why ``SparseExperts`` cannot take this fused experts module (None: it can)."""
+    from transformers.integrations.moe import _default_apply_gate
+
+    kind = type(module).__name__
+    if not hasattr(module, "is_transposed"):
+        return f"{kind} is not a transformers experts class (no use_experts_implementation layout)"
+    for flag, want in (("is_transposed", False), ("is_concatenated", True), ("has_bias", False)):
+        if bool(getattr(module, flag)) != want:
+            return f"{kind} has {flag}={not want}: only [experts, out, in] stacks without biases are supported"
+    if getattr(module, "has_post_expert_norm", False):
+        return f"{kind} applies a post-expert norm: not supported"
+    if getattr(module, "has_gate", True) and getattr(type(module), "_apply_gate", None) is not _default_apply_gate:
+        return f"{kind} has its own gate function: not supported"
+    e = _num_experts(module)
+    up, down = getattr(module, up_name(module), None), getattr(module, "down_proj", None)
+    if not isinstance(up, torch.Tensor) or up.dim() != 3 or down.dim() != 3:
+        return f"{kind}: expected 3-D {up_name(module)} and down_proj parameters"
+    inter = down.shape[2]
+    want_up = (e, (2 if getattr(module, "has_gate", True) else 1) * inter, down.shape[1])
+    if tuple(up.shape) != want_up or down.shape[0] != e:
+        return f"{kind}: {up_name(module)} {list(up.shape)} and down_proj {list(down.shape)} do not match {e} experts"
+    return None
+
+
+def find_experts(model: nn.Module) -> dict[str, nn.Module]:
+    """Every fused experts module of ``model`` by qualified name (supported layout or not)."""
+    return {name: mod for name, mod in model.named_modules() if _is_stack(mod)}
+
+
+def expert_weights(
+    model: nn.Module, taken: set[str] = frozenset(), reasons: dict[str, str] | None = None
+) -> list[tuple[str, nn.Parameter, str]]:
+    """``(name, parameter, reason not pruned)`` for the expert stacks and router weights that stay dense.
 
     A module counts when it is not an ``nn.Linear`` and carries ``num_experts`` (or
     ``num_local_experts``); its 3-D parameters ``[num_experts, out, in]`` are expert stacks,
-    its 2-D ``[num_experts, hidden]`` ones routers. Biases are not weights and are left out.
+    its 2-D ``[num_experts, hidden]`` ones routers. Modules named in ``taken`` (being pruned) are
+    left out, as are biases. ``reasons``: why a stack module was not pruned, by module name
+    (default: its unsupported layout, see :func:`experts_layout`).
     """
+    reasons = reasons or {}
     out = []
     for mod_name, mod in model.named_modules():
         n = _num_experts(mod)
-        if n is None or isinstance(mod, nn.Linear):
+        if n is None or isinstance(mod, (nn.Linear, SparseExperts)) or mod_name in taken:
             continue
+        layout = reasons.get(mod_name) or (experts_layout(mod) if _is_stack(mod) else None)
         for pname, p in mod.named_parameters(recurse=False):
             if pname.endswith("bias") or p.dim() not in (2, 3) or p.shape[0] != n:
                 continue
             dims = list(p.shape)
             if p.dim() == 3:
-                why = f"fused expert weights {dims}: no sparse kernel for 3-D expert stacks yet"
+                why = f"fused expert weights {dims}: {layout or 'not pruned'}"
             else:
                 why = f"router weight {dims} of {type(mod).__name__}: not an nn.Linear, no sparse kernel"
             out.append((f"{mod_name}.{pname}" if mod_name else pname, p, why))
     return out
+
+
+def stack(weights: list[NMSparseWeight]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values [E, out, kept], meta [E, out, words])`` of one N:M weight per expert."""
+    return torch.stack([w.values for w in weights]), torch.stack([w.meta for w in weights])
+
+
+class SparseExperts(nn.Module):
+    """A fused experts module whose up (or gate-up) and down stacks are N:M-sparse.
+
+    Same call as the module it replaces: ``forward(hidden_states [T, H], top_k_index [T, k],
+    top_k_weights [T, k]) -> [T, H]``; expert ids ``>= num_experts`` (expert-parallel sentinels)
+    contribute nothing. Values are ``nn.Parameter`` (so ``.to(dtype)`` moves them), meta int32
+    buffers.
+    """
+
+    def __init__(self, up: list[NMSparseWeight], down: list[NMSparseWeight], act_fn: nn.Module, has_gate: bool):
+        super().__init__()
+        if not up or len(up) != len(down):
+            raise ValueError(f"up, down: expected one weight per expert in each, got {len(up)} and {len(down)}")
+        (n, m), shapes = (up[0].n, up[0].m), {(w.n, w.m) for w in up + down}
+        if shapes != {(n, m)} or any(w.quant is not None for w in up + down):
+            raise ValueError(f"up, down: expected float N:M weights of one pattern, got patterns {sorted(shapes)}")
+        self.num_experts, self.n, self.m, self.has_gate = len(up), n, m, has_gate
+        self.up_shape, self.down_shape = tuple(up[0].shape), tuple(down[0].shape)
+        inter = self.down_shape[1]
+        if self.up_shape != ((2 if has_gate else 1) * inter, self.down_shape[0]):
+            raise ValueError(f"up, down: shapes {self.up_shape} and {self.down_shape} do not chain")
+        uv, um = stack(up)
+        dv, dm = stack(down)
+        self.up_values = nn.Parameter(uv.detach(), requires_grad=False)
+        self.register_buffer("up_meta", um.detach())
+        self.down_values = nn.Parameter(dv.detach(), requires_grad=False)
+        self.register_buffer("down_meta", dm.detach())
+        self.act_fn = act_fn
+
+    @property
+    def pattern(self) -> str:
+        return f"{self.n}:{self.m}"
+
+    def extra_repr(self) -> str:
+        e, (up_out, hidden), inter = self.num_experts, self.up_shape, self.down_shape[1]
+        return f"experts={e}, hidden={hidden}, up_out={up_out}, intermediate={inter}, pattern={self.pattern}"
+
+    def nbytes(self, which: str | None = None) -> int:
+        """Bytes of one stack (``"up"`` / ``"down"``) or of both."""
+        parts = {"up": (self.up_values, self.up_meta), "down": (self.down_values, self.down_meta)}
+        tensors = [t for w, ts in parts.items() if which in (None, w) for t in ts]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def weights(self, which: str) -> list[NMSparseWeight]:
+        """One expert stack (``"up"`` or ``"down"``) as per-expert :class:`NMSparseWeight` views."""
+        values, meta = (self.up_values, self.up_meta) if which == "up" else (self.down_values, self.down_meta)
+        shape = self.up_shape if which == "up" else self.down_shape
+        return [NMSparseWeight(values[e], meta[e], self.n, self.m, shape) for e in range(self.num_experts)]
+
+    def dense(self, which: str) -> torch.Tensor:
+        """The ``[E, out, in]`` dense stack (pruned weights), e.g. to copy back into the fused module."""
+        return torch.stack([w.to_dense() for w in self.weights(which)])
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        from sparsekern.ops import nm_grouped_linear
+
+        t, k = top_k_index.shape
+        e = self.num_experts
+        ids = top_k_index.reshape(-1)
+        counts = torch.bincount(ids, minlength=e + 1)[:e]  # sentinels (>= e) counted past the end
+        # Stable sort by expert: each expert's rows are contiguous; sentinels sort last and drop.
+        order = torch.argsort(ids, stable=True)[: int(counts.sum())]
+        offsets = torch.zeros(e + 1, dtype=torch.int64)
+        offsets[1:] = counts.cumsum(0).cpu()
+        token = order // k
+        x = hidden_states[token]
+        h = nm_grouped_linear(x, self.up_values, self.up_meta, offsets, self.n, self.m)
+        if self.has_gate:
+            gate, up = h.chunk(2, dim=-1)
+            h = self.act_fn(gate) * up
+        else:
+            h = self.act_fn(h)
+        y = nm_grouped_linear(h, self.down_values, self.down_meta, offsets, self.n, self.m)
+        y = y * top_k_weights.reshape(-1)[order, None]
+        out = torch.zeros(t, y.shape[-1], dtype=y.dtype, device=y.device)
+        out.index_add_(0, token, y)
+        return out.to(hidden_states.dtype)

@@ -18,7 +18,7 @@ from torch import nn
 from sparsekern.formats.nm import SUPPORTED_DTYPES
 from sparsekern.formats.quant import check_quant
 from sparsekern.nn.linear import SparseLinear, dense_weight, is_conv1d, linear_features
-from sparsekern.nn.moe import expert_weights
+from sparsekern.nn.moe import SparseExperts, expert_weights, experts_layout, find_experts, up_name
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "admm")
 
@@ -29,12 +29,12 @@ class LayerReport:
     in_features: int
     out_features: int
     pattern: str | None  # None: skipped
-    module: str  # "SparseLinear", "Linear (masked)", or "skipped"
+    module: str  # "SparseLinear", "SparseExperts", "Linear (masked)", or "skipped"
     sparsity: float  # fraction of zero weights after pruning (0 for skipped layers)
     bytes_before: int
     bytes_after: int
     note: str = ""
-    experts: int = 1  # > 1: a fused MoE expert stack [experts, out, in], counted but never pruned
+    experts: int = 1  # > 1: a fused MoE expert stack [experts, out, in]
 
     @property
     def weights(self) -> int:
@@ -60,7 +60,12 @@ class SparsifyReport:
 
     @property
     def swapped(self) -> list[LayerReport]:
-        return [r for r in self.layers if r.module == "SparseLinear"]
+        return [r for r in self.layers if r.module in ("SparseLinear", "SparseExperts")]
+
+    @property
+    def experts(self) -> list[LayerReport]:
+        """The expert stacks swapped to ``SparseExperts`` (two rows per MoE layer: up, down)."""
+        return [r for r in self.layers if r.module == "SparseExperts"]
 
     @property
     def masked(self) -> list[LayerReport]:
@@ -114,7 +119,8 @@ class SparsifyReport:
         out += [line(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
         out.append(
             f"sparsify: method={self.method} pattern={self.pattern}: {len(self.swapped)} layers swapped to "
-            f"SparseLinear, {len(self.masked)} masked dense, {len(self.skipped)} skipped; sparsity "
+            f"SparseLinear{' / SparseExperts' if self.experts else ''}, {len(self.masked)} masked dense, "
+            f"{len(self.skipped)} skipped; sparsity "
             f"{self.sparsity:.1%} of all linear weights ({self.pruned_sparsity:.1%} of the pruned ones); "
             f"weights {_fmt_bytes(self.bytes_before)} -> {_fmt_bytes(self.bytes_after)} "
             f"(saved {_fmt_bytes(self.bytes_saved)}); dense copies held by the dense fallback now: "
@@ -247,29 +253,43 @@ def sparsify(
     for name, mod in find_linears(model).items():
         k, out = linear_features(mod)
         row = LayerReport(name, k, out, None, "skipped", 0.0, _layer_bytes(mod), _layer_bytes(mod))
-        if any(_matches(name, s) for s in skip):
-            row.note = "skipped by name"
-        else:
-            glob = next((g for g in parsed if fnmatch.fnmatchcase(name, g) or g == name), None)
-            pat = parsed[glob] if glob is not None else default
-            why = None if pat is None else _fits(pat, k, out, dense_weight(mod).dtype, quant, group_size, act_block)
-            if pat is None:
-                row.note = f"override {glob!r}: skip"
-            elif why:
+        pat, row.note = _pick(name, skip, parsed, default)
+        if not row.note:
+            why = _fits(pat, k, out, dense_weight(mod).dtype, quant, group_size, act_block)
+            if why:
                 row.note = f"{pat}: {why}"
             else:
                 plan[name] = (mod, pat)
         report.layers.append(row)
-    for name, p, why in expert_weights(model):  # listed and counted, never pruned
+    not_pruned: dict[str, str] = {}
+    for name, mod in find_experts(model).items():
+        pat, why = _pick(name, skip, parsed, default)
+        why = why or experts_layout(mod) or (pat and _fits_experts(pat, mod, quant))
+        if why:
+            not_pruned[name] = why  # listed below with the reason, as weights that stay dense
+            continue
+        plan[name] = (mod, pat)
+        for pname in (up_name(mod), "down_proj"):
+            p = getattr(mod, pname)
+            size = p.numel() * p.element_size()
+            report.layers.append(
+                LayerReport(
+                    f"{name}.{pname}", p.shape[2], p.shape[1], None, "skipped", 0.0, size, size, experts=p.shape[0]
+                )
+            )
+    for name, p, why in expert_weights(model, set(plan), not_pruned):  # listed and counted, not pruned
         e, out, k = p.shape if p.dim() == 3 else (1, *p.shape)
         size = p.numel() * p.element_size()
         report.layers.append(LayerReport(name, k, out, None, "skipped", 0.0, size, size, why, experts=e))
 
     # 2-3. calibration statistics, then prune and build every replacement before the swap.
     rows = {r.name: r for r in report.layers}
+    stacks = {n for n, (m, _) in plan.items() if not (isinstance(m, nn.Linear) or is_conv1d(m))}
 
     def build(name: str, mod: nn.Module, st=None) -> nn.Module:
         pat = plan[name][1]
+        if name in stacks:
+            return _build_experts(name, mod, pat, method, st, rows)
         kw = {} if st is None else {"act_norm": st.act_norm, "hessian": st.hessian}
         if pat.kind == "unstructured":
             out = _masked_dense(mod, pat, method, **kw)
@@ -349,6 +369,43 @@ def quantize(
         _set_submodule(model, name, new)
         done.append(name)
     return done
+
+
+def _pick(name: str, skip: list[str], parsed: dict, default) -> tuple[object, str]:
+    """``(pattern, "")`` for a layer to prune, or ``(None, why not)``."""
+    if any(_matches(name, s) for s in skip):
+        return None, "skipped by name"
+    glob = next((g for g in parsed if fnmatch.fnmatchcase(name, g) or g == name), None)
+    pat = parsed[glob] if glob is not None else default
+    return (None, f"override {glob!r}: skip") if pat is None else (pat, "")
+
+
+def _fits_experts(pat, mod: nn.Module, quant: str | None) -> str | None:
+    """Why a supported experts module cannot take ``pat`` (None if it can)."""
+    if pat.kind != "nm":
+        return f"{pat}: experts take N:M patterns only (no grouped {pat.kind} kernel)"
+    if quant is not None:
+        return f"{pat}: {quant} experts are not implemented (float N:M only)"
+    hidden, inter = mod.down_proj.shape[1], mod.down_proj.shape[2]
+    if hidden % pat.m or inter % pat.m:
+        return f"{pat}: hidden {hidden} and intermediate {inter} must be divisible by m={pat.m}"
+    if mod.down_proj.dtype not in SUPPORTED_DTYPES:
+        return f"{pat}: dtype {mod.down_proj.dtype} not supported"
+    return None
+
+
+def _build_experts(name: str, mod: nn.Module, pat, method: str, stats, rows: dict) -> SparseExperts:
+    from sparsekern.prune.experts import prune_experts
+
+    new, note = prune_experts(mod, pat, method, stats)
+    for which, pname in (("up", up_name(mod)), ("down", "down_proj")):
+        r = rows[f"{name}.{pname}"]
+        values = new.up_values if which == "up" else new.down_values
+        r.pattern, r.module, r.bytes_after, r.note = str(pat), "SparseExperts", new.nbytes(which), note
+        r.sparsity = 1.0 - int((values != 0).sum()) / (r.experts * r.in_features * r.out_features)
+    if method == "wanda":
+        rows[f"{name}.down_proj"].note = (note + "; " if note else "") + "MoE-Pruner: router-weighted Wanda scores"
+    return new
 
 
 def _sequential(model: nn.Module, wanted: bool | None) -> bool:

@@ -74,6 +74,30 @@ def in_features(module: nn.Module) -> int:
     raise TypeError(f"layers: expected nn.Linear or transformers' Conv1D modules, got {type(module).__name__}")
 
 
+def new_stats(module: nn.Module):
+    """Empty statistics for ``module``: :class:`ActivationStats` for a linear layer, per-expert
+    :class:`~sparsekern.prune.experts.ExpertStats` for a fused MoE experts module."""
+    from sparsekern.nn.moe import find_experts
+
+    if find_experts(module).get("") is module:
+        from sparsekern.prune.experts import ExpertStats
+
+        return ExpertStats(module)
+    return ActivationStats(in_features(module))
+
+
+def observe(stats, module: nn.Module, args: tuple, kwargs: dict, mask, need: tuple[str, ...]) -> None:
+    """Add one call of ``module`` (a forward pre-hook's ``args`` / ``kwargs``) to ``stats``;
+    ``mask`` is the batch's [B, S] padding mask or None."""
+    if not isinstance(stats, ActivationStats):
+        stats.observe(module, args, kwargs, mask, need)
+        return
+    x = args[0] if args else kwargs.get("input", kwargs.get("x"))
+    if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        x = x[mask.to(x.device)]
+    stats.update(x, need)
+
+
 def call_model(model: nn.Module, batch, device):
     def move(t):
         return t.to(device) if isinstance(t, torch.Tensor) and device is not None else t
@@ -105,7 +129,8 @@ def collect_stats(
 ) -> dict[str, ActivationStats]:
     """Run ``calibration`` through ``model`` and return each layer's input statistics.
 
-    ``layers`` maps names to ``nn.Linear`` / ``Conv1D`` modules inside ``model``. Each item of
+    ``layers`` maps names to ``nn.Linear`` / ``Conv1D`` modules (or fused MoE experts modules,
+    whose statistics are per expert: :class:`~sparsekern.prune.experts.ExpertStats`) inside ``model``. Each item of
     ``calibration`` is passed as the forward takes it: ``model(t)``, ``model(*t)`` or ``model(**d)``.
     Runs in eval mode under ``torch.no_grad()``; restores the mode and removes the hooks even if
     the forward raises. Memory: one ``[in, in]`` fp32 Hessian per layer when asked for, so for
@@ -121,8 +146,8 @@ def collect_stats(
     if not isinstance(layers, dict) or not layers:
         raise ValueError(f"layers: expected a non-empty dict of name -> module, got {type(layers).__name__}")
     inside = {id(m) for m in model.modules()}
+    stats = {name: new_stats(mod) for name, mod in layers.items()}  # TypeError: not a linear / experts
     for name, mod in layers.items():
-        in_features(mod)  # TypeError for anything that is not a linear layer
         if id(mod) not in inside:
             raise ValueError(f"layers[{name!r}]: this module is not part of model")
     if isinstance(calibration, (torch.Tensor, dict)):
@@ -131,16 +156,11 @@ def collect_stats(
             f"{type(calibration).__name__}; wrap it in a list"
         )
 
-    stats = {name: ActivationStats(in_features(mod)) for name, mod in layers.items()}
     current_mask: list[torch.Tensor | None] = [None]
 
     def make_hook(name: str):
         def hook(module, args, kwargs):
-            x = args[0] if args else kwargs.get("input", kwargs.get("x"))
-            mask = current_mask[0]
-            if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-                x = x[mask.to(x.device)]
-            stats[name].update(x, tuple(need))
+            observe(stats[name], module, args, kwargs, current_mask[0], tuple(need))
 
         return hook
 

@@ -27,7 +27,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sparsekern.prune.calibration import ActivationStats, call_model, collect_stats, in_features, is_conv1d, token_mask
+from sparsekern.prune.calibration import (
+    ActivationStats,
+    call_model,
+    collect_stats,
+    is_conv1d,
+    new_stats,
+    observe,
+    token_mask,
+)
 
 BLOCK_NAMES = ("layers", "h", "layer", "blocks")
 LOOKED_FOR = "one nn.ModuleList of identical blocks named *.layers, *.h, *.layer or *.blocks"
@@ -196,7 +204,8 @@ def _rss() -> int:
 
 def _stats_bytes(stats: dict[str, ActivationStats]) -> int:
     seen, total = set(), 0
-    for s in stats.values():
+    flat = [a for s in stats.values() for a in ([s] if isinstance(s, ActivationStats) else s.up + s.down)]
+    for s in flat:
         for t in (s.sq_sum, s.sum, s.hessian):
             if t is not None and t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
@@ -210,24 +219,22 @@ def _block_stats(block, layers, hidden, captured, need) -> dict[str, ActivationS
     Layers fed the very same tensor (q/k/v, gate/up) share one statistics object, so a Llama
     block holds 4 Hessians, not 7.
     """
-    stats = {name: ActivationStats(in_features(mod)) for name, mod in layers.items()}
+    stats = {name: new_stats(mod) for name, mod in layers.items()}
     owner: dict[str, str] = {}  # layer -> the layer whose statistics it shares
     mask: list = [None]
     seen: dict[int, tuple[torch.Tensor, str]] = {}
 
     def make_hook(name):
         def hook(module, args, kwargs):
-            x = args[0] if args else kwargs.get("input", kwargs.get("x"))
-            # The entry holds x, so its id cannot be reused by another tensor within this call.
-            first = seen.setdefault(id(x), (x, name))[1]
-            if first != name:
-                owner.setdefault(name, first)
-            if owner.get(name, name) != name:
-                return
-            m = mask[0]
-            if m is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(m.shape):
-                x = x[m.to(x.device)]
-            stats[name].update(x, need)
+            if isinstance(stats[name], ActivationStats):  # experts' statistics are their own
+                x = args[0] if args else kwargs.get("input", kwargs.get("x"))
+                # The entry holds x, so its id cannot be reused by another tensor within this call.
+                first = seen.setdefault(id(x), (x, name))[1]
+                if first != name:
+                    owner.setdefault(name, first)
+                if owner.get(name, name) != name:
+                    return
+            observe(stats[name], module, args, kwargs, mask[0], need)
 
         return hook
 
@@ -339,21 +346,28 @@ def _pruned_weights(layers: dict[str, nn.Module], new: dict[str, nn.Module]):
     The block then computes exactly what the pruned dense model would, and the compressed modules
     never run here (their first call plans and may time kernels: seconds per new shape).
     """
-    from sparsekern.nn.linear import dense_weight
-
-    saved = {}
+    saved = []
     try:
         for name, mod in layers.items():
             if new[name] is mod:
                 continue
-            w = dense_weight(mod)
-            saved[name] = w.detach().clone()
-            rep = new[name]
-            w.copy_(dense_weight(rep) if isinstance(rep, nn.Linear) or is_conv1d(rep) else rep.weight)
+            for w, pruned in _dense_pairs(mod, new[name]):
+                saved.append((w, w.detach().clone()))
+                w.copy_(pruned)
         yield
     finally:
-        for name, w in saved.items():
-            dense_weight(layers[name]).copy_(w)
+        for w, old in saved:
+            w.copy_(old)
+
+
+def _dense_pairs(mod: nn.Module, rep: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(weight of mod, its pruned value from rep)`` for each dense weight of a layer."""
+    from sparsekern.nn.linear import dense_weight
+    from sparsekern.nn.moe import SparseExperts, up_name
+
+    if isinstance(rep, SparseExperts):
+        return [(getattr(mod, up_name(mod)), rep.dense("up")), (mod.down_proj, rep.dense("down"))]
+    return [(dense_weight(mod), dense_weight(rep) if isinstance(rep, nn.Linear) or is_conv1d(rep) else rep.weight)]
 
 
 def _swap(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -1,0 +1,329 @@
+"""Mixture-of-experts models: N:M-sparse experts (SparseExperts), MoE-Pruner statistics, expert dropping.
+
+The ground truth for a pruned experts module is transformers' own experts forward run on the
+dense pruned weights (``SparseExperts.dense``, decompressed by the format, not by a kernel).
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import sparsekern as sk
+from sparsekern.nn.moe import SparseExperts, experts_layout
+from sparsekern.prune.experts import ExpertStats, drop_experts, prune_experts
+
+
+def mixtral(layers=2, experts=4, hidden=64, inter=128, dtype=torch.float32):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = MixtralConfig(
+        vocab_size=100, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=experts, num_experts_per_tok=2,
+    )  # fmt: skip
+    return MixtralForCausalLM(cfg).to(dtype).eval()
+
+
+def qwen2_moe(layers=2, experts=4):
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    cfg = Qwen2MoeConfig(
+        vocab_size=100, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        shared_expert_intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        num_experts=experts, num_experts_per_tok=2,
+    )  # fmt: skip
+    return Qwen2MoeForCausalLM(cfg).eval()
+
+
+MODELS = {"mixtral": mixtral, "qwen2_moe": qwen2_moe}
+
+
+def dense_twin(sparse_model, original):
+    """A copy of ``original`` holding the sparse model's pruned weights densely (format decompression)."""
+    twin = copy.deepcopy(original)
+    with torch.no_grad():
+        for name, mod in sparse_model.named_modules():
+            if isinstance(mod, SparseExperts):
+                dense = twin.get_submodule(name)
+                getattr(dense, "gate_up_proj" if mod.has_gate else "up_proj").copy_(mod.dense("up"))
+                dense.down_proj.copy_(mod.dense("down"))
+            elif isinstance(mod, sk.SparseLinear):
+                twin.get_submodule(name).weight.copy_(mod.weight)
+    return twin
+
+
+def routing(tokens, experts, k, generator):
+    """Distinct top-k experts per token and normalised weights (fp32, as the routers give them)."""
+    index = torch.stack([torch.randperm(experts, generator=generator)[:k] for _ in range(tokens)])
+    weights = torch.rand(tokens, k, generator=generator).softmax(-1)
+    return index, weights
+
+
+@pytest.mark.parametrize("family", MODELS)
+@pytest.mark.parametrize("tokens", [1, 2, 37])
+@pytest.mark.parametrize("pattern", ["2:4", "4:8"])
+def test_sparse_experts_matches_transformers_forward(family, tokens, pattern):
+    torch.manual_seed(tokens)
+    g = torch.Generator().manual_seed(tokens)
+    experts = MODELS[family]().model.layers[0].mlp.experts
+    sparse, note = prune_experts(experts, pattern)
+    assert note == "" and sparse.pattern == pattern
+    dense = copy.deepcopy(experts)
+    with torch.no_grad():
+        dense.gate_up_proj.copy_(sparse.dense("up"))
+        dense.down_proj.copy_(sparse.dense("down"))
+    assert (dense.gate_up_proj == 0).float().mean() == pytest.approx(1 - int(pattern[0]) / int(pattern[2]))
+    x = torch.randn(tokens, experts.gate_up_proj.shape[2], generator=g)
+    index, weights = routing(tokens, experts.num_experts, 2, g)
+    with torch.no_grad():
+        want = dense(x, index, weights)
+        got = sparse(x, index, weights)
+    assert got.shape == want.shape and got.dtype == x.dtype
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if tokens > 1:
+        # An expert-parallel sentinel (id == num_experts) adds nothing: the same as weight 0 there.
+        # (transformers' own forward reads past the stack for it unless expert-parallel is set up.)
+        sentinel, zeroed = index.clone(), weights.clone()
+        sentinel[0, 0], zeroed[0, 0] = experts.num_experts, 0.0
+        with torch.no_grad():
+            torch.testing.assert_close(sparse(x, sentinel, weights), dense(x, index, zeroed), rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_experts_bf16():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    experts = mixtral(dtype=torch.bfloat16).model.layers[0].mlp.experts
+    sparse, _ = prune_experts(experts, "2:4")
+    assert sparse.up_values.dtype == torch.bfloat16
+    x = torch.randn(5, 64, generator=g).bfloat16()
+    index, weights = routing(5, 4, 2, g)
+    with torch.no_grad():
+        got = sparse(x, index, weights).float()
+        # fp32 ground truth on the same bf16 weights and input.
+        up, down = sparse.dense("up").float(), sparse.dense("down").float()
+        want = torch.zeros(5, 64)
+        for t in range(5):
+            for j in range(2):
+                e = int(index[t, j])
+                gate, u = (x[t].float() @ up[e].T).chunk(2)
+                want[t] += weights[t, j] * (down[e] @ (nn.functional.silu(gate) * u))
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("family", MODELS)
+def test_sparsify_swaps_experts_and_matches_dense_pruned_model(family):
+    torch.manual_seed(0)
+    model = MODELS[family]()
+    original = copy.deepcopy(model)
+    ids = torch.randint(0, 100, (2, 9))
+    report = sk.sparsify(model, "2:4", progress=False)
+    assert isinstance(model.model.layers[1].mlp.experts, SparseExperts)
+    rows = {r.name: r for r in report.experts}
+    assert set(rows) == {f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("gate_up_proj", "down_proj")}
+    for r in rows.values():
+        assert r.sparsity == pytest.approx(0.5) and r.bytes_after < 0.6 * r.bytes_before
+    assert "SparseLinear / SparseExperts" in str(report)
+    twin = dense_twin(model, original)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, twin(ids).logits, rtol=1e-4, atol=1e-4)
+    out = model.generate(ids[:1], max_new_tokens=6, do_sample=False)
+    assert torch.equal(out, twin.generate(ids[:1], max_new_tokens=6, do_sample=False))
+
+
+def test_expert_stats_are_router_weighted_and_skip_padding():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    experts = mixtral().model.layers[0].mlp.experts
+    x = torch.randn(6, 64, generator=g)
+    index, weights = routing(6, 4, 2, g)
+    mask = torch.tensor([[True, True, True, False, True, True]])  # token 3 is padding
+    stats = ExpertStats(experts)
+    stats.observe(experts, (x, index, weights), {}, mask, ("norm", "hessian"))
+    for e in range(4):
+        rows = [(t, j) for t in range(6) for j in range(2) if index[t, j] == e and t != 3]
+        assert int(stats.counts[e]) == len(rows)
+        if not rows:
+            continue
+        xs = torch.stack([x[t] * weights[t, j] for t, j in rows])
+        torch.testing.assert_close(stats.up[e].act_norm, xs.norm(dim=0))
+        torch.testing.assert_close(stats.up[e].hessian, xs.T @ xs)
+        gate, up = (torch.stack([x[t] for t, _ in rows]) @ experts.gate_up_proj[e].detach().T).chunk(2, -1)
+        hs = nn.functional.silu(gate) * up * torch.stack([weights[t, j] for t, j in rows])[:, None]
+        torch.testing.assert_close(stats.down[e].act_norm, hs.norm(dim=0), rtol=1e-5, atol=1e-5)
+
+
+def _logit_error(model, original, ids):
+    with torch.no_grad():
+        return (model(ids).logits - original(ids).logits).pow(2).mean().item()
+
+
+def test_calibrated_expert_pruning_sequential():
+    torch.manual_seed(0)
+    base = mixtral(layers=2, hidden=128, inter=256)
+    calib = [torch.randint(0, 100, (2, 64)) for _ in range(2)]
+    errors = {}
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        model = copy.deepcopy(base)
+        report = sk.sparsify(
+            model, "2:4", method=method, calibration=calib, skip=("lm_head", "self_attn"), progress=False
+        )
+        assert len(report.experts) == 4 and all(r.sparsity == pytest.approx(0.5) for r in report.experts)
+        if method != "magnitude":
+            assert report.calibration is not None  # block by block
+        errors[method] = _logit_error(model, base, calib[0])
+    # On the tokens they were fitted to (what the methods minimise; random weights and ~64 tokens
+    # per expert leave held-out text to chance): SparseGPT's compensation is far closer to dense.
+    assert errors["sparsegpt"] < 0.5 * errors["magnitude"], errors
+    assert errors["wanda"] < errors["magnitude"], errors
+
+
+def test_unrouted_expert_is_pruned_by_magnitude_and_reported():
+    torch.manual_seed(0)
+    model = mixtral(layers=1)
+    magnitude_up = prune_experts(model.model.layers[0].mlp.experts, "2:4")[0].up_values[3].clone()
+
+    def never_three(module, args, out):  # the router never picks expert 3
+        logits, scores, index = out
+        other = index.flip(-1)
+        spare = torch.where(other == 0, 1, 0)
+        return logits, scores, torch.where(index == 3, spare, index)
+
+    model.model.layers[0].mlp.gate.register_forward_hook(never_three)
+    calib = [torch.randint(0, 100, (1, 16))]
+    report = sk.sparsify(model, "2:4", method="wanda", calibration=calib, skip=("lm_head", "self_attn"), progress=False)
+    note = {r.name: r.note for r in report.experts}["model.layers.0.mlp.experts.gate_up_proj"]
+    assert note == "wanda: experts [3] got no calibration tokens, pruned by magnitude"
+    assert torch.equal(model.model.layers[0].mlp.experts.up_values[3], magnitude_up)
+    with torch.no_grad():
+        assert torch.isfinite(model(calib[0]).logits).all()
+
+
+def test_unsupported_layouts_and_patterns_stay_dense_with_reason():
+    torch.manual_seed(0)
+    model = mixtral()
+    model.model.layers[0].mlp.experts.is_transposed = True
+    report = sk.sparsify(model, "2:4", progress=False)
+    notes = {r.name: r.note for r in report.skipped}
+    assert "is_transposed=True" in notes["model.layers.0.mlp.experts.gate_up_proj"]
+    assert not isinstance(model.model.layers[0].mlp.experts, SparseExperts)
+    assert isinstance(model.model.layers[1].mlp.experts, SparseExperts)
+    for pattern, quant, words in (("block16x16:0.5", None, "N:M patterns only"), ("2:4", "int8", "int8 experts")):
+        m2 = mixtral()
+        report = sk.sparsify(m2, pattern, quant=quant, progress=False)
+        notes = {r.name: r.note for r in report.skipped}
+        assert words in notes["model.layers.1.mlp.experts.down_proj"]
+        assert not report.experts
+
+
+def test_prune_experts_bad_input():
+    experts = mixtral().model.layers[0].mlp.experts
+    with pytest.raises(ValueError, match=r"stats: method 'wanda' needs"):
+        prune_experts(experts, "2:4", "wanda")
+    with pytest.raises(ValueError, match=r"pattern: SparseExperts holds N:M experts, got 'block"):
+        prune_experts(experts, "block16x16:0.5")
+    experts.has_bias = True
+    assert "has_bias=True" in experts_layout(experts)
+    with pytest.raises(ValueError, match=r"module: MixtralExperts has has_bias=True"):
+        prune_experts(experts, "2:4")
+
+
+# -- expert dropping ------------------------------------------------------------------------------
+
+
+def test_drop_experts_keeps_the_most_used():
+    torch.manual_seed(0)
+    model = mixtral(layers=2, experts=4)
+    original = copy.deepcopy(model)
+    calib = [torch.randint(0, 100, (2, 24)) for _ in range(2)]
+    # Independent usage count of layer 0 (its inputs are the same before any drop).
+    seen = []
+    hook = original.model.layers[0].mlp.gate.register_forward_hook(lambda m, a, out: seen.append(out[2]))
+    with torch.no_grad():
+        for c in calib:
+            original(c)
+    hook.remove()
+    usage0 = torch.bincount(torch.cat(seen).reshape(-1), minlength=4)
+    report = drop_experts(model, calib, keep=0.5)
+    row = report.layers["model.layers.0.mlp.experts"]
+    assert row["usage"] == usage0.tolist()
+    assert row["kept"] == sorted(torch.argsort(-usage0, stable=True)[:2].tolist())
+    mlp, omlp = model.model.layers[0].mlp, original.model.layers[0].mlp
+    kept = torch.tensor(row["kept"])
+    assert torch.equal(mlp.gate.weight, omlp.gate.weight[kept])
+    assert torch.equal(mlp.experts.gate_up_proj, omlp.experts.gate_up_proj[kept])
+    assert torch.equal(mlp.experts.down_proj, omlp.experts.down_proj[kept])
+    assert mlp.gate.num_experts == mlp.experts.num_experts == model.config.num_local_experts == 2
+    assert "kept 2 experts per layer in 2 layers" in str(report)
+    ids = torch.randint(0, 100, (1, 5))
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+    # The dropped model prunes and runs sparse like any other.
+    sk.sparsify(model, "2:4", progress=False)
+    assert model.model.layers[1].mlp.experts.num_experts == 2
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 8)
+
+
+def test_drop_experts_qwen_router_renormalises():
+    torch.manual_seed(0)
+    model = qwen2_moe(experts=4)
+    calib = [torch.randint(0, 100, (1, 16))]
+    drop_experts(model, calib, keep=3)
+    gate = model.model.layers[0].mlp.gate
+    h = torch.randn(5, 64)
+    with torch.no_grad():
+        logits, scores, index = gate(h)
+    assert logits.shape == (5, 3) and int(index.max()) < 3
+
+
+@pytest.mark.parametrize(
+    "keep, err, words",
+    [
+        (0, ValueError, r"keep: expected 2\.\.4 experts .*got 0"),
+        (1, ValueError, r"keep: expected 2\.\.4 experts \(top-k 2, 4 experts\), got 1"),
+        (5, ValueError, r"got 5"),
+        (1.5, ValueError, r"keep: expected a fraction in \(0, 1\], got 1.5"),
+        (0.0, ValueError, r"keep: expected a fraction in \(0, 1\], got 0.0"),
+        (True, TypeError, r"keep: expected an int count or a float fraction, got bool"),
+        ("2", TypeError, r"keep: expected an int count or a float fraction, got str"),
+    ],
+)
+def test_drop_experts_bad_keep(keep, err, words):
+    model = mixtral()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(err, match=words):
+        drop_experts(model, [torch.randint(0, 100, (1, 8))], keep=keep)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_drop_experts_needs_a_moe():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))  # fmt: skip
+    with pytest.raises(ValueError, match=r"model: has no fused experts modules"):
+        drop_experts(llama, [torch.randint(0, 50, (1, 4))], keep=1)
+
+
+def test_drop_experts_failure_leaves_the_model_whole(monkeypatch):
+    import sparsekern.prune.experts as ex
+
+    torch.manual_seed(0)
+    model = mixtral(layers=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+    real = ex._cut
+
+    def flaky(module, kept, e, undo):
+        calls.append(1)
+        if len(calls) == 3:  # layer 0 done (experts + router), fail on layer 1
+            raise RuntimeError("planted failure")
+        real(module, kept, e, undo)
+
+    monkeypatch.setattr(ex, "_cut", flaky)
+    with pytest.raises(RuntimeError, match="planted failure"):
+        drop_experts(model, [torch.randint(0, 100, (1, 8))], keep=2)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert model.model.layers[0].mlp.experts.num_experts == model.model.layers[0].mlp.gate.num_experts == 4
+    assert model.config.num_local_experts == 4
