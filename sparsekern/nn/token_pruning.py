@@ -80,7 +80,9 @@ def _resolve(model, modality):
             if getattr(base.config, "is_decoder", False):
                 raise ValueError("model: token pruning needs an encoder; got a model with config.is_decoder=True")
             if modality not in (None, kind):
-                raise ValueError(f"modality: {type(model).__name__} holds {kind} tokens; expected {kind!r} (or None), got {modality!r}")
+                raise ValueError(
+                    f"modality: {type(model).__name__} holds {kind} tokens; expected {kind!r} (or None), got {modality!r}"
+                )
             return base, layers_of(base), attention_of
     names = ", ".join(row[0].__name__ for row in _supported())
     raise TypeError(

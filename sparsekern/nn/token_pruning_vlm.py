@@ -69,16 +69,22 @@ def _check_vlm(model: nn.Module, base: nn.Module, modality, score: str) -> int:
     from transformers import LlamaModel
 
     if modality not in (None, "image"):
-        raise ValueError(f"modality: {type(model).__name__} prunes image tokens; expected 'image' (or None), got {modality!r}")
+        raise ValueError(
+            f"modality: {type(model).__name__} prunes image tokens; expected 'image' (or None), got {modality!r}"
+        )
     if score != "mean":
-        raise ValueError(f"score: a decoder ranks image tokens by the mean attention they receive; expected 'mean', got {score!r}")
+        raise ValueError(
+            f"score: a decoder ranks image tokens by the mean attention they receive; expected 'mean', got {score!r}"
+        )
     lm = base.language_model
     if not isinstance(lm, LlamaModel):
         raise TypeError(f"model: expected a LLaVA model with a Llama text model, got text model {type(lm).__name__}")
     image_id = getattr(base.config, "image_token_id", None)
     vocab = lm.get_input_embeddings().num_embeddings
     if isinstance(image_id, bool) or not isinstance(image_id, int) or not 0 <= image_id < vocab:
-        raise ValueError(f"image_token_id: expected the model's config.image_token_id in [0, {vocab}), got {image_id!r}")
+        raise ValueError(
+            f"image_token_id: expected the model's config.image_token_id in [0, {vocab}), got {image_id!r}"
+        )
     return image_id
 
 
@@ -138,7 +144,9 @@ def prune_vlm_tokens(model: nn.Module, base: nn.Module, keep, layers, modality, 
                 "in the prefill, got none"
             )
         if bool((n_image != n_image[0]).any()):
-            raise ValueError(f"input_ids: expected the same number of image tokens in every example, got {n_image.tolist()}")
+            raise ValueError(
+                f"input_ids: expected the same number of image tokens in every example, got {n_image.tolist()}"
+            )
         _check_prefill_mask(_bound_arg(bound, "attention_mask"))
         _check_cache(cache)
         run.active, run.image = True, image
@@ -254,7 +262,9 @@ def _check_cache(cache) -> None:
     kinds = {type(layer).__name__ for layer in getattr(cache, "layers", ())}
     if not hasattr(cache, "layers") or kinds - {DynamicLayer.__name__}:
         got = type(cache).__name__ + (f" with {sorted(kinds)} layers" if kinds else "")
-        raise TypeError(f"cache: image-token pruning trims the cache; expected a DynamicCache of DynamicLayers, got {got}")
+        raise TypeError(
+            f"cache: image-token pruning trims the cache; expected a DynamicCache of DynamicLayers, got {got}"
+        )
 
 
 def _kept_indices(scores: torch.Tensor, image: torch.Tensor, keep: float) -> torch.Tensor:
