@@ -29,6 +29,8 @@ _hf.install()
 # Heavier parts load on first use (they pull transformers, safetensors, rich).
 _LAZY = {
     "SparseLinear": "sparsekern.nn.linear",
+    "SparseExperts": "sparsekern.nn.moe",
+    "drop_experts": "sparsekern.prune.experts",
     "sparsify": "sparsekern.nn.swap",
     "quantize": "sparsekern.nn.swap",
     "prune_tokens": "sparsekern.nn.attention",

@@ -34,11 +34,13 @@ import struct
 import torch
 from torch import nn
 
+from sparsekern import checkpoint_moe as experts_ckpt
 from sparsekern.folder import read_json, resolve_inside, write_folder
 from sparsekern.formats.bsr import BlockSparseWeight
 from sparsekern.formats.nm import NMSparseWeight
 from sparsekern.formats.quant import QUANTS
 from sparsekern.nn.linear import SparseLinear, is_conv1d, linear_features
+from sparsekern.nn.moe import SparseExperts
 from sparsekern.prune.structure import describe, rebuild
 
 FORMAT_VERSION = 1
@@ -73,7 +75,9 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> None:
     path = os.fspath(path)
     layers = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, SparseLinear):
+        if isinstance(mod, SparseExperts):
+            layers[name] = experts_ckpt.entry(mod)
+        elif isinstance(mod, SparseLinear):
             info = {
                 "class": "SparseLinear",
                 "kind": mod.kind,
@@ -283,8 +287,11 @@ def check_config(config: dict, cfg_file: str) -> tuple[dict, dict]:
         where = f"{cfg_file}: layers[{name!r}]"
         if not isinstance(info, dict):
             raise ValueError(f"{where}: expected an object, got {info!r}")
+        if info.get("class") == experts_ckpt.CLASS:
+            experts_ckpt.check_entry(info, where)
+            continue
         if info.get("class") != "SparseLinear":
-            raise ValueError(f"{where}.class: expected 'SparseLinear', got {info.get('class')!r}")
+            raise ValueError(f"{where}.class: expected 'SparseLinear' or 'SparseExperts', got {info.get('class')!r}")
         kind = info.get("kind")
         if kind not in _LAYER_FIELDS:
             raise ValueError(f"{where}.kind: expected one of {sorted(_LAYER_FIELDS)}, got {kind!r}")
@@ -322,6 +329,8 @@ def check_quant_fields(info: dict, where: str) -> None:
 
 def layer_tensors(info: dict) -> tuple[str, ...]:
     """Names of the tensors a layer entry stores (bias aside)."""
+    if info.get("class") == experts_ckpt.CLASS:
+        return experts_ckpt.TENSORS
     if info["kind"] != "nm":
         return ("crow_indices", "col_indices", "blocks")
     if info.get("quant") is None:
@@ -338,9 +347,14 @@ def _native_layers(layers: dict, tensors: dict, origin: dict, cfg_file: str) -> 
         if missing:
             raise ValueError(f"{cfg_file}: layer {name!r}: tensors {missing} missing from the weights file")
         where = origin.get(keys[0], cfg_file)
-        shape = (info["out_features"], info["in_features"])
+        shape = (info.get("out_features"), info.get("in_features"))
         try:
             parts = [tensors.pop(k) for k in keys]
+            if info.get("class") == experts_ckpt.CLASS:
+                w = dict(zip(names, parts))
+                experts_ckpt.validate(*experts_ckpt.weights(info, w))
+                out[name] = (w, info, where)
+                continue
             if info["kind"] == "nm" and info.get("quant") is not None:
                 values, meta, scales, zeros = (*parts, None)[:4]
                 quant = (scales, zeros, info["group_size"], info.get("act_block", 0))
@@ -371,6 +385,10 @@ def _apply(model: nn.Module, sparse: dict, tensors: dict, origin: dict) -> None:
         mod = modules.get(name)
         if mod is None:
             raise ValueError(f"{where}: layer {name!r} is not a module of the model")
+        if isinstance(w, dict):  # SparseExperts: w holds its four tensors, bias its entry
+            experts_ckpt.check_module(mod, bias, f"{where}: layer {name!r}")
+            new_modules[name] = experts_ckpt.build(mod, bias, w)
+            continue
         if not (isinstance(mod, (nn.Linear, SparseLinear)) or is_conv1d(mod)):
             raise ValueError(f"{where}: layer {name!r}: expected an nn.Linear in the model, got {type(mod).__name__}")
         k, out = (mod.in_features, mod.out_features) if isinstance(mod, SparseLinear) else linear_features(mod)

@@ -327,3 +327,93 @@ def test_drop_experts_failure_leaves_the_model_whole(monkeypatch):
     assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert model.model.layers[0].mlp.experts.num_experts == model.model.layers[0].mlp.gate.num_experts == 4
     assert model.config.num_local_experts == 4
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", MODELS)
+def test_save_load_and_from_pretrained(family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = MODELS[family]()
+    fresh = copy.deepcopy(model)
+    sk.sparsify(model, "2:4", progress=False)
+    sk.save(model, tmp_path / "m")
+    entry = sk.checkpoint.read_json(str(tmp_path / "m" / "sparsekern.json"))["layers"]["model.layers.1.mlp.experts"]
+    assert entry["class"] == "SparseExperts" and entry["experts"] == 4 and entry["pattern"] == "2:4"
+    ids = torch.randint(0, 100, (2, 7))
+    sk.load(tmp_path / "m", fresh)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert isinstance(hf.model.layers[1].mlp.experts, SparseExperts)
+    assert not any(p.is_meta for p in hf.parameters()) and not any(b.is_meta for b in hf.buffers())
+    with sk.use_backend("reference"), torch.no_grad():
+        want = model(ids).logits
+        torch.testing.assert_close(fresh(ids).logits, want, rtol=0, atol=0)
+        torch.testing.assert_close(hf(ids).logits, want, rtol=0, atol=0)
+
+
+def _rewrite(folder, edit):
+    import json
+
+    for name in ("sparsekern.json", "config.json"):
+        path = folder / name
+        cfg = json.loads(path.read_text())
+        layers = cfg["layers"] if name == "sparsekern.json" else cfg["quantization_config"]["layers"]
+        edit(layers["model.layers.0.mlp.experts"])
+        path.write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (
+            lambda e: e.update(experts=8),
+            r"up_values: expected shape \(8, 256, 32\), got \(4, 256, 32\)|"
+            r"\(experts, hidden, intermediate, has_gate\) \(8, 64, 128, True\), the model's module is \(4, 64, 128, True\)",
+        ),
+        (lambda e: e.update(hidden=0), r"\.hidden: expected a positive int, got 0"),
+        (lambda e: e.update(has_gate="yes"), r"\.has_gate: expected true or false, got 'yes'"),
+        (lambda e: e.update(kind="block"), r"\.kind: expected 'nm' for SparseExperts, got 'block'"),
+        (lambda e: e.update(quant="int8"), r"\.quant: SparseExperts holds float values only"),
+        (
+            lambda e: e.update({"class": "Experts"}),
+            r"\.class: expected 'SparseLinear' or 'SparseExperts', got 'Experts'",
+        ),
+    ],
+)
+def test_checkpoint_bad_entries(tmp_path, edit, words):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = mixtral()
+    fresh = copy.deepcopy(model)
+    sk.sparsify(model, "2:4", progress=False)
+    sk.save(model, tmp_path / "m")
+    _rewrite(tmp_path / "m", edit)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(ValueError, match=words):
+        sk.load(tmp_path / "m", fresh)
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())  # untouched
+    with pytest.raises(ValueError, match=words):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+
+
+def test_checkpoint_corrupt_meta_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = mixtral()
+    fresh = copy.deepcopy(model)
+    sk.sparsify(model, "2:4", progress=False)
+    sk.save(model, tmp_path / "m")
+    file = str(tmp_path / "m" / "model.safetensors")
+    tensors = load_file(file)
+    tensors["model.layers.0.mlp.experts.down_meta"][2, 5, 0] = -1  # every 2-bit index 3: duplicates
+    save_file(tensors, file, metadata={"format": "pt", "sparsekern_format_version": "1"})
+    with pytest.raises(ValueError, match=r"layer 'model.layers.0.mlp.experts': down expert 2: "):
+        sk.load(tmp_path / "m", fresh)
+    with pytest.raises(ValueError, match=r"layer 'model.layers.0.mlp.experts': down expert 2: "):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "m")

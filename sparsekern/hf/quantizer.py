@@ -30,12 +30,14 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from sparsekern import checkpoint_moe as experts_ckpt
 from sparsekern.checkpoint import FORMAT_VERSION, check_config, check_safetensors, layer_tensors
 from sparsekern.formats.bsr import BlockSparseWeight
 from sparsekern.formats.nm import NMSparseWeight, meta_words
 from sparsekern.formats.quant import groups_of
 from sparsekern.hf import METHOD
 from sparsekern.nn.linear import SparseLinear, is_conv1d, linear_features
+from sparsekern.nn.moe import SparseExperts
 from sparsekern.prune.patterns import parse_pattern
 
 _ST_TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -86,7 +88,10 @@ class SparsekernHfQuantizer(HfQuantizer):
                 raise ValueError(
                     f"{where}: quantization_config.layers[{name!r}]: no such module in {type(model).__name__}"
                 )
-            layer = _empty_layer(name, info, modules[target], headers, dtype, where)
+            if info.get("class") == experts_ckpt.CLASS:
+                layer = _empty_experts(name, info, modules[target], headers, dtype, where)
+            else:
+                layer = _empty_layer(name, info, modules[target], headers, dtype, where)
             parent, _, child = target.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, layer)
         self._where = where
@@ -97,6 +102,11 @@ class SparsekernHfQuantizer(HfQuantizer):
         for name, mod in model.named_modules():
             if isinstance(mod, SparseLinear):
                 _validate(mod.sparse_weight, f"{self._where}: layer {name!r}")
+            elif isinstance(mod, SparseExperts):
+                try:
+                    experts_ckpt.validate(mod.weights("up"), mod.weights("down"))
+                except ValueError as exc:
+                    raise ValueError(f"{self._where}: layer {name!r}: {exc}") from None
         return model
 
     def is_serializable(self) -> bool:
@@ -239,6 +249,27 @@ def _empty_layer(name: str, info: dict, module: nn.Module, headers: dict, dtype,
         raise ValueError(f"{here}: {exc}") from None
     bias = torch.empty(out, dtype=dtype, **meta) if info["bias"] else None
     return SparseLinear(weight, bias)
+
+
+def _empty_experts(name: str, info: dict, module: nn.Module, headers: dict, dtype, where: str) -> SparseExperts:
+    """A ``SparseExperts`` on the meta device shaped like the checkpoint's tensors for ``name``."""
+    here = f"{where}: quantization_config.layers[{name!r}]"
+    experts_ckpt.check_module(module, info, here)
+    _check_pattern(info, here)
+    want = experts_ckpt.shapes(info)
+    for t in experts_ckpt.TENSORS:
+        key = f"{name}.{t}"
+        if key not in headers:
+            raise ValueError(f"{here}: tensor {key!r} is not in the checkpoint")
+        entry, file = headers[key]
+        if tuple(entry["shape"]) != want[t]:
+            raise ValueError(f"{file}: tensor {key}: shape {entry['shape']}, {here} needs {list(want[t])}")
+        expect = "I32" if t.endswith("meta") else None
+        if expect and entry["dtype"] != expect or not expect and entry["dtype"] not in _ST_TORCH:
+            raise ValueError(f"{file}: tensor {key}: dtype {entry['dtype']}, expected {expect or 'F32, F16 or BF16'}")
+    dtype = dtype or _ST_TORCH[headers[f"{name}.up_values"][0]["dtype"]]
+    parts = {t: torch.empty(want[t], dtype=torch.int32 if t.endswith("meta") else dtype, device="meta") for t in want}
+    return experts_ckpt.build(module, info, parts, dtype=dtype, device="meta")
 
 
 def _check_pattern(info: dict, here: str) -> None:

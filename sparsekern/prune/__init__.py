@@ -11,6 +11,7 @@ import torch
 
 from sparsekern.prune.admm import admm_prune, reconstruction_error
 from sparsekern.prune.calibration import ActivationStats, collect_stats
+from sparsekern.prune.experts import ExpertStats, drop_experts, prune_experts
 from sparsekern.prune.magnitude import layer_sparsity_ratios, magnitude_mask
 from sparsekern.prune.patterns import Pattern, check_divisible, check_mask, check_weight, parse_pattern
 from sparsekern.prune.sparsegpt import sparsegpt_prune
@@ -124,6 +125,9 @@ def prune_quantized(
 
 
 __all__ = [
+    "drop_experts",
+    "ExpertStats",
+    "prune_experts",
     "prune_quantized",
     "ActivationStats",
     "METHODS",

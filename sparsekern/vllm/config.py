@@ -59,6 +59,12 @@ class SparsekernConfig(QuantizationConfig):
                 f"{where}.layers[{quantized[0]!r}].quant: {layers[quantized[0]]['quant']!r} values are not served by "
                 f"the vLLM plugin yet ({len(quantized)} quantized layers); serve this folder with `sparsekern serve`"
             )
+        experts = sorted(name for name, info in layers.items() if info.get("class") == "SparseExperts")
+        if experts:
+            raise ValueError(
+                f"{where}.layers[{experts[0]!r}].class: 'SparseExperts' (N:M MoE experts) are not served by the "
+                f"vLLM plugin yet ({len(experts)} expert layers); serve this folder with `sparsekern serve`"
+            )
         return cls(dict(layers))
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:

@@ -51,6 +51,27 @@ def test_reads_quantization_config_and_sparsekern_json(config):
             },  # fmt: skip
             r"layers\['p'\]\.quant: 'int4' values are not served by the vLLM plugin yet",
         ),
+        (
+            {
+                "quant_method": "sparsekern",
+                "format_version": 1,
+                "layers": {
+                    "model.layers.0.mlp.experts": {
+                        "class": "SparseExperts",
+                        "kind": "nm",
+                        "pattern": "2:4",
+                        "n": 2,
+                        "m": 4,
+                        "experts": 8,
+                        "hidden": 64,
+                        "intermediate": 128,
+                        "has_gate": True,
+                        "dtype": "float32",
+                    }
+                },
+            },  # fmt: skip
+            r"layers\['model.layers.0.mlp.experts'\]\.class: 'SparseExperts' .* not served by the vLLM plugin yet",
+        ),
     ],
 )
 def test_bad_config_is_refused_naming_the_key(config, words):
