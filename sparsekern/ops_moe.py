@@ -92,4 +92,7 @@ def nm_grouped_linear(
 ) -> torch.Tensor:
     """``out[r] = x[r] @ W_e.T`` for every row r of expert e's range ``offsets[e]:offsets[e+1]``
     (see the module docstring); ``values``/``meta`` from :func:`sparsekern.formats.nm.stack_nm`."""
+    for name, t in (("x", x), ("values", values), ("meta", meta), ("offsets", offsets)):
+        if not isinstance(t, torch.Tensor):  # the op's own parser would only say "Cast error"
+            raise TypeError(f"{name}: expected torch.Tensor, got {type(t).__name__}")
     return torch.ops.sparsekern.nm_grouped_linear(x, values, meta, offsets, n, m)
