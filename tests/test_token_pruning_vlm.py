@@ -285,8 +285,10 @@ def test_bad_arguments():
     with pytest.raises(TypeError, match="cache"):
         model(input_ids=ids[:1], pixel_values=px[:1], cache=static)
     out = model(input_ids=ids[:1], pixel_values=px[:1])
-    with pytest.raises(ValueError, match="input_ids.*empty cache"):
+    with pytest.raises(ValueError, match="pixel_values.*empty cache"):
         model(input_ids=ids[:1], pixel_values=px[:1], cache=out.cache)
+    # ... but the image token id as a decoded token is plain text, as in the dense model.
+    assert model(input_ids=torch.tensor([[IMAGE]]), cache=out.cache).logits.shape == (1, 1, 128)
     model.train()
     with pytest.raises(RuntimeError, match="eval"):
         model(input_ids=ids[:1], pixel_values=px[:1])

@@ -125,19 +125,22 @@ def prune_vlm_tokens(model: nn.Module, base: nn.Module, keep, layers, modality, 
             raise RuntimeError("prune_tokens: the model is in training mode; call model.eval() (inference only)")
         run.reset()
         bound = base_sig.bind_partial(*args, **kwargs).arguments
+        cache = next((c for c in (_bound_arg(bound, n) for n in _CACHE_ARGS) if c is not None), None)
+        past = cache.get_seq_length() if cache is not None else 0
+        if past:
+            # A step after the prefill (decode): the language model's pre-hook handles a pruned
+            # cache. An image token id here without images is embedded as text, as in the dense
+            # model (a generated token may be that id), so only new images are refused.
+            if _bound_arg(bound, "pixel_values") is not None or _bound_arg(bound, "mm_encoder_outputs"):
+                raise ValueError(
+                    f"pixel_values: images are pruned in the prefill on an empty cache; got images with a cache "
+                    f"already holding {past} tokens"
+                )
+            return
         image = _image_mask(module, image_id, bound.get("input_ids"), bound.get("inputs_embeds"))
         if image is None:
             return
-        cache = next((c for c in (_bound_arg(bound, n) for n in _CACHE_ARGS) if c is not None), None)
-        past = cache.get_seq_length() if cache is not None else 0
         n_image = image.sum(1)
-        if past:
-            if bool(n_image.any()):
-                raise ValueError(
-                    f"input_ids: image tokens are pruned in the prefill on an empty cache; got {int(n_image.sum())} "
-                    f"image tokens with a cache already holding {past} tokens"
-                )
-            return  # a decode step: the language model's pre-hook handles a pruned cache
         if not bool(n_image.any()):
             raise ValueError(
                 f"image_token_id: expected image tokens (input_ids == config.image_token_id = {image_id}) "
