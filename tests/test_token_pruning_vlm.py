@@ -308,3 +308,18 @@ def test_llava_next_same_path():
         assert torch.equal(h.kept_indices[0], idx)
         _, logits = _generate(model, ids, n_new=3, **images)
         torch.testing.assert_close(torch.stack(logits[1:]), torch.stack(ref_steps[:-1]), rtol=0, atol=ATOL)
+
+
+@torch.no_grad()
+def test_eager_attention_same_as_sdpa():
+    # Later layers get the kept tokens' mask from the model's own mask builder: a 4D mask under
+    # eager attention, none (is_causal) under sdpa; both must give the same answer.
+    model = _llava()
+    ids, px = _inputs()
+    with sparsekern.prune_tokens(model, keep=0.25, layers=(LAYER,)):
+        sdpa = model(input_ids=ids, pixel_values=px).logits
+        sdpa_tokens, _ = _generate(model, ids, px, 4)
+    model.set_attn_implementation("eager")
+    with sparsekern.prune_tokens(model, keep=0.25, layers=(LAYER,)):
+        torch.testing.assert_close(model(input_ids=ids, pixel_values=px).logits, sdpa, rtol=0, atol=ATOL)
+        assert torch.equal(_generate(model, ids, px, 4)[0], sdpa_tokens)
