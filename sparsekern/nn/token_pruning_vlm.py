@@ -165,6 +165,8 @@ def prune_vlm_tokens(model: nn.Module, base: nn.Module, keep, layers, modality, 
         bound = lm_sig.bind_partial(*args, **kwargs).arguments
         tokens = _bound_arg(bound, "inputs_embeds")
         tokens = _bound_arg(bound, "input_ids") if tokens is None else tokens
+        if tokens is None:
+            return None  # the model's own check names the missing input
         b, s, device = tokens.shape[0], tokens.shape[1], tokens.device
         pos = _bound_arg(bound, "position_ids")
         if run.active:
