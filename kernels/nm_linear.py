@@ -164,6 +164,43 @@ def nm_gemm_configs(rows_bucket: int, elem_bytes: int = 2) -> list[triton.Config
 
 
 @triton.jit
+def nm_w_tile(
+    v_rows,  # (BLOCK_N,) pointers to the rows of values
+    m_rows,  # (BLOCK_N,) pointers to the rows of meta
+    s_rows,  # (BLOCK_N,) pointers to the rows of scales (QBITS), else unused
+    z_rows,  # (BLOCK_N,) pointers to the rows of zeros (HAS_ZEROS), else unused
+    n_mask,  # (BLOCK_N,) rows that exist
+    kt,  # K tile index
+    K,
+    group_kept,
+    dtype: tl.constexpr,
+    N: tl.constexpr,
+    M: tl.constexpr,
+    BITS: tl.constexpr,
+    PER_WORD: tl.constexpr,
+    QBITS: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """The dense W tile ``(BLOCK_N, BLOCK_K)`` of K tile ``kt`` in ``dtype``, expanded in registers
+    from its ``BLOCK_K / M`` groups (zero past K and past the last row)."""
+    G: tl.constexpr = BLOCK_K // M  # groups per K tile
+    grp = kt * G + tl.arange(0, G)
+    offs_p = tl.arange(0, M)
+    w_mask = n_mask[:, None] & (grp < K // M)[None, :]
+    # W tile as (BLOCK_N, G, M): slot s of each group lands on its in-group position.
+    w = tl.zeros((BLOCK_N, G, M), dtype)
+    for s in tl.static_range(N):
+        j = grp * N + s
+        v = _kept_values(v_rows, s_rows, z_rows, j, w_mask, group_kept, QBITS, HAS_ZEROS)
+        word = tl.load(m_rows[:, None] + (j // PER_WORD)[None, :], mask=w_mask, other=0)
+        idx = (word >> ((j % PER_WORD) * BITS)[None, :]) & (M - 1)
+        w += tl.where(idx[:, :, None] == offs_p[None, None, :], v.to(w.dtype)[:, :, None], 0.0)
+    return tl.reshape(w, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
 def _nm_gemm_kernel(
     x_ptr,  # (rows, K)
     values_ptr,  # (out, K*N/M); int8 (out, kept) / uint8 (out, kept/2) when quantized
@@ -195,7 +232,6 @@ def _nm_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    G: tl.constexpr = BLOCK_K // M  # groups per K tile
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -203,9 +239,6 @@ def _nm_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < rows
     n_mask = offs_n < out_features
-    offs_g = tl.arange(0, G)
-    offs_p = tl.arange(0, M)
-    groups = K // M
     k_tiles = tl.cdiv(K, BLOCK_K)
     per_split = tl.cdiv(k_tiles, n_splits)
     k_lo = pid_s * per_split
@@ -221,17 +254,8 @@ def _nm_gemm_kernel(
         offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
         x_mask = m_mask[:, None] & (offs_k < K)[None, :]
         x = tl.load(x_rows[:, None] + offs_k[None, :], mask=x_mask, other=0.0)
-        grp = kt * G + offs_g
-        w_mask = n_mask[:, None] & (grp < groups)[None, :]
-        # W tile as (BLOCK_N, G, M): slot s of each group lands on its in-group position.
-        w = tl.zeros((BLOCK_N, G, M), x_ptr.dtype.element_ty)
-        for s in tl.static_range(N):
-            j = grp * N + s
-            v = _kept_values(v_rows, s_rows, z_rows, j, w_mask, group_kept, QBITS, HAS_ZEROS)
-            word = tl.load(m_rows[:, None] + (j // PER_WORD)[None, :], mask=w_mask, other=0)
-            idx = (word >> ((j % PER_WORD) * BITS)[None, :]) & (M - 1)
-            w += tl.where(idx[:, :, None] == offs_p[None, None, :], v.to(w.dtype)[:, :, None], 0.0)
-        w = tl.reshape(w, (BLOCK_N, BLOCK_K))
+        w = nm_w_tile(v_rows, m_rows, s_rows, z_rows, n_mask, kt, K, group_kept, x.dtype,
+                      N, M, BITS, PER_WORD, QBITS, HAS_ZEROS, BLOCK_N, BLOCK_K)  # fmt: skip
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
     store_tile(acc, y_ptr, bias_ptr, offs_m, m_mask, offs_n, n_mask, out_features, pid_s, stride_ys, HAS_BIAS, PARTIAL)
 
