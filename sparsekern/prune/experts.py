@@ -204,7 +204,7 @@ def drop_experts(model: nn.Module, calibration, keep: int | float, progress: boo
     The router loses the dropped experts' rows (its softmax re-normalises over the rest) and the
     config's expert count follows, so a saved model reloads with the new shape.
     """
-    from sparsekern.prune.sequential import _bar, _hidden, _run_block, capture_inputs, check_calibration, find_blocks
+    from sparsekern.prune.sequential import _bar, _run_block, block_inputs, check_calibration, find_blocks, inference
 
     t0 = time.perf_counter()
     found = find_blocks(model)
@@ -231,12 +231,9 @@ def drop_experts(model: nn.Module, calibration, keep: int | float, progress: boo
     items = check_calibration(model, calibration)
     report = DropReport(keep)
     undo: list = []  # everything cut so far: put back if anything raises (never a half-dropped model)
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            captured = capture_inputs(model, blocks[0], items)
-            hidden = [_hidden(a, k) for a, k, _ in captured]
+        with inference(model):
+            captured, hidden = block_inputs(model, blocks[0], items)
             for i in _bar(range(len(blocks)), progress, path):
                 mine = [(n, m) for j, n, m in stacks if j == i]
                 counts = _usage(blocks[i], [m for _, m in mine], hidden, captured, e)
@@ -251,8 +248,6 @@ def drop_experts(model: nn.Module, calibration, keep: int | float, progress: boo
     except BaseException:
         _undo(undo)
         raise
-    finally:
-        model.train(was_training)
     # The model's own count (Mixtral's aux loss) and the config's, so a saved model reloads.
     cfg = getattr(model, "config", None)
     for owner in [*model.modules(), cfg, getattr(cfg, "text_config", None)]:

@@ -182,6 +182,24 @@ def capture_inputs(model: nn.Module, first_block: nn.Module, items: list) -> lis
     return out
 
 
+@contextlib.contextmanager
+def inference(model: nn.Module):
+    """Eval mode and no autograd for the calibration passes; the model's mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def block_inputs(model: nn.Module, first_block: nn.Module, items: list) -> tuple[list, list[torch.Tensor]]:
+    """``(captured, hidden)``: block 0's calls for every calibration item and their hidden states."""
+    captured = capture_inputs(model, first_block, items)
+    return captured, [_hidden(a, k) for a, k, _ in captured]
+
+
 def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
@@ -293,12 +311,9 @@ def prune_sequential(
     new: dict[str, nn.Module] = {}
     swapped: list[str] = []
     rss0 = _rss()
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            captured = capture_inputs(model, blocks[0], items)
-            hidden = [_hidden(a, k) for a, k, _ in captured]
+        with inference(model):
+            captured, hidden = block_inputs(model, blocks[0], items)
             n_tokens = sum(h.shape[:-1].numel() for h in hidden)
             info = SequentialInfo(path, len(blocks), len(items), n_tokens, rss_start=rss0, rss_peak=rss0)
             info.outside = list(outside)
@@ -329,8 +344,6 @@ def prune_sequential(
         for name in swapped:
             _swap(model, name, layers[name])
         raise
-    finally:
-        model.train(was_training)
     info.seconds = time.perf_counter() - t0
     return new, info
 
