@@ -417,3 +417,28 @@ def test_checkpoint_corrupt_meta_refused(tmp_path):
         sk.load(tmp_path / "m", fresh)
     with pytest.raises(ValueError, match=r"layer 'model.layers.0.mlp.experts': down expert 2: "):
         AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+
+
+def test_calibrated_qwen2_moe_shared_expert_keeps_its_own_statistics(monkeypatch):
+    """The shared expert's linears and the routed experts read the same hidden tensor; the
+    linears must not be handed the experts' per-expert statistics (or the other way round)."""
+    import sparsekern.nn.swap as swap
+
+    torch.manual_seed(0)
+    model = qwen2_moe(layers=1)
+    calib = [torch.randint(0, 100, (2, 16))]
+    seen = {}
+    real = swap._build_experts
+
+    def spy(name, mod, pat, method, stats, rows):
+        seen[name] = stats
+        return real(name, mod, pat, method, stats, rows)
+
+    monkeypatch.setattr(swap, "_build_experts", spy)
+    report = sk.sparsify(model, "2:4", method="sparsegpt", calibration=calib, progress=False)
+    assert isinstance(seen["model.layers.0.mlp.experts"], ExpertStats)
+    assert seen["model.layers.0.mlp.experts"].n_tokens == 2 * 16 * 2  # every token, top-2
+    names = {r.name for r in report.swapped}
+    assert "model.layers.0.mlp.shared_expert.gate_proj" in names and "model.layers.0.mlp.experts.down_proj" in names
+    with torch.no_grad():
+        assert torch.isfinite(model(calib[0]).logits).all()
