@@ -4,8 +4,8 @@ A grouped GEMM as MoE layers run them: the rows of x are already sorted by exper
 cuts every expert's rows into blocks of ``BLOCK_M`` (:func:`block_schedule`, from the CPU
 ``offsets``), so each row block belongs to one expert; experts without rows get no block. The
 grid is (row block, out tile, K split); a program reads its block's expert id and row range and
-runs ``nm_linear``'s prefill step on that expert's weights (:func:`nm_w_tile`: the W tile expanded
-in registers, then ``tl.dot`` on the tensor cores). Split-K (``_common.splits_for``) when the
+runs ``nm_linear``'s prefill product on that expert's weights (:func:`nm_tile_product`: W tiles
+expanded in registers, ``tl.dot`` on the tensor cores). Split-K (``_common.splits_for``) when the
 blocks and out tiles cannot fill the GPU, as at decode, where 1-2 rows hit each of top-k experts.
 
 NOTE: unmeasured (no GPU yet). Decode pays a 16-row tile for 1-2 rows; a gemv variant like
@@ -20,7 +20,7 @@ import triton.language as tl
 
 from sparsekern.formats.nm import meta_bits, meta_per_word
 from sparsekern.kernels._common import Fixed, autotune, dot_precision, splitk_reduce, splits_for, store_tile
-from sparsekern.kernels.nm_linear import nm_w_tile
+from sparsekern.kernels.nm_linear import nm_tile_product
 from sparsekern.kernels.nonfinite import nm_nonfinite_
 from sparsekern.ops import new_output
 
@@ -92,22 +92,13 @@ def _nm_grouped_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < row_end
     n_mask = offs_n < out_features
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(k_tiles, n_splits)
-    k_lo = pid_s * per_split
-    k_hi = tl.minimum(k_lo + per_split, k_tiles)
     # 64-bit bases: E * out * kept and T * K pass 2**31 on large MoE layers.
     x_rows = x_ptr + offs_m.to(tl.int64) * stride_xr
     v_rows = values_ptr + expert * stride_ve + offs_n.to(tl.int64) * stride_vr
     m_rows = meta_ptr + expert * stride_me + offs_n.to(tl.int64) * stride_mr
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for kt in range(k_lo, k_hi):
-        offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
-        x = tl.load(x_rows[:, None] + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
-        # Float values only: no scales or zeros (the row pointers are placeholders).
-        w = nm_w_tile(v_rows, m_rows, v_rows, v_rows, n_mask, kt, K, 1, x.dtype,
-                      N, M, BITS, PER_WORD, 0, False, BLOCK_N, BLOCK_K)  # fmt: skip
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    # Float values only: no scales or zeros (their row pointers are placeholders, never read).
+    acc = nm_tile_product(x_rows, m_mask, v_rows, m_rows, v_rows, v_rows, n_mask, K, 1, pid_s, n_splits,
+                          N, M, BITS, PER_WORD, 0, False, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
     store_tile(acc, y_ptr, y_ptr, offs_m, m_mask, offs_n, n_mask, out_features, pid_s, stride_ys, False, PARTIAL)
 
 

@@ -164,7 +164,7 @@ def nm_gemm_configs(rows_bucket: int, elem_bytes: int = 2) -> list[triton.Config
 
 
 @triton.jit
-def nm_w_tile(
+def _nm_w_tile(
     v_rows,  # (BLOCK_N,) pointers to the rows of values
     m_rows,  # (BLOCK_N,) pointers to the rows of meta
     s_rows,  # (BLOCK_N,) pointers to the rows of scales (QBITS), else unused
@@ -198,6 +198,47 @@ def nm_w_tile(
         idx = (word >> ((j % PER_WORD) * BITS)[None, :]) & (M - 1)
         w += tl.where(idx[:, :, None] == offs_p[None, None, :], v.to(w.dtype)[:, :, None], 0.0)
     return tl.reshape(w, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def nm_tile_product(
+    x_rows,  # (BLOCK_M,) pointers to the rows of x
+    m_mask,  # (BLOCK_M,) rows of x that exist
+    v_rows,  # (BLOCK_N,) pointers to the rows of values
+    m_rows,  # (BLOCK_N,) pointers to the rows of meta
+    s_rows,  # (BLOCK_N,) pointers to the rows of scales (QBITS), else unused
+    z_rows,  # (BLOCK_N,) pointers to the rows of zeros (HAS_ZEROS), else unused
+    n_mask,  # (BLOCK_N,) rows of W that exist
+    K,
+    group_kept,
+    pid_s,
+    n_splits,
+    N: tl.constexpr,
+    M: tl.constexpr,
+    BITS: tl.constexpr,
+    PER_WORD: tl.constexpr,
+    QBITS: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """fp32 ``(BLOCK_M, BLOCK_N)``: x rows times the W rows, over split ``pid_s`` of ``n_splits``
+    of the K tiles; each W tile expanded in registers and fed to ``tl.dot``."""
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_tiles, n_splits)
+    k_lo = pid_s * per_split
+    k_hi = tl.minimum(k_lo + per_split, k_tiles)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for kt in range(k_lo, k_hi):
+        offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+        x_mask = m_mask[:, None] & (offs_k < K)[None, :]
+        x = tl.load(x_rows[:, None] + offs_k[None, :], mask=x_mask, other=0.0)
+        w = _nm_w_tile(v_rows, m_rows, s_rows, z_rows, n_mask, kt, K, group_kept, x.dtype,
+                       N, M, BITS, PER_WORD, QBITS, HAS_ZEROS, BLOCK_N, BLOCK_K)  # fmt: skip
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    return acc
 
 
 @triton.jit
@@ -239,24 +280,14 @@ def _nm_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < rows
     n_mask = offs_n < out_features
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(k_tiles, n_splits)
-    k_lo = pid_s * per_split
-    k_hi = tl.minimum(k_lo + per_split, k_tiles)
     # 64-bit row bases, as in _nm_gemv_kernel.
     x_rows = x_ptr + offs_m.to(tl.int64) * stride_xr
     v_rows = values_ptr + offs_n.to(tl.int64) * stride_vr
     m_rows = meta_ptr + offs_n.to(tl.int64) * stride_mr
     s_rows = scales_ptr + offs_n.to(tl.int64) * stride_sr
     z_rows = zeros_ptr + offs_n.to(tl.int64) * stride_sr
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for kt in range(k_lo, k_hi):
-        offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
-        x_mask = m_mask[:, None] & (offs_k < K)[None, :]
-        x = tl.load(x_rows[:, None] + offs_k[None, :], mask=x_mask, other=0.0)
-        w = nm_w_tile(v_rows, m_rows, s_rows, z_rows, n_mask, kt, K, group_kept, x.dtype,
-                      N, M, BITS, PER_WORD, QBITS, HAS_ZEROS, BLOCK_N, BLOCK_K)  # fmt: skip
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    acc = nm_tile_product(x_rows, m_mask, v_rows, m_rows, s_rows, z_rows, n_mask, K, group_kept, pid_s, n_splits,
+                          N, M, BITS, PER_WORD, QBITS, HAS_ZEROS, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
     store_tile(acc, y_ptr, bias_ptr, offs_m, m_mask, offs_n, n_mask, out_features, pid_s, stride_ys, HAS_BIAS, PARTIAL)
 
 
