@@ -33,6 +33,13 @@ def offsets_of(counts) -> torch.Tensor:
     return torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int64)
 
 
+def make_case(e, out, k, counts, n, m, dtype=torch.float32):
+    """``(x, values, meta, offsets)``: E random experts and x with ``counts[e]`` rows for expert e."""
+    values, meta = random_experts(e, out, k, n, m, dtype)
+    offsets = offsets_of(counts)
+    return torch.randn(int(offsets[-1]), k).to(dtype), values, meta, offsets
+
+
 def check(out, x, values, meta, offsets, n, m, what):
     """``out`` against per-expert dense matmuls (fp32 and x's dtype), per element."""
     bounds = offsets.tolist()
@@ -71,9 +78,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_matches_dense(case, n, m, dtype, backend):
     label, e, out, k, counts = case
-    values, meta = random_experts(e, out, k, n, m, dtype)
-    offsets = offsets_of(counts)
-    x = torch.randn(int(offsets[-1]), k).to(dtype)
+    x, values, meta, offsets = make_case(e, out, k, counts, n, m, dtype)
     y = run(backend, x, values, meta, offsets, n, m)
     check(y, x, values, meta, offsets, n, m, f"{backend} {label} {n}:{m} {dtype}")
 
@@ -105,9 +110,7 @@ MIXTRAL = [("gate_up", 2 * 3584, 1024), ("down", 1024, 3584)]
 @pytest.mark.parametrize("shape", MIXTRAL, ids=[s[0] for s in MIXTRAL])
 def test_mixtral_shapes(shape, counts, dtype, backend):
     _, out, k = shape
-    values, meta = random_experts(8, out, k, 2, 4, dtype)
-    offsets = offsets_of(counts)
-    x = torch.randn(int(offsets[-1]), k).to(dtype)
+    x, values, meta, offsets = make_case(8, out, k, counts, 2, 4, dtype)
     check(run(backend, x, values, meta, offsets, 2, 4), x, values, meta, offsets, 2, 4, f"{backend} {shape} {dtype}")
 
 

@@ -27,13 +27,6 @@ HERE = os.path.abspath(__file__)
 CCS = (80, 90)
 
 
-def _interpreter_process() -> bool:
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    tl = sys.modules.get("triton.language")
-    return tl is None or type(tl.cdiv).__name__ == "InterpretedFunction"
-
-
 def _aot_cases():
     """(label, constexprs, config, expect) per compiled config: every config of every row block,
     bf16 (split-K partials at the decode block) and fp32."""
@@ -67,7 +60,7 @@ def _aot_main() -> None:
             print(json.dumps(row), flush=True)
 
 
-if not _interpreter_process():
+if not triton_aot.interpreter_process():
 
     def test_interpreter_suite_in_subprocess():
         """This file's kernel tests, in a process where Triton interprets (see module docstring)."""
@@ -98,7 +91,7 @@ if not _interpreter_process():
         assert not bad, "\n".join(bad)
 
 else:
-    from test_moe_grouped import check, offsets_of, random_experts
+    from test_moe_grouped import check, make_case, offsets_of, random_experts
 
     import sparsekern as sk
     from sparsekern.kernels import nm_grouped_linear as g
@@ -119,9 +112,7 @@ else:
     @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
     def test_triton_matches_dense(case, n, m, dtype):
         label, e, out, k, counts = case
-        values, meta = random_experts(e, out, k, n, m, dtype)
-        offsets = offsets_of(counts)
-        x = torch.randn(int(offsets[-1]), k).to(dtype)
+        x, values, meta, offsets = make_case(e, out, k, counts, n, m, dtype)
         with sk.use_backend("triton"):
             y = sk.ops.nm_grouped_linear(x, values, meta, offsets, n, m)
         check(y, x, values, meta, offsets, n, m, f"triton {label} {n}:{m} {dtype}")

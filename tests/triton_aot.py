@@ -135,6 +135,15 @@ def run_script(path: str, shards: int = 1, timeout: float = 600) -> list[dict]:
     return rows
 
 
+def interpreter_process() -> bool:
+    """Whether Triton interprets in this process: ``TRITON_INTERPRET=1`` set before the first
+    ``import triton`` (test files that need it rerun themselves in a subprocess otherwise)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    tl = sys.modules.get("triton.language")
+    return tl is None or type(tl.cdiv).__name__ == "InterpretedFunction"
+
+
 def gpu_skip_reason() -> str | None:
     """Why the Triton tests in tests/gpu cannot run in this process, or None when they can."""
     import importlib.util
