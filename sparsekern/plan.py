@@ -299,6 +299,11 @@ def set_dense_fallback(key: torch.Tensor, allowed: bool) -> None:
     _by_weight.pop(id(key), None)
 
 
+def dense_allowed(key: torch.Tensor) -> bool:
+    """Whether backends may keep a dense copy of the weight whose values tensor is ``key``."""
+    return key not in _no_dense
+
+
 def dense_copy_bytes() -> int:
     """Bytes of the tensors live plans keep per weight (dense copies), each storage counted once."""
     seen: dict[int, int] = {}

@@ -430,9 +430,9 @@ def test_calibrated_qwen2_moe_shared_expert_keeps_its_own_statistics(monkeypatch
     seen = {}
     real = swap._build_experts
 
-    def spy(name, mod, pat, method, stats, rows):
+    def spy(name, mod, pat, method, stats, rows, dense_fallback):
         seen[name] = stats
-        return real(name, mod, pat, method, stats, rows)
+        return real(name, mod, pat, method, stats, rows, dense_fallback)
 
     monkeypatch.setattr(swap, "_build_experts", spy)
     report = sk.sparsify(model, "2:4", method="sparsegpt", calibration=calib, progress=False)
@@ -442,3 +442,24 @@ def test_calibrated_qwen2_moe_shared_expert_keeps_its_own_statistics(monkeypatch
     assert "model.layers.0.mlp.shared_expert.gate_proj" in names and "model.layers.0.mlp.experts.down_proj" in names
     with torch.no_grad():
         assert torch.isfinite(model(calib[0]).logits).all()
+
+
+def test_dense_fallback_false_keeps_no_dense_experts():
+    from sparsekern import dispatch
+
+    torch.manual_seed(0)
+    model = mixtral(layers=1)
+    sk.sparsify(model, "2:4", dense_fallback=False, progress=False)
+    experts = model.model.layers[0].mlp.experts
+    assert experts.dense_fallback is False
+    x = torch.randn(40, 64)
+    offsets = torch.tensor([0, 10, 20, 30, 40])
+    args = (x, experts.up_values, experts.up_meta, offsets, 2, 4)
+    assert "dense" not in [impl.backend for impl in dispatch.candidates("nm_grouped_linear", *args)]
+    with pytest.raises(ValueError, match=r"backend: 'dense' cannot run nm_grouped_linear .*dense_fallback=False"):
+        with sk.use_backend("dense"):
+            sk.ops.nm_grouped_linear(*args)
+    experts.dense_fallback = True
+    assert "dense" in [impl.backend for impl in dispatch.candidates("nm_grouped_linear", *args)]
+    with pytest.raises(TypeError, match=r"dense_fallback: expected bool, got int"):
+        experts.dense_fallback = 0

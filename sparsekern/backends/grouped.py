@@ -59,11 +59,17 @@ def _dense(x, values, meta, offsets, n, m):
     return out
 
 
+def _dense_supports(x, values, *rest) -> str | None:
+    from sparsekern import plan
+
+    return None if plan.dense_allowed(values) else "these experts were made with dense_fallback=False"
+
+
 def _release_dense(x, values, *rest) -> None:
     dense._drop(id(values))
 
 
 dispatch.register(OP, "cpu", _cpu, supports_cpu, nonfinite_exact=True)
 dispatch.register(OP, "triton", _triton, _triton_supports, auto=False, nonfinite_exact=True)
-dispatch.register(OP, "dense", _dense, release=_release_dense, nonfinite_exact=True)
+dispatch.register(OP, "dense", _dense, _dense_supports, release=_release_dense, nonfinite_exact=True)
 dispatch.register(OP, "reference", reference.nm_grouped_linear, nonfinite_exact=True)

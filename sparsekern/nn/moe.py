@@ -119,10 +119,17 @@ class SparseExperts(nn.Module):
     Same call as the module it replaces: ``forward(hidden_states [T, H], top_k_index [T, k],
     top_k_weights [T, k]) -> [T, H]``; expert ids ``>= num_experts`` (expert-parallel sentinels)
     contribute nothing. Values are ``nn.Parameter`` (so ``.to(dtype)`` moves them), meta int32
-    buffers.
+    buffers. ``dense_fallback`` as for ``SparseLinear``.
     """
 
-    def __init__(self, up: list[NMSparseWeight], down: list[NMSparseWeight], act_fn: nn.Module, has_gate: bool):
+    def __init__(
+        self,
+        up: list[NMSparseWeight],
+        down: list[NMSparseWeight],
+        act_fn: nn.Module,
+        has_gate: bool,
+        dense_fallback: bool = True,
+    ):
         super().__init__()
         if not up or len(up) != len(down):
             raise ValueError(f"up, down: expected one weight per expert in each, got {len(up)} and {len(down)}")
@@ -141,6 +148,23 @@ class SparseExperts(nn.Module):
         self.down_values = nn.Parameter(dv.detach(), requires_grad=False)
         self.register_buffer("down_meta", dm.detach())
         self.act_fn = act_fn
+        self.dense_fallback = dense_fallback
+
+    @property
+    def dense_fallback(self) -> bool:
+        """Whether dispatch may run these experts densely (keeping a dense ``[E, out, in]`` copy of
+        each stack). ``False``: no dense copy, ever; the fastest sparse kernel runs them."""
+        return self.__dict__["_dense_fallback"]
+
+    @dense_fallback.setter
+    def dense_fallback(self, allowed: bool) -> None:
+        from sparsekern import plan
+
+        if not isinstance(allowed, bool):
+            raise TypeError(f"dense_fallback: expected bool, got {type(allowed).__name__}")
+        self.__dict__["_dense_fallback"] = allowed
+        for values in (self.up_values, self.down_values):
+            plan.set_dense_fallback(values, allowed)
 
     @property
     def pattern(self) -> str:

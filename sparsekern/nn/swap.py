@@ -289,7 +289,7 @@ def sparsify(
     def build(name: str, mod: nn.Module, st=None) -> nn.Module:
         pat = plan[name][1]
         if name in stacks:
-            return _build_experts(name, mod, pat, method, st, rows)
+            return _build_experts(name, mod, pat, method, st, rows, dense_fallback)
         kw = {} if st is None else {"act_norm": st.act_norm, "hessian": st.hessian}
         if pat.kind == "unstructured":
             out = _masked_dense(mod, pat, method, **kw)
@@ -394,10 +394,12 @@ def _fits_experts(pat, mod: nn.Module, quant: str | None) -> str | None:
     return None
 
 
-def _build_experts(name: str, mod: nn.Module, pat, method: str, stats, rows: dict) -> SparseExperts:
+def _build_experts(
+    name: str, mod: nn.Module, pat, method: str, stats, rows: dict, dense_fallback: bool
+) -> SparseExperts:
     from sparsekern.prune.experts import prune_experts
 
-    new, note = prune_experts(mod, pat, method, stats)
+    new, note = prune_experts(mod, pat, method, stats, dense_fallback)
     for which, pname in (("up", up_name(mod)), ("down", "down_proj")):
         r = rows[f"{name}.{pname}"]
         values = new.up_values if which == "up" else new.down_values

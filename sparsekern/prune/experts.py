@@ -77,7 +77,9 @@ class ExpertStats:
             self.counts[e] += tok.numel()
 
 
-def prune_experts(module: nn.Module, pattern, method: str = "magnitude", stats: ExpertStats | None = None):
+def prune_experts(
+    module: nn.Module, pattern, method: str = "magnitude", stats: ExpertStats | None = None, dense_fallback: bool = True
+):
     """``(SparseExperts, note)``: every expert's two weights of ``module`` pruned to N:M ``pattern``.
 
     ``method`` as for linears; all but magnitude need ``stats`` (``"wanda"`` is then MoE-Pruner's
@@ -105,7 +107,7 @@ def prune_experts(module: nn.Module, pattern, method: str = "magnitude", stats: 
                 pruned, _ = prune_weight(w, pat, method if seen else "magnitude", **kw)
                 out.append(NMSparseWeight.from_dense(pruned.to(w.dtype), pat.n, pat.m))
     note = f"{method}: experts {unseen} got no calibration tokens, pruned by magnitude" if unseen else ""
-    return SparseExperts(up, down, module.act_fn, getattr(module, "has_gate", True)), note
+    return SparseExperts(up, down, module.act_fn, getattr(module, "has_gate", True), dense_fallback), note
 
 
 # -- expert dropping -------------------------------------------------------------------------------
