@@ -72,6 +72,13 @@ lib.define(
 lib.define("_token_scores_cpu(Tensor q, Tensor k, bool causal=False, float? scale=None, bool cls_only=False) -> Tensor")
 # Active CPU instruction set of the compiled kernels: 0 portable, 1 AVX2+FMA, 2 AVX-512, 3 AVX-512+bf16.
 lib.define("_cpu_isa() -> int")
+# One decode step of a Llama-family LM, every block (csrc/cpu/lean_step.cpp; arguments packed by
+# sparsekern/lean/native.py): the final-normed hidden state [B, hidden]; K/V of pos written in place.
+lib.define(
+    "_lean_step_cpu(Tensor tokens, int pos, Tensor embed, Tensor cos, Tensor sin, Tensor[] norms, float[] eps,"
+    " Tensor?[] weights, int[] specs, Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, Tensor final_norm,"
+    " float final_eps, float scale) -> Tensor"
+)
 
 # -- CUDA kernels (csrc/cuda): arguments checked by the backend, weight in its hardware layout --
 # 2:4 mma.sp GEMM: x [M, K] @ W.T + bias, W given by sparsekern.formats.sm80.hw_layout (padded).
@@ -212,6 +219,12 @@ def _pruned_attention_with_scores_fake(q, k, v, keep_idx, causal=False, scale=No
 torch.library.register_fake("sparsekern::_pruned_attention_cpu")(_pruned_attention_fake)
 torch.library.register_fake("sparsekern::_pruned_attention_scores_cpu")(_pruned_attention_with_scores_fake)
 torch.library.register_fake("sparsekern::_token_scores_cpu")(_token_scores_fake)
+
+
+@torch.library.register_fake("sparsekern::_lean_step_cpu")
+def _lean_step_fake(tokens, pos, embed, cos, sin, norms, eps, weights, specs, k_cache, v_cache, final_norm, *rest):
+    return embed.new_empty((tokens.shape[0], embed.shape[1]))
+
 
 for _name in ("_nm_linear_cpu", "_bsr_linear_cpu"):
     torch.library.register_fake(f"sparsekern::{_name}")(

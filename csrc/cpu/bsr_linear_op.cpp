@@ -9,6 +9,7 @@
 #include <algorithm>
 
 #include "cpu/bsr_linear.h"
+#include "cpu/bsr_linear_op.h"
 #include "cpu/linear_op_util.h"
 #include "cpu/op_checks.h"
 #include "cpu/output.h"
@@ -54,17 +55,21 @@ void bsr_linear_gemm(const BSRLinearArgs& a, const at::Tensor& x, const at::Tens
   }
 }
 
-at::Tensor bsr_linear_cpu(const at::Tensor& x_in, const at::Tensor& crow_in, const at::Tensor& col_in,
-                          const at::Tensor& blocks_in, const std::optional<at::Tensor>& bias_in) {
-  check_bsr_linear_args(x_in, crow_in, col_in, blocks_in, bias_in);
-  const at::Tensor x = x_in.contiguous(), crow = crow_in.contiguous(), col = col_in.contiguous(),
-                   blocks = blocks_in.contiguous();
-  const std::optional<at::Tensor> bias = bias_in ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
+}  // namespace
+
+void bsr_linear_run(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& blocks,
+                    const std::optional<at::Tensor>& bias, at::Tensor& y) {
   const int64_t rows = x.size(0), k = x.size(1), bm = blocks.size(1), bk = blocks.size(2);
   const int64_t block_rows = crow.numel() - 1, out_features = block_rows * bm;
-  at::Tensor y = new_output({rows, out_features}, x.options());
-  if (rows == 0 || out_features == 0) return y;
-  if (k == 0) return bias ? y.copy_(bias->unsqueeze(0).expand({rows, out_features})) : y.zero_();
+  if (rows == 0 || out_features == 0) return;
+  if (k == 0) {
+    if (bias) {
+      y.copy_(bias->unsqueeze(0).expand({rows, out_features}));
+    } else {
+      y.zero_();
+    }
+    return;
+  }
 
   BSRLinearArgs a{};
   a.x = x.data_ptr();
@@ -87,7 +92,7 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x_in, const at::Tensor& crow_in, con
   const double density = static_cast<double>(a.nnz) * bm * bk / (static_cast<double>(out_features) * k);
   if (rows > kDecodeMaxRows && density > kGemmDensity && a.dtype == DType::kF32 && isa != Isa::kPortable) {
     bsr_linear_gemm(a, x, blocks, bias, y);
-    return y;
+    return;
   }
   if (rows <= kDecodeMaxRows) {
     bsr_linear_decode(a, isa);
@@ -100,6 +105,18 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x_in, const at::Tensor& crow_in, con
     bsr_linear_gemm(a, xb, blocks, bias, yb);  // uses a's weights only
     return yb;
   });
+}
+
+namespace {
+
+at::Tensor bsr_linear_cpu(const at::Tensor& x_in, const at::Tensor& crow_in, const at::Tensor& col_in,
+                          const at::Tensor& blocks_in, const std::optional<at::Tensor>& bias_in) {
+  check_bsr_linear_args(x_in, crow_in, col_in, blocks_in, bias_in);
+  const at::Tensor x = x_in.contiguous(), crow = crow_in.contiguous(), col = col_in.contiguous(),
+                   blocks = blocks_in.contiguous();
+  const std::optional<at::Tensor> bias = bias_in ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
+  at::Tensor y = new_output({x.size(0), (crow.numel() - 1) * blocks.size(1)}, x.options());
+  bsr_linear_run(x, crow, col, blocks, bias, y);
   return y;
 }
 

@@ -90,21 +90,19 @@ void nm_linear_gemm(const NMLinearArgs& a, const at::Tensor& x, const std::optio
   }
 }
 
-namespace {
-
-at::Tensor nm_linear_cpu(const at::Tensor& x_in, const at::Tensor& values_in, const at::Tensor& meta_in, int64_t n,
-                         int64_t m, const std::optional<at::Tensor>& bias_in,
-                         const std::optional<at::Tensor>& scales_in, const std::optional<at::Tensor>& zeros_in,
-                         int64_t group_size, int64_t act_block) {
-  check_nm_linear_args(x_in, values_in, meta_in, n, m, bias_in, scales_in, zeros_in, group_size, act_block);
-  const at::Tensor x = x_in.contiguous(), values = values_in.contiguous(), meta = meta_in.contiguous();
-  const std::optional<at::Tensor> bias = bias_in ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
-  const at::Tensor scales = scales_in ? scales_in->contiguous() : at::Tensor();
-  const at::Tensor zeros = zeros_in ? zeros_in->contiguous() : at::Tensor();
+void nm_linear_run(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta, int64_t n, int64_t m,
+                   const std::optional<at::Tensor>& bias, const at::Tensor& scales, const at::Tensor& zeros,
+                   int64_t act_block, at::Tensor& y) {
   const int64_t rows = x.size(0), k = x.size(1), out_features = values.size(0);
-  at::Tensor y = new_output({rows, out_features}, x.options());
-  if (rows == 0 || out_features == 0) return y;
-  if (k == 0) return bias ? y.copy_(bias->unsqueeze(0).expand({rows, out_features})) : y.zero_();
+  if (rows == 0 || out_features == 0) return;
+  if (k == 0) {
+    if (bias) {
+      y.copy_(bias->unsqueeze(0).expand({rows, out_features}));
+    } else {
+      y.zero_();
+    }
+    return;
+  }
 
   NMLinearArgs a{};
   a.x = x.data_ptr();
@@ -133,7 +131,7 @@ at::Tensor nm_linear_cpu(const at::Tensor& x_in, const at::Tensor& values_in, co
   if (rows > nm_decode_max_rows(a.dtype)) {
     if (!a.act_block) {
       nm_linear_gemm(a, x, bias, y);
-      return y;
+      return;
     }
     // int8 activations: the GEMM runs on x rounded as the decode kernels round it (the op's
     // result for a row does not depend on how many rows came with it).
@@ -146,7 +144,7 @@ at::Tensor nm_linear_cpu(const at::Tensor& x_in, const at::Tensor& values_in, co
     at::Tensor y32 = x.scalar_type() == at::kFloat ? y : at::empty({rows, out_features}, xf.options());
     nm_linear_gemm(a, xf, bias, y32);
     if (x.scalar_type() != at::kFloat) y.copy_(y32);
-    return y;
+    return;
   }
   // Few rows: the decode kernel, 8 rows of x per pass over the weights.
   nm_linear_decode_passes(a);
@@ -155,6 +153,21 @@ at::Tensor nm_linear_cpu(const at::Tensor& x_in, const at::Tensor& values_in, co
     nm_linear_gemm(a, xb, bias, yb);  // uses a's weights only
     return yb;
   });
+}
+
+namespace {
+
+at::Tensor nm_linear_cpu(const at::Tensor& x_in, const at::Tensor& values_in, const at::Tensor& meta_in, int64_t n,
+                         int64_t m, const std::optional<at::Tensor>& bias_in,
+                         const std::optional<at::Tensor>& scales_in, const std::optional<at::Tensor>& zeros_in,
+                         int64_t group_size, int64_t act_block) {
+  check_nm_linear_args(x_in, values_in, meta_in, n, m, bias_in, scales_in, zeros_in, group_size, act_block);
+  const at::Tensor x = x_in.contiguous(), values = values_in.contiguous(), meta = meta_in.contiguous();
+  const std::optional<at::Tensor> bias = bias_in ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
+  const at::Tensor scales = scales_in ? scales_in->contiguous() : at::Tensor();
+  const at::Tensor zeros = zeros_in ? zeros_in->contiguous() : at::Tensor();
+  at::Tensor y = new_output({x.size(0), values.size(0)}, x.options());
+  nm_linear_run(x, values, meta, n, m, bias, scales, zeros, act_block, y);
   return y;
 }
 

@@ -1,5 +1,6 @@
 // The N:M linear's two regimes on whole tensors (nm_linear_op.cpp), shared by the ops that run
-// N:M weights: _nm_linear_cpu and the grouped (MoE) op, which runs them per expert.
+// N:M weights: _nm_linear_cpu, the grouped (MoE) op, which runs them per expert, and the lean
+// decode step.
 #pragma once
 #ifdef SPARSEKERN_TORCH
 #include <ATen/ATen.h>
@@ -20,6 +21,13 @@ void nm_linear_decode_passes(const NMLinearArgs& a);
 // x [rows, a.k] @ W.T (+ bias) into y [rows, a.out_features] (contiguous): tiles of W decompressed,
 // dense GEMM on each, so NaN/Inf propagate as in the dense op. Reads only a's weights.
 void nm_linear_gemm(const NMLinearArgs& a, const at::Tensor& x, const std::optional<at::Tensor>& bias, at::Tensor& y);
+
+// The whole op after its checks (check_nm_linear_args): every tensor contiguous, scales / zeros
+// undefined for float values, y [rows, out] contiguous. Both regimes; NaN/Inf rows of x as in the
+// dense op. _nm_linear_cpu and the lean decode step (lean_step.cpp) run this.
+void nm_linear_run(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta, int64_t n, int64_t m,
+                   const std::optional<at::Tensor>& bias, const at::Tensor& scales, const at::Tensor& zeros,
+                   int64_t act_block, at::Tensor& y);
 
 }  // namespace sparsekern
 #endif

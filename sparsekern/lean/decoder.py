@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsekern.lean.fuse import fuse_linears
+from sparsekern.lean.native import NativeStep
 
 # model_type -> what makes it differ from Llama in the decode step (only sliding windows here).
 SUPPORTED = ("llama", "qwen2", "mistral")
@@ -53,8 +54,12 @@ def _out(module: nn.Module, where: str) -> int:
 
 
 def _act(module: nn.Module):
-    # F.silu directly: calling the activation module costs a few us per block.
-    return F.silu if isinstance(module, nn.SiLU) else module
+    # F.silu directly: calling the activation module costs a few us per block (and the C++ step
+    # runs only SiLU). transformers' "silu" is its own SiLUActivation, whose forward is F.silu.
+    silu = isinstance(module, nn.SiLU) or (
+        type(module).__name__ == "SiLUActivation" and type(module).__module__ == "transformers.activations"
+    )
+    return F.silu if silu else module
 
 
 def check_model(model: nn.Module, total: int) -> None:
@@ -118,6 +123,8 @@ class LeanDecoder:
         self.lm_head = model.lm_head
         self.rotary = body.rotary_emb
         self.cos = self.sin = None  # tables for positions [0, len), grown on demand
+        # The same step as one C++ call (sparsekern/lean/native.py), or why the model has none.
+        self.native, self.why_python = NativeStep.build(self)
 
     # -- per generate() call -----------------------------------------------------------------
 
@@ -153,6 +160,16 @@ class LeanDecoder:
             vc[:, :, :length] = v
             kv.append((kc, vc))
         return kv
+
+    def stepper(self, batch: int):
+        """The step to run for ``batch`` rows: the C++ step where it computes what :meth:`step`
+        does (see sparsekern/lean/native.py), else :meth:`step`; :attr:`why_python` says why."""
+        if self.native is not None:
+            why = self.native.why_not(batch)
+            if why is None:
+                return self.native
+            self.why_python = why
+        return self.step
 
     # -- the step ------------------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 
 Prefill runs through the HF model itself (one call per prompt, so exactly what ``model.generate``
 computes); its cache is copied into static K/V buffers and every further token runs
-:meth:`LeanDecoder.step` under ``torch.inference_mode()``. The decoder (stacked q/k/v and
+:meth:`LeanDecoder.step` (or the same step in one C++ call, :mod:`sparsekern.lean.native`) under
+``torch.inference_mode()``. The decoder (stacked q/k/v and
 gate/up weights, rope tables) is built on the first call and kept for the model until its
 weights change (a swapped module, a ``.to()``, an in-place edit: all checked on every call).
 """
@@ -140,6 +141,7 @@ def generate(
         pre = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
         cache = getattr(pre, "cache", None) or pre.past_key_values
         kv = dec.start(cache, batch, length, total)
+        step = dec.stepper(batch)
         token = pre.logits[:, -1].argmax(-1)
         del pre, cache
         for pos in range(length, total):
@@ -152,5 +154,5 @@ def generate(
                     end = pos + 1
                     break
             if pos + 1 < total:
-                token = dec.step(token, pos, kv).argmax(-1)
+                token = step(token, pos, kv).argmax(-1)
     return out[:, :end]

@@ -1,0 +1,17 @@
+// The BSR linear on whole tensors (bsr_linear_op.cpp), shared by _bsr_linear_cpu and the lean
+// decode step (lean_step.cpp).
+#pragma once
+#ifdef SPARSEKERN_TORCH
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace sparsekern {
+
+// The whole op after its checks (check_bsr_linear_args): every tensor contiguous, y [rows, out]
+// contiguous. Every regime (decode, batched, dense GEMM); NaN/Inf rows of x as in the dense op.
+void bsr_linear_run(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& blocks,
+                    const std::optional<at::Tensor>& bias, at::Tensor& y);
+
+}  // namespace sparsekern
+#endif
