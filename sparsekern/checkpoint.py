@@ -330,7 +330,7 @@ def check_quant_fields(info: dict, where: str) -> None:
 def layer_tensors(info: dict) -> tuple[str, ...]:
     """Names of the tensors a layer entry stores (bias aside)."""
     if info.get("class") == experts_ckpt.CLASS:
-        return experts_ckpt.TENSORS
+        return experts_ckpt.tensors_of(info)
     if info["kind"] != "nm":
         return ("crow_indices", "col_indices", "blocks")
     if info.get("quant") is None:

@@ -1,12 +1,15 @@
 """``SparseExperts`` in checkpoints: the layer entry, its checks, and rebuilding the module.
 
-A pruned fused-experts module is stored as four tensors, ``{name}.up_values`` ``[E, up_out,
-hidden*n/m]``, ``{name}.up_meta``, ``{name}.down_values`` ``[E, hidden, intermediate*n/m]`` and
-``{name}.down_meta``, plus an entry in ``layers`` (``sparsekern.json`` and the HF
-``quantization_config`` alike)::
+A pruned fused-experts module is stored as its stacks' tensors: N:M ``{name}.up_values``
+``[E, up_out, hidden*n/m]``, ``{name}.up_meta``, ``{name}.down_values`` ``[E, hidden,
+intermediate*n/m]`` and ``{name}.down_meta``; or BSR ``{name}.up_crow`` ``[E, up_out/bm + 1]``
+(global block indices), ``up_col`` ``[nnz]``, ``up_blocks`` ``[nnz, bm, bk]`` and the same for
+``down``. Plus an entry in ``layers`` (``sparsekern.json`` and the HF ``quantization_config``)::
 
     {"class": "SparseExperts", "kind": "nm", "pattern": "2:4", "n": 2, "m": 4, "experts": 8,
      "hidden": 1024, "intermediate": 3584, "has_gate": true, "dtype": "float32"}
+
+(``"kind": "block", "block": [32, 32]`` in place of ``n`` / ``m`` for block-sparse experts).
 
 Loading needs the dense architecture's experts module (for its activation and to check the
 shapes); :mod:`sparsekern.checkpoint` (``sk.load``) and :mod:`sparsekern.hf.quantizer`
@@ -18,61 +21,73 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sparsekern.formats.bsr import BlockSparseWeight
 from sparsekern.formats.nm import NMSparseWeight, meta_words
 from sparsekern.nn.moe import SparseExperts, experts_layout, find_experts, up_name
 
 CLASS = "SparseExperts"
-TENSORS = ("up_values", "up_meta", "down_values", "down_meta")
-_FIELDS = {"n": int, "m": int, "experts": int, "hidden": int, "intermediate": int, "has_gate": bool}
+TENSORS = {
+    "nm": ("up_values", "up_meta", "down_values", "down_meta"),
+    "block": ("up_crow", "up_col", "up_blocks", "down_crow", "down_col", "down_blocks"),
+}
+_FIELDS = {"experts": int, "hidden": int, "intermediate": int, "has_gate": bool}
+_KIND_FIELDS = {"nm": {"n": int, "m": int}, "block": {"block": list}}
 
 
 def entry(mod: SparseExperts) -> dict:
     """The ``layers`` entry of one ``SparseExperts`` module."""
     hidden, inter = mod.down_shape
-    return {
-        "class": CLASS,
-        "kind": "nm",
-        "pattern": mod.pattern,
-        "n": mod.n,
-        "m": mod.m,
-        "experts": mod.num_experts,
-        "hidden": hidden,
-        "intermediate": inter,
-        "has_gate": mod.has_gate,
-        "dtype": str(mod.up_values.dtype).removeprefix("torch."),
-    }
+    info = {"class": CLASS, "kind": mod.kind, "pattern": mod.pattern}
+    info.update({"n": mod.n, "m": mod.m} if mod.kind == "nm" else {"block": list(mod.block)})
+    info.update(experts=mod.num_experts, hidden=hidden, intermediate=inter, has_gate=mod.has_gate)
+    info["dtype"] = str(mod.stack("up")[0 if mod.kind == "nm" else 2].dtype).removeprefix("torch.")
+    return info
+
+
+def tensors_of(info: dict) -> tuple[str, ...]:
+    return TENSORS[info["kind"]]
 
 
 def check_entry(info: dict, where: str) -> None:
     """Every field of a ``SparseExperts`` entry: a ValueError names the key."""
-    if info.get("kind") != "nm":
-        raise ValueError(f"{where}.kind: expected 'nm' for {CLASS}, got {info.get('kind')!r}")
-    for key, typ in _FIELDS.items():
+    kind = info.get("kind")
+    if kind not in TENSORS:
+        raise ValueError(f"{where}.kind: expected 'nm' or 'block' for {CLASS}, got {kind!r}")
+    for key, typ in {**_FIELDS, **_KIND_FIELDS[kind]}.items():
         value = info.get(key)
-        ok = isinstance(value, typ) and (typ is bool or (not isinstance(value, bool) and value > 0))
+        if typ is list:
+            ok = isinstance(value, list) and len(value) == 2
+            ok = ok and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in value)
+            want = "[rows, cols] of positive ints"
+        else:
+            ok = isinstance(value, typ) and (typ is bool or (not isinstance(value, bool) and value > 0))
+            want = "true or false" if typ is bool else "a positive int"
         if not ok:
-            raise ValueError(
-                f"{where}.{key}: expected {'true or false' if typ is bool else 'a positive int'}, got {value!r}"
-            )
+            raise ValueError(f"{where}.{key}: expected {want}, got {value!r}")
     if info.get("quant") is not None:
         raise ValueError(f"{where}.quant: {CLASS} holds float values only, got {info['quant']!r}")
-    if info["hidden"] % info["m"] or info["intermediate"] % info["m"]:
-        raise ValueError(
-            f"{where}: hidden {info['hidden']} and intermediate {info['intermediate']} must be divisible by m={info['m']}"
-        )
+    up_out, h, i = (2 if info["has_gate"] else 1) * info["intermediate"], info["hidden"], info["intermediate"]
+    rows, cols = (1, info["m"]) if kind == "nm" else info["block"]
+    if up_out % rows or h % cols or h % rows or i % cols:
+        raise ValueError(f"{where}: the {kind} pattern does not divide the expert shapes {(up_out, h)} and {(h, i)}")
 
 
-def shapes(info: dict) -> dict[str, tuple[int, ...]]:
-    """The stored shape of each of :data:`TENSORS`."""
-    e, h, i, n, m = (info[k] for k in ("experts", "hidden", "intermediate", "n", "m"))
-    up_out = (2 if info["has_gate"] else 1) * i
-    kh, ki = h // m * n, i // m * n
-    return {
-        "up_values": (e, up_out, kh),
-        "up_meta": (e, up_out, meta_words(kh, m)),
-        "down_values": (e, h, ki),
-        "down_meta": (e, h, meta_words(ki, m)),
-    }
+def shapes(info: dict, nnz: dict[str, int] | None = None) -> dict[str, tuple[int, ...]]:
+    """The stored shape of each tensor; block stacks need their block counts ``nnz[which]``."""
+    e, h, i = info["experts"], info["hidden"], info["intermediate"]
+    dims = {"up": ((2 if info["has_gate"] else 1) * i, h), "down": (h, i)}
+    out = {}
+    for which, (rows, k) in dims.items():
+        if info["kind"] == "nm":
+            n, m = info["n"], info["m"]
+            kept = k // m * n
+            out[f"{which}_values"], out[f"{which}_meta"] = (e, rows, kept), (e, rows, meta_words(kept, m))
+        else:
+            bm, bk = info["block"]
+            count = nnz[which]
+            out[f"{which}_crow"], out[f"{which}_col"] = (e, rows // bm + 1), (count,)
+            out[f"{which}_blocks"] = (count, bm, bk)
+    return out
 
 
 def check_module(mod: nn.Module, info: dict, where: str) -> None:
@@ -91,31 +106,62 @@ def check_module(mod: nn.Module, info: dict, where: str) -> None:
         raise ValueError(f"{where}: (experts, hidden, intermediate, has_gate) {want}, the model's module is {have}")
 
 
-def weights(info: dict, parts: dict[str, torch.Tensor]) -> tuple[list[NMSparseWeight], list[NMSparseWeight]]:
-    """Per-expert up and down weights from the four stored tensors, shapes checked."""
-    want = shapes(info)
-    for t in TENSORS:
+def _dims(info: dict) -> dict[str, tuple[int, int]]:
+    h, i = info["hidden"], info["intermediate"]
+    return {"up": ((2 if info["has_gate"] else 1) * i, h), "down": (h, i)}
+
+
+def check_shapes(info: dict, parts: dict[str, torch.Tensor]) -> None:
+    """Each stored tensor has the shape the entry implies (block counts: as stored)."""
+    nnz = {w: parts[f"{w}_blocks"].shape[0] for w in ("up", "down")} if info["kind"] == "block" else None
+    want = shapes(info, nnz)
+    for t in tensors_of(info):
         if tuple(parts[t].shape) != want[t]:
             raise ValueError(f"{t}: expected shape {want[t]}, got {tuple(parts[t].shape)}")
-    h, i = info["hidden"], info["intermediate"]
-    up_shape = ((2 if info["has_gate"] else 1) * i, h)
-    n, m = info["n"], info["m"]
-    up = [NMSparseWeight(v, mt, n, m, up_shape) for v, mt in zip(parts["up_values"], parts["up_meta"])]
-    down = [NMSparseWeight(v, mt, n, m, (h, i)) for v, mt in zip(parts["down_values"], parts["down_meta"])]
-    return up, down
+
+
+def weights(info: dict, parts: dict[str, torch.Tensor]) -> tuple[list, list]:
+    """Per-expert up and down weights (views) from the stored tensors, shapes and ranges checked."""
+    check_shapes(info, parts)
+    out = []
+    for which, shape in _dims(info).items():
+        if info["kind"] == "nm":
+            n, m = info["n"], info["m"]
+            pairs = zip(parts[f"{which}_values"], parts[f"{which}_meta"])
+            out.append([NMSparseWeight(v, mt, n, m, shape) for v, mt in pairs])
+            continue
+        crow, col, blocks = (parts[f"{which}_{t}"] for t in ("crow", "col", "blocks"))
+        if crow.dtype != torch.int32:
+            raise ValueError(f"{which}_crow: expected int32, got {crow.dtype}")
+        ws = []
+        for e in range(crow.shape[0]):
+            lo, hi = int(crow[e, 0]), int(crow[e, -1])
+            if not 0 <= lo <= hi <= blocks.shape[0]:
+                raise ValueError(f"{which}_crow: expert {e} spans blocks {lo}..{hi}, outside 0..{blocks.shape[0]}")
+            ws.append(BlockSparseWeight(crow[e] - lo, col[lo:hi], blocks[lo:hi], shape))
+        out.append(ws)
+    return out[0], out[1]
 
 
 def build(mod: nn.Module, info: dict, parts: dict[str, torch.Tensor], dtype=None, device=None) -> SparseExperts:
-    """A ``SparseExperts`` replacing ``mod`` from the stored tensors (or meta-device placeholders)."""
-    up, down = weights(info, parts)
-    ref = mod.up_values if isinstance(mod, SparseExperts) else getattr(mod, up_name(mod))
+    """A ``SparseExperts`` replacing ``mod`` from the stored tensors (or meta-device placeholders),
+    in ``dtype`` / on ``device`` (default: those of ``mod``'s weights). Contents are not read:
+    callers validate them (:func:`weights` + :func:`validate`, or after a loader fills them)."""
+    check_shapes(info, parts)
+    ref = mod.floating("up") if isinstance(mod, SparseExperts) else getattr(mod, up_name(mod))
     dtype, device = dtype or ref.dtype, device or ref.device
-    move = [w.to(dtype) for w in up], [w.to(dtype) for w in down]
-    new = SparseExperts(*move, mod.act_fn, info["has_gate"])
-    return new if device is None else new.to(device)
+    names = [t.partition("_")[2] for t in tensors_of(info)[: len(tensors_of(info)) // 2]]
+    floating = "values" if info["kind"] == "nm" else "blocks"
+    up, down = (
+        tuple(parts[f"{w}_{t}"].to(dtype) if t == floating else parts[f"{w}_{t}"] for t in names) for w in ("up", "down")
+    )
+    dims = _dims(info)
+    pattern = {"n": info["n"], "m": info["m"]} if info["kind"] == "nm" else {"block": tuple(info["block"])}
+    shapes_ = (dims["up"], dims["down"])
+    return SparseExperts(info["kind"], up, down, shapes_, mod.act_fn, info["has_gate"], **pattern).to(device)
 
 
-def validate(up: list[NMSparseWeight], down: list[NMSparseWeight]) -> None:
+def validate(up: list, down: list) -> None:
     """Check every expert's indices (read from a file, or after a loader copied bytes in)."""
     for which, ws in (("up", up), ("down", down)):
         for e, w in enumerate(ws):

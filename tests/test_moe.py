@@ -62,18 +62,20 @@ def routing(tokens, experts, k, generator):
 
 @pytest.mark.parametrize("family", MODELS)
 @pytest.mark.parametrize("tokens", [1, 2, 37])
-@pytest.mark.parametrize("pattern", ["2:4", "4:8"])
+@pytest.mark.parametrize("pattern", ["2:4", "4:8", "block16x16:0.75", "block32x16:0.5"])
 def test_sparse_experts_matches_transformers_forward(family, tokens, pattern):
     torch.manual_seed(tokens)
     g = torch.Generator().manual_seed(tokens)
     experts = MODELS[family]().model.layers[0].mlp.experts
     sparse, note = prune_experts(experts, pattern)
-    assert note == "" and sparse.pattern == pattern
+    assert note == "" and sparse.pattern == (pattern.replace(":0.5", ":0.50") if "block" in pattern else pattern)
     dense = copy.deepcopy(experts)
     with torch.no_grad():
         dense.gate_up_proj.copy_(sparse.dense("up"))
         dense.down_proj.copy_(sparse.dense("down"))
-    assert (dense.gate_up_proj == 0).float().mean() == pytest.approx(1 - int(pattern[0]) / int(pattern[2]))
+    zeros = float(pattern.split(":")[1]) if "block" in pattern else 1 - int(pattern[0]) / int(pattern[2])
+    assert (dense.gate_up_proj == 0).float().mean() == pytest.approx(zeros)
+    assert (dense.down_proj == 0).float().mean() == pytest.approx(zeros)
     x = torch.randn(tokens, experts.gate_up_proj.shape[2], generator=g)
     index, weights = routing(tokens, experts.num_experts, 2, g)
     with torch.no_grad():
@@ -208,7 +210,10 @@ def test_unsupported_layouts_and_patterns_stay_dense_with_reason():
     assert "is_transposed=True" in notes["model.layers.0.mlp.experts.gate_up_proj"]
     assert not isinstance(model.model.layers[0].mlp.experts, SparseExperts)
     assert isinstance(model.model.layers[1].mlp.experts, SparseExperts)
-    for pattern, quant, words in (("block16x16:0.5", None, "N:M patterns only"), ("2:4", "int8", "int8 experts")):
+    for pattern, quant, words in (
+        ("unstructured:0.5", None, "experts take N:M or block patterns"),
+        ("2:4", "int8", "int8 experts"),
+    ):
         m2 = mixtral()
         report = sk.sparsify(m2, pattern, quant=quant, progress=False)
         notes = {r.name: r.note for r in report.skipped}
@@ -220,8 +225,8 @@ def test_prune_experts_bad_input():
     experts = mixtral().model.layers[0].mlp.experts
     with pytest.raises(ValueError, match=r"stats: method 'wanda' needs"):
         prune_experts(experts, "2:4", "wanda")
-    with pytest.raises(ValueError, match=r"pattern: SparseExperts holds N:M experts, got 'block"):
-        prune_experts(experts, "block16x16:0.5")
+    with pytest.raises(ValueError, match=r"pattern: SparseExperts holds N:M or block-sparse experts, got 'unstr"):
+        prune_experts(experts, "unstructured:0.5")
     experts.has_bias = True
     assert "has_bias=True" in experts_layout(experts)
     with pytest.raises(ValueError, match=r"module: MixtralExperts has has_bias=True"):
@@ -332,17 +337,18 @@ def test_drop_experts_failure_leaves_the_model_whole(monkeypatch):
 # -- checkpoints ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", MODELS)
-def test_save_load_and_from_pretrained(family, tmp_path):
+@pytest.mark.parametrize("family, pattern", [("mixtral", "2:4"), ("qwen2_moe", "2:4"), ("mixtral", "block16x16:0.75")])
+def test_save_load_and_from_pretrained(family, pattern, tmp_path):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     model = MODELS[family]()
     fresh = copy.deepcopy(model)
-    sk.sparsify(model, "2:4", progress=False)
+    sk.sparsify(model, pattern, progress=False)
     sk.save(model, tmp_path / "m")
     entry = sk.checkpoint.read_json(str(tmp_path / "m" / "sparsekern.json"))["layers"]["model.layers.1.mlp.experts"]
-    assert entry["class"] == "SparseExperts" and entry["experts"] == 4 and entry["pattern"] == "2:4"
+    assert entry["class"] == "SparseExperts" and entry["experts"] == 4
+    assert entry["pattern"] == model.model.layers[1].mlp.experts.pattern
     ids = torch.randint(0, 100, (2, 7))
     sk.load(tmp_path / "m", fresh)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
@@ -375,8 +381,10 @@ def _rewrite(folder, edit):
         ),
         (lambda e: e.update(hidden=0), r"\.hidden: expected a positive int, got 0"),
         (lambda e: e.update(has_gate="yes"), r"\.has_gate: expected true or false, got 'yes'"),
-        (lambda e: e.update(kind="block"), r"\.kind: expected 'nm' for SparseExperts, got 'block'"),
+        (lambda e: e.update(kind="csr"), r"\.kind: expected 'nm' or 'block' for SparseExperts, got 'csr'"),
+        (lambda e: e.update(kind="block"), r"\.block: expected \[rows, cols\] of positive ints, got None"),
         (lambda e: e.update(quant="int8"), r"\.quant: SparseExperts holds float values only"),
+        (lambda e: e.update(m=3), r"\.pattern: '2:4' disagrees|the nm pattern does not divide"),
         (
             lambda e: e.update({"class": "Experts"}),
             r"\.class: expected 'SparseLinear' or 'SparseExperts', got 'Experts'",

@@ -256,19 +256,26 @@ def _empty_experts(name: str, info: dict, module: nn.Module, headers: dict, dtyp
     here = f"{where}: quantization_config.layers[{name!r}]"
     experts_ckpt.check_module(module, info, here)
     _check_pattern(info, here)
-    want = experts_ckpt.shapes(info)
-    for t in experts_ckpt.TENSORS:
-        key = f"{name}.{t}"
-        if key not in headers:
-            raise ValueError(f"{here}: tensor {key!r} is not in the checkpoint")
-        entry, file = headers[key]
+    names = experts_ckpt.tensors_of(info)
+    for t in names:
+        if f"{name}.{t}" not in headers:
+            raise ValueError(f"{here}: tensor {name + '.' + t!r} is not in the checkpoint")
+    nnz = None
+    if info["kind"] == "block":  # the block counts are whatever the file holds
+        nnz = {w: (headers[f"{name}.{w}_blocks"][0]["shape"] or [-1])[0] for w in ("up", "down")}
+    want = experts_ckpt.shapes(info, nnz)
+    floating = "values" if info["kind"] == "nm" else "blocks"
+    for t in names:
+        entry, file = headers[f"{name}.{t}"]
         if tuple(entry["shape"]) != want[t]:
-            raise ValueError(f"{file}: tensor {key}: shape {entry['shape']}, {here} needs {list(want[t])}")
-        expect = "I32" if t.endswith("meta") else None
+            raise ValueError(f"{file}: tensor {name}.{t}: shape {entry['shape']}, {here} needs {list(want[t])}")
+        expect = None if t.endswith(floating) else "I32"
         if expect and entry["dtype"] != expect or not expect and entry["dtype"] not in _ST_TORCH:
-            raise ValueError(f"{file}: tensor {key}: dtype {entry['dtype']}, expected {expect or 'F32, F16 or BF16'}")
-    dtype = dtype or _ST_TORCH[headers[f"{name}.up_values"][0]["dtype"]]
-    parts = {t: torch.empty(want[t], dtype=torch.int32 if t.endswith("meta") else dtype, device="meta") for t in want}
+            raise ValueError(
+                f"{file}: tensor {name}.{t}: dtype {entry['dtype']}, expected {expect or 'F32, F16 or BF16'}"
+            )
+    dtype = dtype or _ST_TORCH[headers[f"{name}.up_{floating}"][0]["dtype"]]
+    parts = {t: torch.empty(want[t], dtype=dtype if t.endswith(floating) else torch.int32, device="meta") for t in want}
     return experts_ckpt.build(module, info, parts, dtype=dtype, device="meta")
 
 

@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparsekern.formats.nm import NMSparseWeight
+from sparsekern.formats.bsr import BlockSparseWeight
+from sparsekern.formats.nm import NMSparseWeight, stack_nm
 
 _EXPERT_COUNT_ATTRS = ("num_experts", "num_local_experts")
 
@@ -108,47 +109,87 @@ def expert_weights(
     return out
 
 
-def stack(weights: list[NMSparseWeight]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(values [E, out, kept], meta [E, out, words])`` of one N:M weight per expert."""
-    return torch.stack([w.values for w in weights]), torch.stack([w.meta for w in weights])
+_TENSORS = {"nm": ("values", "meta"), "block": ("crow", "col", "blocks")}
+_FLOAT = {"nm": "values", "block": "blocks"}
 
 
 class SparseExperts(nn.Module):
-    """A fused experts module whose up (or gate-up) and down stacks are N:M-sparse.
+    """A fused experts module whose up (or gate-up) and down stacks are N:M- or block-sparse.
 
     Same call as the module it replaces: ``forward(hidden_states [T, H], top_k_index [T, k],
     top_k_weights [T, k]) -> [T, H]``; expert ids ``>= num_experts`` (expert-parallel sentinels)
-    contribute nothing. Values are ``nn.Parameter`` (so ``.to(dtype)`` moves them), meta int32
-    buffers. ``dense_fallback`` as for ``SparseLinear``.
+    contribute nothing. Each stack is one set of tensors over all experts: N:M ``{up,down}_values``
+    ``[E, out, kept]`` and ``_meta`` (see ``formats.nm.stack_nm``), or BSR ``_crow`` ``[E, rows+1]``
+    indexing one shared ``_col`` / ``_blocks`` (``formats.bsr.stack_bsr``). Floating tensors are
+    ``nn.Parameter`` (so ``.to(dtype)`` moves them), indices buffers. ``dense_fallback`` as for
+    ``SparseLinear``.
     """
 
     def __init__(
         self,
-        up: list[NMSparseWeight],
-        down: list[NMSparseWeight],
+        kind: str,
+        up: tuple[torch.Tensor, ...],
+        down: tuple[torch.Tensor, ...],
+        shapes: tuple[tuple[int, int], tuple[int, int]],
         act_fn: nn.Module,
         has_gate: bool,
+        *,
+        n: int | None = None,
+        m: int | None = None,
+        block: tuple[int, int] | None = None,
         dense_fallback: bool = True,
     ):
+        """From the stacks' tensors as stored (``up`` / ``down`` in the order of :data:`_TENSORS`)
+        and the per-expert ``(out, in)`` shapes of up and down; :meth:`from_weights` builds them
+        from one weight per expert. The contents are not read (meta tensors are fine)."""
         super().__init__()
-        if not up or len(up) != len(down):
-            raise ValueError(f"up, down: expected one weight per expert in each, got {len(up)} and {len(down)}")
-        (n, m), shapes = (up[0].n, up[0].m), {(w.n, w.m) for w in up + down}
-        if shapes != {(n, m)} or any(w.quant is not None for w in up + down):
-            raise ValueError(f"up, down: expected float N:M weights of one pattern, got patterns {sorted(shapes)}")
-        self.num_experts, self.n, self.m, self.has_gate = len(up), n, m, has_gate
-        self.up_shape, self.down_shape = tuple(up[0].shape), tuple(down[0].shape)
+        if kind not in _TENSORS or len(up) != len(_TENSORS[kind]) or len(down) != len(up):
+            raise ValueError(f"kind: expected 'nm' or 'block' with {_TENSORS.get(kind)} per stack, got {kind!r}")
+        self.kind, self.n, self.m, self.block = kind, n, m, None if block is None else tuple(block)
+        self.num_experts, self.has_gate = int(up[0].shape[0]), has_gate
+        self.up_shape, self.down_shape = (tuple(int(d) for d in s) for s in shapes)
         inter = self.down_shape[1]
         if self.up_shape != ((2 if has_gate else 1) * inter, self.down_shape[0]):
             raise ValueError(f"up, down: shapes {self.up_shape} and {self.down_shape} do not chain")
-        uv, um = stack(up)
-        dv, dm = stack(down)
-        self.up_values = nn.Parameter(uv.detach(), requires_grad=False)
-        self.register_buffer("up_meta", um.detach())
-        self.down_values = nn.Parameter(dv.detach(), requires_grad=False)
-        self.register_buffer("down_meta", dm.detach())
+        for which, parts in (("up", up), ("down", down)):
+            if parts[0].shape[0] != self.num_experts:
+                raise ValueError(f"{which}: expected {self.num_experts} experts, got {parts[0].shape[0]}")
+            for t, tensor in zip(_TENSORS[kind], parts):
+                if t == _FLOAT[kind]:
+                    setattr(self, f"{which}_{t}", nn.Parameter(tensor.detach(), requires_grad=False))
+                else:
+                    self.register_buffer(f"{which}_{t}", tensor.detach())
         self.act_fn = act_fn
         self.dense_fallback = dense_fallback
+
+    @classmethod
+    def from_weights(
+        cls,
+        up: list[NMSparseWeight | BlockSparseWeight],
+        down: list[NMSparseWeight | BlockSparseWeight],
+        act_fn: nn.Module,
+        has_gate: bool,
+        dense_fallback: bool = True,
+    ) -> SparseExperts:
+        """From one up and one down weight per expert (all float N:M of one pattern, or all BSR)."""
+        if not up or len(up) != len(down):
+            raise ValueError(f"up, down: expected one weight per expert in each, got {len(up)} and {len(down)}")
+        kinds = {_kind_of(w) for w in up + down}
+        if len(kinds) != 1 or None in kinds:
+            raise ValueError(f"up, down: expected float N:M or block-sparse weights of one kind, got {kinds}")
+        kind = kinds.pop()
+        stacks = [stack_nm(ws) if kind == "nm" else _stack_bsr(ws) for ws in (up, down)]
+        pattern = {"n": up[0].n, "m": up[0].m} if kind == "nm" else {"block": up[0].block}
+        shapes = (tuple(up[0].shape), tuple(down[0].shape))
+        return cls(kind, *stacks, shapes, act_fn, has_gate, **pattern, dense_fallback=dense_fallback)
+
+    def stack(self, which: str) -> tuple[torch.Tensor, ...]:
+        """The tensors of one stack (``"up"`` / ``"down"``), in the grouped op's argument order."""
+        return tuple(getattr(self, f"{which}_{t}") for t in _TENSORS[self.kind])
+
+    def floating(self, which: str) -> torch.Tensor:
+        """The floating tensor of one stack: N:M values or BSR blocks."""
+        return getattr(self, f"{which}_{_FLOAT[self.kind]}")
 
     @property
     def dense_fallback(self) -> bool:
@@ -163,12 +204,18 @@ class SparseExperts(nn.Module):
         if not isinstance(allowed, bool):
             raise TypeError(f"dense_fallback: expected bool, got {type(allowed).__name__}")
         self.__dict__["_dense_fallback"] = allowed
-        for values in (self.up_values, self.down_values):
-            plan.set_dense_fallback(values, allowed)
+        for which in ("up", "down"):
+            plan.set_dense_fallback(self.floating(which), allowed)
 
     @property
     def pattern(self) -> str:
-        return f"{self.n}:{self.m}"
+        """``"2:4"`` for N:M; ``"block32x32:0.90"`` (block sparsity over both stacks) for BSR."""
+        if self.kind == "nm":
+            return f"{self.n}:{self.m}"
+        bm, bk = self.block
+        nnz = self.up_blocks.shape[0] + self.down_blocks.shape[0]
+        total = self.num_experts * (self.up_shape[0] * self.up_shape[1] + self.down_shape[0] * self.down_shape[1])
+        return f"block{bm}x{bk}:{1 - nnz * bm * bk / total:.2f}"
 
     def extra_repr(self) -> str:
         e, (up_out, hidden), inter = self.num_experts, self.up_shape, self.down_shape[1]
@@ -176,23 +223,34 @@ class SparseExperts(nn.Module):
 
     def nbytes(self, which: str | None = None) -> int:
         """Bytes of one stack (``"up"`` / ``"down"``) or of both."""
-        parts = {"up": (self.up_values, self.up_meta), "down": (self.down_values, self.down_meta)}
-        tensors = [t for w, ts in parts.items() if which in (None, w) for t in ts]
+        tensors = [t for w in ("up", "down") if which in (None, w) for t in self.stack(w)]
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def weights(self, which: str) -> list[NMSparseWeight]:
-        """One expert stack (``"up"`` or ``"down"``) as per-expert :class:`NMSparseWeight` views."""
-        values, meta = (self.up_values, self.up_meta) if which == "up" else (self.down_values, self.down_meta)
+    def weights(self, which: str) -> list[NMSparseWeight | BlockSparseWeight]:
+        """One stack (``"up"`` or ``"down"``) as per-expert weight views."""
         shape = self.up_shape if which == "up" else self.down_shape
-        return [NMSparseWeight(values[e], meta[e], self.n, self.m, shape) for e in range(self.num_experts)]
+        if self.kind == "nm":
+            values, meta = self.stack(which)
+            return [NMSparseWeight(values[e], meta[e], self.n, self.m, shape) for e in range(self.num_experts)]
+        crow, col, blocks = self.stack(which)
+        out = []
+        for e in range(self.num_experts):
+            lo, hi = int(crow[e, 0]), int(crow[e, -1])
+            out.append(BlockSparseWeight(crow[e] - lo, col[lo:hi], blocks[lo:hi], shape))
+        return out
 
     def dense(self, which: str) -> torch.Tensor:
         """The ``[E, out, in]`` dense stack (pruned weights), e.g. to copy back into the fused module."""
         return torch.stack([w.to_dense() for w in self.weights(which)])
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        from sparsekern.ops import nm_grouped_linear
+    def _linear(self, x: torch.Tensor, which: str, offsets: torch.Tensor) -> torch.Tensor:
+        from sparsekern import ops
 
+        if self.kind == "nm":
+            return ops.nm_grouped_linear(x, *self.stack(which), offsets, self.n, self.m)
+        return ops.bsr_grouped_linear(x, *self.stack(which), offsets)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         t, k = top_k_index.shape
         e = self.num_experts
         ids = top_k_index.reshape(-1)
@@ -202,17 +260,28 @@ class SparseExperts(nn.Module):
         offsets = torch.zeros(e + 1, dtype=torch.int64)
         offsets[1:] = counts.cumsum(0).cpu()
         token = order // k
-        x = hidden_states[token]
-        h = nm_grouped_linear(x, self.up_values, self.up_meta, offsets, self.n, self.m)
+        h = self._linear(hidden_states[token], "up", offsets)
         if self.has_gate:
             gate, up = h.chunk(2, dim=-1)
             h = self.act_fn(gate) * up
         else:
             h = self.act_fn(h)
-        y = nm_grouped_linear(h, self.down_values, self.down_meta, offsets, self.n, self.m)
+        y = self._linear(h, "down", offsets)
         y = y * top_k_weights.reshape(-1)[order, None]
         # One row per (token, choice), summed over the choices; sentinel rows stay zero.
         # NOTE: not index_add_: on 2 busy cores its parallel CPU path took ~50 ms for 2 rows.
         rows = torch.zeros(t * k, y.shape[-1], dtype=y.dtype, device=y.device)
         rows[order] = y
         return rows.view(t, k, -1).sum(1).to(hidden_states.dtype)
+
+
+def _kind_of(w) -> str | None:
+    if isinstance(w, NMSparseWeight):
+        return "nm" if w.quant is None else None
+    return "block" if isinstance(w, BlockSparseWeight) else None
+
+
+def _stack_bsr(weights):
+    from sparsekern.formats.bsr import stack_bsr  # noqa: PLC0415  (lands with the grouped BSR op)
+
+    return stack_bsr(weights)

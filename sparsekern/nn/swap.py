@@ -382,15 +382,15 @@ def _pick(name: str, skip: list[str], parsed: dict, default) -> tuple[object, st
 
 def _fits_experts(pat, mod: nn.Module, quant: str | None) -> str | None:
     """Why a supported experts module cannot take ``pat`` (None if it can)."""
-    if pat.kind != "nm":
-        return f"{pat}: experts take N:M patterns only (no grouped {pat.kind} kernel)"
+    if pat.kind not in ("nm", "block"):
+        return f"{pat}: experts take N:M or block patterns (no grouped {pat.kind} kernel)"
     if quant is not None:
-        return f"{pat}: {quant} experts are not implemented (float N:M only)"
-    hidden, inter = mod.down_proj.shape[1], mod.down_proj.shape[2]
-    if hidden % pat.m or inter % pat.m:
-        return f"{pat}: hidden {hidden} and intermediate {inter} must be divisible by m={pat.m}"
-    if mod.down_proj.dtype not in SUPPORTED_DTYPES:
-        return f"{pat}: dtype {mod.down_proj.dtype} not supported"
+        return f"{pat}: {quant} experts are not implemented (float weights only)"
+    up, down = getattr(mod, up_name(mod)), mod.down_proj
+    for p in (up, down):
+        why = _fits(pat, p.shape[2], p.shape[1], p.dtype)
+        if why:
+            return f"{pat}: {why}"
     return None
 
 
@@ -402,7 +402,7 @@ def _build_experts(
     new, note = prune_experts(mod, pat, method, stats, dense_fallback)
     for which, pname in (("up", up_name(mod)), ("down", "down_proj")):
         r = rows[f"{name}.{pname}"]
-        values = new.up_values if which == "up" else new.down_values
+        values = new.floating(which)
         r.pattern, r.module, r.bytes_after, r.note = str(pat), "SparseExperts", new.nbytes(which), note
         r.sparsity = 1.0 - int((values != 0).sum()) / (r.experts * r.in_features * r.out_features)
     if method == "wanda":

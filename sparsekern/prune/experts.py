@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from sparsekern.formats.bsr import BlockSparseWeight
 from sparsekern.formats.nm import NMSparseWeight
 from sparsekern.nn.moe import SparseExperts, _num_experts, experts_layout, find_experts, up_name
 from sparsekern.prune.calibration import ActivationStats
@@ -80,7 +81,8 @@ class ExpertStats:
 def prune_experts(
     module: nn.Module, pattern, method: str = "magnitude", stats: ExpertStats | None = None, dense_fallback: bool = True
 ):
-    """``(SparseExperts, note)``: every expert's two weights of ``module`` pruned to N:M ``pattern``.
+    """``(SparseExperts, note)``: every expert's two weights of ``module`` pruned to ``pattern``
+    (N:M, or blocks: each expert to the pattern's block sparsity).
 
     ``method`` as for linears; all but magnitude need ``stats`` (``"wanda"`` is then MoE-Pruner's
     router-weighted score). ``note`` names the experts pruned by magnitude for want of tokens.
@@ -91,8 +93,8 @@ def prune_experts(
     why = experts_layout(module)
     if why:
         raise ValueError(f"module: {why}")
-    if pat.kind != "nm":
-        raise ValueError(f"pattern: SparseExperts holds N:M experts, got {str(pat)!r}")
+    if pat.kind not in ("nm", "block"):
+        raise ValueError(f"pattern: SparseExperts holds N:M or block-sparse experts, got {str(pat)!r}")
     if method != "magnitude" and stats is None:
         raise ValueError(f"stats: method {method!r} needs the experts' calibration statistics, got None")
     up_w, down_w = getattr(module, up_name(module)).detach(), module.down_proj.detach()
@@ -105,9 +107,13 @@ def prune_experts(
             for w, st, out in ((up_w[e], stats and stats.up[e], up), (down_w[e], stats and stats.down[e], down)):
                 kw = {"act_norm": st.act_norm, "hessian": st.hessian} if seen else {}
                 pruned, _ = prune_weight(w, pat, method if seen else "magnitude", **kw)
-                out.append(NMSparseWeight.from_dense(pruned.to(w.dtype), pat.n, pat.m))
+                pruned = pruned.to(w.dtype)
+                if pat.kind == "nm":
+                    out.append(NMSparseWeight.from_dense(pruned, pat.n, pat.m))
+                else:
+                    out.append(BlockSparseWeight.from_dense(pruned, block=tuple(pat.block)))
     note = f"{method}: experts {unseen} got no calibration tokens, pruned by magnitude" if unseen else ""
-    return SparseExperts(up, down, module.act_fn, getattr(module, "has_gate", True), dense_fallback), note
+    return SparseExperts.from_weights(up, down, module.act_fn, getattr(module, "has_gate", True), dense_fallback), note
 
 
 # -- expert dropping -------------------------------------------------------------------------------
