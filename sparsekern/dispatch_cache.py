@@ -63,6 +63,14 @@ def _nm_grouped_bucket(x, values, meta, offsets, n, m) -> str:
     return f"r{row_bucket(x.shape[0])}|e{values.shape[0]}|w{values.shape[1]}x{x.shape[-1]}|{n}:{m}"
 
 
+def _bsr_grouped_bucket(x, crow, col, blocks, offsets) -> str:
+    # As _nm_grouped_bucket, with the experts' mean block density as in _bsr_bucket.
+    nnz, bm, bk = blocks.shape
+    e, block_rows, block_cols = crow.shape[0], crow.shape[1] - 1, x.shape[-1] // bk
+    density = round(20 * nnz / max(1, e * block_rows * block_cols)) / 20
+    return f"r{row_bucket(x.shape[0])}|e{e}|w{block_rows * bm}x{x.shape[-1]}|b{bm}x{bk}|d{density:.2f}"
+
+
 def _bsr_bucket(x, crow, col, blocks, bias=None) -> str:
     nnz, bm, bk = blocks.shape
     block_rows, block_cols = crow.numel() - 1, x.shape[-1] // bk
@@ -82,6 +90,7 @@ _BUCKETS: dict[str, Callable[..., str]] = {
     "nm_linear": _nm_bucket,
     "bsr_linear": _bsr_bucket,
     "nm_grouped_linear": _nm_grouped_bucket,
+    "bsr_grouped_linear": _bsr_grouped_bucket,
     "token_scores": _attention_bucket,
     "pruned_attention": _attention_bucket,
 }

@@ -42,7 +42,14 @@ def gather() -> dict[str, object]:
         info["gpu"] = f"{p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB)"
     else:
         info["gpu"] = "none"
-    for op in ("nm_linear", "bsr_linear", "nm_grouped_linear", "token_scores", "pruned_attention"):
+    for op in (
+        "nm_linear",
+        "bsr_linear",
+        "nm_grouped_linear",
+        "bsr_grouped_linear",
+        "token_scores",
+        "pruned_attention",
+    ):
         impls = dispatch.implementations(op)
         info[f"backends.{op}"] = ", ".join(
             name + ("" if impl.auto else " (off by default)") for name, impl in sorted(impls.items())

@@ -22,7 +22,7 @@ from sparsekern.checks import check_same as _check_same
 from sparsekern.checks import check_tensor as _check_tensor
 from sparsekern.checks import nan_rows as _nan_rows
 from sparsekern.formats import quant
-from sparsekern.formats.bsr import BlockSparseWeight, check_bsr_indices
+from sparsekern.formats.bsr import BlockSparseWeight, check_bsr_grouped_indices, check_bsr_indices
 from sparsekern.formats.nm import SUPPORTED_DTYPES, NMSparseWeight, check_nm, meta_words, nm_to_dense
 from sparsekern.plan import all_finite  # noqa: F401  (re-exported: older callers import it from here)
 
@@ -42,6 +42,10 @@ lib.define("nm_linear" + NM_SCHEMA)
 # offsets int64 [E+1] on the CPU (0 .. T, non-decreasing). No bias. Python side: sparsekern/ops_moe.py.
 NM_GROUPED_SCHEMA = "(Tensor x, Tensor values, Tensor meta, Tensor offsets, int n, int m) -> Tensor"
 lib.define("nm_grouped_linear" + NM_GROUPED_SCHEMA)
+# The same for E BSR experts (sparsekern/formats/bsr.py stack_bsr): crow int32 [E, out/bm+1] of global
+# indices into the shared col int32 [nnz_total] and blocks [nnz_total, bm, bk]; x and offsets as above.
+BSR_GROUPED_SCHEMA = "(Tensor x, Tensor crow, Tensor col, Tensor blocks, Tensor offsets) -> Tensor"
+lib.define("bsr_grouped_linear" + BSR_GROUPED_SCHEMA)
 # x @ W.T + bias for a BSR weight W (crow int32 [out/bm+1], col int32 [nnz], blocks [nnz, bm, bk]).
 lib.define("bsr_linear(Tensor x, Tensor crow, Tensor col, Tensor blocks, Tensor? bias=None) -> Tensor")
 # fp32 [B, H, Sk]: attention mass each key receives, averaged over queries (or CLS only).
@@ -55,6 +59,7 @@ lib.define(
 lib.define("_nm_linear_cpu" + NM_SCHEMA)
 lib.define("_bsr_linear_cpu(Tensor x, Tensor crow, Tensor col, Tensor blocks, Tensor? bias=None) -> Tensor")
 lib.define("_nm_grouped_linear_cpu" + NM_GROUPED_SCHEMA)
+lib.define("_bsr_grouped_linear_cpu" + BSR_GROUPED_SCHEMA)
 # pruned_attention plus the kept keys' attention mass (fp32 [B, H, kept], averaged over queries).
 lib.define(
     "pruned_attention_with_scores(Tensor q, Tensor k, Tensor v, Tensor keep_idx, bool causal=False, float? scale=None)"
@@ -166,19 +171,23 @@ def check_bsr_linear(x, crow, col, blocks, bias) -> None:
 _checked_indices: dict[int, tuple[weakref.ref, tuple]] = {}
 
 
-def check_bsr_index_values(crow, col, blocks, k: int) -> None:
-    """crow/col ranges for K = ``k``, refused in the words of the C++ ops (``check_bsr_indices``).
+def check_bsr_index_values(crow, col, blocks, k: int, grouped: bool = False) -> None:
+    """crow/col ranges for K = ``k``, refused in the words of the C++ ops (``check_bsr_indices``;
+    ``grouped``: stacked experts' 2-D crow, ``check_bsr_grouped_indices``).
 
     They read the tensors, so they stay out of the fake impl. Passed once per index tensors
     (stamp: identity, data pointer, size and version), not per call: on a GPU every scan syncs.
     Inference tensors have no version counter, so theirs are scanned on every call.
     """
     nnz, kb = blocks.shape[0], k // blocks.shape[2]
-    stamp, key = weight_stamp(crow, col, crow.numel(), col.numel(), kb), id(col)
+    stamp, key = weight_stamp(crow, col, tuple(crow.shape), col.numel(), kb), id(col)
     hit = _checked_indices.get(key)
     if stamp is not None and hit is not None and hit[0]() is col and hit[1] == stamp:
         return
-    check_bsr_indices(crow, col, nnz, kb, ("crow", "col"))
+    if grouped:
+        check_bsr_grouped_indices(crow, col, nnz, kb)
+    else:
+        check_bsr_indices(crow, col, nnz, kb, ("crow", "col"))
     if stamp is not None:
         _checked_indices[key] = (weakref.ref(col, lambda _: _checked_indices.pop(key, None)), stamp)
 
@@ -407,4 +416,4 @@ def pruned_attention(
 
 
 # The grouped (MoE) op's checks, fake, implementation and typed wrapper live in ops_moe.py.
-from sparsekern.ops_moe import nm_grouped_linear  # noqa: E402,F401
+from sparsekern.ops_moe import bsr_grouped_linear, nm_grouped_linear  # noqa: E402,F401

@@ -40,6 +40,19 @@ def nm_grouped_linear(x, values, meta, offsets, n: int, m: int):
     return torch.cat(parts)
 
 
+def bsr_grouped_linear(x, crow, col, blocks, offsets):
+    """One block-sparse linear per expert: rows ``offsets[e]:offsets[e+1]`` of ``x [T, K]`` times
+    ``W_e.T``, ``W_e`` the blocks ``crow[e, 0]:crow[e, -1]`` (global indices, ``stack_bsr``)."""
+    bounds = offsets.tolist()
+    parts = [x.new_empty((0, (crow.shape[1] - 1) * blocks.shape[1]))]
+    for e, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if hi > lo:
+            b0, b1 = int(crow[e, 0]), int(crow[e, -1])
+            w = bsr_to_dense(crow[e] - b0, col[b0:b1], blocks[b0:b1], x.shape[1])
+            parts.append(F.linear(x[lo:hi], w))
+    return torch.cat(parts)
+
+
 def linear_a8(x, w32, bias, act_block: int):
     """The int8-activation product: x rounded by :func:`quantize_x`, times the fp32 dense weight
     ``w32``, plus bias, in fp32; the result in x's dtype."""

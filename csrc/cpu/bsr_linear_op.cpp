@@ -17,8 +17,7 @@
 namespace sparsekern {
 namespace {
 
-// NOTE: crossover rows and density measured on the 2-core EPYC (bench/bench_linear_cpu.py).
-constexpr int64_t kDecodeMaxRows = 4;
+// NOTE: crossover density measured on the 2-core EPYC (bench/bench_linear_cpu.py); rows: bsr_linear_op.h.
 // Above this fraction of stored blocks (fp32 only), decompressed tiles + dense GEMM.
 // NOTE: the sparse kernel sustains ~145-150 GFLOP/s at any density (4096x4096 @ 512 rows:
 // 11.7 ms at density 0.1, 57.6 ms at 0.5, 84.6 ms at 0.7) against ~101 ms for the dense fp32
@@ -90,11 +89,11 @@ void bsr_linear_run(const at::Tensor& x, const at::Tensor& crow, const at::Tenso
   a.threads = at::get_num_threads();
   const Isa isa = active_isa();
   const double density = static_cast<double>(a.nnz) * bm * bk / (static_cast<double>(out_features) * k);
-  if (rows > kDecodeMaxRows && density > kGemmDensity && a.dtype == DType::kF32 && isa != Isa::kPortable) {
+  if (rows > kBsrDecodeMaxRows && density > kGemmDensity && a.dtype == DType::kF32 && isa != Isa::kPortable) {
     bsr_linear_gemm(a, x, blocks, bias, y);
     return;
   }
-  if (rows <= kDecodeMaxRows) {
+  if (rows <= kBsrDecodeMaxRows) {
     bsr_linear_decode(a, isa);
   } else {
     bsr_linear_batched(a, isa);

@@ -8,6 +8,10 @@
 
 namespace sparsekern {
 
+// Rows of x up to which the decode kernel runs (more: the batched kernel or the dense GEMM).
+// NOTE: crossover measured on the 2-core EPYC (bench/bench_linear_cpu.py).
+constexpr int64_t kBsrDecodeMaxRows = 4;
+
 // The whole op after its checks (check_bsr_linear_args): every tensor contiguous, y [rows, out]
 // contiguous. Every regime (decode, batched, dense GEMM); NaN/Inf rows of x as in the dense op.
 void bsr_linear_run(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& blocks,

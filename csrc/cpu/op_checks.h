@@ -133,6 +133,27 @@ inline void check_nm_linear_args(const at::Tensor& x, const at::Tensor& values, 
   check_linear_common(x, *scales, "scales", out, k, bias);
 }
 
+// sparsekern/ops_moe.py check_offsets: int64 [experts + 1] on the CPU.
+inline void check_offsets(const at::Tensor& offsets, int64_t e) {
+  check_tensor("offsets", offsets, {at::kLong});
+  TORCH_CHECK_VALUE(offsets.device().is_cpu(), "offsets: expected device cpu (the host splits rows by expert), got ",
+                    offsets.device());
+  TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.size(0) == e + 1, "offsets: expected shape ", py_shape({e + 1}),
+                    " (experts + 1), got ", py_shape(offsets.sizes()));
+}
+
+// sparsekern/ops_moe.py check_offsets_values: from 0 to the rows of x, non-decreasing.
+inline void check_offsets_values(const at::Tensor& offsets, int64_t e, int64_t tokens) {
+  const at::Tensor off_c = offsets.contiguous();
+  const int64_t* off = off_c.data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(off[0] == 0 && off[e] == tokens, "offsets: expected to start at 0 and end at the rows of x (",
+                    tokens, "), got ", off[0], "..", off[e]);
+  for (int64_t i = 0; i < e; ++i) {
+    TORCH_CHECK_VALUE(off[i + 1] >= off[i], "offsets: expected non-decreasing, got ", off[i], " then ", off[i + 1],
+                      " at expert ", i);
+  }
+}
+
 // sparsekern/ops_moe.py check_nm_grouped_linear and check_offsets_values: x [T, K] on the CPU,
 // values [E, out, K*n/m] of x's dtype (float only), meta int32 [E, out, words], offsets int64
 // [E+1] on the CPU from 0 to T, non-decreasing. Returns nothing; the op reads offsets itself.
@@ -160,20 +181,10 @@ inline void check_nm_grouped_linear_args(const at::Tensor& x, const at::Tensor& 
   check_same("values", values, x, "x");
   TORCH_CHECK_VALUE(x.size(1) == kept / n * m, "x: expected last dimension ", kept / n * m,
                     " (in_features), got shape ", py_shape(x.sizes()));
-  check_tensor("offsets", offsets, {at::kLong});
-  TORCH_CHECK_VALUE(offsets.device().is_cpu(), "offsets: expected device cpu (the host splits rows by expert), got ",
-                    offsets.device());
-  TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.size(0) == e + 1, "offsets: expected shape ", py_shape({e + 1}),
-                    " (experts + 1), got ", py_shape(offsets.sizes()));
-  const at::Tensor off_c = offsets.contiguous();
-  const int64_t* off = off_c.data_ptr<int64_t>();
-  TORCH_CHECK_VALUE(off[0] == 0 && off[e] == x.size(0), "offsets: expected to start at 0 and end at the rows of x (",
-                    x.size(0), "), got ", off[0], "..", off[e]);
-  for (int64_t i = 0; i < e; ++i) {
-    TORCH_CHECK_VALUE(off[i + 1] >= off[i], "offsets: expected non-decreasing, got ", off[i], " then ", off[i + 1],
-                      " at expert ", i);
-  }
+  check_offsets(offsets, e);
+  check_offsets_values(offsets, e, x.size(0));
 }
+
 
 // The index structure of a BSR weight: crow starts at 0, never decreases, ends at nnz; every
 // col in 0..kb-1 and strictly increasing within a block row. The same checks, in the same order,
@@ -234,6 +245,86 @@ inline void check_bsr_linear_args(const at::Tensor& x, const at::Tensor& crow, c
   TORCH_CHECK_VALUE(k % bk == 0, "x: last dimension ", k, " is not divisible by the block width ", bk);
   const at::Tensor crow_c = crow.contiguous(), col_c = col.contiguous();  // the scan reads flat arrays
   check_bsr_indices(crow_c.data_ptr<int32_t>(), crow.numel() - 1, col_c.data_ptr<int32_t>(), nnz, k / bk);
+}
+
+// Stacked BSR experts' indices (sparsekern/formats/bsr.py check_bsr_grouped_indices, same order and
+// words): crow [e, block_rows + 1] from 0 to nnz, each expert starting where the one before ends,
+// rows non-decreasing; every col in 0..kb-1, strictly increasing within a block row. Flat passes
+// first, as check_bsr_indices (see its NOTE); the loops naming the bad entry run only on failure.
+inline void check_bsr_grouped_indices(const int32_t* crow, int64_t e, int64_t block_rows, const int32_t* col,
+                                      int64_t nnz, int64_t kb) {
+  const int64_t w = block_rows + 1;
+  TORCH_CHECK_VALUE(crow[0] == 0 && crow[e * w - 1] == nnz, "crow: expected to start at 0 and end at nnz=", nnz,
+                    ", got ", crow[0], "..", crow[e * w - 1]);
+  for (int64_t i = 1; i < e; ++i) {
+    TORCH_CHECK_VALUE(crow[i * w] == crow[i * w - 1], "crow: expert ", i, " starts at ", crow[i * w], ", expected ",
+                      crow[i * w - 1], " (where expert ", i - 1, " ends)");
+  }
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < e; ++i) {
+    for (int64_t r = 0; r < block_rows; ++r) bad |= crow[i * w + r + 1] < crow[i * w + r];
+  }
+  if (bad) {
+    for (int64_t i = 0; i < e; ++i) {
+      for (int64_t r = 0; r < block_rows; ++r) {
+        TORCH_CHECK_VALUE(crow[i * w + r + 1] >= crow[i * w + r], "crow: decreases at expert ", i, " block row ", r);
+      }
+    }
+  }
+  // crow now runs from 0 to nnz without a step back: every read below is in bounds.
+  const uint32_t ukb = static_cast<uint32_t>(kb);  // a negative col wraps to a huge unsigned value
+  for (int64_t i = 0; i < nnz; ++i) bad |= static_cast<uint32_t>(col[i]) >= ukb;
+  int64_t drops = 0, row_starts = 0;
+  for (int64_t i = 1; i < nnz; ++i) drops += col[i] <= col[i - 1];
+  for (int64_t i = 0; i < e; ++i) {
+    for (int64_t r = 0; r < block_rows; ++r) {
+      const int64_t s = crow[i * w + r];
+      if (s > 0 && s < crow[i * w + r + 1]) row_starts += col[s] <= col[s - 1];
+    }
+  }
+  if (!bad && drops == row_starts) return;
+  for (int64_t i = 0; i < nnz; ++i) {
+    TORCH_CHECK_VALUE(col[i] >= 0 && col[i] < kb, "col: entry ", i, " is ", col[i], ", out of range 0..", kb - 1);
+  }
+  for (int64_t i = 0; i < e; ++i) {
+    for (int64_t r = 0; r < block_rows; ++r) {
+      for (int64_t j = crow[i * w + r] + 1; j < crow[i * w + r + 1]; ++j) {
+        TORCH_CHECK_VALUE(col[j] > col[j - 1], "col: expert ", i, " block row ", r,
+                          " has columns out of order or repeated at entry ", j);
+      }
+    }
+  }
+}
+
+// sparsekern/ops_moe.py check_bsr_grouped_linear, check_offsets_values and the index values:
+// x [T, K] on the CPU, blocks [nnz, bm, bk] of x's dtype, crow int32 [E, out/bm + 1], col int32
+// [nnz], offsets int64 [E+1] on the CPU from 0 to T, non-decreasing.
+inline void check_bsr_grouped_linear_args(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                                          const at::Tensor& blocks, const at::Tensor& offsets) {
+  check_float("blocks", blocks);
+  check_tensor("crow", crow, {at::kInt});
+  check_tensor("col", col, {at::kInt});
+  TORCH_CHECK_VALUE(blocks.dim() == 3 && blocks.size(1) >= 1 && blocks.size(2) >= 1,
+                    "blocks: expected [nnz, bm, bk] with bm, bk >= 1, got shape ", py_shape(blocks.sizes()));
+  const int64_t nnz = blocks.size(0), bk = blocks.size(2);
+  TORCH_CHECK_VALUE(crow.dim() == 2 && crow.size(0) >= 1 && crow.size(1) >= 1,
+                    "crow: expected [experts >= 1, out/bm + 1], got shape ", py_shape(crow.sizes()));
+  TORCH_CHECK_VALUE(col.dim() == 1 && col.size(0) == nnz, "col: expected shape ", py_shape({nnz}),
+                    " (one entry per block), got ", py_shape(col.sizes()));
+  check_same_device("crow", crow, blocks, "blocks");
+  check_same_device("col", col, blocks, "blocks");
+  check_float("x", x);
+  TORCH_CHECK_VALUE(x.dim() == 2, "x: expected a 2-D [tokens, in_features] tensor, got shape ", py_shape(x.sizes()));
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "x: expected device cpu (a CPU kernel), got ", x.device());
+  check_same("blocks", blocks, x, "x");
+  TORCH_CHECK_VALUE(x.size(1) % bk == 0, "x: last dimension ", x.size(1), " is not divisible by the block width ",
+                    bk);
+  const int64_t e = crow.size(0);
+  check_offsets(offsets, e);
+  check_offsets_values(offsets, e, x.size(0));
+  const at::Tensor crow_c = crow.contiguous(), col_c = col.contiguous();  // the scans read flat arrays
+  check_bsr_grouped_indices(crow_c.data_ptr<int32_t>(), e, crow.size(1) - 1, col_c.data_ptr<int32_t>(), nnz,
+                            x.size(1) / bk);
 }
 
 }  // namespace sparsekern

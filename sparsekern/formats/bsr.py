@@ -6,6 +6,14 @@
 - ``blocks`` ``[nnz, bm, bk]``: the block values.
 
 Block sides run from 8 to 128, need not be square, and must divide the weight's shape.
+
+Stacked experts (``bsr_grouped_linear``, :func:`stack_bsr`): E weights of one shape and block
+size share one ``col [nnz_total]`` and ``blocks [nnz_total, bm, bk]``, expert after expert, and
+``crow int32 [E, out/bm + 1]`` holds global indices: expert e's block row r owns entries
+``crow[e, r]:crow[e, r+1]``, so ``crow[0, 0] == 0``, ``crow[e, 0] == crow[e-1, -1]`` (the blocks
+of the experts before e), ``crow[E-1, -1] == nnz_total``, each row non-decreasing. Expert e alone
+is ``BlockSparseWeight(crow[e] - crow[e, 0], col[lo:hi], blocks[lo:hi])`` with
+``lo, hi = crow[e, 0], crow[e, -1]``: the kernels offset pointers, nothing is copied.
 """
 
 from __future__ import annotations
@@ -69,6 +77,43 @@ def check_bsr_indices(
     if bad.numel():
         i = int(bad[0]) + 1
         raise ValueError(f"{col_name}: block row {int(row_of[i])} has columns out of order or repeated at entry {i}")
+
+
+def check_bsr_grouped_indices(crow: torch.Tensor, col: torch.Tensor, nnz: int, kb: int) -> None:
+    """Stacked experts' indices (module docstring): ``crow [E, block_rows + 1]`` runs from 0 to
+    ``nnz`` without a gap or step back between experts, and every block row's ``col`` lies in
+    ``0..kb-1`` and increases strictly. Same checks, order and words as the C++ op
+    (csrc/cpu/op_checks.h ``check_bsr_grouped_indices``), so both name the same first bad entry."""
+    crow, col = crow.long(), col.long()
+    if int(crow[0, 0]) != 0 or int(crow[-1, -1]) != nnz:
+        raise ValueError(
+            f"crow: expected to start at 0 and end at nnz={nnz}, got {int(crow[0, 0])}..{int(crow[-1, -1])}"
+        )
+    gap = (crow[1:, 0] != crow[:-1, -1]).nonzero()
+    if gap.numel():
+        e = int(gap[0]) + 1
+        raise ValueError(
+            f"crow: expert {e} starts at {int(crow[e, 0])}, expected {int(crow[e - 1, -1])} (where expert {e - 1} ends)"
+        )
+    block_rows = crow.shape[1] - 1
+    down = (crow[:, 1:] < crow[:, :-1]).flatten().nonzero()
+    if down.numel():
+        e, r = divmod(int(down[0]), block_rows)
+        raise ValueError(f"crow: decreases at expert {e} block row {r}")
+    if not nnz:
+        return
+    bad = ((col < 0) | (col >= kb)).nonzero()
+    if bad.numel():
+        i = int(bad[0])
+        raise ValueError(f"col: entry {i} is {int(col[i])}, out of range 0..{kb - 1}")
+    # Every expert's block rows, end to end, are one weight's block rows over the shared col.
+    step = (crow[:, 1:] - crow[:, :-1]).flatten()
+    row_of = torch.repeat_interleave(torch.arange(step.numel(), device=crow.device), step)
+    bad = ((row_of[1:] == row_of[:-1]) & (col[1:] <= col[:-1])).nonzero()
+    if bad.numel():
+        i = int(bad[0]) + 1
+        e, r = divmod(int(row_of[i]), block_rows)
+        raise ValueError(f"col: expert {e} block row {r} has columns out of order or repeated at entry {i}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -188,3 +233,31 @@ class BlockSparseWeight:
             f"BlockSparseWeight(block={self.block}, shape={self.shape}, density={self.density:.3f}, "
             f"dtype={self.dtype}, device={self.device})"
         )
+
+
+def stack_bsr(
+    weights: torch.Tensor | list[BlockSparseWeight], block=(32, 32), sparsity: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(crow int32 [E, out/bm + 1], col int32 [nnz_total], blocks [nnz_total, bm, bk])`` for
+    ``bsr_grouped_linear``: E expert weights stacked as the module docstring lays out.
+
+    ``weights`` is a dense ``[E, out, K]`` tensor (each expert compressed with ``block`` and
+    ``sparsity`` as in :meth:`BlockSparseWeight.from_dense`) or a list of BlockSparseWeight of one
+    shape, block size, dtype and device (``block`` and ``sparsity`` are then ignored).
+    """
+    if isinstance(weights, torch.Tensor):
+        if weights.dim() != 3:
+            raise ValueError(f"weights: expected a 3-D [experts, out, in] tensor, got shape {tuple(weights.shape)}")
+        weights = [BlockSparseWeight.from_dense(w, block=block, sparsity=sparsity) for w in weights]
+    if not isinstance(weights, (list, tuple)) or not weights:
+        raise TypeError(f"weights: expected a 3-D tensor or a non-empty list of BlockSparseWeight, got {weights!r:.80}")
+    first = weights[0]
+    for i, w in enumerate(weights):
+        if not isinstance(w, BlockSparseWeight):
+            raise TypeError(f"weights[{i}]: expected BlockSparseWeight, got {type(w).__name__}")
+        got, want = (w.block, w.shape, w.dtype, w.device), (first.block, first.shape, first.dtype, first.device)
+        if got != want:
+            raise ValueError(f"weights[{i}]: expected (block, shape, dtype, device) {want} like weights[0], got {got}")
+    starts = torch.tensor([0, *[w.nnz_blocks for w in weights]], dtype=torch.int64).cumsum(0)[:-1]
+    crow = torch.stack([w.crow_indices.long() + int(s) for w, s in zip(weights, starts)]).to(torch.int32)
+    return crow, torch.cat([w.col_indices for w in weights]), torch.cat([w.blocks for w in weights])
