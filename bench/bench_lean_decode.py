@@ -1,11 +1,11 @@
 """Greedy decode speed of SmolLM2-135M-Instruct: HF ``model.generate`` against ``sk.generate``.
 
-Rows: engine (hf, lean) x dtype (fp32, bf16) x pattern (dense, 2:4 magnitude-pruned
-``SparseLinear``), batch 1. Decode time per token is ``(t(N new tokens) - t(1 new token)) / (N - 1)``
+Rows: engine (hf, lean, lean-py: the lean path with its Python decode step instead of the C++
+one) x dtype (fp32, bf16) x pattern (dense, 2:4 magnitude-pruned ``SparseLinear``), batch 1. Decode time per token is ``(t(N new tokens) - t(1 new token)) / (N - 1)``
 per round (so prefill drops out); every round runs every row once, in turn, so load that comes and
 goes on a shared machine hits all rows alike. Reported: median ms/token and its 20/80 quantiles
 over rounds, tokens/s, GB/s of weights read per token, speedup over HF dense in the same dtype,
-and whether the lean tokens equal HF's.
+whether the lean tokens equal HF's, and which decode step the lean rows ran.
 
     .venv/bin/python bench/bench_lean_decode.py [--quick] [--tokens 64] [--rounds 5] [--threads N]
 
@@ -29,6 +29,8 @@ import sparsekern as sk  # noqa: E402
 from sparsekern.bench import smollm  # noqa: E402
 from sparsekern.bench.generate import sparsify_pattern  # noqa: E402
 from sparsekern.bench.timing import quantile  # noqa: E402
+from sparsekern.lean.generate import decoder_for  # noqa: E402
+from sparsekern.lean.native import NativeStep  # noqa: E402
 
 PROMPT = "The three most useful things to know about sparse matrix multiplication are"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -51,7 +53,22 @@ def engines(model, ids):
     def lean(n):
         return sk.generate(model, ids, max_new_tokens=n, eos_token_id=None)
 
-    return {"hf": hf, "lean": lean}
+    def lean_py(n):  # the same path with the Python decode step instead of the C++ one
+        os.environ["SPARSEKERN_LEAN_STEP"] = "python"
+        try:
+            return lean(n)
+        finally:
+            del os.environ["SPARSEKERN_LEAN_STEP"]
+
+    return {"hf": hf, "lean": lean, "lean-py": lean_py}
+
+
+def step_used(model, engine: str) -> str:
+    """Which decode step the engine ran: "c++", or "python" and why (lean engines); "-" for hf."""
+    if engine != "lean":
+        return "python" if engine == "lean-py" else "-"
+    dec = decoder_for(model)
+    return "c++" if isinstance(dec.stepper(1), NativeStep) else f"python ({dec.why_python})"
 
 
 def git_sha() -> str:
@@ -109,7 +126,7 @@ def run_table(title: str, models: dict, ids: torch.Tensor, n_new: int, rounds: i
                 t2 = time.perf_counter()
                 samples[key].append(((t2 - t1) - (t1 - t0)) / (n_new - 1))
     print(f"\n{title}")
-    head = ("engine", "dtype", "pattern", "ms/token", "p20-p80", "tok/s", "GB/s", "vs hf dense", "same tokens")
+    head = ("engine", "dtype", "pattern", "ms/token", "p20-p80", "tok/s", "GB/s", "vs hf dense", "same tokens", "step")
     print("  ".join(f"{h:>11}" for h in head))
     for (dname, pattern, engine), s in samples.items():
         ms = quantile(s, 0.5) * 1e3
@@ -126,6 +143,7 @@ def run_table(title: str, models: dict, ids: torch.Tensor, n_new: int, rounds: i
             f"{gbs:.2f}",
             f"{ref / ms:.2f}x",
             "yes" if same else "no",
+            step_used(models[(dname, pattern)], engine),
         )
         print("  ".join(f"{c:>11}" for c in cells))
 

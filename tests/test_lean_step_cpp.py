@@ -53,15 +53,15 @@ def _prefill(model, dec, ids, total):
 def _both_steps(model, batch):
     """Logits and K/V of STEPS decode steps, Python step and C++ step, on copies of one cache."""
     dec = decoder_for(model)
-    assert isinstance(dec.native, NativeStep), dec.why_python
-    assert dec.stepper(batch) is dec.native, dec.why_python
+    native = dec.stepper(batch)
+    assert isinstance(native, NativeStep), dec.why_python
     ids = _ids(batch, PROMPT)
     kv_py, tok = _prefill(model, dec, ids, PROMPT + STEPS)
     kv_cc = [(k.clone(), v.clone()) for k, v in kv_py]
     out = []
     with torch.inference_mode():
         for pos in range(PROMPT, PROMPT + STEPS):
-            ref, got = dec.step(tok, pos, kv_py), dec.native(tok, pos, kv_cc)
+            ref, got = dec.step(tok, pos, kv_py), native(tok, pos, kv_cc)
             out.append((ref, got))
             tok = ref.argmax(-1)
     return out, kv_py, kv_cc
@@ -121,6 +121,27 @@ def test_layers_that_do_not_stack_keep_the_python_step():
     assert torch.equal(sk.generate(model, ids, max_new_tokens=8, eos_token_id=None), _hf(model, ids, max_new_tokens=8))
 
 
+@pytest.mark.parametrize("kind", ["2:4", "block", "int4-g32"])
+def test_plans_on_the_dense_fallback_run_its_copy(kind):
+    model = _model("llama", kind, torch.bfloat16)
+    with dispatch.use_backend("dense"):
+        steps, kv_py, kv_cc = _both_steps(model, 3)
+        assert set(decoder_for(model).stepper(3).specs[::5]) == {0}  # every linear as at::linear
+    for ref, got in steps:
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    n = PROMPT + STEPS - 1
+    assert all(torch.equal(a[:, :, :n], b[:, :, :n]) for p, q in zip(kv_py, kv_cc) for a, b in zip(p, q))
+
+
+def test_int8_activations_on_the_dense_fallback_keep_the_python_step():
+    model, ids = _model("llama", "int8-a32"), _ids(1)
+    dec = decoder_for(model)
+    with dispatch.use_backend("dense"):
+        assert dec.stepper(1) == dec.step and "plan runs backend 'dense'" in dec.why_python
+        out = sk.generate(model, ids, max_new_tokens=6, eos_token_id=None)
+        assert torch.equal(out, _hf(model, ids, max_new_tokens=6))
+
+
 def test_plan_on_another_backend_keeps_the_python_step():
     model = _model("llama", "2:4")
     ids = _ids(1)
@@ -129,8 +150,17 @@ def test_plan_on_another_backend_keeps_the_python_step():
         assert dec.stepper(1) == dec.step
         assert "plan runs backend 'reference'" in dec.why_python
         out = sk.generate(model, ids, max_new_tokens=8, eos_token_id=None)
-    assert dec.stepper(1) is dec.native  # the choice follows the dispatch state
+    assert isinstance(dec.stepper(1), NativeStep)  # the choice follows the dispatch state
     assert torch.equal(out, _hf(model, ids, max_new_tokens=8))
+
+
+def test_env_keeps_the_python_step(monkeypatch):
+    model = _model("llama", "2:4")
+    dec = decoder_for(model)
+    monkeypatch.setenv("SPARSEKERN_LEAN_STEP", "python")
+    assert dec.stepper(1) == dec.step and dec.why_python == "SPARSEKERN_LEAN_STEP=python"
+    monkeypatch.delenv("SPARSEKERN_LEAN_STEP")
+    assert isinstance(dec.stepper(1), NativeStep)
 
 
 def test_without_the_op_the_python_step_runs(monkeypatch):
@@ -148,7 +178,7 @@ def _op_args(batch=2):
     model = _model("llama", "2:4")
     dec = decoder_for(model)
     kv, tok = _prefill(model, dec, _ids(batch), PROMPT + 2)
-    step = dec.native
+    step = dec.stepper(batch)
     ks, vs = [k.clone() for k, _ in kv], [v.clone() for _, v in kv]  # normal tensors, not inference ones
     for t in ks + vs:  # positions not filled yet: a known value, so a write there shows
         t[:, :, PROMPT:] = 0

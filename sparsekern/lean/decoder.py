@@ -25,12 +25,14 @@ decoding at once.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sparsekern.lean.fuse import fuse_linears
-from sparsekern.lean.native import NativeStep
+from sparsekern.lean.native import Native
 
 # model_type -> what makes it differ from Llama in the decode step (only sliding windows here).
 SUPPORTED = ("llama", "qwen2", "mistral")
@@ -124,7 +126,7 @@ class LeanDecoder:
         self.rotary = body.rotary_emb
         self.cos = self.sin = None  # tables for positions [0, len), grown on demand
         # The same step as one C++ call (sparsekern/lean/native.py), or why the model has none.
-        self.native, self.why_python = NativeStep.build(self)
+        self.native, self.why_python = Native.build(self)
 
     # -- per generate() call -----------------------------------------------------------------
 
@@ -163,12 +165,15 @@ class LeanDecoder:
 
     def stepper(self, batch: int):
         """The step to run for ``batch`` rows: the C++ step where it computes what :meth:`step`
-        does (see sparsekern/lean/native.py), else :meth:`step`; :attr:`why_python` says why."""
+        does (see sparsekern/lean/native.py), else :meth:`step`; :attr:`why_python` says why.
+        ``SPARSEKERN_LEAN_STEP=python`` keeps the Python step (to compare the two)."""
+        if os.environ.get("SPARSEKERN_LEAN_STEP") == "python":
+            self.why_python = "SPARSEKERN_LEAN_STEP=python"
+            return self.step
         if self.native is not None:
-            why = self.native.why_not(batch)
-            if why is None:
-                return self.native
-            self.why_python = why
+            step, self.why_python = self.native.step_for(batch)
+            if step is not None:
+                return step
         return self.step
 
     # -- the step ------------------------------------------------------------------------------

@@ -1,18 +1,23 @@
 """The lean decode step in one C++ call: ``torch.ops.sparsekern._lean_step_cpu`` (csrc/cpu/lean_step.cpp).
 
-:class:`NativeStep` packs what :class:`~sparsekern.lean.decoder.LeanDecoder` holds (norm weights,
-the fused q/k/v and gate/up linears, o, down, rope tables, the static K/V caches) into the op's
-flat lists once; a call then runs every block in C++ and only the LM head in Python.
+:class:`Native` packs what :class:`~sparsekern.lean.decoder.LeanDecoder` holds (norm weights, the
+fused q/k/v and gate/up linears, o, down) into the op's flat lists once; a :class:`NativeStep`
+call then runs every block in C++ (rope tables and the static K/V caches passed along) and only
+the LM head in Python.
 
-The C++ step runs each sparse linear with the CPU kernel, so it stands in for the Python step
-only where the layer's own plan would pick that kernel too: :meth:`NativeStep.why_not` asks every
-``SparseLinear``'s plan which backend it runs for the decode row bucket (once per batch bucket
-and dispatch state) and says why not otherwise. Dense ``nn.Linear`` layers run ``at::linear`` in
-both steps. Anything else (layers that did not stack, another activation than SiLU, mixed dtypes,
-a model off the CPU, an extension built without the op) keeps the Python step, with the reason.
+The C++ step must compute what the Python step computes, and the Python step runs each
+``SparseLinear`` through its plan. So :meth:`Native.step_for` asks every sparse layer's plan which
+backend it runs for the decode row bucket (once per bucket and dispatch state): ``"cpu"``: the C++
+step calls the same kernel (nm_linear_run / bsr_linear_run); ``"dense"`` (measured dispatch may
+pick it for small layers): the plan's dense copy goes to ``at::linear``, as ``F.linear`` in the
+plan; anything else keeps the Python step, with the reason. Dense ``nn.Linear`` layers run
+``at::linear`` in both steps. Layers that did not stack, another activation than SiLU, mixed
+dtypes, a model off the CPU, an extension built without the op: the Python step, with the reason.
 
-NOTE: SmolLM2-135M shapes, 2:4 bf16, the Python step spends ~90 us per block in ~14 Python-level
-torch calls; one C++ call makes those dispatcher calls without Python in between.
+NOTE: the Python step spends ~90 us per block in ~14 Python-level torch calls (module docstring of
+decoder.py); the C++ step makes the same dispatcher calls without Python between them. SmolLM2's
+30 blocks and heads at 8 dims per head (weights ~0), loaded 2-core EPYC, bench_lean_decode.py
+--quick: fp32 dense 2.1 ms/token against 3.8 (Python step), bf16 2:4 3.8 against 9.0.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from sparsekern.nn.linear import SparseLinear
 
 OP = "sparsekern::_lean_step_cpu"
 _DENSE, _NM, _BSR = 0, 1, 2
+_SLOTS = _SPEC = 5  # tensors and ints per linear in the op's weights / specs
 
 
 def unavailable() -> str | None:
@@ -63,26 +69,44 @@ def pack_linear(mod: nn.Module, dtype: torch.dtype) -> tuple[list, list[int]] | 
     return tensors, [_BSR, 0, 0, 0, 0]
 
 
-def _plan_backend(mod: SparseLinear, x: torch.Tensor) -> str | None:
-    """The backend ``mod``'s plan runs for x's row bucket (its plan is made here if need be)."""
+def _decode_plan(mod: SparseLinear, x: torch.Tensor):
+    """The plan ``mod`` runs for x's row bucket (made here if need be), or None."""
     mod(x)
     key = (dispatch.row_bucket(x.shape[0]), x.dtype, x.device, x.shape[-1])
-    p = mod.__dict__["_plans"].by_key.get(key)
-    return None if p is None else p.backend
+    return mod.__dict__["_plans"].by_key.get(key)
 
 
 class NativeStep:
-    """``LeanDecoder.step`` as one C++ call; build it with :meth:`build` (None and a reason if
-    the model does not qualify)."""
+    """``LeanDecoder.step`` as one C++ call, for one packing of the linears (see :class:`Native`)."""
 
-    def __init__(self, dec, weights: list, specs: list[int], sparse: list[tuple[str, SparseLinear, int]]) -> None:
-        self.dec, self.weights, self.specs, self.sparse = dec, weights, specs, sparse
+    def __init__(self, dec, weights: list, specs: list[int]) -> None:
+        self.dec, self.weights, self.specs = dec, weights, specs
         self.norms = [t for blk in dec.blocks for t in (blk.ln1, blk.ln2)]
         self.eps = [e for blk in dec.blocks for e in (blk.eps1, blk.eps2)]
-        self._checked: dict[tuple, str | None] = {}
+
+    def __call__(self, tokens: torch.Tensor, pos: int, kv: list) -> torch.Tensor:
+        """Logits ``[B, vocab]``, as :meth:`LeanDecoder.step`."""
+        dec = self.dec
+        h = torch.ops.sparsekern._lean_step_cpu.default(
+            tokens, pos, dec.embed, dec.cos, dec.sin, self.norms, self.eps, self.weights, self.specs,
+            [k for k, _ in kv], [v for _, v in kv], dec.norm, dec.norm_eps, dec.scale,
+        )  # fmt: skip
+        return dec.lm_head(h)
+
+
+class Native:
+    """The decoder's linears packed for the op once (:meth:`build`); :meth:`step_for` gives the
+    C++ step for a batch size, with each sparse layer run as its plan runs it."""
+
+    def __init__(self, dec, weights: list, specs: list[int], sparse: list[tuple[str, SparseLinear, int, int]]) -> None:
+        self.dec, self.weights, self.specs, self.sparse = dec, weights, specs, sparse
+        # row bucket -> (dispatch state, step or None, why not): one entry per bucket, so a dense
+        # copy taken from a plan of an old state is not kept alive.
+        self._steps: dict[str, tuple] = {}
 
     @classmethod
-    def build(cls, dec) -> tuple[NativeStep | None, str | None]:
+    def build(cls, dec) -> tuple[Native | None, str | None]:
+        """``(Native, None)``, or ``(None, why)`` when the model cannot take the C++ step."""
         why = unavailable()
         if why:
             return None, why
@@ -103,34 +127,37 @@ class NativeStep:
                 packed = pack_linear(mod, dtype)
                 if isinstance(packed, str):
                     return None, f"model.layers.{i}.{name}: {packed}"
+                if type(mod) is SparseLinear:
+                    sparse.append((f"model.layers.{i}.{name}", mod, k, len(specs) // _SPEC))
                 weights += packed[0]
                 specs += packed[1]
-                if type(mod) is SparseLinear:
-                    sparse.append((f"model.layers.{i}.{name}", mod, k))
         return cls(dec, weights, specs, sparse), None
 
-    def why_not(self, batch: int) -> str | None:
-        """Why this step would not compute what the Python step does for ``batch`` rows: a sparse
-        layer whose plan runs another backend than the CPU kernel (None: it would)."""
-        key = (dispatch.row_bucket(batch), dispatch.state())
-        if key not in self._checked:
-            self._checked[key] = self._check(batch)
-        return self._checked[key]
+    def step_for(self, batch: int) -> tuple[NativeStep | None, str | None]:
+        """The C++ step for ``batch`` rows, or ``(None, why)`` where it would not compute what the
+        Python step does (a sparse layer whose plan runs neither the CPU kernel nor F.linear on
+        its dense copy). Asked once per row bucket and dispatch state."""
+        bucket, state = dispatch.row_bucket(batch), dispatch.state()
+        hit = self._steps.get(bucket)
+        if hit is None or hit[0] != state:
+            hit = self._steps[bucket] = (state, *self._make(batch))
+        return hit[1], hit[2]
 
-    def _check(self, batch: int) -> str | None:
+    def _make(self, batch: int) -> tuple[NativeStep | None, str | None]:
         dtype, device = self.dec.embed.dtype, self.dec.embed.device
+        weights, specs = list(self.weights), list(self.specs)
         with torch.inference_mode():
-            for name, mod, k in self.sparse:
-                backend = _plan_backend(mod, torch.zeros(batch, k, dtype=dtype, device=device))
-                if backend != "cpu":
-                    return f"{name}: its plan runs backend {backend!r} for {batch} rows, not the CPU kernel"
-        return None
-
-    def __call__(self, tokens: torch.Tensor, pos: int, kv: list) -> torch.Tensor:
-        """Logits ``[B, vocab]``, as :meth:`LeanDecoder.step`."""
-        dec = self.dec
-        h = torch.ops.sparsekern._lean_step_cpu.default(
-            tokens, pos, dec.embed, dec.cos, dec.sin, self.norms, self.eps, self.weights, self.specs,
-            [k for k, _ in kv], [v for _, v in kv], dec.norm, dec.norm_eps, dec.scale,
-        )  # fmt: skip
-        return dec.lm_head(h)
+            for name, mod, k, j in self.sparse:
+                p = _decode_plan(mod, torch.zeros(batch, k, dtype=dtype, device=device))
+                backend = None if p is None else p.backend
+                if backend == "cpu":
+                    continue
+                # The dense fallback's plan runs F.linear(x, its dense copy, bias) (backends/dense.py)
+                # except with int8 activations: the C++ step does that with at::linear.
+                if backend == "dense" and not mod.act_block and len(p.held) == 1 and p.held[0].dtype == dtype:
+                    bias = mod._parameters.get("bias")
+                    weights[j * _SLOTS : (j + 1) * _SLOTS] = [p.held[0], bias, None, None, None]
+                    specs[j * _SPEC : (j + 1) * _SPEC] = [_DENSE, 0, 0, 0, 0]
+                    continue
+                return None, f"{name}: its plan runs backend {backend!r} for {batch} rows, not the CPU kernel"
+        return NativeStep(self.dec, weights, specs), None
