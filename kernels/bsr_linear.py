@@ -62,6 +62,47 @@ def bsr_configs(rows_bucket: int, bm: int, bk: int, elem_bytes: int) -> list[tri
 
 
 @triton.jit
+def bsr_tile_product(
+    x_rows,  # (BLOCK_M,) pointers to the x rows
+    m_mask,
+    crow_row,  # pointer to the block row's crow entry (begin; end next to it)
+    col_ptr,  # (nnz,) int32
+    blocks_ptr,  # (nnz, BM, BK)
+    nnz,
+    K,
+    pid_s,
+    n_splits,
+    BM: tl.constexpr,
+    BK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """fp32 ``(BLOCK_M, BLOCK_N)``: the x rows times the block row's stored blocks (this split's
+    share: every ``n_splits``-th block from ``pid_s``), transposed. Shared by ``_bsr_kernel`` and
+    the grouped (MoE) kernel."""
+    offs_i = tl.arange(0, BLOCK_N)
+    offs_t = tl.arange(0, BLOCK_K)
+    i_mask = offs_i < BM
+    t_mask = offs_t < BK
+    # int64 block index: b * BM * BK passes 2**31 on large weights.
+    lo = tl.maximum(tl.load(crow_row).to(tl.int64), 0)
+    hi = tl.minimum(tl.load(crow_row + 1).to(tl.int64), nnz)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for b in range(lo + pid_s, hi, n_splits):
+        cols = tl.load(col_ptr + b) * BK + offs_t
+        x_mask = m_mask[:, None] & (t_mask & (cols >= 0) & (cols < K))[None, :]
+        x = tl.load(x_rows[:, None] + cols[None, :], mask=x_mask, other=0.0)
+        blk_ptr = blocks_ptr + b * (BM * BK)
+        blk = tl.load(
+            blk_ptr + offs_i[:, None] * BK + offs_t[None, :], mask=i_mask[:, None] & t_mask[None, :], other=0.0
+        )
+        acc = tl.dot(x, tl.trans(blk), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _bsr_kernel(
     x_ptr,  # (rows, K)
     crow_ptr,  # (out/bm + 1,) int32
@@ -89,27 +130,13 @@ def _bsr_kernel(
     pid_m = tl.program_id(1)
     pid_s = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_i = tl.arange(0, BLOCK_N)
-    offs_t = tl.arange(0, BLOCK_K)
     m_mask = offs_m < rows
-    i_mask = offs_i < BM
-    t_mask = offs_t < BK
-    # int64 block index: b * BM * BK passes 2**31 on large weights.
-    lo = tl.maximum(tl.load(crow_ptr + rb).to(tl.int64), 0)
-    hi = tl.minimum(tl.load(crow_ptr + rb + 1).to(tl.int64), nnz)
     x_rows = x_ptr + offs_m.to(tl.int64) * stride_xr  # 64-bit: rows * stride passes 2**31
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for b in range(lo + pid_s, hi, n_splits):
-        cols = tl.load(col_ptr + b) * BK + offs_t
-        x_mask = m_mask[:, None] & (t_mask & (cols >= 0) & (cols < K))[None, :]
-        x = tl.load(x_rows[:, None] + cols[None, :], mask=x_mask, other=0.0)
-        blk_ptr = blocks_ptr + b * (BM * BK)
-        blk = tl.load(
-            blk_ptr + offs_i[:, None] * BK + offs_t[None, :], mask=i_mask[:, None] & t_mask[None, :], other=0.0
-        )
-        acc = tl.dot(x, tl.trans(blk), acc, input_precision=DOT_PRECISION)
+    acc = bsr_tile_product(x_rows, m_mask, crow_ptr + rb, col_ptr, blocks_ptr, nnz, K, pid_s, n_splits,
+                           BM, BK, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+    offs_i = tl.arange(0, BLOCK_N)
     offs_n = rb * BM + offs_i
-    n_mask = i_mask & (offs_n < out_features)
+    n_mask = (offs_i < BM) & (offs_n < out_features)
     store_tile(acc, y_ptr, bias_ptr, offs_m, m_mask, offs_n, n_mask, out_features, pid_s, stride_ys, HAS_BIAS, PARTIAL)
 
 
