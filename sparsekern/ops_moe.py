@@ -119,14 +119,18 @@ def _nm_grouped_linear_impl(x, values, meta, offsets, n, m):
 lib.impl(OP, _nm_grouped_linear_impl, "CompositeExplicitAutograd")
 
 
+def _tensors_only(**named) -> None:
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):  # the op's own parser would only say "Cast error"
+            raise TypeError(f"{name}: expected torch.Tensor, got {type(t).__name__}")
+
+
 def nm_grouped_linear(
     x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, offsets: torch.Tensor, n: int, m: int
 ) -> torch.Tensor:
     """``out[r] = x[r] @ W_e.T`` for every row r of expert e's range ``offsets[e]:offsets[e+1]``
     (see the module docstring); ``values``/``meta`` from :func:`sparsekern.formats.nm.stack_nm`."""
-    for name, t in (("x", x), ("values", values), ("meta", meta), ("offsets", offsets)):
-        if not isinstance(t, torch.Tensor):  # the op's own parser would only say "Cast error"
-            raise TypeError(f"{name}: expected torch.Tensor, got {type(t).__name__}")
+    _tensors_only(x=x, values=values, meta=meta, offsets=offsets)
     return torch.ops.sparsekern.nm_grouped_linear(x, values, meta, offsets, n, m)
 
 
@@ -154,7 +158,5 @@ def bsr_grouped_linear(
 ) -> torch.Tensor:
     """``out[r] = x[r] @ W_e.T`` for every row r of expert e's range ``offsets[e]:offsets[e+1]``,
     ``W_e`` block-sparse; ``crow``/``col``/``blocks`` from :func:`sparsekern.formats.bsr.stack_bsr`."""
-    for name, t in (("x", x), ("crow", crow), ("col", col), ("blocks", blocks), ("offsets", offsets)):
-        if not isinstance(t, torch.Tensor):  # the op's own parser would only say "Cast error"
-            raise TypeError(f"{name}: expected torch.Tensor, got {type(t).__name__}")
+    _tensors_only(x=x, crow=crow, col=col, blocks=blocks, offsets=offsets)
     return torch.ops.sparsekern.bsr_grouped_linear(x, crow, col, blocks, offsets)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -64,13 +63,7 @@ if not triton_aot.interpreter_process():
 
     def test_interpreter_suite_in_subprocess():
         """This file's kernel tests, in a process where Triton interprets (see module docstring)."""
-        env = {**os.environ, "TRITON_INTERPRET": "1", "TRITON_DEFAULT_FP_FUSION": "1"}
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", HERE]
-        res = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(HERE)), env=env, capture_output=True, text=True,
-                             timeout=900)  # fmt: skip
-        tail = res.stdout.strip().splitlines()[-1:] or ["(no output)"]
-        print(f"\ninterpreter suite: {tail[0]}")
-        assert res.returncode == 0, f"interpreter suite failed:\n{res.stdout[-8000:]}\n{res.stderr[-4000:]}"
+        triton_aot.run_interpreter_suite(HERE)
 
     def test_aot_compiles_for_sm80_sm90():
         rows = triton_aot.run_script(HERE, shards=1, timeout=900)
@@ -78,16 +71,7 @@ if not triton_aot.interpreter_process():
             print(f"{r['label']:36} sm_{r['cc']} warps {r['num_warps']} regs {r['n_regs']} spill {r['n_spills']} "
                   f"smem {r['shared']} mma {r['mma_sync']} wgmma {r['wgmma']}")  # fmt: skip
         assert len(rows) == len(list(_aot_cases())) * len(CCS)
-        bad = [f"{r['label']} sm_{r['cc']}: {r['n_spills']} B spilled" for r in rows if r["n_spills"]]
-        bad += [f"{r['label']} sm_80: no mma.sync" for r in rows if r["cc"] == 80 and not r["mma_sync"]]
-        bad += [
-            f"{r['label']} sm_90: no wgmma" for r in rows if r["cc"] == 90 and r["expect"] == "wgmma" and not r["wgmma"]
-        ]
-        bad += [
-            f"{r['label']} sm_90: no tensor-core instruction"
-            for r in rows
-            if r["cc"] == 90 and not (r["mma_sync"] or r["wgmma"])
-        ]
+        bad = triton_aot.tensor_core_problems(rows)
         assert not bad, "\n".join(bad)
 
 else:

@@ -144,6 +144,34 @@ def interpreter_process() -> bool:
     return tl is None or type(tl.cdiv).__name__ == "InterpretedFunction"
 
 
+def run_interpreter_suite(path: str, timeout: float = 900) -> None:
+    """Run the test file ``path`` in a process where Triton interprets; fail with its output if it fails."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "TRITON_DEFAULT_FP_FUSION": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    tail = res.stdout.strip().splitlines()[-1:] or ["(no output)"]
+    print(f"\ninterpreter suite: {tail[0]}")
+    assert res.returncode == 0, f"interpreter suite failed:\n{res.stdout[-8000:]}\n{res.stderr[-4000:]}"
+
+
+def tensor_core_problems(rows: list[dict]) -> list[str]:
+    """What is wrong with compiled rows (``run_script`` output carrying ``label``, ``cc``,
+    ``n_spills``, ``mma_sync``, ``wgmma``, ``expect``): spills, no ``mma.sync`` on sm_80, no
+    ``wgmma`` on sm_90 where ``expect`` says so, no tensor-core instruction at all on sm_90."""
+    bad = [f"{r['label']} sm_{r['cc']}: {r['n_spills']} B spilled" for r in rows if r["n_spills"]]
+    bad += [f"{r['label']} sm_80: no mma.sync" for r in rows if r["cc"] == 80 and not r["mma_sync"]]
+    bad += [
+        f"{r['label']} sm_90: no wgmma" for r in rows if r["cc"] == 90 and r["expect"] == "wgmma" and not r["wgmma"]
+    ]
+    bad += [
+        f"{r['label']} sm_90: no tensor-core instruction"
+        for r in rows
+        if r["cc"] == 90 and not (r["mma_sync"] or r["wgmma"])
+    ]
+    return bad
+
+
 def gpu_skip_reason() -> str | None:
     """Why the Triton tests in tests/gpu cannot run in this process, or None when they can."""
     import importlib.util

@@ -66,17 +66,23 @@ def check_bsr_indices(
     step = crow[1:] - crow[:-1]
     if (step < 0).any():
         raise ValueError(f"{crow_name}: decreases at block row {int((step < 0).nonzero()[0])}")
-    if not nnz:
+    _check_block_cols(col, step, kb, col_name, lambda r: f"block row {r}")
+
+
+def _check_block_cols(col: torch.Tensor, step: torch.Tensor, kb: int, col_name: str, row_name) -> None:
+    """Every ``col`` (int64) in ``0..kb-1``, strictly increasing within each block row; ``step``:
+    each block row's block count (crow already checked); ``row_name(r)`` names block row r."""
+    if not col.numel():
         return
     bad = ((col < 0) | (col >= kb)).nonzero()
     if bad.numel():
         i = int(bad[0])
         raise ValueError(f"{col_name}: entry {i} is {int(col[i])}, out of range 0..{kb - 1}")
-    row_of = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device), step)
+    row_of = torch.repeat_interleave(torch.arange(step.numel(), device=col.device), step)
     bad = ((row_of[1:] == row_of[:-1]) & (col[1:] <= col[:-1])).nonzero()
     if bad.numel():
         i = int(bad[0]) + 1
-        raise ValueError(f"{col_name}: block row {int(row_of[i])} has columns out of order or repeated at entry {i}")
+        raise ValueError(f"{col_name}: {row_name(int(row_of[i]))} has columns out of order or repeated at entry {i}")
 
 
 def check_bsr_grouped_indices(crow: torch.Tensor, col: torch.Tensor, nnz: int, kb: int) -> None:
@@ -100,20 +106,9 @@ def check_bsr_grouped_indices(crow: torch.Tensor, col: torch.Tensor, nnz: int, k
     if down.numel():
         e, r = divmod(int(down[0]), block_rows)
         raise ValueError(f"crow: decreases at expert {e} block row {r}")
-    if not nnz:
-        return
-    bad = ((col < 0) | (col >= kb)).nonzero()
-    if bad.numel():
-        i = int(bad[0])
-        raise ValueError(f"col: entry {i} is {int(col[i])}, out of range 0..{kb - 1}")
     # Every expert's block rows, end to end, are one weight's block rows over the shared col.
     step = (crow[:, 1:] - crow[:, :-1]).flatten()
-    row_of = torch.repeat_interleave(torch.arange(step.numel(), device=crow.device), step)
-    bad = ((row_of[1:] == row_of[:-1]) & (col[1:] <= col[:-1])).nonzero()
-    if bad.numel():
-        i = int(bad[0]) + 1
-        e, r = divmod(int(row_of[i]), block_rows)
-        raise ValueError(f"col: expert {e} block row {r} has columns out of order or repeated at entry {i}")
+    _check_block_cols(col, step, kb, "col", lambda r: "expert {} block row {}".format(*divmod(r, block_rows)))
 
 
 @dataclass(frozen=True, eq=False)
