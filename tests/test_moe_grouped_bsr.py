@@ -257,6 +257,10 @@ def _bad_cases():
         ("offsets decrease", dict(offsets=torch.tensor([0, 3, 2, 5])), ValueError, r"non-decreasing, got 3 then 2 at expert 1"),
         ("offsets meta", dict(offsets=torch.empty(4, dtype=torch.int64, device="meta")), ValueError,
          r"offsets: expected device cpu"),
+        ("crow meta", dict(crow=torch.empty(3, 3, dtype=torch.int32, device="meta")), ValueError,
+         r"crow: expected device cpu \(that of blocks\), got meta"),
+        ("col meta", dict(col=torch.empty(12, dtype=torch.int32, device="meta")), ValueError,
+         r"col: expected device cpu \(that of blocks\), got meta"),
         ("blocks int8", dict(blocks=b.to(torch.int8)), TypeError, r"blocks: expected dtype in"),
         ("blocks 2-D", dict(blocks=b[0]), ValueError, r"blocks: expected \[nnz, bm, bk\]"),
         ("crow 1-D", dict(crow=c[0]), ValueError, r"crow: expected \[experts >= 1, out/bm \+ 1\], got shape \(3,\)"),
@@ -295,6 +299,33 @@ def test_good_input_passes():
     """The bad cases above change one thing each of an input that runs."""
     g = _good()
     check(OPS.bsr_grouped_linear(*g.values()), *g.values(), "good")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_indices_changed_in_place_are_checked_again(backend):
+    """The op scans the indices once per version of crow/col, not once per tensor (for the
+    reference and dense backends that scan is all that stands between bad indices and a result)."""
+    g = _good()
+    run(backend, *g.values())
+    g["crow"][1, 0] = 3
+    with pytest.raises(ValueError, match=r"crow: expert 1 starts at 3, expected 4"):
+        run(backend, *g.values())
+    g["crow"][1, 0] = 4
+    g["col"][0] = 7
+    with pytest.raises(ValueError, match=r"col: entry 0 is 7, out of range 0\.\.3"):
+        run(backend, *g.values())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_inputs(backend):
+    """x, crow and blocks as non-contiguous views: the backends read them as the dense op would."""
+    x, crow, col, blocks, offsets = make_case(3, 32, 64, [2, 0, 5], (16, 16), 0.5)
+    xt = x.t().contiguous().t()
+    blocks_t = blocks.transpose(1, 2).contiguous().transpose(1, 2)
+    crow_wide = torch.zeros(3, 6, dtype=torch.int32)
+    crow_wide[:, ::2] = crow
+    y = run(backend, xt, crow_wide[:, ::2], col, blocks_t, offsets)
+    check(y, x, crow, col, blocks, offsets, f"{backend} strided")
 
 
 def test_bad_input_wrapper_and_fake():
