@@ -77,7 +77,7 @@ lib.define(
 lib.define("_token_scores_cpu(Tensor q, Tensor k, bool causal=False, float? scale=None, bool cls_only=False) -> Tensor")
 # Active CPU instruction set of the compiled kernels: 0 portable, 1 AVX2+FMA, 2 AVX-512, 3 AVX-512+bf16.
 lib.define("_cpu_isa() -> int")
-# One decode step of a Llama-family LM, every block (csrc/cpu/lean_step.cpp; arguments packed by
+# One decode step of a Llama-family LM, every block (csrc/cpu/lean_step_op.cpp; arguments packed by
 # sparsekern/lean/native.py): the final-normed hidden state [B, hidden]; K/V of pos written in place.
 lib.define(
     "_lean_step_cpu(Tensor tokens, int pos, Tensor embed, Tensor cos, Tensor sin, Tensor[] norms, float[] eps,"

@@ -1,5 +1,5 @@
 // The BSR linear on whole tensors (bsr_linear_op.cpp), shared by _bsr_linear_cpu and the lean
-// decode step (lean_step.cpp).
+// decode step (lean_step_op.cpp).
 #pragma once
 #ifdef SPARSEKERN_TORCH
 #include <ATen/ATen.h>

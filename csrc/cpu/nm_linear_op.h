@@ -24,7 +24,7 @@ void nm_linear_gemm(const NMLinearArgs& a, const at::Tensor& x, const std::optio
 
 // The whole op after its checks (check_nm_linear_args): every tensor contiguous, scales / zeros
 // undefined for float values, y [rows, out] contiguous. Both regimes; NaN/Inf rows of x as in the
-// dense op. _nm_linear_cpu and the lean decode step (lean_step.cpp) run this.
+// dense op. _nm_linear_cpu and the lean decode step (lean_step_op.cpp) run this.
 void nm_linear_run(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta, int64_t n, int64_t m,
                    const std::optional<at::Tensor>& bias, const at::Tensor& scales, const at::Tensor& zeros,
                    int64_t act_block, at::Tensor& y);

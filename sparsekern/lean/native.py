@@ -1,4 +1,4 @@
-"""The lean decode step in one C++ call: ``torch.ops.sparsekern._lean_step_cpu`` (csrc/cpu/lean_step.cpp).
+"""The lean decode step in one C++ call: ``torch.ops.sparsekern._lean_step_cpu`` (csrc/cpu/lean_step_op.cpp).
 
 :class:`Native` packs what :class:`~sparsekern.lean.decoder.LeanDecoder` holds (norm weights, the
 fused q/k/v and gate/up linears, o, down) into the op's flat lists once; a :class:`NativeStep`
@@ -44,7 +44,7 @@ def unavailable() -> str | None:
 
 
 def pack_linear(mod: nn.Module, dtype: torch.dtype) -> tuple[list, list[int]] | str:
-    """``(5 tensors, 5 ints)`` describing ``mod`` to the op (see csrc/cpu/lean_step.cpp), or why not."""
+    """``(5 tensors, 5 ints)`` describing ``mod`` to the op (see csrc/cpu/lean_step_op.cpp), or why not."""
     if type(mod) is nn.Linear:
         if mod.weight.dtype != dtype:
             return f"nn.Linear of dtype {mod.weight.dtype}, the model's hidden states are {dtype}"
