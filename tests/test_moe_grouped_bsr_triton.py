@@ -100,6 +100,16 @@ else:
             y = sk.ops.bsr_grouped_linear(x, crow, col, blocks, offsets)
         check(y, x, crow, col, blocks, offsets, f"triton {label} {dtype}")
 
+    @pytest.mark.parametrize("shape", [(7168, 1024), (1024, 3584)], ids=["gate_up", "down"])
+    def test_mixtral_decode(shape):
+        """E=8, 32x32 blocks at 90% sparsity, decode rows (split-K) for 3 experts, one of them storing no block."""
+        out, k = shape
+        x, crow, col, blocks, offsets = make_case(8, out, k, [0, 0, 1, 1, 0, 0, 1, 0], (32, 32), 0.1, torch.float16,
+                                                  no_blocks=(3,))  # fmt: skip
+        with sk.use_backend("triton"):
+            y = sk.ops.bsr_grouped_linear(x, crow, col, blocks, offsets)
+        check(y, x, crow, col, blocks, offsets, f"triton mixtral {shape}")
+
     @pytest.mark.parametrize("block_m", (16, 32, 64))
     def test_every_config(block_m):
         x, crow, col, blocks, offsets = make_case(3, 48, 64, [1, 0, 2], (16, 32), 0.5, torch.float16)
