@@ -14,42 +14,26 @@
 
 #include "cpu/bsr_linear.h"
 #include "cpu/bsr_linear_op.h"
+#include "cpu/grouped_job.h"
 #include "cpu/linear_op_util.h"
 #include "cpu/op_checks.h"
 #include "cpu/output.h"
-#include "cpu/parallel.h"
 
 namespace sparsekern {
 namespace {
 
-// Output rows per chunk of the joint decode job, as in nm_grouped_linear_op.cpp: at least this
-// many (each chunk converts its expert's x rows to fp32, a K-sized cost) ...
-constexpr int64_t kMinChunkRows = 64;
-// ... and about this many chunks per thread, so a helper that starts late leaves little behind.
-constexpr int64_t kChunksPerThread = 4;
-
-struct Expert {
-  int64_t e, r0, rows;
-};
-
-// Decode experts (few rows each) as one job on the pool: chunks of block rows of every expert
-// claimed from one ticket. NOTE: one decode call per expert would start a job per expert and
-// wake (and wait for) the pool's helpers once per expert; a decode token hits top-k (2) experts.
+// Decode experts (few rows each) as one job on the pool (cpu/grouped_job.h): chunks of block rows.
 void decode_experts(const std::vector<BSRLinearArgs>& args, Isa isa) {
   const BSRLinearArgs& a0 = args.front();
   if (a0.threads <= 1 || args.size() == 1) {
     for (const BSRLinearArgs& a : args) bsr_linear_decode(a, isa);
     return;
   }
-  const int64_t block_rows = a0.block_rows, es = dtype_size(a0.dtype);
-  const int64_t total = block_rows * static_cast<int64_t>(args.size());
-  const int64_t min_len = (kMinChunkRows + a0.bm - 1) / a0.bm;
-  const int64_t len = std::max(min_len, (total + kChunksPerThread * a0.threads - 1) / (kChunksPerThread * a0.threads));
-  const int64_t per_expert = (block_rows + len - 1) / len;
-  parallel_for(per_expert * static_cast<int64_t>(args.size()), a0.threads, [&](int64_t c, int) {
-    BSRLinearArgs sub = args[c / per_expert];
-    const int64_t rb0 = c % per_expert * len;
-    sub.block_rows = std::min(len, block_rows - rb0);
+  const int64_t es = dtype_size(a0.dtype);
+  const int64_t experts = static_cast<int64_t>(args.size());
+  expert_chunks(experts, a0.block_rows, a0.bm, a0.threads, [&](int64_t i, int64_t rb0, int64_t n) {
+    BSRLinearArgs sub = args[i];
+    sub.block_rows = n;
     sub.crow += rb0;  // global indices: col, blocks and nnz stay those of the whole stack
     sub.out = static_cast<char*>(sub.out) + rb0 * sub.bm * es;
     sub.threads = 1;  // this chunk is one thread's share already
@@ -70,7 +54,7 @@ at::Tensor bsr_grouped_linear_cpu(const at::Tensor& x_in, const at::Tensor& crow
 
   const int32_t* crow_p = crow.data_ptr<int32_t>();
   const int64_t es = x.element_size();
-  auto expert_args = [&](const Expert& ex) {
+  auto expert_args = [&](const ExpertRows& ex) {
     BSRLinearArgs a{};
     a.x = static_cast<const char*>(x.data_ptr()) + ex.r0 * k * es;
     a.rows = ex.rows;
@@ -92,17 +76,17 @@ at::Tensor bsr_grouped_linear_cpu(const at::Tensor& x_in, const at::Tensor& crow
   };
   // Expert e alone as the single-weight op takes it: its crow rebased to 0 (block_rows + 1 ints),
   // its col and blocks as views into the shared arrays.
-  auto expert_run = [&](const Expert& ex, const at::Tensor& xs, at::Tensor& ys) {
+  auto expert_run = [&](const ExpertRows& ex, const at::Tensor& xs, at::Tensor& ys) {
     const int64_t lo = crow_p[ex.e * (block_rows + 1)], hi = crow_p[ex.e * (block_rows + 1) + block_rows];
     const at::Tensor crow_e = crow[ex.e] - lo;
     bsr_linear_run(xs, crow_e, col.narrow(0, lo, hi - lo), blocks.narrow(0, lo, hi - lo), std::nullopt, ys);
   };
 
   const int64_t* off = offsets.data_ptr<int64_t>();
-  std::vector<Expert> decode;
+  std::vector<ExpertRows> decode;
   std::vector<BSRLinearArgs> decode_args;
   for (int64_t e = 0; e < n_experts; ++e) {
-    const Expert ex{e, off[e], off[e + 1] - off[e]};
+    const ExpertRows ex{e, off[e], off[e + 1] - off[e]};
     if (ex.rows == 0) continue;
     if (ex.rows > kBsrDecodeMaxRows) {
       at::Tensor ys = y.narrow(0, ex.r0, ex.rows);
@@ -116,7 +100,7 @@ at::Tensor bsr_grouped_linear_cpu(const at::Tensor& x_in, const at::Tensor& crow
   decode_experts(decode_args, active_isa());
   // The decode kernel skips absent blocks: rows holding NaN/Inf are redone by the single-weight op,
   // which gives them dense semantics (0 * inf = nan).
-  for (const Expert& ex : decode) {
+  for (const ExpertRows& ex : decode) {
     const at::Tensor xs = x.narrow(0, ex.r0, ex.rows);
     at::Tensor ys = y.narrow(0, ex.r0, ex.rows);
     redo_nonfinite_rows(xs, ys, nonfinite_rows(xs), [&](const at::Tensor& xb) {

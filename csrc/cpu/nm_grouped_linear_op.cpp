@@ -10,44 +10,28 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu/grouped_job.h"
 #include "cpu/linear_op_util.h"
 #include "cpu/nm_linear.h"
 #include "cpu/nm_linear_op.h"
 #include "cpu/op_checks.h"
 #include "cpu/output.h"
-#include "cpu/parallel.h"
 
 namespace sparsekern {
 namespace {
 
-// Output rows per chunk of the joint decode job: at least this many (each chunk re-prepares its
-// expert's x rows for the kernel, a K-sized cost against the chunk's rows * kept weights) ...
-constexpr int64_t kMinChunkRows = 64;
-// ... and about this many chunks per thread, so a helper that starts late leaves little behind.
-constexpr int64_t kChunksPerThread = 4;
-
-struct Expert {
-  int64_t e, r0, rows;
-};
-
-// Decode experts (few rows each) as one job on the pool: chunks of output rows of every expert
-// claimed from one ticket. NOTE: one nm_linear decode call per expert would start a job per
-// expert, and the helpers of the pool would be woken (and waited for) once per expert; decode of
-// a MoE layer hits top-k (2) experts per token.
-void decode_experts(const std::vector<Expert>& experts, const std::vector<NMLinearArgs>& args) {
+// Decode experts (few rows each) as one job on the pool (cpu/grouped_job.h): chunks of output rows.
+void decode_experts(const std::vector<NMLinearArgs>& args) {
   const NMLinearArgs& a0 = args.front();
-  if (a0.threads <= 1 || experts.size() == 1) {
+  if (a0.threads <= 1 || args.size() == 1) {
     for (const NMLinearArgs& a : args) nm_linear_decode_passes(a);
     return;
   }
-  const int64_t out = a0.out_features, kept = a0.k / a0.m * a0.n, es = dtype_size(a0.dtype);
-  const int64_t total = out * static_cast<int64_t>(experts.size());
-  const int64_t len = std::max(kMinChunkRows, (total + kChunksPerThread * a0.threads - 1) / (kChunksPerThread * a0.threads));
-  const int64_t per_expert = (out + len - 1) / len;
-  parallel_for(per_expert * static_cast<int64_t>(experts.size()), a0.threads, [&](int64_t c, int) {
-    NMLinearArgs sub = args[c / per_expert];
-    const int64_t o0 = c % per_expert * len;
-    sub.out_features = std::min(len, out - o0);
+  const int64_t kept = a0.k / a0.m * a0.n, es = dtype_size(a0.dtype);
+  const int64_t experts = static_cast<int64_t>(args.size());
+  expert_chunks(experts, a0.out_features, 1, a0.threads, [&](int64_t i, int64_t o0, int64_t n) {
+    NMLinearArgs sub = args[i];
+    sub.out_features = n;
     sub.values = static_cast<const char*>(sub.values) + o0 * kept * es;
     sub.meta += o0 * sub.meta_words;
     sub.out = static_cast<char*>(sub.out) + o0 * es;
@@ -79,7 +63,7 @@ at::Tensor nm_grouped_linear_cpu(const at::Tensor& x_in, const at::Tensor& value
   base.dtype = to_dtype(x.scalar_type());
   base.threads = at::get_num_threads();
   const int64_t es = x.element_size();
-  auto expert_args = [&](const Expert& ex) {
+  auto expert_args = [&](const ExpertRows& ex) {
     NMLinearArgs a = base;
     a.x = static_cast<const char*>(x.data_ptr()) + ex.r0 * k * es;
     a.rows = ex.rows;
@@ -90,10 +74,10 @@ at::Tensor nm_grouped_linear_cpu(const at::Tensor& x_in, const at::Tensor& value
   };
 
   const int64_t* off = offsets.data_ptr<int64_t>();
-  std::vector<Expert> decode;
+  std::vector<ExpertRows> decode;
   std::vector<NMLinearArgs> decode_args;
   for (int64_t e = 0; e < n_experts; ++e) {
-    const Expert ex{e, off[e], off[e + 1] - off[e]};
+    const ExpertRows ex{e, off[e], off[e + 1] - off[e]};
     if (ex.rows == 0) continue;
     if (ex.rows > nm_decode_max_rows(base.dtype)) {
       at::Tensor ys = y.narrow(0, ex.r0, ex.rows);
@@ -104,7 +88,7 @@ at::Tensor nm_grouped_linear_cpu(const at::Tensor& x_in, const at::Tensor& value
     }
   }
   if (decode.empty()) return y;
-  decode_experts(decode, decode_args);
+  decode_experts(decode_args);
   // Rows holding NaN/Inf again through the GEMM path: dense semantics (0 * inf = nan).
   for (size_t i = 0; i < decode.size(); ++i) {
     const at::Tensor xs = x.narrow(0, decode[i].r0, decode[i].rows);
