@@ -61,14 +61,7 @@ void bsr_linear_run(const at::Tensor& x, const at::Tensor& crow, const at::Tenso
   const int64_t rows = x.size(0), k = x.size(1), bm = blocks.size(1), bk = blocks.size(2);
   const int64_t block_rows = crow.numel() - 1, out_features = block_rows * bm;
   if (rows == 0 || out_features == 0) return;
-  if (k == 0) {
-    if (bias) {
-      y.copy_(bias->unsqueeze(0).expand({rows, out_features}));
-    } else {
-      y.zero_();
-    }
-    return;
-  }
+  if (k == 0) return bias_rows(y, bias);
 
   BSRLinearArgs a{};
   a.x = x.data_ptr();

@@ -3,6 +3,7 @@
 #ifdef SPARSEKERN_TORCH
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <vector>
 
 #include "cpu/linear_common.h"
@@ -15,6 +16,15 @@ inline DType to_dtype(at::ScalarType t) {
     case at::kHalf: return DType::kF16;
     case at::kFloat: return DType::kF32;
     default: TORCH_CHECK(false, "sparsekern CPU linear: unsupported dtype ", t, " (ops.py should have refused it)");
+  }
+}
+
+// y [rows, out] of a linear with no input features (K = 0): the bias in every row, else zeros.
+inline void bias_rows(at::Tensor& y, const std::optional<at::Tensor>& bias) {
+  if (bias) {
+    y.copy_(bias->unsqueeze(0).expand_as(y));
+  } else {
+    y.zero_();
   }
 }
 

@@ -95,14 +95,7 @@ void nm_linear_run(const at::Tensor& x, const at::Tensor& values, const at::Tens
                    int64_t act_block, at::Tensor& y) {
   const int64_t rows = x.size(0), k = x.size(1), out_features = values.size(0);
   if (rows == 0 || out_features == 0) return;
-  if (k == 0) {
-    if (bias) {
-      y.copy_(bias->unsqueeze(0).expand({rows, out_features}));
-    } else {
-      y.zero_();
-    }
-    return;
-  }
+  if (k == 0) return bias_rows(y, bias);
 
   NMLinearArgs a{};
   a.x = x.data_ptr();
