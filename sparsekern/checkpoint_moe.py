@@ -153,7 +153,8 @@ def build(mod: nn.Module, info: dict, parts: dict[str, torch.Tensor], dtype=None
     names = [t.partition("_")[2] for t in tensors_of(info)[: len(tensors_of(info)) // 2]]
     floating = "values" if info["kind"] == "nm" else "blocks"
     up, down = (
-        tuple(parts[f"{w}_{t}"].to(dtype) if t == floating else parts[f"{w}_{t}"] for t in names) for w in ("up", "down")
+        tuple(parts[f"{w}_{t}"].to(dtype) if t == floating else parts[f"{w}_{t}"] for t in names)
+        for w in ("up", "down")
     )
     dims = _dims(info)
     pattern = {"n": info["n"], "m": info["m"]} if info["kind"] == "nm" else {"block": tuple(info["block"])}

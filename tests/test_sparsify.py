@@ -218,7 +218,9 @@ def test_moe_experts_listed_and_counted(make, experts):
     layer0 = model.model.layers[0].mlp
     assert type(layer0.experts).__name__ == experts
     e, out, k = layer0.experts.gate_up_proj.shape
-    assert notes["model.layers.0.mlp.experts.gate_up_proj"] == f"fused expert weights [{e}, {out}, {k}]: skipped by name"
+    assert (
+        notes["model.layers.0.mlp.experts.gate_up_proj"] == f"fused expert weights [{e}, {out}, {k}]: skipped by name"
+    )
     assert "model.layers.1.mlp.experts.down_proj" in notes
     assert notes["model.layers.0.mlp.gate.weight"].startswith(f"router weight [{e}, 64]")
     assert torch.count_nonzero(layer0.experts.gate_up_proj) == layer0.experts.gate_up_proj.numel()  # untouched
