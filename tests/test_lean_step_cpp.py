@@ -26,7 +26,11 @@ KINDS = {
     "int4-g32": dict(pattern="2:4", quant="int4", group_size=32, symmetric=False),
     "int8-a32": dict(pattern="2:4", quant="int8", act_block=32),
 }
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1e-2, atol=1e-2)}
+TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.bfloat16: dict(rtol=1e-2, atol=1e-2),
+    torch.float16: dict(rtol=1e-3, atol=1e-3),
+}
 PROMPT, STEPS = 7, 4
 
 
@@ -68,7 +72,7 @@ def _both_steps(model, batch):
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize(
     "arch, overrides",

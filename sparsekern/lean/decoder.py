@@ -20,7 +20,9 @@ per token fp32 dense, this loop 8.0 ms (2:4 bf16: 20.0 vs 11.4; bench/bench_lean
 9 us (x2), each SparseLinear 8-10 us (x4), rope 9, K/V write 7, SDPA 13, silu*up 6: ~90 us, ~2.7
 ms for 30 blocks. ``torch.compile(step, dynamic=True)`` had not finished compiling (inductor,
 30 unrolled blocks) after 14 CPU-minutes there, which rules it out for a call that should start
-decoding at once.
+decoding at once. Instead the same step runs as one C++ call where the model allows
+(:meth:`LeanDecoder.stepper`, sparsekern/lean/native.py); :meth:`LeanDecoder.step` stays the
+fallback and the ground truth the C++ step is tested against.
 """
 
 from __future__ import annotations
