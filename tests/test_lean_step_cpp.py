@@ -240,10 +240,22 @@ def _bad_cases(a):
         "cos dtype": (dict(cos=a["cos"].double()), TypeError, "cos: expected dtype torch.float32"),
         "norm shape": (dict(norms=_replace(a["norms"], 2, a["norms"][2][:-1])), ValueError, r"norms\[2\]: expected"),
         "final norm": (dict(final_norm=a["final_norm"][:5]), ValueError, "final_norm: expected shape"),
-        "meta shape": (dict(weights=_replace(w, 6, w[6][:, :1])), ValueError, r"blocks\[0\]\.o: meta: expected shape"),
-        "values dtype": (dict(weights=_replace(w, 25, w[25].double())), TypeError, r"blocks\[1\]\.o: values: expected"),
+        "meta shape": (
+            dict(weights=_replace(w, 6, w[6][:, :1])),
+            ValueError,
+            r"blocks\[0\]\.o on a \[2, 64\] input: meta: expected shape",
+        ),
+        "values dtype": (
+            dict(weights=_replace(w, 25, w[25].double())),
+            TypeError,
+            r"blocks\[1\]\.o on a \[2, 64\] input: values: expected",
+        ),
         "missing values": (dict(weights=_replace(w, 10, None)), TypeError, r"blocks\[0\]\.gate_up\.values: expected"),
-        "n:m": (dict(specs=_replace(a["specs"], 1, 5)), ValueError, r"blocks\[0\]\.qkv: n: expected 0 < n < m"),
+        "n:m": (
+            dict(specs=_replace(a["specs"], 1, 5)),
+            ValueError,
+            r"blocks\[0\]\.qkv on a \[2, 64\] input: n: expected 0 < n < m",
+        ),
         "kind": (dict(specs=_replace(a["specs"], 15, 7)), ValueError, r"blocks\[0\]\.down: specs\[0\] \(kind\)"),
         "values strided": (
             dict(weights=_replace(w, 0, w[0].t().contiguous().t())),
@@ -254,6 +266,11 @@ def _bad_cases(a):
             dict(weights=_replace(_replace(w, 10, w[10][1:]), 11, w[11][1:])),
             ValueError,
             r"blocks\[0\]\.gate_up: expected an even number of outputs",
+        ),
+        "o in_features": (
+            dict(weights=_replace(_replace(w, 5, w[5][:, :16].contiguous()), 6, w[6][:, :1].contiguous())),
+            ValueError,
+            r"blocks\[0\]\.o on a \[2, 64\] input: x: expected last dimension 32 \(in_features\)",
         ),
         "down K": (
             dict(weights=_replace(_replace(w, 35, w[35][:-8]), 36, w[36][:-8])),

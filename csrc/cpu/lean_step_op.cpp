@@ -43,7 +43,7 @@ struct Linear {
   Kind kind;
   const OptTensor* t;  // kSlots tensors
   int64_t n, m, group_size, act_block;
-  int64_t in, out;
+  int64_t out;
 };
 
 struct Block {
@@ -75,46 +75,47 @@ void check_contiguous(const OptTensor& t, const std::string& name) {
                     py_shape(t->strides()));
 }
 
-// Checks one linear for x [rows, k] of dtype like `ref` (the kernels' own checks on a stand-in x
-// that holds no data), and fills in its in/out features.
-// `unit` is a [1, 1] tensor of x's dtype.
+// Checks one linear for an input x [rows, k] (the kernels' own checks, on a stand-in x that holds
+// no data: `unit`, a [1, 1] tensor of the hidden states' dtype, expanded), and fills in its out
+// features. Errors of the checks with x read "blocks[i].o on a [rows, k] input: ...".
 Linear check_linear(const OptTensor* t, const int64_t* spec, int64_t rows, int64_t k, const at::Tensor& unit,
-                    const std::string& name) {
-  Linear l{static_cast<Kind>(spec[0]), t, spec[1], spec[2], spec[3], spec[4], k, 0};
+                    const std::string& lin_name) {
+  Linear l{static_cast<Kind>(spec[0]), t, spec[1], spec[2], spec[3], spec[4], 0};
   const at::Tensor x = unit.expand({rows, k});
+  const std::string name = lin_name + " on a [" + std::to_string(rows) + ", " + std::to_string(k) + "] input";
   if (l.kind == kDense) {
-    TORCH_CHECK_VALUE(spec[1] == 0 && spec[2] == 0 && spec[3] == 0 && spec[4] == 0, name,
+    TORCH_CHECK_VALUE(spec[1] == 0 && spec[2] == 0 && spec[3] == 0 && spec[4] == 0, lin_name,
                       ": specs of a dense linear must be [0, 0, 0, 0, 0], got [0, ", spec[1], ", ", spec[2], ", ",
                       spec[3], ", ", spec[4], "]");
-    TORCH_CHECK_VALUE(!t[2] && !t[3] && !t[4], name, ": a dense linear takes [weight, bias?, None, None, None]");
-    const at::Tensor& w = need(t[0], name + ".weight");
-    named(name + ".weight", [&] { check_float("weight", w); });
-    TORCH_CHECK_VALUE(w.dim() == 2, name, ".weight: expected a 2-D [out, in] tensor, got shape ", py_shape(w.sizes()));
+    TORCH_CHECK_VALUE(!t[2] && !t[3] && !t[4], lin_name, ": a dense linear takes [weight, bias?, None, None, None]");
+    const at::Tensor& w = need(t[0], lin_name + ".weight");
+    named(lin_name + ".weight", [&] { check_float("weight", w); });
+    TORCH_CHECK_VALUE(w.dim() == 2, lin_name, ".weight: expected a 2-D [out, in] tensor, got shape ", py_shape(w.sizes()));
     l.out = w.size(0);
     named(name, [&] { check_linear_common(x, w, "weight", l.out, w.size(1), t[1]); });
   } else if (l.kind == kNM) {
-    const at::Tensor& values = need(t[0], name + ".values");
-    const at::Tensor& meta = need(t[1], name + ".meta");
+    const at::Tensor& values = need(t[0], lin_name + ".values");
+    const at::Tensor& meta = need(t[1], lin_name + ".meta");
     named(name, [&] { check_nm_linear_args(x, values, meta, l.n, l.m, t[2], t[3], t[4], l.group_size, l.act_block); });
     l.out = values.size(0);
   } else if (l.kind == kBSR) {
-    TORCH_CHECK_VALUE(spec[1] == 0 && spec[2] == 0 && spec[3] == 0 && spec[4] == 0, name,
+    TORCH_CHECK_VALUE(spec[1] == 0 && spec[2] == 0 && spec[3] == 0 && spec[4] == 0, lin_name,
                       ": specs of a BSR linear must be [2, 0, 0, 0, 0]");
-    TORCH_CHECK_VALUE(!t[4], name, ": a BSR linear takes [crow, col, blocks, bias?, None]");
-    const at::Tensor& crow = need(t[0], name + ".crow");
-    const at::Tensor& col = need(t[1], name + ".col");
-    const at::Tensor& blocks = need(t[2], name + ".blocks");
+    TORCH_CHECK_VALUE(!t[4], lin_name, ": a BSR linear takes [crow, col, blocks, bias?, None]");
+    const at::Tensor& crow = need(t[0], lin_name + ".crow");
+    const at::Tensor& col = need(t[1], lin_name + ".col");
+    const at::Tensor& blocks = need(t[2], lin_name + ".blocks");
     named(name, [&] { check_bsr_linear_args(x, crow, col, blocks, t[3]); });
     l.out = (crow.numel() - 1) * blocks.size(1);
   } else {
-    TORCH_CHECK_VALUE(false, name, ": specs[0] (kind) expected 0 (dense), 1 (N:M) or 2 (BSR), got ", spec[0]);
+    TORCH_CHECK_VALUE(false, lin_name, ": specs[0] (kind) expected 0 (dense), 1 (N:M) or 2 (BSR), got ", spec[0]);
   }
   // The kernels read flat arrays (sparsekern/lean/native.py hands over contiguous tensors).
   static const char* nm_names[kSlots] = {"values", "meta", "bias", "scales", "zeros"};
   static const char* bsr_names[kSlots] = {"crow", "col", "blocks", "bias", "-"};
   if (l.kind != kDense) {
     for (int64_t s = 0; s < kSlots; ++s) {
-      check_contiguous(t[s], name + "." + (l.kind == kNM ? nm_names[s] : bsr_names[s]));
+      check_contiguous(t[s], lin_name + "." + (l.kind == kNM ? nm_names[s] : bsr_names[s]));
     }
   }
   return l;
