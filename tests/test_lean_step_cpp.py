@@ -1,6 +1,10 @@
 """The lean decode step in C++ (torch.ops.sparsekern._lean_step_cpu, sparsekern/lean/native.py)
 against LeanDecoder's Python step: logits per element and K/V caches, on tiny random LMs; the
-choice between the two steps; bad arguments to the op."""
+choice between the two steps; bad arguments to the op.
+
+The C++ step runs the small ops (rms_norm, rotary, attention, silu * up, residual adds) as its own
+fp32 loops (csrc/cpu/lean_kernels.cpp), so it equals the Python step within TOL, not bit for bit;
+fp32 greedy tokens still equal model.generate's."""
 
 import pytest
 import torch
@@ -54,17 +58,17 @@ def _prefill(model, dec, ids, total):
     return kv, pre.logits[:, -1].argmax(-1)
 
 
-def _both_steps(model, batch):
+def _both_steps(model, batch, prompt=PROMPT):
     """Logits and K/V of STEPS decode steps, Python step and C++ step, on copies of one cache."""
     dec = decoder_for(model)
     native = dec.stepper(batch)
     assert isinstance(native, NativeStep), dec.why_python
-    ids = _ids(batch, PROMPT)
-    kv_py, tok = _prefill(model, dec, ids, PROMPT + STEPS)
+    ids = _ids(batch, prompt)
+    kv_py, tok = _prefill(model, dec, ids, prompt + STEPS)
     kv_cc = [(k.clone(), v.clone()) for k, v in kv_py]
     out = []
     with torch.inference_mode():
-        for pos in range(PROMPT, PROMPT + STEPS):
+        for pos in range(prompt, prompt + STEPS):
             ref, got = dec.step(tok, pos, kv_py), native(tok, pos, kv_cc)
             out.append((ref, got))
             tok = ref.argmax(-1)
@@ -88,14 +92,44 @@ def test_cpp_step_matches_python_step(arch, overrides, kind, dtype, batch):
     if kind.startswith("int") and arch != "llama":
         pytest.skip("quantized layers: one architecture is enough")
     model = _model(arch, kind, dtype, **overrides)
-    steps, kv_py, kv_cc = _both_steps(model, batch)
+    _check_steps(*_both_steps(model, batch), batch, dtype)
+
+
+def _close(got, ref):
+    """got == ref within TOL, or, in 16-bit dtypes, within 4 ulps of ref's largest element: the two
+    steps sum attention in another order, and a value rounded the other way in one block moves
+    every later one by about an ulp of its scale."""
+    tol = dict(TOL[ref.dtype])
+    if ref.dtype != torch.float32:
+        tol["atol"] = max(tol["atol"], 4 * torch.finfo(ref.dtype).eps * ref.float().abs().max().item())
+    torch.testing.assert_close(got, ref, **tol)
+
+
+def _check_steps(steps, kv_py, kv_cc, batch, dtype, prompt=PROMPT):
     for ref, got in steps:
-        assert got.shape == ref.shape == (batch, VOCAB) and got.dtype == ref.dtype
+        assert got.shape == ref.shape == (batch, VOCAB) and got.dtype == ref.dtype == dtype
         assert torch.isfinite(ref).all()
-        torch.testing.assert_close(got, ref, **TOL[dtype])
-    for (kp, vp), (kc, vc) in zip(kv_py, kv_cc):  # positions past the last step were never written
-        n = PROMPT + STEPS - 1
-        assert torch.equal(kc[:, :, :n], kp[:, :, :n]) and torch.equal(vc[:, :, :n], vp[:, :, :n])
+        _close(got, ref)
+    n = prompt + STEPS  # every position written by prefill or a step
+    for (kp, vp), (kc, vc) in zip(kv_py, kv_cc):
+        _close(kc[:, :, :n], kp[:, :, :n])
+        _close(vc[:, :, :n], vp[:, :, :n])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cpp_step_long_prefix_and_uneven_blocks(dtype):
+    """Softmax over 100+ keys (several vector widths and a tail), and a block with fewer query
+    heads than the others (structured pruning leaves such blocks): o's input is narrower there."""
+    model = _model("llama", "dense", torch.float32)
+    attn = model.model.layers[1].self_attn
+    with torch.no_grad():  # 2 of the 4 query heads kept; 1 per KV head (head_dim 16)
+        attn.q_proj = torch.nn.Linear(64, 32, bias=False)
+        attn.o_proj = torch.nn.Linear(32, 64, bias=False)
+        for lin in (attn.q_proj, attn.o_proj):
+            lin.weight.normal_(0, 0.2)
+    attn.num_key_value_groups = 1
+    model = model.to(dtype)
+    _check_steps(*_both_steps(model, 3, prompt=101), 3, dtype, prompt=101)
 
 
 @pytest.mark.parametrize("kind", ["dense", "2:4", "4:8", "block", "int8", "int4-g32", "int8-a32"])
@@ -131,10 +165,7 @@ def test_plans_on_the_dense_fallback_run_its_copy(kind):
     with dispatch.use_backend("dense"):
         steps, kv_py, kv_cc = _both_steps(model, 3)
         assert set(decoder_for(model).stepper(3).specs[::5]) == {0}  # every linear as at::linear
-    for ref, got in steps:
-        torch.testing.assert_close(got, ref, rtol=0, atol=0)
-    n = PROMPT + STEPS - 1
-    assert all(torch.equal(a[:, :, :n], b[:, :, :n]) for p, q in zip(kv_py, kv_cc) for a, b in zip(p, q))
+    _check_steps(steps, kv_py, kv_cc, 3, torch.bfloat16)
 
 
 def test_int8_activations_on_the_dense_fallback_keep_the_python_step():

@@ -16,11 +16,14 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "cpu/bsr_linear_op.h"
+#include "cpu/lean_kernels.h"
+#include "cpu/linear_op_util.h"
 #include "cpu/nm_linear_op.h"
 #include "cpu/op_checks.h"
 #include "cpu/output.h"
@@ -180,6 +183,9 @@ at::Tensor lean_step_cpu(const at::Tensor& tokens, int64_t pos, const at::Tensor
   TORCH_CHECK_VALUE(0 <= pos && pos < cos.size(0), "pos: expected 0 <= pos < ", cos.size(0),
                     " (positions in cos / sin), got ", pos);
   check_same("final_norm", final_norm, embed, "embed");
+  // The small-op loops read these as flat arrays.
+  TORCH_CHECK_VALUE(cos.is_contiguous() && sin.is_contiguous() && final_norm.is_contiguous(),
+                    "cos / sin / final_norm: expected contiguous tensors");
   TORCH_CHECK_VALUE(final_norm.dim() == 1 && final_norm.size(0) == dim, "final_norm: expected shape ",
                     py_shape({dim}), ", got ", py_shape(final_norm.sizes()));
 
@@ -192,6 +198,7 @@ at::Tensor lean_step_cpu(const at::Tensor& tokens, int64_t pos, const at::Tensor
       named(name, [&] { check_same("weight", norms[2 * i + j], embed, "embed"); });
       TORCH_CHECK_VALUE(norms[2 * i + j].dim() == 1 && norms[2 * i + j].size(0) == dim, name, ": expected shape ",
                         py_shape({dim}), ", got ", py_shape(norms[2 * i + j].sizes()));
+      TORCH_CHECK_VALUE(norms[2 * i + j].is_contiguous(), name, ": expected a contiguous tensor");
     }
     const at::Tensor &kc = k_cache[i], &vc = v_cache[i];
     const std::string kname = "k_cache[" + std::to_string(i) + "]", vname = "v_cache[" + std::to_string(i) + "]";
@@ -230,28 +237,39 @@ at::Tensor lean_step_cpu(const at::Tensor& tokens, int64_t pos, const at::Tensor
     }
   }
 
-  // -- the step (LeanDecoder.step, op for op) ----------------------------------------------------
-  const int64_t b = batch, d = head_dim;
-  const at::Tensor c = cos.select(0, pos), sn = sin.select(0, pos);
-  at::Tensor h = at::embedding(embed, tokens);
+  // -- the step (LeanDecoder.step's ops; the small ones as lean_kernels.h's loops) -------------
+  const int64_t b = batch, d = head_dim, max_len = nb ? k_cache[0].size(2) : 0;
+  const DType t = to_dtype(embed.scalar_type());
+  int64_t widest = 0;  // o's input: heads * head_dim, the largest over blocks
+  for (const Block& B : blocks) widest = std::max(widest, B.heads * d);
+  at::Tensor h = at::embedding(embed, tokens).contiguous();
+  const at::Tensor xn = at::empty({b, dim}, embed.options());  // normed h: qkv's and gate_up's input
+  const at::Tensor attn = at::empty({b, widest}, embed.options());
+  std::vector<float> q(b * widest), scratch(max_len + d);
+  at::Tensor y;  // the last linear's output, added to h by the next norm
   for (int64_t i = 0; i < nb; ++i) {
     const Block& B = blocks[i];
-    const at::Tensor &kc = k_cache[i], &vc = v_cache[i];
-    const int64_t hq = B.heads, hkv = B.kv_heads, qk_heads = hq + hkv, width = qk_heads * d;
-    const at::Tensor qkv = run_linear(B.lin[0], at::rms_norm(h, {dim}, norms[2 * i], eps[2 * i]));
-    at::Tensor qk = qkv.narrow(1, 0, width).view({b, qk_heads, d});
-    const at::Tensor swapped = qk.view({b, qk_heads, 2, d / 2}).flip({2}).view({b, qk_heads, d});
-    qk = at::addcmul(qk * c, swapped, sn);
-    kc.select(2, pos).copy_(qk.narrow(1, hq, hkv));
-    vc.select(2, pos).copy_(qkv.narrow(1, width, hkv * d).view({b, hkv, d}));
-    const at::Tensor q = qk.narrow(1, 0, hq).view({b, hkv, hq / hkv, d});
-    const at::Tensor a = at::scaled_dot_product_attention(q, kc.narrow(2, 0, pos + 1), vc.narrow(2, 0, pos + 1),
-                                                          std::nullopt, 0.0, false, scale);
-    h.add_(run_linear(B.lin[1], a.reshape({b, hq * d})));
-    const at::Tensor gu = run_linear(B.lin[2], at::rms_norm(h, {dim}, norms[2 * i + 1], eps[2 * i + 1]));
-    h.add_(run_linear(B.lin[3], at::silu(gu.narrow(1, 0, B.inter)) * gu.narrow(1, B.inter, B.inter)));
+    const lean::AttnShape shape{b, B.heads, B.kv_heads, d, max_len, pos};
+    lean::add_rms_norm(h.data_ptr(), y.defined() ? y.const_data_ptr() : nullptr, norms[2 * i].const_data_ptr(),
+                       static_cast<float>(eps[2 * i]), b, dim, t, xn.data_ptr());
+    const at::Tensor qkv = run_linear(B.lin[0], xn).contiguous();
+    lean::rotary_kv(qkv.const_data_ptr(), cos.const_data_ptr(), sin.const_data_ptr(), shape, t, q.data(),
+                    k_cache[i].data_ptr(), v_cache[i].data_ptr());
+    const at::Tensor a = attn.view(-1).narrow(0, 0, b * B.heads * d).view({b, B.heads * d});
+    lean::attention(q.data(), k_cache[i].const_data_ptr(), v_cache[i].const_data_ptr(), shape,
+                    static_cast<float>(scale), t, scratch.data(), attn.data_ptr());
+    y = run_linear(B.lin[1], a).contiguous();
+    lean::add_rms_norm(h.data_ptr(), y.const_data_ptr(), norms[2 * i + 1].const_data_ptr(),
+                       static_cast<float>(eps[2 * i + 1]), b, dim, t, xn.data_ptr());
+    const at::Tensor gu = run_linear(B.lin[2], xn).contiguous();
+    const at::Tensor act = at::empty({b, B.inter}, embed.options());
+    lean::silu_mul(gu.const_data_ptr(), b, B.inter, t, act.data_ptr());
+    y = run_linear(B.lin[3], act).contiguous();
   }
-  return at::rms_norm(h, {dim}, final_norm, final_eps);
+  const at::Tensor out = at::empty({b, dim}, embed.options());
+  lean::add_rms_norm(h.data_ptr(), y.defined() ? y.const_data_ptr() : nullptr, final_norm.const_data_ptr(),
+                     static_cast<float>(final_eps), b, dim, t, out.data_ptr());
+  return out;
 }
 
 }  // namespace
