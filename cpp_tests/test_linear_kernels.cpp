@@ -210,6 +210,8 @@ int main() {
     for (DType t : {DType::kF32, DType::kBF16, DType::kF16}) {
       for (auto& p : nm)
         for (int64_t rows : {1, 3, 6, 11}) fails += test_nm(p[0], p[1], rows, 13, 21, isa, t), ++runs;
+      // Past decode_threads' serial limit (parallel.h), so the 2-thread split runs too.
+      for (auto& p : nm) fails += test_nm(p[0], p[1], 1, 300, 128, isa, t), ++runs;
       for (auto bs : {std::pair{8, 8}, std::pair{16, 32}, std::pair{12, 20}, std::pair{32, 32}})
         for (int64_t rows : {1, 5, 7, 17}) {
           fails += test_bsr(bs.first, bs.second, rows, 3, 5, isa, false, t);

@@ -47,7 +47,9 @@ void bsr_linear_portable(const BSRLinearArgs& a) {
 
 }  // namespace detail
 
-void bsr_linear_decode(const BSRLinearArgs& a, Isa isa) {
+void bsr_linear_decode(const BSRLinearArgs& args, Isa isa) {
+  BSRLinearArgs a = args;
+  a.threads = decode_threads(a.threads, a.rows * a.nnz * a.bm * a.bk);
 #if defined(__x86_64__)
   if (isa >= Isa::kAvx2) return detail::bsr_linear_decode_avx2(a);
 #else

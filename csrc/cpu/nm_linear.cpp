@@ -60,7 +60,9 @@ void nm_linear_decode_portable(const NMLinearArgs& a) {
 
 }  // namespace detail
 
-void nm_linear_decode(const NMLinearArgs& a, Isa isa) {
+void nm_linear_decode(const NMLinearArgs& args, Isa isa) {
+  NMLinearArgs a = args;
+  a.threads = decode_threads(a.threads, a.rows * a.out_features * (a.k / a.m * a.n));
   if (a.act_block) {
 #if defined(__x86_64__)
     if (isa >= Isa::kAvx512 && detail::nm_a8_avx512_supported(a)) return detail::nm_linear_decode_a8_avx512(a);
