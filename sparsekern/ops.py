@@ -84,6 +84,9 @@ lib.define(
     " Tensor?[] weights, int[] specs, Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, Tensor final_norm,"
     " float final_eps, float scale) -> Tensor"
 )
+# Its LM head where the CPU has AVX-512 BF16: x [rows, k] @ weight.T, both bf16, no bias
+# (csrc/cpu/lean_head_op.cpp).
+lib.define("_lean_head_cpu(Tensor x, Tensor weight) -> Tensor")
 
 # -- CUDA kernels (csrc/cuda): arguments checked by the backend, weight in its hardware layout --
 # 2:4 mma.sp GEMM: x [M, K] @ W.T + bias, W given by sparsekern.formats.sm80.hw_layout (padded).
@@ -233,6 +236,11 @@ torch.library.register_fake("sparsekern::_token_scores_cpu")(_token_scores_fake)
 @torch.library.register_fake("sparsekern::_lean_step_cpu")
 def _lean_step_fake(tokens, pos, embed, cos, sin, norms, eps, weights, specs, k_cache, v_cache, final_norm, *rest):
     return embed.new_empty((tokens.shape[0], embed.shape[1]))
+
+
+@torch.library.register_fake("sparsekern::_lean_head_cpu")
+def _lean_head_fake(x, weight):
+    return x.new_empty((x.shape[0], weight.shape[0]))
 
 
 for _name in ("_nm_linear_cpu", "_bsr_linear_cpu"):
