@@ -30,8 +30,8 @@ namespace {
 constexpr int kTile = 8;  // weight rows per pass: 8 streams in flight, 8 accumulators per x row
 
 template <int R>
-SK_BF16 void tile(const uint16_t* x, int64_t rows, int64_t ldx, const uint16_t* w, int64_t k, int64_t o, uint16_t* y,
-                  int64_t ldy) {
+SK_BF16 void tile(const uint16_t* x, int64_t rows, int64_t ldx, const uint16_t* w, const uint16_t* bias, int64_t k,
+                  int64_t o, uint16_t* y, int64_t ldy) {
   const uint16_t* wr = w + o * k;
   for (int64_t r = 0; r < rows; ++r) {
     __m512 acc[R];
@@ -48,29 +48,33 @@ SK_BF16 void tile(const uint16_t* x, int64_t rows, int64_t ldx, const uint16_t* 
         acc[i] = _mm512_dpbf16_ps(acc[i], wv, xv);
       }
     }
-    for (int i = 0; i < R; ++i) y[r * ldy + o + i] = f32_to_bf16(_mm512_reduce_add_ps(acc[i]));
+    for (int i = 0; i < R; ++i) {
+      const float b = bias ? bf16_to_f32(bias[o + i]) : 0.0f;
+      y[r * ldy + o + i] = f32_to_bf16(_mm512_reduce_add_ps(acc[i]) + b);
+    }
   }
 }
 
-SK_BF16 void run_rows(const uint16_t* x, int64_t rows, int64_t ldx, const uint16_t* w, int64_t k, int64_t o0,
-                      int64_t o1, uint16_t* y, int64_t ldy) {
+SK_BF16 void run_rows(const uint16_t* x, int64_t rows, int64_t ldx, const uint16_t* w, const uint16_t* bias,
+                      int64_t k, int64_t o0, int64_t o1, uint16_t* y, int64_t ldy) {
   int64_t o = o0;
-  for (; o + kTile <= o1; o += kTile) tile<kTile>(x, rows, ldx, w, k, o, y, ldy);
-  for (; o < o1; ++o) tile<1>(x, rows, ldx, w, k, o, y, ldy);
+  for (; o + kTile <= o1; o += kTile) tile<kTile>(x, rows, ldx, w, bias, k, o, y, ldy);
+  for (; o < o1; ++o) tile<1>(x, rows, ldx, w, bias, k, o, y, ldy);
 }
 
 }  // namespace
 
-void gemv_bf16(const uint16_t* x, int64_t rows, int64_t ldx, const uint16_t* w, int64_t n, int64_t k, uint16_t* y,
-               int64_t ldy, int threads) {
+void gemv_bf16(const uint16_t* x, int64_t rows, int64_t ldx, const uint16_t* w, const uint16_t* bias, int64_t n,
+               int64_t k, uint16_t* y, int64_t ldy, int threads) {
   // Chunks of whole tiles (the last one takes the remainder rows).
   const int64_t tiles = (n + kTile - 1) / kTile;
   parallel_range(tiles, decode_threads(threads, rows * n * k), 64, [&](int64_t t0, int64_t t1, int) {
-    run_rows(x, rows, ldx, w, k, t0 * kTile, std::min(n, t1 * kTile), y, ldy);
+    run_rows(x, rows, ldx, w, bias, k, t0 * kTile, std::min(n, t1 * kTile), y, ldy);
   });
 }
 #else
-void gemv_bf16(const uint16_t*, int64_t, int64_t, const uint16_t*, int64_t, int64_t, uint16_t*, int64_t, int) {}
+void gemv_bf16(const uint16_t*, int64_t, int64_t, const uint16_t*, const uint16_t*, int64_t, int64_t, uint16_t*, int64_t,
+               int) {}
 #endif
 
 }  // namespace sparsekern

@@ -25,7 +25,7 @@ at::Tensor lean_head_cpu(const at::Tensor& x, const at::Tensor& weight) {
   const at::Tensor xc = x.contiguous();
   at::Tensor y = new_output({x.size(0), weight.size(0)}, x.options());
   gemv_bf16(static_cast<const uint16_t*>(xc.const_data_ptr()), xc.size(0), xc.size(1),
-            static_cast<const uint16_t*>(weight.const_data_ptr()), weight.size(0), weight.size(1),
+            static_cast<const uint16_t*>(weight.const_data_ptr()), nullptr, weight.size(0), weight.size(1),
             static_cast<uint16_t*>(y.data_ptr()), y.size(1), at::get_num_threads());
   return y;
 }

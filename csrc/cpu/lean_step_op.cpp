@@ -1,19 +1,22 @@
 // sparsekern::_lean_step_cpu: one decode step of a Llama-family LM, every block, in one call
 // (sparsekern/lean/native.py packs the arguments; sparsekern/lean/decoder.py LeanDecoder.step is
-// the same step in Python and the ground truth). Per block: rms_norm, qkv, rotary on q and k, K/V
-// of `pos` written in place, attention over positions 0..pos, o, residual add, rms_norm, gate_up,
-// silu(gate) * up, down, residual add; then the final rms_norm. The logits (lm_head) stay in
-// Python. The ATen ops are those LeanDecoder.step calls, in the same order and dtype, and the
-// linears run the same C++ kernels the CPU backend's plans run (nm_linear_run, bsr_linear_run,
-// at::linear), so both steps compute the same values.
+// the same step in Python and the ground truth). Per block: residual add + rms_norm, qkv, rotary
+// on q and k with K/V of `pos` written in place, attention over positions 0..pos, o, residual add
+// + rms_norm, gate_up, silu(gate) * up, down; then the last add and the final rms_norm. The logits
+// are left to native.py (_lean_head_cpu or the head module). The linears run the same C++ kernels
+// the CPU backend's plans run (nm_linear_run, bsr_linear_run, at::linear); the small ops are
+// lean_kernels.h's fp32 loops, rounded to the dtype where the Python step's ATen ops round, so the
+// two steps agree within a few ulps (fp32: ~1e-5), not bit for bit.
 //
 // NOTE: why C++: the Python step costs ~10 torch calls + 4 planned linear calls per block, a few us
-// each in Python (~90 us per block, ~2.7 ms of SmolLM2's 30 blocks besides the weights). Here each
-// ATen call is a C++ dispatcher call and the linears skip the dispatcher.
+// each in Python (~90 us per block, ~2.7 ms of SmolLM2's 30 blocks besides the weights). Why not
+// ATen for the small ops: in bf16 they cost ~150 us per block against ~63 in fp32 (SmolLM2's
+// depth at 8 dims per head, 2:4: 4.3 ms/token with ATen, 1.4 with the loops; fp32 1.8 vs 0.8).
 //
 // Every argument is checked before anything is written: a bad one raises naming it (and its block),
 // with the K/V caches untouched.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -22,6 +25,7 @@
 #include <vector>
 
 #include "cpu/bsr_linear_op.h"
+#include "cpu/gemv_bf16.h"
 #include "cpu/lean_kernels.h"
 #include "cpu/linear_op_util.h"
 #include "cpu/nm_linear_op.h"
@@ -124,8 +128,26 @@ Linear check_linear(const OptTensor* t, const int64_t* spec, int64_t rows, int64
   return l;
 }
 
+// Dense bf16 linears of up to this many rows run gemv_bf16 (weights read once per call, at ~26
+// GB/s against ~17 for at::linear's bf16 path on Zen 4); more rows: at::linear's GEMM.
+constexpr int64_t kGemvMaxRows = 8;
+
 at::Tensor run_linear(const Linear& l, const at::Tensor& x_in) {
-  if (l.kind == kDense) return at::linear(x_in, *l.t[0], l.t[1]);
+  if (l.kind == kDense) {
+    const at::Tensor& w = *l.t[0];
+    const OptTensor& bias = l.t[1];
+    if (x_in.scalar_type() == at::kBFloat16 && x_in.size(0) <= kGemvMaxRows && gemv_bf16_supported() &&
+        w.is_contiguous() && (!bias || bias->is_contiguous())) {
+      const at::Tensor x = x_in.contiguous();
+      at::Tensor y = new_output({x.size(0), l.out}, x.options());
+      gemv_bf16(static_cast<const uint16_t*>(x.const_data_ptr()), x.size(0), x.size(1),
+                static_cast<const uint16_t*>(w.const_data_ptr()),
+                bias ? static_cast<const uint16_t*>(bias->const_data_ptr()) : nullptr, l.out, w.size(1),
+                static_cast<uint16_t*>(y.data_ptr()), l.out, at::get_num_threads());
+      return y;
+    }
+    return at::linear(x_in, w, bias);
+  }
   const at::Tensor x = x_in.contiguous();
   at::Tensor y = new_output({x.size(0), l.out}, x.options());
   if (l.kind == kNM) {

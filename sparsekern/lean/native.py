@@ -15,9 +15,10 @@ plan; anything else keeps the Python step, with the reason. Dense ``nn.Linear`` 
 dtypes, a model off the CPU, an extension built without the op: the Python step, with the reason.
 
 NOTE: the Python step spends ~90 us per block in ~14 Python-level torch calls (module docstring of
-decoder.py); the C++ step makes the same dispatcher calls without Python between them. SmolLM2's
-30 blocks and heads at 8 dims per head (weights ~0), loaded 2-core EPYC, bench_lean_decode.py
---quick: fp32 dense 2.1 ms/token against 3.8 (Python step), bf16 2:4 3.8 against 9.0.
+decoder.py); the C++ step runs the linears' kernels directly and the small ops as its own loops
+(csrc/cpu/lean_kernels.cpp), equal to the Python step within a few ulps. SmolLM2's 30 blocks and
+heads at 8 dims per head (weights ~0), quiet 2-core Zen 4, bench_lean_decode.py: 2:4 fp32 0.8
+ms/token against 4.4 (Python step), bf16 1.0 against 8.9.
 """
 
 from __future__ import annotations
