@@ -66,7 +66,7 @@ void norm_row(const float* hf, const typename Elem<T>::type* w, float eps, int64
   for (int64_t i = 0; i < dim; ++i) ss += hf[i] * hf[i];
   const float rstd = 1.0f / std::sqrt(ss / static_cast<float>(dim) + eps);
 #pragma omp simd
-  for (int64_t i = 0; i < dim; ++i) o[i] = Elem<T>::store(hf[i] * rstd * Elem<T>::load(w[i]));
+  for (int64_t i = 0; i < dim; ++i) o[i] = Elem<T>::store(round_to<T>(hf[i] * rstd) * Elem<T>::load(w[i]));
 }
 
 template <DType T>

@@ -20,10 +20,8 @@ struct AttnShape {
 };
 
 // h += y (rounded to t, as the Python step's in-place add; y null: no add), then out = rms_norm(h)
-// * w as F.rms_norm (the Python step's): h * rstd * w in fp32, rounded once. NOTE: HF's
-// LlamaRMSNorm rounds h * rstd to t before the product; matching F.rms_norm keeps this step equal
-// to the Python step it is tested against (417 of 1728 bf16 outputs differ by an ulp otherwise).
-// h, y, out: [rows, dim]; w: [dim].
+// * w as HF's LlamaRMSNorm (and decoder.py rms_norm): h in fp32 normalised, rounded to t, times w
+// in t. h, y, out: [rows, dim]; w: [dim].
 void add_rms_norm(void* h, const void* y, const void* w, float eps, int64_t rows, int64_t dim, DType t, void* out);
 
 // Rotary on the q and k heads of qkv [rows, (heads + 2 * kv_heads) * head_dim] with the tables'
