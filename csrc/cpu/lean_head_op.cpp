@@ -1,11 +1,12 @@
-// sparsekern::_lean_head_cpu(x, weight): x [rows, k] @ weight.T for bf16 x and weight [n, k] (no
-// bias), the lean decode step's LM head where gemv_bf16_supported() (sparsekern/lean/native.py
-// asks _cpu_isa first); anything the kernel does not take raises, naming the argument.
+// sparsekern::_lean_head_cpu(x, weight): x [rows, k] @ weight.T for x and weight [n, k] both bf16
+// (needs AVX-512 BF16) or both fp32 (AVX-512), no bias: the lean decode step's LM head
+// (sparsekern/lean/native.py head_weight asks _cpu_isa first); anything the kernels do not take
+// raises, naming the argument.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "cpu/gemv_bf16.h"
+#include "cpu/gemv.h"
 #include "cpu/op_checks.h"
 #include "cpu/output.h"
 
@@ -13,20 +14,27 @@ namespace sparsekern {
 namespace {
 
 at::Tensor lean_head_cpu(const at::Tensor& x, const at::Tensor& weight) {
-  check_tensor("x", x, {at::kBFloat16});
-  check_tensor("weight", weight, {at::kBFloat16});
-  TORCH_CHECK_VALUE(x.device().is_cpu() && weight.device().is_cpu(), "x / weight: expected device cpu, got ",
-                    x.device(), " / ", weight.device());
+  check_tensor("x", x, {at::kBFloat16, at::kFloat});
+  check_same("weight", weight, x, "x");
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "x: expected device cpu, got ", x.device());
   TORCH_CHECK_VALUE(weight.dim() == 2 && weight.is_contiguous(),
                     "weight: expected a contiguous 2-D [out, in] tensor, got shape ", py_shape(weight.sizes()));
   TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == weight.size(1), "x: expected shape (rows, ", weight.size(1),
                     ") (in_features), got ", py_shape(x.sizes()));
-  TORCH_CHECK_VALUE(gemv_bf16_supported(), "_lean_head_cpu: this CPU has no AVX-512 BF16 (see _cpu_isa)");
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  TORCH_CHECK_VALUE(bf16 ? gemv_bf16_supported() : gemv_f32_supported(), "_lean_head_cpu: this CPU has no ",
+                    bf16 ? "AVX-512 BF16" : "AVX-512", " for ", x.scalar_type(), " (see _cpu_isa)");
   const at::Tensor xc = x.contiguous();
   at::Tensor y = new_output({x.size(0), weight.size(0)}, x.options());
-  gemv_bf16(static_cast<const uint16_t*>(xc.const_data_ptr()), xc.size(0), xc.size(1),
-            static_cast<const uint16_t*>(weight.const_data_ptr()), nullptr, weight.size(0), weight.size(1),
-            static_cast<uint16_t*>(y.data_ptr()), y.size(1), at::get_num_threads());
+  const int64_t rows = xc.size(0), n = weight.size(0), k = weight.size(1);
+  if (bf16) {
+    gemv_bf16(static_cast<const uint16_t*>(xc.const_data_ptr()), rows, k,
+              static_cast<const uint16_t*>(weight.const_data_ptr()), nullptr, n, k, static_cast<uint16_t*>(y.data_ptr()),
+              n, at::get_num_threads());
+  } else {
+    gemv_f32(xc.const_data_ptr<float>(), rows, k, weight.const_data_ptr<float>(), nullptr, n, k, y.data_ptr<float>(), n,
+             at::get_num_threads());
+  }
   return y;
 }
 

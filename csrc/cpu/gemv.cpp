@@ -1,6 +1,6 @@
-// Dense bf16 GEMV (see gemv_bf16.h): 4 weight rows at a time, each x row against all 4 (weights
-// read once per call, x rows from L1), 32 bf16 per vdpbf16ps, the K tail by masked loads.
-#include "cpu/gemv_bf16.h"
+// Dense GEMV (see gemv.h): 8 weight rows at a time, each x row against all 8 (weights read once
+// per call, x rows from L1), 32 bf16 per vdpbf16ps or 16 fp32 per FMA, the K tail by masked loads.
+#include "cpu/gemv.h"
 
 #include <algorithm>
 
@@ -17,6 +17,14 @@ namespace sparsekern {
 bool gemv_bf16_supported() {
 #if defined(__x86_64__)
   return active_isa() >= Isa::kAvx512Bf16;
+#else
+  return false;
+#endif
+}
+
+bool gemv_f32_supported() {
+#if defined(__x86_64__)
+  return active_isa() >= Isa::kAvx512;
 #else
   return false;
 #endif
@@ -55,6 +63,35 @@ SK_BF16 void tile(const uint16_t* x, int64_t rows, int64_t ldx, const uint16_t* 
   }
 }
 
+#define SK_F32 __attribute__((target("avx512f")))
+
+template <int R>
+SK_F32 void tile_f32(const float* x, int64_t rows, int64_t ldx, const float* w, const float* bias, int64_t k, int64_t o,
+                     float* y, int64_t ldy) {
+  const float* wr = w + o * k;
+  for (int64_t r = 0; r < rows; ++r) {
+    __m512 acc[R];
+    for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
+    const float* xr = x + r * ldx;
+    for (int64_t c = 0; c < k; c += 16) {
+      const __mmask16 mask = k - c >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (k - c)) - 1);
+      const __m512 xv = _mm512_maskz_loadu_ps(mask, xr + c);
+      if (r == 0) {
+        for (int i = 0; i < R; ++i) _mm_prefetch(reinterpret_cast<const char*>(wr + (R + i) * k + c), _MM_HINT_T0);
+      }
+      for (int i = 0; i < R; ++i) acc[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, wr + i * k + c), xv, acc[i]);
+    }
+    for (int i = 0; i < R; ++i) y[r * ldy + o + i] = _mm512_reduce_add_ps(acc[i]) + (bias ? bias[o + i] : 0.0f);
+  }
+}
+
+SK_F32 void run_rows_f32(const float* x, int64_t rows, int64_t ldx, const float* w, const float* bias, int64_t k,
+                         int64_t o0, int64_t o1, float* y, int64_t ldy) {
+  int64_t o = o0;
+  for (; o + kTile <= o1; o += kTile) tile_f32<kTile>(x, rows, ldx, w, bias, k, o, y, ldy);
+  for (; o < o1; ++o) tile_f32<1>(x, rows, ldx, w, bias, k, o, y, ldy);
+}
+
 SK_BF16 void run_rows(const uint16_t* x, int64_t rows, int64_t ldx, const uint16_t* w, const uint16_t* bias,
                       int64_t k, int64_t o0, int64_t o1, uint16_t* y, int64_t ldy) {
   int64_t o = o0;
@@ -72,7 +109,16 @@ void gemv_bf16(const uint16_t* x, int64_t rows, int64_t ldx, const uint16_t* w, 
     run_rows(x, rows, ldx, w, bias, k, t0 * kTile, std::min(n, t1 * kTile), y, ldy);
   });
 }
+
+void gemv_f32(const float* x, int64_t rows, int64_t ldx, const float* w, const float* bias, int64_t n, int64_t k,
+              float* y, int64_t ldy, int threads) {
+  const int64_t tiles = (n + kTile - 1) / kTile;
+  parallel_range(tiles, decode_threads(threads, rows * n * k), 64, [&](int64_t t0, int64_t t1, int) {
+    run_rows_f32(x, rows, ldx, w, bias, k, t0 * kTile, std::min(n, t1 * kTile), y, ldy);
+  });
+}
 #else
+void gemv_f32(const float*, int64_t, int64_t, const float*, const float*, int64_t, int64_t, float*, int64_t, int) {}
 void gemv_bf16(const uint16_t*, int64_t, int64_t, const uint16_t*, const uint16_t*, int64_t, int64_t, uint16_t*, int64_t,
                int) {}
 #endif
