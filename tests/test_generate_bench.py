@@ -48,7 +48,7 @@ def test_measure_variant_subtracts_prefill(monkeypatch):
     # A fake clock: 1 s of set-up, 10 ms per prompt token (prefill), 0.1 s per new token.
     calls = []
 
-    def fake_timed(model, ids, new, reps):
+    def fake_timed(model, ids, new, reps, lean=False):
         calls.append((ids.shape, new))
         return 1.0 + 0.01 * ids.shape[1] + 0.1 * new
 
@@ -68,10 +68,13 @@ def test_generate_suite_writes_rows_json_and_png(tiny_dir, tmp_path, monkeypatch
     )  # fmt: skip
     assert not res["notes"], res["notes"]
     rows = res["rows"]
-    assert [(r["pattern"], r["rows"]) for r in rows] == [
-        (p, b) for p in ("dense", "2:4", "block32x32:0.5") for b in (1, 2)
+    # model.generate at each batch, then the lean path (sk.generate) at batch 1.
+    assert [(r["pattern"], r["rows"], r["engine"]) for r in rows] == [
+        (p, b, e)
+        for p in ("dense", "2:4", "block32x32:0.5")
+        for b, e in ((1, "sparsekern"), (2, "sparsekern"), (1, "sparsekern-lean"))
     ]
-    dense = {r["rows"]: r for r in rows if r["pattern"] == "dense"}
+    dense = {r["rows"]: r for r in rows if r["pattern"] == "dense" and r["engine"] == "sparsekern"}
     for r in rows:
         assert r["tokens_per_s"] > 0 and r["ttft_ms_16"] > 0 and r["peak_rss_mb"] > 0
         assert r["gbs"] == pytest.approx(r["bytes_per_step"] / (r["decode_ms_per_step"] / 1e3) / 1e9)
@@ -103,6 +106,6 @@ def test_cli_parses_generate_options():
 
 def test_noisy_decode_is_nan_not_a_made_up_rate(monkeypatch):
     # t(1 + N) below t(1): only noise can do that; the rate must not be invented from it.
-    monkeypatch.setattr(generate, "_timed", lambda model, ids, new, reps: 2.0 - 0.1 * new)
+    monkeypatch.setattr(generate, "_timed", lambda model, ids, new, reps, lean=False: 2.0 - 0.1 * new)
     m = generate.measure_variant(_tiny(), batch=1, prompts=(8,), new_tokens=3, reps=1)
     assert m["step_s"] != m["step_s"] and m["tokens_per_s"] != m["tokens_per_s"]

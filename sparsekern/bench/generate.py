@@ -1,7 +1,8 @@
 """Generate suite: greedy ``model.generate`` of a causal LM, dense vs each sparsity pattern.
 
 Per model (SmolLM2-135M real weights, TinyLlama-1.1B shapes with random weights, or a local
-directory), dtype, pattern and batch size:
+directory), dtype, pattern and batch size, through ``model.generate`` (engine ``sparsekern``) and,
+at batch 1, through ``sk.generate``'s lean decode path too (engine ``sparsekern-lean``):
 
 - decode time per step, prefill excluded: ``(t(1 + N new tokens) - t(1 new token)) / N``;
   tokens/s = batch / that;
@@ -92,7 +93,12 @@ def step_bytes(model, batch: int, context: int) -> tuple[int, int]:
     return weights, kv
 
 
-def _generate(model, ids: torch.Tensor, new: int) -> None:
+def _generate(model, ids: torch.Tensor, new: int, lean: bool = False) -> None:
+    if lean:  # sk.generate: greedy, every token; eos none so all `new` tokens are made
+        import sparsekern as sk
+
+        sk.generate(model, ids, max_new_tokens=new, eos_token_id=None, pad_token_id=0)
+        return
     with torch.no_grad():
         model.generate(
             input_ids=ids,
@@ -104,11 +110,11 @@ def _generate(model, ids: torch.Tensor, new: int) -> None:
         )
 
 
-def _timed(model, ids, new: int, reps: int) -> float:
+def _timed(model, ids, new: int, reps: int, lean: bool = False) -> float:
     times = []
     for _ in range(reps):
         t = time.perf_counter()
-        _generate(model, ids, new)
+        _generate(model, ids, new, lean)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
@@ -124,13 +130,14 @@ def prompt_ids(vocab: int, batch: int, prompts, seed: int = 0) -> dict[int, torc
     return {p: torch.randint(1, vocab, (batch, p), generator=g) for p in prompts}
 
 
-def measure_variant(model, batch: int, prompts, new_tokens: int, reps: int, seed: int = 0) -> dict:
-    """Decode and time-to-first-token timings of one model at one batch size (no roofline here)."""
+def measure_variant(model, batch: int, prompts, new_tokens: int, reps: int, seed: int = 0, lean: bool = False) -> dict:
+    """Decode and time-to-first-token timings of one model at one batch size (no roofline here);
+    ``lean``: through ``sk.generate`` (the lean decode path) instead of ``model.generate``."""
     ids = prompt_ids(model.config.vocab_size, batch, prompts, seed)
     for p in prompts:  # warm-up at every prefill shape: kernel plans and first-call costs stay out
-        _generate(model, ids[p], 2)
-    ttft = {p: _timed(model, ids[p], 1, reps) for p in prompts}
-    t_n = _timed(model, ids[prompts[0]], 1 + new_tokens, reps)
+        _generate(model, ids[p], 2, lean)
+    ttft = {p: _timed(model, ids[p], 1, reps, lean) for p in prompts}
+    t_n = _timed(model, ids[prompts[0]], 1 + new_tokens, reps, lean)
     # Under heavy load t(1+N) can come out below t(1): say so (NaN) rather than report a made-up rate.
     step = (t_n - ttft[prompts[0]]) / new_tokens if t_n > ttft[prompts[0]] else float("nan")
     return {"step_s": step, "ttft_s": ttft, "tokens_per_s": batch / step}
@@ -172,8 +179,10 @@ def _run(ctx: Context, name: str, patterns, batches, dtype: torch.dtype) -> list
         except Exception as exc:  # noqa: BLE001
             ctx.note(f"generate suite: sparsify({pattern}) on {name} failed: {type(exc).__name__}: {exc}")
             continue
-        for batch in batches:
-            m = measure_variant(model, batch, prompts, new_tokens, reps)
+        # The lean path (sk.generate) at batch 1 beside model.generate: the llama.cpp peer's batch.
+        runs = [(b, False) for b in batches] + ([(1, True)] if 1 in batches and _lean_ok(model) else [])
+        for batch, lean in runs:
+            m = measure_variant(model, batch, prompts, new_tokens, reps, lean=lean)
             if m["step_s"] != m["step_s"]:
                 ctx.note(
                     f"generate suite: {name} {pattern} batch {batch}: t(1+{new_tokens}) <= t(1), decode not measurable"
@@ -181,13 +190,13 @@ def _run(ctx: Context, name: str, patterns, batches, dtype: torch.dtype) -> list
             weights, kv = step_bytes(model, batch, prompts[0] + new_tokens // 2)
             nbytes = weights + kv
             gbs = nbytes / m["step_s"] / 1e9
-            if pattern == "dense":
+            if pattern == "dense" and not lean:
                 base_tps[batch] = m["tokens_per_s"]
             dense_tps = base_tps.get(batch)
             rows.append(
                 {
                     "suite": "generate",
-                    "engine": "sparsekern",
+                    "engine": "sparsekern-lean" if lean else "sparsekern",
                     "case": name,
                     "rows": batch,
                     "pattern": pattern,
@@ -214,6 +223,16 @@ def _run(ctx: Context, name: str, patterns, batches, dtype: torch.dtype) -> list
     del dense
     gc.collect()
     return rows
+
+
+def _lean_ok(model) -> bool:
+    from sparsekern.lean.decoder import check_model
+
+    try:
+        check_model(model, 0)
+    except ValueError:
+        return False
+    return True
 
 
 def cases(
@@ -275,6 +294,12 @@ def print_rows(res: dict, console) -> None:
     console.print(t)
 
 
+def _bar(r: dict) -> str:
+    """A plot bar's label: the pattern, and the engine where it is not model.generate."""
+    engine = r.get("engine", "sparsekern")
+    return r["pattern"] + ("" if engine == "sparsekern" else " lean" if engine == "sparsekern-lean" else f" {engine}")
+
+
 def plot(res: dict, stem: Path) -> dict:
     """``<stem>-generate.png``: decode tokens/s per pattern, one panel per model and dtype."""
     rows = [r for r in res["rows"] if r.get("suite") == "generate"]
@@ -289,11 +314,11 @@ def plot(res: dict, stem: Path) -> dict:
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for ax, (case, dtype) in zip(axes[0], panels):
         sub = [r for r in rows if r["case"] == case and r["dtype"] == dtype]
-        patterns = list(dict.fromkeys(r["pattern"] for r in sub))
+        patterns = list(dict.fromkeys(_bar(r) for r in sub))
         batches = sorted({r["rows"] for r in sub})
         width = 0.8 / len(batches)
         for j, b in enumerate(batches):
-            tps = {r["pattern"]: r["tokens_per_s"] for r in sub if r["rows"] == b}
+            tps = {_bar(r): r["tokens_per_s"] for r in sub if r["rows"] == b}
             xs = [i + j * width for i in range(len(patterns))]
             ax.bar(xs, [tps.get(p, 0.0) for p in patterns], width, label=f"batch {b}")
         ax.set_xticks([i + width * (len(batches) - 1) / 2 for i in range(len(patterns))], patterns, fontsize=8)
