@@ -38,10 +38,12 @@ inline float round_to(float x) {
 }
 
 // exp(x), Cephes' expf polynomial (~1 ulp): a branch-free body the compiler vectorises, where
-// std::exp is a libm call per element (~1536 per block for silu). NaN stays NaN; below -87.3 it
-// gives ~1e-38 instead of 0, above 88.7 ~3e38 instead of inf.
-inline float fast_exp(float x) {
-  x = std::min(std::max(x, -87.3f), 88.7f);
+// std::exp is a libm call per element (~1536 per block for silu). NaN stays NaN (selected back at
+// the end, so no NaN reaches the int conversion); below -87.3 it gives ~1e-38 instead of 0,
+// above 88.7 ~3e38 instead of inf.
+inline float fast_exp(float in) {
+  const bool nan = in != in;
+  const float x = nan ? 0.0f : std::min(std::max(in, -87.3f), 88.7f);
   const float fn = x * 1.44269504088896341f;
   const int n = static_cast<int>(fn + (fn >= 0.0f ? 0.5f : -0.5f));
   const float nf = static_cast<float>(n);
@@ -56,7 +58,7 @@ inline float fast_exp(float x) {
   const uint32_t bits = static_cast<uint32_t>(n + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, 4);
-  return y * scale;
+  return nan ? in : y * scale;
 }
 
 template <DType T>
