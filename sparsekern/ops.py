@@ -151,13 +151,19 @@ def check_nm_linear(x, values, meta, n, m, bias, scales=None, zeros=None, group_
     _check_linear_common(x, scales, "scales", out, k, bias)
 
 
-def check_bsr_linear(x, crow, col, blocks, bias) -> None:
+def check_bsr_tensors(crow, col, blocks) -> tuple[int, int, int]:
+    """The dtypes of a BSR weight's tensors and the shape of ``blocks``: ``(nnz, bm, bk)``
+    (one BSR linear's or a grouped op's stacked experts'; crow's shape is theirs to check)."""
     _check_tensor("blocks", blocks)
     _check_tensor("crow", crow, (torch.int32,))
     _check_tensor("col", col, (torch.int32,))
     if blocks.dim() != 3 or blocks.shape[1] < 1 or blocks.shape[2] < 1:
         raise ValueError(f"blocks: expected [nnz, bm, bk] with bm, bk >= 1, got shape {tuple(blocks.shape)}")
-    nnz, bm, bk = blocks.shape
+    return tuple(blocks.shape)
+
+
+def check_bsr_linear(x, crow, col, blocks, bias) -> None:
+    nnz, bm, bk = check_bsr_tensors(crow, col, blocks)
     if crow.dim() != 1 or crow.numel() < 1 or col.dim() != 1 or col.numel() != nnz:
         raise ValueError(
             f"crow/col: expected 1-D crow and col with {nnz} entries, got {tuple(crow.shape)} / {tuple(col.shape)}"

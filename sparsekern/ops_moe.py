@@ -22,7 +22,7 @@ import torch
 from sparsekern import dispatch
 from sparsekern.checks import check_same, check_tensor
 from sparsekern.formats.nm import SUPPORTED_DTYPES, check_nm, meta_words
-from sparsekern.ops import check_bsr_index_values, lib  # ops.py imports this module at its end
+from sparsekern.ops import check_bsr_index_values, check_bsr_tensors, lib  # ops.py imports this module at its end
 
 OP = "nm_grouped_linear"
 BSR_OP = "bsr_grouped_linear"
@@ -46,14 +46,19 @@ def check_nm_grouped_linear(x, values, meta, offsets, n, m) -> None:
         raise ValueError(f"meta: expected shape {(e, out, words)}, got {tuple(meta.shape)}")
     if meta.device != values.device:
         raise ValueError(f"meta: expected device {values.device} (that of values), got {meta.device}")
-    check_tensor("x", x, SUPPORTED_DTYPES)
-    if x.dim() != 2:
-        raise ValueError(f"x: expected a 2-D [tokens, in_features] tensor, got shape {tuple(x.shape)}")
-    check_same("values", values, x, "x")
+    _check_x(x, "values", values)
     k = kept // n * m
     if x.shape[1] != k:
         raise ValueError(f"x: expected last dimension {k} (in_features), got shape {tuple(x.shape)}")
     check_offsets(offsets, e)
+
+
+def _check_x(x, weight_name: str, weight) -> None:
+    """x of a grouped op: a float 2-D ``[tokens, in_features]`` tensor beside the weight."""
+    check_tensor("x", x, SUPPORTED_DTYPES)
+    if x.dim() != 2:
+        raise ValueError(f"x: expected a 2-D [tokens, in_features] tensor, got shape {tuple(x.shape)}")
+    check_same(weight_name, weight, x, "x")
 
 
 def check_offsets(offsets, experts: int) -> None:
@@ -66,12 +71,7 @@ def check_offsets(offsets, experts: int) -> None:
 
 def check_bsr_grouped_linear(x, crow, col, blocks, offsets) -> None:
     """Every check of ``bsr_grouped_linear`` that reads no tensor data (the fake runs these too)."""
-    check_tensor("blocks", blocks)
-    check_tensor("crow", crow, (torch.int32,))
-    check_tensor("col", col, (torch.int32,))
-    if blocks.dim() != 3 or blocks.shape[1] < 1 or blocks.shape[2] < 1:
-        raise ValueError(f"blocks: expected [nnz, bm, bk] with bm, bk >= 1, got shape {tuple(blocks.shape)}")
-    nnz, bm, bk = blocks.shape
+    nnz, bm, bk = check_bsr_tensors(crow, col, blocks)
     if crow.dim() != 2 or crow.shape[0] < 1 or crow.shape[1] < 1:
         raise ValueError(f"crow: expected [experts >= 1, out/bm + 1], got shape {tuple(crow.shape)}")
     if tuple(col.shape) != (nnz,):
@@ -79,10 +79,7 @@ def check_bsr_grouped_linear(x, crow, col, blocks, offsets) -> None:
     for name, t in (("crow", crow), ("col", col)):
         if t.device != blocks.device:
             raise ValueError(f"{name}: expected device {blocks.device} (that of blocks), got {t.device}")
-    check_tensor("x", x, SUPPORTED_DTYPES)
-    if x.dim() != 2:
-        raise ValueError(f"x: expected a 2-D [tokens, in_features] tensor, got shape {tuple(x.shape)}")
-    check_same("blocks", blocks, x, "x")
+    _check_x(x, "blocks", blocks)
     if x.shape[1] % bk:
         raise ValueError(f"x: last dimension {x.shape[1]} is not divisible by the block width {bk}")
     check_offsets(offsets, crow.shape[0])
