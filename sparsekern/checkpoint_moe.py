@@ -21,15 +21,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparsekern.formats.bsr import BlockSparseWeight
-from sparsekern.formats.nm import NMSparseWeight, meta_words
-from sparsekern.nn.moe import SparseExperts, experts_layout, find_experts, up_name
+from sparsekern.formats.nm import meta_words
+from sparsekern.nn.moe import (
+    FLOAT_TENSOR,
+    STACK_TENSORS,
+    SparseExperts,
+    expert_views,
+    experts_layout,
+    find_experts,
+    up_name,
+)
 
 CLASS = "SparseExperts"
-TENSORS = {
-    "nm": ("up_values", "up_meta", "down_values", "down_meta"),
-    "block": ("up_crow", "up_col", "up_blocks", "down_crow", "down_col", "down_blocks"),
-}
+TENSORS = {kind: tuple(f"{w}_{t}" for w in ("up", "down") for t in ts) for kind, ts in STACK_TENSORS.items()}
 _FIELDS = {"experts": int, "hidden": int, "intermediate": int, "has_gate": bool}
 _KIND_FIELDS = {"nm": {"n": int, "m": int}, "block": {"block": list}}
 
@@ -123,23 +127,13 @@ def check_shapes(info: dict, parts: dict[str, torch.Tensor]) -> None:
 def weights(info: dict, parts: dict[str, torch.Tensor]) -> tuple[list, list]:
     """Per-expert up and down weights (views) from the stored tensors, shapes and ranges checked."""
     check_shapes(info, parts)
+    n, m = info.get("n"), info.get("m")
     out = []
     for which, shape in _dims(info).items():
-        if info["kind"] == "nm":
-            n, m = info["n"], info["m"]
-            pairs = zip(parts[f"{which}_values"], parts[f"{which}_meta"])
-            out.append([NMSparseWeight(v, mt, n, m, shape) for v, mt in pairs])
-            continue
-        crow, col, blocks = (parts[f"{which}_{t}"] for t in ("crow", "col", "blocks"))
-        if crow.dtype != torch.int32:
-            raise ValueError(f"{which}_crow: expected int32, got {crow.dtype}")
-        ws = []
-        for e in range(crow.shape[0]):
-            lo, hi = int(crow[e, 0]), int(crow[e, -1])
-            if not 0 <= lo <= hi <= blocks.shape[0]:
-                raise ValueError(f"{which}_crow: expert {e} spans blocks {lo}..{hi}, outside 0..{blocks.shape[0]}")
-            ws.append(BlockSparseWeight(crow[e] - lo, col[lo:hi], blocks[lo:hi], shape))
-        out.append(ws)
+        stack = tuple(parts[f"{which}_{t}"] for t in STACK_TENSORS[info["kind"]])
+        if info["kind"] == "block" and stack[0].dtype != torch.int32:
+            raise ValueError(f"{which}_crow: expected int32, got {stack[0].dtype}")
+        out.append(expert_views(stack, shape, n, m, f"{which}_crow"))
     return out[0], out[1]
 
 
@@ -150,8 +144,7 @@ def build(mod: nn.Module, info: dict, parts: dict[str, torch.Tensor], dtype=None
     check_shapes(info, parts)
     ref = mod.floating("up") if isinstance(mod, SparseExperts) else getattr(mod, up_name(mod))
     dtype, device = dtype or ref.dtype, device or ref.device
-    names = [t.partition("_")[2] for t in tensors_of(info)[: len(tensors_of(info)) // 2]]
-    floating = "values" if info["kind"] == "nm" else "blocks"
+    names, floating = STACK_TENSORS[info["kind"]], FLOAT_TENSOR[info["kind"]]
     up, down = (
         tuple(parts[f"{w}_{t}"].to(dtype) if t == floating else parts[f"{w}_{t}"] for t in names)
         for w in ("up", "down")

@@ -264,7 +264,7 @@ def _empty_experts(name: str, info: dict, module: nn.Module, headers: dict, dtyp
     if info["kind"] == "block":  # the block counts are whatever the file holds
         nnz = {w: (headers[f"{name}.{w}_blocks"][0]["shape"] or [-1])[0] for w in ("up", "down")}
     want = experts_ckpt.shapes(info, nnz)
-    floating = "values" if info["kind"] == "nm" else "blocks"
+    floating = experts_ckpt.FLOAT_TENSOR[info["kind"]]
     for t in names:
         entry, file = headers[f"{name}.{t}"]
         if tuple(entry["shape"]) != want[t]:

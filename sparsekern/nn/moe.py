@@ -109,8 +109,9 @@ def expert_weights(
     return out
 
 
-_TENSORS = {"nm": ("values", "meta"), "block": ("crow", "col", "blocks")}
-_FLOAT = {"nm": "values", "block": "blocks"}
+# A stack's tensors per kind, in the grouped op's argument order, and its floating one.
+STACK_TENSORS = {"nm": ("values", "meta"), "block": ("crow", "col", "blocks")}
+FLOAT_TENSOR = {"nm": "values", "block": "blocks"}
 
 
 class SparseExperts(nn.Module):
@@ -139,12 +140,12 @@ class SparseExperts(nn.Module):
         block: tuple[int, int] | None = None,
         dense_fallback: bool = True,
     ):
-        """From the stacks' tensors as stored (``up`` / ``down`` in the order of :data:`_TENSORS`)
+        """From the stacks' tensors as stored (``up`` / ``down`` in the order of :data:`STACK_TENSORS`)
         and the per-expert ``(out, in)`` shapes of up and down; :meth:`from_weights` builds them
         from one weight per expert. The contents are not read (meta tensors are fine)."""
         super().__init__()
-        if kind not in _TENSORS or len(up) != len(_TENSORS[kind]) or len(down) != len(up):
-            raise ValueError(f"kind: expected 'nm' or 'block' with {_TENSORS.get(kind)} per stack, got {kind!r}")
+        if kind not in STACK_TENSORS or len(up) != len(STACK_TENSORS[kind]) or len(down) != len(up):
+            raise ValueError(f"kind: expected 'nm' or 'block' with {STACK_TENSORS.get(kind)} per stack, got {kind!r}")
         self.kind, self.n, self.m, self.block = kind, n, m, None if block is None else tuple(block)
         self.num_experts, self.has_gate = int(up[0].shape[0]), has_gate
         self.up_shape, self.down_shape = (tuple(int(d) for d in s) for s in shapes)
@@ -154,8 +155,8 @@ class SparseExperts(nn.Module):
         for which, parts in (("up", up), ("down", down)):
             if parts[0].shape[0] != self.num_experts:
                 raise ValueError(f"{which}: expected {self.num_experts} experts, got {parts[0].shape[0]}")
-            for t, tensor in zip(_TENSORS[kind], parts):
-                if t == _FLOAT[kind]:
+            for t, tensor in zip(STACK_TENSORS[kind], parts):
+                if t == FLOAT_TENSOR[kind]:
                     setattr(self, f"{which}_{t}", nn.Parameter(tensor.detach(), requires_grad=False))
                 else:
                     self.register_buffer(f"{which}_{t}", tensor.detach())
@@ -185,11 +186,11 @@ class SparseExperts(nn.Module):
 
     def stack(self, which: str) -> tuple[torch.Tensor, ...]:
         """The tensors of one stack (``"up"`` / ``"down"``), in the grouped op's argument order."""
-        return tuple(getattr(self, f"{which}_{t}") for t in _TENSORS[self.kind])
+        return tuple(getattr(self, f"{which}_{t}") for t in STACK_TENSORS[self.kind])
 
     def floating(self, which: str) -> torch.Tensor:
         """The floating tensor of one stack: N:M values or BSR blocks."""
-        return getattr(self, f"{which}_{_FLOAT[self.kind]}")
+        return getattr(self, f"{which}_{FLOAT_TENSOR[self.kind]}")
 
     @property
     def dense_fallback(self) -> bool:
@@ -229,15 +230,7 @@ class SparseExperts(nn.Module):
     def weights(self, which: str) -> list[NMSparseWeight | BlockSparseWeight]:
         """One stack (``"up"`` or ``"down"``) as per-expert weight views."""
         shape = self.up_shape if which == "up" else self.down_shape
-        if self.kind == "nm":
-            values, meta = self.stack(which)
-            return [NMSparseWeight(values[e], meta[e], self.n, self.m, shape) for e in range(self.num_experts)]
-        crow, col, blocks = self.stack(which)
-        out = []
-        for e in range(self.num_experts):
-            lo, hi = int(crow[e, 0]), int(crow[e, -1])
-            out.append(BlockSparseWeight(crow[e] - lo, col[lo:hi], blocks[lo:hi], shape))
-        return out
+        return expert_views(self.stack(which), shape, self.n, self.m, f"{which}_crow")
 
     def dense(self, which: str) -> torch.Tensor:
         """The ``[E, out, in]`` dense stack (pruned weights), e.g. to copy back into the fused module."""
@@ -273,6 +266,23 @@ class SparseExperts(nn.Module):
         rows = torch.zeros(t * k, y.shape[-1], dtype=y.dtype, device=y.device)
         rows[order] = y
         return rows.view(t, k, -1).sum(1).to(hidden_states.dtype)
+
+
+def expert_views(stack: tuple, shape: tuple[int, int], n=None, m=None, crow_name: str = "crow") -> list:
+    """Per-expert weight views of one stack as stored: N:M ``(values, meta)`` with pattern ``n:m``,
+    or BSR ``(crow, col, blocks)`` with global crow indices. A BSR expert whose block range leaves
+    ``0..nnz`` is a ValueError naming ``crow_name`` (slicing would clamp it silently)."""
+    if len(stack) == 2:
+        values, meta = stack
+        return [NMSparseWeight(values[e], meta[e], n, m, shape) for e in range(values.shape[0])]
+    crow, col, blocks = stack
+    out = []
+    for e in range(crow.shape[0]):
+        lo, hi = int(crow[e, 0]), int(crow[e, -1])
+        if not 0 <= lo <= hi <= blocks.shape[0]:
+            raise ValueError(f"{crow_name}: expert {e} spans blocks {lo}..{hi}, outside 0..{blocks.shape[0]}")
+        out.append(BlockSparseWeight(crow[e] - lo, col[lo:hi], blocks[lo:hi], shape))
+    return out
 
 
 def _kind_of(w) -> str | None:
