@@ -61,6 +61,9 @@ def test_measure_variant_subtracts_prefill(monkeypatch):
 
 def test_generate_suite_writes_rows_json_and_png(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(generate, "PROMPTS", (16, 32))
+    # The lean path decodes 8 tokens of this tiny model in less than t(1)'s noise (--quick's 8
+    # tokens, 1 rep): 64 tokens, median of 3, so every row's decode time is measurable.
+    monkeypatch.setattr(generate, "schedule", lambda quick: ((16,), 64, 3))
     out = tmp_path / "res"
     res = runner.run(
         suites=("generate",), quick=True, device="cpu", out=out, model_path=str(tiny_dir),
