@@ -26,6 +26,8 @@ VARIANTS = (
     ("2:4 int4 g128", ("int4", 128, True, 0)),
     ("2:4 int8 +a8", ("int8", 0, True, 32)),
     ("2:4 int4 g128 +a8", ("int4", 128, True, 32)),
+    ("2:4 int4 g64 +a8", ("int4", 64, True, 32)),
+    ("2:4 int4 g32 +a8", ("int4", 32, True, 32)),
     ("2:4 int4 g128 zp +a8", ("int4", 128, False, 32)),
 )
 
@@ -40,6 +42,7 @@ def bandwidth_gbs() -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="11008x4096,4096x4096")
+    ap.add_argument("--only", default="", help="comma-separated variant names (default: all)")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--calls", type=int, default=20)
     args = ap.parse_args()
@@ -53,6 +56,8 @@ def main() -> None:
         w24 = sk.NMSparseWeight.from_dense(dense, 2, 4, prune=True)
         cases = {"dense bf16": [dense.bfloat16() for _ in range(3)]}
         for name, q in VARIANTS:
+            if args.only and name not in args.only.split(",") and q is not None:
+                continue
             w = w24 if q is None else w24.quantize(*q)
             cases[name] = [sk.SparseLinear(w.to(torch.bfloat16)) for _ in range(3)]
         x = torch.randn(1, k).bfloat16()

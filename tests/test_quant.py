@@ -326,7 +326,7 @@ def test_quantize_x_rounds_per_block():
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("rows", [1, 3, 5, 40])
-@pytest.mark.parametrize("group_size", [0, 64, 128, 192])  # 192: steps straddle groups (portable)
+@pytest.mark.parametrize("group_size", [0, 32, 64, 128, 192])  # 192: steps straddle groups (portable)
 @pytest.mark.parametrize("quant", q.QUANTS)
 @pytest.mark.parametrize("nm", [(2, 4), (1, 4), (2, 8)], ids=lambda p: f"{p[0]}:{p[1]}")
 def test_int8_activations_cpu(isa, nm, quant, group_size, rows, dtype):
@@ -337,7 +337,7 @@ def test_int8_activations_cpu(isa, nm, quant, group_size, rows, dtype):
     if isa == "avx512" and not _has_vnni_vbmi():
         pytest.skip("this CPU lacks AVX-512 VBMI/VNNI")
     n, m = nm
-    k = 320 if group_size in (0, 64) else 384
+    k = 320 if group_size in (0, 32, 64) else 384
     symmetric = rows != 3
     w = sk.NMSparseWeight.from_dense(torch.randn(21, k), n=n, m=m, prune=True)
     wq = w.quantize(quant, group_size, symmetric, act_block=32).to(dtype)
