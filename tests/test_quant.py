@@ -328,7 +328,7 @@ def test_quantize_x_rounds_per_block():
 @pytest.mark.parametrize("rows", [1, 3, 5, 40])
 @pytest.mark.parametrize("group_size", [0, 32, 64, 128, 192])  # 192: steps straddle groups (portable)
 @pytest.mark.parametrize("quant", q.QUANTS)
-@pytest.mark.parametrize("nm", [(2, 4), (1, 4), (2, 8)], ids=lambda p: f"{p[0]}:{p[1]}")
+@pytest.mark.parametrize("nm", [(2, 4), (1, 4), (2, 8), (4, 8)], ids=lambda p: f"{p[0]}:{p[1]}")
 def test_int8_activations_cpu(isa, nm, quant, group_size, rows, dtype):
     """act_block=32 against the reference (x rounded per block, then the fp32 product). 2:4 takes
     the AVX-512 VBMI+VNNI kernel where the CPU has it; 320 columns end in a partial 128-column step."""

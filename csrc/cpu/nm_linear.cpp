@@ -63,18 +63,20 @@ void nm_linear_decode_portable(const NMLinearArgs& a) {
 void nm_linear_decode(const NMLinearArgs& args, Isa isa) {
   NMLinearArgs a = args;
   a.threads = decode_threads(a.threads, a.rows * a.out_features * (a.k / a.m * a.n));
-  if (a.act_block) {
 #if defined(__x86_64__)
-    if (isa >= Isa::kAvx512 && detail::nm_a8_avx512_supported(a)) return detail::nm_linear_decode_a8_avx512(a);
-#endif
-    return detail::nm_linear_decode_a8_portable(a);
+  if (a.act_block && isa >= Isa::kAvx512 && detail::nm_a8_avx512_supported(a)) {
+    return detail::nm_linear_decode_a8_avx512(a);
   }
-#if defined(__x86_64__)
-  // Quantized values: the quads kernel where each of its 16-slot steps lies in one scale group.
+  // Quantized values: the quads kernel where each 8-slot half of its steps lies in one scale
+  // group (int8 activations: on x as rounded).
+  // NOTE: 4:8 int8 +a8, 11008x4096, 1 row, bf16, Zen 4: 49 ms in the portable kernel.
   if (isa >= Isa::kAvx2 && a.qbits && detail::nm_quads_supported(a.n, a.m) &&
-      (a.groups == 1 || a.group_kept % 16 == 0)) {
+      (a.groups == 1 || a.group_kept % 8 == 0)) {
     return detail::nm_linear_decode_quads_avx2(a);
   }
+#endif
+  if (a.act_block) return detail::nm_linear_decode_a8_portable(a);
+#if defined(__x86_64__)
   if (isa >= Isa::kAvx2 && !a.qbits) return detail::nm_linear_decode_avx2(a);
 #else
   (void)isa;

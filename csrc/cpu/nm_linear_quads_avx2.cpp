@@ -160,10 +160,13 @@ SK_AVX2 inline __m256 vec_x(const float* xs, __m256i idx, __m256 bit2) {
 // Rows r0 .. r0+R-1 of x against output row o.
 // NOTE: interleaving 2 or 4 output rows (more weight streams in flight) was slower at 1 row:
 // 2:4 bf16 1.27 ns per 8 values with 1 row, 1.8 with 2, 1.5-1.8 with 4; fp32 within noise.
-// Q = 8 / 4: quantized values (T then only names x's type, read through xq and load_f32); every
-// super-step lies in one scale group (a.groups == 1 or a.group_kept % 16 == 0), whose scale s and
-// -zero * s turn the integers into weights with one FMA per 8.
-template <DType T, int N, int M, int R, int Q = 0>
+// Q = 8 / 4: quantized values (T then only names x's type, read through xq and load_f32); each
+// 8-slot vector of a super-step lies in one scale group (a.groups == 1 or a.group_kept % 8 ==
+// 0), whose scale s and -zero * s turn the integers into weights with one FMA per 8. H: the two
+// halves of a step may lie in different groups (group_kept % 16 != 0), else they share one.
+// NOTE: tracking both halves where they share a group made 2:4 int4 g32 (bf16 x, 11008x4096,
+// 1 row) 2.3 -> 4.9 ms: the scalar scale reload is a large part of a step.
+template <DType T, int N, int M, int R, int Q = 0, bool H = false>
 SK_AVX2 void quads_rows(const NMLinearArgs& a, const float* xq, int64_t ldq, int64_t r0, int64_t o) {
   constexpr Lanes L = Q ? Lanes::kInOrder : lanes_for<T, N>();
   constexpr int SS = 16 * M / N;  // reordered x floats per super-step (two vectors)
@@ -173,24 +176,32 @@ SK_AVX2 void quads_rows(const NMLinearArgs& a, const float* xq, int64_t ldq, int
   const E* v = static_cast<const E*>(a.values) + o * kept;
   constexpr int QB = Q == 8 ? 16 : 8;  // bytes per super-step of quantized values
   const uint8_t* vq = static_cast<const uint8_t*>(a.values) + o * (Q == 4 ? kept / 2 : kept);
-  const int64_t steps_per_group = a.groups == 1 ? INT64_MAX : a.group_kept / 16;
-  int64_t group = -1, group_end = 0;
-  __m256 scale = _mm256_setzero_ps(), shift = _mm256_setzero_ps();
+  // Scale group of each 8-slot vector (t = 0: slots 16s.., 1: 16s+8..), walked in order.
+  const int64_t group_kept = a.groups == 1 ? INT64_MAX : a.group_kept;
+  int64_t group[2] = {-1, -1}, group_end[2] = {0, 0};  // group -1 ends at slot 0
+  __m256 scale[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, shift[2] = {scale[0], scale[0]};
   // Weights of super-step s (from a zero-padded copy on the row's last, partial one).
   auto load = [&](int64_t s, const void* src, __m256& wa, __m256& wb) SK_AVX2 {
     if constexpr (Q == 0) {
       load16<T, L>(static_cast<const E*>(src), wa, wb);
     } else {
-      if (s >= group_end) {
-        ++group;
-        group_end = a.groups == 1 ? INT64_MAX : (group + 1) * steps_per_group;
-        const float sc = nm_scale(a, o, group);
-        scale = _mm256_set1_ps(sc);
-        shift = _mm256_set1_ps(-static_cast<float>(nm_zero(a, o, group)) * sc);
+      for (int t = 0; t < (H ? 2 : 1); ++t) {
+        if (16 * s + 8 * t >= group_end[t]) {
+          // No division per step (it cost 2:4 int4 g32 2x): at most two groups a step.
+          while (16 * s + 8 * t >= group_end[t]) {
+            ++group[t];
+            group_end[t] += group_kept;
+          }
+          // (a half wholly past the row, zero-padded with zero x, keeps the last group)
+          group[t] = std::min(group[t], a.groups - 1);
+          const float sc = nm_scale(a, o, group[t]);
+          scale[t] = _mm256_set1_ps(sc);
+          shift[t] = _mm256_set1_ps(-static_cast<float>(nm_zero(a, o, group[t])) * sc);
+        }
       }
       load16q<Q>(static_cast<const uint8_t*>(src), wa, wb);
-      wa = _mm256_fmadd_ps(wa, scale, shift);
-      wb = _mm256_fmadd_ps(wb, scale, shift);
+      wa = _mm256_fmadd_ps(wa, scale[0], shift[0]);
+      wb = _mm256_fmadd_ps(wb, scale[H], shift[H]);
     }
   };
   const int32_t* mrow = a.meta + o * words;
@@ -262,16 +273,19 @@ SK_AVX2 void quads_rows(const NMLinearArgs& a, const float* xq, int64_t ldq, int
     store_f32(a.out, (r0 + r) * a.ldo + o, hsum(_mm256_add_ps(acc0[r], acc1[r])) + b, a.dtype);
 }
 
-template <DType T, int N, int M, int Q = 0>
+template <DType T, int N, int M, int Q = 0, bool H = false>
 SK_AVX2 void quads_all(const NMLinearArgs& a, const float* xq, int64_t ldq) {
+  if constexpr (Q != 0 && !H) {
+    if (a.groups > 1 && a.group_kept % 16 != 0) return quads_all<T, N, M, Q, true>(a, xq, ldq);
+  }
   parallel_range(a.out_features, a.threads, 16, [&](int64_t lo, int64_t hi, int) {
     for (int64_t o = lo; o < hi; ++o) {
       int64_t r0 = 0;
-      for (; r0 + 4 <= a.rows; r0 += 4) quads_rows<T, N, M, 4, Q>(a, xq, ldq, r0, o);
+      for (; r0 + 4 <= a.rows; r0 += 4) quads_rows<T, N, M, 4, Q, H>(a, xq, ldq, r0, o);
       switch (a.rows - r0) {
-        case 3: quads_rows<T, N, M, 3, Q>(a, xq, ldq, r0, o); break;
-        case 2: quads_rows<T, N, M, 2, Q>(a, xq, ldq, r0, o); break;
-        case 1: quads_rows<T, N, M, 1, Q>(a, xq, ldq, r0, o); break;
+        case 3: quads_rows<T, N, M, 3, Q, H>(a, xq, ldq, r0, o); break;
+        case 2: quads_rows<T, N, M, 2, Q, H>(a, xq, ldq, r0, o); break;
+        case 1: quads_rows<T, N, M, 1, Q, H>(a, xq, ldq, r0, o); break;
         default: break;
       }
     }
@@ -279,9 +293,9 @@ SK_AVX2 void quads_all(const NMLinearArgs& a, const float* xq, int64_t ldq) {
 }
 
 // x reordered for lane order L: per super-step, vector (t, k, p) half h = quad p of the group of
-// lane 4h + k*n of vector t (zero past K).
+// lane 4h + k*n of vector t (zero past K). From xf ([rows, K] fp32) where given, else a.x.
 template <int N, int M, Lanes L>
-void reorder_x(const NMLinearArgs& a, float* xq, int64_t ldq, int64_t supersteps) {
+void reorder_x(const NMLinearArgs& a, float* xq, int64_t ldq, int64_t supersteps, const float* xf = nullptr) {
   constexpr int Q = 4 / N, P = M / 4;
   parallel_range(a.rows, a.threads, grain_for(ldq), [&](int64_t lo, int64_t hi, int) {
     for (int64_t r = lo; r < hi; ++r) {
@@ -293,7 +307,8 @@ void reorder_x(const NMLinearArgs& a, float* xq, int64_t ldq, int64_t supersteps
               for (int h = 0; h < 2; ++h) {
                 const int64_t col0 = (16 * s + lane_slot(L, t, 4 * h + k * N)) / N * M + 4 * p;
                 for (int e = 0; e < 4; ++e) {
-                  *d++ = col0 + e < a.k ? load_f32(a.x, r * a.ldx + col0 + e, a.dtype) : 0.0f;
+                  const int64_t c = col0 + e;
+                  *d++ = c >= a.k ? 0.0f : xf ? xf[r * a.k + c] : load_f32(a.x, r * a.ldx + c, a.dtype);
                 }
               }
             }
@@ -313,7 +328,15 @@ void quads_nm(const NMLinearArgs& a) {
   std::vector<float> buf(a.rows * ldq + 16);
   float* xq = buf.data() + (16 - reinterpret_cast<uintptr_t>(buf.data()) / 4 % 16) % 16;
   if (a.qbits) {  // slots in order; x's type only matters to the reordering and the stores
-    reorder_x<N, M, Lanes::kInOrder>(a, xq, ldq, supersteps);
+    std::vector<float> xf;
+    if (a.act_block) {  // int8 activations: x as rounded (exact in fp32), then the same kernel
+      std::vector<int8_t> q(a.rows * a.k);
+      std::vector<float> sx(a.rows * (a.k / a.act_block));
+      nm_quantize_x_a8(a, q.data(), a.k, sx.data(), a.k / a.act_block);
+      xf.resize(q.size());
+      for (size_t i = 0; i < q.size(); ++i) xf[i] = static_cast<float>(q[i]) * sx[i / a.act_block];
+    }
+    reorder_x<N, M, Lanes::kInOrder>(a, xq, ldq, supersteps, a.act_block ? xf.data() : nullptr);
     return a.qbits == 8 ? quads_all<DType::kF32, N, M, 8>(a, xq, ldq) : quads_all<DType::kF32, N, M, 4>(a, xq, ldq);
   }
   switch (a.dtype) {
