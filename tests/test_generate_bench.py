@@ -91,6 +91,29 @@ def test_generate_suite_writes_rows_json_and_png(tiny_dir, tmp_path, monkeypatch
         assert f.read(8) == PNG_MAGIC
 
 
+def test_generate_suite_scores_each_variant_on_the_eval_windows(tiny_dir, monkeypatch):
+    """Real weights (SmolLM2) get each variant's perplexity beside its speed, on the windows the
+    llama.cpp peer scores; here the tiny model stands in, with random windows."""
+    from sparsekern.bench import text
+
+    windows = torch.randint(0, 128, (3, 12), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(generate, "_windows", lambda ctx, name: windows)
+    monkeypatch.setattr(generate, "schedule", lambda quick: ((16,), 8, 1))
+    res = runner.run(
+        suites=("generate",), quick=True, device="cpu", out=None, model_path=str(tiny_dir),
+        patterns=("2:4",), batches=(1,), progress=False, show=False, roofline=ROOF,
+    )  # fmt: skip
+    rows = res["rows"]
+    assert {(r["pattern"], r["engine"]) for r in rows} >= {("dense", "sparsekern"), ("2:4", "sparsekern")}
+    dense_ppl = text.perplexity(generate.load_model(str(tiny_dir), torch.float32), windows).ppl
+    for r in rows:
+        assert r["ppl_tokens"] == 3 * 11
+        if r["pattern"] == "dense":
+            assert r["ppl"] == pytest.approx(dense_ppl, rel=1e-5)
+        else:  # the pruned weights' own score, not the dense one's
+            assert r["ppl"] != pytest.approx(dense_ppl, rel=1e-3)
+
+
 def test_unknown_model_is_a_note_not_a_crash(tmp_path):
     res = runner.run(
         suites=("generate",), quick=True, device="cpu", out=None, model_path=str(tmp_path / "nope"),

@@ -9,7 +9,9 @@ at batch 1, through ``sk.generate``'s lean decode path too (engine ``sparsekern-
 - time to first token (prefill + one token) at 128 and 512 prompt tokens;
 - bytes a decode step must read (every weight once, plus the KV cache), the GB/s that implies and
   its % of the measured read bandwidth (decode at small batch is memory bound: the roofline);
-- peak RSS of the process while that variant ran (``/proc/self/clear_refs`` resets the peak).
+- peak RSS of the process while that variant ran (``/proc/self/clear_refs`` resets the peak);
+- for real weights (SmolLM2), the variant's perplexity on the evaluation text, the same windows
+  the llama.cpp peer scores its GGUF on.
 
 Sparse variants are pruned by magnitude: speed does not depend on which weights survive.
 """
@@ -119,6 +121,24 @@ def _timed(model, ids, new: int, reps: int, lean: bool = False) -> float:
     return statistics.median(times)
 
 
+def eval_tokens(quick: bool) -> int:
+    """Evaluation tokens of a SmolLM2 perplexity (ours and the llama.cpp peer's)."""
+    return 1024 if quick else 4096
+
+
+def _windows(ctx: Context, name: str):
+    """SmolLM2's evaluation windows; None (with a note) for random weights or a missing text."""
+    if name != "smollm2":
+        return None
+    from sparsekern.bench import smollm
+
+    try:
+        return smollm.eval_windows(eval_tokens(ctx.quick))
+    except (ModuleNotFoundError, FileNotFoundError, ValueError) as exc:
+        ctx.note(f"generate suite: {name} perplexity skipped: {exc}")
+        return None
+
+
 def schedule(quick: bool) -> tuple[tuple[int, ...], int, int]:
     """``(prompt lengths, new tokens, repetitions)`` of a run; the llama.cpp peer uses the same."""
     return (PROMPTS[:1], 8, 1) if quick else (PROMPTS, 32, 3)
@@ -172,6 +192,7 @@ def _run(ctx: Context, name: str, patterns, batches, dtype: torch.dtype) -> list
         ctx.note(f"generate suite: {name} skipped: {exc}")
         return []
     rows, base_tps = [], {}
+    windows = _windows(ctx, name)
     for pattern in patterns:
         _rss_peak_reset()
         try:
@@ -179,6 +200,7 @@ def _run(ctx: Context, name: str, patterns, batches, dtype: torch.dtype) -> list
         except Exception as exc:  # noqa: BLE001
             ctx.note(f"generate suite: sparsify({pattern}) on {name} failed: {type(exc).__name__}: {exc}")
             continue
+        first = len(rows)
         # The lean path (sk.generate) at batch 1 beside model.generate: the llama.cpp peer's batch.
         runs = [(b, False) for b in batches] + ([(1, True)] if 1 in batches and _lean_ok(model) else [])
         for batch, lean in runs:
@@ -217,6 +239,12 @@ def _run(ctx: Context, name: str, patterns, batches, dtype: torch.dtype) -> list
                     "speedup": m["tokens_per_s"] / dense_tps if dense_tps else None,
                 }
             )
+        if windows is not None:  # after the timings: its logits would raise their peak RSS
+            from sparsekern.bench import text
+
+            score = text.perplexity(model, windows)
+            for row in rows[first:]:
+                row.update(ppl=score.ppl, ppl_tokens=score.tokens)
         if model is not dense:
             del model
             gc.collect()
@@ -278,7 +306,7 @@ def print_rows(res: dict, console) -> None:
     bw = res["roofline"]["bandwidth_gbs"]
     t = Table(title=f"generate suite: greedy decode (read bandwidth measured {bw:.1f} GB/s)", header_style="bold")
     ttfts = sorted({k for r in rows for k in r if k.startswith("ttft_ms_")}, key=lambda k: int(k.rsplit("_", 1)[1]))
-    ppl = ("ppl",) if any("ppl" in r for r in rows) else ()  # measured where weights are real (llama.cpp peer)
+    ppl = ("ppl",) if any("ppl" in r for r in rows) else ()  # measured where weights are real (SmolLM2)
     heads = ("model", "engine", "dtype", "pattern", "B", "ms/step", "tok/s", "x dense")
     cols = (*heads, *[f"TTFT{k[8:]} ms" for k in ttfts])
     for c in (*cols, "MB/step", "GB/s", "%roof", "RSS MB", *ppl):

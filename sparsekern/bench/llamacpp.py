@@ -291,14 +291,11 @@ def _row(ctx: Context, case: str, path: Path, m: dict, context: int, new_tokens:
 
 
 def _smollm2_windows(ctx: Context, eval_tokens: int):
-    from transformers import AutoTokenizer
-
-    from sparsekern.bench import smollm, text
+    from sparsekern.bench import smollm
 
     try:
-        tok = AutoTokenizer.from_pretrained(str(smollm.model_dir()), gguf_file=smollm.GGUF)
-        return text.eval_windows(text.token_ids(tok), 256, max_tokens=eval_tokens)
-    except (FileNotFoundError, ValueError) as exc:
+        return smollm.eval_windows(eval_tokens)
+    except (ModuleNotFoundError, FileNotFoundError, ValueError) as exc:
         ctx.note(f"llama.cpp peer: smollm2 perplexity skipped: {exc}")
         return None
 
@@ -333,7 +330,7 @@ def _run(ctx: Context, py: Path, name: str) -> list[dict]:
         except (ModuleNotFoundError, ValueError, OSError, RuntimeError) as exc:
             ctx.note(f"llama.cpp peer: {name} skipped: {type(exc).__name__}: {exc}")
             return []
-        windows = _smollm2_windows(ctx, 1024 if ctx.quick else 4096) if name == "smollm2" else None
+        windows = _smollm2_windows(ctx, generate.eval_tokens(ctx.quick)) if name == "smollm2" else None
         for path in paths:
             ids = generate.prompt_ids(gguf_info(path)["vocab"], 1, prompts)
             try:

@@ -44,6 +44,22 @@ def load(dtype=None):
     return model, tok
 
 
+def eval_windows(max_tokens: int):
+    """The evaluation windows (``[n, 256]`` token ids, at most ``max_tokens`` of them) of the
+    project's evaluation text (:mod:`sparsekern.bench.text`) in SmolLM2's tokenizer: the text
+    every SmolLM2 perplexity here is measured on, ours and llama.cpp's alike.
+    ``ModuleNotFoundError`` / ``FileNotFoundError`` / ``ValueError`` when the model or text is missing."""
+    from transformers import AutoTokenizer
+
+    from sparsekern.bench import text
+
+    path = model_dir()
+    if path is None:
+        raise ModuleNotFoundError(MISSING)
+    tok = AutoTokenizer.from_pretrained(str(path), gguf_file=GGUF)
+    return text.eval_windows(text.token_ids(tok), 256, max_tokens=max_tokens)
+
+
 def tinyllama_config(**overrides):
     """TinyLlama-1.1B's ``LlamaConfig`` (22 blocks, hidden 2048, 32 / 4 heads, vocab 32000)."""
     from transformers import LlamaConfig
