@@ -21,7 +21,9 @@ from sparsekern.vllm import METHOD
 
 
 class SparsekernConfig(QuantizationConfig):
-    """Per pruned layer (checkpoint name): kind, pattern (n, m or block), shape and bias flag."""
+    """Per pruned layer (checkpoint name): kind, pattern (n, m or block), shape and bias flag, and
+    for quantized N:M values the quantization (int8 / int4, scale group, zero points, int8
+    activations)."""
 
     def __init__(self, layers: dict[str, dict]) -> None:
         super().__init__()
@@ -53,12 +55,6 @@ class SparsekernConfig(QuantizationConfig):
         if config.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{where}.format_version: expected {FORMAT_VERSION}, got {config.get('format_version')!r}")
         layers, _ = check_config({"layers": config.get("layers")}, where)
-        quantized = sorted(name for name, info in layers.items() if info.get("quant") is not None)
-        if quantized:
-            raise ValueError(
-                f"{where}.layers[{quantized[0]!r}].quant: {layers[quantized[0]]['quant']!r} values are not served by "
-                f"the vLLM plugin yet ({len(quantized)} quantized layers); serve this folder with `sparsekern serve`"
-            )
         experts = sorted(name for name, info in layers.items() if info.get("class") == "SparseExperts")
         if experts:
             raise ValueError(
@@ -108,5 +104,10 @@ def _pattern(entry: dict | None) -> str:
     if entry is None:
         return "dense"
     if entry["kind"] == "nm":
-        return f"{entry['n']}:{entry['m']}"
+        quant = entry.get("quant")
+        if quant is None:
+            return f"{entry['n']}:{entry['m']}"
+        zeros = "+zeros" if entry.get("zeros") else ""
+        act = f"a{entry['act_block']}" if entry.get("act_block") else ""
+        return f"{entry['n']}:{entry['m']}+{quant}g{entry.get('group_size', 0)}{act}{zeros}"
     return "block{}x{}".format(*entry["block"])

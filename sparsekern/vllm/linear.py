@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch.nn import Parameter
 from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
-from vllm.model_executor.parameter import ModelWeightParameter
+from vllm.model_executor.parameter import ChannelQuantScaleParameter, GroupQuantScaleParameter, ModelWeightParameter
 from vllm.model_executor.utils import set_weight_attrs
 
 from sparsekern.formats.bsr import BlockSparseWeight, check_block
@@ -33,6 +33,7 @@ from sparsekern.nn.linear import SparseLinear
 from sparsekern.vllm import bsr_shard
 
 _QKV = {"q": 0, "k": 1, "v": 2}
+_VALUES = {None: None, "int8": torch.int8, "int4": torch.uint8}  # dtype of stored values (None: a float one)
 _INDEX = ("meta", "crow_indices", "col_indices")
 
 
@@ -64,6 +65,7 @@ class SparsekernLinearMethod(LinearMethodBase):
         self._pieces: list[tuple] = []  # BSR: this rank's blocks of each shard
         self._linear: SparseLinear | None = None
         self._bias = None
+        self.quant, self.group_size, self.act_block, self.zeros = None, 0, 0, False  # N:M: set by create_weights
 
     # -- building ----------------------------------------------------------------------------
 
@@ -101,8 +103,10 @@ class SparsekernLinearMethod(LinearMethodBase):
                     f"({tp}: {k} per rank); use a tensor-parallel size that divides {input_size // self.m} groups"
                 )
             kept = k // self.m * self.n
+            self._quant_args(k, kept, tp)
+            cols, vdtype = self._values_layout(kept, params_dtype)
             values = ModelWeightParameter(
-                data=torch.empty(rows, kept, dtype=params_dtype),
+                data=torch.empty(rows, cols, dtype=vdtype),
                 input_dim=1,
                 output_dim=0,
                 weight_loader=self._checked(loader, "values"),
@@ -115,6 +119,8 @@ class SparsekernLinearMethod(LinearMethodBase):
             )
             meta.m, meta.kept = self.m, kept
             params = {"values": values, "meta": meta}
+            if self.quant:
+                params.update(self._quant_params(rows, k, params_dtype, loader))
         else:
             self.bm, self.bk = self._wrap(check_block, tuple(self.entries[0]["block"]))
             bad = [s for s in output_partition_sizes if s % self.bm]
@@ -136,6 +142,50 @@ class SparsekernLinearMethod(LinearMethodBase):
         for t, p in params.items():
             layer.register_parameter(t, p)
             set_weight_attrs(p, extra_weight_attrs)
+
+    # -- quantized N:M values (int8 / int4 kept weights with scales, optional zero points) --------
+
+    def _quant_args(self, k: int, kept: int, tp: str) -> None:
+        """The entry's quantization (``quant`` None: float values), checked against this rank's
+        share of the inputs: a scale group, an int4 byte or an x block never straddles a shard."""
+        e = self.entries[0]
+        self.quant = e.get("quant")
+        self.group_size, self.act_block = (e.get("group_size", 0), e.get("act_block", 0)) if self.quant else (0, 0)
+        self.zeros = bool(e.get("zeros")) if self.quant else False
+        for size, what in ((self.group_size, "scale groups"), (self.act_block, "int8-activation blocks")):
+            if size and k % size:
+                raise ValueError(
+                    f"{self.prefix}: {what} of {size} inputs would straddle a shard boundary ({tp}: {k} per rank); "
+                    f"use a tensor-parallel size that divides {self.in_features // size} groups"
+                )
+        if self.quant == "int4" and kept % 2:
+            raise ValueError(
+                f"{self.prefix}: int4 values are packed two to a byte; {kept} kept weights per rank ({tp}) "
+                "would split a byte"
+            )
+
+    def _values_layout(self, kept: int, params_dtype: torch.dtype) -> tuple[int, torch.dtype]:
+        """Columns and dtype of ``values`` on this rank."""
+        if self.quant == "int8":
+            return kept, torch.int8
+        if self.quant == "int4":
+            return kept // 2, torch.uint8
+        return kept, params_dtype
+
+    def _quant_params(self, rows: int, k: int, params_dtype: torch.dtype, loader) -> dict:
+        """``scales [rows, groups]`` (per row: one column, whole on every row-parallel rank) and
+        ``zeros`` (int8, same shape) where the checkpoint has them."""
+        groups = k // self.group_size if self.group_size else 1
+
+        def param(tensor: str, dtype: torch.dtype):
+            data = torch.empty(rows, groups, dtype=dtype)
+            kw = {"data": data, "output_dim": 0, "weight_loader": self._checked(loader, tensor)}
+            return GroupQuantScaleParameter(input_dim=1, **kw) if self.group_size else ChannelQuantScaleParameter(**kw)
+
+        params = {"scales": param("scales", params_dtype)}
+        if self.zeros:
+            params["zeros"] = param("zeros", torch.int8)
+        return params
 
     def _wrap(self, fn, *args):
         try:
@@ -162,10 +212,12 @@ class SparsekernLinearMethod(LinearMethodBase):
     def _where(self, parts: list[int], tensor: str) -> str:
         return f"{self._name(parts)}.{tensor}"
 
-    def _expect(self, tensor: str, got: torch.Tensor, want: list[int | None], dtype_ok: bool, where: str) -> None:
+    def _expect(
+        self, tensor: str, got: torch.Tensor, want: list[int | None], dtype_ok: bool, where: str, dtype=None
+    ) -> None:
         if got.dim() != len(want) or any(w is not None and g != w for g, w in zip(got.shape, want)) or not dtype_ok:
             shape = [("nnz" if w is None else w) for w in want]
-            dtype = "int32" if tensor in _INDEX else "a float dtype"
+            dtype = str(dtype).removeprefix("torch.") if dtype else "int32" if tensor in _INDEX else "a float dtype"
             raise ValueError(
                 f"checkpoint tensor {where}: shape {list(got.shape)} dtype {got.dtype}; the layer's "
                 f"quantization_config entry needs shape {shape}, {dtype}"
@@ -185,9 +237,15 @@ class SparsekernLinearMethod(LinearMethodBase):
             where = self._where(parts, tensor)
             out = sum(self.entries[i]["out_features"] for i in parts)
             kept = self.in_features // self.m * self.n
-            want = [out, kept] if tensor == "values" else [out, meta_words(kept, self.m)]
-            ok = loaded_weight.dtype == torch.int32 if tensor == "meta" else loaded_weight.is_floating_point()
-            self._expect(tensor, loaded_weight, want, ok, where)
+            groups = self.in_features // self.group_size if self.group_size else 1
+            want, dtype = {
+                "values": ([out, kept // 2 if self.quant == "int4" else kept], _VALUES[self.quant]),
+                "meta": ([out, meta_words(kept, self.m)], torch.int32),
+                "scales": ([out, groups], None),
+                "zeros": ([out, groups], torch.int8),
+            }[tensor]
+            ok = loaded_weight.dtype == dtype if dtype else loaded_weight.is_floating_point()
+            self._expect(tensor, loaded_weight, want, ok, where, dtype)
             self._record(tensor, parts, where)
             loader(param, loaded_weight, *shard)
 
@@ -231,13 +289,19 @@ class SparsekernLinearMethod(LinearMethodBase):
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         tensors = ("values", "meta") if self.kind == "nm" else ("crow_indices", "col_indices", "blocks")
+        if self.kind == "nm" and self.quant:
+            tensors += ("scales", "zeros") if self.zeros else ("scales",)
         for t in tensors:
             missing = [self.names[i] for i in range(len(self.names)) if i not in self._loaded.get(t, [])]
             if missing:
                 raise ValueError(f"checkpoint: tensors {[f'{n}.{t}' for n in missing]} are missing ({self.prefix})")
         rows, k = self._local
         if self.kind == "nm":
-            weight = NMSparseWeight(layer.values.data, layer.meta.data, self.n, self.m, (rows, k))
+            quant = ()
+            if self.quant:
+                zeros = layer.zeros.data if self.zeros else None
+                quant = (layer.scales.data, zeros, self.group_size, self.act_block)
+            weight = NMSparseWeight(layer.values.data, layer.meta.data, self.n, self.m, (rows, k), *quant)
         else:
             crow, col, blocks = bsr_shard.assemble(self._pieces, rows // self.bm, k // self.bk, self.prefix)
             self._pieces = []
@@ -261,5 +325,7 @@ class SparsekernLinearMethod(LinearMethodBase):
             return self._linear(x)
         # Row-parallel ranks > 0 and skip_bias_add layers pass no bias: the op, with the bias asked for.
         if self.kind == "nm":
-            return torch.ops.sparsekern.nm_linear(x, layer.values, layer.meta, self.n, self.m, bias)
+            weight = self._linear.sparse_weight
+            quant = weight.quant_args() if weight.scales is not None else ()
+            return torch.ops.sparsekern.nm_linear(x, layer.values, layer.meta, self.n, self.m, bias, *quant)
         return torch.ops.sparsekern.bsr_linear(x, layer.crow_indices, layer.col_indices, layer.blocks, bias)

@@ -47,9 +47,9 @@ def test_reads_quantization_config_and_sparsekern_json(config):
             {
                 "quant_method": "sparsekern",
                 "format_version": 1,
-                "layers": {"p": {**ENTRY, "quant": "int4", "group_size": 32, "zeros": False}},
+                "layers": {"p": {**ENTRY, "quant": "int3", "group_size": 32, "zeros": False}},
             },  # fmt: skip
-            r"layers\['p'\]\.quant: 'int4' values are not served by the vLLM plugin yet",
+            r"layers\['p'\]\.quant: expected one of \('int8', 'int4'\) on an 'nm' layer, got 'int3'",
         ),
         (
             {

@@ -51,6 +51,15 @@ def test_offline_generation_matches_transformers(folder, expected):
     assert got["tokens"] == expected
 
 
+def test_quantized_folder_generation_matches_transformers(tmp_path_factory):
+    """2:4 with int4 values (groups of 64) and int8 activations: vLLM loads the scales with its
+    own loaders and runs the same kernels as transformers."""
+    path = str(tmp_path_factory.mktemp("vllm-quant") / "tinyllama")
+    tinyllama_folder(path, "2:4", quant={"quant": "int4", "group_size": 64, "act_block": 32})
+    got = vllm_generate(path, PROMPTS, NEW_TOKENS, quantization="sparsekern")
+    assert got["tokens"] == hf_generate(path, PROMPTS, NEW_TOKENS)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

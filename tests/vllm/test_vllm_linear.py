@@ -22,9 +22,11 @@ import vllm.model_executor.layers.linear as vl  # noqa: E402
 import vllm.model_executor.parameter as vp  # noqa: E402
 from vllm.config import VllmConfig, set_current_vllm_config  # noqa: E402
 
+from sparsekern.bench.layer import parse_quant  # noqa: E402
 from sparsekern.formats.bsr import BlockSparseWeight  # noqa: E402
 from sparsekern.formats.nm import NMSparseWeight  # noqa: E402
 from sparsekern.prune.patterns import parse_pattern  # noqa: E402
+from sparsekern.reference import quantize_x  # noqa: E402
 from sparsekern.vllm.config import SparsekernConfig  # noqa: E402
 from sparsekern.vllm.linear import SparsekernLinearMethod  # noqa: E402
 
@@ -74,20 +76,32 @@ def build(kind: str, quant_config):
 
 
 def compress(dense: torch.Tensor, pattern: str):
-    """The weight (pruned to ``pattern``) and its checkpoint tensors, named as SparseLinear names them."""
-    p = parse_pattern(pattern)
+    """The weight (pruned to ``pattern``, quantized after a ``+``: ``"2:4+int4g16z"``) and its
+    checkpoint tensors, named as SparseLinear names them."""
+    base, plus, spec = pattern.partition("+")
+    p = parse_pattern(base)
     if p.kind == "block":
         w = BlockSparseWeight.from_dense(dense, block=p.block, sparsity=p.sparsity)
         return w, {"crow_indices": w.crow_indices, "col_indices": w.col_indices, "blocks": w.blocks}
     w = NMSparseWeight.from_dense(dense, n=p.n, m=p.m, prune=True)
-    return w, {"values": w.values, "meta": w.meta}
+    if not plus:
+        return w, {"values": w.values, "meta": w.meta}
+    w = w.quantize(*parse_quant(spec))
+    zeros = {} if w.zeros is None else {"zeros": w.zeros}
+    return w, {"values": w.values, "meta": w.meta, "scales": w.scales, **zeros}
 
 
 def entry(pattern: str, out: int, k: int, bias: bool) -> dict:
     """A ``quantization_config.layers`` entry as sparsekern.save writes it."""
-    p = parse_pattern(pattern)
-    e = {"class": "SparseLinear", "kind": p.kind, "pattern": pattern, "in_features": k, "out_features": out}
+    base, plus, spec = pattern.partition("+")
+    p = parse_pattern(base)
+    e = {"class": "SparseLinear", "kind": p.kind, "pattern": base, "in_features": k, "out_features": out}
     e.update(bias=bias, dtype="float32")
+    if plus:
+        quant, group_size, symmetric, act_block = parse_quant(spec)
+        e.update(quant=quant, group_size=group_size, zeros=not symmetric)
+        if act_block:
+            e["act_block"] = act_block
     return {**e, "block": list(p.block)} if p.kind == "block" else {**e, "n": p.n, "m": p.m}
 
 
@@ -130,7 +144,9 @@ def rank_outputs(kind: str, pattern, tp: int) -> None:
             for layer in (sparse, dense):
                 layer.quant_method.process_weights_after_loading(layer)
             xr = x if kind != "row" else x[:, rank * k // tp : (rank + 1) * k // tp]
-            got, want = sparse(xr)[0], dense(xr)[0]
+            # int8 activations: both see x as the kernel rounds it (blocks never straddle a rank)
+            xd = quantize_x(xr, int(pattern.rpartition("a")[2])) if "+" in pattern and "a" in pattern else xr
+            got, want = sparse(xr)[0], dense(xd)[0]
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"{kind} {pattern} tp={tp} rank={rank}")
 
 
@@ -141,6 +157,44 @@ def test_rank_output_matches_vllm_dense(kind, pattern, tp):
     # row at tp=2: 48 inputs per rank = 24 kept 2:4 weights, which start inside meta word 1 (16
     # per word) of the full row: the re-packing path. qkv at tp=4: KV heads replicated on 2 ranks.
     rank_outputs(kind, pattern, tp)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+@pytest.mark.parametrize("pattern", ["2:4+int8", "2:4+int4g16", "2:4+int4g16z", "2:4+int8g16a16"])
+def test_quantized_rank_output_matches_vllm_dense(kind, pattern, tp):
+    # Scales per row are whole on every row-parallel rank; scale groups, int4 bytes and x blocks
+    # are cut with their rows (row at tp=2: 48 inputs per rank, 3 groups of 16).
+    rank_outputs(kind, pattern, tp)
+
+
+@pytest.mark.parametrize(
+    "pattern, tp, words",
+    [
+        ("2:4+int4g32", 4, "scale groups of 32 inputs would straddle a shard boundary"),
+        ("2:4+int8a32", 4, "int8-activation blocks of 32 inputs would straddle a shard boundary"),
+        ("1:8+int4", 4, "int4 values are packed two to a byte; 3 kept weights per rank"),
+    ],
+)
+def test_quantized_split_inside_a_group_byte_or_block_is_refused(pattern, tp, words):
+    _, cfg = checkpoint("row", pattern)  # 96 inputs: 24 per rank at tp=4
+    with tp_rank(tp, 0), pytest.raises(ValueError, match=words):
+        build("row", cfg)
+
+
+def test_quantized_checkpoint_tensors_are_checked():
+    parts, cfg = checkpoint("qkv", "2:4+int4g16z")
+    with tp_rank(1, 0):
+        layer = build("qkv", cfg)
+        sid, _, tensors, _ = parts[1]
+        with pytest.raises(ValueError, match=r"k_proj\.values: shape \[32, 16\] dtype torch.int8; .* uint8"):
+            load(layer, {"values": tensors["values"].to(torch.int8)}, sid)
+        with pytest.raises(ValueError, match=r"k_proj\.scales: shape \[32, 3\]"):
+            load(layer, {"scales": tensors["scales"][:, :3]}, sid)
+        for sid, _, tensors, _ in parts:
+            load(layer, {t: v for t, v in tensors.items() if t != "zeros"}, sid)
+        with pytest.raises(ValueError, match=r"zeros'\] are missing"):
+            layer.quant_method.process_weights_after_loading(layer)
 
 
 def test_unpruned_layers_stay_on_vllm_dense():

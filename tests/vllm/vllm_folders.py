@@ -32,16 +32,19 @@ def word_tokenizer(vocab_size: int):
     return tok
 
 
-def tinyllama_folder(path: str, pattern: str = "2:4", layers: int = 2, seed: int = 0, overrides=None) -> str:
+def tinyllama_folder(
+    path: str, pattern: str = "2:4", layers: int = 2, seed: int = 0, overrides=None, quant=None
+) -> str:
     """TinyLlama-1.1B's shapes (hidden 2048, MLP 5632, 32 / 4 heads, vocab 32000) with ``layers``
     random blocks, every linear but ``lm_head`` pruned to ``pattern`` (``"dense"``: none) or to
-    what ``overrides`` (sparsify's ``{glob: pattern or None}``) says."""
+    what ``overrides`` (sparsify's ``{glob: pattern or None}``) says; ``quant``: sparsify's
+    quantization arguments (``{"quant": "int4", "group_size": 64, ...}``)."""
     import sparsekern as sk
     from sparsekern.bench.smollm import tinyllama
 
     model = tinyllama(seed=seed, num_hidden_layers=layers, bos_token_id=1, eos_token_id=2, max_position_embeddings=512)
     if pattern != "dense":
-        sk.sparsify(model, pattern, "magnitude", skip=["lm_head"], overrides=overrides, progress=False)
+        sk.sparsify(model, pattern, "magnitude", skip=["lm_head"], overrides=overrides, progress=False, **(quant or {}))
     sk.save(model, path, tokenizer=word_tokenizer(model.config.vocab_size))
     return path
 
