@@ -261,3 +261,18 @@ def test_bench_serve_refuses_bad_arguments(tmp_path):
         bench_serve.run(str(tmp_path / "nope"))
     with pytest.raises(ValueError, match=r"clients: expected positive integers, got \(0,\)"):
         bench_serve.run(str(tmp_path), clients=(0,))
+
+
+def test_bench_serve_writes_its_json_without_matplotlib(tmp_path, monkeypatch):
+    """The vLLM venv has no matplotlib: a finished load run still writes its numbers."""
+    import sys
+
+    from sparsekern.bench import serve as bench_serve
+
+    rows = [{"clients": 1, "tokens_per_s": 8.0, "ttft_p95_ms": 900.0, "itl_p95_ms": 130.0}]
+    res = {"meta": {"device_name": "cpu", "date": "2026-11-26"}, "models": [{"name": "m", "rows": rows}]}
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ModuleNotFoundError
+    files = bench_serve._write(res, tmp_path)
+    assert set(files) == {"json"} and not list(tmp_path.glob("*.png"))
+    saved = json.loads((tmp_path / "serve-m.json").read_text())
+    assert saved["models"][0]["rows"] == rows and "matplotlib" in saved["notes"][0]

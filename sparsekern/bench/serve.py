@@ -277,13 +277,26 @@ def print_results(res: dict) -> None:
 
 
 def _write(res: dict, out: Path) -> dict:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """The JSON, and the PNG where matplotlib is installed (the vLLM venv has none: the load
+    numbers must not be lost to a missing plotting library at the end of a long run)."""
     out.mkdir(parents=True, exist_ok=True)
     stem = out / ("serve-" + "-vs-".join(m["name"] for m in res["models"]))
+    files = {"json": str(stem) + ".json"}
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        res.setdefault("notes", []).append("no PNG: matplotlib is not installed in this environment")
+    else:
+        matplotlib.use("Agg")
+        files["png"] = str(stem) + ".png"
+        _plot(res, files["png"])
+    Path(files["json"]).write_text(json.dumps({**res, "files": files}, indent=1, default=str) + "\n")
+    return files
+
+
+def _plot(res: dict, path: str) -> None:
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
     panels = (("tokens_per_s", "aggregate tokens/s"), ("ttft_p95_ms", "TTFT p95 (ms)"), ("itl_p95_ms", "ITL p95 (ms)"))
     for ax, (key, label) in zip(axes, panels):
@@ -296,8 +309,5 @@ def _write(res: dict, out: Path) -> dict:
         ax.legend(fontsize=7)
     fig.suptitle(f"sparsekern serve, {res['meta']['device_name']} ({res['meta']['date'][:10]})")
     fig.tight_layout()
-    files = {"json": str(stem) + ".json", "png": str(stem) + ".png"}
-    fig.savefig(files["png"], dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    Path(files["json"]).write_text(json.dumps({**res, "files": files}, indent=1, default=str) + "\n")
-    return files
