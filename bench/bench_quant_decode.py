@@ -1,5 +1,6 @@
-"""Quantized + sparse decode, one row, side by side: dense bf16, 2:4 bf16, 2:4 int8 / int4 with
-bf16 activations (W8A16 / W4A16) and with int8 activations (``act_block=32``).
+"""Quantized + sparse decode, one row, side by side: dense bf16, N:M bf16 (2:4 unless
+``--patterns`` says), N:M int8 / int4 with bf16 activations (W8A16 / W4A16) and with int8
+activations (``act_block=32``).
 
 Every variant is timed interleaved in one run (min of rounds of ``--calls`` calls each, weights
 rotated through copies larger than the L3 so no call finds them cached), on the machine's
@@ -7,6 +8,7 @@ threads. The roofline is the weight bytes as stored (values, meta, scales, zeros
 bandwidth measured in the same run (``sparsekern.bench.roofline``: large copy or large read).
 
     .venv/bin/python bench/bench_quant_decode.py [--shapes 11008x4096,4096x4096] [--rounds 7]
+        [--patterns 2:4,4:8,1:4,2:8] [--only "int4 g32 +a8,int8 +a8"]
 """
 
 from __future__ import annotations
@@ -19,16 +21,17 @@ import torch.nn.functional as F
 
 import sparsekern as sk
 
-VARIANTS = (
-    ("2:4 bf16", None),
-    ("2:4 int8", ("int8", 0, True, 0)),
-    ("2:4 int8 g128", ("int8", 128, True, 0)),
-    ("2:4 int4 g128", ("int4", 128, True, 0)),
-    ("2:4 int8 +a8", ("int8", 0, True, 32)),
-    ("2:4 int4 g128 +a8", ("int4", 128, True, 32)),
-    ("2:4 int4 g64 +a8", ("int4", 64, True, 32)),
-    ("2:4 int4 g32 +a8", ("int4", 32, True, 32)),
-    ("2:4 int4 g128 zp +a8", ("int4", 128, False, 32)),
+VARIANTS = (  # name (after the pattern), quantize() arguments (None: the float weight)
+    ("bf16", None),
+    ("int8", ("int8", 0, True, 0)),
+    ("int8 g128", ("int8", 128, True, 0)),
+    ("int4 g128", ("int4", 128, True, 0)),
+    ("int4 g32", ("int4", 32, True, 0)),
+    ("int8 +a8", ("int8", 0, True, 32)),
+    ("int4 g128 +a8", ("int4", 128, True, 32)),
+    ("int4 g64 +a8", ("int4", 64, True, 32)),
+    ("int4 g32 +a8", ("int4", 32, True, 32)),
+    ("int4 g128 zp +a8", ("int4", 128, False, 32)),
 )
 
 
@@ -39,27 +42,38 @@ def bandwidth_gbs() -> float:
     return measure_roofline(torch.device("cpu"), torch.float32).bandwidth_gbs
 
 
+def nm_ratio(best: dict, name: str) -> str:
+    """Speed of ``name`` over the float weight of its own pattern ("-" for dense)."""
+    pattern = name.split(" ")[0]
+    base = best.get(f"{pattern} bf16")
+    return "-" if base is None or name == "dense bf16" else f"{base / best[name]:.2f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="11008x4096,4096x4096")
-    ap.add_argument("--only", default="", help="comma-separated variant names (default: all)")
+    ap.add_argument("--patterns", default="2:4", help="N:M patterns, e.g. 2:4,4:8,1:4,2:8")
+    ap.add_argument("--only", default="", help="comma-separated variant names, e.g. 'int8 +a8' (default: all)")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--calls", type=int, default=20)
     args = ap.parse_args()
     bw = bandwidth_gbs()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, roofline bandwidth {bw:.1f} GB/s\n")
-    print("| shape | weights | ms | weight MB | GB/s | % roofline | x dense bf16 | x 2:4 bf16 |")
+    print("| shape | weights | ms | weight MB | GB/s | % roofline | x dense bf16 | x N:M bf16 |")
     print("|---|---|---|---|---|---|---|---|")
+    patterns = args.patterns.split(",")
     for shape in args.shapes.split(","):
         out, k = (int(v) for v in shape.split("x"))
         dense = torch.randn(out, k) * 0.02
-        w24 = sk.NMSparseWeight.from_dense(dense, 2, 4, prune=True)
         cases = {"dense bf16": [dense.bfloat16() for _ in range(3)]}
-        for name, q in VARIANTS:
-            if args.only and name not in args.only.split(",") and q is not None:
-                continue
-            w = w24 if q is None else w24.quantize(*q)
-            cases[name] = [sk.SparseLinear(w.to(torch.bfloat16)) for _ in range(3)]
+        for pattern in patterns:
+            n, m = (int(v) for v in pattern.split(":"))
+            w_nm = sk.NMSparseWeight.from_dense(dense, n, m, prune=True)
+            for name, q in VARIANTS:
+                if args.only and name not in args.only.split(",") and q is not None:
+                    continue
+                w = w_nm if q is None else w_nm.quantize(*q)
+                cases[f"{pattern} {name}"] = [sk.SparseLinear(w.to(torch.bfloat16)) for _ in range(3)]
         x = torch.randn(1, k).bfloat16()
         best = {name: float("inf") for name in cases}
         with torch.no_grad(), sk.use_backend("cpu"):
@@ -80,7 +94,7 @@ def main() -> None:
             gbs = nbytes / best[name] / 1e9
             print(
                 f"| {shape} | {name} | {ms:.3f} | {nbytes / 1e6:.1f} | {gbs:.1f} | {100 * gbs / bw:.0f}% | "
-                f"{best['dense bf16'] / best[name]:.2f} | {best['2:4 bf16'] / best[name]:.2f} |",
+                f"{best['dense bf16'] / best[name]:.2f} | {nm_ratio(best, name)} |",
                 flush=True,
             )
 
