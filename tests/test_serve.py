@@ -276,3 +276,26 @@ def test_bench_serve_writes_its_json_without_matplotlib(tmp_path, monkeypatch):
     assert set(files) == {"json"} and not list(tmp_path.glob("*.png"))
     saved = json.loads((tmp_path / "serve-m.json").read_text())
     assert saved["models"][0]["rows"] == rows and "matplotlib" in saved["notes"][0]
+
+
+@pytest.mark.parametrize("dense_copies", [True, False])
+def test_no_dense_copies_turns_every_dense_fallback_off(folder, dense_copies):
+    """`sparsekern serve --no-dense-copies`: the server keeps the compressed weights only."""
+    import argparse
+
+    from sparsekern.serve import cli as serve_cli
+    from sparsekern.serve.app import build_app
+
+    parser = argparse.ArgumentParser()
+    serve_cli.register(parser.add_subparsers())
+    args = parser.parse_args(["serve", str(folder), *([] if dense_copies else ["--no-dense-copies"])])
+    assert args.dense_copies is dense_copies
+    app = build_app(str(folder), device="cpu", dense_copies=args.dense_copies)
+    layers = [m for m in app.state.model.modules() if isinstance(m, sk.SparseLinear)]
+    assert layers and all(m.dense_fallback is dense_copies for m in layers)
+    with torch.no_grad():  # and the layers still compute (prefill-sized x, the kernels only)
+        x = torch.randn(64, layers[0].in_features, dtype=layers[0].dtype)
+        want = torch.nn.functional.linear(x, layers[0].weight, layers[0].bias)
+        torch.testing.assert_close(layers[0](x), want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(TypeError, match="dense_copies: expected bool, got str"):
+        build_app(str(folder), device="cpu", dense_copies="no")

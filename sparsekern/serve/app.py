@@ -54,10 +54,20 @@ def preflight(folder: str) -> dict:
     return config
 
 
-def build_app(folder: str, name: str | None = None, device: str = "auto", dtype: str = "auto", concurrency: int = 8):
+def build_app(
+    folder: str,
+    name: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    concurrency: int = 8,
+    dense_copies: bool = True,
+):
     """A FastAPI app serving the model in ``folder`` under ``name`` (default: the folder's name).
 
     The paged KV cache holds ``concurrency`` full contexts; more concurrent requests queue.
+    ``dense_copies=False`` sets every sparse layer's ``dense_fallback`` to False: no dense weight
+    copies where dispatch would pick the dense kernel (prefill), so the server holds the
+    compressed weights only, and prefill runs the sparse kernels.
     """
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.exceptions import RequestValidationError
@@ -72,11 +82,20 @@ def build_app(folder: str, name: str | None = None, device: str = "auto", dtype:
 
     if not isinstance(concurrency, int) or concurrency < 1:
         raise ValueError(f"concurrency: expected a positive int, got {concurrency!r}")
+    if not isinstance(dense_copies, bool):
+        raise TypeError(f"dense_copies: expected bool, got {type(dense_copies).__name__}")
     sparsekern.hf.register()
     preflight(folder)
     name = name or os.path.basename(os.path.normpath(folder))
     manager = ModelManager(device=device, dtype=dtype, continuous_batching=True, force_model=folder)
     model, tokenizer = manager.load_model_and_processor(manager.process_model_name(folder))
+    if not dense_copies:
+        from sparsekern.nn.linear import SparseLinear
+        from sparsekern.nn.moe import SparseExperts
+
+        for module in model.modules():
+            if isinstance(module, (SparseLinear, SparseExperts)):
+                module.dense_fallback = False
     text_config = model.config.get_text_config()
     served = Served(
         name=name,

@@ -24,6 +24,12 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="auto", help="'cpu', 'cuda', 'cuda:0' or 'auto' (default)")
     p.add_argument("--name", help="model name clients use (default: the folder's name)")
     p.add_argument("--concurrency", type=int, default=8, help="requests batched at once; more queue (default 8)")
+    p.add_argument(
+        "--no-dense-copies",
+        dest="dense_copies",
+        action="store_false",
+        help="keep no dense weight copies for prefill (less memory, slower prefill where dense would win)",
+    )
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=run)
 
@@ -41,7 +47,14 @@ def run(args: argparse.Namespace) -> int:
     from sparsekern.serve.app import build_app
 
     try:
-        app = build_app(args.folder, name=args.name, device=args.device, dtype=args.dtype, concurrency=args.concurrency)
+        app = build_app(
+            args.folder,
+            name=args.name,
+            device=args.device,
+            dtype=args.dtype,
+            concurrency=args.concurrency,
+            dense_copies=args.dense_copies,
+        )
     except (ValueError, OSError) as exc:
         print(f"sparsekern serve: {exc}", file=sys.stderr)
         return 2
