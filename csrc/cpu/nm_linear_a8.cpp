@@ -35,8 +35,11 @@ inline float round_even(float v) {
   return (v + kMagic) - kMagic;
 }
 
-void nm_quantize_x_a8(const NMLinearArgs& a, int8_t* xq, int64_t ldq, float* sx, int64_t lds) {
-  const int64_t block = a.act_block, blocks = a.k / block;
+// x rows as int8 per block of a.act_block columns (layout as nm_quantize_x_a8): each row in
+// fp32, then block(x of the block, its int8 out) rounds one block and returns its scale.
+template <class Block>
+void quantize_rows(const NMLinearArgs& a, int8_t* xq, int64_t ldq, float* sx, int64_t lds, Block&& block) {
+  const int64_t size = a.act_block, blocks = a.k / size;
   std::vector<float> xf(a.k);
   for (int64_t r = 0; r < a.rows; ++r) {
     int8_t* q = xq + r * ldq;
@@ -45,25 +48,29 @@ void nm_quantize_x_a8(const NMLinearArgs& a, int8_t* xq, int64_t ldq, float* sx,
     std::fill(s + blocks, s + lds, 0.0f);
     convert_rows_f32(static_cast<const char*>(a.x) + r * a.ldx * dtype_size(a.dtype), 1, a.k, a.k, a.dtype, xf.data(),
                      a.k, 1);
-    for (int64_t b = 0; b < blocks; ++b) {
-      const float* xb = xf.data() + b * block;
-      // Comparisons, not std::fmax / std::fmin: those are libm calls per element at the
-      // baseline ISA.
-      float amax = 0.0f;
-      for (int64_t c = 0; c < block; ++c) {
-        const float v = xb[c] < 0.0f ? -xb[c] : xb[c];
-        amax = v > amax || v != v ? v : amax;  // a NaN sticks
-      }
-      // A non-finite row is recomputed densely by the op (redo_nonfinite_rows): any finite value here.
-      const bool ok = std::isfinite(amax) && amax > 0.0f;
-      const float scale = ok ? amax / 127.0f : 1.0f;
-      s[b] = scale;
-      for (int64_t c = 0; c < block; ++c) {
-        const float v = ok ? round_even(xb[c] / scale) : 0.0f;
-        q[b * block + c] = static_cast<int8_t>(v < -127.0f ? -127.0f : v > 127.0f ? 127.0f : v);
-      }
-    }
+    for (int64_t b = 0; b < blocks; ++b) s[b] = block(xf.data() + b * size, q + b * size);
   }
+}
+
+void nm_quantize_x_a8(const NMLinearArgs& a, int8_t* xq, int64_t ldq, float* sx, int64_t lds) {
+  const int64_t size = a.act_block;
+  quantize_rows(a, xq, ldq, sx, lds, [size](const float* xb, int8_t* q) {
+    // Comparisons, not std::fmax / std::fmin: those are libm calls per element at the
+    // baseline ISA.
+    float amax = 0.0f;
+    for (int64_t c = 0; c < size; ++c) {
+      const float v = xb[c] < 0.0f ? -xb[c] : xb[c];
+      amax = v > amax || v != v ? v : amax;  // a NaN sticks
+    }
+    // A non-finite row is recomputed densely by the op (redo_nonfinite_rows): any finite value here.
+    const bool ok = std::isfinite(amax) && amax > 0.0f;
+    const float scale = ok ? amax / 127.0f : 1.0f;
+    for (int64_t c = 0; c < size; ++c) {
+      const float v = ok ? round_even(xb[c] / scale) : 0.0f;
+      q[c] = static_cast<int8_t>(v < -127.0f ? -127.0f : v > 127.0f ? 127.0f : v);
+    }
+    return scale;
+  });
 }
 
 namespace detail {
@@ -340,34 +347,24 @@ SK_A8 inline __m128i round_x8(__m512 x, __m512 scale, __m512 lo, __m512 hi) {
 // nm_quantize_x_a8 for act_block 32, 16 lanes at a time: the same scales and integers (IEEE
 // division by the scale, round to nearest even, clamp to +-127).
 // NOTE: the scalar quantizer took ~5 us of a ~21 us call for 2048 columns (Zen 4, 1 thread).
-SK_A8 void quantize_x_a8_32(const NMLinearArgs& a, int8_t* xq, int64_t ldq, float* sx, int64_t lds) {
-  const int64_t blocks = a.k / 32;
-  std::vector<float> xf(a.k);
-  const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
-  const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
-  for (int64_t r = 0; r < a.rows; ++r) {
-    int8_t* q = xq + r * ldq;
-    float* s = sx + r * lds;
-    std::fill(q + a.k, q + ldq, int8_t{0});
-    std::fill(s + blocks, s + lds, 0.0f);
-    convert_rows_f32(static_cast<const char*>(a.x) + r * a.ldx * dtype_size(a.dtype), 1, a.k, a.k, a.dtype, xf.data(),
-                     a.k, 1);
-    for (int64_t b = 0; b < blocks; ++b) {
-      const __m512 x0 = _mm512_loadu_ps(xf.data() + 32 * b), x1 = _mm512_loadu_ps(xf.data() + 32 * b + 16);
-      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(x0, absmask), _mm512_and_ps(x1, absmask)));
-      // max_ps may drop a NaN: any finite result is fine (the op recomputes non-finite rows).
-      const bool ok = std::isfinite(amax) && amax > 0.0f;
-      const float scale = ok ? amax / 127.0f : 1.0f;
-      s[b] = scale;
-      const __m512 sv = _mm512_set1_ps(scale);
-      if (ok) {
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 32 * b), round_x8(x0, sv, lo, hi));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 32 * b + 16), round_x8(x1, sv, lo, hi));
-      } else {
-        std::fill_n(q + 32 * b, 32, int8_t{0});
-      }
+void quantize_x_a8_32(const NMLinearArgs& a, int8_t* xq, int64_t ldq, float* sx, int64_t lds) {
+  quantize_rows(a, xq, ldq, sx, lds, [](const float* xb, int8_t* q) SK_A8 {
+    const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+    const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(x0, absmask), _mm512_and_ps(x1, absmask)));
+    // max_ps may drop a NaN: any finite result is fine (the op recomputes non-finite rows).
+    const bool ok = std::isfinite(amax) && amax > 0.0f;
+    const float scale = ok ? amax / 127.0f : 1.0f;
+    const __m512 sv = _mm512_set1_ps(scale);
+    if (ok) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q), round_x8(x0, sv, lo, hi));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), round_x8(x1, sv, lo, hi));
+    } else {
+      std::fill_n(q, 32, int8_t{0});
     }
-  }
+    return scale;
+  });
 }
 
 }  // namespace
