@@ -118,6 +118,22 @@ def test_nm_validate_catches_bad_meta():
         NMSparseWeight(w.values, padded, 2, 4, w.shape).validate()
 
 
+def test_nm_validate_in_row_chunks_reports_the_row_and_reads_bit_31():
+    # 5000 rows x 64 kept: more than one chunk of validate's uint8 unpacking.
+    w = NMSparseWeight.from_dense(torch.randn(5000, 128), prune=True)
+    assert (w.meta < 0).any()  # bit 31 is an ordinary payload bit of 2-bit fields
+    w.validate()
+    bad = w.meta.clone()
+    bad[4500, 1] = 0  # word 1 holds groups 8..15: indices (0, 0) from group 8 on
+    with pytest.raises(ValueError, match=r"meta: row 4500, group 8 has indices \[0, 0\]"):
+        NMSparseWeight(w.values, bad, 2, 4, w.shape).validate()
+    w8 = NMSparseWeight.from_dense(torch.randn(4, 80), n=4, m=8, prune=True)
+    top = w8.meta.clone()
+    top[2, 0] |= -(1 << 31)  # 3-bit fields: 10 a word in bits 0-29; bits 30-31 unused
+    with pytest.raises(ValueError, match="bits set beyond"):
+        NMSparseWeight(w8.values, top, 4, 8, w8.shape).validate()
+
+
 def test_nm_constructor_checks_shapes():
     w = NMSparseWeight.from_dense(torch.randn(3, 16), prune=True)
     with pytest.raises(ValueError, match="values: expected shape"):

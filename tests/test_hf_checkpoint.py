@@ -139,8 +139,9 @@ def test_peak_memory_while_loading_is_the_compressed_size(tmp_path):
     sk.save(big, tmp_path / "big")
     sk.save(tiny_lm.llama(), tmp_path / "warm")
     del big
-    # NOTE: the same code reads 38.3-39.3 MiB here from run to run (allocator and page noise of
-    # ~1 MiB, seen on the commit before the quantization work too): the least of three readings.
+    # NOTE: 38.3-39.3 MiB here until NMSparseWeight.validate (run on every loaded weight) unpacked
+    # whole layers into int64 temporaries; with uint8 indices in row chunks 36.0-36.6 MiB (34.0
+    # with validation skipped). Allocator and page noise is ~1 MiB: the least of three readings.
     grown = min(
         int(subprocess.run(
             [sys.executable, "-c", _RSS_SCRIPT, str(tmp_path / "big"), str(tmp_path / "warm")],
