@@ -84,7 +84,7 @@ lib.define(
     " Tensor?[] weights, int[] specs, Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, Tensor final_norm,"
     " float final_eps, float scale) -> Tensor"
 )
-# Its LM head where the CPU has AVX-512 BF16: x [rows, k] @ weight.T, both bf16, no bias
+# Its LM head: x [rows, k] @ weight.T, no bias, both bf16 (AVX-512 BF16) or both fp32 (AVX-512)
 # (csrc/cpu/lean_head_op.cpp).
 lib.define("_lean_head_cpu(Tensor x, Tensor weight) -> Tensor")
 

@@ -14,18 +14,11 @@
 
 namespace sparsekern {
 
-bool gemv_bf16_supported() {
+bool gemv_supported(DType t) {
 #if defined(__x86_64__)
-  return active_isa() >= Isa::kAvx512Bf16;
+  return t == DType::kBF16 ? active_isa() >= Isa::kAvx512Bf16 : t == DType::kF32 && active_isa() >= Isa::kAvx512;
 #else
-  return false;
-#endif
-}
-
-bool gemv_f32_supported() {
-#if defined(__x86_64__)
-  return active_isa() >= Isa::kAvx512;
-#else
+  (void)t;
   return false;
 #endif
 }
@@ -66,7 +59,7 @@ SK_BF16 void tile(const uint16_t* x, int64_t rows, int64_t ldx, const uint16_t* 
 #define SK_F32 __attribute__((target("avx512f")))
 
 template <int R>
-SK_F32 void tile_f32(const float* x, int64_t rows, int64_t ldx, const float* w, const float* bias, int64_t k, int64_t o,
+SK_F32 void tile(const float* x, int64_t rows, int64_t ldx, const float* w, const float* bias, int64_t k, int64_t o,
                      float* y, int64_t ldy) {
   const float* wr = w + o * k;
   for (int64_t r = 0; r < rows; ++r) {
@@ -85,42 +78,36 @@ SK_F32 void tile_f32(const float* x, int64_t rows, int64_t ldx, const float* w, 
   }
 }
 
-SK_F32 void run_rows_f32(const float* x, int64_t rows, int64_t ldx, const float* w, const float* bias, int64_t k,
-                         int64_t o0, int64_t o1, float* y, int64_t ldy) {
-  int64_t o = o0;
-  for (; o + kTile <= o1; o += kTile) tile_f32<kTile>(x, rows, ldx, w, bias, k, o, y, ldy);
-  for (; o < o1; ++o) tile_f32<1>(x, rows, ldx, w, bias, k, o, y, ldy);
-}
-
-SK_BF16 void run_rows(const uint16_t* x, int64_t rows, int64_t ldx, const uint16_t* w, const uint16_t* bias,
-                      int64_t k, int64_t o0, int64_t o1, uint16_t* y, int64_t ldy) {
+// Output rows [o0, o1): whole tiles of kTile weight rows, then one row at a time (bf16 or fp32:
+// tile's overloads).
+template <class T>
+void run_rows(const T* x, int64_t rows, int64_t ldx, const T* w, const T* bias, int64_t k, int64_t o0, int64_t o1,
+              T* y, int64_t ldy) {
   int64_t o = o0;
   for (; o + kTile <= o1; o += kTile) tile<kTile>(x, rows, ldx, w, bias, k, o, y, ldy);
   for (; o < o1; ++o) tile<1>(x, rows, ldx, w, bias, k, o, y, ldy);
 }
 
-}  // namespace
-
-void gemv_bf16(const uint16_t* x, int64_t rows, int64_t ldx, const uint16_t* w, const uint16_t* bias, int64_t n,
-               int64_t k, uint16_t* y, int64_t ldy, int threads) {
+template <class T>
+void gemv_typed(const void* x, int64_t rows, int64_t ldx, const void* w, const void* bias, int64_t n, int64_t k,
+                void* y, int64_t ldy, int threads) {
   // Chunks of whole tiles (the last one takes the remainder rows).
   const int64_t tiles = (n + kTile - 1) / kTile;
   parallel_range(tiles, decode_threads(threads, rows * n * k), 64, [&](int64_t t0, int64_t t1, int) {
-    run_rows(x, rows, ldx, w, bias, k, t0 * kTile, std::min(n, t1 * kTile), y, ldy);
+    run_rows(static_cast<const T*>(x), rows, ldx, static_cast<const T*>(w), static_cast<const T*>(bias), k,
+             t0 * kTile, std::min(n, t1 * kTile), static_cast<T*>(y), ldy);
   });
 }
 
-void gemv_f32(const float* x, int64_t rows, int64_t ldx, const float* w, const float* bias, int64_t n, int64_t k,
-              float* y, int64_t ldy, int threads) {
-  const int64_t tiles = (n + kTile - 1) / kTile;
-  parallel_range(tiles, decode_threads(threads, rows * n * k), 64, [&](int64_t t0, int64_t t1, int) {
-    run_rows_f32(x, rows, ldx, w, bias, k, t0 * kTile, std::min(n, t1 * kTile), y, ldy);
-  });
+}  // namespace
+
+void gemv(const void* x, int64_t rows, int64_t ldx, const void* w, const void* bias, int64_t n, int64_t k, void* y,
+          int64_t ldy, DType t, int threads) {
+  if (t == DType::kBF16) return gemv_typed<uint16_t>(x, rows, ldx, w, bias, n, k, y, ldy, threads);
+  gemv_typed<float>(x, rows, ldx, w, bias, n, k, y, ldy, threads);
 }
 #else
-void gemv_f32(const float*, int64_t, int64_t, const float*, const float*, int64_t, int64_t, float*, int64_t, int) {}
-void gemv_bf16(const uint16_t*, int64_t, int64_t, const uint16_t*, const uint16_t*, int64_t, int64_t, uint16_t*, int64_t,
-               int) {}
+void gemv(const void*, int64_t, int64_t, const void*, const void*, int64_t, int64_t, void*, int64_t, DType, int) {}
 #endif
 
 }  // namespace sparsekern

@@ -7,19 +7,17 @@
 
 #include <cstdint>
 
+#include "cpu/dtype.h"
+
 namespace sparsekern {
 
-// True where this CPU (and SPARSEKERN_CPU_ISA) allows the kernel: AVX-512 with BF16.
-bool gemv_bf16_supported();
+// True where this CPU (and SPARSEKERN_CPU_ISA) runs gemv for element type t: bf16 with AVX-512
+// BF16, fp32 with AVX-512; nothing else.
+bool gemv_supported(DType t);
 
-// x rows at stride ldx, y rows at stride ldy; bias [n] bf16 or null, added to the fp32 sum;
-// split over `threads` by output rows.
-void gemv_bf16(const uint16_t* x, int64_t rows, int64_t ldx, const uint16_t* w, const uint16_t* bias, int64_t n,
-               int64_t k, uint16_t* y, int64_t ldy, int threads);
-
-// The same for fp32, where the CPU (and SPARSEKERN_CPU_ISA) has AVX-512.
-bool gemv_f32_supported();
-void gemv_f32(const float* x, int64_t rows, int64_t ldx, const float* w, const float* bias, int64_t n, int64_t k,
-              float* y, int64_t ldy, int threads);
+// x rows at stride ldx, y rows at stride ldy, all of type t (where gemv_supported(t)); bias [n]
+// or null, added to the fp32 sum; split over `threads` by output rows.
+void gemv(const void* x, int64_t rows, int64_t ldx, const void* w, const void* bias, int64_t n, int64_t k, void* y,
+          int64_t ldy, DType t, int threads);
 
 }  // namespace sparsekern

@@ -137,20 +137,12 @@ at::Tensor run_linear(const Linear& l, const at::Tensor& x_in) {
   if (l.kind == kDense) {
     const at::Tensor& w = *l.t[0];
     const OptTensor& bias = l.t[1];
-    const bool bf16 = x_in.scalar_type() == at::kBFloat16, f32 = x_in.scalar_type() == at::kFloat;
-    if (x_in.size(0) <= kGemvMaxRows && ((bf16 && gemv_bf16_supported()) || (f32 && gemv_f32_supported())) &&
-        w.is_contiguous() && (!bias || bias->is_contiguous())) {
+    const DType t = to_dtype(x_in.scalar_type());
+    if (x_in.size(0) <= kGemvMaxRows && gemv_supported(t) && w.is_contiguous() && (!bias || bias->is_contiguous())) {
       const at::Tensor x = x_in.contiguous();
       at::Tensor y = new_output({x.size(0), l.out}, x.options());
-      const void* b = bias ? bias->const_data_ptr() : nullptr;
-      if (bf16) {
-        gemv_bf16(static_cast<const uint16_t*>(x.const_data_ptr()), x.size(0), x.size(1),
-                  static_cast<const uint16_t*>(w.const_data_ptr()), static_cast<const uint16_t*>(b), l.out, w.size(1),
-                  static_cast<uint16_t*>(y.data_ptr()), l.out, at::get_num_threads());
-      } else {
-        gemv_f32(x.const_data_ptr<float>(), x.size(0), x.size(1), w.const_data_ptr<float>(),
-                 static_cast<const float*>(b), l.out, w.size(1), y.data_ptr<float>(), l.out, at::get_num_threads());
-      }
+      gemv(x.const_data_ptr(), x.size(0), x.size(1), w.const_data_ptr(), bias ? bias->const_data_ptr() : nullptr, l.out,
+           w.size(1), y.data_ptr(), l.out, t, at::get_num_threads());
       return y;
     }
     return at::linear(x_in, w, bias);
@@ -269,11 +261,15 @@ at::Tensor lean_step_cpu(const at::Tensor& tokens, int64_t pos, const at::Tensor
   // -- the step (LeanDecoder.step's ops; the small ones as lean_kernels.h's loops) -------------
   const int64_t b = batch, d = head_dim, max_len = nb ? k_cache[0].size(2) : 0;
   const DType t = to_dtype(embed.scalar_type());
-  int64_t widest = 0;  // o's input: heads * head_dim, the largest over blocks
-  for (const Block& B : blocks) widest = std::max(widest, B.heads * d);
+  int64_t widest = 0, widest_inter = 0;  // o's and down's inputs: the largest over blocks
+  for (const Block& B : blocks) {
+    widest = std::max(widest, B.heads * d);
+    widest_inter = std::max(widest_inter, B.inter);
+  }
   at::Tensor h = at::embedding(embed, tokens).contiguous();
   const at::Tensor xn = at::empty({b, dim}, embed.options());  // normed h: qkv's and gate_up's input
   const at::Tensor attn = at::empty({b, widest}, embed.options());
+  const at::Tensor act_buf = at::empty({b, widest_inter}, embed.options());  // silu(gate) * up
   std::vector<float> q(b * widest), scratch(max_len + d);
   at::Tensor y;  // the last linear's output, added to h by the next norm
   for (int64_t i = 0; i < nb; ++i) {
@@ -291,7 +287,7 @@ at::Tensor lean_step_cpu(const at::Tensor& tokens, int64_t pos, const at::Tensor
     lean::add_rms_norm(h.data_ptr(), y.const_data_ptr(), norms[2 * i + 1].const_data_ptr(),
                        static_cast<float>(eps[2 * i + 1]), b, dim, t, xn.data_ptr());
     const at::Tensor gu = run_linear(B.lin[2], xn).contiguous();
-    const at::Tensor act = at::empty({b, B.inter}, embed.options());
+    const at::Tensor act = act_buf.view(-1).narrow(0, 0, b * B.inter).view({b, B.inter});
     lean::silu_mul(gu.const_data_ptr(), b, B.inter, t, act.data_ptr());
     y = run_linear(B.lin[3], act).contiguous();
   }
