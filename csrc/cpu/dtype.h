@@ -71,6 +71,29 @@ inline uint16_t f32_to_f16(float f) {
   return static_cast<uint16_t>(sign | (r >> 13));
 }
 
+// Storage type of element type T, and one element to / from fp32 (the vector kernels keep their
+// own loads).
+template <DType T>
+struct Elem;
+template <>
+struct Elem<DType::kF32> {
+  using type = float;
+  static float load(float v) { return v; }
+  static float store(float v) { return v; }
+};
+template <>
+struct Elem<DType::kBF16> {
+  using type = uint16_t;
+  static float load(uint16_t v) { return bf16_to_f32(v); }
+  static uint16_t store(float v) { return f32_to_bf16(v); }
+};
+template <>
+struct Elem<DType::kF16> {
+  using type = uint16_t;
+  static float load(uint16_t v) { return f16_to_f32(v); }
+  static uint16_t store(float v) { return f32_to_f16(v); }
+};
+
 inline float load_f32(const void* p, int64_t i, DType t) {
   switch (t) {
     case DType::kBF16: return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);

@@ -10,27 +10,6 @@
 namespace sparsekern::lean {
 namespace {
 
-template <DType T>
-struct Elem;
-template <>
-struct Elem<DType::kF32> {
-  using type = float;
-  static float load(float v) { return v; }
-  static float store(float v) { return v; }
-};
-template <>
-struct Elem<DType::kBF16> {
-  using type = uint16_t;
-  static float load(uint16_t v) { return bf16_to_f32(v); }
-  static uint16_t store(float v) { return f32_to_bf16(v); }
-};
-template <>
-struct Elem<DType::kF16> {
-  using type = uint16_t;
-  static float load(uint16_t v) { return f16_to_f32(v); }
-  static uint16_t store(float v) { return f32_to_f16(v); }
-};
-
 // x rounded to T and back (the Python step holds such values in T).
 template <DType T>
 inline float round_to(float x) {

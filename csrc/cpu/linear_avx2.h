@@ -10,15 +10,6 @@
 
 namespace sparsekern::detail {
 
-template <DType T>
-struct Elem {
-  using type = uint16_t;
-};
-template <>
-struct Elem<DType::kF32> {
-  using type = float;
-};
-
 // 8 consecutive elements as fp32.
 template <DType T>
 SK_AVX2 inline __m256 load8(const typename Elem<T>::type* p) {
