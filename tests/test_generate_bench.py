@@ -97,7 +97,7 @@ def test_generate_suite_scores_each_variant_on_the_eval_windows(tiny_dir, monkey
     from sparsekern.bench import text
 
     windows = torch.randint(0, 128, (3, 12), generator=torch.Generator().manual_seed(0))
-    monkeypatch.setattr(generate, "_windows", lambda ctx, name: windows)
+    monkeypatch.setattr(generate, "eval_windows", lambda ctx, name, who="": windows)
     monkeypatch.setattr(generate, "schedule", lambda quick: ((16,), 8, 1))
     res = runner.run(
         suites=("generate",), quick=True, device="cpu", out=None, model_path=str(tiny_dir),

@@ -121,21 +121,17 @@ def _timed(model, ids, new: int, reps: int, lean: bool = False) -> float:
     return statistics.median(times)
 
 
-def eval_tokens(quick: bool) -> int:
-    """Evaluation tokens of a SmolLM2 perplexity (ours and the llama.cpp peer's)."""
-    return 1024 if quick else 4096
-
-
-def _windows(ctx: Context, name: str):
-    """SmolLM2's evaluation windows; None (with a note) for random weights or a missing text."""
+def eval_windows(ctx: Context, name: str, who: str = "generate suite"):
+    """SmolLM2's evaluation windows (this suite's and the llama.cpp peer's); None for random
+    weights, and None with a note from ``who`` when the model or the text is missing."""
     if name != "smollm2":
         return None
     from sparsekern.bench import smollm
 
     try:
-        return smollm.eval_windows(eval_tokens(ctx.quick))
+        return smollm.eval_windows(1024 if ctx.quick else 4096)
     except (ModuleNotFoundError, FileNotFoundError, ValueError) as exc:
-        ctx.note(f"generate suite: {name} perplexity skipped: {exc}")
+        ctx.note(f"{who}: {name} perplexity skipped: {exc}")
         return None
 
 
@@ -192,7 +188,7 @@ def _run(ctx: Context, name: str, patterns, batches, dtype: torch.dtype) -> list
         ctx.note(f"generate suite: {name} skipped: {exc}")
         return []
     rows, base_tps = [], {}
-    windows = _windows(ctx, name)
+    windows = eval_windows(ctx, name)
     for pattern in patterns:
         _rss_peak_reset()
         try:

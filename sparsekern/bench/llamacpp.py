@@ -290,16 +290,6 @@ def _row(ctx: Context, case: str, path: Path, m: dict, context: int, new_tokens:
     return row
 
 
-def _smollm2_windows(ctx: Context, eval_tokens: int):
-    from sparsekern.bench import smollm
-
-    try:
-        return smollm.eval_windows(eval_tokens)
-    except (ModuleNotFoundError, FileNotFoundError, ValueError) as exc:
-        ctx.note(f"llama.cpp peer: smollm2 perplexity skipped: {exc}")
-        return None
-
-
 def _ggufs(py: Path, name: str, folder: Path) -> list[Path]:
     """The GGUF files to run for one model of the generate suite (written under ``folder``)."""
     from sparsekern.bench import generate, smollm
@@ -330,7 +320,7 @@ def _run(ctx: Context, py: Path, name: str) -> list[dict]:
         except (ModuleNotFoundError, ValueError, OSError, RuntimeError) as exc:
             ctx.note(f"llama.cpp peer: {name} skipped: {type(exc).__name__}: {exc}")
             return []
-        windows = _smollm2_windows(ctx, generate.eval_tokens(ctx.quick)) if name == "smollm2" else None
+        windows = generate.eval_windows(ctx, name, "llama.cpp peer")
         for path in paths:
             ids = generate.prompt_ids(gguf_info(path)["vocab"], 1, prompts)
             try:
