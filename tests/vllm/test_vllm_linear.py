@@ -182,15 +182,10 @@ def test_quantized_split_inside_a_group_byte_or_block_is_refused(pattern, tp, wo
         build("row", cfg)
 
 
-def test_quantized_checkpoint_tensors_are_checked():
+def test_quantized_checkpoint_without_its_zero_points_is_refused():
     parts, cfg = checkpoint("qkv", "2:4+int4g16z")
     with tp_rank(1, 0):
         layer = build("qkv", cfg)
-        sid, _, tensors, _ = parts[1]
-        with pytest.raises(ValueError, match=r"k_proj\.values: shape \[32, 16\] dtype torch.int8; .* uint8"):
-            load(layer, {"values": tensors["values"].to(torch.int8)}, sid)
-        with pytest.raises(ValueError, match=r"k_proj\.scales: shape \[32, 3\]"):
-            load(layer, {"scales": tensors["scales"][:, :3]}, sid)
         for sid, _, tensors, _ in parts:
             load(layer, {t: v for t, v in tensors.items() if t != "zeros"}, sid)
         with pytest.raises(ValueError, match=r"zeros'\] are missing"):
@@ -228,13 +223,25 @@ def test_fused_parts_with_different_patterns_are_refused():
         build("qkv", cfg)
 
 
-def test_checkpoint_tensor_of_wrong_shape_is_refused():
-    parts, cfg = checkpoint("qkv", "2:4")
+@pytest.mark.parametrize(
+    "pattern, bad, words",
+    [
+        ("2:4", lambda t: {"values": t["values"][:, :16]}, r"k_proj\.values: shape \[32, 16\]"),
+        (
+            "2:4+int4g16z",
+            lambda t: {"values": t["values"].to(torch.int8)},
+            r"k_proj\.values: shape \[32, 16\] dtype torch.int8; .* uint8",
+        ),
+        ("2:4+int4g16z", lambda t: {"scales": t["scales"][:, :3]}, r"k_proj\.scales: shape \[32, 3\]"),
+    ],
+)
+def test_checkpoint_tensor_of_wrong_shape_or_dtype_is_refused(pattern, bad, words):
+    parts, cfg = checkpoint("qkv", pattern)
     with tp_rank(1, 0):
         layer = build("qkv", cfg)
         sid, _, tensors, _ = parts[1]
-        with pytest.raises(ValueError, match=r"k_proj\.values: shape \[32, 16\]"):
-            load(layer, {"values": tensors["values"][:, :16]}, sid)
+        with pytest.raises(ValueError, match=words):
+            load(layer, bad(tensors), sid)
 
 
 @pytest.mark.parametrize("pattern", ["2:4", "block16x8:0.5"])
