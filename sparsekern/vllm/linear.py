@@ -66,6 +66,7 @@ class SparsekernLinearMethod(LinearMethodBase):
         self._linear: SparseLinear | None = None
         self._bias = None
         self.quant, self.group_size, self.act_block, self.zeros = None, 0, 0, False  # N:M: set by create_weights
+        self._quant_tensors: tuple = ()
 
     # -- building ----------------------------------------------------------------------------
 
@@ -297,11 +298,11 @@ class SparsekernLinearMethod(LinearMethodBase):
                 raise ValueError(f"checkpoint: tensors {[f'{n}.{t}' for n in missing]} are missing ({self.prefix})")
         rows, k = self._local
         if self.kind == "nm":
-            quant = ()
+            self._quant_tensors = ()  # the op's trailing quantization arguments (apply passes them)
             if self.quant:
                 zeros = layer.zeros.data if self.zeros else None
-                quant = (layer.scales.data, zeros, self.group_size, self.act_block)
-            weight = NMSparseWeight(layer.values.data, layer.meta.data, self.n, self.m, (rows, k), *quant)
+                self._quant_tensors = (layer.scales.data, zeros, self.group_size, self.act_block)
+            weight = NMSparseWeight(layer.values.data, layer.meta.data, self.n, self.m, (rows, k), *self._quant_tensors)
         else:
             crow, col, blocks = bsr_shard.assemble(self._pieces, rows // self.bm, k // self.bk, self.prefix)
             self._pieces = []
@@ -325,7 +326,7 @@ class SparsekernLinearMethod(LinearMethodBase):
             return self._linear(x)
         # Row-parallel ranks > 0 and skip_bias_add layers pass no bias: the op, with the bias asked for.
         if self.kind == "nm":
-            weight = self._linear.sparse_weight
-            quant = weight.quant_args() if weight.scales is not None else ()
-            return torch.ops.sparsekern.nm_linear(x, layer.values, layer.meta, self.n, self.m, bias, *quant)
+            return torch.ops.sparsekern.nm_linear(
+                x, layer.values, layer.meta, self.n, self.m, bias, *self._quant_tensors
+            )
         return torch.ops.sparsekern.bsr_linear(x, layer.crow_indices, layer.col_indices, layer.blocks, bias)
