@@ -39,8 +39,10 @@ from sparsekern.folder import read_json, resolve_inside, write_folder
 from sparsekern.formats.bsr import BlockSparseWeight
 from sparsekern.formats.nm import NMSparseWeight
 from sparsekern.formats.quant import QUANTS
+from sparsekern.nn import quant_linear as quant_head
 from sparsekern.nn.linear import SparseLinear, is_conv1d, linear_features
 from sparsekern.nn.moe import SparseExperts
+from sparsekern.nn.quant_linear import QuantLinear
 from sparsekern.prune.structure import describe, rebuild
 
 FORMAT_VERSION = 1
@@ -77,6 +79,8 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> None:
     for name, mod in model.named_modules():
         if isinstance(mod, SparseExperts):
             layers[name] = experts_ckpt.entry(mod)
+        elif isinstance(mod, QuantLinear):
+            layers[name] = quant_head.entry(mod)
         elif isinstance(mod, SparseLinear):
             info = {
                 "class": "SparseLinear",
@@ -290,8 +294,13 @@ def check_config(config: dict, cfg_file: str) -> tuple[dict, dict]:
         if info.get("class") == experts_ckpt.CLASS:
             experts_ckpt.check_entry(info, where)
             continue
+        if info.get("class") == quant_head.CLASS:
+            quant_head.check_entry(info, where)
+            continue
         if info.get("class") != "SparseLinear":
-            raise ValueError(f"{where}.class: expected 'SparseLinear' or 'SparseExperts', got {info.get('class')!r}")
+            raise ValueError(
+                f"{where}.class: expected 'SparseLinear', 'SparseExperts' or 'QuantLinear', got {info.get('class')!r}"
+            )
         kind = info.get("kind")
         if kind not in _LAYER_FIELDS:
             raise ValueError(f"{where}.kind: expected one of {sorted(_LAYER_FIELDS)}, got {kind!r}")
@@ -331,6 +340,8 @@ def layer_tensors(info: dict) -> tuple[str, ...]:
     """Names of the tensors a layer entry stores (bias aside)."""
     if info.get("class") == experts_ckpt.CLASS:
         return experts_ckpt.tensors_of(info)
+    if info.get("class") == quant_head.CLASS:
+        return quant_head.TENSORS
     if info["kind"] != "nm":
         return ("crow_indices", "col_indices", "blocks")
     if info.get("quant") is None:
@@ -354,6 +365,10 @@ def _native_layers(layers: dict, tensors: dict, origin: dict, cfg_file: str) -> 
                 w = dict(zip(names, parts))
                 experts_ckpt.validate(*experts_ckpt.weights(info, w))
                 out[name] = (w, info, where)
+                continue
+            if info.get("class") == quant_head.CLASS:
+                bias = tensors.pop(f"{name}.bias", None)
+                out[name] = (quant_head.from_parts(info, *parts, bias), None, where)
                 continue
             if info["kind"] == "nm" and info.get("quant") is not None:
                 values, meta, scales, zeros = (*parts, None)[:4]
@@ -388,6 +403,24 @@ def _apply(model: nn.Module, sparse: dict, tensors: dict, origin: dict) -> None:
         if isinstance(w, dict):  # SparseExperts: w holds its four tensors, bias its entry
             experts_ckpt.check_module(mod, bias, f"{where}: layer {name!r}")
             new_modules[name] = experts_ckpt.build(mod, bias, w)
+            continue
+        if isinstance(w, QuantLinear):  # built whole from the file (bias included)
+            if not isinstance(mod, (nn.Linear, QuantLinear)) or (mod.out_features, mod.in_features) != (
+                w.out_features,
+                w.in_features,
+            ):
+                got = type(mod).__name__ + (
+                    f" {mod.out_features}x{mod.in_features}" if hasattr(mod, "in_features") else ""
+                )
+                raise ValueError(
+                    f"{where}: layer {name!r}: expected an nn.Linear {w.out_features}x{w.in_features} in the model, got {got}"
+                )
+            if (getattr(mod, "bias", None) is not None) != (w.bias is not None):
+                raise ValueError(
+                    f"{where}: layer {name!r}: bias {'missing' if w.bias is None else 'unexpected'} in checkpoint"
+                )
+            ref = mod.scales if isinstance(mod, QuantLinear) else mod.weight
+            new_modules[name] = w.to(device=ref.device, dtype=ref.dtype)
             continue
         if not (isinstance(mod, (nn.Linear, SparseLinear)) or is_conv1d(mod)):
             raise ValueError(f"{where}: layer {name!r}: expected an nn.Linear in the model, got {type(mod).__name__}")

@@ -431,3 +431,6 @@ def pruned_attention(
 
 # The grouped (MoE) op's checks, fake, implementation and typed wrapper live in ops_moe.py.
 from sparsekern.ops_moe import bsr_grouped_linear, nm_grouped_linear  # noqa: E402,F401
+
+# The dense int8 linear (the quantized LM head) lives in ops_quant.py.
+from sparsekern.ops_quant import quant_linear  # noqa: E402,F401

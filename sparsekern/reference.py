@@ -59,6 +59,12 @@ def linear_a8(x, w32, bias, act_block: int):
     return F.linear(quantize_x(x, act_block), w32, None if bias is None else bias.float()).to(x.dtype)
 
 
+def quant_linear(x, values, scales, bias=None, act_block: int = 32):
+    """``x @ (values * scales).T + bias`` for a dense int8 weight (one scale per output row), x
+    rounded by :func:`quantize_x` first; fp32 product, the result in x's dtype."""
+    return linear_a8(x, values.float() * scales.float()[:, None], bias, act_block)
+
+
 def quantize_x(x, block: int):
     """x rounded to int8 per ``block`` columns and back, in fp32: scale = max |x| / 127 per block
     (1 for an all-zero block), ``round(x / scale)`` to nearest even, times the scale."""

@@ -60,6 +60,11 @@ inline int log2i(int m) { return m == 2 ? 1 : m == 4 ? 2 : m == 8 ? 3 : 4; }
 // x rows as int8 per block of a.act_block columns: xq [rows, ldq] (zero past K), scales sx
 // [rows, lds] (zero past the last block); max |x| / 127 per block, round to nearest even.
 void nm_quantize_x_a8(const NMLinearArgs& a, int8_t* xq, int64_t ldq, float* sx, int64_t lds);
+// The same, 16 lanes at a time where the CPU has what the AVX-512 int8 kernels need (act_block
+// 32, AVX-512 VBMI + VNNI and the active ISA at least AVX-512); the same integers and scales.
+void quantize_x_a8(const NMLinearArgs& a, int8_t* xq, int64_t ldq, float* sx, int64_t lds);
+// Whether this CPU and the active ISA run the AVX-512 VBMI + VNNI int8 kernels.
+bool has_avx512_vnni_vbmi();
 
 namespace detail {
 void nm_linear_decode_portable(const NMLinearArgs& a);
@@ -68,6 +73,7 @@ void nm_linear_decode_a8_portable(const NMLinearArgs& a);
 #if defined(__x86_64__)
 bool nm_a8_avx512_supported(const NMLinearArgs& a);
 void nm_linear_decode_a8_avx512(const NMLinearArgs& a);
+void quantize_x_a8_avx512(const NMLinearArgs& a, int8_t* xq, int64_t ldq, float* sx, int64_t lds);
 #endif
 #if defined(__x86_64__)
 // AVX2+FMA+F16C. Also what AVX-512 machines run: no AVX-512 kernel exists yet (none could be

@@ -105,8 +105,7 @@ void nm_linear_decode_a8_portable(const NMLinearArgs& a) {
 #define SK_A8 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512vnni,f16c")))
 
 bool nm_a8_avx512_supported(const NMLinearArgs& a) {
-  __builtin_cpu_init();
-  if (!__builtin_cpu_supports("avx512vbmi") || !__builtin_cpu_supports("avx512vnni")) return false;
+  if (!has_avx512_vnni_vbmi()) return false;
   // A step (64 kept slots) lies in one scale group, or holds 2 or 4 whole ones (groups of 32 / 16).
   const int64_t gk = a.group_kept;
   return a.n == 2 && a.m == 4 && a.act_block == 32 && (a.groups == 1 || gk == 16 || gk == 32 || gk % 64 == 0);
@@ -369,6 +368,10 @@ void quantize_x_a8_32(const NMLinearArgs& a, int8_t* xq, int64_t ldq, float* sx,
 
 }  // namespace
 
+void quantize_x_a8_avx512(const NMLinearArgs& a, int8_t* xq, int64_t ldq, float* sx, int64_t lds) {
+  quantize_x_a8_32(a, xq, ldq, sx, lds);
+}
+
 void nm_linear_decode_a8_avx512(const NMLinearArgs& a) {
   const int64_t steps = (a.k / 2 + 63) / 64, ldq = 128 * steps + 64, blocks = 4 * steps;
   std::vector<int8_t> xq(a.rows * ldq);
@@ -390,4 +393,23 @@ void nm_linear_decode_a8_avx512(const NMLinearArgs& a) {
 #endif
 
 }  // namespace detail
+
+bool has_avx512_vnni_vbmi() {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
+void quantize_x_a8(const NMLinearArgs& a, int8_t* xq, int64_t ldq, float* sx, int64_t lds) {
+#if defined(__x86_64__)
+  if (a.act_block == 32 && active_isa() >= Isa::kAvx512 && has_avx512_vnni_vbmi()) {
+    return detail::quantize_x_a8_avx512(a, xq, ldq, sx, lds);
+  }
+#endif
+  nm_quantize_x_a8(a, xq, ldq, sx, lds);
+}
+
 }  // namespace sparsekern

@@ -130,7 +130,7 @@ void nm_linear_run(const at::Tensor& x, const at::Tensor& values, const at::Tens
     // result for a row does not depend on how many rows came with it).
     std::vector<int8_t> xq(rows * k);
     std::vector<float> sx(rows * (k / act_block));
-    nm_quantize_x_a8(a, xq.data(), k, sx.data(), k / act_block);
+    quantize_x_a8(a, xq.data(), k, sx.data(), k / act_block);
     at::Tensor xf = at::empty({rows, k}, x.options().dtype(at::kFloat));
     float* f = xf.data_ptr<float>();
     for (int64_t i = 0; i < rows * k; ++i) f[i] = static_cast<float>(xq[i]) * sx[i / act_block];

@@ -81,7 +81,8 @@ def step_bytes(model, batch: int, context: int) -> tuple[int, int]:
     """
     emb = model.get_input_embeddings().weight
     out = model.get_output_embeddings()
-    tied = out is not None and getattr(out, "weight", None) is not None and out.weight.data_ptr() == emb.data_ptr()
+    head = getattr(out, "_parameters", {}).get("weight")  # an int8 head (QuantLinear) has none
+    tied = head is not None and head.data_ptr() == emb.data_ptr()
     seen, weights = set(), 0
     for t in [*model.parameters(), *model.buffers()]:
         if t.data_ptr() in seen or (not tied and t.data_ptr() == emb.data_ptr()):
@@ -161,13 +162,19 @@ def measure_variant(model, batch: int, prompts, new_tokens: int, reps: int, seed
 
 def sparsify_pattern(model, pattern: str, method: str = "magnitude", **kw) -> None:
     """``sk.sparsify`` with a benchmark pattern, e.g. ``"2:4"`` or ``"2:4+int4g128a32"`` (quantized
-    kept weights, see :func:`sparsekern.bench.layer.parse_quant`)."""
+    kept weights, see :func:`sparsekern.bench.layer.parse_quant`); a last ``"+h8"``: the LM head
+    as int8 too (``head="int8"``, e.g. ``"2:4+int4g32a32+h8"``)."""
     import sparsekern as sk
     from sparsekern.bench.layer import parse_quant
 
-    base, plus, spec = pattern.partition("+")
-    if plus:
-        quant, group_size, symmetric, act_block = parse_quant(spec)
+    base, *specs = pattern.split("+")
+    if specs and specs[-1] == "h8":
+        kw["head"] = "int8"
+        specs.pop()
+    if len(specs) > 1:
+        raise ValueError(f"pattern: expected BASE[+QUANT][+h8], got {pattern!r}")
+    if specs:
+        quant, group_size, symmetric, act_block = parse_quant(specs[0])
         kw.update(quant=quant, group_size=group_size, symmetric=symmetric, act_block=act_block)
     sk.sparsify(model, base, method, progress=False, **kw)
 

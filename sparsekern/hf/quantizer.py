@@ -17,6 +17,7 @@ the file.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -36,8 +37,10 @@ from sparsekern.formats.bsr import BlockSparseWeight
 from sparsekern.formats.nm import NMSparseWeight, meta_words
 from sparsekern.formats.quant import groups_of
 from sparsekern.hf import METHOD
+from sparsekern.nn import quant_linear as quant_head
 from sparsekern.nn.linear import SparseLinear, is_conv1d, linear_features
 from sparsekern.nn.moe import SparseExperts
+from sparsekern.nn.quant_linear import QuantLinear
 from sparsekern.prune.patterns import parse_pattern
 
 _ST_TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -90,6 +93,8 @@ class SparsekernHfQuantizer(HfQuantizer):
                 )
             if info.get("class") == experts_ckpt.CLASS:
                 layer = _empty_experts(name, info, modules[target], headers, dtype, where)
+            elif info.get("class") == quant_head.CLASS:
+                layer = _empty_quant_head(name, info, modules[target], headers, dtype, where)
             else:
                 layer = _empty_layer(name, info, modules[target], headers, dtype, where)
             parent, _, child = target.rpartition(".")
@@ -102,6 +107,11 @@ class SparsekernHfQuantizer(HfQuantizer):
         for name, mod in model.named_modules():
             if isinstance(mod, SparseLinear):
                 _validate(mod.sparse_weight, f"{self._where}: layer {name!r}")
+            elif isinstance(mod, QuantLinear):
+                try:
+                    quant_head.check_parts(mod.values, mod.scales.detach(), mod.act_block)
+                except ValueError as exc:
+                    raise ValueError(f"{self._where}: layer {name!r}: {exc}") from None
             elif isinstance(mod, SparseExperts):
                 try:
                     experts_ckpt.validate(mod.weights("up"), mod.weights("down"))
@@ -277,6 +287,35 @@ def _empty_experts(name: str, info: dict, module: nn.Module, headers: dict, dtyp
     dtype = dtype or _ST_TORCH[headers[f"{name}.up_{floating}"][0]["dtype"]]
     parts = {t: torch.empty(want[t], dtype=dtype if t.endswith(floating) else torch.int32, device="meta") for t in want}
     return experts_ckpt.build(module, info, parts, dtype=dtype, device="meta")
+
+
+def _empty_quant_head(name: str, info: dict, module: nn.Module, headers: dict, dtype, where: str) -> QuantLinear:
+    """A ``QuantLinear`` (the int8 LM head) on the meta device, checked against the file's headers."""
+    here = f"{where}: quantization_config.layers[{name!r}]"
+    out, k = info["out_features"], info["in_features"]
+    if not isinstance(module, nn.Linear) or (module.out_features, module.in_features) != (out, k):
+        got = type(module).__name__ + (
+            f" {module.out_features}x{module.in_features}" if isinstance(module, nn.Linear) else ""
+        )
+        raise ValueError(f"{here}: expected an nn.Linear {out}x{k} in the model, got {got}")
+    if info["bias"] != (module.bias is not None):
+        raise ValueError(
+            f"{here}: bias {info['bias']}, the model's layer {'has' if module.bias is not None else 'has no'} bias"
+        )
+    want = {"values": ([out, k], ("I8",)), "scales": ([out], tuple(_ST_TORCH)), "bias": ([out], tuple(_ST_TORCH))}
+    for t in quant_head.TENSORS + (("bias",) if info["bias"] else ()):
+        key = f"{name}.{t}"
+        if key not in headers:
+            raise ValueError(f"{here}: tensor {key!r} is not in the checkpoint")
+        (entry, file), (shape, dtypes) = headers[key], want[t]
+        if entry["shape"] != shape or entry["dtype"] not in dtypes:
+            raise ValueError(
+                f"{file}: tensor {key}: {entry['dtype']} {entry['shape']}, {here} needs {'/'.join(dtypes)} {shape}"
+            )
+    dtype = dtype or _ST_TORCH[headers[f"{name}.scales"][0]["dtype"]]
+    empty = functools.partial(torch.empty, device="meta")
+    bias = empty(out, dtype=dtype) if info["bias"] else None
+    return QuantLinear(empty(out, k, dtype=torch.int8), empty(out, dtype=dtype), bias, info["act_block"])
 
 
 def _check_pattern(info: dict, here: str) -> None:

@@ -3,7 +3,7 @@
 :class:`Native` packs what :class:`~sparsekern.lean.decoder.LeanDecoder` holds (norm weights, the
 fused q/k/v and gate/up linears, o, down) into the op's flat lists once; a :class:`NativeStep`
 call then runs every block in C++ (rope tables and the static K/V caches passed along), and the
-LM head as ``_lean_head_cpu`` where :func:`head_weight` allows (else the head module).
+LM head as :func:`head_fn` says (``_lean_head_cpu``, the int8 head's kernel, or the head module).
 
 The C++ step must compute what the Python step computes, and the Python step runs each
 ``SparseLinear`` through its plan. So :meth:`Native.step_for` asks every sparse layer's plan which
@@ -23,12 +23,16 @@ ms/token against 4.4 (Python step), bf16 1.0 against 8.9.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sparsekern import _extension, dispatch
 from sparsekern.nn.linear import SparseLinear
+from sparsekern.nn.quant_linear import QuantLinear
+from sparsekern.ops_quant import _has_cpu_kernel as _quant_cpu_kernel
 
 OP = "sparsekern::_lean_step_cpu"
 _DENSE, _NM, _BSR = 0, 1, 2
@@ -86,6 +90,22 @@ def head_weight(lm_head: nn.Module) -> torch.Tensor | None:
     return w.detach()
 
 
+def head_fn(lm_head: nn.Module):
+    """What the C++ step's caller runs for the LM head: ``_lean_head_cpu`` on the weight where
+    :func:`head_weight` allows, ``_quant_linear_cpu`` for an int8 head (sparsify's ``head="int8"``:
+    the op's own checks passed when the layer was built), else the head module."""
+    w = head_weight(lm_head)
+    if w is not None:
+        return functools.partial(torch.ops.sparsekern._lean_head_cpu.default, weight=w)
+    if type(lm_head) is QuantLinear and lm_head.device.type == "cpu" and _quant_cpu_kernel():
+        p = lm_head._parameters
+        return functools.partial(
+            torch.ops.sparsekern._quant_linear_cpu.default, values=lm_head.values, scales=p["scales"],
+            bias=p["bias"], act_block=lm_head.act_block,
+        )  # fmt: skip
+    return lm_head
+
+
 def _decode_plan(mod: SparseLinear, x: torch.Tensor):
     """The plan ``mod`` runs for x's row bucket (made here if need be), or None."""
     mod(x)
@@ -100,7 +120,7 @@ class NativeStep:
         self.dec, self.weights, self.specs = dec, weights, specs
         self.norms = [t for blk in dec.blocks for t in (blk.ln1, blk.ln2)]
         self.eps = [e for blk in dec.blocks for e in (blk.eps1, blk.eps2)]
-        self.head = head_weight(dec.lm_head)
+        self.head = head_fn(dec.lm_head)
 
     def __call__(self, tokens: torch.Tensor, pos: int, kv: list) -> torch.Tensor:
         """Logits ``[B, vocab]``, as :meth:`LeanDecoder.step`."""
@@ -109,9 +129,7 @@ class NativeStep:
             tokens, pos, dec.embed, dec.cos, dec.sin, self.norms, self.eps, self.weights, self.specs,
             [k for k, _ in kv], [v for _, v in kv], dec.norm, dec.norm_eps, dec.scale,
         )  # fmt: skip
-        if self.head is not None:
-            return torch.ops.sparsekern._lean_head_cpu.default(h, self.head)
-        return dec.lm_head(h)
+        return self.head(h)
 
 
 class Native:

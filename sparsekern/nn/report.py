@@ -78,7 +78,7 @@ class SparsifyReport:
     @property
     def pruned_sparsity(self) -> float:
         """Fraction of zero weights over the pruned layers only."""
-        return _weighted([r for r in self.layers if r.module != "skipped"])
+        return _weighted([r for r in self.layers if r.module not in ("skipped", "QuantLinear")])
 
     def __str__(self) -> str:
         head = ("layer", "shape", "pattern", "module", "sparsity", "bytes before", "bytes after", "note")

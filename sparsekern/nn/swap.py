@@ -18,7 +18,10 @@ from sparsekern.formats.nm import SUPPORTED_DTYPES
 from sparsekern.formats.quant import check_quant
 from sparsekern.nn.linear import SparseLinear, dense_weight, is_conv1d, linear_features
 from sparsekern.nn.moe import SparseExperts, expert_weights, experts_layout, find_experts, up_name
+from sparsekern.nn.quant_linear import QUANT as QUANT_HEAD
+from sparsekern.nn.quant_linear import QuantLinear
 from sparsekern.nn.report import LayerReport, SparsifyReport  # noqa: F401  (SparsifyReport: public here too)
+from sparsekern.ops_quant import fast_here
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "admm")
 
@@ -75,6 +78,7 @@ def sparsify(
     group_size: int = 0,
     symmetric: bool = True,
     act_block: int = 0,
+    head: str | None = None,
 ) -> SparsifyReport:
     """Prune the linear layers of ``model`` in place and swap in :class:`SparseLinear`.
 
@@ -100,6 +104,11 @@ def sparsify(
       ``act_block`` (e.g. 32, llama.cpp's Q8_0 block): the layers also round x to int8 per block of
       that many columns, so they run integer dot products (faster; not W8A16 / W4A16 any more). Layers whose
       pattern is not N:M, or whose in_features ``group_size`` does not divide, are skipped and listed.
+    - ``head``: ``"int8"``: the LM head (``model.get_output_embeddings()``, left dense by ``skip``)
+      becomes a :class:`~sparsekern.nn.quant_linear.QuantLinear`: int8 weights per output row and x
+      rounded to int8 per ``act_block`` (32 if 0) columns. A tied head is untied (the input
+      embedding stays as it is; ``config.tie_word_embeddings`` is set to False). Where the CPU lacks
+      the int8 kernel (AVX-512 VBMI + VNNI) the head stays dense and its report row says so.
 
     Layers whose shape does not fit their pattern are skipped and listed in the report, as are
     weights no kernel takes (fused MoE expert stacks, routers), with the reason.
@@ -121,6 +130,7 @@ def sparsify(
         check_quant(quant)
         if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 0:
             raise ValueError(f"group_size: expected an int >= 0 (0: one scale per row), got {group_size!r}")
+    head_name = None if head is None else _head_name(model, head, act_block or 32)
     if method != "magnitude":
         calibration = check_calibration(model, calibration)
     skip = [skip] if isinstance(skip, str) else list(skip or ())
@@ -214,10 +224,53 @@ def sparsify(
         for name in _progress(list(plan), progress):
             new[name] = build(name, plan[name][0], stats.get(name))
 
+    if head_name is not None:
+        if head_name in plan:
+            raise ValueError(f"head: {head!r} quantizes the dense LM head, but {head_name!r} is being pruned; skip it")
+        new[head_name] = _head_layer(model.get_submodule(head_name), act_block or 32, rows[head_name])
+
     # 4. swap.
     for name, mod in new.items():
         _set_submodule(model, name, mod)
+    if head_name is not None and isinstance(new.get(head_name), QuantLinear):
+        cfg = getattr(model, "config", None)
+        if getattr(cfg, "tie_word_embeddings", False):
+            cfg.tie_word_embeddings = False  # the int8 head is its own tensor now
     return report
+
+
+def _head_name(model: nn.Module, head: str, act_block: int) -> str:
+    """Qualified name of the LM head ``head=`` quantizes (checked before anything is pruned)."""
+    if head != QUANT_HEAD:
+        raise ValueError(f"head: expected None or {QUANT_HEAD!r}, got {head!r}")
+    get = getattr(model, "get_output_embeddings", None)
+    mod = get() if callable(get) else getattr(model, "lm_head", None)
+    name = next((n for n, m in model.named_modules() if m is mod and mod is not None), None)
+    if name is None or not isinstance(mod, nn.Linear):
+        got = "none" if mod is None else type(mod).__name__
+        raise ValueError(f"head: expected the model's LM head to be an nn.Linear, got {got}")
+    if not isinstance(act_block, int) or act_block <= 0 or mod.in_features % act_block:
+        raise ValueError(
+            f"act_block: expected a block size > 0 that divides in_features {mod.in_features}, got {act_block}"
+        )
+    if mod.weight.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"head: expected the LM head in one of {SUPPORTED_DTYPES}, got {mod.weight.dtype}")
+    return name
+
+
+def _head_layer(mod: nn.Linear, act_block: int, row: LayerReport) -> nn.Module:
+    """The int8 head, or ``mod`` itself (with the reason in ``row``) where it would be slower."""
+    if mod.weight.device.type == "cpu" and not fast_here(act_block):
+        row.note = "int8 head not used: no AVX-512 VBMI + VNNI kernel here (the dense head is faster)"
+        return mod
+    out = QuantLinear.from_linear(mod, act_block)
+    row.pattern, row.module, row.bytes_after, row.note = (
+        "dense",
+        "QuantLinear",
+        out.nbytes,
+        f"int8, x int8 per {act_block}",
+    )
+    return out
 
 
 def quantize(

@@ -61,6 +61,12 @@ class SparsekernConfig(QuantizationConfig):
                 f"{where}.layers[{experts[0]!r}].class: 'SparseExperts' (N:M MoE experts) are not served by the "
                 f"vLLM plugin yet ({len(experts)} expert layers); serve this folder with `sparsekern serve`"
             )
+        heads = sorted(name for name, info in layers.items() if info.get("class") == "QuantLinear")
+        if heads:
+            raise ValueError(
+                f"{where}.layers[{heads[0]!r}].class: 'QuantLinear' (the int8 LM head of sparsify(head='int8')) is "
+                "not served by the vLLM plugin; serve this folder with `sparsekern serve`, or sparsify without head="
+            )
         return cls(dict(layers))
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
