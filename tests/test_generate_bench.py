@@ -135,3 +135,35 @@ def test_noisy_decode_is_nan_not_a_made_up_rate(monkeypatch):
     monkeypatch.setattr(generate, "_timed", lambda model, ids, new, reps, lean=False: 2.0 - 0.1 * new)
     m = generate.measure_variant(_tiny(), batch=1, prompts=(8,), new_tokens=3, reps=1)
     assert m["step_s"] != m["step_s"] and m["tokens_per_s"] != m["tokens_per_s"]
+
+
+def test_lean_rows_time_the_decode_steps_themselves(monkeypatch):
+    """The lean rows are timed step by step (prefill out of the difference), and the decoder is
+    left as it was."""
+    from sparsekern.lean.generate import decoder_for
+
+    model = _tiny()
+    dec = decoder_for(model)
+    calls = []
+    make = dec.stepper
+
+    def counting(batch):
+        step = make(batch)
+
+        def run(*args):
+            calls.append(args[1])
+            return step(*args)
+
+        return run
+
+    monkeypatch.setattr(dec, "stepper", counting)
+    s = generate.lean_decode_s(model, torch.randint(0, 128, (1, 5)), 6)
+    assert s > 0 and calls == [5, 6, 7, 8, 9, 10]  # one decode step per new token after the first
+    assert vars(dec)["stepper"] is counting  # what was there before the call
+    monkeypatch.undo()
+    generate.lean_decode_s(model, torch.randint(0, 128, (1, 5)), 2)
+    assert "stepper" not in vars(dec)  # the method again
+    monkeypatch.setattr(generate, "lean_decode_s", lambda model, ids, new: 0.05)
+    monkeypatch.setattr(generate, "_timed", lambda model, ids, new, reps, lean=False: 1.0)
+    m = generate.measure_variant(model, batch=1, prompts=(8,), new_tokens=3, reps=3, lean=True)
+    assert m["step_s"] == pytest.approx(0.05) and m["tokens_per_s"] == pytest.approx(20.0)
