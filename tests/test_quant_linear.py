@@ -17,17 +17,9 @@ from sparsekern.nn.quant_linear import QuantLinear
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny_lm  # noqa: E402
+from test_quant import isa  # noqa: E402,F401  (the ISA-forcing fixture: portable, avx2, avx512)
 
 needs_ext = pytest.mark.skipif(not _extension.HAS_C_EXT, reason="compiled extension not loaded")
-ISAS = {"portable": 0, "avx2": 1, "avx512": 2}
-
-
-@pytest.fixture(params=list(ISAS))
-def isa(request, monkeypatch):
-    monkeypatch.setenv("SPARSEKERN_CPU_ISA", request.param)
-    if int(torch.ops.sparsekern._cpu_isa()) != ISAS[request.param]:
-        pytest.skip(f"this CPU lacks {request.param}")
-    return request.param
 
 
 def _int8(out: int, k: int, dtype=torch.float32):
@@ -51,7 +43,7 @@ def _check(y, x, values, scales, bias, act_block, what):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("rows", [1, 3, 5, 13])  # 13: the dequantized fp32 GEMM
 @pytest.mark.parametrize("k", [96, 352, 512])  # 96, 352: a last 64-column step half full
-def test_quant_linear_cpu(isa, k, rows, dtype):
+def test_quant_linear_cpu(isa, k, rows, dtype):  # noqa: F811  (isa: the fixture imported above)
     values, scales = _int8(37, k, dtype)
     x = torch.randn(rows, k).to(dtype)
     bias = torch.randn(37).to(dtype) if rows != 3 else None

@@ -90,6 +90,17 @@ void nm_linear_gemm(const NMLinearArgs& a, const at::Tensor& x, const std::optio
   }
 }
 
+at::Tensor rounded_x_f32(const NMLinearArgs& a) {
+  const int64_t rows = a.rows, k = a.k, size = a.act_block;
+  std::vector<int8_t> xq(rows * k);
+  std::vector<float> sx(rows * (k / size));
+  quantize_x_a8(a, xq.data(), k, sx.data(), k / size);
+  at::Tensor xf = at::empty({rows, k}, at::TensorOptions().dtype(at::kFloat));
+  float* f = xf.data_ptr<float>();
+  for (int64_t i = 0; i < rows * k; ++i) f[i] = static_cast<float>(xq[i]) * sx[i / size];
+  return xf;
+}
+
 void nm_linear_run(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta, int64_t n, int64_t m,
                    const std::optional<at::Tensor>& bias, const at::Tensor& scales, const at::Tensor& zeros,
                    int64_t act_block, at::Tensor& y) {
@@ -126,14 +137,8 @@ void nm_linear_run(const at::Tensor& x, const at::Tensor& values, const at::Tens
       nm_linear_gemm(a, x, bias, y);
       return;
     }
-    // int8 activations: the GEMM runs on x rounded as the decode kernels round it (the op's
-    // result for a row does not depend on how many rows came with it).
-    std::vector<int8_t> xq(rows * k);
-    std::vector<float> sx(rows * (k / act_block));
-    quantize_x_a8(a, xq.data(), k, sx.data(), k / act_block);
-    at::Tensor xf = at::empty({rows, k}, x.options().dtype(at::kFloat));
-    float* f = xf.data_ptr<float>();
-    for (int64_t i = 0; i < rows * k; ++i) f[i] = static_cast<float>(xq[i]) * sx[i / act_block];
+    // int8 activations: the GEMM runs on x rounded as the decode kernels round it.
+    const at::Tensor xf = rounded_x_f32(a);
     at::Tensor y32 = x.scalar_type() == at::kFloat ? y : at::empty({rows, out_features}, xf.options());
     nm_linear_gemm(a, xf, bias, y32);
     if (x.scalar_type() != at::kFloat) y.copy_(y32);

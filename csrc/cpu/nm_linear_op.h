@@ -22,6 +22,11 @@ void nm_linear_decode_passes(const NMLinearArgs& a);
 // dense GEMM on each, so NaN/Inf propagate as in the dense op. Reads only a's weights.
 void nm_linear_gemm(const NMLinearArgs& a, const at::Tensor& x, const std::optional<at::Tensor>& bias, at::Tensor& y);
 
+// x (a.x: a.rows x a.k, row stride a.ldx, type a.dtype) rounded to int8 per a.act_block columns
+// as the decode kernels round it, back as fp32 [rows, k]: the int8-activation ops' GEMM paths run
+// on it, so a row's result does not depend on how many rows came with it.
+at::Tensor rounded_x_f32(const NMLinearArgs& a);
+
 // The whole op after its checks (check_nm_linear_args): every tensor contiguous, scales / zeros
 // undefined for float values, y [rows, out] contiguous. Both regimes; NaN/Inf rows of x as in the
 // dense op. _nm_linear_cpu and the lean decode step (lean_step_op.cpp) run this.

@@ -20,6 +20,7 @@
 
 #include "cpu/linear_op_util.h"
 #include "cpu/nm_linear.h"
+#include "cpu/nm_linear_op.h"
 #include "cpu/op_checks.h"
 #include "cpu/output.h"
 #include "cpu/parallel.h"
@@ -206,13 +207,7 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& values, const
   }
   const NMLinearArgs xa = x_args(xc, act_block);
   if (rows > kDecodeMaxRows) {
-    std::vector<int8_t> xq(rows * k);
-    std::vector<float> sx(rows * (k / act_block));
-    quantize_x_a8(xa, xq.data(), k, sx.data(), k / act_block);
-    at::Tensor x32 = at::empty({rows, k}, x.options().dtype(at::kFloat));
-    float* f = x32.data_ptr<float>();
-    for (int64_t i = 0; i < rows * k; ++i) f[i] = static_cast<float>(xq[i]) * sx[i / act_block];
-    q8_gemm(x32, values, sc, bc, y);
+    q8_gemm(rounded_x_f32(xa), values, sc, bc, y);
   } else {
     const Q8Args a{values.const_data_ptr<int8_t>(), sc.const_data_ptr(), bc ? bc->const_data_ptr() : nullptr,
                    y.data_ptr(), rows, k, n, n, to_dtype(x.scalar_type()), at::get_num_threads()};
