@@ -271,3 +271,25 @@ def test_prune_cli_writes_a_folder_from_pretrained_reads(tmp_path, capsys):
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, load_pretrained(str(out))(x).logits)
     assert transformers.AutoTokenizer.from_pretrained(out)("w5")["input_ids"] == [8]
+
+
+@pytest.mark.skipif(not (sk.HAS_C_EXT and __import__("sparsekern.ops_quant").ops_quant.fast_here()),
+                    reason="no AVX-512 VBMI + VNNI int8 kernel: the head stays dense")  # fmt: skip
+def test_prune_cli_quantizes_and_writes_the_int8_head(tmp_path, capsys):
+    from sparsekern.cli import main
+    from sparsekern.nn.quant_linear import QuantLinear
+
+    src, out = tmp_path / "dense", tmp_path / "pruned"
+    tiny_lm.llama().save_pretrained(src)
+    tiny_lm.tokenizer().save_pretrained(src)
+    args = ["prune", "--model", str(src), "--pattern", "2:4", "--out", str(out), "--no-progress"]
+    assert main([*args, "--quant", "int4", "--group-size", "32", "--act-block", "32", "--head", "int8"]) == 0
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    up = loaded.model.layers[1].mlp.up_proj
+    assert (up.quant, up.group_size, up.act_block) == ("int4", 32, 32)
+    assert isinstance(loaded.lm_head, QuantLinear) and loaded.lm_head.act_block == 32
+    # a group size that does not fit is refused by name, nothing written
+    bad = tmp_path / "bad"
+    assert main([*args[:-3], "--out", str(bad), "--no-progress", "--head", "int8", "--act-block", "48"]) == 2
+    assert "act_block: expected a block size > 0 that divides in_features 64, got 48" in capsys.readouterr().err
+    assert not bad.exists()

@@ -1,6 +1,8 @@
 """``sparsekern prune``: prune a local Hugging Face model and save it compressed.
 
     sparsekern prune --model DIR --pattern 2:4 --method wanda --calib FILE --out DIR
+    sparsekern prune --model DIR --pattern 2:4 --method sparsegpt --calib FILE --quant int4 \
+        --group-size 32 --act-block 32 --head int8 --out DIR
 
 Offline only (``HF_HUB_OFFLINE=1`` is set): the model and tokenizer are read from ``--model``.
 The output directory is the folder :func:`sparsekern.save` writes (HF config with
@@ -16,16 +18,20 @@ import sys
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("prune", help="prune an HF model (magnitude, wanda, sparsegpt) and save it compressed")
+    p = subparsers.add_parser("prune", help="prune (and optionally quantize) an HF model and save it compressed")
     p.add_argument("--model", required=True, help="local HF model directory (config.json, weights, tokenizer)")
     p.add_argument("--pattern", default="2:4", help='"2:4", "4:8", "block32x32:0.9", "unstructured:0.5"')
-    p.add_argument("--method", default="magnitude", choices=("magnitude", "wanda", "sparsegpt"))
+    p.add_argument("--method", default="magnitude", choices=("magnitude", "wanda", "sparsegpt", "admm"))
     p.add_argument("--calib", help="calibration text, one sample per line (needed by wanda and sparsegpt)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--skip", action="append", default=None, help="layer name substring/glob to keep dense (repeatable)")
     p.add_argument("--max-calib", type=int, default=128, help="use at most N calibration lines (default 128)")
     p.add_argument("--seq-len", type=int, default=128, help="truncate calibration samples to L tokens (default 128)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration batch size (padding is excluded)")
+    p.add_argument("--quant", choices=("int8", "int4"), help="also round the kept weights of N:M layers")
+    p.add_argument("--group-size", type=int, default=0, help="--quant: one scale per G columns (0: per row)")
+    p.add_argument("--act-block", type=int, default=0, help="--quant: x rounded to int8 per B columns (e.g. 32)")
+    p.add_argument("--head", choices=("int8",), help="the LM head as int8 too (int8 x per --act-block or 32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -103,9 +109,17 @@ def run(args: argparse.Namespace) -> int:
         calibration = [{k: v for k, v in b.items() if k in ("input_ids", "attention_mask")} for b in calibration]
     skip = args.skip if args.skip is not None else ["lm_head"]
     with torch.no_grad():
-        report = sparsify(
-            model, args.pattern, args.method, calibration=calibration, skip=skip, progress=not args.no_progress
-        )
+        quant = dict(quant=args.quant, group_size=args.group_size, act_block=args.act_block) if args.quant else {}
+        if args.head:
+            quant.update(head=args.head, act_block=args.act_block)
+        try:
+            report = sparsify(
+                model, args.pattern, args.method, calibration=calibration, skip=skip, progress=not args.no_progress,
+                **quant,
+            )  # fmt: skip
+        except ValueError as exc:
+            print(f"sparsekern prune: {exc}", file=sys.stderr)
+            return 2
     print(report)
     save(model, args.out, tokenizer=tokenizer)  # an HF folder: config, generation config, tokenizer
     print(
