@@ -387,7 +387,7 @@ def _rewrite(folder, edit):
         (lambda e: e.update(m=3), r"\.pattern: '2:4' disagrees|the nm pattern does not divide"),
         (
             lambda e: e.update({"class": "Experts"}),
-            r"\.class: expected 'SparseLinear' or 'SparseExperts', got 'Experts'",
+            r"\.class: expected 'SparseLinear', 'SparseExperts' or 'QuantLinear', got 'Experts'",
         ),
     ],
 )
