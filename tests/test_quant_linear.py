@@ -212,6 +212,14 @@ def test_head_stays_dense_where_the_kernel_is_missing(monkeypatch):
     assert "no AVX-512 VBMI + VNNI kernel here" in row.note
 
 
+def test_head_stays_dense_off_the_cpu():
+    from sparsekern.nn import swap
+
+    row = swap.LayerReport("lm_head", 64, 123, None, "skipped", 0.0, 0, 0)
+    lin = torch.nn.Linear(64, 123, device="meta")
+    assert swap._head_layer(lin, 32, row) is lin and "no int8 head kernel on meta" in row.note
+
+
 def test_bad_head_requests_are_refused_before_pruning():
     model = tiny_lm.llama()
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -107,8 +107,8 @@ def sparsify(
     - ``head``: ``"int8"``: the LM head (``model.get_output_embeddings()``, left dense by ``skip``)
       becomes a :class:`~sparsekern.nn.quant_linear.QuantLinear`: int8 weights per output row and x
       rounded to int8 per ``act_block`` (32 if 0) columns. A tied head is untied (the input
-      embedding stays as it is; ``config.tie_word_embeddings`` is set to False). Where the CPU lacks
-      the int8 kernel (AVX-512 VBMI + VNNI) the head stays dense and its report row says so.
+      embedding stays as it is; ``config.tie_word_embeddings`` is set to False). Off the CPU, or where
+      the CPU lacks the int8 kernel (AVX-512 VBMI + VNNI), the head stays dense and its report row says why.
 
     Layers whose shape does not fit their pattern are skipped and listed in the report, as are
     weights no kernel takes (fused MoE expert stacks, routers), with the reason.
@@ -260,7 +260,10 @@ def _head_name(model: nn.Module, head: str, act_block: int) -> str:
 
 def _head_layer(mod: nn.Linear, act_block: int, row: LayerReport) -> nn.Module:
     """The int8 head, or ``mod`` itself (with the reason in ``row``) where it would be slower."""
-    if mod.weight.device.type == "cpu" and not fast_here(act_block):
+    if mod.weight.device.type != "cpu":  # only the reference runs it there: slower than dense
+        row.note = f"int8 head not used: no int8 head kernel on {mod.weight.device.type} (the dense head is faster)"
+        return mod
+    if not fast_here(act_block):
         row.note = "int8 head not used: no AVX-512 VBMI + VNNI kernel here (the dense head is faster)"
         return mod
     out = QuantLinear.from_linear(mod, act_block)
