@@ -1,6 +1,6 @@
 """``QuantLinear``: a dense linear with int8 weights and int8 activations (the quantized LM head).
 
-``sparsify(model, ..., head="int8")`` (or :func:`quantize_head`) puts one in place of the LM
+``sparsify(model, ..., head="int8")`` (``sparsekern prune --head int8``) puts one in place of the LM
 head, which stays dense when the rest is pruned: at TinyLlama-1.1B shapes the bf16 head is 131 MB
 of the ~530 MB a token reads at 2:4 + int4, and llama.cpp's Q4_0 / Q8_0 files quantize their head
 too (Q6_K / Q8_0). The weight is int8 with one scale per output row (symmetric, round to
