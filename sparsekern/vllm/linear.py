@@ -33,7 +33,6 @@ from sparsekern.nn.linear import SparseLinear
 from sparsekern.vllm import bsr_shard
 
 _QKV = {"q": 0, "k": 1, "v": 2}
-_VALUES = {None: None, "int8": torch.int8, "int4": torch.uint8}  # dtype of stored values (None: a float one)
 _INDEX = ("meta", "crow_indices", "col_indices")
 
 
@@ -165,8 +164,8 @@ class SparsekernLinearMethod(LinearMethodBase):
                 "would split a byte"
             )
 
-    def _values_layout(self, kept: int, params_dtype: torch.dtype) -> tuple[int, torch.dtype]:
-        """Columns and dtype of ``values`` on this rank."""
+    def _values_layout(self, kept: int, params_dtype: torch.dtype | None) -> tuple[int, torch.dtype | None]:
+        """Columns and dtype of ``values`` for ``kept`` weights a row (float values: ``params_dtype``)."""
         if self.quant == "int8":
             return kept, torch.int8
         if self.quant == "int4":
@@ -239,8 +238,9 @@ class SparsekernLinearMethod(LinearMethodBase):
             out = sum(self.entries[i]["out_features"] for i in parts)
             kept = self.in_features // self.m * self.n
             groups = self.in_features // self.group_size if self.group_size else 1
+            cols, vdtype = self._values_layout(kept, None)  # None: any float dtype
             want, dtype = {
-                "values": ([out, kept // 2 if self.quant == "int4" else kept], _VALUES[self.quant]),
+                "values": ([out, cols], vdtype),
                 "meta": ([out, meta_words(kept, self.m)], torch.int32),
                 "scales": ([out, groups], None),
                 "zeros": ([out, groups], torch.int8),
