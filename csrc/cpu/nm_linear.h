@@ -73,7 +73,6 @@ void nm_linear_decode_a8_portable(const NMLinearArgs& a);
 #if defined(__x86_64__)
 bool nm_a8_avx512_supported(const NMLinearArgs& a);
 void nm_linear_decode_a8_avx512(const NMLinearArgs& a);
-void quantize_x_a8_avx512(const NMLinearArgs& a, int8_t* xq, int64_t ldq, float* sx, int64_t lds);
 #endif
 #if defined(__x86_64__)
 // AVX2+FMA+F16C. Also what AVX-512 machines run: no AVX-512 kernel exists yet (none could be

@@ -403,10 +403,6 @@ void quantize_x_a8_32(const NMLinearArgs& a, int8_t* xq, int64_t ldq, float* sx,
 
 }  // namespace
 
-void quantize_x_a8_avx512(const NMLinearArgs& a, int8_t* xq, int64_t ldq, float* sx, int64_t lds) {
-  quantize_x_a8_32(a, xq, ldq, sx, lds);
-}
-
 void nm_linear_decode_a8_avx512(const NMLinearArgs& a) {
   const int64_t steps = (a.k / 2 + 63) / 64, ldq = 128 * steps + 64, blocks = 4 * steps;
   std::vector<int8_t> xq(a.rows * ldq);
@@ -441,7 +437,7 @@ bool has_avx512_vnni_vbmi() {
 void quantize_x_a8(const NMLinearArgs& a, int8_t* xq, int64_t ldq, float* sx, int64_t lds) {
 #if defined(__x86_64__)
   if (a.act_block == 32 && active_isa() >= Isa::kAvx512 && has_avx512_vnni_vbmi()) {
-    return detail::quantize_x_a8_avx512(a, xq, ldq, sx, lds);
+    return detail::quantize_x_a8_32(a, xq, ldq, sx, lds);
   }
 #endif
   nm_quantize_x_a8(a, xq, ldq, sx, lds);
