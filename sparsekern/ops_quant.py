@@ -28,6 +28,14 @@ lib.define("_quant_linear_cpu" + SCHEMA)
 lib.define("_quant_linear_fast(int act_block) -> bool")
 
 
+def check_act_block(act_block, k: int) -> None:
+    """``act_block``: a block of columns > 0 that divides ``k`` (x is always rounded here)."""
+    if not isinstance(act_block, int) or isinstance(act_block, bool):
+        raise TypeError(f"act_block: expected int, got {type(act_block).__name__}")
+    if act_block <= 0 or k % act_block:
+        raise ValueError(f"act_block: expected a block size > 0 that divides in_features {k}, got {act_block}")
+
+
 def check_quant_linear(x, values, scales, bias, act_block) -> None:
     """Every check that reads no tensor data (the fake implementation runs these too)."""
     check_tensor("values", values, (torch.int8,))
@@ -37,10 +45,7 @@ def check_quant_linear(x, values, scales, bias, act_block) -> None:
     check_tensor("scales", scales)
     if tuple(scales.shape) != (out,):
         raise ValueError(f"scales: expected shape {(out,)} (one per output row), got {tuple(scales.shape)}")
-    if not isinstance(act_block, int) or isinstance(act_block, bool):
-        raise TypeError(f"act_block: expected int, got {type(act_block).__name__}")
-    if act_block <= 0 or k % act_block:
-        raise ValueError(f"act_block: expected a block size > 0 that divides in_features {k}, got {act_block}")
+    check_act_block(act_block, k)
     _check_linear_common(x, scales, "scales", out, k, bias)
     if values.device != x.device:
         raise ValueError(f"values: expected device {x.device} (that of x), got {values.device}")

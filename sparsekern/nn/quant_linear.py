@@ -16,7 +16,7 @@ from torch import nn
 
 from sparsekern.formats.quant import quantize
 from sparsekern.nn.linear import dense_weight
-from sparsekern.ops_quant import check_quant_linear
+from sparsekern.ops_quant import check_act_block, check_quant_linear
 
 QUANT = "int8"
 
@@ -61,8 +61,7 @@ class QuantLinear(nn.Module):
     def from_linear(cls, linear: nn.Module, act_block: int = 32) -> QuantLinear:
         """``linear`` (``nn.Linear`` or ``Conv1D``) with its weight rounded to int8 per output row."""
         w = dense_weight(linear).detach()
-        check_quant_linear(torch.empty(0, w.shape[1], device="meta"), torch.empty(w.shape, dtype=torch.int8, device="meta"),
-                           torch.empty(w.shape[0], device="meta"), None, act_block)  # fmt: skip
+        check_act_block(act_block, w.shape[1])
         values, scales, _ = quantize(w, QUANT, 1)
         bias = getattr(linear, "bias", None)
         return cls(values, scales[:, 0], None if bias is None else bias.detach(), act_block)

@@ -21,7 +21,7 @@ from sparsekern.nn.moe import SparseExperts, expert_weights, experts_layout, fin
 from sparsekern.nn.quant_linear import QUANT as QUANT_HEAD
 from sparsekern.nn.quant_linear import QuantLinear
 from sparsekern.nn.report import LayerReport, SparsifyReport  # noqa: F401  (SparsifyReport: public here too)
-from sparsekern.ops_quant import fast_here
+from sparsekern.ops_quant import check_act_block, fast_here
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "admm")
 
@@ -249,10 +249,7 @@ def _head_name(model: nn.Module, head: str, act_block: int) -> str:
     if name is None or not isinstance(mod, nn.Linear):
         got = "none" if mod is None else type(mod).__name__
         raise ValueError(f"head: expected the model's LM head to be an nn.Linear, got {got}")
-    if not isinstance(act_block, int) or act_block <= 0 or mod.in_features % act_block:
-        raise ValueError(
-            f"act_block: expected a block size > 0 that divides in_features {mod.in_features}, got {act_block}"
-        )
+    check_act_block(act_block, mod.in_features)
     if mod.weight.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"head: expected the LM head in one of {SUPPORTED_DTYPES}, got {mod.weight.dtype}")
     return name
