@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsekern.hugepages import rehome_module
 from sparsekern.lean.fuse import fuse_linears
 from sparsekern.lean.native import Native
 
@@ -116,8 +117,8 @@ class _Block:
             raise ValueError(f"model: {where} has {self.heads} query heads for {self.kv_heads} KV heads")
         self.ln1, self.eps1 = _norm(layer.input_layernorm, f"{where}.input_layernorm")
         self.ln2, self.eps2 = _norm(layer.post_attention_layernorm, f"{where}.post_attention_layernorm")
-        self.qkv = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
-        self.gate_up = fuse_linears([mlp.gate_proj, mlp.up_proj])
+        self.qkv = rehome_module(fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj]))
+        self.gate_up = rehome_module(fuse_linears([mlp.gate_proj, mlp.up_proj]))
         self.o, self.down, self.act = attn.o_proj, mlp.down_proj, _act(mlp.act_fn)
 
 

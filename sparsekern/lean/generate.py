@@ -16,6 +16,7 @@ from itertools import chain
 import torch
 from torch import nn
 
+from sparsekern.hugepages import rehome_module
 from sparsekern.lean.decoder import LeanDecoder, check_model
 
 # Keyword arguments of model.generate that sk.generate accepts, with the one value that is greedy.
@@ -34,7 +35,9 @@ def _stamp(model: nn.Module) -> tuple:
 
 
 def decoder_for(model: nn.Module) -> LeanDecoder:
-    """The model's :class:`LeanDecoder`, rebuilt when any of its modules or weights changed."""
+    """The model's :class:`LeanDecoder`, rebuilt when any of its modules or weights changed. The
+    model's weights move to huge pages first (:mod:`sparsekern.hugepages`; values unchanged)."""
+    rehome_module(model)
     stamp = _stamp(model)
     held = _DECODERS.get(model)
     if held is None or held[0] != stamp:

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from sparsekern import hugepages
 from sparsekern.formats.nm import SUPPORTED_DTYPES
 from sparsekern.formats.quant import check_quant
 from sparsekern.nn.linear import SparseLinear, dense_weight, is_conv1d, linear_features
@@ -236,6 +237,7 @@ def sparsify(
         cfg = getattr(model, "config", None)
         if getattr(cfg, "tie_word_embeddings", False):
             cfg.tie_word_embeddings = False  # the int8 head is its own tensor now
+    hugepages.rehome_module(model)  # decode streams these weights every token
     return report
 
 
