@@ -1,6 +1,7 @@
 // ctest: the parallel runtime (csrc/cpu/parallel.h). Every chunk runs exactly once, nested and
 // concurrent calls work, a chunk's exception reaches the caller, a helper that is not running
-// never delays the caller, and an idle pool burns no CPU.
+// never delays the caller, one that stalls mid-chunk sends the pool alone for a while, and an
+// idle pool burns no CPU.
 #include <time.h>
 
 #include <atomic>
@@ -124,6 +125,39 @@ int test_late_helper() {
   return 0;
 }
 
+// A helper preempted while it holds a chunk (here: its chunks sleep 30 ms) makes the caller wait
+// once; then the pool works alone for a while (every chunk on the caller, no waiting), and shares
+// the work again once that while is over.
+int test_stalled_helper_sends_the_pool_alone() {
+  ThreadPool pool;
+  std::atomic<int> off_caller{0};
+  for (int rep = 0; rep < 20 && !pool.working_alone(); ++rep) {
+    pool.run(16, 2, [&](int64_t, int slot) {
+      if (slot != 0) {
+        off_caller += 1;
+        std::this_thread::sleep_for(std::chrono::milliseconds(30));
+      } else {
+        busy_us(50);
+      }
+    });
+  }
+  if (off_caller.load() == 0) return fail("stall: no helper ever ran a chunk");
+  if (!pool.working_alone()) return fail("stall: the caller waited for a stalled helper and the pool kept sharing");
+  off_caller = 0;
+  const auto t0 = Clock::now();
+  pool.run(16, 2, [&](int64_t, int slot) { off_caller += slot != 0; });
+  if (off_caller.load() != 0) return fail("stall: a call while working alone ran chunks off the caller");
+  std::printf("stalled helper: the next call ran alone in %.3f ms\n", ms_since(t0));
+  for (int rep = 0; rep < 400 && pool.working_alone(); ++rep) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  if (pool.working_alone()) return fail("stall: the pool never went back to sharing");
+  for (int rep = 0; rep < 20 && off_caller.load() == 0; ++rep)
+    pool.run(32, 2, [&](int64_t, int slot) {
+      std::this_thread::sleep_for(std::chrono::microseconds(300));
+      off_caller += slot != 0;
+    });
+  return off_caller.load() ? 0 : fail("stall: no helper ran a chunk after the pool went back to sharing");
+}
+
 int test_helpers_help_then_sleep() {
   ThreadPool pool;
   std::atomic<int> off_caller{0};
@@ -147,7 +181,7 @@ int test_helpers_help_then_sleep() {
 
 int main() {
   if (test_exactly_once() || test_nested_and_concurrent() || test_exceptions() || test_late_helper() ||
-      test_helpers_help_then_sleep())
+      test_stalled_helper_sends_the_pool_alone() || test_helpers_help_then_sleep())
     return 1;
   std::puts("parallel runtime: ok");
   return 0;

@@ -43,6 +43,16 @@ std::chrono::microseconds spin_time() {
   return std::chrono::microseconds(us < 0 ? 0 : us);
 }
 
+// Working alone after a stall: the first period, and the longest while stalls repeat.
+constexpr int64_t kAloneMinNs = 10'000'000, kAloneMaxNs = 320'000'000;
+// A wait shorter than this is never a stall (a chunk or two of a running helper).
+constexpr int64_t kStallMinNs = 200'000;
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
 std::atomic<ThreadPool*> g_pool{nullptr};
 
 // A forked child has none of the parent's helper threads: it starts a fresh pool (the old one is
@@ -138,12 +148,14 @@ void ThreadPool::helper_main(int index) {
   }
 }
 
+bool ThreadPool::working_alone() const { return now_ns() < alone_until_ns_.load(std::memory_order_relaxed); }
+
 void ThreadPool::run(int64_t n_chunks, int threads, ChunkFn fn, void* ctx) {
   if (n_chunks <= 0) return;
   threads = threads < 1 ? 1 : threads > kMaxThreads ? kMaxThreads : threads;
   if (threads > n_chunks) threads = static_cast<int>(n_chunks);
   std::unique_lock<std::mutex> busy(run_mutex_, std::defer_lock);
-  if (threads == 1 || tl_in_parallel || !busy.try_lock()) {
+  if (threads == 1 || tl_in_parallel || working_alone() || !busy.try_lock()) {
     InParallel mark;
     for (int64_t c = 0; c < n_chunks; ++c) fn(ctx, c, 0);
     return;
@@ -168,19 +180,28 @@ void ThreadPool::run(int64_t n_chunks, int threads, ChunkFn fn, void* ctx) {
     }
     wake_.notify_all();
   }
+  const int64_t start = now_ns();
+  int64_t mine = 0;  // chunks the caller ran
   {
     InParallel mark;
     uint64_t last;
-    while (claim_and_run(0, &last)) {
-    }
+    while (claim_and_run(0, &last)) ++mine;
   }
   // Only chunks a running helper has claimed are left: wait for those alone.
+  const int64_t own_done = now_ns();
   for (int i = 1; job_.done.load(std::memory_order_acquire) < n; ++i) {
     if (i < 4096) {
       SK_PAUSE();
     } else {
       std::this_thread::yield();
     }
+  }
+  const int64_t end = now_ns(), waited = end - own_done;
+  if (waited > kStallMinNs && waited > own_done - start) {  // a helper stopped running mid-chunk
+    alone_ns_ = std::min(kAloneMaxNs, alone_ns_ ? 2 * alone_ns_ : kAloneMinNs);
+    alone_until_ns_.store(end + alone_ns_, std::memory_order_relaxed);
+  } else if (mine < n) {  // shared without a stall
+    alone_ns_ = 0;
   }
   if (job_.failed.load(std::memory_order_relaxed)) {
     std::exception_ptr e = job_.error;

@@ -15,6 +15,13 @@
 // Helpers spin for a short while after a job (back-to-back decode calls never pay a wake-up),
 // then sleep on a condition variable, so an idle process burns no CPU. Nested calls (from inside
 // a chunk) and calls made while another thread is using the pool run inline on the caller.
+//
+// A helper that is preempted while it holds a chunk (another process wants its core) still makes
+// the caller wait, for up to a scheduler time slice. When the caller waits longer for claimed
+// chunks than it worked itself, the pool works alone (every call inline on the caller) for a
+// while: 10 ms, doubling while stalls repeat (up to 320 ms), back to 10 ms after a call the
+// helpers shared without one. NOTE: 2:4 fp32 11008x4096, 1 row, one busy-loop process pinned to
+// the other core of the 2-core Zen 4: see bench/bench_cpu_threads.py's busy column.
 #pragma once
 
 #include <algorithm>
@@ -55,6 +62,9 @@ class ThreadPool {
 
   int helpers() const { return static_cast<int>(threads_.size()); }
 
+  // True while a stall (see the file comment) keeps every call on the caller alone.
+  bool working_alone() const;
+
  private:
   struct Job {
     ChunkFn fn = nullptr;
@@ -77,6 +87,8 @@ class ThreadPool {
   std::atomic<uint64_t> ticket_{0};
   Job job_;
   std::mutex run_mutex_;  // one job at a time; a second concurrent caller runs inline
+  std::atomic<int64_t> alone_until_ns_{0};  // steady-clock time before which run() works alone
+  int64_t alone_ns_ = 0;                    // the next such period (under run_mutex_)
   std::mutex sleep_mutex_;
   std::condition_variable wake_;
   std::atomic<int> sleepers_{0};
