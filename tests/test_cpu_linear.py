@@ -40,7 +40,7 @@ def isa(request, monkeypatch):
     want = ISAS[request.param]
     if want > _detected():
         pytest.skip(
-            f"this CPU lacks {request.param} (detected level {_detected()}); AVX-512 machines run the AVX2 kernels, untested here"
+            f"this CPU lacks {request.param} (detected level {_detected()}): its kernels cannot run here"
         )
     monkeypatch.setenv("SPARSEKERN_CPU_ISA", request.param)
     assert int(torch.ops.sparsekern._cpu_isa()) == want
@@ -162,3 +162,19 @@ def test_opcheck_bsr(rows):
     w = sk.BlockSparseWeight.from_dense(torch.randn(32, 48), block=(16, 16), sparsity=0.5)
     args = (torch.randn(rows, 48), w.crow_indices, w.col_indices, w.blocks, torch.randn(32))
     torch.library.opcheck(torch.ops.sparsekern._bsr_linear_cpu.default, args)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 5])
+# kept = K / 2: one partial meta word (8, 20 -> 2 words), whole 16- and 32-value steps (32, 64, 128),
+# and a 32-value step plus 1 or 2 words left (92, 100, 4132).
+@pytest.mark.parametrize("k", [16, 40, 64, 92, 100, 128, 4132])
+def test_nm24_every_step_tail(isa, k, rows, dtype):
+    """2:4 decode kernels (the AVX-512 ones step 16 fp32 or 32 bf16 values at a time) at each tail."""
+    w = sk.NMSparseWeight.from_dense(torch.randn(21, k), n=2, m=4, prune=True).to(dtype)
+    x = torch.randn(rows, k).to(dtype)
+    bias = torch.randn(21).to(dtype)
+    with sk.use_backend("cpu"):
+        y = sk.ops.nm_linear(x, w, bias)
+    dense = w.to_dense()
+    _check(y, lambda xx, bb: F.linear(xx, dense.to(xx.dtype), bb), x, bias, f"{isa} 2:4 k={k} rows={rows} {dtype}")

@@ -71,12 +71,16 @@ void nm_linear_decode_portable(const NMLinearArgs& a);
 // int8 activations (a.act_block > 0): any N:M, and AVX-512 VBMI+VNNI for 2:4 where supported.
 void nm_linear_decode_a8_portable(const NMLinearArgs& a);
 #if defined(__x86_64__)
+// 2:4 with fp32 values (AVX-512F) or bf16 (+ AVX-512 BF16 and VBMI), not quantized, x as it is
+// (nm_linear_24_avx512.cpp).
+bool nm_24_avx512_supported(const NMLinearArgs& a);
+void nm_linear_decode_24_avx512(const NMLinearArgs& a);
 bool nm_a8_avx512_supported(const NMLinearArgs& a);
 void nm_linear_decode_a8_avx512(const NMLinearArgs& a);
 #endif
 #if defined(__x86_64__)
-// AVX2+FMA+F16C. Also what AVX-512 machines run: no AVX-512 kernel exists yet (none could be
-// tested on the development machine, and an untested path must not be the default).
+// AVX2+FMA+F16C. Also what AVX-512 machines run for every float pattern but 2:4 fp32 / bf16
+// (nm_linear_24_avx512.cpp).
 void nm_linear_decode_avx2(const NMLinearArgs& a);
 // M = 2, 4, 8 (nm_planes_supported): x operands blended from per-call planes of x; the avx2
 // entry point above routes these patterns here and keeps the permute kernel for M = 16.
