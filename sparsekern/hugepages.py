@@ -11,10 +11,11 @@ buffer of a module (the values are unchanged; only their storage moves).
 ``sk.sparsify`` and the lean decode path (``sk.generate``) call :func:`rehome_module`;
 ``SPARSEKERN_HUGEPAGES=0`` turns it off.
 
-NOTE: measured on the 2-core Zen 4 EPYC (THP mode ``madvise``, 2026-11-26), in interleaved
-rounds within one process: a bf16 GEMV over 1.9 GB of TinyLlama-shaped weights, median 34.3 GB/s
-on huge pages against 31-32 on 4 KiB pages; TinyLlama-1.1B shapes dense bf16 ``sk.generate``,
-median tokens/s 1.08x (6 rounds, /tmp prototype of this module).
+NOTE: 2-core Zen 4 EPYC, THP mode ``madvise``, 2026-11-26, ``bench/bench_hugepages.py`` (both
+page sizes in one process, interleaved rounds, median of per-round ratios): TinyLlama-1.1B shapes
+bf16 lean decode, dense 1.057x (13.7 against 13.0 tok/s), 2:4 int4 + int8 head 1.025x, 2:4 bf16
+0.98-0.99x (its kernel prefetches across 4 KiB page boundaries itself). Kept on for every
+pattern: no run measured a loss beyond the noise.
 """
 
 from __future__ import annotations
