@@ -3,9 +3,11 @@
 // More x rows: 8 weight rows at a time, each x row against all 8 (weights read once per call, x
 // rows from L1).
 //
-// NOTE: one stream per thread reads faster than 8: TinyLlama-1.1B's bf16 linears + head (2.07 GB,
-// huge pages, 2 threads, 2-core Zen 4), one x row, median of 30 passes: 32.4-33.8 GB/s against
-// 27.8-28.3 for the 8-row tiles (two runs each, interleaved).
+// NOTE: one stream per thread: TinyLlama-1.1B shapes dense bf16 lean decode, the two kernels
+// switched in alternating rounds in one process (2-core Zen 4, weights on huge pages): 1.032x
+// tokens/s. bench/cpp/gemv_stream.cpp (the GEMV alone over the model's 2.07 GB) favoured it in 5
+// of 6 alternations on huge pages, by 2-18 GB/s, with run-to-run swings as large
+// (bench/results/cpu-epyc-zen4-avx512-2core-2026-11-26-session6.md).
 #include "cpu/gemv.h"
 
 #include <algorithm>
