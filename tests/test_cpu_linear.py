@@ -39,9 +39,7 @@ def _detected() -> int:
 def isa(request, monkeypatch):
     want = ISAS[request.param]
     if want > _detected():
-        pytest.skip(
-            f"this CPU lacks {request.param} (detected level {_detected()}): its kernels cannot run here"
-        )
+        pytest.skip(f"this CPU lacks {request.param} (detected level {_detected()}): its kernels cannot run here")
     monkeypatch.setenv("SPARSEKERN_CPU_ISA", request.param)
     assert int(torch.ops.sparsekern._cpu_isa()) == want
     return request.param
