@@ -110,3 +110,20 @@ def test_sparsify_moves_the_sparse_weights():
     assert not hugepages.is_huge(small.values)  # 128 KiB
     want = torch.nn.functional.linear(x, big.weight, big.bias)
     torch.testing.assert_close(big(x), want)
+
+
+def test_generate_moves_the_model_once_and_keeps_its_decoder():
+    import tiny_lm
+
+    from sparsekern.lean.generate import _DECODERS
+
+    torch.manual_seed(0)
+    model = tiny_lm.llama(vocab_size=8192, hidden_size=64).eval()  # embedding and head: 2 MiB each
+    ids = torch.randint(3, 8192, (1, 5))
+    want = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=4)
+    got = sk.generate(model, ids, max_new_tokens=4, eos_token_id=None)
+    assert hugepages.is_huge(model.get_input_embeddings().weight) and hugepages.is_huge(model.lm_head.weight)
+    assert torch.equal(got, want)
+    dec = _DECODERS[model][1]  # the one the first call built
+    sk.generate(model, ids, max_new_tokens=2, eos_token_id=None)
+    assert _DECODERS[model][1] is dec  # kept under the stamp of the moved weights: no rebuild

@@ -35,12 +35,14 @@ def _stamp(model: nn.Module) -> tuple:
 
 
 def decoder_for(model: nn.Module) -> LeanDecoder:
-    """The model's :class:`LeanDecoder`, rebuilt when any of its modules or weights changed. The
-    model's weights move to huge pages first (:mod:`sparsekern.hugepages`; values unchanged)."""
-    rehome_module(model)
+    """The model's :class:`LeanDecoder`, rebuilt when any of its modules or weights changed. Before
+    a build the model's weights move to huge pages (:mod:`sparsekern.hugepages`; values unchanged),
+    so the stamp the decoder is kept under is that of the moved weights."""
     stamp = _stamp(model)
     held = _DECODERS.get(model)
     if held is None or held[0] != stamp:
+        rehome_module(model)
+        stamp = _stamp(model)
         with torch.no_grad():
             held = _DECODERS[model] = (stamp, LeanDecoder(model))
     return held[1]
