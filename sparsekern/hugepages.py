@@ -32,7 +32,7 @@ from torch import nn
 HUGE_PAGE = 2 << 20
 MIN_BYTES = HUGE_PAGE  # a smaller tensor cannot fill one
 _THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
-_ARENAS: dict[int, int] = {}  # data pointer -> bytes, of every live mapping made here
+_ARENAS: set[int] = set()  # storage data pointers of the live mappings made here
 
 
 @functools.cache
@@ -72,8 +72,11 @@ def rehome(t: torch.Tensor) -> torch.Tensor:
     """``t`` copied into memory advised ``MADV_HUGEPAGE`` (same dtype, shape and values), or ``t``
     itself where :func:`enabled` is false or ``t`` is not eligible (off the CPU, under 2 MiB, a
     view, already moved)."""
-    if not enabled() or not _eligible(t):
-        return t
+    return _huge_copy(t) if enabled() and _eligible(t) else t
+
+
+def _huge_copy(t: torch.Tensor) -> torch.Tensor:
+    """:func:`rehome` past its checks."""
     nbytes = t.numel() * t.element_size()
     try:
         # 2 MiB of slack, so the tensor can start on a huge-page boundary; only its whole huge
@@ -87,8 +90,8 @@ def rehome(t: torch.Tensor) -> torch.Tensor:
     out = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes, offset=pad)  # holds buf alive
     out = out.view(t.dtype).view(t.shape)
     ptr = out.untyped_storage().data_ptr()
-    _ARENAS[ptr] = nbytes
-    weakref.finalize(buf, _ARENAS.pop, ptr, None)
+    _ARENAS.add(ptr)
+    weakref.finalize(buf, _ARENAS.discard, ptr)
     with torch.no_grad():
         out.copy_(t)
     return out
@@ -105,7 +108,7 @@ def rehome_module(module: nn.Module) -> nn.Module:
     def copy_of(t: torch.Tensor) -> torch.Tensor:
         key = (t.untyped_storage().data_ptr(), t.dtype, tuple(t.shape))
         if key not in moved:
-            moved[key] = rehome(t)
+            moved[key] = _huge_copy(t)  # eligible: checked by the caller
         return moved[key]
 
     for mod in module.modules():
