@@ -147,6 +147,28 @@ def test_quantized_nm_linear_cpu(isa, nm, quant, group_size, rows, dtype):
 
 
 @needs_ext
+@pytest.mark.parametrize("rows", [1, 2, 5])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("quant", q.QUANTS)
+# kept = K / 2: whole 32-slot steps (384, 1344: 21 of them, 4096), a 16-slot tail (352, 480), 4
+# (200). Groups in kept slots (half the columns): 16 (each half-step its own group), 32 (a group
+# per step), 48 (a step's halves in two groups), 64, 96; 0: one per row.
+@pytest.mark.parametrize(
+    "k,group_size",
+    [(k, g) for k in (200, 352, 384, 480, 1344, 4096) for g in (0, 32, 64, 96, 128, 192) if g == 0 or k % g == 0],
+)
+def test_quantized_24_bf16_decode(k, group_size, quant, symmetric, rows):
+    """2:4 quantized decode with bf16 x (on AVX-512 BF16 + VBMI: the vdpbf16ps kernel, which
+    scales per group or per half-step and looks int4 up in tables) at every group layout and tail."""
+    wq = _qweight(23, k, 2, 4, quant, group_size, symmetric, torch.bfloat16)
+    x = torch.randn(rows, k).to(torch.bfloat16)
+    bias = torch.randn(23).to(torch.bfloat16) if rows != 2 else None
+    with sk.use_backend("cpu"):
+        y = sk.ops.nm_linear(x, wq, bias)
+    _check(y, x, wq, bias, f"2:4 {quant} g{group_size} sym={symmetric} k={k} rows={rows}")
+
+
+@needs_ext
 @pytest.mark.parametrize("rows", [1, 4, 70])  # 70: decompress + bf16 GEMM
 @pytest.mark.parametrize("quant", q.QUANTS)
 def test_quantized_real_shape(quant, rows):

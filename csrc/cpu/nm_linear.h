@@ -71,8 +71,8 @@ void nm_linear_decode_portable(const NMLinearArgs& a);
 // int8 activations (a.act_block > 0): any N:M, and AVX-512 VBMI+VNNI for 2:4 where supported.
 void nm_linear_decode_a8_portable(const NMLinearArgs& a);
 #if defined(__x86_64__)
-// 2:4 with fp32 values (AVX-512F) or bf16 (+ AVX-512 BF16 and VBMI), not quantized, x as it is
-// (nm_linear_24_avx512.cpp).
+// 2:4 with fp32 values (AVX-512F) or bf16 (+ AVX-512 BF16 and VBMI), x as it is, or int8 / int4
+// values with bf16 x (BF16 and VBMI; group_kept a multiple of 16) (nm_linear_24_avx512.cpp).
 bool nm_24_avx512_supported(const NMLinearArgs& a);
 void nm_linear_decode_24_avx512(const NMLinearArgs& a);
 bool nm_a8_avx512_supported(const NMLinearArgs& a);

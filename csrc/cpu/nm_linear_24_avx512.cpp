@@ -9,10 +9,16 @@
 // group's two kept values are one pair of vdpbf16ps, so the x operands are one vpermt2w of x as
 // bf16, the index lanes cut from the meta qword by one vpmultishiftqb.
 // fp16 values stay on the AVX2 quads kernel (16 fp16 values a step measured slower than it).
+// int8 / int4 values with bf16 x (W8A16, W4A16): the bf16 scheme on the integers (below).
 //
 // Index fields are masked to 2 bits, so a garbage meta word picks a wrong column inside its own
 // window, never outside x (x is copied into a zero-padded buffer of whole windows).
 //
+// NOTE (quantized, 11008x4096, 1 row, bf16 x, 2 threads, Zen 4, one process, interleaved; ms,
+// quads kernel -> this one): int8 1.42 -> 0.80, int8 g128 1.60 -> 0.90, int4 g128 1.82 -> 0.64,
+// int4 g32 2.40 -> 0.70 (the bf16 2:4 kernel: 1.35-1.6). Tried and dropped: int4 as bf16(128 + q)
+// by an OR (no vpermw) and a second vdpbf16ps for the offset, 0.65 -> 0.77 ms; int8 widened by
+// shifts and an fp32 magic number (no vpmovsxbd), 1 thread 1.75 -> 1.94 ms.
 // NOTE: against the AVX2 quads kernel these replace on AVX-512 machines (2-core Zen 4, huge
 // pages): TinyLlama-1.1B shapes 2:4 lean decode, interleaved rounds, median tokens/s 1.16x in bf16
 // and in fp32 (fp16 with this file's fp32 scheme: 0.87x, so it stays on quads); 2:4 fp32
@@ -42,9 +48,11 @@ namespace {
 // NOTE: 2:4 fp32 11008x4096, 1 row, 2 threads, Zen 4, standalone (no torch), medians of 40 calls
 // in alternation: 4 KiB pages 3.5-4.2 ms with it, 4.2-5.1 without, 4.4-5.7 with a prefetch every
 // step (what the AVX2 kernels do); huge pages 3.0-3.7 with it, 2.8-3.8 without, 4.6-4.8 every step.
+// StepBytes: bytes of the stream each step reads (one step in a page meets the condition).
+template <int StepBytes = 64>
 inline void prefetch_next_page(const void* p) {
   const char* ahead = static_cast<const char*>(p) + 2048;
-  if ((reinterpret_cast<uintptr_t>(ahead) & 4095) < 64) {
+  if ((reinterpret_cast<uintptr_t>(ahead) & 4095) < StepBytes) {
     for (int l = 0; l < 4; ++l) _mm_prefetch(ahead + 64 * l, _MM_HINT_T0);
   }
 }
@@ -140,6 +148,221 @@ SK_BF16 void rows24_bf16(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb,
   for (int r = 0; r < R; ++r) store_f32(a.out, (r0 + r) * a.ldo + o, _mm512_reduce_add_ps(acc[r]) + b, a.dtype);
 }
 
+// Quantized values (int8, or int4 two per byte) with bf16 x: the bf16 scheme above on the
+// integers. q - zero is widened to bf16, exactly (|q - zero| <= 255 fits bf16's 8 significant
+// bits), the step's products are summed by vdpbf16ps and the sums scaled per group:
+// - int8: 16 + 16 bytes sign-extended to fp32 (zero subtracted there), packed by one
+//   vcvtne2ps2bf16; lanes in slot order, so the index tables are the bf16 kernel's.
+// - int4: the step's 16 bytes broadcast to the four 128-bit lanes; one vpsrlvw by 4 * lane puts
+//   nibble sigma(i) in the low bits of word i, and one vpermw looks up bf16(q - zero) in a
+//   32-word table (16 entries, twice: vpermw reads index bit 4, the next nibble's bit 0). Word
+//   i = 8 * lane + j holds bytes 2j, 2j + 1, nibbles 4j .. 4j + 3, so it takes slot
+//   sigma(i) = 4 * (i % 8) + i / 8, and the x index tables follow sigma.
+// Scale groups: group_kept a multiple of 32 (or one group per row): whole steps per group, the
+// sums gathered per group and scaled when it ends. A multiple of 16 only (H): each 16-slot half
+// of a step lies in one group, and every step's sums are scaled at once, half by half (a lane
+// mask: which dword lanes of vdpbf16ps hold half 1).
+struct QTables {
+  alignas(64) uint16_t shift[32];  // int4: 4 * (i / 8), the shift that brings nibble sigma(i) to bit 0
+  alignas(64) uint8_t ctrl[64];   // int4: byte 2i: bit offset 2 * sigma(i) of its meta field
+  alignas(64) uint16_t base[32];  // int4: 4 * (sigma(i) / 2), its group's base column
+  alignas(64) uint16_t half[32];  // int4: 32 where word i lies in half 1 (vpermt2w's table bit)
+  alignas(64) float iota[16];
+  QTables() : shift(), ctrl(), base(), half(), iota() {
+    for (int i = 0; i < 32; ++i) {
+      const int slot = 4 * (i % 8) + i / 8;
+      shift[i] = static_cast<uint16_t>(4 * (i / 8));
+      ctrl[2 * i] = static_cast<uint8_t>(2 * slot);
+      base[i] = static_cast<uint16_t>(4 * (slot / 2));
+      half[i] = slot >= 16 ? 32 : 0;
+    }
+    for (int i = 0; i < 16; ++i) iota[i] = static_cast<float>(i);
+  }
+};
+const QTables kQ;
+
+// bf16(q - zero) for nibbles q = 0..15, twice over; zeros 0..15 (what validation admits) from
+// a table. NOTE: computing every group's table cost 2:4 int4 g128 zp 26% (0.83 vs 0.66 ms).
+struct Int4Tables {
+  alignas(64) uint16_t t[16][32];
+  Int4Tables() : t() {
+    for (int z = 0; z < 16; ++z)
+      for (int i = 0; i < 32; ++i) {
+        const float f = static_cast<float>(i % 16 - z);
+        uint32_t u;
+        std::memcpy(&u, &f, sizeof u);
+        t[z][i] = static_cast<uint16_t>(u >> 16);  // exact: small integers
+      }
+  }
+};
+const Int4Tables kInt4;
+
+SK_BF16 inline __m512i int4_table(int zero) {
+  if (static_cast<unsigned>(zero) < 16) return _mm512_load_si512(kInt4.t[zero]);
+  const __m512 f = _mm512_sub_ps(_mm512_load_ps(kQ.iota), _mm512_set1_ps(static_cast<float>(zero)));
+  return (__m512i)_mm512_cvtne2ps_pbh(f, f);
+}
+
+#define SK_INLINE __attribute__((always_inline)) inline
+
+// One row's walk over its scale groups (!H: g the group of the current step, end the first slot
+// past it), and the current groups' scales (by lane), int8 zeros (by half), int4 lookup tables
+// (by half). Every helper is inlined, so all of it lives in registers.
+// NOTE: written first with lambdas capturing by reference, GCC kept the sums on the stack:
+// int4 g128 11008x4096 2.1 ms, against 1.2 ms for the bf16 kernel it should beat.
+struct QGroups {
+  const uint16_t* scales;  // the row's, bf16
+  const int8_t* zeros;     // the row's, or nullptr
+  int64_t last, gk, g = 0, end = 0;
+  __m512 scale, zlo, zhi;
+  __m512i table_lo, table_hi;
+};
+
+template <int Q>
+constexpr __mmask16 kHalf1 = Q == 8 ? 0xFF00 : 0xCCCC;  // dword lanes of vdpbf16ps that hold half 1
+
+template <int Q, bool H, bool Z>
+SK_BF16 SK_INLINE void set_groups(QGroups& st, int64_t g0, int64_t g1) {
+  g0 = std::min(g0, st.last);  // (a tail half past the row keeps the last group)
+  g1 = std::min(g1, st.last);
+  st.scale = _mm512_mask_blend_ps(kHalf1<Q>, _mm512_set1_ps(bf16_to_f32(st.scales[g0])),
+                                  _mm512_set1_ps(bf16_to_f32(st.scales[g1])));
+  if constexpr (Z && Q == 8) {
+    st.zlo = _mm512_set1_ps(static_cast<float>(st.zeros[g0]));
+    st.zhi = _mm512_set1_ps(static_cast<float>(st.zeros[g1]));
+  } else if constexpr (Z) {
+    st.table_lo = int4_table(st.zeros[g0]);
+    st.table_hi = H ? int4_table(st.zeros[g1]) : st.table_lo;
+  }
+}
+
+// H: the groups of step s's halves. Group size 32 columns (16 slots, the common case), no zeros
+// and a whole step: groups 2s and 2s + 1, their two bf16 scales one 32-bit broadcast, each half's
+// moved to the top by a shift or a mask. Else a division (other sizes: rare).
+// NOTE: 2:4 int4 g32, 11008x4096, 1 row, 2 threads, Zen 4: 0.83 -> 0.70 ms (was two scalar
+// loads and broadcasts per step).
+template <int Q, bool Z>
+SK_BF16 SK_INLINE void half_groups(QGroups& st, int64_t s, bool whole) {
+  if (!Z && st.gk == 16 && whole) {
+    const __m512i pair = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(st.scales + 2 * s));
+    const __m512i top = _mm512_and_si512(pair, _mm512_set1_epi32(static_cast<int>(0xffff0000u)));
+    st.scale = _mm512_castsi512_ps(_mm512_mask_slli_epi32(top, static_cast<__mmask16>(~kHalf1<Q>), pair, 16));
+  } else {
+    set_groups<Q, true, Z>(st, 32 * s / st.gk, (32 * s + 16) / st.gk);
+  }
+}
+
+// The step's 32 weights as bf16 from its value bytes p.
+template <int Q, bool H, bool Z>
+SK_BF16 SK_INLINE __m512i widen(const uint8_t* p, const QGroups& st, __m512i nib) {
+  if constexpr (Q == 8) {
+    __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+    __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
+    if constexpr (Z) {
+      lo = _mm512_sub_ps(lo, st.zlo);
+      hi = _mm512_sub_ps(hi, st.zhi);
+    }
+    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+  } else {
+    const __m512i q =
+        _mm512_srlv_epi16(_mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), nib);
+    if constexpr (Z && H) {  // half 1 reads the second table: index bit 5, bit 4 cleared
+      const __m512i idx = _mm512_ternarylogic_epi32(q, _mm512_set1_epi16(15), _mm512_load_si512(kQ.half), 0xEA);
+      return _mm512_permutex2var_epi16(st.table_lo, idx, st.table_hi);
+    } else {
+      return _mm512_permutexvar_epi16(q, st.table_lo);
+    }
+  }
+}
+
+// Step s of x rows x .. x + (R - 1) * ldb: sums into chain C (s % 2; two chains, or one chain of
+// vdpbf16ps waits for its latency), then (!H) the group bookkeeping.
+template <int Q, bool H, bool Z, int R, int C>
+SK_BF16 SK_INLINE void q_step(__m512 (&acc)[2][R], __m512 (&part)[2][R], QGroups& st, __m512i w, __m512i m,
+                              const uint16_t* x, int64_t ldb, int64_t s, int64_t kept, __m512i ctrl,
+                              __m512i base) {
+  // (field & 3) | base: base has its low two bits clear
+  const __m512i idx = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(ctrl, m), _mm512_set1_epi16(3), base, 0xEA);
+  for (int r = 0; r < R; ++r) {
+    const uint16_t* xr = x + r * ldb + 64 * s;
+    const __m512i xs = _mm512_permutex2var_epi16(_mm512_loadu_si512(xr), idx, _mm512_loadu_si512(xr + 32));
+    if constexpr (H) {
+      acc[C][r] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)w, (__m512bh)xs), st.scale, acc[C][r]);
+    } else {
+      part[C][r] = _mm512_dpbf16_ps(part[C][r], (__m512bh)w, (__m512bh)xs);
+    }
+  }
+  if constexpr (!H) {
+    if (32 * (s + 1) >= st.end && 32 * (s + 1) < kept) {  // the group ends: scale its sums
+      for (int r = 0; r < R; ++r) {
+        acc[0][r] = _mm512_fmadd_ps(_mm512_add_ps(part[0][r], part[1][r]), st.scale, acc[0][r]);
+        part[0][r] = part[1][r] = _mm512_setzero_ps();
+      }
+      st.end += st.gk;
+      ++st.g;
+      set_groups<Q, H, Z>(st, st.g, st.g);
+    }
+  }
+}
+
+// Output row o for x rows r0 .. r0 + R - 1. Q: 8 or 4 bits; H: halves of a step may lie in
+// different groups; Z: zero points stored (else 0 for int8, 8 for int4).
+template <int Q, bool H, bool Z, int R>
+SK_BF16 void rows24_q(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb, int64_t r0, int64_t o) {
+  constexpr int B = Q == 8 ? 32 : 16;  // value bytes per step of 32 slots
+  const int64_t kept = a.k / 2, full = kept / 32;
+  const uint8_t* v = static_cast<const uint8_t*>(a.values) + o * (kept * Q / 8);
+  const int32_t* mrow = a.meta + o * a.meta_words;
+  const __m512i ctrl = _mm512_load_si512(Q == 8 ? kBf16.ctrl : kQ.ctrl);
+  const __m512i base = _mm512_load_si512(Q == 8 ? kBf16.base : kQ.base);
+  const __m512i nib = _mm512_load_si512(kQ.shift);
+  QGroups st;
+  st.scales = static_cast<const uint16_t*>(a.scales) + o * a.groups;
+  st.zeros = a.zeros ? a.zeros + o * a.groups : nullptr;
+  st.last = a.groups - 1;
+  st.gk = a.groups == 1 ? INT64_MAX : a.group_kept;
+  st.end = st.gk;
+  st.scale = st.zlo = st.zhi = _mm512_setzero_ps();
+  st.table_lo = st.table_hi = int4_table(8);
+  if constexpr (!H) set_groups<Q, H, Z>(st, 0, 0);
+  __m512 acc[2][R], part[2][R];
+  for (int r = 0; r < R; ++r) acc[0][r] = acc[1][r] = part[0][r] = part[1][r] = _mm512_setzero_ps();
+  const uint16_t* x0 = xb + r0 * ldb;
+  int64_t s = 0;
+  // The step's two meta words in every qword (a broadcast from memory, not through a GPR).
+  auto meta = [mrow](int64_t s) SK_BF16 {
+    return _mm512_broadcastq_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mrow + 2 * s)));
+  };
+  for (; s + 2 <= full; s += 2) {
+    if constexpr (H) half_groups<Q, Z>(st, s, true);
+    prefetch_next_page<B>(v + B * s);
+    q_step<Q, H, Z, R, 0>(acc, part, st, widen<Q, H, Z>(v + B * s, st, nib), meta(s), x0, ldb, s, kept, ctrl, base);
+    if constexpr (H) half_groups<Q, Z>(st, s + 1, true);
+    prefetch_next_page<B>(v + B * (s + 1));
+    q_step<Q, H, Z, R, 1>(acc, part, st, widen<Q, H, Z>(v + B * (s + 1), st, nib), meta(s + 1), x0, ldb, s + 1, kept,
+                          ctrl, base);
+  }
+  if (s < full) {
+    if constexpr (H) half_groups<Q, Z>(st, s, true);
+    q_step<Q, H, Z, R, 0>(acc, part, st, widen<Q, H, Z>(v + B * s, st, nib), meta(s), x0, ldb, s, kept, ctrl, base);
+  }
+  if (const int64_t rest = kept - 32 * full; rest > 0) {  // the first `rest` slots of one more step
+    const int64_t words = std::min<int64_t>(2, a.meta_words - 2 * full);
+    const __m128i m = _mm_maskz_loadu_epi32(static_cast<__mmask8>((1u << words) - 1), mrow + 2 * full);
+    alignas(32) uint8_t tail[32] = {};  // zero bytes past the row: zero weights, or weights on x's zero padding
+    std::memcpy(tail, v + B * full, rest * Q / 8);
+    if constexpr (H) half_groups<Q, Z>(st, full, false);
+    q_step<Q, H, Z, R, 1>(acc, part, st, widen<Q, H, Z>(tail, st, nib), _mm512_broadcastq_epi64(m), x0, ldb, full,
+                          kept, ctrl, base);
+  }
+  const float b = a.bias ? load_f32(a.bias, o, a.dtype) : 0.0f;
+  for (int r = 0; r < R; ++r) {
+    __m512 sum = _mm512_add_ps(acc[0][r], acc[1][r]);
+    if constexpr (!H) sum = _mm512_fmadd_ps(_mm512_add_ps(part[0][r], part[1][r]), st.scale, sum);
+    store_f32(a.out, (r0 + r) * a.ldo + o, _mm512_reduce_add_ps(sum) + b, a.dtype);
+  }
+}
+
 // f(o, r0, rows) for every output row o of the thread's range and x rows 4 at a time.
 template <class F>
 void each_row(const NMLinearArgs& a, F f) {
@@ -157,12 +380,29 @@ void each_row(const NMLinearArgs& a, F f) {
   });
 }
 
+template <int Q, bool H, bool Z>
+void quantized24_as(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb) {
+  each_row(a, [&](int64_t o, int64_t r0, auto rows) { rows24_q<Q, H, Z, decltype(rows)::value>(a, xb, ldb, r0, o); });
+}
+
+template <int Q>
+void quantized24_q(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb) {
+  const bool h = a.groups > 1 && a.group_kept % 32 != 0;
+  if (a.zeros) return h ? quantized24_as<Q, true, true>(a, xb, ldb) : quantized24_as<Q, false, true>(a, xb, ldb);
+  return h ? quantized24_as<Q, true, false>(a, xb, ldb) : quantized24_as<Q, false, false>(a, xb, ldb);
+}
+
+void quantized24(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb) {
+  return a.qbits == 8 ? quantized24_q<8>(a, xb, ldb) : quantized24_q<4>(a, xb, ldb);
+}
+
 bool bf16_kernel_here() { return active_isa() >= Isa::kAvx512Bf16 && has_avx512_vnni_vbmi(); }
 
 }  // namespace
 
 bool nm_24_avx512_supported(const NMLinearArgs& a) {
-  if (a.n != 2 || a.m != 4 || a.qbits || a.act_block) return false;
+  if (a.n != 2 || a.m != 4 || a.act_block) return false;
+  if (a.qbits) return a.dtype == DType::kBF16 && bf16_kernel_here() && (a.groups == 1 || a.group_kept % 16 == 0);
   return a.dtype == DType::kF32 || (a.dtype == DType::kBF16 && bf16_kernel_here());
 }
 
@@ -172,6 +412,7 @@ void nm_linear_decode_24_avx512(const NMLinearArgs& a) {
     std::vector<uint16_t> xb(a.rows * ldb, 0);
     for (int64_t r = 0; r < a.rows; ++r)
       std::memcpy(xb.data() + r * ldb, static_cast<const uint16_t*>(a.x) + r * a.ldx, a.k * sizeof(uint16_t));
+    if (a.qbits) return quantized24(a, xb.data(), ldb);
     return each_row(a, [&](int64_t o, int64_t r0, auto rows) {
       rows24_bf16<decltype(rows)::value>(a, xb.data(), ldb, r0, o);
     });
