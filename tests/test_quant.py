@@ -347,7 +347,7 @@ def test_quantize_x_rounds_per_block():
 
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("rows", [1, 3, 5, 40])
+@pytest.mark.parametrize("rows", [1, 3, 5, 40, 70])  # 40: fp32 batched, bf16 decode; 70: both batched
 @pytest.mark.parametrize("group_size", [0, 32, 64, 128, 192])  # 192: steps straddle groups (portable)
 @pytest.mark.parametrize("quant", q.QUANTS)
 @pytest.mark.parametrize("nm", [(2, 4), (1, 4), (2, 8), (4, 8)], ids=lambda p: f"{p[0]}:{p[1]}")
@@ -370,12 +370,50 @@ def test_int8_activations_cpu(isa, nm, quant, group_size, rows, dtype):
     dense32 = sk.NMSparseWeight(wq.values, wq.meta, n, m, wq.shape, wq.scales.float(), wq.zeros, group_size).to_dense()
     xq = quantize_x(x, 32)
     ref32 = F.linear(xq, dense32, bias.float())
-    same = ref32.to(dtype)  # the op's result rounds once to x's dtype
+    same = _a8_same(ref32, xq, dense32, bias, rows, dtype)
     mag = F.linear(xq.abs(), dense32.abs(), bias.float().abs())
     assert_matches_reference(y, ref32, same, f"{isa} {n}:{m} {quant} g{group_size} a32 rows={rows} {dtype}", mag)
     # and it is what the reference backend computes
     with sk.use_backend("reference"):
         torch.testing.assert_close(sk.ops.nm_linear(x, wq, bias).float(), ref32.to(dtype).float(), rtol=0, atol=0)
+
+
+def _a8_same(ref32, xq, dense32, bias, rows, dtype):
+    """What the int8-activation op is held to beside the fp32 reference ``ref32`` (of x rounded,
+    ``xq``): its result rounded once to x's dtype; in bf16 past the decode rows (64), the bf16 GEMM
+    of the rounded x (rounded once more to bf16, W tiles in bf16), as every other bf16 batch runs."""
+    if dtype == torch.bfloat16 and rows > 64:
+        return F.linear(xq.to(dtype), dense32.to(dtype), None if bias is None else bias.to(dtype))
+    return ref32.to(dtype)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows", [1, 70])  # decode kernel; batched path (x rounded, then the GEMM)
+def test_int8_activations_round_coarse_blocks(rows, dtype):
+    """One large value per 32-column block (on a pruned column) makes x's int8 step coarse (most
+    values round to 0 or one step): a path that skipped the rounding is off by far more than
+    the tolerance."""
+    from sparsekern.reference import quantize_x
+
+    k = 384
+    dense = torch.randn(21, k)
+    dense[:, ::32] = 0.0  # pruned: the outliers set the scale but add nothing
+    w = sk.NMSparseWeight.from_dense(dense, n=2, m=4, prune=True)
+    wq = w.quantize("int4", 128, act_block=32).to(dtype)
+    x = torch.randn(rows, k)
+    x[:, ::32] = 150.0
+    x = x.to(dtype)
+    with sk.use_backend("cpu"):
+        y = sk.ops.nm_linear(x, wq)
+    dense32 = sk.NMSparseWeight(wq.values, wq.meta, 2, 4, wq.shape, wq.scales.float(), None, 128).to_dense()
+    xq = quantize_x(x, 32)
+    ref32 = F.linear(xq, dense32)
+    unrounded = F.linear(x.float(), dense32)
+    mag = F.linear(xq.abs(), dense32.abs())
+    assert ((unrounded - ref32).abs() / mag).amax() > 0.02  # the case is as coarse as it claims
+    same = _a8_same(ref32, xq, dense32, None, rows, dtype)
+    assert_matches_reference(y, ref32, same, f"coarse blocks rows={rows} {dtype}", mag)
 
 
 @needs_ext

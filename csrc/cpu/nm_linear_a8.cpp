@@ -41,16 +41,19 @@ inline float round_even(float v) {
 template <class Block>
 void quantize_rows(const NMLinearArgs& a, int8_t* xq, int64_t ldq, float* sx, int64_t lds, Block&& block) {
   const int64_t size = a.act_block, blocks = a.k / size;
-  std::vector<float> xf(a.k);
-  for (int64_t r = 0; r < a.rows; ++r) {
-    int8_t* q = xq + r * ldq;
-    float* s = sx + r * lds;
-    std::fill(q + a.k, q + ldq, int8_t{0});
-    std::fill(s + blocks, s + lds, 0.0f);
-    convert_rows_f32(static_cast<const char*>(a.x) + r * a.ldx * dtype_size(a.dtype), 1, a.k, a.k, a.dtype, xf.data(),
-                     a.k, 1);
-    for (int64_t b = 0; b < blocks; ++b) s[b] = block(xf.data() + b * size, q + b * size);
-  }
+  // Rows over the threads (a prefill rounds hundreds; a decode's few stay on one thread).
+  parallel_range(a.rows, a.threads, grain_for(a.k), [&](int64_t r0, int64_t r1, int) {
+    std::vector<float> xf(a.k);
+    for (int64_t r = r0; r < r1; ++r) {
+      int8_t* q = xq + r * ldq;
+      float* s = sx + r * lds;
+      std::fill(q + a.k, q + ldq, int8_t{0});
+      std::fill(s + blocks, s + lds, 0.0f);
+      convert_rows_f32(static_cast<const char*>(a.x) + r * a.ldx * dtype_size(a.dtype), 1, a.k, a.k, a.dtype,
+                       xf.data(), a.k, 1);
+      for (int64_t b = 0; b < blocks; ++b) s[b] = block(xf.data() + b * size, q + b * size);
+    }
+  });
 }
 
 void nm_quantize_x_a8(const NMLinearArgs& a, int8_t* xq, int64_t ldq, float* sx, int64_t lds) {

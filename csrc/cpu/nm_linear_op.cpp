@@ -14,6 +14,7 @@
 #include "cpu/nm_linear_op.h"
 #include "cpu/op_checks.h"
 #include "cpu/output.h"
+#include "cpu/parallel.h"
 
 namespace sparsekern {
 namespace {
@@ -97,7 +98,12 @@ at::Tensor rounded_x_f32(const NMLinearArgs& a) {
   quantize_x_a8(a, xq.data(), k, sx.data(), k / size);
   at::Tensor xf = at::empty({rows, k}, at::TensorOptions().dtype(at::kFloat));
   float* f = xf.data_ptr<float>();
-  for (int64_t i = 0; i < rows * k; ++i) f[i] = static_cast<float>(xq[i]) * sx[i / size];
+  parallel_range(rows, a.threads, grain_for(k), [&](int64_t r0, int64_t r1, int) {
+    for (int64_t i = r0 * k; i < r1 * k; i += size) {
+      const float s = sx[i / size];
+      for (int64_t c = i; c < i + size; ++c) f[c] = static_cast<float>(xq[c]) * s;
+    }
+  });
   return xf;
 }
 
@@ -137,8 +143,15 @@ void nm_linear_run(const at::Tensor& x, const at::Tensor& values, const at::Tens
       nm_linear_gemm(a, x, bias, y);
       return;
     }
-    // int8 activations: the GEMM runs on x rounded as the decode kernels round it.
+    // int8 activations: the GEMM runs on x rounded as the decode kernels round it. bf16 x (on
+    // AVX-512 BF16): that x rounded once more to bf16 and the bf16 GEMM of every other bf16
+    // batch, whose W tiles are bf16 too. NOTE: 512 x 4096 -> 11008, 2:4 int4 g128 +a8, Zen 4:
+    // 308 ms through fp32 (dense bf16 F.linear 110 ms).
     const at::Tensor xf = rounded_x_f32(a);
+    if (x.scalar_type() == at::kBFloat16 && active_isa() >= Isa::kAvx512Bf16) {
+      nm_linear_gemm(a, xf.to(at::kBFloat16), bias, y);
+      return;
+    }
     at::Tensor y32 = x.scalar_type() == at::kFloat ? y : at::empty({rows, out_features}, xf.options());
     nm_linear_gemm(a, xf, bias, y32);
     if (x.scalar_type() != at::kFloat) y.copy_(y32);
