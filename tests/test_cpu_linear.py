@@ -163,7 +163,7 @@ def test_opcheck_bsr(rows):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("rows", [1, 5, 70])  # 70: decompressed tiles and the GEMM
 # kept = K / 2: one partial meta word (8, 20 -> 2 words), whole 16- and 32-value steps (32, 64, 128),
 # and a 32-value step plus 1 or 2 words left (92, 100, 4132).
 @pytest.mark.parametrize("k", [16, 40, 64, 92, 100, 128, 4132])

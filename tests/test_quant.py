@@ -147,7 +147,7 @@ def test_quantized_nm_linear_cpu(isa, nm, quant, group_size, rows, dtype):
 
 
 @needs_ext
-@pytest.mark.parametrize("rows", [1, 2, 5])
+@pytest.mark.parametrize("rows", [1, 2, 5, 70])  # 70: decompressed tiles (bf16) and the GEMM
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("quant", q.QUANTS)
 # kept = K / 2: whole 32-slot steps (384, 1344: 21 of them, 4096), a 16-slot tail (352, 480), 4
@@ -158,8 +158,9 @@ def test_quantized_nm_linear_cpu(isa, nm, quant, group_size, rows, dtype):
     [(k, g) for k in (200, 352, 384, 480, 1344, 4096) for g in (0, 32, 64, 96, 128, 192) if g == 0 or k % g == 0],
 )
 def test_quantized_24_bf16_decode(k, group_size, quant, symmetric, rows):
-    """2:4 quantized decode with bf16 x (on AVX-512 BF16 + VBMI: the vdpbf16ps kernel, which
-    scales per group or per half-step and looks int4 up in tables) at every group layout and tail."""
+    """2:4 quantized with bf16 x (on AVX-512 BF16 + VBMI: the vdpbf16ps decode kernel, which scales
+    per group or per half-step and looks int4 up in tables; past 64 rows the vectorized
+    decompression to bf16 tiles) at every group layout and tail."""
     wq = _qweight(23, k, 2, 4, quant, group_size, symmetric, torch.bfloat16)
     x = torch.randn(rows, k).to(torch.bfloat16)
     bias = torch.randn(23).to(torch.bfloat16) if rows != 2 else None

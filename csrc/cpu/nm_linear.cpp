@@ -111,6 +111,12 @@ void scatter_rows(const NMLinearArgs& a, int64_t row0, int64_t nrows, Dst* dense
 
 void nm_decompress_rows(const NMLinearArgs& a, int64_t row0, int64_t nrows, void* dense, int64_t ld,
                         DType dense_t) {
+#if defined(__x86_64__)
+  if (dense_t == DType::kBF16 && active_isa() >= Isa::kAvx512Bf16 &&
+      detail::nm_24_decompress_bf16_avx512(a, row0, nrows, dense, ld)) {
+    return;
+  }
+#endif
   if (a.qbits) {  // dequantize: (q - zero) * scale per kept slot, stored as dense_t
     const int bits = log2i(a.m);
     parallel_range(nrows, a.threads, 16, [&](int64_t i0, int64_t i1, int) {

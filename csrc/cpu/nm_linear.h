@@ -74,6 +74,9 @@ void nm_linear_decode_a8_portable(const NMLinearArgs& a);
 // 2:4 with fp32 values (AVX-512F) or bf16 (+ AVX-512 BF16 and VBMI), x as it is, or int8 / int4
 // values with bf16 x (BF16 and VBMI; group_kept a multiple of 16) (nm_linear_24_avx512.cpp).
 bool nm_24_avx512_supported(const NMLinearArgs& a);
+// Rows of a 2:4 weight (bf16 values, or int8 / int4 with group_kept a multiple of 16) as bf16,
+// on AVX-512 BF16 + VBMI; false (nothing written) where it does not apply.
+bool nm_24_decompress_bf16_avx512(const NMLinearArgs& a, int64_t row0, int64_t nrows, void* dense, int64_t ld);
 void nm_linear_decode_24_avx512(const NMLinearArgs& a);
 bool nm_a8_avx512_supported(const NMLinearArgs& a);
 void nm_linear_decode_a8_avx512(const NMLinearArgs& a);

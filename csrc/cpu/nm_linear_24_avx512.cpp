@@ -398,7 +398,113 @@ void quantized24(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb) {
 
 bool bf16_kernel_here() { return active_isa() >= Isa::kAvx512Bf16 && has_avx512_vnni_vbmi(); }
 
+// Decompression to bf16 rows (the batched path's W tiles): 32 kept slots (16 groups, 64 columns)
+// at a time. The slots as bf16 words in slot order; for output word c of a 32-column half h,
+// group g = 16h/2 + c/4 and column t = c % 4 within it: one vpmultishiftqb brings the group's two
+// index fields (bits 4g .. 4g + 3 of the meta qword) to the low bits of the word, two compares
+// with t give the words that take slot 2g and slot 2g + 1, and two masked vpermw place them
+// (every other word zero).
+// NOTE: 512 x 4096 -> 11008, bf16 x, 2 threads, Zen 4, interleaved with dense F.linear: 2:4 bf16
+// 1.31x -> 1.11x the dense layer's time (scalar scatter before; 1024-row tiles 0.3-0.9 ms each
+// now, the tile GEMMs ~10 ms each); 128 rows 1.27x, 65 rows 1.35x (the decompression is per call).
+struct ExpandTables {
+  alignas(64) uint8_t ctrl[2][64];    // half h, byte 2c: bit offset 4g of the group's two fields
+  alignas(64) uint16_t t[32];         // c % 4
+  alignas(64) uint16_t slot0[2][32];  // 2g - 16h: the group's first slot in the half's 16
+  ExpandTables() : ctrl(), t(), slot0() {
+    for (int h = 0; h < 2; ++h)
+      for (int c = 0; c < 32; ++c) {
+        const int g = 8 * h + c / 4;
+        ctrl[h][2 * c] = static_cast<uint8_t>(4 * g);
+        slot0[h][c] = static_cast<uint16_t>(2 * g);
+        t[c] = static_cast<uint16_t>(c % 4);
+      }
+  }
+};
+const ExpandTables kExpand;
+
+// 64 columns from the 32 slot words w (slot order) and the chunk's meta qword m (broadcast).
+SK_BF16 SK_INLINE void expand64(__m512i w, __m512i m, uint16_t* out) {
+  const __m512i three = _mm512_set1_epi16(3), t = _mm512_load_si512(kExpand.t), one = _mm512_set1_epi16(1);
+  for (int h = 0; h < 2; ++h) {
+    const __m512i f = _mm512_multishift_epi64_epi8(_mm512_load_si512(kExpand.ctrl[h]), m);
+    const __mmask32 first = _mm512_cmpeq_epi16_mask(_mm512_and_si512(f, three), t);
+    const __mmask32 second = _mm512_cmpeq_epi16_mask(_mm512_and_si512(_mm512_srli_epi16(f, 2), three), t);
+    const __m512i s0 = _mm512_load_si512(kExpand.slot0[h]);
+    __m512i o = _mm512_maskz_permutexvar_epi16(first, s0, w);
+    o = _mm512_mask_permutexvar_epi16(o, second, _mm512_add_epi16(s0, one), w);
+    _mm512_storeu_si512(out + 32 * h, o);
+  }
+}
+
+// The chunk's 32 kept weights as bf16, slot order: bf16 values as stored; int8 / int4 as
+// (q - zero) * scale in fp32 rounded once (what the scalar path stores), lo = slots 0..15 in
+// group g0, hi = 16..31 in g1.
+template <int Q>
+SK_BF16 SK_INLINE __m512i chunk_bf16(const NMLinearArgs& a, int64_t o, const void* values, int64_t c, int64_t g0,
+                                    int64_t g1) {
+  if constexpr (Q == 0) {
+    return _mm512_loadu_si512(static_cast<const uint16_t*>(values) + 32 * c);
+  } else {
+    __m512 lo, hi;
+    if constexpr (Q == 8) {
+      const int8_t* p = static_cast<const int8_t*>(values) + 32 * c;
+      lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+      hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
+    } else {  // 16 bytes: slot 2j low nibble, 2j + 1 high
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(values) + 16 * c));
+      const __m128i low = _mm_set1_epi8(15);
+      const __m128i a0 = _mm_and_si128(raw, low), a1 = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
+      lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(a0, a1)));
+      hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(a0, a1)));
+    }
+    lo = _mm512_mul_ps(_mm512_sub_ps(lo, _mm512_set1_ps(static_cast<float>(nm_zero(a, o, g0)))),
+                       _mm512_set1_ps(nm_scale(a, o, g0)));
+    hi = _mm512_mul_ps(_mm512_sub_ps(hi, _mm512_set1_ps(static_cast<float>(nm_zero(a, o, g1)))),
+                       _mm512_set1_ps(nm_scale(a, o, g1)));
+    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+  }
+}
+
+template <int Q>
+SK_BF16 void expand_rows(const NMLinearArgs& a, int64_t row0, int64_t nrows, uint16_t* dense, int64_t ld) {
+  const int64_t kept = a.k / 2, full = kept / 32;
+  const int64_t gk = a.groups == 1 ? INT64_MAX : a.group_kept;
+  parallel_range(nrows, a.threads, 16, [&](int64_t i0, int64_t i1, int) SK_BF16 {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t o = row0 + i;
+      uint16_t* d = dense + i * ld;
+      const int32_t* mrow = a.meta + o * a.meta_words;
+      const void* values = static_cast<const char*>(a.values) + o * (Q == 0 ? kept * 2 : kept * Q / 8);
+      for (int64_t c = 0; c < full; ++c) {
+        const __m512i m = _mm512_broadcastq_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mrow + 2 * c)));
+        const int64_t g0 = Q ? 32 * c / gk : 0, g1 = Q ? (32 * c + 16) / gk : 0;
+        expand64(chunk_bf16<Q>(a, o, values, c, g0, g1), m, d + 64 * c);
+      }
+      // The last, partial chunk: slot by slot.
+      std::fill(d + 64 * full, d + a.k, uint16_t{0});
+      for (int64_t j = 32 * full; j < kept; ++j) {
+        const int field = (static_cast<uint32_t>(mrow[j / 16]) >> (2 * (j % 16))) & 3;
+        store_f32(d, (j / 2) * 4 + field, nm_weight(a, o, j), DType::kBF16);
+      }
+    }
+  });
+}
+
 }  // namespace
+
+bool nm_24_decompress_bf16_avx512(const NMLinearArgs& a, int64_t row0, int64_t nrows, void* dense, int64_t ld) {
+  if (a.n != 2 || a.m != 4 || !bf16_kernel_here()) return false;
+  uint16_t* d = static_cast<uint16_t*>(dense);
+  if (!a.qbits) {
+    if (a.dtype != DType::kBF16) return false;
+    expand_rows<0>(a, row0, nrows, d, ld);
+  } else {
+    if (a.groups > 1 && a.group_kept % 16 != 0) return false;
+    a.qbits == 8 ? expand_rows<8>(a, row0, nrows, d, ld) : expand_rows<4>(a, row0, nrows, d, ld);
+  }
+  return true;
+}
 
 bool nm_24_avx512_supported(const NMLinearArgs& a) {
   if (a.n != 2 || a.m != 4 || a.act_block) return false;
