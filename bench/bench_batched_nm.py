@@ -1,0 +1,69 @@
+"""Batched (prefill) N:M layers on the CPU without a dense copy, beside the dense layer.
+
+One layer (default 11008x4096, the TinyLlama / Llama-7B MLP shape), bf16 x of 65, 128 and 512
+rows, ``sk.use_backend("cpu")`` so no dense copy is held: 2:4 bf16 and 2:4 int4 g128 with int8
+activations (which has no dense fallback at all) against dense ``F.linear``, interleaved in one
+process, median over rounds of two calls each.
+
+    .venv/bin/python bench/bench_batched_nm.py [--shape 11008x4096] [--rows 65,128,512] [--rounds 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import sparsekern as sk
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="11008x4096")
+    ap.add_argument("--rows", default="65,128,512")
+    ap.add_argument("--rounds", type=int, default=6)
+    args = ap.parse_args()
+    out, k = (int(v) for v in args.shape.split("x"))
+    torch.manual_seed(0)
+    w = sk.NMSparseWeight.from_dense(torch.randn(out, k) * 0.02, 2, 4, prune=True)
+    cases = {
+        "dense bf16": torch.randn(out, k).bfloat16(),
+        "2:4 bf16": w.to(torch.bfloat16),
+        "2:4 int4 g128 +a8": w.quantize("int4", 128, True, 32).to(torch.bfloat16),
+    }
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {out}x{k}, bf16 x\n")
+    print(
+        "| rows | "
+        + " | ".join(f"{n} ms" for n in cases)
+        + " | "
+        + " | ".join(f"x dense ({n})" for n in list(cases)[1:])
+        + " |"
+    )
+    print("|---" * (2 * len(cases)) + "|")
+    for rows in (int(r) for r in args.rows.split(",")):
+        x = torch.randn(rows, k).bfloat16()
+        times = {n: [] for n in cases}
+        with torch.no_grad(), sk.use_backend("cpu"):
+            for _ in range(args.rounds):
+                for name, wt in cases.items():
+                    op = F.linear if name == "dense bf16" else sk.ops.nm_linear
+                    op(x, wt)
+                    t = time.perf_counter()
+                    op(x, wt)
+                    op(x, wt)
+                    times[name].append((time.perf_counter() - t) / 2 * 1e3)
+        med = {n: statistics.median(v) for n, v in times.items()}
+        base = med["dense bf16"]
+        cells = (
+            " | ".join(f"{med[n]:.1f}" for n in cases)
+            + " | "
+            + " | ".join(f"{base / med[n]:.2f}" for n in list(cases)[1:])
+        )
+        print(f"| {rows} | {cells} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
