@@ -95,12 +95,16 @@ SK_AVX512 void rows24(const NMLinearArgs& a, const float* xf, int64_t ldf, int64
 // chunks: all the block's rows take one chunk of x before the next, so the R rows' chunk stays in
 // L1 (rows24 walks each output row over all of K, and R rows of x past 32 KB came from L2 on
 // every step).
-// NOTE: 2:4 fp32, 2 threads, Zen 4, one process, interleaved with dense F.linear (x dense,
-// rows24 -> this): 8 rows 5632x2048 3.44 -> 4.89, 2048x5632 0.99 -> 1.44, 4096x4096 1.11 ->
-// 2.00, 11008x4096 2.41 -> 2.79; 4 rows 2.00 -> 2.83, 1.42 -> 1.49, 1.96 -> 2.09, 3.46 -> 4.93.
-// Where R rows of x fit in 16 KB (2 rows at K = 2048) rows24 stays: this one measured 2.2x slower
-// there (the row-after-row weight stream, which the hardware prefetcher follows, is cut into
-// 2 KB pieces of 8 streams). A software prefetch a chunk ahead on every step: 1.2-2x slower.
+// NOTE: 2:4, 2 threads, Zen 4, one process, dense F.linear / rows24 / this in a random order each
+// of 10 rounds, x dense (an order fixed as dense, rows24, this favoured this one: right after a
+// torch GEMM, whose OpenMP threads still spin, our pool's helper is often preempted): fp32, 8
+// rows: 5632x2048 1.76 -> 2.72, 2048x5632 1.11 -> 1.30, 4096x4096 1.64 -> 1.78, 11008x4096 2.70
+// -> 3.12; 4 rows 2.52 -> 2.35, 2.28 -> 1.93, 2.86 -> 3.45, 4.28 -> 5.26. bf16 (block24_bf16),
+// 8 rows: 2048x5632 0.68 -> 0.92, 4096x4096 0.77 -> 0.78, 11008x4096 0.96 -> 1.19; 4 rows 0.84 ->
+// 1.07, 1.35 -> 0.91, 1.27 -> 1.61. Identical code measured up to 38% apart in those runs.
+// Where R rows of x fit in 16 KB (2 fp32 rows at K = 2048) rows24 stays: this one measured 2.2x
+// slower there (the row-after-row weight stream, which the hardware prefetcher follows, is cut
+// into 2 KB pieces of 8 streams). A software prefetch a chunk ahead on every step: 1.2-2x slower.
 constexpr int64_t kBlockRows = 8, kChunkSteps = 32;  // 32 steps: 1024 columns, 4 KB of x per row
 constexpr int64_t kBlockOverBytes = 16 << 10;
 
@@ -195,6 +199,48 @@ SK_BF16 void rows24_bf16(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb,
   }
   const float b = a.bias ? load_f32(a.bias, o, a.dtype) : 0.0f;
   for (int r = 0; r < R; ++r) store_f32(a.out, (r0 + r) * a.ldo + o, _mm512_reduce_add_ps(acc[r]) + b, a.dtype);
+}
+
+// rows24_bf16 for output rows o0 .. o1 - 1 and x rows r0 .. r0 + R - 1 in column chunks, as
+// block24 does for fp32 (32 steps: 2048 columns, 4 KB of x per row).
+template <int R>
+SK_BF16 void block24_bf16(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb, int64_t r0, int64_t o0, int64_t o1) {
+  const int64_t kept = a.k / 2, full = kept / 32;
+  const __m512i ctrl = _mm512_load_si512(kBf16.ctrl), base = _mm512_load_si512(kBf16.base);
+  const __m512i three = _mm512_set1_epi16(3);
+  __m512 sums[kBlockRows][R];
+  for (int64_t i = 0; i < o1 - o0; ++i)
+    for (int r = 0; r < R; ++r) sums[i][r] = _mm512_setzero_ps();
+  const uint16_t* x0 = xb + r0 * ldb;
+  for (int64_t c0 = 0; c0 < full; c0 += kChunkSteps) {
+    const int64_t c1 = std::min(full, c0 + kChunkSteps);
+    for (int64_t o = o0; o < o1; ++o) {
+      const uint16_t* v = static_cast<const uint16_t*>(a.values) + o * kept;
+      const int32_t* mrow = a.meta + o * a.meta_words;
+      __m512 acc[R];
+      for (int r = 0; r < R; ++r) acc[r] = sums[o - o0][r];
+      for (int64_t st = c0; st < c1; ++st) {
+        int64_t q;
+        std::memcpy(&q, mrow + 2 * st, sizeof q);
+        prefetch_next_page(v + 32 * st);
+        step_bf16<R>(acc, _mm512_loadu_si512(v + 32 * st), _mm512_set1_epi64(q), x0 + 64 * st, ldb, ctrl, base, three);
+      }
+      for (int r = 0; r < R; ++r) sums[o - o0][r] = acc[r];
+    }
+  }
+  for (int64_t o = o0; o < o1; ++o) {
+    __m512* acc = sums[o - o0];
+    if (const int64_t rest = kept - 32 * full; rest > 0) {  // the first `rest` values of one more step
+      const uint16_t* v = static_cast<const uint16_t*>(a.values) + o * kept;
+      const int32_t* mrow = a.meta + o * a.meta_words;
+      const int64_t words = std::min<int64_t>(2, a.meta_words - 2 * full);
+      const __m128i m = _mm_maskz_loadu_epi32(static_cast<__mmask8>((1u << words) - 1), mrow + 2 * full);
+      const __m512i w = _mm512_maskz_loadu_epi16(static_cast<__mmask32>((uint64_t{1} << rest) - 1), v + 32 * full);
+      step_bf16<R>(acc, w, _mm512_broadcastq_epi64(m), x0 + 64 * full, ldb, ctrl, base, three);
+    }
+    const float b = a.bias ? load_f32(a.bias, o, a.dtype) : 0.0f;
+    for (int r = 0; r < R; ++r) store_f32(a.out, (r0 + r) * a.ldo + o, _mm512_reduce_add_ps(acc[r]) + b, a.dtype);
+  }
 }
 
 // Quantized values (int8, or int4 two per byte) with bf16 x: the bf16 scheme above on the
@@ -445,6 +491,25 @@ void quantized24(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb) {
   return a.qbits == 8 ? quantized24_q<8>(a, xb, ldb) : quantized24_q<4>(a, xb, ldb);
 }
 
+// f(o0, o1, r0, rows) for blocks [o0, o1) of at most kBlockRows output rows of the thread's
+// range and x rows 4 at a time.
+template <class F>
+void each_block(const NMLinearArgs& a, F f) {
+  parallel_range(a.out_features, a.threads, 16, [&](int64_t lo, int64_t hi, int) {
+    for (int64_t o0 = lo; o0 < hi; o0 += kBlockRows) {
+      const int64_t o1 = std::min(hi, o0 + kBlockRows);
+      int64_t r0 = 0;
+      for (; r0 + 4 <= a.rows; r0 += 4) f(o0, o1, r0, std::integral_constant<int, 4>());
+      switch (a.rows - r0) {
+        case 3: f(o0, o1, r0, std::integral_constant<int, 3>()); break;
+        case 2: f(o0, o1, r0, std::integral_constant<int, 2>()); break;
+        case 1: f(o0, o1, r0, std::integral_constant<int, 1>()); break;
+        default: break;
+      }
+    }
+  });
+}
+
 bool bf16_kernel_here() { return active_isa() >= Isa::kAvx512Bf16 && has_avx512_vnni_vbmi(); }
 
 // Decompression to bf16 rows (the batched path's W tiles): 32 kept slots (16 groups, 64 columns)
@@ -568,6 +633,11 @@ void nm_linear_decode_24_avx512(const NMLinearArgs& a) {
     for (int64_t r = 0; r < a.rows; ++r)
       std::memcpy(xb.data() + r * ldb, static_cast<const uint16_t*>(a.x) + r * a.ldx, a.k * sizeof(uint16_t));
     if (a.qbits) return quantized24(a, xb.data(), ldb);
+    if (std::min<int64_t>(a.rows, 4) * ldb * sizeof(uint16_t) > kBlockOverBytes) {
+      return each_block(a, [&](int64_t o0, int64_t o1, int64_t r0, auto rows) {
+        block24_bf16<decltype(rows)::value>(a, xb.data(), ldb, r0, o0, o1);
+      });
+    }
     return each_row(a, [&](int64_t o, int64_t r0, auto rows) {
       rows24_bf16<decltype(rows)::value>(a, xb.data(), ldb, r0, o);
     });
@@ -579,18 +649,8 @@ void nm_linear_decode_24_avx512(const NMLinearArgs& a) {
     return each_row(a, [&](int64_t o, int64_t r0, auto rows) { rows24<decltype(rows)::value>(a, xf.data(), ldf, r0, o); });
   }
   // Up to 4 rows of x past kBlockOverBytes: blocks of output rows over chunks of the columns.
-  parallel_range(a.out_features, a.threads, 16, [&](int64_t lo, int64_t hi, int) {
-    for (int64_t o0 = lo; o0 < hi; o0 += kBlockRows) {
-      const int64_t o1 = std::min(hi, o0 + kBlockRows);
-      int64_t r0 = 0;
-      for (; r0 + 4 <= a.rows; r0 += 4) block24<4>(a, xf.data(), ldf, r0, o0, o1);
-      switch (a.rows - r0) {
-        case 3: block24<3>(a, xf.data(), ldf, r0, o0, o1); break;
-        case 2: block24<2>(a, xf.data(), ldf, r0, o0, o1); break;
-        case 1: block24<1>(a, xf.data(), ldf, r0, o0, o1); break;
-        default: break;
-      }
-    }
+  each_block(a, [&](int64_t o0, int64_t o1, int64_t r0, auto rows) {
+    block24<decltype(rows)::value>(a, xf.data(), ldf, r0, o0, o1);
   });
 }
 
