@@ -2,9 +2,9 @@
 ``--patterns`` says), N:M int8 / int4 with bf16 activations (W8A16 / W4A16) and with int8
 activations (``act_block=32``).
 
-Every variant is timed interleaved in one run (min of rounds of ``--calls`` calls each, weights
-rotated through copies larger than the L3 so no call finds them cached), on the machine's
-threads. The roofline is the weight bytes as stored (values, meta, scales, zeros) over the
+Every variant is timed interleaved in one run, in a new random order each round (min of rounds
+of ``--calls`` calls each, weights rotated through copies larger than the L3 so no call finds
+them cached), on the machine's threads. The roofline is the weight bytes as stored (values, meta, scales, zeros) over the
 bandwidth measured in the same run (``sparsekern.bench.roofline``: large copy or large read).
 
     .venv/bin/python bench/bench_quant_decode.py [--shapes 11008x4096,4096x4096] [--rounds 7]
@@ -14,6 +14,7 @@ bandwidth measured in the same run (``sparsekern.bench.roofline``: large copy or
 from __future__ import annotations
 
 import argparse
+import random
 import time
 
 import torch
@@ -76,12 +77,19 @@ def main() -> None:
                 cases[f"{pattern} {name}"] = [sk.SparseLinear(w.to(torch.bfloat16)) for _ in range(3)]
         x = torch.randn(1, k).bfloat16()
         best = {name: float("inf") for name in cases}
+        rng = random.Random(0)
         with torch.no_grad(), sk.use_backend("cpu"):
             for ws in cases.values():  # warm up (plans, pools)
                 for w in ws:
                     F.linear(x, w) if isinstance(w, torch.Tensor) else w(x)
+            order = list(cases)
             for _ in range(args.rounds):
-                for name, ws in cases.items():
+                # A new order each round: right after torch's GEMM (dense), whose OpenMP threads
+                # still spin, the sparse kernels' pool is often preempted; a fixed order would
+                # always charge that to the same variant.
+                rng.shuffle(order)
+                for name in order:
+                    ws = cases[name]
                     t = time.perf_counter()
                     for i in range(args.calls):
                         w = ws[i % len(ws)]
