@@ -42,6 +42,7 @@ namespace sparsekern::detail {
 namespace {
 
 #define SK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+#define SK_INLINE __attribute__((always_inline)) inline
 
 // Once per 4 KiB of the values stream (each step reads 64 bytes), the first lines 2 KiB ahead:
 // on 4 KiB pages the hardware prefetcher stops at every page boundary.
@@ -68,6 +69,21 @@ SK_AVX512 inline void step(__m512* acc, __m512 v, int32_t word, const float* x, 
   }
 }
 
+// Row o's end for x rows r0 .. r0 + R - 1 (x0: row r0 of x): the last word's first values past
+// the full steps, the bias, the stores.
+template <int R>
+SK_AVX512 SK_INLINE void last24(const NMLinearArgs& a, __m512* acc, int64_t o, int64_t r0, const float* x0,
+                                int64_t ldf, __m512i shifts, __m512i base, __m512i three) {
+  const int64_t kept = a.k / 2, full = kept / 16;
+  if (const int64_t rest = kept - 16 * full; rest > 0) {
+    const float* v = static_cast<const float*>(a.values) + o * kept;
+    const __m512 last = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << rest) - 1), v + 16 * full);
+    step<R>(acc, last, a.meta[o * a.meta_words + full], x0 + 32 * full, ldf, shifts, base, three);
+  }
+  const float b = a.bias ? load_f32(a.bias, o, a.dtype) : 0.0f;
+  for (int r = 0; r < R; ++r) store_f32(a.out, (r0 + r) * a.ldo + o, _mm512_reduce_add_ps(acc[r]) + b, a.dtype);
+}
+
 // Output row o for x rows r0 .. r0 + R - 1 (xf: fp32, row stride ldf, zero past K).
 template <int R>
 SK_AVX512 void rows24(const NMLinearArgs& a, const float* xf, int64_t ldf, int64_t r0, int64_t o) {
@@ -83,12 +99,7 @@ SK_AVX512 void rows24(const NMLinearArgs& a, const float* xf, int64_t ldf, int64
     prefetch_next_page(v + 16 * w);
     step<R>(acc, _mm512_loadu_ps(v + 16 * w), mrow[w], xf + r0 * ldf + 32 * w, ldf, shifts, base, three);
   }
-  if (const int64_t rest = kept - 16 * full; rest > 0) {  // the last word's first `rest` values
-    const __m512 last = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << rest) - 1), v + 16 * full);
-    step<R>(acc, last, mrow[full], xf + r0 * ldf + 32 * full, ldf, shifts, base, three);
-  }
-  const float b = a.bias ? load_f32(a.bias, o, a.dtype) : 0.0f;
-  for (int r = 0; r < R; ++r) store_f32(a.out, (r0 + r) * a.ldo + o, _mm512_reduce_add_ps(acc[r]) + b, a.dtype);
+  last24<R>(a, acc, o, r0, xf + r0 * ldf, ldf, shifts, base, three);
 }
 
 // Output rows o0 .. o1 - 1 (at most kBlockRows) for x rows r0 .. r0 + R - 1, R >= 2, the columns in
@@ -108,40 +119,42 @@ SK_AVX512 void rows24(const NMLinearArgs& a, const float* xf, int64_t ldf, int64
 constexpr int64_t kBlockRows = 8, kChunkSteps = 32;  // 32 steps: 1024 columns, 4 KB of x per row
 constexpr int64_t kBlockOverBytes = 16 << 10;
 
+// Output rows o0 .. o1 - 1 (at most kBlockRows) over chunks of kChunkSteps steps: run(o, acc,
+// s0, s1) adds steps [s0, s1) of row o to its R sums, finish(o, acc) completes row o.
+template <int R, class Run, class Finish>
+SK_AVX512 SK_INLINE void over_chunks(int64_t o0, int64_t o1, int64_t full, Run run, Finish finish) {
+  __m512 sums[kBlockRows][R];
+  for (int64_t i = 0; i < o1 - o0; ++i)
+    for (int r = 0; r < R; ++r) sums[i][r] = _mm512_setzero_ps();
+  for (int64_t c0 = 0; c0 < full; c0 += kChunkSteps) {
+    const int64_t c1 = std::min(full, c0 + kChunkSteps);
+    for (int64_t o = o0; o < o1; ++o) {
+      __m512 acc[R];
+      for (int r = 0; r < R; ++r) acc[r] = sums[o - o0][r];
+      run(o, acc, c0, c1);
+      for (int r = 0; r < R; ++r) sums[o - o0][r] = acc[r];
+    }
+  }
+  for (int64_t o = o0; o < o1; ++o) finish(o, sums[o - o0]);
+}
+
 template <int R>
 SK_AVX512 void block24(const NMLinearArgs& a, const float* xf, int64_t ldf, int64_t r0, int64_t o0, int64_t o1) {
   const int64_t kept = a.k / 2, full = kept / 16;
   const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
   const __m512i three = _mm512_set1_epi32(3);
-  __m512 sums[kBlockRows][R];
-  for (int64_t i = 0; i < o1 - o0; ++i)
-    for (int r = 0; r < R; ++r) sums[i][r] = _mm512_setzero_ps();
   const float* x0 = xf + r0 * ldf;
-  for (int64_t c0 = 0; c0 < full; c0 += kChunkSteps) {
-    const int64_t c1 = std::min(full, c0 + kChunkSteps);
-    for (int64_t o = o0; o < o1; ++o) {
-      const float* v = static_cast<const float*>(a.values) + o * kept;
-      const int32_t* mrow = a.meta + o * a.meta_words;
-      __m512 acc[R];
-      for (int r = 0; r < R; ++r) acc[r] = sums[o - o0][r];
-      for (int64_t w = c0; w < c1; ++w) {
-        prefetch_next_page(v + 16 * w);
-        step<R>(acc, _mm512_loadu_ps(v + 16 * w), mrow[w], x0 + 32 * w, ldf, shifts, base, three);
-      }
-      for (int r = 0; r < R; ++r) sums[o - o0][r] = acc[r];
+  auto run = [&](int64_t o, __m512* acc, int64_t s0, int64_t s1) SK_AVX512 {
+    const float* v = static_cast<const float*>(a.values) + o * kept;
+    const int32_t* mrow = a.meta + o * a.meta_words;
+    for (int64_t w = s0; w < s1; ++w) {
+      prefetch_next_page(v + 16 * w);
+      step<R>(acc, _mm512_loadu_ps(v + 16 * w), mrow[w], x0 + 32 * w, ldf, shifts, base, three);
     }
-  }
-  for (int64_t o = o0; o < o1; ++o) {
-    __m512* acc = sums[o - o0];
-    if (const int64_t rest = kept - 16 * full; rest > 0) {  // the last word's first `rest` values
-      const float* v = static_cast<const float*>(a.values) + o * kept;
-      const __m512 last = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << rest) - 1), v + 16 * full);
-      step<R>(acc, last, a.meta[o * a.meta_words + full], x0 + 32 * full, ldf, shifts, base, three);
-    }
-    const float b = a.bias ? load_f32(a.bias, o, a.dtype) : 0.0f;
-    for (int r = 0; r < R; ++r) store_f32(a.out, (r0 + r) * a.ldo + o, _mm512_reduce_add_ps(acc[r]) + b, a.dtype);
-  }
+  };
+  auto finish = [&](int64_t o, __m512* acc) SK_AVX512 { last24<R>(a, acc, o, r0, x0, ldf, shifts, base, three); };
+  over_chunks<R>(o0, o1, full, run, finish);
 }
 
 #define SK_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512bf16")))
@@ -175,6 +188,24 @@ SK_BF16 inline void step_bf16(__m512* acc, __m512i w, __m512i m, const uint16_t*
   }
 }
 
+// Row o's end for x rows r0 .. r0 + R - 1 (x0: row r0 of x): the first values of one more step
+// past the full ones, the bias, the stores.
+template <int R>
+SK_BF16 SK_INLINE void last24_bf16(const NMLinearArgs& a, __m512* acc, int64_t o, int64_t r0, const uint16_t* x0,
+                                   int64_t ldb, __m512i ctrl, __m512i base, __m512i three) {
+  const int64_t kept = a.k / 2, full = kept / 32;
+  if (const int64_t rest = kept - 32 * full; rest > 0) {
+    const uint16_t* v = static_cast<const uint16_t*>(a.values) + o * kept;
+    const int32_t* mrow = a.meta + o * a.meta_words;
+    const int64_t words = std::min<int64_t>(2, a.meta_words - 2 * full);
+    const __m128i m = _mm_maskz_loadu_epi32(static_cast<__mmask8>((1u << words) - 1), mrow + 2 * full);
+    const __m512i w = _mm512_maskz_loadu_epi16(static_cast<__mmask32>((uint64_t{1} << rest) - 1), v + 32 * full);
+    step_bf16<R>(acc, w, _mm512_broadcastq_epi64(m), x0 + 64 * full, ldb, ctrl, base, three);
+  }
+  const float b = a.bias ? load_f32(a.bias, o, a.dtype) : 0.0f;
+  for (int r = 0; r < R; ++r) store_f32(a.out, (r0 + r) * a.ldo + o, _mm512_reduce_add_ps(acc[r]) + b, a.dtype);
+}
+
 template <int R>
 SK_BF16 void rows24_bf16(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb, int64_t r0, int64_t o) {
   const int64_t kept = a.k / 2, full = kept / 32;
@@ -191,14 +222,7 @@ SK_BF16 void rows24_bf16(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb,
     prefetch_next_page(v + 32 * s);
     step_bf16<R>(acc, _mm512_loadu_si512(v + 32 * s), _mm512_set1_epi64(q), x0 + 64 * s, ldb, ctrl, base, three);
   }
-  if (const int64_t rest = kept - 32 * full; rest > 0) {  // the first `rest` values of one more step
-    const int64_t words = std::min<int64_t>(2, a.meta_words - 2 * full);
-    const __m128i m = _mm_maskz_loadu_epi32(static_cast<__mmask8>((1u << words) - 1), mrow + 2 * full);
-    const __m512i w = _mm512_maskz_loadu_epi16(static_cast<__mmask32>((uint64_t{1} << rest) - 1), v + 32 * full);
-    step_bf16<R>(acc, w, _mm512_broadcastq_epi64(m), x0 + 64 * full, ldb, ctrl, base, three);
-  }
-  const float b = a.bias ? load_f32(a.bias, o, a.dtype) : 0.0f;
-  for (int r = 0; r < R; ++r) store_f32(a.out, (r0 + r) * a.ldo + o, _mm512_reduce_add_ps(acc[r]) + b, a.dtype);
+  last24_bf16<R>(a, acc, o, r0, x0, ldb, ctrl, base, three);
 }
 
 // rows24_bf16 for output rows o0 .. o1 - 1 and x rows r0 .. r0 + R - 1 in column chunks, as
@@ -208,39 +232,19 @@ SK_BF16 void block24_bf16(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb
   const int64_t kept = a.k / 2, full = kept / 32;
   const __m512i ctrl = _mm512_load_si512(kBf16.ctrl), base = _mm512_load_si512(kBf16.base);
   const __m512i three = _mm512_set1_epi16(3);
-  __m512 sums[kBlockRows][R];
-  for (int64_t i = 0; i < o1 - o0; ++i)
-    for (int r = 0; r < R; ++r) sums[i][r] = _mm512_setzero_ps();
   const uint16_t* x0 = xb + r0 * ldb;
-  for (int64_t c0 = 0; c0 < full; c0 += kChunkSteps) {
-    const int64_t c1 = std::min(full, c0 + kChunkSteps);
-    for (int64_t o = o0; o < o1; ++o) {
-      const uint16_t* v = static_cast<const uint16_t*>(a.values) + o * kept;
-      const int32_t* mrow = a.meta + o * a.meta_words;
-      __m512 acc[R];
-      for (int r = 0; r < R; ++r) acc[r] = sums[o - o0][r];
-      for (int64_t st = c0; st < c1; ++st) {
-        int64_t q;
-        std::memcpy(&q, mrow + 2 * st, sizeof q);
-        prefetch_next_page(v + 32 * st);
-        step_bf16<R>(acc, _mm512_loadu_si512(v + 32 * st), _mm512_set1_epi64(q), x0 + 64 * st, ldb, ctrl, base, three);
-      }
-      for (int r = 0; r < R; ++r) sums[o - o0][r] = acc[r];
+  auto run = [&](int64_t o, __m512* acc, int64_t s0, int64_t s1) SK_BF16 {
+    const uint16_t* v = static_cast<const uint16_t*>(a.values) + o * kept;
+    const int32_t* mrow = a.meta + o * a.meta_words;
+    for (int64_t st = s0; st < s1; ++st) {
+      int64_t q;
+      std::memcpy(&q, mrow + 2 * st, sizeof q);
+      prefetch_next_page(v + 32 * st);
+      step_bf16<R>(acc, _mm512_loadu_si512(v + 32 * st), _mm512_set1_epi64(q), x0 + 64 * st, ldb, ctrl, base, three);
     }
-  }
-  for (int64_t o = o0; o < o1; ++o) {
-    __m512* acc = sums[o - o0];
-    if (const int64_t rest = kept - 32 * full; rest > 0) {  // the first `rest` values of one more step
-      const uint16_t* v = static_cast<const uint16_t*>(a.values) + o * kept;
-      const int32_t* mrow = a.meta + o * a.meta_words;
-      const int64_t words = std::min<int64_t>(2, a.meta_words - 2 * full);
-      const __m128i m = _mm_maskz_loadu_epi32(static_cast<__mmask8>((1u << words) - 1), mrow + 2 * full);
-      const __m512i w = _mm512_maskz_loadu_epi16(static_cast<__mmask32>((uint64_t{1} << rest) - 1), v + 32 * full);
-      step_bf16<R>(acc, w, _mm512_broadcastq_epi64(m), x0 + 64 * full, ldb, ctrl, base, three);
-    }
-    const float b = a.bias ? load_f32(a.bias, o, a.dtype) : 0.0f;
-    for (int r = 0; r < R; ++r) store_f32(a.out, (r0 + r) * a.ldo + o, _mm512_reduce_add_ps(acc[r]) + b, a.dtype);
-  }
+  };
+  auto finish = [&](int64_t o, __m512* acc) SK_BF16 { last24_bf16<R>(a, acc, o, r0, x0, ldb, ctrl, base, three); };
+  over_chunks<R>(o0, o1, full, run, finish);
 }
 
 // Quantized values (int8, or int4 two per byte) with bf16 x: the bf16 scheme above on the
@@ -297,8 +301,6 @@ SK_BF16 inline __m512i int4_table(int zero) {
   const __m512 f = _mm512_sub_ps(_mm512_load_ps(kQ.iota), _mm512_set1_ps(static_cast<float>(zero)));
   return (__m512i)_mm512_cvtne2ps_pbh(f, f);
 }
-
-#define SK_INLINE __attribute__((always_inline)) inline
 
 // One row's walk over its scale groups (!H: g the group of the current step, end the first slot
 // past it), and the current groups' scales (by lane), int8 zeros (by half), int4 lookup tables
