@@ -182,14 +182,22 @@ def test_quantized_real_shape(quant, rows):
 
 
 @needs_ext
-def test_nonfinite_x_propagates_like_dense():
-    wq = _qweight(16, 128, 2, 4, "int8", 64)
-    x = torch.randn(3, 128)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("act_block", [0, 32])
+@pytest.mark.parametrize("rows", [3, 70])  # decode kernel; batched path (70 rows: past both dtypes' decode rows)
+def test_nonfinite_x_propagates_like_dense(rows, act_block, dtype):
+    """A row of x holding Inf / NaN comes out as from the dense op (rounding it to int8 would give
+    finite integers), the other rows finite."""
+    w = sk.NMSparseWeight.from_dense(torch.randn(16, 128), 2, 4, prune=True)
+    wq = w.quantize("int8", 64, act_block=act_block).to(dtype)
+    x = torch.randn(rows, 128).to(dtype)
     x[1, 5] = float("inf")
+    x[2, 7] = float("nan")
     with sk.use_backend("cpu"):
         y = sk.ops.nm_linear(x, wq)
-    ref = F.linear(x, wq.to_dense())
-    assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.isfinite(y[[0, 2]]).all()
+    ref = F.linear(x.float(), wq.to(torch.float32).to_dense())
+    assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.equal(torch.isinf(y), torch.isinf(ref))
+    assert torch.isnan(y[1:3]).any(dim=1).all() and torch.isfinite(y[[0] + list(range(3, rows))]).all()
 
 
 @needs_ext

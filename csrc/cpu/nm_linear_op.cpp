@@ -150,11 +150,18 @@ void nm_linear_run(const at::Tensor& x, const at::Tensor& values, const at::Tens
     const at::Tensor xf = rounded_x_f32(a);
     if (x.scalar_type() == at::kBFloat16 && active_isa() >= Isa::kAvx512Bf16) {
       nm_linear_gemm(a, xf.to(at::kBFloat16), bias, y);
-      return;
+    } else {
+      at::Tensor y32 = x.scalar_type() == at::kFloat ? y : at::empty({rows, out_features}, xf.options());
+      nm_linear_gemm(a, xf, bias, y32);
+      if (x.scalar_type() != at::kFloat) y.copy_(y32);
     }
-    at::Tensor y32 = x.scalar_type() == at::kFloat ? y : at::empty({rows, out_features}, xf.options());
-    nm_linear_gemm(a, xf, bias, y32);
-    if (x.scalar_type() != at::kFloat) y.copy_(y32);
+    // Rounding gives a row holding NaN/Inf finite integers: such rows are redone as the decode
+    // path redoes them (the dense product of x as it is), so they come out as from the dense op.
+    redo_nonfinite_rows(x, y, nonfinite_rows(x), [&](const at::Tensor& xb) {
+      at::Tensor yb = at::empty({xb.size(0), out_features}, y.options());
+      nm_linear_gemm(a, xb, bias, yb);
+      return yb;
+    });
     return;
   }
   // Few rows: the decode kernel, 8 rows of x per pass over the weights.
