@@ -3,7 +3,7 @@
 One layer (default 11008x4096, the TinyLlama / Llama-7B MLP shape), bf16 x of 65, 128 and 512
 rows, ``sk.use_backend("cpu")`` so no dense copy is held: 2:4 bf16 and 2:4 int4 g128 with int8
 activations (which has no dense fallback at all) against dense ``F.linear``, interleaved in one
-process, median over rounds of two calls each.
+process in a new random order each round, median over rounds of two calls each.
 
     .venv/bin/python bench/bench_batched_nm.py [--shape 11008x4096] [--rows 65,128,512] [--rounds 6]
 """
@@ -11,6 +11,7 @@ process, median over rounds of two calls each.
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 
@@ -28,6 +29,7 @@ def main() -> None:
     args = ap.parse_args()
     out, k = (int(v) for v in args.shape.split("x"))
     torch.manual_seed(0)
+    rng = random.Random(0)
     w = sk.NMSparseWeight.from_dense(torch.randn(out, k) * 0.02, 2, 4, prune=True)
     cases = {
         "dense bf16": torch.randn(out, k).bfloat16(),
@@ -47,8 +49,11 @@ def main() -> None:
         x = torch.randn(rows, k).bfloat16()
         times = {n: [] for n in cases}
         with torch.no_grad(), sk.use_backend("cpu"):
+            order = list(cases)
             for _ in range(args.rounds):
-                for name, wt in cases.items():
+                rng.shuffle(order)  # torch's GEMM right before a variant slows our pool (spinning OpenMP threads)
+                for name in order:
+                    wt = cases[name]
                     op = F.linear if name == "dense bf16" else sk.ops.nm_linear
                     op(x, wt)
                     t = time.perf_counter()
