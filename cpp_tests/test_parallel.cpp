@@ -128,16 +128,19 @@ int test_late_helper() {
 // A helper preempted while it holds a chunk (here: its chunks sleep 30 ms) makes the caller wait
 // once; then the pool works alone for a while (every chunk on the caller, no waiting), and shares
 // the work again once that while is over.
+// The caller's chunks sleep (not spin) so that, on a loaded machine, the helper gets a core to
+// claim one. NOTE: with 50 us of spinning per caller chunk and 20 tries, a CI run beside another
+// test suite failed "no helper ever ran a chunk".
 int test_stalled_helper_sends_the_pool_alone() {
   ThreadPool pool;
   std::atomic<int> off_caller{0};
-  for (int rep = 0; rep < 20 && !pool.working_alone(); ++rep) {
+  for (int rep = 0; rep < 60 && !pool.working_alone(); ++rep) {
     pool.run(16, 2, [&](int64_t, int slot) {
       if (slot != 0) {
         off_caller += 1;
         std::this_thread::sleep_for(std::chrono::milliseconds(30));
       } else {
-        busy_us(50);
+        std::this_thread::sleep_for(std::chrono::microseconds(100));
       }
     });
   }
