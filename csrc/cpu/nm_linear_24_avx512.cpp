@@ -341,7 +341,9 @@ SK_BF16 SK_INLINE void set_groups(QGroups& st, int64_t g0, int64_t g1) {
 template <int Q, bool Z>
 SK_BF16 SK_INLINE void half_groups(QGroups& st, int64_t s, bool whole) {
   if (!Z && st.gk == 16 && whole) {
-    const __m512i pair = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(st.scales + 2 * s));
+    int32_t two;  // the two bf16 scales (memcpy: no aliasing or alignment assumption)
+    std::memcpy(&two, st.scales + 2 * s, sizeof two);
+    const __m512i pair = _mm512_set1_epi32(two);
     const __m512i top = _mm512_and_si512(pair, _mm512_set1_epi32(static_cast<int>(0xffff0000u)));
     st.scale = _mm512_castsi512_ps(_mm512_mask_slli_epi32(top, static_cast<__mmask16>(~kHalf1<Q>), pair, 16));
   } else {
