@@ -84,21 +84,27 @@ SK_AVX512 SK_INLINE void last24(const NMLinearArgs& a, __m512* acc, int64_t o, i
   for (int r = 0; r < R; ++r) store_f32(a.out, (r0 + r) * a.ldo + o, _mm512_reduce_add_ps(acc[r]) + b, a.dtype);
 }
 
+// Steps [s0, s1) of row o into acc, for x rows from x0 (row r0 of x).
+template <int R>
+SK_AVX512 SK_INLINE void steps24(const NMLinearArgs& a, __m512* acc, int64_t o, const float* x0, int64_t ldf,
+                                 int64_t s0, int64_t s1, __m512i shifts, __m512i base, __m512i three) {
+  const float* v = static_cast<const float*>(a.values) + o * (a.k / 2);
+  const int32_t* mrow = a.meta + o * a.meta_words;
+  for (int64_t w = s0; w < s1; ++w) {
+    prefetch_next_page(v + 16 * w);
+    step<R>(acc, _mm512_loadu_ps(v + 16 * w), mrow[w], x0 + 32 * w, ldf, shifts, base, three);
+  }
+}
+
 // Output row o for x rows r0 .. r0 + R - 1 (xf: fp32, row stride ldf, zero past K).
 template <int R>
 SK_AVX512 void rows24(const NMLinearArgs& a, const float* xf, int64_t ldf, int64_t r0, int64_t o) {
-  const int64_t kept = a.k / 2, full = kept / 16;
-  const float* v = static_cast<const float*>(a.values) + o * kept;
-  const int32_t* mrow = a.meta + o * a.meta_words;
   const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
   const __m512i three = _mm512_set1_epi32(3);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t w = 0; w < full; ++w) {
-    prefetch_next_page(v + 16 * w);
-    step<R>(acc, _mm512_loadu_ps(v + 16 * w), mrow[w], xf + r0 * ldf + 32 * w, ldf, shifts, base, three);
-  }
+  steps24<R>(a, acc, o, xf + r0 * ldf, ldf, 0, a.k / 32, shifts, base, three);
   last24<R>(a, acc, o, r0, xf + r0 * ldf, ldf, shifts, base, three);
 }
 
@@ -146,12 +152,7 @@ SK_AVX512 void block24(const NMLinearArgs& a, const float* xf, int64_t ldf, int6
   const __m512i three = _mm512_set1_epi32(3);
   const float* x0 = xf + r0 * ldf;
   auto run = [&](int64_t o, __m512* acc, int64_t s0, int64_t s1) SK_AVX512 {
-    const float* v = static_cast<const float*>(a.values) + o * kept;
-    const int32_t* mrow = a.meta + o * a.meta_words;
-    for (int64_t w = s0; w < s1; ++w) {
-      prefetch_next_page(v + 16 * w);
-      step<R>(acc, _mm512_loadu_ps(v + 16 * w), mrow[w], x0 + 32 * w, ldf, shifts, base, three);
-    }
+    steps24<R>(a, acc, o, x0, ldf, s0, s1, shifts, base, three);
   };
   auto finish = [&](int64_t o, __m512* acc) SK_AVX512 { last24<R>(a, acc, o, r0, x0, ldf, shifts, base, three); };
   over_chunks<R>(o0, o1, full, run, finish);
@@ -206,22 +207,28 @@ SK_BF16 SK_INLINE void last24_bf16(const NMLinearArgs& a, __m512* acc, int64_t o
   for (int r = 0; r < R; ++r) store_f32(a.out, (r0 + r) * a.ldo + o, _mm512_reduce_add_ps(acc[r]) + b, a.dtype);
 }
 
+// Steps [s0, s1) of row o into acc, for x rows from x0 (row r0 of x).
 template <int R>
-SK_BF16 void rows24_bf16(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb, int64_t r0, int64_t o) {
-  const int64_t kept = a.k / 2, full = kept / 32;
-  const uint16_t* v = static_cast<const uint16_t*>(a.values) + o * kept;
+SK_BF16 SK_INLINE void steps24_bf16(const NMLinearArgs& a, __m512* acc, int64_t o, const uint16_t* x0, int64_t ldb,
+                                    int64_t s0, int64_t s1, __m512i ctrl, __m512i base, __m512i three) {
+  const uint16_t* v = static_cast<const uint16_t*>(a.values) + o * (a.k / 2);
   const int32_t* mrow = a.meta + o * a.meta_words;
-  const __m512i ctrl = _mm512_load_si512(kBf16.ctrl), base = _mm512_load_si512(kBf16.base);
-  const __m512i three = _mm512_set1_epi16(3);
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  const uint16_t* x0 = xb + r0 * ldb;
-  for (int64_t s = 0; s < full; ++s) {
+  for (int64_t s = s0; s < s1; ++s) {
     int64_t q;
     std::memcpy(&q, mrow + 2 * s, sizeof q);
     prefetch_next_page(v + 32 * s);
     step_bf16<R>(acc, _mm512_loadu_si512(v + 32 * s), _mm512_set1_epi64(q), x0 + 64 * s, ldb, ctrl, base, three);
   }
+}
+
+template <int R>
+SK_BF16 void rows24_bf16(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb, int64_t r0, int64_t o) {
+  const __m512i ctrl = _mm512_load_si512(kBf16.ctrl), base = _mm512_load_si512(kBf16.base);
+  const __m512i three = _mm512_set1_epi16(3);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  const uint16_t* x0 = xb + r0 * ldb;
+  steps24_bf16<R>(a, acc, o, x0, ldb, 0, a.k / 64, ctrl, base, three);
   last24_bf16<R>(a, acc, o, r0, x0, ldb, ctrl, base, three);
 }
 
@@ -234,14 +241,7 @@ SK_BF16 void block24_bf16(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb
   const __m512i three = _mm512_set1_epi16(3);
   const uint16_t* x0 = xb + r0 * ldb;
   auto run = [&](int64_t o, __m512* acc, int64_t s0, int64_t s1) SK_BF16 {
-    const uint16_t* v = static_cast<const uint16_t*>(a.values) + o * kept;
-    const int32_t* mrow = a.meta + o * a.meta_words;
-    for (int64_t st = s0; st < s1; ++st) {
-      int64_t q;
-      std::memcpy(&q, mrow + 2 * st, sizeof q);
-      prefetch_next_page(v + 32 * st);
-      step_bf16<R>(acc, _mm512_loadu_si512(v + 32 * st), _mm512_set1_epi64(q), x0 + 64 * st, ldb, ctrl, base, three);
-    }
+    steps24_bf16<R>(a, acc, o, x0, ldb, s0, s1, ctrl, base, three);
   };
   auto finish = [&](int64_t o, __m512* acc) SK_BF16 { last24_bf16<R>(a, acc, o, r0, x0, ldb, ctrl, base, three); };
   over_chunks<R>(o0, o1, full, run, finish);
