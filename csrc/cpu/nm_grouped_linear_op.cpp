@@ -79,9 +79,9 @@ at::Tensor nm_grouped_linear_cpu(const at::Tensor& x_in, const at::Tensor& value
   for (int64_t e = 0; e < n_experts; ++e) {
     const ExpertRows ex{e, off[e], off[e + 1] - off[e]};
     if (ex.rows == 0) continue;
-    if (ex.rows > nm_decode_max_rows(base.dtype)) {
+    if (const NMLinearArgs a = expert_args(ex); ex.rows > nm_decode_max_rows(a)) {
       at::Tensor ys = y.narrow(0, ex.r0, ex.rows);
-      nm_linear_gemm(expert_args(ex), x.narrow(0, ex.r0, ex.rows), std::nullopt, ys);
+      nm_linear_many_rows(a, x.narrow(0, ex.r0, ex.rows), std::nullopt, ys);
     } else {
       decode.push_back(ex);
       decode_args.push_back(expert_args(ex));

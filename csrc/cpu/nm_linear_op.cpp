@@ -29,6 +29,11 @@ constexpr int64_t kDecodeMaxRows = 8;
 // so chunked decode stays ahead to ~32 rows in fp32 and ~64 in bf16/fp16.
 constexpr int64_t kChunkedDecodeMaxRowsF32 = 32;
 constexpr int64_t kChunkedDecodeMaxRowsHalf = 64;
+// From this many rows the 2:4 bf16 GEMM (nm_gemm_24_avx512.cpp) runs where it applies. NOTE:
+// Zen 4, 2 threads, bf16, x dense F.linear: 11008x4096 decode passes 1.42x at 8 rows, 1.02x at
+// 12, 0.97x at 16; the GEMM 0.99x, 1.03x, 1.12x (2048x2048: decode 0.96x, 0.83x, 0.63x; GEMM
+// 0.80x, 0.77x, 1.30x).
+constexpr int64_t kSparseGemmMinRows = 13;
 // Rows of W decompressed per GEMM. NOTE: 512x4096x4096 fp32, 2 loaded cores: one dense GEMM
 // 0.61 s; 128-row tiles 1.30 s, 512-row 0.71 s, 1024-row 0.64 s (MKL wants wide N). Decompressing
 // the whole weight into one [out, K] buffer and one GEMM into the contiguous output was slower:
@@ -38,8 +43,28 @@ constexpr int64_t kTileRows = 1024;
 
 }  // namespace
 
-int64_t nm_decode_max_rows(DType t) {
-  return t == DType::kF32 ? kChunkedDecodeMaxRowsF32 : kChunkedDecodeMaxRowsHalf;
+int64_t nm_decode_max_rows(const NMLinearArgs& a) {
+#if defined(__x86_64__)
+  if (detail::nm_gemm_24_bf16_supported(a)) return kSparseGemmMinRows - 1;
+#endif
+  return a.dtype == DType::kF32 ? kChunkedDecodeMaxRowsF32 : kChunkedDecodeMaxRowsHalf;
+}
+
+void nm_linear_many_rows(const NMLinearArgs& a, const at::Tensor& x, const std::optional<at::Tensor>& bias,
+                         at::Tensor& y) {
+#if defined(__x86_64__)
+  if (detail::nm_gemm_24_bf16_supported(a)) {
+    detail::nm_gemm_24_bf16_avx512(a);
+    // The kernel skips pruned columns: rows of x holding NaN/Inf again through the dense tiles.
+    redo_nonfinite_rows(x, y, nonfinite_rows(x), [&](const at::Tensor& xb) {
+      at::Tensor yb = at::empty({xb.size(0), a.out_features}, y.options());
+      nm_linear_gemm(a, xb, bias, yb);
+      return yb;
+    });
+    return;
+  }
+#endif
+  nm_linear_gemm(a, x, bias, y);
 }
 
 void nm_linear_decode_passes(const NMLinearArgs& a) {
@@ -138,9 +163,9 @@ void nm_linear_run(const at::Tensor& x, const at::Tensor& values, const at::Tens
     a.group_kept = k / m * n / a.groups;
     a.act_block = act_block;
   }
-  if (rows > nm_decode_max_rows(a.dtype)) {
+  if (rows > nm_decode_max_rows(a)) {
     if (!a.act_block) {
-      nm_linear_gemm(a, x, bias, y);
+      nm_linear_many_rows(a, x, bias, y);
       return;
     }
     // int8 activations: the GEMM runs on x rounded as the decode kernels round it. bf16 x (on

@@ -11,12 +11,17 @@
 
 namespace sparsekern {
 
-// Rows of x in type t up to which the decode passes beat decompress + GEMM.
-int64_t nm_decode_max_rows(DType t);
+// Rows of x up to which the decode passes beat the many-rows path for a's weight and x type.
+int64_t nm_decode_max_rows(const NMLinearArgs& a);
 
 // The decode kernel on a.rows rows (x row stride a.ldx, out row stride a.ldo), 8 rows per pass
 // over the weights. NaN/Inf in x are not given dense semantics here (the callers redo those rows).
 void nm_linear_decode_passes(const NMLinearArgs& a);
+
+// Many rows of x (float values): the 2:4 bf16 GEMM where it applies (rows of x holding NaN/Inf
+// redone by nm_linear_gemm), else nm_linear_gemm. a.out / a.ldo must be y's.
+void nm_linear_many_rows(const NMLinearArgs& a, const at::Tensor& x, const std::optional<at::Tensor>& bias,
+                         at::Tensor& y);
 
 // x [rows, a.k] @ W.T (+ bias) into y [rows, a.out_features] (contiguous): tiles of W decompressed,
 // dense GEMM on each, so NaN/Inf propagate as in the dense op. Reads only a's weights.

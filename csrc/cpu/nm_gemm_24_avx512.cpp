@@ -1,0 +1,235 @@
+// 2:4 GEMM for many rows of x (prefill), bf16 x and bf16 values, AVX-512 BF16: no dense copy of W
+// and no dense tile, half the multiply-adds of the dense GEMM.
+//
+// Vectorized over output features, 16 fp32 lanes per zmm. A group's two kept values are one bf16
+// pair, so vdpbf16ps of the 16 features' pairs of group g with, lane by lane, the pair
+// (x[r, 4g + i0], x[r, 4g + i1]) adds 16 features' group g for row r. That pair vector is one
+// vpermw of x's 32 columns around g (any i0, i1: garbage meta reads a wrong column of its own
+// group, never outside x). Per 16 features and group, the pairs and the vpermw indices are packed
+// (a 16 x 16 transpose of the values, the meta fields spread to words) once per pass of up to 288
+// rows and reused by each of them; the micro-kernel keeps 2 x 16 features of 12 rows in 24 accumulators, so a pair of
+// 12 x 2 products costs 4 loads of the packed block and 12 of x (all in L1).
+//
+// Work: tasks of up to 128 features (the threads split them); each walks K in blocks of 32 groups
+// (pack the block, then every 12-row block of x), with fp32 sums per task between blocks. Rows of
+// x go 288 at a time (a pass), copied to a buffer of whole 32-column windows.
+//
+// NOTE: 2:4, bf16, Zen 4 EPYC, 1 thread, kept multiply-adds per second (dense bf16 F.linear:
+// 104-109 G): this kernel 60-65 G, so 1.15-1.2x dense at 2 threads too (11008x4096 and
+// 4096x11008, 65-512 rows: 1.12-1.21x, the decompressed-tile path it replaces 0.70-0.91x). vpermw
+// + vdpbf16ps issue tops out at ~2.6 G pairs/s per core (a register-only loop). Tried first: x
+// stored as the six column pairs of each group for 64 rows (three times x), weights broadcast,
+// one load per vdpbf16ps: 50-55 G (loads and L2 misses bound it). Packing is ~15% of the time.
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "cpu/isa.h"
+#include "cpu/linear_common.h"
+#include "cpu/nm_linear.h"
+#include "cpu/parallel.h"
+
+namespace sparsekern::detail {
+namespace {
+
+#define SK_GEMM_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
+constexpr int kRows = 12;                   // rows of x per micro-kernel
+constexpr int kBlockGroups = 32;            // groups (128 columns) per K block
+constexpr int64_t kTileBytes = 128;         // per 16 features and group: pairs, then vpermw indices
+constexpr int64_t kPackedTile = kBlockGroups * kTileBytes;  // one tile's K block
+constexpr int kMaxTiles = 8;               // 16-feature tiles per task
+constexpr int64_t kSuperRows = 24 * kRows;  // rows of x per pass
+
+struct AlignedFree {
+  void operator()(char* p) const { std::free(p); }
+};
+using Buffer = std::unique_ptr<char, AlignedFree>;
+Buffer aligned_buffer(size_t bytes) {
+  return Buffer(static_cast<char*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64)));
+}
+
+// In-place transpose of 16 x 16 dwords (r[i] lane j <- r[j] lane i).
+SK_GEMM_BF16 inline void transpose16(__m512i* r) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  // r[4a + b], 128-bit lane q: rows 4a .. 4a + 3 of column 4q + b. Two rounds of 128-bit lane
+  // shuffles move lane q of r[4a + b] to lane a of column 4q + b.
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
+  }
+}
+
+// Features [o0, o0 + 16) (those past out_features: zero), groups [g0, g0 + ng) (g0 a multiple of
+// 32, ng <= 32): group g - g0 at dst + (g - g0) * kTileBytes, its 16 pairs then its 32 indices.
+SK_GEMM_BF16 void pack_tile(const NMLinearArgs& a, int64_t o0, int64_t g0, int ng, char* dst) {
+  const int64_t groups = a.k / 4;
+  const int live = static_cast<int>(std::min<int64_t>(16, a.out_features - o0));
+  const uint32_t* w = static_cast<const uint32_t*>(a.values) + o0 * groups;
+  for (int h = 0; h < ng; h += 16) {  // 16 groups at a time: transpose [feature][group] pairs
+    const __mmask16 cols = static_cast<__mmask16>((1u << std::min(16, ng - h)) - 1);
+    __m512i r[16];
+    for (int f = 0; f < 16; ++f)
+      r[f] = f < live ? _mm512_maskz_loadu_epi32(cols, w + f * groups + g0 + h) : _mm512_setzero_si512();
+    transpose16(r);
+    for (int g = 0; g < std::min(16, ng - h); ++g) _mm512_store_si512(dst + (h + g) * kTileBytes, r[g]);
+  }
+  // The next block's values and meta, fetched while this block runs (as many rows as features:
+  // too many streams for the hardware prefetcher).
+  if (const int64_t next = g0 + kBlockGroups; next < groups) {
+    for (int f = 0; f < live; ++f) {
+      const char* v = reinterpret_cast<const char*>(w + f * groups + next);
+      for (int l = 0; l < kBlockGroups * 4; l += 64) _mm_prefetch(v + l, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(a.meta + (o0 + f) * a.meta_words + next / 8), _MM_HINT_T0);
+    }
+  }
+  // Indices: word 2l / 2l + 1 of group g (column 4j of its 32-column window, j = g % 8) =
+  // 4j + i0 / 4j + i1 of feature l.
+  const __mmask16 lanes = static_cast<__mmask16>((1u << live) - 1);
+  const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(static_cast<int32_t>(a.meta_words)));
+  const int32_t* meta = a.meta + o0 * a.meta_words;
+  for (int q = 0; q < (ng + 7) / 8; ++q) {
+    const int64_t word = g0 / 8 + q;
+    const __m512i mw = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), lanes, rows, meta + word, 4);
+    for (int j = 0; j < 8 && 8 * q + j < ng; ++j) {
+      const __m512i nib = _mm512_and_si512(_mm512_srli_epi32(mw, 4 * j), _mm512_set1_epi32(15));
+      const __m512i lo = _mm512_and_si512(nib, _mm512_set1_epi32(3));
+      const __m512i hi = _mm512_slli_epi32(_mm512_srli_epi32(nib, 2), 16);
+      const __m512i idx = _mm512_add_epi32(_mm512_or_si512(lo, hi), _mm512_set1_epi32((4 * j) | (4 * j) << 16));
+      _mm512_store_si512(dst + (8 * q + j) * kTileBytes + 64, idx);
+    }
+  }
+}
+
+// c[r * ldc + 16 t + lane] (+)= features of tiles t < T, rows r < R, groups [0, ng) of the block:
+// packed tiles at pk (tile t at pk + t * kPackedTile), x rows at x (row stride ldx elements, the
+// block's first column).
+template <int R, int T>
+SK_GEMM_BF16 void micro(const char* pk, const uint16_t* x, int64_t ldx, int ng, float* c, int64_t ldc, bool first) {
+  __m512 acc[T][R];
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = first ? _mm512_setzero_ps() : _mm512_load_ps(c + r * ldc + 16 * t);
+  for (int g = 0; g < ng; ++g) {
+    __m512bh w[T];
+    __m512i idx[T];
+    for (int t = 0; t < T; ++t) {
+      w[t] = (__m512bh)_mm512_load_si512(pk + t * kPackedTile + g * kTileBytes);
+      idx[t] = _mm512_load_si512(pk + t * kPackedTile + g * kTileBytes + 64);
+    }
+    const uint16_t* xw = x + 32 * (g / 8);
+    for (int r = 0; r < R; ++r) {
+      __m512i xv = _mm512_loadu_si512(xw + r * ldx);
+      __asm__("" : "+v"(xv));  // one load for both tiles (GCC folds it into each vpermw)
+      for (int t = 0; t < T; ++t) acc[t][r] = _mm512_dpbf16_ps(acc[t][r], (__m512bh)_mm512_permutexvar_epi16(idx[t], xv), w[t]);
+    }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) _mm512_store_ps(c + r * ldc + 16 * t, acc[t][r]);
+}
+
+using MicroFn = void (*)(const char*, const uint16_t*, int64_t, int, float*, int64_t, bool);
+
+template <int T, int... R>
+constexpr MicroFn micro_for(int rows, std::integer_sequence<int, R...>) {
+  MicroFn fn = nullptr;
+  ((fn = rows == R + 1 ? micro<R + 1, T> : fn), ...);
+  return fn;
+}
+
+MicroFn micro_fn(int rows, int tiles) {
+  return tiles == 2 ? micro_for<2>(rows, std::make_integer_sequence<int, kRows>{})
+                    : micro_for<1>(rows, std::make_integer_sequence<int, kRows>{});
+}
+
+}  // namespace
+
+bool nm_gemm_24_bf16_supported(const NMLinearArgs& a) {
+  return a.n == 2 && a.m == 4 && a.dtype == DType::kBF16 && !a.qbits && !a.act_block && a.k % 4 == 0 &&
+         active_isa() >= Isa::kAvx512Bf16;
+}
+
+SK_GEMM_BF16 void nm_gemm_24_bf16_avx512(const NMLinearArgs& a) {
+  const int64_t groups = a.k / 4, n_tiles = (a.out_features + 15) / 16;
+  const int threads = std::max(a.threads, 1);
+  // Tiles per task: about four tasks per thread, whole tile pairs, at most kMaxTiles.
+  const int64_t per_task = std::clamp<int64_t>((n_tiles + 4 * threads - 1) / (4 * threads) + 1 & ~int64_t{1}, 2, kMaxTiles);
+  const int64_t tasks = (n_tiles + per_task - 1) / per_task, ldc = per_task * 16;
+  const int64_t ldx = (a.k + 31) / 32 * 32 + 32;  // whole windows, and rows not 4 KiB apart
+  const int64_t pass_rows = std::min(kSuperRows, a.rows);
+  Buffer xb = aligned_buffer(sizeof(uint16_t) * pass_rows * ldx);
+  std::vector<Buffer> sums(threads), packed(threads);
+  const uint16_t* x = static_cast<const uint16_t*>(a.x);
+  uint16_t* out = static_cast<uint16_t*>(a.out);
+  for (int64_t r0 = 0; r0 < a.rows; r0 += kSuperRows) {
+    const int64_t nrows = std::min(kSuperRows, a.rows - r0);
+    uint16_t* xr = reinterpret_cast<uint16_t*>(xb.get());
+    parallel_range(nrows, threads, grain_for(a.k), [&](int64_t i0, int64_t i1, int) {
+      for (int64_t i = i0; i < i1; ++i) {
+        std::memcpy(xr + i * ldx, x + (r0 + i) * a.ldx, a.k * sizeof(uint16_t));
+        std::memset(xr + i * ldx + a.k, 0, (ldx - a.k) * sizeof(uint16_t));
+      }
+    });
+    parallel_for(tasks, threads, [&](int64_t task, int slot) SK_GEMM_BF16 {
+      if (!sums[slot]) {
+        sums[slot] = aligned_buffer(sizeof(float) * kSuperRows * ldc);
+        packed[slot] = aligned_buffer(kMaxTiles * kPackedTile);
+      }
+      float* c = reinterpret_cast<float*>(sums[slot].get());
+      char* pk = packed[slot].get();
+      const int64_t t0 = task * per_task, nt = std::min(per_task, n_tiles - t0);
+      for (int64_t g0 = 0; g0 < groups; g0 += kBlockGroups) {
+        const int ng = static_cast<int>(std::min<int64_t>(kBlockGroups, groups - g0));
+        for (int64_t t = 0; t < nt; ++t) pack_tile(a, 16 * (t0 + t), g0, ng, pk + t * kPackedTile);
+        for (int64_t rb = 0; rb < nrows; rb += kRows) {
+          const int rr = static_cast<int>(std::min<int64_t>(kRows, nrows - rb));
+          for (int64_t t = 0; t < nt; t += 2) {
+            const int tt = static_cast<int>(std::min<int64_t>(2, nt - t));
+            micro_fn(rr, tt)(pk + t * kPackedTile, xr + rb * ldx + 4 * g0, ldx, ng, c + rb * ldc + 16 * t, ldc, g0 == 0);
+          }
+        }
+      }
+      // The sums as bf16, plus the bias, into out.
+      for (int64_t t = 0; t < nt; ++t) {
+        const int64_t o = 16 * (t0 + t);
+        const __mmask16 lanes = static_cast<__mmask16>((1u << std::min<int64_t>(16, a.out_features - o)) - 1);
+        __m512 b = _mm512_setzero_ps();
+        if (a.bias) {
+          const __m256i bb = _mm256_maskz_loadu_epi16(lanes, static_cast<const uint16_t*>(a.bias) + o);
+          b = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bb), 16));
+        }
+        for (int64_t r = 0; r < nrows; ++r) {
+          const __m256bh y = _mm512_cvtneps_pbh(_mm512_add_ps(_mm512_load_ps(c + r * ldc + 16 * t), b));
+          _mm256_mask_storeu_epi16(out + (r0 + r) * a.ldo + o, lanes, (__m256i)y);
+        }
+      }
+    });
+  }
+}
+
+}  // namespace sparsekern::detail
+#endif
