@@ -1,11 +1,12 @@
 """Batched (prefill) N:M layers on the CPU without a dense copy, beside the dense layer.
 
-One layer (default 11008x4096, the TinyLlama / Llama-7B MLP shape), bf16 x of 65, 128 and 512
-rows, ``sk.use_backend("cpu")`` so no dense copy is held: 2:4 bf16 and 2:4 int4 g128 with int8
-activations (which has no dense fallback at all) against dense ``F.linear``, interleaved in one
-process in a new random order each round, median over rounds of two calls each.
+One layer (default 11008x4096, the TinyLlama / Llama-7B MLP shape), bf16 x of 16, 65, 128 and
+512 rows, ``sk.use_backend("cpu")`` so no dense copy is held: 2:4 bf16, W8A16, W4A16 g128 and
+W4A16 g128 with int8 activations (which has no dense fallback at all) against dense
+``F.linear``, interleaved in one process in a new random order each round, median over rounds of
+two calls each.
 
-    .venv/bin/python bench/bench_batched_nm.py [--shape 11008x4096] [--rows 65,128,512] [--rounds 6]
+    .venv/bin/python bench/bench_batched_nm.py [--shape 11008x4096] [--rows 16,65,128,512] [--rounds 6]
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import sparsekern as sk
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="11008x4096")
-    ap.add_argument("--rows", default="65,128,512")
+    ap.add_argument("--rows", default="16,65,128,512")
     ap.add_argument("--rounds", type=int, default=6)
     args = ap.parse_args()
     out, k = (int(v) for v in args.shape.split("x"))
@@ -34,6 +35,8 @@ def main() -> None:
     cases = {
         "dense bf16": torch.randn(out, k).bfloat16(),
         "2:4 bf16": w.to(torch.bfloat16),
+        "2:4 int8": w.quantize("int8").to(torch.bfloat16),
+        "2:4 int4 g128": w.quantize("int4", 128).to(torch.bfloat16),
         "2:4 int4 g128 +a8": w.quantize("int4", 128, True, 32).to(torch.bfloat16),
     }
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {out}x{k}, bf16 x\n")

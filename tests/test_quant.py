@@ -147,7 +147,7 @@ def test_quantized_nm_linear_cpu(isa, nm, quant, group_size, rows, dtype):
 
 
 @needs_ext
-@pytest.mark.parametrize("rows", [1, 2, 5, 70])  # 70: decompressed tiles (bf16) and the GEMM
+@pytest.mark.parametrize("rows", [1, 2, 5, 13, 70])  # 13, 70: the 2:4 bf16 GEMM (AVX-512 BF16) or bf16 tiles
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("quant", q.QUANTS)
 # kept = K / 2: whole 32-slot steps (384, 1344: 21 of them, 4096), a 16-slot tail (352, 480), 4
@@ -159,8 +159,8 @@ def test_quantized_nm_linear_cpu(isa, nm, quant, group_size, rows, dtype):
 )
 def test_quantized_24_bf16_decode(k, group_size, quant, symmetric, rows):
     """2:4 quantized with bf16 x (on AVX-512 BF16 + VBMI: the vdpbf16ps decode kernel, which scales
-    per group or per half-step and looks int4 up in tables; past 64 rows the vectorized
-    decompression to bf16 tiles) at every group layout and tail."""
+    per group or per half-step and looks int4 up in tables; past 12 rows the 2:4 bf16 GEMM, which
+    dequantizes each block of values to bf16 as it packs it) at every group layout and tail."""
     wq = _qweight(23, k, 2, 4, quant, group_size, symmetric, torch.bfloat16)
     x = torch.randn(rows, k).to(torch.bfloat16)
     bias = torch.randn(23).to(torch.bfloat16) if rows != 2 else None
@@ -356,7 +356,7 @@ def test_quantize_x_rounds_per_block():
 
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("rows", [1, 3, 5, 40, 70])  # 40: fp32 batched, bf16 decode; 70: both batched
+@pytest.mark.parametrize("rows", [1, 3, 5, 40, 70])  # 40: fp32 batched, bf16 decode (2:4 on AVX-512 BF16: the GEMM)
 @pytest.mark.parametrize("group_size", [0, 32, 64, 128, 192])  # 192: steps straddle groups (portable)
 @pytest.mark.parametrize("quant", q.QUANTS)
 @pytest.mark.parametrize("nm", [(2, 4), (1, 4), (2, 8), (4, 8)], ids=lambda p: f"{p[0]}:{p[1]}")
@@ -389,8 +389,10 @@ def test_int8_activations_cpu(isa, nm, quant, group_size, rows, dtype):
 
 def _a8_same(ref32, xq, dense32, bias, rows, dtype):
     """What the int8-activation op is held to beside the fp32 reference ``ref32`` (of x rounded,
-    ``xq``): its result rounded once to x's dtype; in bf16 past the decode rows (64), the bf16 GEMM
-    of the rounded x (rounded once more to bf16, W tiles in bf16), as every other bf16 batch runs."""
+    ``xq``): its result rounded once to x's dtype; in bf16 past 64 rows (the decode rows on every
+    CPU), the bf16 GEMM of the rounded x (rounded once more to bf16, W in bf16), as every other bf16
+    batch runs. 2:4 on AVX-512 BF16 takes that GEMM from 33 rows: at 40 it is held to the tighter
+    bound, and meets it."""
     if dtype == torch.bfloat16 and rows > 64:
         return F.linear(xq.to(dtype), dense32.to(dtype), None if bias is None else bias.to(dtype))
     return ref32.to(dtype)

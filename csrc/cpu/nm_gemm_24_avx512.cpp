@@ -1,5 +1,7 @@
-// 2:4 GEMM for many rows of x (prefill), bf16 x and bf16 values, AVX-512 BF16: no dense copy of W
-// and no dense tile, half the multiply-adds of the dense GEMM.
+// 2:4 GEMM for many rows of x (prefill), bf16 x, AVX-512 BF16: no dense copy of W and no dense
+// tile, half the multiply-adds of the dense GEMM. Values in bf16, or int8 / int4 (W8A16, W4A16,
+// scale groups of a multiple of 16 kept slots, or one per row) dequantized to bf16 as they are
+// packed, which is what the decompressed tiles held before.
 //
 // Vectorized over output features, 16 fp32 lanes per zmm. A group's two kept values are one bf16
 // pair, so vdpbf16ps of the 16 features' pairs of group g with, lane by lane, the pair
@@ -84,26 +86,58 @@ SK_GEMM_BF16 inline void transpose16(__m512i* r) {
   }
 }
 
+// Kept slots [j, j + n) (n <= 16, j a multiple of 16) of feature o as fp32: (q - zero) * scale,
+// one scale group for all of them (group_kept a multiple of 16).
+SK_GEMM_BF16 inline __m512 dequant16(const NMLinearArgs& a, int64_t o, int64_t j, int n) {
+  const int64_t kept = a.k / 2;
+  __m512i q;
+  if (a.qbits == 8) {
+    q = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << n) - 1),
+                                                  static_cast<const int8_t*>(a.values) + o * kept + j));
+  } else {  // slot 2i in the low nibble of byte i, 2i + 1 in the high one
+    const __m128i b = _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << ((n + 1) / 2)) - 1),
+                                           static_cast<const uint8_t*>(a.values) + (o * kept + j) / 2);
+    const __m128i lo = _mm_and_si128(b, _mm_set1_epi8(15)), hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(15));
+    q = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));
+  }
+  const int64_t g = a.groups == 1 ? 0 : j / a.group_kept;
+  const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(q, _mm512_set1_epi32(nm_zero(a, o, g))));
+  return _mm512_mul_ps(v, _mm512_set1_ps(nm_scale(a, o, g)));
+}
+
+// The pairs of groups [g, g + n) (n <= 16) of feature o: word 2i / 2i + 1 = group g + i's kept
+// values, as stored (bf16) or dequantized and rounded to bf16 (int8 / int4, as the decompressed
+// tiles hold them); zero past n.
+SK_GEMM_BF16 inline __m512i pairs16(const NMLinearArgs& a, int64_t o, int64_t g, int n) {
+  if (!a.qbits) {
+    return _mm512_maskz_loadu_epi32(static_cast<__mmask16>((1u << n) - 1),
+                                    static_cast<const uint32_t*>(a.values) + o * (a.k / 4) + g);
+  }
+  const int slots = 2 * n;
+  const __m512 lo = dequant16(a, o, 2 * g, std::min(16, slots));
+  const __m512 hi = slots > 16 ? dequant16(a, o, 2 * g + 16, slots - 16) : _mm512_setzero_ps();
+  return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+}
+
 // Features [o0, o0 + 16) (those past out_features: zero), groups [g0, g0 + ng) (g0 a multiple of
 // 32, ng <= 32): group g - g0 at dst + (g - g0) * kTileBytes, its 16 pairs then its 32 indices.
 SK_GEMM_BF16 void pack_tile(const NMLinearArgs& a, int64_t o0, int64_t g0, int ng, char* dst) {
   const int64_t groups = a.k / 4;
   const int live = static_cast<int>(std::min<int64_t>(16, a.out_features - o0));
-  const uint32_t* w = static_cast<const uint32_t*>(a.values) + o0 * groups;
   for (int h = 0; h < ng; h += 16) {  // 16 groups at a time: transpose [feature][group] pairs
-    const __mmask16 cols = static_cast<__mmask16>((1u << std::min(16, ng - h)) - 1);
+    const int n = std::min(16, ng - h);
     __m512i r[16];
-    for (int f = 0; f < 16; ++f)
-      r[f] = f < live ? _mm512_maskz_loadu_epi32(cols, w + f * groups + g0 + h) : _mm512_setzero_si512();
+    for (int f = 0; f < 16; ++f) r[f] = f < live ? pairs16(a, o0 + f, g0 + h, n) : _mm512_setzero_si512();
     transpose16(r);
-    for (int g = 0; g < std::min(16, ng - h); ++g) _mm512_store_si512(dst + (h + g) * kTileBytes, r[g]);
+    for (int g = 0; g < n; ++g) _mm512_store_si512(dst + (h + g) * kTileBytes, r[g]);
   }
   // The next block's values and meta, fetched while this block runs (as many rows as features:
   // too many streams for the hardware prefetcher).
   if (const int64_t next = g0 + kBlockGroups; next < groups) {
+    const int64_t row_bytes = a.qbits ? a.k / 2 * a.qbits / 8 : a.k, step = kBlockGroups * 4 * row_bytes / a.k;
     for (int f = 0; f < live; ++f) {
-      const char* v = reinterpret_cast<const char*>(w + f * groups + next);
-      for (int l = 0; l < kBlockGroups * 4; l += 64) _mm_prefetch(v + l, _MM_HINT_T0);
+      const char* v = static_cast<const char*>(a.values) + (o0 + f) * row_bytes + next * 4 * row_bytes / a.k;
+      for (int64_t l = 0; l < step; l += 64) _mm_prefetch(v + l, _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(a.meta + (o0 + f) * a.meta_words + next / 8), _MM_HINT_T0);
     }
   }
@@ -169,7 +203,8 @@ MicroFn micro_fn(int rows, int tiles) {
 }  // namespace
 
 bool nm_gemm_24_bf16_supported(const NMLinearArgs& a) {
-  return a.n == 2 && a.m == 4 && a.dtype == DType::kBF16 && !a.qbits && !a.act_block && a.k % 4 == 0 &&
+  const bool values_ok = !a.qbits || a.groups == 1 || a.group_kept % 16 == 0;
+  return a.n == 2 && a.m == 4 && a.dtype == DType::kBF16 && values_ok && !a.act_block && a.k % 4 == 0 &&
          active_isa() >= Isa::kAvx512Bf16;
 }
 

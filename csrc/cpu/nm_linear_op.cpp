@@ -32,8 +32,12 @@ constexpr int64_t kChunkedDecodeMaxRowsHalf = 64;
 // From this many rows the 2:4 bf16 GEMM (nm_gemm_24_avx512.cpp) runs where it applies. NOTE:
 // Zen 4, 2 threads, bf16, x dense F.linear: 11008x4096 decode passes 1.42x at 8 rows, 1.02x at
 // 12, 0.97x at 16; the GEMM 0.99x, 1.03x, 1.12x (2048x2048: decode 0.96x, 0.83x, 0.63x; GEMM
-// 0.80x, 0.77x, 1.30x).
+// 0.80x, 0.77x, 1.30x). W8A16 / W4A16 g128 (11008x4096): decode 1.04-1.09x at 8 rows, 0.85-0.90x
+// at 12, 0.71-0.75x at 16; the GEMM 0.81-0.84x, 0.85-0.91x, 0.86-0.97x.
 constexpr int64_t kSparseGemmMinRows = 13;
+// The same with int8 activations (x rounded, then the GEMM). NOTE: int4 g128 +a8, 11008x4096:
+// decode 0.94x at 16 rows, 0.66x at 32, 0.63x at 48; the GEMM 0.59x, 0.67x, 0.79x.
+constexpr int64_t kSparseGemmMinRowsA8 = 33;
 // Rows of W decompressed per GEMM. NOTE: 512x4096x4096 fp32, 2 loaded cores: one dense GEMM
 // 0.61 s; 128-row tiles 1.30 s, 512-row 0.71 s, 1024-row 0.64 s (MKL wants wide N). Decompressing
 // the whole weight into one [out, K] buffer and one GEMM into the contiguous output was slower:
@@ -45,7 +49,9 @@ constexpr int64_t kTileRows = 1024;
 
 int64_t nm_decode_max_rows(const NMLinearArgs& a) {
 #if defined(__x86_64__)
-  if (detail::nm_gemm_24_bf16_supported(a)) return kSparseGemmMinRows - 1;
+  NMLinearArgs rounded = a;  // int8 activations: the GEMM runs on x as rounded
+  rounded.act_block = 0;
+  if (detail::nm_gemm_24_bf16_supported(rounded)) return (a.act_block ? kSparseGemmMinRowsA8 : kSparseGemmMinRows) - 1;
 #endif
   return a.dtype == DType::kF32 ? kChunkedDecodeMaxRowsF32 : kChunkedDecodeMaxRowsHalf;
 }
@@ -174,7 +180,11 @@ void nm_linear_run(const at::Tensor& x, const at::Tensor& values, const at::Tens
     // 308 ms through fp32 (dense bf16 F.linear 110 ms).
     const at::Tensor xf = rounded_x_f32(a);
     if (x.scalar_type() == at::kBFloat16 && active_isa() >= Isa::kAvx512Bf16) {
-      nm_linear_gemm(a, xf.to(at::kBFloat16), bias, y);
+      const at::Tensor xb = xf.to(at::kBFloat16);
+      NMLinearArgs r = a;  // the rounded x as any bf16 x: the 2:4 GEMM where it applies
+      r.x = xb.data_ptr();
+      r.act_block = 0;
+      nm_linear_many_rows(r, xb, bias, y);
     } else {
       at::Tensor y32 = x.scalar_type() == at::kFloat ? y : at::empty({rows, out_features}, xf.options());
       nm_linear_gemm(a, xf, bias, y32);
