@@ -12,7 +12,8 @@
 // rows and reused by each of them; the micro-kernel keeps 2 x 16 features of 12 rows in 24 accumulators, so a pair of
 // 12 x 2 products costs 4 loads of the packed block and 12 of x (all in L1).
 //
-// Work: tasks of up to 128 features (the threads split them); each walks K in blocks of 32 groups
+// Work: tasks of up to 128 features, claimed by the threads of an OpenMP team (see parallel.h for
+// why not the kernels' own pool here); each walks K in blocks of 32 groups
 // (pack the block, then every 12-row block of x), with fp32 sums per task between blocks. Rows of
 // x go 288 at a time (a pass), copied to a buffer of whole 32-column windows.
 //
@@ -25,17 +26,20 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 
+#include <omp.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <new>
 #include <vector>
 
 #include "cpu/isa.h"
 #include "cpu/linear_common.h"
 #include "cpu/nm_linear.h"
-#include "cpu/parallel.h"
 
 namespace sparsekern::detail {
 namespace {
@@ -54,7 +58,9 @@ struct AlignedFree {
 };
 using Buffer = std::unique_ptr<char, AlignedFree>;
 Buffer aligned_buffer(size_t bytes) {
-  return Buffer(static_cast<char*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64)));
+  char* p = static_cast<char*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64));
+  if (p == nullptr) throw std::bad_alloc();
+  return Buffer(p);
 }
 
 // In-place transpose of 16 x 16 dwords (r[i] lane j <- r[j] lane i).
@@ -217,23 +223,17 @@ SK_GEMM_BF16 void nm_gemm_24_bf16_avx512(const NMLinearArgs& a) {
   const int64_t ldx = (a.k + 31) / 32 * 32 + 32;  // whole windows, and rows not 4 KiB apart
   const int64_t pass_rows = std::min(kSuperRows, a.rows);
   Buffer xb = aligned_buffer(sizeof(uint16_t) * pass_rows * ldx);
-  std::vector<Buffer> sums(threads), packed(threads);
+  std::vector<Buffer> sums, packed;
+  for (int t = 0; t < threads; ++t) {
+    sums.push_back(aligned_buffer(sizeof(float) * pass_rows * ldc));
+    packed.push_back(aligned_buffer(kMaxTiles * kPackedTile));
+  }
   const uint16_t* x = static_cast<const uint16_t*>(a.x);
   uint16_t* out = static_cast<uint16_t*>(a.out);
+  uint16_t* xr = reinterpret_cast<uint16_t*>(xb.get());
   for (int64_t r0 = 0; r0 < a.rows; r0 += kSuperRows) {
     const int64_t nrows = std::min(kSuperRows, a.rows - r0);
-    uint16_t* xr = reinterpret_cast<uint16_t*>(xb.get());
-    parallel_range(nrows, threads, grain_for(a.k), [&](int64_t i0, int64_t i1, int) {
-      for (int64_t i = i0; i < i1; ++i) {
-        std::memcpy(xr + i * ldx, x + (r0 + i) * a.ldx, a.k * sizeof(uint16_t));
-        std::memset(xr + i * ldx + a.k, 0, (ldx - a.k) * sizeof(uint16_t));
-      }
-    });
-    parallel_for(tasks, threads, [&](int64_t task, int slot) SK_GEMM_BF16 {
-      if (!sums[slot]) {
-        sums[slot] = aligned_buffer(sizeof(float) * kSuperRows * ldc);
-        packed[slot] = aligned_buffer(kMaxTiles * kPackedTile);
-      }
+    auto task_fn = [&](int64_t task, int slot) SK_GEMM_BF16 {
       float* c = reinterpret_cast<float*>(sums[slot].get());
       char* pk = packed[slot].get();
       const int64_t t0 = task * per_task, nt = std::min(per_task, n_tiles - t0);
@@ -262,7 +262,20 @@ SK_GEMM_BF16 void nm_gemm_24_bf16_avx512(const NMLinearArgs& a) {
           _mm256_mask_storeu_epi16(out + (r0 + r) * a.ldo + o, lanes, (__m256i)y);
         }
       }
-    });
+    };
+    // On OpenMP's team, not the kernels' own pool (parallel.h): inside a model, torch's OpenMP
+    // threads spin for a while after each of its ops and would take the pool helper's core.
+    std::atomic<int64_t> next{0};
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < nrows; ++i) {
+        std::memcpy(xr + i * ldx, x + (r0 + i) * a.ldx, a.k * sizeof(uint16_t));
+        std::memset(xr + i * ldx + a.k, 0, (ldx - a.k) * sizeof(uint16_t));
+      }
+      const int slot = omp_get_thread_num();
+      for (int64_t task; (task = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) task_fn(task, slot);
+    }
   }
 }
 

@@ -11,6 +11,11 @@
 // the join waited for its wake-up); with one busy process on the other core, 2:4 fp32
 // 11008x4096 decode fell from 2.4x to 1.1x dense (1 thread alone was faster than 2). Numbers for
 // this runtime: bench/bench_cpu_threads.py.
+// The exception is the 2:4 bf16 GEMM (nm_gemm_24_avx512.cpp, prefill): it runs on OpenMP's team.
+// Inside a model, torch's OpenMP threads spin for a while after each torch op and take the pool
+// helper's core, and a call of many milliseconds pays little for a late team thread. NOTE:
+// TinyLlama-1.1B shapes, bf16, 2:4, forward of 512 tokens against the dense model, Zen 4, same
+// process, random order: GEMM on this pool 0.89x, on OpenMP 1.00-1.10x (128 tokens: 0.81x, 1.02x).
 //
 // Helpers spin for a short while after a job (back-to-back decode calls never pay a wake-up),
 // then sleep on a condition variable, so an idle process burns no CPU. Nested calls (from inside
