@@ -6,7 +6,7 @@ W4A16 g128 with int8 activations (which has no dense fallback at all) against de
 ``F.linear``, interleaved in one process in a new random order each round, median over rounds of
 two calls each.
 
-    .venv/bin/python bench/bench_batched_nm.py [--shape 11008x4096] [--rows 16,65,128,512] [--rounds 6]
+    .venv/bin/python bench/bench_batched_nm.py [--shapes 11008x4096,...] [--rows 16,65,128,512] [--rounds 6]
 """
 
 from __future__ import annotations
@@ -24,11 +24,17 @@ import sparsekern as sk
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", default="11008x4096")
+    ap.add_argument("--shapes", default="11008x4096", help="out x in, comma-separated")
     ap.add_argument("--rows", default="16,65,128,512")
     ap.add_argument("--rounds", type=int, default=6)
     args = ap.parse_args()
-    out, k = (int(v) for v in args.shape.split("x"))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, bf16 x")
+    for shape in args.shapes.split(","):
+        out, k = (int(v) for v in shape.split("x"))
+        one_shape(out, k, [int(r) for r in args.rows.split(",")], args.rounds)
+
+
+def one_shape(out: int, k: int, rows_list: list[int], rounds: int) -> None:
     torch.manual_seed(0)
     rng = random.Random(0)
     w = sk.NMSparseWeight.from_dense(torch.randn(out, k) * 0.02, 2, 4, prune=True)
@@ -39,7 +45,7 @@ def main() -> None:
         "2:4 int4 g128": w.quantize("int4", 128).to(torch.bfloat16),
         "2:4 int4 g128 +a8": w.quantize("int4", 128, True, 32).to(torch.bfloat16),
     }
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {out}x{k}, bf16 x\n")
+    print(f"\n{out}x{k}\n")
     print(
         "| rows | "
         + " | ".join(f"{n} ms" for n in cases)
@@ -48,12 +54,12 @@ def main() -> None:
         + " |"
     )
     print("|---" * (2 * len(cases)) + "|")
-    for rows in (int(r) for r in args.rows.split(",")):
+    for rows in rows_list:
         x = torch.randn(rows, k).bfloat16()
         times = {n: [] for n in cases}
         with torch.no_grad(), sk.use_backend("cpu"):
             order = list(cases)
-            for _ in range(args.rounds):
+            for _ in range(rounds):
                 rng.shuffle(order)  # torch's GEMM right before a variant slows our pool (spinning OpenMP threads)
                 for name in order:
                     wt = cases[name]
