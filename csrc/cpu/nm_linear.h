@@ -80,7 +80,8 @@ bool nm_24_decompress_bf16_avx512(const NMLinearArgs& a, int64_t row0, int64_t n
 void nm_linear_decode_24_avx512(const NMLinearArgs& a);
 bool nm_a8_avx512_supported(const NMLinearArgs& a);
 void nm_linear_decode_a8_avx512(const NMLinearArgs& a);
-// 2:4 with bf16 x and bf16 values on AVX-512 BF16, any rows: the GEMM without a dense W
+// 2:4 with bf16 x on AVX-512 BF16 (bf16 values, or int8 / int4 with group_kept a multiple of 16
+// or one group per row; x used as it is), any rows: the GEMM without a dense W
 // (nm_gemm_24_avx512.cpp). x rows holding NaN/Inf are not the dense op's there (pruned columns
 // are skipped): the caller redoes them.
 bool nm_gemm_24_bf16_supported(const NMLinearArgs& a);
