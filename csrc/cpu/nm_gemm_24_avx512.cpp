@@ -1,28 +1,32 @@
-// 2:4 GEMM for many rows of x (prefill), bf16 x, AVX-512 BF16: no dense copy of W and no dense
-// tile, half the multiply-adds of the dense GEMM. Values in bf16, or int8 / int4 (W8A16, W4A16,
-// scale groups of a multiple of 16 kept slots, or one per row) dequantized to bf16 as they are
-// packed, which is what the decompressed tiles held before.
+// 2:4 GEMM for many rows of x (prefill) on AVX-512 BF16 CPUs: no dense copy of W and no dense
+// tile, half the multiply-adds of the dense GEMM. bf16 x with values in bf16, or int8 / int4
+// (W8A16, W4A16, scale groups of a multiple of 16 kept slots, or one per row) dequantized to bf16
+// as they are packed, which is what the decompressed tiles held before; or fp32 x and values.
 //
-// Vectorized over output features, 16 fp32 lanes per zmm. A group's two kept values are one bf16
-// pair, so vdpbf16ps of the 16 features' pairs of group g with, lane by lane, the pair
+// Vectorized over output features, 16 fp32 lanes per zmm. bf16: a group's two kept values are one
+// bf16 pair, so vdpbf16ps of the 16 features' pairs of group g with, lane by lane, the pair
 // (x[r, 4g + i0], x[r, 4g + i1]) adds 16 features' group g for row r. That pair vector is one
 // vpermw of x's 32 columns around g (any i0, i1: garbage meta reads a wrong column of its own
-// group, never outside x). Per 16 features and group, the pairs and the vpermw indices are packed
-// (a 16 x 16 transpose of the values, the meta fields spread to words) once per pass of up to 288
-// rows and reused by each of them; the micro-kernel keeps 2 x 16 features of 12 rows in 24 accumulators, so a pair of
-// 12 x 2 products costs 4 loads of the packed block and 12 of x (all in L1).
+// group, never outside x). fp32: the same with one vpermps (16-column window) and one FMA per kept
+// slot. Per 16 features and group, the values and the permute indices are packed (a 16 x 16
+// transpose of the values, the meta fields spread to words) once per pass of up to 288 rows and
+// reused by each of them; the bf16 micro-kernel keeps 2 x 16 features of 12 rows in 24
+// accumulators (4 loads of the packed block and 12 of x per 24 pairs, all in L1), the fp32 one 16
+// features of 12 rows.
 //
 // Work: tasks of up to 128 features, claimed by the threads of an OpenMP team (see parallel.h for
-// why not the kernels' own pool here); each walks K in blocks of 32 groups
-// (pack the block, then every 12-row block of x), with fp32 sums per task between blocks. Rows of
-// x go 288 at a time (a pass), copied to a buffer of whole 32-column windows.
+// why not the kernels' own pool here); each walks K in blocks of 32 groups (pack the block, then
+// every 12-row block of x), with fp32 sums per task between blocks. Rows of x go 288 at a time (a
+// pass), copied to a buffer of whole windows.
 //
 // NOTE: 2:4, bf16, Zen 4 EPYC, 1 thread, kept multiply-adds per second (dense bf16 F.linear:
-// 104-109 G): this kernel 60-65 G, so 1.15-1.2x dense at 2 threads too (11008x4096 and
-// 4096x11008, 65-512 rows: 1.12-1.21x, the decompressed-tile path it replaces 0.70-0.91x). vpermw
-// + vdpbf16ps issue tops out at ~2.6 G pairs/s per core (a register-only loop). Tried first: x
-// stored as the six column pairs of each group for 64 rows (three times x), weights broadcast,
-// one load per vdpbf16ps: 50-55 G (loads and L2 misses bound it). Packing is ~15% of the time.
+// 93-103 G): this kernel 60-65 G, so 1.05-1.2x dense at 2 threads (65-512 rows, five Llama
+// shapes; the decompressed-tile path it replaces 0.70-0.92x). vpermw + vdpbf16ps issue tops out at
+// ~2.6 G pairs/s per core (a register-only loop). Tried first: x stored as the six column pairs of
+// each group for 64 rows (three times x), weights broadcast, one load per vdpbf16ps: 50-55 G
+// (loads and L2 misses bound it). Packing is ~15% of the time. fp32, 2 threads: 1.35-2.8x dense
+// fp32 F.linear at 13-512 rows (the tiles 0.42-0.98x past the decode rows). Numbers:
+// bench/results/cpu-epyc-zen4-avx512-2core-2026-11-26-session8.md.
 #if defined(__x86_64__)
 #include <immintrin.h>
 
@@ -34,6 +38,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <type_traits>
+#include <utility>
 #include <new>
 #include <vector>
 
@@ -206,31 +212,131 @@ MicroFn micro_fn(int rows, int tiles) {
                     : micro_for<1>(rows, std::make_integer_sequence<int, kRows>{});
 }
 
-}  // namespace
 
-bool nm_gemm_24_bf16_supported(const NMLinearArgs& a) {
-  const bool values_ok = !a.qbits || a.groups == 1 || a.group_kept % 16 == 0;
-  return a.n == 2 && a.m == 4 && a.dtype == DType::kBF16 && values_ok && !a.act_block && a.k % 4 == 0 &&
-         active_isa() >= Isa::kAvx512Bf16;
+// fp32: a kept value per FMA. Per 16 features and group: the values of the group's first kept
+// slot, their vpermps indices (4j + i0, j = g % 4, in x's 16-column window), the second slot's
+// values and indices.
+constexpr int64_t kTileBytesF32 = 256;
+
+SK_GEMM_BF16 void pack_tile_f32(const NMLinearArgs& a, int64_t o0, int64_t g0, int ng, char* dst) {
+  const int64_t kept = a.k / 2;
+  const int live = static_cast<int>(std::min<int64_t>(16, a.out_features - o0));
+  const float* v = static_cast<const float*>(a.values) + o0 * kept;
+  for (int h = 0; h < ng; h += 8) {  // 8 groups (16 slots) at a time: transpose [feature][slot]
+    const int n = std::min(8, ng - h);
+    const __mmask16 slots = static_cast<__mmask16>((1u << (2 * n)) - 1);
+    __m512i r[16];
+    for (int f = 0; f < 16; ++f)
+      r[f] = f < live ? _mm512_maskz_loadu_epi32(slots, v + f * kept + 2 * (g0 + h)) : _mm512_setzero_si512();
+    transpose16(r);
+    for (int j = 0; j < 2 * n; ++j) _mm512_store_si512(dst + (h + j / 2) * kTileBytesF32 + (j % 2) * 128, r[j]);
+  }
+  const __mmask16 lanes = static_cast<__mmask16>((1u << live) - 1);
+  const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(static_cast<int32_t>(a.meta_words)));
+  const int32_t* meta = a.meta + o0 * a.meta_words;
+  for (int q = 0; q < (ng + 7) / 8; ++q) {
+    const __m512i mw = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), lanes, rows, meta + g0 / 8 + q, 4);
+    for (int j = 0; j < 8 && 8 * q + j < ng; ++j) {
+      const __m512i nib = _mm512_and_si512(_mm512_srli_epi32(mw, 4 * j), _mm512_set1_epi32(15));
+      const __m512i base = _mm512_set1_epi32(4 * (j % 4));
+      char* d = dst + (8 * q + j) * kTileBytesF32;
+      _mm512_store_si512(d + 64, _mm512_add_epi32(base, _mm512_and_si512(nib, _mm512_set1_epi32(3))));
+      _mm512_store_si512(d + 192, _mm512_add_epi32(base, _mm512_srli_epi32(nib, 2)));
+    }
+  }
 }
 
-SK_GEMM_BF16 void nm_gemm_24_bf16_avx512(const NMLinearArgs& a) {
+// c[r * ldc + lane] (+)= one tile's 16 features, rows r < R, groups [0, ng): x rows at x (fp32).
+template <int R>
+SK_GEMM_BF16 void micro_f32(const char* pk, const float* x, int64_t ldx, int ng, float* c, int64_t ldc, bool first) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = first ? _mm512_setzero_ps() : _mm512_load_ps(c + r * ldc);
+  for (int g = 0; g < ng; ++g) {
+    const char* p = pk + g * kTileBytesF32;
+    const __m512 w0 = _mm512_load_ps(p), w1 = _mm512_load_ps(p + 128);
+    const __m512i i0 = _mm512_load_si512(p + 64), i1 = _mm512_load_si512(p + 192);
+    const float* xw = x + 16 * (g / 4);
+    for (int r = 0; r < R; ++r) {
+      __m512 xv = _mm512_loadu_ps(xw + r * ldx);
+      __asm__("" : "+v"(xv));  // one load for both slots
+      acc[r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(i0, xv), w0, acc[r]);
+      acc[r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(i1, xv), w1, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm512_store_ps(c + r * ldc, acc[r]);
+}
+
+using MicroF32 = void (*)(const char*, const float*, int64_t, int, float*, int64_t, bool);
+
+template <int... R>
+constexpr MicroF32 micro_f32_for(int rows, std::integer_sequence<int, R...>) {
+  MicroF32 fn = nullptr;
+  ((fn = rows == R + 1 ? micro_f32<R + 1> : fn), ...);
+  return fn;
+}
+
+// The packing, micro-kernels and element types of one of the two kernels.
+template <bool F32>
+struct Kind {
+  using X = std::conditional_t<F32, float, uint16_t>;
+  static constexpr int64_t kWindow = F32 ? 16 : 32;  // x columns one permute indexes
+  static constexpr int64_t kTile = kBlockGroups * (F32 ? kTileBytesF32 : kTileBytes);
+  static constexpr int kTilesPerMicro = F32 ? 1 : 2;
+  SK_GEMM_BF16 static void pack(const NMLinearArgs& a, int64_t o0, int64_t g0, int ng, char* dst) {
+    if constexpr (F32) {
+      pack_tile_f32(a, o0, g0, ng, dst);
+    } else {
+      pack_tile(a, o0, g0, ng, dst);
+    }
+  }
+  static void micro(int rows, int tiles, const char* pk, const X* x, int64_t ldx, int ng, float* c, int64_t ldc,
+                    bool first) {
+    if constexpr (F32) {
+      micro_f32_for(rows, std::make_integer_sequence<int, kRows>{})(pk, x, ldx, ng, c, ldc, first);
+    } else {
+      micro_fn(rows, tiles)(pk, x, ldx, ng, c, ldc, first);
+    }
+  }
+  // 16 sums (+ the bias) into out at o, lanes masked.
+  SK_GEMM_BF16 static void store(const NMLinearArgs& a, __m512 sums, int64_t o, int64_t row, __mmask16 lanes) {
+    __m512 b = _mm512_setzero_ps();
+    if (a.bias) {
+      if constexpr (F32) {
+        b = _mm512_maskz_loadu_ps(lanes, static_cast<const float*>(a.bias) + o);
+      } else {
+        const __m256i bb = _mm256_maskz_loadu_epi16(lanes, static_cast<const uint16_t*>(a.bias) + o);
+        b = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bb), 16));
+      }
+    }
+    if constexpr (F32) {
+      _mm512_mask_storeu_ps(static_cast<float*>(a.out) + row * a.ldo + o, lanes, _mm512_add_ps(sums, b));
+    } else {
+      const __m256bh y = _mm512_cvtneps_pbh(_mm512_add_ps(sums, b));
+      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(a.out) + row * a.ldo + o, lanes, (__m256i)y);
+    }
+  }
+};
+
+template <bool F32>
+SK_GEMM_BF16 void gemm24(const NMLinearArgs& a) {
+  using K = Kind<F32>;
+  using X = typename K::X;
   const int64_t groups = a.k / 4, n_tiles = (a.out_features + 15) / 16;
   const int threads = std::max(a.threads, 1);
   // Tiles per task: about four tasks per thread, whole tile pairs, at most kMaxTiles.
   const int64_t per_task = std::clamp<int64_t>((n_tiles + 4 * threads - 1) / (4 * threads) + 1 & ~int64_t{1}, 2, kMaxTiles);
   const int64_t tasks = (n_tiles + per_task - 1) / per_task, ldc = per_task * 16;
-  const int64_t ldx = (a.k + 31) / 32 * 32 + 32;  // whole windows, and rows not 4 KiB apart
+  const int64_t ldx = (a.k + K::kWindow - 1) / K::kWindow * K::kWindow + K::kWindow;  // whole windows, rows not 4 KiB apart
   const int64_t pass_rows = std::min(kSuperRows, a.rows);
-  Buffer xb = aligned_buffer(sizeof(uint16_t) * pass_rows * ldx);
+  Buffer xb = aligned_buffer(sizeof(X) * pass_rows * ldx);
   std::vector<Buffer> sums, packed;
   for (int t = 0; t < threads; ++t) {
     sums.push_back(aligned_buffer(sizeof(float) * pass_rows * ldc));
-    packed.push_back(aligned_buffer(kMaxTiles * kPackedTile));
+    packed.push_back(aligned_buffer(kMaxTiles * K::kTile));
   }
-  const uint16_t* x = static_cast<const uint16_t*>(a.x);
-  uint16_t* out = static_cast<uint16_t*>(a.out);
-  uint16_t* xr = reinterpret_cast<uint16_t*>(xb.get());
+  const X* x = static_cast<const X*>(a.x);
+  X* xr = reinterpret_cast<X*>(xb.get());
   for (int64_t r0 = 0; r0 < a.rows; r0 += kSuperRows) {
     const int64_t nrows = std::min(kSuperRows, a.rows - r0);
     auto task_fn = [&](int64_t task, int slot) SK_GEMM_BF16 {
@@ -239,28 +345,19 @@ SK_GEMM_BF16 void nm_gemm_24_bf16_avx512(const NMLinearArgs& a) {
       const int64_t t0 = task * per_task, nt = std::min(per_task, n_tiles - t0);
       for (int64_t g0 = 0; g0 < groups; g0 += kBlockGroups) {
         const int ng = static_cast<int>(std::min<int64_t>(kBlockGroups, groups - g0));
-        for (int64_t t = 0; t < nt; ++t) pack_tile(a, 16 * (t0 + t), g0, ng, pk + t * kPackedTile);
+        for (int64_t t = 0; t < nt; ++t) K::pack(a, 16 * (t0 + t), g0, ng, pk + t * K::kTile);
         for (int64_t rb = 0; rb < nrows; rb += kRows) {
           const int rr = static_cast<int>(std::min<int64_t>(kRows, nrows - rb));
-          for (int64_t t = 0; t < nt; t += 2) {
-            const int tt = static_cast<int>(std::min<int64_t>(2, nt - t));
-            micro_fn(rr, tt)(pk + t * kPackedTile, xr + rb * ldx + 4 * g0, ldx, ng, c + rb * ldc + 16 * t, ldc, g0 == 0);
+          for (int64_t t = 0; t < nt; t += K::kTilesPerMicro) {
+            const int tt = static_cast<int>(std::min<int64_t>(K::kTilesPerMicro, nt - t));
+            K::micro(rr, tt, pk + t * K::kTile, xr + rb * ldx + 4 * g0, ldx, ng, c + rb * ldc + 16 * t, ldc, g0 == 0);
           }
         }
       }
-      // The sums as bf16, plus the bias, into out.
-      for (int64_t t = 0; t < nt; ++t) {
+      for (int64_t t = 0; t < nt; ++t) {  // the sums, plus the bias, into out
         const int64_t o = 16 * (t0 + t);
         const __mmask16 lanes = static_cast<__mmask16>((1u << std::min<int64_t>(16, a.out_features - o)) - 1);
-        __m512 b = _mm512_setzero_ps();
-        if (a.bias) {
-          const __m256i bb = _mm256_maskz_loadu_epi16(lanes, static_cast<const uint16_t*>(a.bias) + o);
-          b = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bb), 16));
-        }
-        for (int64_t r = 0; r < nrows; ++r) {
-          const __m256bh y = _mm512_cvtneps_pbh(_mm512_add_ps(_mm512_load_ps(c + r * ldc + 16 * t), b));
-          _mm256_mask_storeu_epi16(out + (r0 + r) * a.ldo + o, lanes, (__m256i)y);
-        }
+        for (int64_t r = 0; r < nrows; ++r) K::store(a, _mm512_load_ps(c + r * ldc + 16 * t), o, r0 + r, lanes);
       }
     };
     // On OpenMP's team, not the kernels' own pool (parallel.h): inside a model, torch's OpenMP
@@ -270,13 +367,26 @@ SK_GEMM_BF16 void nm_gemm_24_bf16_avx512(const NMLinearArgs& a) {
     {
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < nrows; ++i) {
-        std::memcpy(xr + i * ldx, x + (r0 + i) * a.ldx, a.k * sizeof(uint16_t));
-        std::memset(xr + i * ldx + a.k, 0, (ldx - a.k) * sizeof(uint16_t));
+        std::memcpy(xr + i * ldx, x + (r0 + i) * a.ldx, a.k * sizeof(X));
+        std::memset(xr + i * ldx + a.k, 0, (ldx - a.k) * sizeof(X));
       }
       const int slot = omp_get_thread_num();
       for (int64_t task; (task = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) task_fn(task, slot);
     }
   }
+}
+
+}  // namespace
+
+bool nm_gemm_24_supported(const NMLinearArgs& a) {
+  if (a.n != 2 || a.m != 4 || a.act_block || a.k % 4 != 0 || active_isa() < Isa::kAvx512Bf16) return false;
+  if (a.dtype == DType::kF32) return !a.qbits;
+  return a.dtype == DType::kBF16 && (!a.qbits || a.groups == 1 || a.group_kept % 16 == 0);
+}
+
+void nm_gemm_24_avx512(const NMLinearArgs& a) {
+  if (a.dtype == DType::kF32) return gemm24<true>(a);
+  gemm24<false>(a);
 }
 
 }  // namespace sparsekern::detail

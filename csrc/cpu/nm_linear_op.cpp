@@ -29,11 +29,12 @@ constexpr int64_t kDecodeMaxRows = 8;
 // so chunked decode stays ahead to ~32 rows in fp32 and ~64 in bf16/fp16.
 constexpr int64_t kChunkedDecodeMaxRowsF32 = 32;
 constexpr int64_t kChunkedDecodeMaxRowsHalf = 64;
-// From this many rows the 2:4 bf16 GEMM (nm_gemm_24_avx512.cpp) runs where it applies. NOTE:
+// From this many rows the 2:4 GEMM (nm_gemm_24_avx512.cpp) runs where it applies. NOTE:
 // Zen 4, 2 threads, bf16, x dense F.linear: 11008x4096 decode passes 1.42x at 8 rows, 1.02x at
 // 12, 0.97x at 16; the GEMM 0.99x, 1.03x, 1.12x (2048x2048: decode 0.96x, 0.83x, 0.63x; GEMM
 // 0.80x, 0.77x, 1.30x). W8A16 / W4A16 g128 (11008x4096): decode 1.04-1.09x at 8 rows, 0.85-0.90x
-// at 12, 0.71-0.75x at 16; the GEMM 0.81-0.84x, 0.85-0.91x, 0.86-0.97x.
+// at 12, 0.71-0.75x at 16; the GEMM 0.81-0.84x, 0.85-0.91x, 0.86-0.97x. fp32 (x dense fp32):
+// at 13 rows the GEMM 1.98-2.78x, the decode passes 0.96-2.18x (four Llama shapes).
 constexpr int64_t kSparseGemmMinRows = 13;
 // The same with int8 activations (x rounded, then the GEMM). NOTE: int4 g128 +a8, 11008x4096:
 // decode 0.94x at 16 rows, 0.66x at 32, 0.63x at 48; the GEMM 0.59x, 0.67x, 0.79x.
@@ -51,7 +52,7 @@ int64_t nm_decode_max_rows(const NMLinearArgs& a) {
 #if defined(__x86_64__)
   NMLinearArgs rounded = a;  // int8 activations: the GEMM runs on x as rounded
   rounded.act_block = 0;
-  if (detail::nm_gemm_24_bf16_supported(rounded)) return (a.act_block ? kSparseGemmMinRowsA8 : kSparseGemmMinRows) - 1;
+  if (detail::nm_gemm_24_supported(rounded)) return (a.act_block ? kSparseGemmMinRowsA8 : kSparseGemmMinRows) - 1;
 #endif
   return a.dtype == DType::kF32 ? kChunkedDecodeMaxRowsF32 : kChunkedDecodeMaxRowsHalf;
 }
@@ -59,8 +60,8 @@ int64_t nm_decode_max_rows(const NMLinearArgs& a) {
 void nm_linear_many_rows(const NMLinearArgs& a, const at::Tensor& x, const std::optional<at::Tensor>& bias,
                          at::Tensor& y) {
 #if defined(__x86_64__)
-  if (detail::nm_gemm_24_bf16_supported(a)) {
-    detail::nm_gemm_24_bf16_avx512(a);
+  if (detail::nm_gemm_24_supported(a)) {
+    detail::nm_gemm_24_avx512(a);
     // The kernel skips pruned columns: rows of x holding NaN/Inf again through the dense tiles.
     redo_nonfinite_rows(x, y, nonfinite_rows(x), [&](const at::Tensor& xb) {
       at::Tensor yb = at::empty({xb.size(0), a.out_features}, y.options());

@@ -11,7 +11,7 @@
 // the join waited for its wake-up); with one busy process on the other core, 2:4 fp32
 // 11008x4096 decode fell from 2.4x to 1.1x dense (1 thread alone was faster than 2). Numbers for
 // this runtime: bench/bench_cpu_threads.py.
-// The exception is the 2:4 bf16 GEMM (nm_gemm_24_avx512.cpp, prefill): it runs on OpenMP's team.
+// The exception is the 2:4 GEMM (nm_gemm_24_avx512.cpp, prefill): it runs on OpenMP's team.
 // Inside a model, torch's OpenMP threads spin for a while after each torch op and take the pool
 // helper's core, and a call of many milliseconds pays little for a late team thread. NOTE:
 // TinyLlama-1.1B shapes, bf16, 2:4, forward of 512 tokens against the dense model, Zen 4, same
