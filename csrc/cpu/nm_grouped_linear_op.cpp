@@ -93,11 +93,7 @@ at::Tensor nm_grouped_linear_cpu(const at::Tensor& x_in, const at::Tensor& value
   for (size_t i = 0; i < decode.size(); ++i) {
     const at::Tensor xs = x.narrow(0, decode[i].r0, decode[i].rows);
     at::Tensor ys = y.narrow(0, decode[i].r0, decode[i].rows);
-    redo_nonfinite_rows(xs, ys, nonfinite_rows(xs), [&](const at::Tensor& xb) {
-      at::Tensor yb = at::empty({xb.size(0), out}, y.options());
-      nm_linear_gemm(decode_args[i], xb, std::nullopt, yb);
-      return yb;
-    });
+    redo_nonfinite_on_tiles(decode_args[i], xs, std::nullopt, ys);
   }
   return y;
 }

@@ -57,17 +57,22 @@ int64_t nm_decode_max_rows(const NMLinearArgs& a) {
   return a.dtype == DType::kF32 ? kChunkedDecodeMaxRowsF32 : kChunkedDecodeMaxRowsHalf;
 }
 
+void redo_nonfinite_on_tiles(const NMLinearArgs& a, const at::Tensor& x, const std::optional<at::Tensor>& bias,
+                             at::Tensor& y) {
+  redo_nonfinite_rows(x, y, nonfinite_rows(x), [&](const at::Tensor& xb) {
+    at::Tensor yb = at::empty({xb.size(0), a.out_features}, y.options());
+    nm_linear_gemm(a, xb, bias, yb);
+    return yb;
+  });
+}
+
 void nm_linear_many_rows(const NMLinearArgs& a, const at::Tensor& x, const std::optional<at::Tensor>& bias,
                          at::Tensor& y) {
 #if defined(__x86_64__)
   if (detail::nm_gemm_24_supported(a)) {
     detail::nm_gemm_24_avx512(a);
     // The kernel skips pruned columns: rows of x holding NaN/Inf again through the dense tiles.
-    redo_nonfinite_rows(x, y, nonfinite_rows(x), [&](const at::Tensor& xb) {
-      at::Tensor yb = at::empty({xb.size(0), a.out_features}, y.options());
-      nm_linear_gemm(a, xb, bias, yb);
-      return yb;
-    });
+    redo_nonfinite_on_tiles(a, x, bias, y);
     return;
   }
 #endif
@@ -193,20 +198,12 @@ void nm_linear_run(const at::Tensor& x, const at::Tensor& values, const at::Tens
     }
     // Rounding gives a row holding NaN/Inf finite integers: such rows are redone as the decode
     // path redoes them (the dense product of x as it is), so they come out as from the dense op.
-    redo_nonfinite_rows(x, y, nonfinite_rows(x), [&](const at::Tensor& xb) {
-      at::Tensor yb = at::empty({xb.size(0), out_features}, y.options());
-      nm_linear_gemm(a, xb, bias, yb);
-      return yb;
-    });
+    redo_nonfinite_on_tiles(a, x, bias, y);
     return;
   }
   // Few rows: the decode kernel, 8 rows of x per pass over the weights.
   nm_linear_decode_passes(a);
-  redo_nonfinite_rows(x, y, nonfinite_rows(x), [&](const at::Tensor& xb) {
-    at::Tensor yb = at::empty({xb.size(0), out_features}, y.options());
-    nm_linear_gemm(a, xb, bias, yb);  // uses a's weights only
-    return yb;
-  });
+  redo_nonfinite_on_tiles(a, x, bias, y);  // uses a's weights only
 }
 
 namespace {

@@ -24,6 +24,11 @@ void nm_linear_decode_passes(const NMLinearArgs& a);
 void nm_linear_many_rows(const NMLinearArgs& a, const at::Tensor& x, const std::optional<at::Tensor>& bias,
                          at::Tensor& y);
 
+// Rows of x holding NaN/Inf, recomputed into y by nm_linear_gemm (dense semantics: 0 * inf = nan
+// where a weight was pruned). Reads only a's weights; x and y are the tensors of a's call.
+void redo_nonfinite_on_tiles(const NMLinearArgs& a, const at::Tensor& x, const std::optional<at::Tensor>& bias,
+                             at::Tensor& y);
+
 // x [rows, a.k] @ W.T (+ bias) into y [rows, a.out_features] (contiguous): tiles of W decompressed,
 // dense GEMM on each, so NaN/Inf propagate as in the dense op. Reads only a's weights.
 void nm_linear_gemm(const NMLinearArgs& a, const at::Tensor& x, const std::optional<at::Tensor>& bias, at::Tensor& y);
