@@ -51,6 +51,7 @@ namespace sparsekern::detail {
 namespace {
 
 #define SK_GEMM_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#define SK_GEMM_INLINE __attribute__((always_inline)) inline
 
 constexpr int kRows = 12;                   // rows of x per micro-kernel
 constexpr int kBlockGroups = 32;            // groups (128 columns) per K block
@@ -131,6 +132,20 @@ SK_GEMM_BF16 inline __m512i pairs16(const NMLinearArgs& a, int64_t o, int64_t g,
   return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
 }
 
+// fn(i, nib) for groups g0 + i, i < ng (g0 a multiple of 8): nib lane l = the 4-bit index pair
+// (i0 | i1 << 2) of feature o0 + l's group (zero past `live` features).
+template <class Fn>
+SK_GEMM_BF16 SK_GEMM_INLINE void each_group_fields(const NMLinearArgs& a, int64_t o0, int live, int64_t g0, int ng, Fn fn) {
+  const __mmask16 lanes = static_cast<__mmask16>((1u << live) - 1);
+  const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(static_cast<int32_t>(a.meta_words)));
+  const int32_t* meta = a.meta + o0 * a.meta_words;
+  for (int q = 0; q < (ng + 7) / 8; ++q) {
+    const __m512i mw = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), lanes, rows, meta + g0 / 8 + q, 4);
+    for (int j = 0; j < 8 && 8 * q + j < ng; ++j) fn(8 * q + j, _mm512_and_si512(_mm512_srli_epi32(mw, 4 * j), _mm512_set1_epi32(15)));
+  }
+}
+
 // Features [o0, o0 + 16) (those past out_features: zero), groups [g0, g0 + ng) (g0 a multiple of
 // 32, ng <= 32): group g - g0 at dst + (g - g0) * kTileBytes, its 16 pairs then its 32 indices.
 SK_GEMM_BF16 void pack_tile(const NMLinearArgs& a, int64_t o0, int64_t g0, int ng, char* dst) {
@@ -155,21 +170,13 @@ SK_GEMM_BF16 void pack_tile(const NMLinearArgs& a, int64_t o0, int64_t g0, int n
   }
   // Indices: word 2l / 2l + 1 of group g (column 4j of its 32-column window, j = g % 8) =
   // 4j + i0 / 4j + i1 of feature l.
-  const __mmask16 lanes = static_cast<__mmask16>((1u << live) - 1);
-  const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                          _mm512_set1_epi32(static_cast<int32_t>(a.meta_words)));
-  const int32_t* meta = a.meta + o0 * a.meta_words;
-  for (int q = 0; q < (ng + 7) / 8; ++q) {
-    const int64_t word = g0 / 8 + q;
-    const __m512i mw = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), lanes, rows, meta + word, 4);
-    for (int j = 0; j < 8 && 8 * q + j < ng; ++j) {
-      const __m512i nib = _mm512_and_si512(_mm512_srli_epi32(mw, 4 * j), _mm512_set1_epi32(15));
-      const __m512i lo = _mm512_and_si512(nib, _mm512_set1_epi32(3));
-      const __m512i hi = _mm512_slli_epi32(_mm512_srli_epi32(nib, 2), 16);
-      const __m512i idx = _mm512_add_epi32(_mm512_or_si512(lo, hi), _mm512_set1_epi32((4 * j) | (4 * j) << 16));
-      _mm512_store_si512(dst + (8 * q + j) * kTileBytes + 64, idx);
-    }
-  }
+  each_group_fields(a, o0, live, g0, ng, [&](int i, __m512i nib) SK_GEMM_BF16 {
+    const int j = i % 8;
+    const __m512i lo = _mm512_and_si512(nib, _mm512_set1_epi32(3));
+    const __m512i hi = _mm512_slli_epi32(_mm512_srli_epi32(nib, 2), 16);
+    const __m512i idx = _mm512_add_epi32(_mm512_or_si512(lo, hi), _mm512_set1_epi32((4 * j) | (4 * j) << 16));
+    _mm512_store_si512(dst + i * kTileBytes + 64, idx);
+  });
 }
 
 // c[r * ldc + 16 t + lane] (+)= features of tiles t < T, rows r < R, groups [0, ng) of the block:
@@ -212,7 +219,6 @@ MicroFn micro_fn(int rows, int tiles) {
                     : micro_for<1>(rows, std::make_integer_sequence<int, kRows>{});
 }
 
-
 // fp32: a kept value per FMA. Per 16 features and group: the values of the group's first kept
 // slot, their vpermps indices (4j + i0, j = g % 4, in x's 16-column window), the second slot's
 // values and indices.
@@ -231,20 +237,12 @@ SK_GEMM_BF16 void pack_tile_f32(const NMLinearArgs& a, int64_t o0, int64_t g0, i
     transpose16(r);
     for (int j = 0; j < 2 * n; ++j) _mm512_store_si512(dst + (h + j / 2) * kTileBytesF32 + (j % 2) * 128, r[j]);
   }
-  const __mmask16 lanes = static_cast<__mmask16>((1u << live) - 1);
-  const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                          _mm512_set1_epi32(static_cast<int32_t>(a.meta_words)));
-  const int32_t* meta = a.meta + o0 * a.meta_words;
-  for (int q = 0; q < (ng + 7) / 8; ++q) {
-    const __m512i mw = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), lanes, rows, meta + g0 / 8 + q, 4);
-    for (int j = 0; j < 8 && 8 * q + j < ng; ++j) {
-      const __m512i nib = _mm512_and_si512(_mm512_srli_epi32(mw, 4 * j), _mm512_set1_epi32(15));
-      const __m512i base = _mm512_set1_epi32(4 * (j % 4));
-      char* d = dst + (8 * q + j) * kTileBytesF32;
-      _mm512_store_si512(d + 64, _mm512_add_epi32(base, _mm512_and_si512(nib, _mm512_set1_epi32(3))));
-      _mm512_store_si512(d + 192, _mm512_add_epi32(base, _mm512_srli_epi32(nib, 2)));
-    }
-  }
+  each_group_fields(a, o0, live, g0, ng, [&](int i, __m512i nib) SK_GEMM_BF16 {
+    const __m512i base = _mm512_set1_epi32(4 * (i % 4));
+    char* d = dst + i * kTileBytesF32;
+    _mm512_store_si512(d + 64, _mm512_add_epi32(base, _mm512_and_si512(nib, _mm512_set1_epi32(3))));
+    _mm512_store_si512(d + 192, _mm512_add_epi32(base, _mm512_srli_epi32(nib, 2)));
+  });
 }
 
 // c[r * ldc + lane] (+)= one tile's 16 features, rows r < R, groups [0, ng): x rows at x (fp32).
@@ -281,7 +279,7 @@ template <bool F32>
 struct Kind {
   using X = std::conditional_t<F32, float, uint16_t>;
   static constexpr int64_t kWindow = F32 ? 16 : 32;  // x columns one permute indexes
-  static constexpr int64_t kTile = kBlockGroups * (F32 ? kTileBytesF32 : kTileBytes);
+  static constexpr int64_t kTile = F32 ? kBlockGroups * kTileBytesF32 : kPackedTile;
   static constexpr int kTilesPerMicro = F32 ? 1 : 2;
   SK_GEMM_BF16 static void pack(const NMLinearArgs& a, int64_t o0, int64_t g0, int ng, char* dst) {
     if constexpr (F32) {
