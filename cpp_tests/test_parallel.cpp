@@ -1,9 +1,12 @@
 // ctest: the parallel runtime (csrc/cpu/parallel.h). Every chunk runs exactly once, nested and
-// concurrent calls work, a chunk's exception reaches the caller, a helper that is not running
-// never delays the caller, one that stalls mid-chunk sends the pool alone for a while, and an
-// idle pool burns no CPU.
+// concurrent calls work, a chunk's exception reaches the caller (on the pool's helpers and on
+// OpenMP's team), a helper that is not running never delays the caller, one that stalls mid-chunk
+// sends the pool alone for a while, an idle pool burns no CPU, and the automatic choice takes
+// OpenMP's team while it is hot and the pool's helpers once it has gone to sleep.
+#include <omp.h>
 #include <time.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -50,8 +53,9 @@ bool exactly_once(ThreadPool& pool, int64_t n, int threads) {
   return !bad_slot;
 }
 
-int test_exactly_once() {
+int test_exactly_once(ThreadPool::Team team) {
   ThreadPool pool;
+  pool.set_team(team);
   for (int threads : {1, 2, 3, 8})
     for (int64_t n : {1, 2, 7, 64, 1000, 100003})
       for (int rep = 0; rep < 3; ++rep)
@@ -84,8 +88,9 @@ int test_nested_and_concurrent() {
   return wrong.load() ? fail("concurrent callers lost or repeated chunks") : 0;
 }
 
-int test_exceptions() {
+int test_exceptions(ThreadPool::Team team) {
   ThreadPool pool;
+  pool.set_team(team);
   bool caught = false;
   try {
     pool.run(100, 2, [](int64_t c, int) {
@@ -110,6 +115,7 @@ void sleepy_helper() { std::this_thread::sleep_for(std::chrono::milliseconds(300
 // for it costs >= 300 ms per run, 3 runs: the 600 ms bound leaves room for a loaded machine.)
 int test_late_helper() {
   ThreadPool pool(sleepy_helper);
+  pool.set_team(ThreadPool::Team::kPool);  // OpenMP's join waits for every team thread: kAuto avoids a cold team
   std::atomic<int> off_caller{0};
   const auto t0 = Clock::now();
   for (int rep = 0; rep < 3; ++rep) {
@@ -131,8 +137,9 @@ int test_late_helper() {
 // The caller's chunks sleep (not spin) so that, on a loaded machine, the helper gets a core to
 // claim one. NOTE: with 50 us of spinning per caller chunk and 20 tries, a CI run beside another
 // test suite failed "no helper ever ran a chunk".
-int test_stalled_helper_sends_the_pool_alone() {
+int test_stalled_helper_sends_the_pool_alone(ThreadPool::Team team) {
   ThreadPool pool;
+  pool.set_team(team);
   std::atomic<int> off_caller{0};
   for (int rep = 0; rep < 60 && !pool.working_alone(); ++rep) {
     pool.run(16, 2, [&](int64_t, int slot) {
@@ -161,8 +168,26 @@ int test_stalled_helper_sends_the_pool_alone() {
   return off_caller.load() ? 0 : fail("stall: no helper ran a chunk after the pool went back to sharing");
 }
 
+// A call that both threads shared evenly is no stall: the pool keeps sharing. (A helper may be
+// preempted on a loaded machine, a real stall: tries repeat, after the alone period ends.)
+int test_shared_call_is_no_stall(ThreadPool::Team team) {
+  ThreadPool pool;
+  pool.set_team(team);
+  for (int rep = 0; rep < 20; ++rep) {
+    for (int i = 0; i < 400 && pool.working_alone(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    std::atomic<int> off_caller{0};
+    pool.run(16, 2, [&](int64_t, int slot) {
+      std::this_thread::sleep_for(std::chrono::microseconds(300));
+      off_caller += slot != 0;
+    });
+    if (off_caller.load() > 0 && !pool.working_alone()) return 0;
+  }
+  return fail("a call the helper shared sent the pool alone, every time");
+}
+
 int test_helpers_help_then_sleep() {
   ThreadPool pool;
+  pool.set_team(ThreadPool::Team::kPool);
   std::atomic<int> off_caller{0};
   for (int rep = 0; rep < 20 && off_caller.load() == 0; ++rep)
     pool.run(32, 2, [&](int64_t, int slot) {
@@ -180,11 +205,59 @@ int test_helpers_help_then_sleep() {
   return 0;
 }
 
+// Which team ran a call: a chunk on the caller sees an active OpenMP region only on OpenMP's team.
+bool ran_on_openmp(ThreadPool& pool) {
+  std::atomic<bool> openmp{false};
+  pool.run(8, 2, [&](int64_t, int slot) {
+    if (slot == 0 && omp_in_parallel()) openmp = true;
+  });
+  return openmp.load();
+}
+
+// kAuto: a call right after the team's worker was busy (here: a 20 ms region of its own, as
+// torch's ops keep it) runs on OpenMP; after 300 ms of idling (the worker asleep, or nearly all
+// the time) on the pool. On a loaded machine the worker may not get its core: tries repeat.
+int test_auto_follows_the_openmp_team() {
+  ThreadPool pool;
+  pool.set_team(ThreadPool::Team::kAuto);
+  if (!exactly_once(pool, 64, 2)) return fail("auto: a chunk ran other than once");  // learns the team
+  bool cold = false, hot = false;
+  for (int rep = 0; rep < 10 && !cold; ++rep) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    // Not alone (a stall sends every call inline) and not on OpenMP: the pool's helpers.
+    cold = !pool.working_alone() && !ran_on_openmp(pool);
+  }
+  if (!cold) return fail("auto: after 300 ms idle the call still went to OpenMP's sleeping team");
+  double best_share = 0;  // of the worker's core it got while busy
+  for (int rep = 0; rep < 20 && !hot; ++rep) {
+    double share = 0;
+#pragma omp parallel num_threads(2)
+    {
+      timespec c0, c1;
+      clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c0);
+      busy_us(20000);
+      clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c1);
+      if (omp_get_thread_num() == 1) share = ((c1.tv_sec - c0.tv_sec) * 1e3 + (c1.tv_nsec - c0.tv_nsec) / 1e6) / 20.0;
+    }
+    hot = ran_on_openmp(pool);
+    if (!hot && share >= 0.97) return fail("auto: after the team worked on its own core, the call was not on OpenMP");
+    best_share = std::max(best_share, share);
+  }
+  // The worker never had its core (a loaded machine): a worker sharing a core is no hot team.
+  if (!hot) std::printf("auto: hot case not judged, the worker got at most %.0f%% of a core\n", 100 * best_share);
+  return 0;
+}
+
 }  // namespace
 
 int main() {
-  if (test_exactly_once() || test_nested_and_concurrent() || test_exceptions() || test_late_helper() ||
-      test_stalled_helper_sends_the_pool_alone() || test_helpers_help_then_sleep())
+  using T = ThreadPool::Team;
+  for (T team : {T::kPool, T::kOpenMP, T::kAuto})
+    if (test_exactly_once(team) || test_exceptions(team)) return 1;
+  if (test_nested_and_concurrent() || test_late_helper() || test_stalled_helper_sends_the_pool_alone(T::kPool) ||
+      test_stalled_helper_sends_the_pool_alone(T::kOpenMP) || test_shared_call_is_no_stall(T::kPool) ||
+      test_shared_call_is_no_stall(T::kOpenMP) || test_helpers_help_then_sleep() ||
+      test_auto_follows_the_openmp_team())
     return 1;
   std::puts("parallel runtime: ok");
   return 0;

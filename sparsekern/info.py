@@ -30,6 +30,7 @@ def gather() -> dict[str, object]:
         "extension": "loaded" if HAS_C_EXT else f"not loaded: {LOAD_ERROR}",
         "cpu_isa": cpu_isa(),
         "threads": torch.get_num_threads(),
+        "cpu_parallel_team": torch.ops.sparsekern._cpu_parallel_team() if HAS_C_EXT else "none",
     }
     try:
         import triton

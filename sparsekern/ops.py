@@ -77,6 +77,9 @@ lib.define(
 lib.define("_token_scores_cpu(Tensor q, Tensor k, bool causal=False, float? scale=None, bool cls_only=False) -> Tensor")
 # Active CPU instruction set of the compiled kernels: 0 portable, 1 AVX2+FMA, 2 AVX-512, 3 AVX-512+bf16.
 lib.define("_cpu_isa() -> int")
+# The team the CPU kernels share a call with (csrc/cpu/parallel.h): "" reads it, "auto" / "pool" /
+# "openmp" sets it for the process (as SPARSEKERN_PARALLEL does at start).
+lib.define("_cpu_parallel_team(str team='') -> str")
 # One decode step of a Llama-family LM, every block (csrc/cpu/lean_step_op.cpp; arguments packed by
 # sparsekern/lean/native.py): the final-normed hidden state [B, hidden]; K/V of pos written in place.
 lib.define(

@@ -1,11 +1,14 @@
 // The parallel runtime behind parallel_for (see parallel.h for the rule it keeps and why).
 #include "cpu/parallel.h"
 
+#include <omp.h>
 #include <pthread.h>
+#include <time.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
+#include <cstring>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -53,11 +56,30 @@ int64_t now_ns() {
       .count();
 }
 
+ThreadPool::Team team_from_env() {
+  const char* e = std::getenv("SPARSEKERN_PARALLEL");
+  if (e && std::strcmp(e, "pool") == 0) return ThreadPool::Team::kPool;
+  if (e && std::strcmp(e, "openmp") == 0) return ThreadPool::Team::kOpenMP;
+  return ThreadPool::Team::kAuto;
+}
+
+// What a calling thread knows of its OpenMP team (each thread that starts regions has its own
+// team): the CPU clock of the team's first worker and the last reading of it.
+struct TeamClock {
+  bool known = false;
+  clockid_t worker{};
+  int64_t wall_ns = 0, cpu_ns = 0;
+};
+thread_local TeamClock tl_team;
+
 std::atomic<ThreadPool*> g_pool{nullptr};
 
 // A forked child has none of the parent's helper threads: it starts a fresh pool (the old one is
 // leaked on purpose; its mutexes may have been held by threads that do not exist in the child).
-void reset_pool_in_child() { g_pool.store(nullptr); }
+void reset_pool_in_child() {
+  g_pool.store(nullptr);
+  tl_team = TeamClock{};  // the parent's team threads do not exist here
+}
 
 }  // namespace
 
@@ -73,6 +95,8 @@ ThreadPool& default_pool() {
   delete fresh;
   return *p;
 }
+
+ThreadPool::ThreadPool(void (*on_wake)()) : on_wake_(on_wake), team_(team_from_env()) {}
 
 ThreadPool::~ThreadPool() {
   stop_.store(true);
@@ -150,16 +174,71 @@ void ThreadPool::helper_main(int index) {
 
 bool ThreadPool::working_alone() const { return now_ns() < alone_until_ns_.load(std::memory_order_relaxed); }
 
-void ThreadPool::run(int64_t n_chunks, int threads, ChunkFn fn, void* ctx) {
-  if (n_chunks <= 0) return;
-  threads = threads < 1 ? 1 : threads > kMaxThreads ? kMaxThreads : threads;
-  if (threads > n_chunks) threads = static_cast<int>(n_chunks);
-  std::unique_lock<std::mutex> busy(run_mutex_, std::defer_lock);
-  if (threads == 1 || tl_in_parallel || working_alone() || !busy.try_lock()) {
-    InParallel mark;
-    for (int64_t c = 0; c < n_chunks; ++c) fn(ctx, c, 0);
-    return;
+// Hot when the team's first worker ran for at least 80% of the wall time since the last check
+// (spinning for the next region, or working in torch's): it joins a region at once. A calling
+// thread that has no team clock yet (first call, or the worker's clock could not be read) goes to
+// OpenMP, which records it.
+bool ThreadPool::openmp_team_hot(int64_t now) {
+#if defined(__linux__)
+  TeamClock& tc = tl_team;
+  if (!tc.known) return true;
+  timespec ts;
+  if (clock_gettime(tc.worker, &ts) != 0) {
+    tc.known = false;
+    return true;
   }
+  const int64_t cpu = int64_t{ts.tv_sec} * 1'000'000'000 + ts.tv_nsec;
+  const int64_t wall = now - tc.wall_ns, ran = cpu - tc.cpu_ns;
+  tc.wall_ns = now;
+  tc.cpu_ns = cpu;
+  return 5 * ran >= 4 * wall;
+#else
+  (void)now;
+  return false;
+#endif
+}
+
+// Chunks on OpenMP's team, claimed from one counter; returns the caller's count of chunks and
+// sets *own_done to when it found none left. The region's end waits for every team thread.
+int64_t ThreadPool::run_on_openmp(int64_t n_chunks, int threads, ChunkFn fn, void* ctx, int64_t* own_done) {
+  std::atomic<int64_t> next{0};
+  std::atomic<bool> failed{false};
+  std::exception_ptr error;
+  int64_t mine = 0;
+  bool recorded = false;
+  clockid_t worker{};
+#pragma omp parallel num_threads(threads)
+  {
+    InParallel mark;
+    const int slot = omp_get_thread_num();
+#if defined(__linux__)
+    if (slot == 1) recorded = pthread_getcpuclockid(pthread_self(), &worker) == 0;
+#endif
+    int64_t ran = 0;
+    for (int64_t c; !failed.load(std::memory_order_relaxed) && (c = next.fetch_add(1)) < n_chunks; ++ran) {
+      try {
+        fn(ctx, c, slot);
+      } catch (...) {
+        if (!failed.exchange(true)) error = std::current_exception();
+      }
+    }
+    if (slot == 0) {
+      mine = ran;
+      *own_done = now_ns();
+    }
+  }
+  TeamClock& tc = tl_team;
+  timespec ts;
+  if (recorded && (!tc.known || worker != tc.worker) && clock_gettime(worker, &ts) == 0) {
+    tc = TeamClock{true, worker, now_ns(), int64_t{ts.tv_sec} * 1'000'000'000 + ts.tv_nsec};
+  }
+  if (error) std::rethrow_exception(error);
+  return mine;
+}
+
+// Chunks on this pool's helpers (see the file comment); returns the caller's count of chunks and
+// sets *own_done to when it found none left.
+int64_t ThreadPool::run_on_pool(int64_t n_chunks, int threads, ChunkFn fn, void* ctx, int64_t* own_done) {
   grow(threads - 1);
   const int64_t group = (n_chunks + kMaxTickets - 1) / kMaxTickets, n = (n_chunks + group - 1) / group;
   job_.fn = fn;
@@ -180,15 +259,14 @@ void ThreadPool::run(int64_t n_chunks, int threads, ChunkFn fn, void* ctx) {
     }
     wake_.notify_all();
   }
-  const int64_t start = now_ns();
-  int64_t mine = 0;  // chunks the caller ran
+  int64_t mine = 0;  // tickets the caller ran
   {
     InParallel mark;
     uint64_t last;
     while (claim_and_run(0, &last)) ++mine;
   }
   // Only chunks a running helper has claimed are left: wait for those alone.
-  const int64_t own_done = now_ns();
+  *own_done = now_ns();
   for (int i = 1; job_.done.load(std::memory_order_acquire) < n; ++i) {
     if (i < 4096) {
       SK_PAUSE();
@@ -196,17 +274,37 @@ void ThreadPool::run(int64_t n_chunks, int threads, ChunkFn fn, void* ctx) {
       std::this_thread::yield();
     }
   }
-  const int64_t end = now_ns(), waited = end - own_done;
-  if (waited > kStallMinNs && waited > own_done - start) {  // a helper stopped running mid-chunk
-    alone_ns_ = std::min(kAloneMaxNs, alone_ns_ ? 2 * alone_ns_ : kAloneMinNs);
-    alone_until_ns_.store(end + alone_ns_, std::memory_order_relaxed);
-  } else if (mine < n) {  // shared without a stall
-    alone_ns_ = 0;
-  }
   if (job_.failed.load(std::memory_order_relaxed)) {
     std::exception_ptr e = job_.error;
     job_.error = nullptr;
     std::rethrow_exception(e);
+  }
+  return mine < n ? mine : n_chunks;  // in chunks once it is all of them (tickets may group chunks)
+}
+
+void ThreadPool::run(int64_t n_chunks, int threads, ChunkFn fn, void* ctx) {
+  if (n_chunks <= 0) return;
+  threads = threads < 1 ? 1 : threads > kMaxThreads ? kMaxThreads : threads;
+  if (threads > n_chunks) threads = static_cast<int>(n_chunks);
+  std::unique_lock<std::mutex> busy(run_mutex_, std::defer_lock);
+  if (threads == 1 || tl_in_parallel || working_alone() || !busy.try_lock()) {
+    InParallel mark;
+    for (int64_t c = 0; c < n_chunks; ++c) fn(ctx, c, 0);
+    return;
+  }
+  const int64_t start = now_ns();
+  const Team team = team_.load(std::memory_order_relaxed);
+  const bool openmp = team == Team::kOpenMP || (team == Team::kAuto && openmp_team_hot(start));
+  int64_t own_done = start;
+  // A chunk's exception propagates from here: a failed call says nothing about stalls.
+  const int64_t mine = openmp ? run_on_openmp(n_chunks, threads, fn, ctx, &own_done)
+                              : run_on_pool(n_chunks, threads, fn, ctx, &own_done);
+  const int64_t end = now_ns(), waited = end - own_done;
+  if (waited > kStallMinNs && waited > own_done - start) {  // a helper stopped running mid-chunk
+    alone_ns_ = std::min(kAloneMaxNs, alone_ns_ ? 2 * alone_ns_ : kAloneMinNs);
+    alone_until_ns_.store(end + alone_ns_, std::memory_order_relaxed);
+  } else if (mine < n_chunks) {  // shared without a stall
+    alone_ns_ = 0;
   }
 }
 

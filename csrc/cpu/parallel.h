@@ -1,4 +1,5 @@
-// The CPU kernels' parallel runtime: a caller never waits for a thread that has not started.
+// The CPU kernels' parallel runtime: a caller never waits for a thread that has not started,
+// except on OpenMP's team while that team is hot (below), which joins at once.
 //
 // Work is split into chunks claimed one at a time from an atomic ticket. The calling thread
 // claims and runs chunks itself and, once none are left, waits only for chunks that a helper has
@@ -11,19 +12,35 @@
 // the join waited for its wake-up); with one busy process on the other core, 2:4 fp32
 // 11008x4096 decode fell from 2.4x to 1.1x dense (1 thread alone was faster than 2). Numbers for
 // this runtime: bench/bench_cpu_threads.py.
-// The exception is the 2:4 GEMM (nm_gemm_24_avx512.cpp, prefill): it runs on OpenMP's team.
-// Inside a model, torch's OpenMP threads spin for a while after each torch op and take the pool
-// helper's core, and a call of many milliseconds pays little for a late team thread. NOTE:
-// TinyLlama-1.1B shapes, bf16, 2:4, forward of 512 tokens against the dense model, Zen 4, same
-// process, random order: GEMM on this pool 0.89x, on OpenMP 1.00-1.10x (128 tokens: 0.81x, 1.02x).
+//
+// But inside a model the pool's helper is the intruder: after each torch op, torch's OpenMP
+// threads spin for a few milliseconds waiting for the next parallel region, on the very cores
+// the helper needs, so the helper runs late or not at all (perf, HF generate decode, 2:4 bf16:
+// torch's OpenMP worker spun for 31.6% of all samples). Such a team joins a region at once. So a
+// call goes to OpenMP's team (still claiming chunks from one counter) when that team is hot, and
+// to this pool otherwise. Hot: the team's first worker thread ran for at least 80% of the wall
+// time since the previous check (its CPU clock, one clock_gettime), i.e. it was spinning or
+// working, not asleep and not sharing its core with another process. The first call of a
+// calling thread goes to OpenMP to learn its team. NOTE: TinyLlama-1.1B shapes, fp32, 2:4,
+// HF `generate`, Zen 4, both teams in one process, interleaved (bench/bench_generate_rounds.py
+// --teams auto,pool): batch 1 6.6 -> 8.3 tokens/s, batch 8 18.4 -> 31.4; the lean decode path
+// unchanged. Always OpenMP fails where the pool is right: block 90% 4096x4096, first call after
+// 200 ms idle 4.1-4.5 ms against 0.54-0.66 (the join waits for a sleeping thread), and 0.43x
+// dense beside a busy process (pool: 24x); the automatic choice keeps the pool's figures there
+// (bench/bench_cpu_threads.py). SPARSEKERN_PARALLEL=pool|openmp pins one team. The 2:4 GEMM
+// (nm_gemm_24_avx512.cpp, prefill) always runs on OpenMP's team: a call of many milliseconds
+// pays little for a late team thread. NOTE: TinyLlama-1.1B
+// shapes, bf16, 2:4, forward of 512 tokens against the dense model, Zen 4, same process, random
+// order: GEMM on this pool 0.89x, on OpenMP 1.00-1.10x (128 tokens: 0.81x, 1.02x).
 //
 // Helpers spin for a short while after a job (back-to-back decode calls never pay a wake-up),
 // then sleep on a condition variable, so an idle process burns no CPU. Nested calls (from inside
 // a chunk) and calls made while another thread is using the pool run inline on the caller.
 //
 // A helper that is preempted while it holds a chunk (another process wants its core) still makes
-// the caller wait, for up to a scheduler time slice. When the caller waits longer for claimed
-// chunks than it worked itself, the pool works alone (every call inline on the caller) for a
+// the caller wait, for up to a scheduler time slice (on OpenMP's team: any team thread that is
+// not running). When the caller waits longer for claimed chunks than it worked itself, the pool
+// works alone (every call inline on the caller) for a
 // while: 10 ms, doubling while stalls repeat (up to 320 ms), back to 10 ms after a call the
 // helpers shared without one. NOTE: 2:4 fp32 11008x4096, 1 row, one busy-loop process pinned to
 // the other core of the 2-core Zen 4: see bench/bench_cpu_threads.py's busy column.
@@ -48,7 +65,7 @@ using ChunkFn = void (*)(void* ctx, int64_t chunk, int slot);
 class ThreadPool {
  public:
   // on_wake (tests only): called by a helper each time it sees a new job, before claiming.
-  explicit ThreadPool(void (*on_wake)() = nullptr) : on_wake_(on_wake) {}
+  explicit ThreadPool(void (*on_wake)() = nullptr);
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;
@@ -70,6 +87,12 @@ class ThreadPool {
   // True while a stall (see the file comment) keeps every call on the caller alone.
   bool working_alone() const;
 
+  // Whose threads share a call: kAuto (OpenMP's team while it is hot, else this pool's helpers;
+  // see the file comment), or always one of them (tests, SPARSEKERN_PARALLEL).
+  enum class Team { kAuto, kPool, kOpenMP };
+  void set_team(Team team) { team_.store(team, std::memory_order_relaxed); }
+  Team team() const { return team_.load(std::memory_order_relaxed); }
+
  private:
   struct Job {
     ChunkFn fn = nullptr;
@@ -81,6 +104,9 @@ class ThreadPool {
     std::exception_ptr error;
   };
   bool claim_and_run(int slot, uint64_t* seen);
+  int64_t run_on_pool(int64_t n_chunks, int threads, ChunkFn fn, void* ctx, int64_t* own_done);
+  int64_t run_on_openmp(int64_t n_chunks, int threads, ChunkFn fn, void* ctx, int64_t* own_done);
+  bool openmp_team_hot(int64_t now);
   void run_chunk(int64_t idx, int slot);
   void helper_main(int index);
   void grow(int helpers);
@@ -92,6 +118,7 @@ class ThreadPool {
   std::atomic<uint64_t> ticket_{0};
   Job job_;
   std::mutex run_mutex_;  // one job at a time; a second concurrent caller runs inline
+  std::atomic<Team> team_;
   std::atomic<int64_t> alone_until_ns_{0};  // steady-clock time before which run() works alone
   int64_t alone_ns_ = 0;                    // the next such period (under run_mutex_)
   std::mutex sleep_mutex_;
