@@ -17,11 +17,9 @@ A/B of csrc/cpu/parallel.h in one process. Ratios are to the first pattern under
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import random
 import statistics
-import time
 
 import torch
 
@@ -46,20 +44,11 @@ def main() -> None:
     teams = args.teams.split(",") if args.teams else [""]
     team_op = torch.ops.sparsekern._cpu_parallel_team
     dense = generate.load_model(args.model, DTYPES[args.dtype])
-    models = {}
-    for p in patterns:
-        models[p] = dense if p == "dense" else copy.deepcopy(dense)
-        if p != "dense":
-            generate.sparsify_pattern(models[p], p)
+    models = {p: generate._variant(dense, p) for p in patterns}
     ids = generate.prompt_ids(dense.config.vocab_size, args.batch, (args.prompt,))[args.prompt]
     del dense  # the variants hold it (as "dense") or their own copies
     for p in patterns:  # warm-up: plans, dispatch timings, first-call costs
         generate._generate(models[p], ids, 2, False)
-
-    def timed(model, new: int) -> float:
-        t = time.perf_counter()
-        generate._generate(model, ids, new, False)
-        return time.perf_counter() - t
 
     variants = [(p, t) for t in teams for p in patterns]
     name = {(p, t): f"{p}@{t}" if t else p for p, t in variants}
@@ -70,7 +59,7 @@ def main() -> None:
             if t:
                 team_op(t)
             v = name[(p, t)]
-            t1, tn = timed(models[p], 1), timed(models[p], 1 + args.new)
+            t1, tn = generate._timed(models[p], ids, 1, 1), generate._timed(models[p], ids, 1 + args.new, 1)
             per[v].append(args.batch * args.new / (tn - t1) if tn > t1 else float("nan"))
             ttft[v].append(t1)
             print(f"round {r} {v}: {per[v][-1]:.2f} tok/s (t(1) {t1:.2f} s)", flush=True)

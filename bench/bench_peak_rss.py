@@ -31,24 +31,22 @@ from pathlib import Path
 
 CHILD = r"""
 import json, sys, time
-def status(key):
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key))
 import torch, sparsekern
 from transformers import AutoModelForCausalLM
+from sparsekern.bench.generate import _proc_status, peak_rss
 from sparsekern.plan import dense_copy_bytes
 path, prompt, new = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-base = status("VmRSS:")
+base = _proc_status("VmRSS")
 t = time.perf_counter()
 model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-load_s, loaded = time.perf_counter() - t, status("VmRSS:")
+load_s, loaded = time.perf_counter() - t, _proc_status("VmRSS")
 ids = torch.randint(3, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))
 with torch.inference_mode():
     t = time.perf_counter()
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, do_sample=False)
     gen_s = time.perf_counter() - t
 assert out.shape[1] == prompt + new, out.shape
-print(json.dumps({"base": base, "loaded": loaded, "peak": status("VmHWM:"), "dense_copies": dense_copy_bytes(),
+print(json.dumps({"base": base, "loaded": loaded, "peak": peak_rss(), "dense_copies": dense_copy_bytes(),
                   "load_s": load_s, "generate_s": gen_s}))
 """
 

@@ -28,9 +28,9 @@ int fail(const char* what) {
 
 double ms_since(Clock::time_point t0) { return std::chrono::duration<double, std::milli>(Clock::now() - t0).count(); }
 
-double cpu_ms() {
+double cpu_ms(clockid_t clock = CLOCK_PROCESS_CPUTIME_ID) {
   timespec ts;
-  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  clock_gettime(clock, &ts);
   return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
 }
 
@@ -236,11 +236,9 @@ int test_auto_follows_the_openmp_team() {
     double share = 0;
 #pragma omp parallel num_threads(2)
     {
-      timespec c0, c1;
-      clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c0);
+      const double c0 = cpu_ms(CLOCK_THREAD_CPUTIME_ID);
       busy_us(100000);
-      clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c1);
-      if (omp_get_thread_num() == 1) share = ((c1.tv_sec - c0.tv_sec) * 1e3 + (c1.tv_nsec - c0.tv_nsec) / 1e6) / 100.0;
+      if (omp_get_thread_num() == 1) share = (cpu_ms(CLOCK_THREAD_CPUTIME_ID) - c0) / 100.0;
     }
     hot = ran_on_openmp(pool);
     if (!hot && share >= 0.97) return fail("auto: after the team worked on its own core, the call was not on OpenMP");

@@ -72,6 +72,12 @@ struct TeamClock {
 };
 thread_local TeamClock tl_team;
 
+// A thread's CPU time in ns from its clock, or -1 where the clock cannot be read.
+int64_t cpu_clock_ns(clockid_t clock) {
+  timespec ts;
+  return clock_gettime(clock, &ts) == 0 ? int64_t{ts.tv_sec} * 1'000'000'000 + ts.tv_nsec : -1;
+}
+
 std::atomic<ThreadPool*> g_pool{nullptr};
 
 // A forked child has none of the parent's helper threads: it starts a fresh pool (the old one is
@@ -182,12 +188,11 @@ bool ThreadPool::openmp_team_hot(int64_t now) {
 #if defined(__linux__)
   TeamClock& tc = tl_team;
   if (!tc.known) return true;
-  timespec ts;
-  if (clock_gettime(tc.worker, &ts) != 0) {
+  const int64_t cpu = cpu_clock_ns(tc.worker);
+  if (cpu < 0) {
     tc.known = false;
     return true;
   }
-  const int64_t cpu = int64_t{ts.tv_sec} * 1'000'000'000 + ts.tv_nsec;
   const int64_t wall = now - tc.wall_ns, ran = cpu - tc.cpu_ns;
   tc.wall_ns = now;
   tc.cpu_ns = cpu;
@@ -228,9 +233,9 @@ int64_t ThreadPool::run_on_openmp(int64_t n_chunks, int threads, ChunkFn fn, voi
     }
   }
   TeamClock& tc = tl_team;
-  timespec ts;
-  if (recorded && (!tc.known || worker != tc.worker) && clock_gettime(worker, &ts) == 0) {
-    tc = TeamClock{true, worker, now_ns(), int64_t{ts.tv_sec} * 1'000'000'000 + ts.tv_nsec};
+  if (recorded && (!tc.known || worker != tc.worker)) {
+    const int64_t cpu = cpu_clock_ns(worker);
+    if (cpu >= 0) tc = TeamClock{true, worker, now_ns(), cpu};
   }
   if (error) std::rethrow_exception(error);
   return mine;
