@@ -10,6 +10,9 @@ first pattern, the median time to first token and its ratio (first pattern's / t
 ``--teams auto,pool`` times each pattern once per team of the CPU kernels' parallel runtime
 (``torch.ops.sparsekern._cpu_parallel_team``, set before each timing), in the same rounds: the
 A/B of csrc/cpu/parallel.h in one process. Ratios are to the first pattern under the same team.
+``--heads as-is,torch,gemv`` likewise times each pattern with its LM head as loading / sparsify left
+it, as torch's ``nn.Linear``, and as a :class:`~sparsekern.nn.dense_head.DenseHead` (the class is
+switched before each timing; the weight is the same).
 
     .venv/bin/python bench/bench_generate_rounds.py --batch 8 --patterns dense,2:4 --dtype fp32 --rounds 3
 """
@@ -24,6 +27,7 @@ import statistics
 import torch
 
 from sparsekern.bench import generate
+from sparsekern.nn.dense_head import DenseHead
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -38,10 +42,12 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--teams", default="", help="e.g. auto,pool: every pattern under each team")
+    ap.add_argument("--heads", default="", help="e.g. as-is,torch,gemv: every pattern with each LM head")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     patterns = args.patterns.split(",")
     teams = args.teams.split(",") if args.teams else [""]
+    heads = args.heads.split(",") if args.heads else [""]
     team_op = torch.ops.sparsekern._cpu_parallel_team
     dense = generate.load_model(args.model, DTYPES[args.dtype])
     models = {p: generate._variant(dense, p) for p in patterns}
@@ -50,15 +56,18 @@ def main() -> None:
     for p in patterns:  # warm-up: plans, dispatch timings, first-call costs
         generate._generate(models[p], ids, 2, False)
 
-    variants = [(p, t) for t in teams for p in patterns]
-    name = {(p, t): f"{p}@{t}" if t else p for p, t in variants}
+    as_is = {p: type(models[p].lm_head) for p in patterns}
+    head_class = {"torch": torch.nn.Linear, "gemv": DenseHead}
+    variants = [(p, t, h) for t in teams for h in heads for p in patterns]
+    name = {(p, t, h): p + (f"@{t}" if t else "") + (f" head={h}" if h else "") for p, t, h in variants}
     per: dict[str, list[float]] = {name[v]: [] for v in variants}
     ttft: dict[str, list[float]] = {name[v]: [] for v in variants}
     for r in range(args.rounds):
-        for p, t in random.sample(variants, len(variants)):
+        for p, t, h in random.sample(variants, len(variants)):
             if t:
                 team_op(t)
-            v = name[(p, t)]
+            models[p].lm_head.__class__ = head_class.get(h, as_is[p])
+            v = name[(p, t, h)]
             t1, tn = generate._timed(models[p], ids, 1, 1), generate._timed(models[p], ids, 1 + args.new, 1)
             per[v].append(args.batch * args.new / (tn - t1) if tn > t1 else float("nan"))
             ttft[v].append(t1)
@@ -72,11 +81,11 @@ def main() -> None:
     print(f"| pattern | tok/s median | best | x {base} (median of rounds) | TTFT ms | TTFT x {base} |")
     print("|---|---|---|---|---|---|")
     out = []
-    for p, t in variants:
-        v, base = name[(p, t)], name[(patterns[0], t)]
+    for p, t, h in variants:
+        v, base = name[(p, t, h)], name[(patterns[0], t, h)]
         ratios = [a / b for a, b in zip(per[v], per[base], strict=True)]
         first = [b / a for a, b in zip(ttft[v], ttft[base], strict=True)]
-        row = {"pattern": p, "team": t or "default", "tokens_per_s": per[v], "ttft_s": ttft[v]}
+        row = {"pattern": p, "team": t or "default", "head": h or "as-is", "tokens_per_s": per[v], "ttft_s": ttft[v]}
         row.update(ratio_median=statistics.median(ratios), ttft_ratio_median=statistics.median(first))
         out.append(row)
         print(

@@ -30,6 +30,7 @@ _hf.install()
 _LAZY = {
     "SparseLinear": "sparsekern.nn.linear",
     "SparseExperts": "sparsekern.nn.moe",
+    "DenseHead": "sparsekern.nn.dense_head",
     "drop_experts": "sparsekern.prune.experts",
     "sparsify": "sparsekern.nn.swap",
     "quantize": "sparsekern.nn.swap",

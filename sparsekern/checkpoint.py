@@ -40,6 +40,7 @@ from sparsekern.formats.bsr import BlockSparseWeight
 from sparsekern.formats.nm import NMSparseWeight
 from sparsekern.formats.quant import QUANTS
 from sparsekern.nn import quant_linear as quant_head
+from sparsekern.nn.dense_head import use_dense_head
 from sparsekern.nn.linear import SparseLinear, is_conv1d, linear_features
 from sparsekern.nn.moe import SparseExperts
 from sparsekern.nn.quant_linear import QuantLinear
@@ -230,7 +231,8 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     """Load a checkpoint from directory ``path`` into ``model`` (in place; also returned).
 
     ``model`` is the dense architecture; layers stored sparse are swapped to ``SparseLinear``
-    in the dtype and on the device of the layer they replace.
+    in the dtype and on the device of the layer they replace, and a dense LM head becomes a
+    :class:`~sparsekern.nn.dense_head.DenseHead` where its GEMV runs here.
     """
     from sparsekern.formats import compressed_tensors as ct
 
@@ -263,6 +265,7 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
             except BaseException:
                 undo()
                 raise
+            use_dense_head(model)
             return model
     elif hf_config is not None and ct.is_compressed_tensors(hf_config):
         ct.check_supported(hf_config, hf_file)  # a refused config reads no weights
@@ -271,6 +274,7 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     else:
         raise FileNotFoundError(f"path: {path} has neither {CONFIG} nor a compressed-tensors config.json")
     _apply(model, sparse, tensors, origin)
+    use_dense_head(model)  # as sparsify's head="auto" left it
     return model
 
 

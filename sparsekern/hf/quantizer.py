@@ -38,6 +38,7 @@ from sparsekern.formats.nm import NMSparseWeight, meta_words
 from sparsekern.formats.quant import groups_of
 from sparsekern.hf import METHOD
 from sparsekern.nn import quant_linear as quant_head
+from sparsekern.nn.dense_head import use_dense_head
 from sparsekern.nn.linear import SparseLinear, is_conv1d, linear_features
 from sparsekern.nn.moe import SparseExperts
 from sparsekern.nn.quant_linear import QuantLinear
@@ -117,6 +118,7 @@ class SparsekernHfQuantizer(HfQuantizer):
                     experts_ckpt.validate(mod.weights("up"), mod.weights("down"))
                 except ValueError as exc:
                     raise ValueError(f"{self._where}: layer {name!r}: {exc}") from None
+        use_dense_head(model)  # the dense LM head's decode rows on the GEMV, where it runs here
         return model
 
     def is_serializable(self) -> bool:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsekern import _extension, dispatch
+from sparsekern.nn.dense_head import DenseHead, gemv_isa
 from sparsekern.nn.linear import SparseLinear
 from sparsekern.nn.quant_linear import QuantLinear
 from sparsekern.ops_quant import _has_cpu_kernel as _quant_cpu_kernel
@@ -37,8 +38,6 @@ from sparsekern.ops_quant import _has_cpu_kernel as _quant_cpu_kernel
 OP = "sparsekern::_lean_step_cpu"
 _DENSE, _NM, _BSR = 0, 1, 2
 _SLOTS = _SPEC = 5  # tensors and ints per linear in the op's weights / specs
-# dtype -> the torch.ops.sparsekern._cpu_isa() _lean_head_cpu needs (csrc/cpu/isa.h: AVX-512, + BF16)
-_HEAD_ISA = {torch.float32: 2, torch.bfloat16: 3}
 
 
 def unavailable() -> str | None:
@@ -82,10 +81,10 @@ def head_weight(lm_head: nn.Module) -> torch.Tensor | None:
 
     NOTE: SmolLM2's tied head, 49152 x 576, 1 row, 2 threads, Zen 4: bf16 2.2 ms against 3.3 for
     F.linear (26 against 17 GB/s), 3 rows 2.8 against 4.8; fp32 3.9 against 9.7 (29 against 12)."""
-    w = getattr(lm_head, "weight", None)
-    if type(lm_head) is not nn.Linear or lm_head.bias is not None or w.dtype not in _HEAD_ISA:
+    if type(lm_head) not in (nn.Linear, DenseHead) or lm_head.bias is not None:
         return None
-    if w.device.type != "cpu" or not w.is_contiguous() or int(torch.ops.sparsekern._cpu_isa()) < _HEAD_ISA[w.dtype]:
+    w = lm_head.weight
+    if w.device.type != "cpu" or not w.is_contiguous() or not gemv_isa(w.dtype):
         return None
     return w.detach()
 
