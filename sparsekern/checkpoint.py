@@ -231,8 +231,9 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     """Load a checkpoint from directory ``path`` into ``model`` (in place; also returned).
 
     ``model`` is the dense architecture; layers stored sparse are swapped to ``SparseLinear``
-    in the dtype and on the device of the layer they replace, and a dense LM head becomes a
-    :class:`~sparsekern.nn.dense_head.DenseHead` where its GEMV runs here.
+    in the dtype and on the device of the layer they replace; where any layer is, a dense LM head
+    becomes a :class:`~sparsekern.nn.dense_head.DenseHead` (where its GEMV runs here), as
+    ``sparsify`` left it.
     """
     from sparsekern.formats import compressed_tensors as ct
 
@@ -265,7 +266,8 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
             except BaseException:
                 undo()
                 raise
-            use_dense_head(model)
+            if sparse:
+                use_dense_head(model)
             return model
     elif hf_config is not None and ct.is_compressed_tensors(hf_config):
         ct.check_supported(hf_config, hf_file)  # a refused config reads no weights
@@ -274,7 +276,8 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     else:
         raise FileNotFoundError(f"path: {path} has neither {CONFIG} nor a compressed-tensors config.json")
     _apply(model, sparse, tensors, origin)
-    use_dense_head(model)  # as sparsify's head="auto" left it
+    if sparse:  # as sparsify's head="auto" left it (a dense checkpoint loads as it was saved)
+        use_dense_head(model)
     return model
 
 

@@ -135,3 +135,11 @@ def test_loaded_folders_get_one(tmp_path, tie):
         want = model(ids, logits_to_keep=1).logits
         torch.testing.assert_close(loaded(ids, logits_to_keep=1).logits, want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(again(ids, logits_to_keep=1).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_dense_checkpoint_loads_as_saved(tmp_path):
+    """No sparse layer in the folder: sk.load leaves the head alone (same sums as before saving)."""
+    model = tiny_lm.llama()
+    sk.save(model, tmp_path)
+    fresh = sk.load(tmp_path, tiny_lm.llama())
+    assert type(fresh.lm_head) is nn.Linear

@@ -105,7 +105,9 @@ class SparsekernHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         # The loader copies bytes; whether the indices make sense is checked once, here.
+        compressed = False
         for name, mod in model.named_modules():
+            compressed |= isinstance(mod, SparseLinear | QuantLinear | SparseExperts)
             if isinstance(mod, SparseLinear):
                 _validate(mod.sparse_weight, f"{self._where}: layer {name!r}")
             elif isinstance(mod, QuantLinear):
@@ -118,7 +120,8 @@ class SparsekernHfQuantizer(HfQuantizer):
                     experts_ckpt.validate(mod.weights("up"), mod.weights("down"))
                 except ValueError as exc:
                     raise ValueError(f"{self._where}: layer {name!r}: {exc}") from None
-        use_dense_head(model)  # the dense LM head's decode rows on the GEMV, where it runs here
+        if compressed:  # the dense LM head's decode rows on the GEMV where it runs here, as sparsify left it
+            use_dense_head(model)
         return model
 
     def is_serializable(self) -> bool:
