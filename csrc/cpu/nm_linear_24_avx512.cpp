@@ -122,6 +122,12 @@ SK_AVX512 void rows24(const NMLinearArgs& a, const float* xf, int64_t ldf, int64
 // Where R rows of x fit in 16 KB (2 fp32 rows at K = 2048) rows24 stays: this one measured 2.2x
 // slower there (the row-after-row weight stream, which the hardware prefetcher follows, is cut
 // into 2 KB pieces of 8 streams). A software prefetch a chunk ahead on every step: 1.2-2x slower.
+// One row of x (decode at batch 1) always takes the row kernels, whatever K: its x is read once a
+// step and stays in L1/L2, and the unbroken weight stream wins. NOTE: 2 threads, Zen 4, 1 row,
+// weights streamed from memory (>= 400 MB in rotation), 5 interleaved rounds, block -> row
+// kernel: fp32 2048x5632 917 -> 644 us (TinyLlama's down_proj), 4096x11008 3434 -> 2902, 256x5632
+// 122 -> 91; bf16 4096x11008 1937 -> 1314, 4096x14336 2413 -> 1794 (K <= 4096 fp32 / 8192 bf16
+// took the row kernel already).
 constexpr int64_t kBlockRows = 8, kChunkSteps = 32;  // 32 steps: 1024 columns, 4 KB of x per row
 constexpr int64_t kBlockOverBytes = 16 << 10;
 
@@ -637,7 +643,7 @@ void nm_linear_decode_24_avx512(const NMLinearArgs& a) {
     for (int64_t r = 0; r < a.rows; ++r)
       std::memcpy(xb.data() + r * ldb, static_cast<const uint16_t*>(a.x) + r * a.ldx, a.k * sizeof(uint16_t));
     if (a.qbits) return quantized24(a, xb.data(), ldb);
-    if (std::min<int64_t>(a.rows, 4) * ldb * sizeof(uint16_t) > kBlockOverBytes) {
+    if (a.rows > 1 && std::min<int64_t>(a.rows, 4) * ldb * sizeof(uint16_t) > kBlockOverBytes) {
       return each_block(a, [&](int64_t o0, int64_t o1, int64_t r0, auto rows) {
         block24_bf16<decltype(rows)::value>(a, xb.data(), ldb, r0, o0, o1);
       });
@@ -649,7 +655,7 @@ void nm_linear_decode_24_avx512(const NMLinearArgs& a) {
   const int64_t ldf = (a.k + 31) / 32 * 32;  // whole 32-column windows, zero past K
   std::vector<float> xf(a.rows * ldf);
   convert_rows_f32(a.x, a.rows, a.k, a.ldx, a.dtype, xf.data(), ldf, a.threads);
-  if (std::min<int64_t>(a.rows, 4) * ldf * sizeof(float) <= kBlockOverBytes) {
+  if (a.rows == 1 || std::min<int64_t>(a.rows, 4) * ldf * sizeof(float) <= kBlockOverBytes) {
     return each_row(a, [&](int64_t o, int64_t r0, auto rows) { rows24<decltype(rows)::value>(a, xf.data(), ldf, r0, o); });
   }
   // Up to 4 rows of x past kBlockOverBytes: blocks of output rows over chunks of the columns.
