@@ -167,8 +167,9 @@ def test_opcheck_bsr(rows):
 # kept = K / 2: one partial meta word (8, 20 -> 2 words), whole 16- and 32-value steps (32, 64, 128),
 # and a 32-value step plus 1 or 2 words left (92, 100, 4132). fp32 with 5 rows past 16 KB of x
 # (2052, 4132) takes the column-chunked kernel: 64 steps + 2 values (chunks of 32 steps end
-# exactly), and 129 steps + 2.
-@pytest.mark.parametrize("k", [16, 40, 64, 92, 100, 128, 2052, 4132])
+# exactly), and 129 steps + 2. One row sums steps in 4 interleaved sums: fp32 steps 4 (128),
+# 10 (324: 8 + 2 left), 129 (4132: 128 + 1); bf16 5 (324: 4 + 1), 32 (2052), 64 (4132).
+@pytest.mark.parametrize("k", [16, 40, 64, 92, 100, 128, 324, 2052, 4132])
 def test_nm24_every_step_tail(isa, k, rows, dtype):
     """2:4 decode kernels (the AVX-512 ones step 16 fp32 or 32 bf16 values at a time) at each tail."""
     w = sk.NMSparseWeight.from_dense(torch.randn(21, k), n=2, m=4, prune=True).to(dtype)
