@@ -19,7 +19,8 @@ pytestmark = pytest.mark.skipif(not _extension.HAS_C_EXT, reason="compiled exten
 ISAS = {"portable": 0, "avx2": 1, "avx512": 2, "avx512bf16": 3}
 NM = [(1, 2), (1, 4), (2, 4), (3, 4), (1, 8), (2, 8), (3, 8), (4, 8), (1, 16), (4, 16), (5, 16), (15, 16)]
 # One row with block width 16, 32 or 64 takes a kernel of its own (x in registers): (64, 16),
-# (16, 32), (32, 32), (8, 64).
+# (16, 32), (32, 32), (8, 64); one row of bf16 x at the avx512bf16 level with width 32, 64 or 128
+# takes the vdpbf16ps kernel (bsr_linear_avx512.cpp): (16, 32), (32, 32), (8, 64), (128, 128).
 BLOCKS = [(8, 8), (16, 8), (16, 32), (32, 32), (64, 16), (8, 64), (12, 20), (128, 128)]
 ROWS = [1, 3, 8, 13, 37, 130]  # 13: two 8-row decode passes (fp32 up to 32 rows, half types up to 64)
 # Batched BSR: 5 and 7 leave partial 6-row micro tiles, 37 and 130 partial 24-row chunks.

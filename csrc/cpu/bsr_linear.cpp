@@ -51,6 +51,7 @@ void bsr_linear_decode(const BSRLinearArgs& args, Isa isa) {
   BSRLinearArgs a = args;
   a.threads = decode_threads(a.threads, a.rows * a.nnz * a.bm * a.bk);
 #if defined(__x86_64__)
+  if (isa >= Isa::kAvx512Bf16 && detail::bsr_linear_decode_bf16_avx512(a)) return;
   if (isa >= Isa::kAvx2) return detail::bsr_linear_decode_avx2(a);
 #else
   (void)isa;

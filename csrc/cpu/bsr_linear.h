@@ -34,9 +34,12 @@ inline void bsr_row_range(const BSRLinearArgs& a, int64_t rb, int64_t* begin, in
 namespace detail {
 void bsr_linear_portable(const BSRLinearArgs& a);
 #if defined(__x86_64__)
-// AVX2+FMA+F16C; AVX-512 machines run these too (no AVX-512 kernel yet: none could be tested).
+// AVX2+FMA+F16C; AVX-512 machines run these too, except one row of bf16 x on AVX-512 BF16.
 void bsr_linear_decode_avx2(const BSRLinearArgs& a);
 void bsr_linear_batched_avx2(const BSRLinearArgs& a);
+// One row of bf16 x, blocks 32/64/96/128 wide, AVX-512 BF16 (bsr_linear_avx512.cpp); false where
+// it does not apply (nothing written).
+bool bsr_linear_decode_bf16_avx512(const BSRLinearArgs& a);
 #endif
 }  // namespace detail
 
