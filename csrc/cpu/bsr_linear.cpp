@@ -36,11 +36,7 @@ void bsr_linear_portable(const BSRLinearArgs& a) {
           acc[i] += s;
         }
       }
-      for (int i = 0; i < a.bm; ++i) {
-        const int64_t o = rb * a.bm + i;
-        const float bias = a.bias ? load_f32(a.bias, o, a.dtype) : 0.0f;
-        store_f32(a.out, r * a.ldo + o, acc[i] + bias, a.dtype);
-      }
+      for (int i = 0; i < a.bm; ++i) bsr_store(a, r, rb * a.bm + i, acc[i]);
     }
   });
 }

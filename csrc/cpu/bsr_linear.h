@@ -31,6 +31,11 @@ inline void bsr_row_range(const BSRLinearArgs& a, int64_t rb, int64_t* begin, in
   if (*end < *begin) *end = *begin;
 }
 
+// out[r, o] = sum + bias[o]: every decode kernel's last step for output row o of x row r.
+inline void bsr_store(const BSRLinearArgs& a, int64_t r, int64_t o, float sum) {
+  store_f32(a.out, r * a.ldo + o, sum + (a.bias ? load_f32(a.bias, o, a.dtype) : 0.0f), a.dtype);
+}
+
 namespace detail {
 void bsr_linear_portable(const BSRLinearArgs& a);
 #if defined(__x86_64__)

@@ -50,11 +50,8 @@ SK_AVX2 void decode_block_row(const BSRLinearArgs& a, const float* xf, int64_t l
       for (int r = 0; r < R; ++r) accbuf[i * R + r] = acc[r];
     }
   }
-  for (int i = 0; i < bm; ++i) {
-    const int64_t o = rb * bm + i;
-    const float bias = a.bias ? load_f32(a.bias, o, a.dtype) : 0.0f;
-    for (int r = 0; r < R; ++r) store_f32(a.out, (r0 + r) * a.ldo + o, hsum(accbuf[i * R + r]) + bias, a.dtype);
-  }
+  for (int i = 0; i < bm; ++i)
+    for (int r = 0; r < R; ++r) bsr_store(a, r0 + r, rb * bm + i, hsum(accbuf[i * R + r]));
 }
 
 // decode_block_row<T, 1> for bk = 8 * NV: the block's x segment is loaded once into NV registers
@@ -84,11 +81,7 @@ SK_AVX2 void decode_block_row1(const BSRLinearArgs& a, const float* x, int64_t r
       accbuf[i] = acc;
     }
   }
-  for (int i = 0; i < bm; ++i) {
-    const int64_t o = rb * bm + i;
-    const float bias = a.bias ? load_f32(a.bias, o, a.dtype) : 0.0f;
-    store_f32(a.out, o, hsum(accbuf[i]) + bias, a.dtype);
-  }
+  for (int i = 0; i < bm; ++i) bsr_store(a, 0, rb * bm + i, hsum(accbuf[i]));
 }
 
 template <DType T>

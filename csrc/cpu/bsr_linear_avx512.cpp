@@ -41,11 +41,7 @@ SK_BF16 void block_row_bf16(const BSRLinearArgs& a, const uint16_t* x, int64_t r
       acc[i] = s;
     }
   }
-  for (int i = 0; i < bm; ++i) {
-    const int64_t o = rb * bm + i;
-    const float bias = a.bias ? load_f32(a.bias, o, a.dtype) : 0.0f;
-    store_f32(a.out, o, _mm512_reduce_add_ps(acc[i]) + bias, a.dtype);
-  }
+  for (int i = 0; i < bm; ++i) bsr_store(a, 0, rb * bm + i, _mm512_reduce_add_ps(acc[i]));
 }
 
 template <int NV>
