@@ -244,6 +244,7 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         raise FileNotFoundError(f"path: {path} is not a directory")
     cfg_file, hf_file = os.path.join(path, CONFIG), os.path.join(path, "config.json")
     hf_config = read_json(hf_file) if os.path.exists(hf_file) else None
+    undo = None  # set where the folder's structure is rebuilt: put back if the layers fail
     if os.path.exists(cfg_file):
         config = read_json(cfg_file)
         if config.get("format") != "sparsekern" or config.get("format_version") != FORMAT_VERSION:
@@ -261,21 +262,18 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         sparse = _native_layers(layers, tensors, origin, cfg_file)
         if "structure" in config:
             undo = rebuild(model, config["structure"], cfg_file)
-            try:
-                _apply(model, sparse, tensors, origin)
-            except BaseException:
-                undo()
-                raise
-            if sparse:
-                use_dense_head(model)
-            return model
     elif hf_config is not None and ct.is_compressed_tensors(hf_config):
         ct.check_supported(hf_config, hf_file)  # a refused config reads no weights
         tensors, origin = read_tensors(weight_files(path))
         sparse = ct.read_layers(hf_config, hf_file, tensors, origin, model)
     else:
         raise FileNotFoundError(f"path: {path} has neither {CONFIG} nor a compressed-tensors config.json")
-    _apply(model, sparse, tensors, origin)
+    try:
+        _apply(model, sparse, tensors, origin)
+    except BaseException:
+        if undo is not None:
+            undo()
+        raise
     if sparse:  # as sparsify's head="auto" left it (a dense checkpoint loads as it was saved)
         use_dense_head(model)
     return model

@@ -57,10 +57,10 @@ int64_t now_ns() {
 }
 
 ThreadPool::Team team_from_env() {
+  ThreadPool::Team team = ThreadPool::Team::kAuto;
   const char* e = std::getenv("SPARSEKERN_PARALLEL");
-  if (e && std::strcmp(e, "pool") == 0) return ThreadPool::Team::kPool;
-  if (e && std::strcmp(e, "openmp") == 0) return ThreadPool::Team::kOpenMP;
-  return ThreadPool::Team::kAuto;
+  if (e) ThreadPool::parse_team(e, &team);  // any other value: automatic
+  return team;
 }
 
 // What a calling thread knows of its OpenMP team (each thread that starts regions has its own
@@ -103,6 +103,20 @@ ThreadPool& default_pool() {
 }
 
 ThreadPool::ThreadPool(void (*on_wake)()) : on_wake_(on_wake), team_(team_from_env()) {}
+
+bool ThreadPool::parse_team(const char* name, Team* team) {
+  for (Team t : {Team::kAuto, Team::kPool, Team::kOpenMP}) {
+    if (std::strcmp(name, team_name(t)) == 0) {
+      *team = t;
+      return true;
+    }
+  }
+  return false;
+}
+
+const char* ThreadPool::team_name(Team team) {
+  return team == Team::kPool ? "pool" : team == Team::kOpenMP ? "openmp" : "auto";
+}
 
 ThreadPool::~ThreadPool() {
   stop_.store(true);

@@ -11,22 +11,15 @@
 namespace {
 using Team = sparsekern::ThreadPool::Team;
 
-std::string team_name(Team t) { return t == Team::kPool ? "pool" : t == Team::kOpenMP ? "openmp" : "auto"; }
-
 std::string cpu_parallel_team(std::string team) {
   auto& pool = sparsekern::default_pool();
   if (!team.empty()) {
     Team want = Team::kAuto;
-    if (team == "pool") {
-      want = Team::kPool;
-    } else if (team == "openmp") {
-      want = Team::kOpenMP;
-    } else {
-      TORCH_CHECK_VALUE(team == "auto", "team: expected 'auto', 'pool' or 'openmp', got '", team, "'");
-    }
+    TORCH_CHECK_VALUE(sparsekern::ThreadPool::parse_team(team.c_str(), &want),
+                      "team: expected 'auto', 'pool' or 'openmp', got '", team, "'");
     pool.set_team(want);
   }
-  return team_name(pool.team());
+  return sparsekern::ThreadPool::team_name(pool.team());
 }
 }  // namespace
 
