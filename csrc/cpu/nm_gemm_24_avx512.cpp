@@ -14,10 +14,10 @@
 // accumulators (4 loads of the packed block and 12 of x per 24 pairs, all in L1), the fp32 one 16
 // features of 12 rows.
 //
-// Work: tasks of up to 128 features, claimed by the threads of an OpenMP team (see parallel.h for
-// why not the kernels' own pool here); each walks K in blocks of 32 groups (pack the block, then
-// every 12-row block of x), with fp32 sums per task between blocks. Rows of x go 288 at a time (a
-// pass), copied to a buffer of whole windows.
+// Work: tasks of up to 128 features, claimed by the threads of OpenMP's team through the kernels'
+// runtime (parallel.h says why that team here); each walks K in blocks of 32 groups (pack the
+// block, then every 12-row block of x), with fp32 sums per task between blocks. Rows of x go 288
+// at a time (a pass), copied to a buffer of whole windows.
 //
 // NOTE: 2:4, bf16, Zen 4 EPYC, 1 thread, kept multiply-adds per second (dense bf16 F.linear:
 // 93-103 G): this kernel 60-65 G, so 1.05-1.2x dense at 2 threads (65-512 rows, five Llama
@@ -30,10 +30,7 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 
-#include <omp.h>
-
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -46,6 +43,7 @@
 #include "cpu/isa.h"
 #include "cpu/linear_common.h"
 #include "cpu/nm_linear.h"
+#include "cpu/parallel.h"
 
 namespace sparsekern::detail {
 namespace {
@@ -358,19 +356,14 @@ SK_GEMM_BF16 void gemm24(const NMLinearArgs& a) {
         for (int64_t r = 0; r < nrows; ++r) K::store(a, _mm512_load_ps(c + r * ldc + 16 * t), o, r0 + r, lanes);
       }
     };
-    // On OpenMP's team, not the kernels' own pool (parallel.h): inside a model, torch's OpenMP
-    // threads spin for a while after each of its ops and would take the pool helper's core.
-    std::atomic<int64_t> next{0};
-#pragma omp parallel num_threads(threads)
-    {
-#pragma omp for schedule(static)
-      for (int64_t i = 0; i < nrows; ++i) {
-        std::memcpy(xr + i * ldx, x + (r0 + i) * a.ldx, a.k * sizeof(X));
-        std::memset(xr + i * ldx + a.k, 0, (ldx - a.k) * sizeof(X));
-      }
-      const int slot = omp_get_thread_num();
-      for (int64_t task; (task = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) task_fn(task, slot);
-    }
+    // On OpenMP's team, hot or not (parallel.h): a call of many milliseconds pays little for a late
+    // team thread, and inside a model torch's spinning OpenMP threads would take a pool helper's core.
+    constexpr auto kOpenMP = ThreadPool::Team::kOpenMP;
+    parallel_for(nrows, threads, [&](int64_t i, int) {
+      std::memcpy(xr + i * ldx, x + (r0 + i) * a.ldx, a.k * sizeof(X));
+      std::memset(xr + i * ldx + a.k, 0, (ldx - a.k) * sizeof(X));
+    }, kOpenMP);
+    parallel_for(tasks, threads, task_fn, kOpenMP);
   }
 }
 

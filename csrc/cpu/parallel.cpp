@@ -301,7 +301,7 @@ int64_t ThreadPool::run_on_pool(int64_t n_chunks, int threads, ChunkFn fn, void*
   return mine < n ? mine : n_chunks;  // in chunks once it is all of them (tickets may group chunks)
 }
 
-void ThreadPool::run(int64_t n_chunks, int threads, ChunkFn fn, void* ctx) {
+void ThreadPool::run(int64_t n_chunks, int threads, ChunkFn fn, void* ctx, Team prefer) {
   if (n_chunks <= 0) return;
   threads = threads < 1 ? 1 : threads > kMaxThreads ? kMaxThreads : threads;
   if (threads > n_chunks) threads = static_cast<int>(n_chunks);
@@ -312,7 +312,8 @@ void ThreadPool::run(int64_t n_chunks, int threads, ChunkFn fn, void* ctx) {
     return;
   }
   const int64_t start = now_ns();
-  const Team team = team_.load(std::memory_order_relaxed);
+  Team team = team_.load(std::memory_order_relaxed);
+  if (team == Team::kAuto) team = prefer;
   const bool openmp = team == Team::kOpenMP || (team == Team::kAuto && openmp_team_hot(start));
   int64_t own_done = start;
   // A chunk's exception propagates from here: a failed call says nothing about stalls.

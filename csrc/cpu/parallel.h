@@ -28,8 +28,8 @@
 // 200 ms idle 4.1-4.5 ms against 0.54-0.66 (the join waits for a sleeping thread), and 0.43x
 // dense beside a busy process (pool: 24x); the automatic choice keeps the pool's figures there
 // (bench/bench_cpu_threads.py). SPARSEKERN_PARALLEL=pool|openmp pins one team. The 2:4 GEMM
-// (nm_gemm_24_avx512.cpp, prefill) always runs on OpenMP's team: a call of many milliseconds
-// pays little for a late team thread. NOTE: TinyLlama-1.1B shapes, bf16, 2:4, forward of 512
+// (nm_gemm_24_avx512.cpp, prefill) asks for OpenMP's team, hot or not (run's `prefer`): a call of
+// many milliseconds pays little for a late team thread. NOTE: TinyLlama-1.1B shapes, bf16, 2:4, forward of 512
 // tokens against the dense model, Zen 4, same process, random order: GEMM on this pool 0.89x, on
 // OpenMP 1.00-1.10x (128 tokens: 0.81x, 1.02x).
 //
@@ -70,16 +70,21 @@ class ThreadPool {
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;
 
+  // Whose threads share a call: kAuto (OpenMP's team while it is hot, else this pool's helpers;
+  // see the file comment), or always one of them (tests, SPARSEKERN_PARALLEL).
+  enum class Team { kAuto, kPool, kOpenMP };
+
   // Runs fn(ctx, c, slot) for every c in [0, n_chunks) exactly once, on up to `threads` threads
   // (the caller included). The first exception a chunk throws is rethrown here once every
-  // claimed chunk has finished; the chunks not yet claimed then are skipped.
-  void run(int64_t n_chunks, int threads, ChunkFn fn, void* ctx);
+  // claimed chunk has finished; the chunks not yet claimed then are skipped. `prefer`: the team
+  // for this call when none is pinned (set_team); kAuto chooses as the file comment says.
+  void run(int64_t n_chunks, int threads, ChunkFn fn, void* ctx, Team prefer = Team::kAuto);
 
   template <class F>
-  void run(int64_t n_chunks, int threads, F&& f) {
+  void run(int64_t n_chunks, int threads, F&& f, Team prefer = Team::kAuto) {
     using Fn = std::remove_reference_t<F>;
     run(n_chunks, threads, [](void* c, int64_t i, int s) { (*static_cast<Fn*>(c))(i, s); },
-        const_cast<void*>(static_cast<const void*>(&f)));
+        const_cast<void*>(static_cast<const void*>(&f)), prefer);
   }
 
   int helpers() const { return static_cast<int>(threads_.size()); }
@@ -87,9 +92,6 @@ class ThreadPool {
   // True while a stall (see the file comment) keeps every call on the caller alone.
   bool working_alone() const;
 
-  // Whose threads share a call: kAuto (OpenMP's team while it is hot, else this pool's helpers;
-  // see the file comment), or always one of them (tests, SPARSEKERN_PARALLEL).
-  enum class Team { kAuto, kPool, kOpenMP };
   void set_team(Team team) { team_.store(team, std::memory_order_relaxed); }
   Team team() const { return team_.load(std::memory_order_relaxed); }
   // "auto", "pool", "openmp" (SPARSEKERN_PARALLEL, _cpu_parallel_team): false for any other name.
@@ -137,10 +139,10 @@ ThreadPool& default_pool();
 // True on a thread that is running a chunk (nested calls run inline).
 bool in_parallel_region();
 
-// fn(chunk, slot) for chunk in [0, n_chunks) on the default pool.
+// fn(chunk, slot) for chunk in [0, n_chunks) on the default pool; `prefer` as ThreadPool::run.
 template <class F>
-void parallel_for(int64_t n_chunks, int threads, F&& fn) {
-  default_pool().run(n_chunks, threads, std::forward<F>(fn));
+void parallel_for(int64_t n_chunks, int threads, F&& fn, ThreadPool::Team prefer = ThreadPool::Team::kAuto) {
+  default_pool().run(n_chunks, threads, std::forward<F>(fn), prefer);
 }
 
 // Items per chunk for loops whose items are `elems` elements each: loops under ~64K elements in
