@@ -7,7 +7,7 @@ int4 (per group, symmetric and with zero points), run in bf16. Perplexity on con
 windows of the second half of the Britannica text; the ratio column compares with the bf16 2:4
 model (the issue's yardstick). Weight bytes are those of the decoder linears as stored.
 
-    .venv/bin/python bench/bench_quant_llm.py [--methods wanda,sparsegpt] [--group-size 64]
+    .venv/bin/python bench/bench_quant_llm.py [--methods wanda,sparsegpt] [--group-size 64] [--seed 0]
 
 SmolLM2's in_features are 576 and 1536: group 64 divides both, 128 does not divide 576.
 """
@@ -45,11 +45,12 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--seed", type=int, default=0, help="the calibration windows' draw")
     args = ap.parse_args()
 
     dense, tok = smollm.load()
     ids = text.token_ids(tok)
-    cal = text.calibration_batches(ids, args.nsamples, args.seqlen)
+    cal = text.calibration_batches(ids, args.nsamples, args.seqlen, seed=args.seed)
     windows = text.eval_windows(ids, 256, args.eval_tokens)
     print(f"SmolLM2-135M, torch {torch.__version__}, {torch.get_num_threads()} threads, group {args.group_size}")
     rows = [("dense", "fp32", text.perplexity(dense, windows).ppl, None, _linear_bytes(dense), 0.0)]
