@@ -84,34 +84,38 @@ SK_AVX512 SK_INLINE void last24(const NMLinearArgs& a, __m512* acc, int64_t o, i
   for (int r = 0; r < R; ++r) store_f32(a.out, (r0 + r) * a.ldo + o, _mm512_reduce_add_ps(acc[r]) + b, a.dtype);
 }
 
+// Steps [s0, s1) through one(sums, w), which adds step w into sums (one per x row). R == 1: whole
+// groups of four steps go into four sums, added into acc[0] at the end, the steps left into acc[0]
+// itself. With one sum a step waits for the previous step's FMA (or dot product), and one row of
+// x gives no other chain.
+// NOTE: 2 threads, Zen 4, 1 row, weights streamed from memory (>= 400 MB in rotation), 5
+// interleaved rounds, one sum -> four: fp32 2048x2048 181 -> 172 us, 5632x2048 454 -> 418,
+// 2048x5632 708 -> 535, 11008x4096 1870 -> 1682; bf16 5632x2048 340 -> 270, 2048x5632 297 -> 270,
+// 11008x4096 1063 -> 903; 256x2048 the same in both. HF generate, TinyLlama shapes 2:4 fp32,
+// 4 interleaved rounds: 13.37 -> 14.26 tok/s.
+template <int R, class One>
+SK_AVX512 SK_INLINE void walk_steps(__m512* acc, int64_t s0, int64_t s1, One one) {
+  int64_t w = s0;
+  if constexpr (R == 1) {
+    __m512 sums[4];
+    for (int i = 0; i < 4; ++i) sums[i] = _mm512_setzero_ps();
+    for (; w + 4 <= s1; w += 4)
+      for (int i = 0; i < 4; ++i) one(&sums[i], w + i);
+    acc[0] = _mm512_add_ps(acc[0], _mm512_add_ps(_mm512_add_ps(sums[0], sums[1]), _mm512_add_ps(sums[2], sums[3])));
+  }
+  for (; w < s1; ++w) one(acc, w);
+}
+
 // Steps [s0, s1) of row o into acc, for x rows from x0 (row r0 of x).
 template <int R>
 SK_AVX512 SK_INLINE void steps24(const NMLinearArgs& a, __m512* acc, int64_t o, const float* x0, int64_t ldf,
                                  int64_t s0, int64_t s1, __m512i shifts, __m512i base, __m512i three) {
   const float* v = static_cast<const float*>(a.values) + o * (a.k / 2);
   const int32_t* mrow = a.meta + o * a.meta_words;
-  for (int64_t w = s0; w < s1; ++w) {
+  walk_steps<R>(acc, s0, s1, [&](__m512* sums, int64_t w) SK_AVX512 {
     prefetch_next_page(v + 16 * w);
-    step<R>(acc, _mm512_loadu_ps(v + 16 * w), mrow[w], x0 + 32 * w, ldf, shifts, base, three);
-  }
-}
-
-// One row of x: kSplit sums over interleaved steps, added into acc[0] at the end. With one sum a
-// step waits for the previous step's FMA (or dot product), and one row of x gives no other chain.
-// step(sums, w, i) adds step w into sums[0] (the i-th of the kSplit steps from w - i).
-// NOTE: 2 threads, Zen 4, 1 row, weights streamed from memory (>= 400 MB in rotation), 5
-// interleaved rounds, one sum -> four: fp32 2048x2048 181 -> 172 us, 5632x2048 454 -> 418,
-// 2048x5632 708 -> 535, 11008x4096 1870 -> 1682; bf16 5632x2048 340 -> 270, 2048x5632 297 -> 270,
-// 11008x4096 1063 -> 903; 256x2048 the same in both. HF generate, TinyLlama shapes 2:4 fp32,
-// 4 interleaved rounds: 13.37 -> 14.26 tok/s.
-constexpr int64_t kSplit = 4;
-template <class Step>
-SK_AVX512 SK_INLINE void several_sums(__m512* acc, int64_t steps, Step step) {
-  __m512 sums[kSplit];
-  for (int i = 0; i < kSplit; ++i) sums[i] = _mm512_setzero_ps();
-  for (int64_t w = 0; w < steps; w += kSplit)
-    for (int i = 0; i < kSplit; ++i) step(&sums[i], w + i, i);
-  acc[0] = _mm512_add_ps(acc[0], _mm512_add_ps(_mm512_add_ps(sums[0], sums[1]), _mm512_add_ps(sums[2], sums[3])));
+    step<R>(sums, _mm512_loadu_ps(v + 16 * w), mrow[w], x0 + 32 * w, ldf, shifts, base, three);
+  });
 }
 
 // Output row o for x rows r0 .. r0 + R - 1 (xf: fp32, row stride ldf, zero past K).
@@ -122,17 +126,7 @@ SK_AVX512 void rows24(const NMLinearArgs& a, const float* xf, int64_t ldf, int64
   const __m512i three = _mm512_set1_epi32(3);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  int64_t s = 0;
-  if constexpr (R == 1) {
-    s = (a.k / 32) / kSplit * kSplit;
-    several_sums(acc, s, [&](__m512* sums, int64_t w, int i) SK_AVX512 {
-      const float* v = static_cast<const float*>(a.values) + o * (a.k / 2) + 16 * w;
-      if (i == 0) prefetch_next_page<64 * kSplit>(v);
-      step<1>(sums, _mm512_loadu_ps(v), a.meta[o * a.meta_words + w], xf + r0 * ldf + 32 * w, ldf, shifts, base,
-              three);
-    });
-  }
-  steps24<R>(a, acc, o, xf + r0 * ldf, ldf, s, a.k / 32, shifts, base, three);
+  steps24<R>(a, acc, o, xf + r0 * ldf, ldf, 0, a.k / 32, shifts, base, three);
   last24<R>(a, acc, o, r0, xf + r0 * ldf, ldf, shifts, base, three);
 }
 
@@ -247,12 +241,12 @@ SK_BF16 SK_INLINE void steps24_bf16(const NMLinearArgs& a, __m512* acc, int64_t 
                                     int64_t s0, int64_t s1, __m512i ctrl, __m512i base, __m512i three) {
   const uint16_t* v = static_cast<const uint16_t*>(a.values) + o * (a.k / 2);
   const int32_t* mrow = a.meta + o * a.meta_words;
-  for (int64_t s = s0; s < s1; ++s) {
+  walk_steps<R>(acc, s0, s1, [&](__m512* sums, int64_t s) SK_BF16 {
     int64_t q;
     std::memcpy(&q, mrow + 2 * s, sizeof q);
     prefetch_next_page(v + 32 * s);
-    step_bf16<R>(acc, _mm512_loadu_si512(v + 32 * s), _mm512_set1_epi64(q), x0 + 64 * s, ldb, ctrl, base, three);
-  }
+    step_bf16<R>(sums, _mm512_loadu_si512(v + 32 * s), _mm512_set1_epi64(q), x0 + 64 * s, ldb, ctrl, base, three);
+  });
 }
 
 template <int R>
@@ -262,18 +256,7 @@ SK_BF16 void rows24_bf16(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb,
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   const uint16_t* x0 = xb + r0 * ldb;
-  int64_t s = 0;
-  if constexpr (R == 1) {
-    s = (a.k / 64) / kSplit * kSplit;
-    several_sums(acc, s, [&](__m512* sums, int64_t w, int i) SK_BF16 {
-      const uint16_t* v = static_cast<const uint16_t*>(a.values) + o * (a.k / 2) + 32 * w;
-      int64_t q;
-      std::memcpy(&q, a.meta + o * a.meta_words + 2 * w, sizeof q);
-      if (i == 0) prefetch_next_page<64 * kSplit>(v);
-      step_bf16<1>(sums, _mm512_loadu_si512(v), _mm512_set1_epi64(q), x0 + 64 * w, ldb, ctrl, base, three);
-    });
-  }
-  steps24_bf16<R>(a, acc, o, x0, ldb, s, a.k / 64, ctrl, base, three);
+  steps24_bf16<R>(a, acc, o, x0, ldb, 0, a.k / 64, ctrl, base, three);
   last24_bf16<R>(a, acc, o, r0, x0, ldb, ctrl, base, three);
 }
 
