@@ -112,10 +112,12 @@ def sparsify(
       :class:`~sparsekern.nn.dense_head.DenseHead` (the same ``nn.Linear``, its decode rows on
       sparsekern's dense GEMV, 1.8-2.3x torch's at 1 row here) where this CPU has that kernel
       for its dtype; ``None``: the head is left as it is. ``"int8"``: the LM head
-      (``model.get_output_embeddings()``, left dense by ``skip``) becomes a :class:`~sparsekern.nn.quant_linear.QuantLinear`: int8 weights per output row and x
-      rounded to int8 per ``act_block`` (32 if 0) columns. A tied head is untied (the input
-      embedding stays as it is; ``config.tie_word_embeddings`` is set to False). Off the CPU, or where
-      the CPU lacks the int8 kernel (AVX-512 VBMI + VNNI), the head stays dense and its report row says why.
+      (``model.get_output_embeddings()``, left dense by ``skip``) becomes a
+      :class:`~sparsekern.nn.quant_linear.QuantLinear`: int8 weights per output row and x rounded
+      to int8 per ``act_block`` (32 if 0) columns. A tied head is untied (the input embedding
+      stays as it is; ``config.tie_word_embeddings`` is set to False). Off the CPU, or where the
+      CPU lacks the int8 kernel (AVX-512 VBMI + VNNI), the head stays dense and its report row
+      says why.
 
     Layers whose shape does not fit their pattern are skipped and listed in the report, as are
     weights no kernel takes (fused MoE expert stacks, routers), with the reason.
