@@ -97,12 +97,13 @@ class _Grid:
         # Clip search for symmetric grids only: SmolLM2 2:4 int4 g64 joint, perplexity 199 -> 192
         # symmetric, but 191 -> 205 with zero points (whose range is already tight on both sides).
         self.scales, self.zeros = qfmt.scale_zero(runs, quant, symmetric, dtype, SHRINK if symmetric else (1.0,))
-        # The group of each column as the sweep visits them (a permuted sweep visits them out of order).
-        self.group = torch.arange(cols, device=w.device) // self.size
+        # The group of each column as the sweep visits them (a permuted sweep visits them out of
+        # order); a list: read once per column, where a tensor element would be a device read.
+        self.group = [c // self.size for c in range(cols)]
         self.g = -1
 
     def column(self, c: int) -> None:
-        g = int(self.group[c])
+        g = self.group[c]
         if g != self.g:
             self.g, self.scale, self.zero = g, self.scales[:, g], self.zeros[:, g]
 
@@ -193,7 +194,7 @@ def sparsegpt_prune(
     order = torch.argsort(torch.diag(hessian).to(w.device), descending=True, stable=True)
     w = first[:, order].clone()
     u = _inverse_cholesky(hessian.to(w.device)[order][:, order], w, float(percdamp))
-    grid.group = grid.group[order]
+    grid.group = [grid.group[c] for c in order.tolist()]
     w, _ = _sweep(w, u, pattern, blocksize, ~keep[:, order], grid)
     w = w[:, torch.argsort(order)]
     return w.to(weight.dtype), keep, grid.scales, grid.zeros
