@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from sparsekern.formats.bsr import block_width
+
 log = logging.getLogger("sparsekern")
 
 # Rows above this share one bucket: past ~512 rows every backend is in its GEMM regime.
@@ -71,12 +73,16 @@ def _bsr_grouped_bucket(x, crow, col, blocks, offsets) -> str:
     return f"r{row_bucket(x.shape[0])}|e{e}|w{block_rows * bm}x{x.shape[-1]}|b{bm}x{bk}|d{density:.2f}"
 
 
-def _bsr_bucket(x, crow, col, blocks, bias=None) -> str:
-    nnz, bm, bk = blocks.shape
+def _bsr_bucket(x, crow, col, blocks, bias=None, scales=None, zeros=None) -> str:
+    nnz, bm = blocks.shape[:2]
+    bk = block_width(blocks)
     block_rows, block_cols = crow.numel() - 1, x.shape[-1] // bk
     # Density in 5% steps: which backend wins depends on it, not on the exact block count.
     density = round(20 * nnz / max(1, block_rows * block_cols)) / 20
-    return f"r{row_bucket(x.shape[0])}|w{block_rows * bm}x{x.shape[-1]}|b{bm}x{bk}|d{density:.2f}"
+    key = f"r{row_bucket(x.shape[0])}|w{block_rows * bm}x{x.shape[-1]}|b{bm}x{bk}|d{density:.2f}"
+    if scales is not None:  # quantized blocks: int8 / int4 and the scale group
+        key += f"|{'int4' if blocks.dtype == torch.uint8 else 'int8'}g{bk // scales.shape[2]}"
+    return key
 
 
 def _attention_bucket(q, k, *rest) -> str:
@@ -309,7 +315,10 @@ def recipe(op: str, args: tuple) -> dict | None:
         return out
     if op == "bsr_linear":
         crow, col, blocks = args[1:4]
-        nnz, bm, bk = blocks.shape
+        nnz, bm, bk = *blocks.shape[:2], block_width(blocks)
         density = nnz / max(1, (crow.numel() - 1) * (x.shape[-1] // bk))
-        return base | {"out": int((crow.numel() - 1) * bm), "block": [int(bm), int(bk)], "density": density}
+        out = base | {"out": int((crow.numel() - 1) * bm), "block": [int(bm), int(bk)], "density": density}
+        if len(args) > 5 and args[5] is not None:
+            out |= {"quant": "int4" if blocks.dtype == torch.uint8 else "int8", "group_size": bk // args[5].shape[2]}
+        return out
     return None

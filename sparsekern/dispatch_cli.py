@@ -33,7 +33,9 @@ def synthetic_args(op: str, recipe: dict) -> tuple:
     if op == "bsr_linear":
         sparsity = min(1.0, max(0.0, 1.0 - float(recipe["density"])))
         w = BlockSparseWeight.from_dense(dense, block=tuple(recipe["block"]), sparsity=sparsity).to(dtype)
-        return (x, w.crow_indices, w.col_indices, w.blocks, None)
+        if recipe.get("quant"):
+            w = w.quantize(recipe["quant"], int(recipe.get("group_size", 0)))
+        return (x, w.crow_indices, w.col_indices, w.blocks, None, *(w.quant_args() if w.quant else ()))
     raise ValueError(f"op: expected nm_linear or bsr_linear, got {op!r}")
 
 

@@ -85,8 +85,10 @@ def work(op: str, backend: str, args: tuple) -> tuple[int, int] | None:
         out, stored, stored_bytes = values.shape[0], values.numel(), _nbytes(values) + _nbytes(meta)
     else:
         crow, col, blocks = args[1], args[2], args[3]
+        scales, zeros = (args[5:7] + (None, None))[:2]
         out = (crow.numel() - 1) * blocks.shape[1]
-        stored, stored_bytes = blocks.numel(), _nbytes(blocks) + _nbytes(crow) + _nbytes(col)
+        stored = blocks.numel() * (2 if blocks.dtype == torch.uint8 else 1)
+        stored_bytes = _nbytes(blocks) + _nbytes(crow) + _nbytes(col) + _nbytes(scales) + _nbytes(zeros)
     if backend in ("dense", "reference"):
         stored, stored_bytes = out * k, out * k * es
     return stored_bytes + _nbytes(x) + _nbytes(bias) + rows * out * es, 2 * rows * stored

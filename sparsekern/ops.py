@@ -22,7 +22,13 @@ from sparsekern.checks import check_same as _check_same
 from sparsekern.checks import check_tensor as _check_tensor
 from sparsekern.checks import nan_rows as _nan_rows
 from sparsekern.formats import quant
-from sparsekern.formats.bsr import BlockSparseWeight, check_bsr_grouped_indices, check_bsr_indices
+from sparsekern.formats.bsr import (
+    BlockSparseWeight,
+    block_width,
+    check_bsr_grouped_indices,
+    check_bsr_indices,
+    check_quant_blocks,
+)
 from sparsekern.formats.nm import SUPPORTED_DTYPES, NMSparseWeight, check_nm, meta_words, nm_to_dense
 from sparsekern.plan import all_finite  # noqa: F401  (re-exported: older callers import it from here)
 
@@ -47,7 +53,13 @@ lib.define("nm_grouped_linear" + NM_GROUPED_SCHEMA)
 BSR_GROUPED_SCHEMA = "(Tensor x, Tensor crow, Tensor col, Tensor blocks, Tensor offsets) -> Tensor"
 lib.define("bsr_grouped_linear" + BSR_GROUPED_SCHEMA)
 # x @ W.T + bias for a BSR weight W (crow int32 [out/bm+1], col int32 [nnz], blocks [nnz, bm, bk]).
-lib.define("bsr_linear(Tensor x, Tensor crow, Tensor col, Tensor blocks, Tensor? bias=None) -> Tensor")
+# Quantized W (sparsekern/formats/bsr.py): blocks int8 [nnz, bm, bk] or uint8 [nnz, bm, bk/2] (int4),
+# scales [nnz, bm, bk/group_size] in x's dtype, zeros int8 of that shape or None.
+BSR_SCHEMA = (
+    "(Tensor x, Tensor crow, Tensor col, Tensor blocks, Tensor? bias=None, Tensor? scales=None,"
+    " Tensor? zeros=None) -> Tensor"
+)
+lib.define("bsr_linear" + BSR_SCHEMA)
 # fp32 [B, H, Sk]: attention mass each key receives, averaged over queries (or CLS only).
 lib.define("token_scores(Tensor q, Tensor k, bool causal=False, float? scale=None, bool cls_only=False) -> Tensor")
 # Attention of every query over only the keys/values at keep_idx [B, H, kept].
@@ -57,7 +69,7 @@ lib.define(
 # CPU kernels (csrc/cpu): same contract as nm_linear / bsr_linear; they check their arguments
 # themselves (csrc/cpu/op_checks.h, same words as the checks below): anyone can call them.
 lib.define("_nm_linear_cpu" + NM_SCHEMA)
-lib.define("_bsr_linear_cpu(Tensor x, Tensor crow, Tensor col, Tensor blocks, Tensor? bias=None) -> Tensor")
+lib.define("_bsr_linear_cpu" + BSR_SCHEMA)
 lib.define("_nm_grouped_linear_cpu" + NM_GROUPED_SCHEMA)
 lib.define("_bsr_grouped_linear_cpu" + BSR_GROUPED_SCHEMA)
 # pruned_attention plus the kept keys' attention mass (fp32 [B, H, kept], averaged over queries).
@@ -154,19 +166,20 @@ def check_nm_linear(x, values, meta, n, m, bias, scales=None, zeros=None, group_
     _check_linear_common(x, scales, "scales", out, k, bias)
 
 
-def check_bsr_tensors(crow, col, blocks) -> tuple[int, int, int]:
+def check_bsr_tensors(crow, col, blocks, quantized: bool = False) -> tuple[int, int, int]:
     """The dtypes of a BSR weight's tensors and the shape of ``blocks``: ``(nnz, bm, bk)``
-    (one BSR linear's or a grouped op's stacked experts'; crow's shape is theirs to check)."""
-    _check_tensor("blocks", blocks)
+    (one BSR linear's or a grouped op's stacked experts'; crow's shape is theirs to check).
+    ``quantized``: int8 / uint8 (int4) blocks are accepted too; bk counts weights, not bytes."""
+    _check_tensor("blocks", blocks, (*SUPPORTED_DTYPES, torch.int8, torch.uint8) if quantized else SUPPORTED_DTYPES)
     _check_tensor("crow", crow, (torch.int32,))
     _check_tensor("col", col, (torch.int32,))
     if blocks.dim() != 3 or blocks.shape[1] < 1 or blocks.shape[2] < 1:
         raise ValueError(f"blocks: expected [nnz, bm, bk] with bm, bk >= 1, got shape {tuple(blocks.shape)}")
-    return tuple(blocks.shape)
+    return blocks.shape[0], blocks.shape[1], block_width(blocks)
 
 
-def check_bsr_linear(x, crow, col, blocks, bias) -> None:
-    nnz, bm, bk = check_bsr_tensors(crow, col, blocks)
+def check_bsr_linear(x, crow, col, blocks, bias, scales=None, zeros=None) -> None:
+    nnz, bm, bk = check_bsr_tensors(crow, col, blocks, quantized=True)
     if crow.dim() != 1 or crow.numel() < 1 or col.dim() != 1 or col.numel() != nnz:
         raise ValueError(
             f"crow/col: expected 1-D crow and col with {nnz} entries, got {tuple(crow.shape)} / {tuple(col.shape)}"
@@ -174,7 +187,14 @@ def check_bsr_linear(x, crow, col, blocks, bias) -> None:
     for name, t in (("crow", crow), ("col", col)):
         if t.device != blocks.device:
             raise ValueError(f"{name}: expected device {blocks.device} (that of blocks), got {t.device}")
-    _check_linear_common(x, blocks, "blocks", (crow.numel() - 1) * bm, x.shape[-1] if x.dim() else 0, bias)
+    if quant.quant_of(blocks) is None:
+        if scales is not None or zeros is not None:
+            raise ValueError(f"scales/zeros: only int8 / uint8 (int4) blocks take them, got {blocks.dtype}")
+        weight, weight_name = blocks, "blocks"
+    else:
+        check_quant_blocks(blocks, scales, zeros, bk)
+        weight, weight_name = scales, "scales"
+    _check_linear_common(x, weight, weight_name, (crow.numel() - 1) * bm, x.shape[-1] if x.dim() else 0, bias)
     if x.shape[-1] % bk:
         raise ValueError(f"x: last dimension {x.shape[-1]} is not divisible by the block width {bk}")
 
@@ -191,7 +211,7 @@ def check_bsr_index_values(crow, col, blocks, k: int, grouped: bool = False) -> 
     (stamp: identity, data pointer, size and version), not per call: on a GPU every scan syncs.
     Inference tensors have no version counter, so theirs are scanned on every call.
     """
-    nnz, kb = blocks.shape[0], k // blocks.shape[2]
+    nnz, kb = blocks.shape[0], k // block_width(blocks)
     stamp, key = weight_stamp(crow, col, tuple(crow.shape), col.numel(), kb), id(col)
     hit = _checked_indices.get(key)
     if stamp is not None and hit is not None and hit[0]() is col and hit[1] == stamp:
@@ -214,8 +234,8 @@ def _nm_linear_fake(x, values, meta, n, m, bias=None, scales=None, zeros=None, g
 
 
 @torch.library.register_fake("sparsekern::bsr_linear")
-def _bsr_linear_fake(x, crow, col, blocks, bias=None):
-    check_bsr_linear(x, crow, col, blocks, bias)
+def _bsr_linear_fake(x, crow, col, blocks, bias=None, scales=None, zeros=None):
+    check_bsr_linear(x, crow, col, blocks, bias, scales, zeros)
     return x.new_empty((*x.shape[:-1], (crow.numel() - 1) * blocks.shape[1]))
 
 
@@ -272,8 +292,9 @@ def _nm_linear_impl(x, values, meta, n, m, bias=None, scales=None, zeros=None, g
     return plan.run(NM_LINEAR, x, (values, meta, n, m, bias, *quant), plan.plans_for(values))
 
 
-def _bsr_linear_impl(x, crow, col, blocks, bias=None):
-    return plan.run(BSR_LINEAR, x, (crow, col, blocks, bias), plan.plans_for(blocks))
+def _bsr_linear_impl(x, crow, col, blocks, bias=None, scales=None, zeros=None):
+    quant = () if scales is None and zeros is None else (scales, zeros)
+    return plan.run(BSR_LINEAR, x, (crow, col, blocks, bias, *quant), plan.plans_for(blocks))
 
 
 def _token_scores_impl(q, k, causal=False, scale=None, cls_only=False):
@@ -340,13 +361,14 @@ def nm_linear_backward(ctx, grad):
 
 
 def bsr_linear_backward(ctx, grad):
-    x, crow, col, blocks, bias = ctx.args
+    x, crow, col, blocks, bias, scales, zeros = (*ctx.args, None, None)[:7]
     gx = gblk = gb = None
     if ctx.needs_input_grad[0]:
-        from sparsekern.formats.bsr import bsr_to_dense
+        from sparsekern.formats.bsr import bsr_to_dense, dequantize_blocks
 
-        gx = grad @ bsr_to_dense(crow, col, blocks, x.shape[-1])
-    if ctx.needs_input_grad[3]:
+        w = blocks if scales is None else dequantize_blocks(blocks, scales, zeros)
+        gx = grad @ bsr_to_dense(crow, col, w, x.shape[-1])
+    if ctx.needs_input_grad[3] and scales is None:  # integer blocks take no gradient
         nnz, bm, bk = blocks.shape
         dw = _dense_grad(grad, x)
         tiles = dw.view(dw.shape[0] // bm, bm, -1, bk).permute(0, 2, 1, 3)
@@ -356,14 +378,14 @@ def bsr_linear_backward(ctx, grad):
         gblk = tiles[rows, col.long()].to(blocks.dtype)
     if bias is not None and ctx.needs_input_grad[4]:
         gb = _flat(grad).sum(0).to(bias.dtype)
-    return gx, None, None, gblk, gb
+    return (gx, None, None, gblk, gb, None, None)[: len(ctx.args)]
 
 
 torch.library.register_autograd("sparsekern::nm_linear", nm_linear_backward, setup_context=_linear_setup)
 torch.library.register_autograd("sparsekern::bsr_linear", bsr_linear_backward, setup_context=_linear_setup)
 
 
-def _recheck_bsr(x2, crow, col, blocks, bias=None):
+def _recheck_bsr(x2, crow, col, blocks, bias=None, *quant):
     check_bsr_index_values(crow, col, blocks, x2.shape[-1])  # before any timing: never on bad indices
 
 
@@ -402,8 +424,8 @@ def bsr_linear(x: torch.Tensor, weight: BlockSparseWeight, bias: torch.Tensor | 
         raise TypeError(f"weight: expected BlockSparseWeight, got {type(weight).__name__}")
     if isinstance(x, torch.Tensor) and x.dim() and x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x: expected last dimension {weight.shape[1]} (in_features), got shape {tuple(x.shape)}")
-    args = (weight.crow_indices, weight.col_indices, weight.blocks, bias)
-    return plan.linear(BSR_LINEAR, x, args)
+    quant = () if weight.scales is None else weight.quant_args()
+    return plan.linear(BSR_LINEAR, x, (weight.crow_indices, weight.col_indices, weight.blocks, bias, *quant))
 
 
 def token_scores(

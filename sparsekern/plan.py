@@ -228,17 +228,18 @@ def _stamp(args: tuple, n: int, p: int, bi: int) -> tuple:
     try:
         if n == 2:
             st = (id(a), a.data_ptr(), a._version, id(b), b.data_ptr(), b._version, args[p].dtype, id(args[bi]))
-            if len(args) > bi + 1 and args[bi + 1] is not None:
-                sc, z = args[bi + 1], args[bi + 2]
-                st += (id(sc), sc.data_ptr(), sc._version, sc.dtype, id(z), *args[bi + 3 :])
-                if z is not None:
-                    st += (z.data_ptr(), z._version)
-            return st
-        c = args[2]
-        return (
-            id(a), a.data_ptr(), a._version, id(b), b.data_ptr(), b._version,
-            id(c), c.data_ptr(), c._version, args[p].dtype, id(args[bi]),
-        )  # fmt: skip
+        else:
+            c = args[2]
+            st = (
+                id(a), a.data_ptr(), a._version, id(b), b.data_ptr(), b._version,
+                id(c), c.data_ptr(), c._version, args[p].dtype, id(args[bi]),
+            )  # fmt: skip
+        if len(args) > bi + 1 and args[bi + 1] is not None:  # quantized: scales, zeros, N:M's group and act_block
+            sc, z = args[bi + 1], args[bi + 2]
+            st += (id(sc), sc.data_ptr(), sc._version, sc.dtype, id(z), *args[bi + 3 :])
+            if z is not None:
+                st += (z.data_ptr(), z._version)
+        return st
     except RuntimeError:  # inference tensors carry no version counter
         return tuple(
             (id(t), t.data_ptr(), t.dtype, -1 if t.is_inference() else t._version) if isinstance(t, torch.Tensor) else t

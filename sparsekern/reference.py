@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from sparsekern.formats.bsr import bsr_to_dense
+from sparsekern.formats.bsr import bsr_to_dense, dequantize_blocks
 from sparsekern.formats.nm import nm_to_dense
 from sparsekern.formats.quant import dequantize
 
@@ -74,9 +74,11 @@ def quantize_x(x, block: int):
     return (torch.round(xs / scale).clamp(-127, 127) * scale).reshape(x.shape)
 
 
-def bsr_linear(x, crow, col, blocks, bias=None):
-    """``x @ W.T + bias`` for the block-sparse weight ``W`` (K is ``x.shape[-1]``)."""
-    return F.linear(x, bsr_to_dense(crow, col, blocks, x.shape[-1]), bias)
+def bsr_linear(x, crow, col, blocks, bias=None, scales=None, zeros=None):
+    """``x @ W.T + bias`` for the block-sparse weight ``W`` (K is ``x.shape[-1]``); quantized
+    blocks are dequantized first (``(q - zero) * scale`` per group, in the dtype of ``scales``)."""
+    w = blocks if scales is None else dequantize_blocks(blocks, scales, zeros)
+    return F.linear(x, bsr_to_dense(crow, col, w, x.shape[-1]), bias)
 
 
 def _scores_logits(q, k, causal: bool, scale):

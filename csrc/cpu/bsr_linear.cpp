@@ -11,7 +11,7 @@ namespace sparsekern {
 namespace detail {
 
 void bsr_linear_portable(const BSRLinearArgs& a) {
-  const int64_t kb = a.k / a.bk, bsz = static_cast<int64_t>(a.bm) * a.bk;
+  const int64_t kb = a.k / a.bk;
   std::vector<float> xf(a.rows * a.k);
   convert_rows_f32(a.x, a.rows, a.k, a.ldx, a.dtype, xf.data(), a.k, a.threads);
   std::vector<std::vector<float>> accs(a.threads, std::vector<float>(a.bm));
@@ -29,8 +29,7 @@ void bsr_linear_portable(const BSRLinearArgs& a) {
         if (c < 0 || c >= kb) continue;
         const float* xs = xr + c * a.bk;
         for (int i = 0; i < a.bm; ++i) {
-          const int64_t off = b * bsz + static_cast<int64_t>(i) * a.bk;
-          for (int kk = 0; kk < a.bk; ++kk) wrow[kk] = load_f32(a.blocks, off + kk, a.dtype);
+          for (int kk = 0; kk < a.bk; ++kk) wrow[kk] = bsr_weight(a, b, i, kk);
           float s = 0.0f;
           for (int kk = 0; kk < a.bk; ++kk) s += wrow[kk] * xs[kk];
           acc[i] += s;
@@ -47,6 +46,7 @@ void bsr_linear_decode(const BSRLinearArgs& args, Isa isa) {
   BSRLinearArgs a = args;
   a.threads = decode_threads(a.threads, a.rows * a.nnz * a.bm * a.bk);
 #if defined(__x86_64__)
+  if (a.qbits) return detail::bsr_linear_portable(a);
   if (isa >= Isa::kAvx512Bf16 && detail::bsr_linear_decode_bf16_avx512(a)) return;
   if (isa >= Isa::kAvx2) return detail::bsr_linear_decode_avx2(a);
 #else
@@ -57,6 +57,7 @@ void bsr_linear_decode(const BSRLinearArgs& args, Isa isa) {
 
 void bsr_linear_batched(const BSRLinearArgs& a, Isa isa) {
 #if defined(__x86_64__)
+  if (a.qbits) return detail::bsr_linear_portable(a);
   if (isa >= Isa::kAvx2) return detail::bsr_linear_batched_avx2(a);
 #else
   (void)isa;
@@ -76,6 +77,12 @@ void bsr_decompress_rows(const BSRLinearArgs& a, int64_t rb0, int64_t nrb, void*
     for (int64_t b = begin; b < end; ++b) {
       const int64_t c = a.col[b];
       if (c < 0 || c >= kb) continue;
+      if (a.qbits) {  // dequantized, as the reference (fp32, then the weight's dtype)
+        for (int r = 0; r < a.bm; ++r)
+          for (int kk = 0; kk < a.bk; ++kk)
+            store_f32(tile, r * ld + c * a.bk + kk, bsr_weight(a, b, r, kk), a.dtype);
+        continue;
+      }
       for (int r = 0; r < a.bm; ++r)
         std::memcpy(tile + (r * ld + c * a.bk) * es, blocks + (b * bsz + static_cast<int64_t>(r) * a.bk) * es,
                     a.bk * es);

@@ -20,7 +20,7 @@ void bsr_linear_decode(const BSRLinearArgs& a, Isa isa);
 void bsr_linear_batched(const BSRLinearArgs& a, Isa isa);
 
 // Dense rows of block rows [rb0, rb0 + nrb) into dense ([nrb * bm, K], row stride ld, element
-// type of the weight). OpenMP over block rows.
+// type of the weight: dtype, quantized blocks dequantized). OpenMP over block rows.
 void bsr_decompress_rows(const BSRLinearArgs& a, int64_t rb0, int64_t nrb, void* dense, int64_t ld);
 
 // Clamped [begin, end) of block row rb (see the header comment).

@@ -34,7 +34,7 @@ void bsr_linear_gemm(const BSRLinearArgs& a, const at::Tensor& x, const at::Tens
   const bool f32 = x.scalar_type() == at::kFloat;
   const at::Tensor x32 = f32 ? x : x.to(at::kFloat);
   const int64_t tile_rb = std::max<int64_t>(1, kTileOut / bm);
-  at::Tensor tile = at::empty({std::min(block_rows, tile_rb) * bm, k}, blocks.options());
+  at::Tensor tile = at::empty({std::min(block_rows, tile_rb) * bm, k}, x.options());  // dequantized if need be
   for (int64_t rb0 = 0; rb0 < block_rows; rb0 += tile_rb) {
     const int64_t nrb = std::min(tile_rb, block_rows - rb0);
     at::Tensor t = tile.narrow(0, 0, nrb * bm);
@@ -57,8 +57,10 @@ void bsr_linear_gemm(const BSRLinearArgs& a, const at::Tensor& x, const at::Tens
 }  // namespace
 
 void bsr_linear_run(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& blocks,
-                    const std::optional<at::Tensor>& bias, at::Tensor& y) {
-  const int64_t rows = x.size(0), k = x.size(1), bm = blocks.size(1), bk = blocks.size(2);
+                    const std::optional<at::Tensor>& bias, at::Tensor& y, const std::optional<at::Tensor>& scales,
+                    const std::optional<at::Tensor>& zeros) {
+  const int qbits = blocks.scalar_type() == at::kChar ? 8 : blocks.scalar_type() == at::kByte ? 4 : 0;
+  const int64_t rows = x.size(0), k = x.size(1), bm = blocks.size(1), bk = blocks.size(2) * (qbits == 4 ? 2 : 1);
   const int64_t block_rows = crow.numel() - 1, out_features = block_rows * bm;
   if (rows == 0 || out_features == 0) return;
   if (k == 0) return bias_rows(y, bias);
@@ -80,6 +82,12 @@ void bsr_linear_run(const at::Tensor& x, const at::Tensor& crow, const at::Tenso
   a.ldo = out_features;
   a.dtype = to_dtype(x.scalar_type());
   a.threads = at::get_num_threads();
+  if (qbits) {
+    a.qbits = qbits;
+    a.scales = scales->data_ptr();
+    a.zeros = zeros ? zeros->data_ptr<int8_t>() : nullptr;
+    a.groups = static_cast<int>(scales->size(2));
+  }
   const Isa isa = active_isa();
   const double density = static_cast<double>(a.nnz) * bm * bk / (static_cast<double>(out_features) * k);
   if (rows > kBsrDecodeMaxRows && density > kGemmDensity && a.dtype == DType::kF32 && isa != Isa::kPortable) {
@@ -102,13 +110,16 @@ void bsr_linear_run(const at::Tensor& x, const at::Tensor& crow, const at::Tenso
 namespace {
 
 at::Tensor bsr_linear_cpu(const at::Tensor& x_in, const at::Tensor& crow_in, const at::Tensor& col_in,
-                          const at::Tensor& blocks_in, const std::optional<at::Tensor>& bias_in) {
-  check_bsr_linear_args(x_in, crow_in, col_in, blocks_in, bias_in);
+                          const at::Tensor& blocks_in, const std::optional<at::Tensor>& bias_in,
+                          const std::optional<at::Tensor>& scales_in, const std::optional<at::Tensor>& zeros_in) {
+  check_bsr_linear_args(x_in, crow_in, col_in, blocks_in, bias_in, scales_in, zeros_in);
   const at::Tensor x = x_in.contiguous(), crow = crow_in.contiguous(), col = col_in.contiguous(),
                    blocks = blocks_in.contiguous();
-  const std::optional<at::Tensor> bias = bias_in ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
+  auto contig = [](const std::optional<at::Tensor>& t) {
+    return t ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
+  };
   at::Tensor y = new_output({x.size(0), (crow.numel() - 1) * blocks.size(1)}, x.options());
-  bsr_linear_run(x, crow, col, blocks, bias, y);
+  bsr_linear_run(x, crow, col, blocks, contig(bias_in), y, contig(scales_in), contig(zeros_in));
   return y;
 }
 

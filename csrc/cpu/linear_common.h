@@ -75,6 +75,31 @@ struct BSRLinearArgs {
   int64_t ldo;
   DType dtype;
   int threads;
+  // Quantized blocks (sparsekern/formats/bsr.py), qbits 8 or 4 (0: blocks are of dtype): blocks
+  // int8 [nnz, bm, bk] or uint8 [nnz, bm, bk / 2] (int4: column 2j of a block row in the low
+  // nibble, 2j+1 in the high one, unsigned). Column c of row i of block b is (q - zero) * scale
+  // of group c / (bk / groups); scales [nnz, bm, groups] of dtype, zeros int8 of that shape or
+  // nullptr (0 for int8, 8 for int4).
+  int qbits = 0;
+  const void* scales = nullptr;
+  const int8_t* zeros = nullptr;
+  int groups = 1;
 };
+
+// Column c of row i of stored block b as fp32, whatever the storage (scalar: portable paths).
+inline float bsr_weight(const BSRLinearArgs& a, int64_t b, int i, int c) {
+  const int64_t row = b * a.bm + i;  // the stored block row
+  if (a.qbits == 0) return load_f32(a.blocks, row * a.bk + c, a.dtype);
+  int q;
+  if (a.qbits == 8) {
+    q = static_cast<const int8_t*>(a.blocks)[row * a.bk + c];
+  } else {
+    const uint8_t v = static_cast<const uint8_t*>(a.blocks)[row * (a.bk / 2) + c / 2];
+    q = (c & 1) ? v >> 4 : v & 15;
+  }
+  const int64_t g = row * a.groups + c / (a.bk / a.groups);
+  const int zero = a.zeros ? a.zeros[g] : (a.qbits == 4 ? 8 : 0);
+  return static_cast<float>(q - zero) * load_f32(a.scales, g, a.dtype);
+}
 
 }  // namespace sparsekern

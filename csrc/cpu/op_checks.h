@@ -225,23 +225,56 @@ inline void check_bsr_indices(const int32_t* crow, int64_t block_rows, const int
   }
 }
 
+// Quantized blocks' scales / zeros (sparsekern/formats/bsr.py check_quant_blocks): [nnz, bm, groups]
+// with groups dividing bk into runs of a multiple of 8 columns, zeros int8 of the same shape.
+inline void check_bsr_quant_args(const at::Tensor& blocks, int64_t bk, const std::optional<at::Tensor>& scales,
+                                 const std::optional<at::Tensor>& zeros) {
+  const int64_t nnz = blocks.size(0), bm = blocks.size(1);
+  const char* quant = blocks.scalar_type() == at::kByte ? "uint8" : "int8";
+  TORCH_CHECK_TYPE(scales.has_value(), "scales: expected torch.Tensor for ", quant, " blocks, got None");
+  const int64_t groups = scales->dim() == 3 ? scales->size(2) : 0;
+  TORCH_CHECK_VALUE(scales->dim() == 3 && scales->size(0) == nnz && scales->size(1) == bm && groups > 0 &&
+                        bk % groups == 0 && (bk / groups) % 8 == 0,
+                    "scales: expected shape (", nnz, ", ", bm, ", groups) with groups dividing the block width ", bk,
+                    " into runs of a multiple of 8 columns, got ", py_shape(scales->sizes()));
+  check_float("scales", *scales);
+  check_same_device("scales", *scales, blocks, "blocks");
+  if (zeros) {
+    check_tensor("zeros", *zeros, {at::kChar});
+    TORCH_CHECK_VALUE(zeros->sizes() == scales->sizes(), "zeros: expected shape ", py_shape(scales->sizes()),
+                      " (that of scales), got ", py_shape(zeros->sizes()));
+    check_same_device("zeros", *zeros, blocks, "blocks");
+  }
+}
+
 // sparsekern/ops.py check_bsr_linear plus the index values.
 inline void check_bsr_linear_args(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
-                                  const at::Tensor& blocks, const std::optional<at::Tensor>& bias) {
-  check_float("blocks", blocks);
+                                  const at::Tensor& blocks, const std::optional<at::Tensor>& bias,
+                                  const std::optional<at::Tensor>& scales = std::nullopt,
+                                  const std::optional<at::Tensor>& zeros = std::nullopt) {
+  check_tensor("blocks", blocks, {at::kFloat, at::kHalf, at::kBFloat16, at::kChar, at::kByte});
+  const bool quantized = blocks.scalar_type() == at::kChar || blocks.scalar_type() == at::kByte;
   check_tensor("crow", crow, {at::kInt});
   check_tensor("col", col, {at::kInt});
   TORCH_CHECK_VALUE(blocks.dim() == 3 && blocks.size(1) >= 1 && blocks.size(2) >= 1,
                     "blocks: expected [nnz, bm, bk] with bm, bk >= 1, got shape ", py_shape(blocks.sizes()));
-  const int64_t nnz = blocks.size(0), bm = blocks.size(1), bk = blocks.size(2);
+  const int64_t nnz = blocks.size(0), bm = blocks.size(1);
+  const int64_t bk = blocks.size(2) * (blocks.scalar_type() == at::kByte ? 2 : 1);  // int4: two per byte
   TORCH_CHECK_VALUE(crow.dim() == 1 && crow.numel() >= 1 && col.dim() == 1 && col.numel() == nnz,
                     "crow/col: expected 1-D crow and col with ", nnz, " entries, got ", py_shape(crow.sizes()),
                     " / ", py_shape(col.sizes()));
   check_same_device("crow", crow, blocks, "blocks");
   check_same_device("col", col, blocks, "blocks");
+  if (quantized) {
+    check_bsr_quant_args(blocks, bk, scales, zeros);
+  } else {
+    TORCH_CHECK_VALUE(!scales && !zeros, "scales/zeros: only int8 / uint8 (int4) blocks take them, got ",
+                      py_dtype(blocks.scalar_type()));
+  }
   TORCH_CHECK_VALUE(x.dim() >= 1, "x: expected at least 1 dimension, got a scalar");
   const int64_t k = x.size(-1);
-  check_linear_common(x, blocks, "blocks", (crow.numel() - 1) * bm, k, bias);
+  check_linear_common(x, quantized ? *scales : blocks, quantized ? "scales" : "blocks", (crow.numel() - 1) * bm, k,
+                      bias);
   TORCH_CHECK_VALUE(k % bk == 0, "x: last dimension ", k, " is not divisible by the block width ", bk);
   const at::Tensor crow_c = crow.contiguous(), col_c = col.contiguous();  // the scan reads flat arrays
   check_bsr_indices(crow_c.data_ptr<int32_t>(), crow.numel() - 1, col_c.data_ptr<int32_t>(), nnz, k / bk);

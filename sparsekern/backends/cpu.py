@@ -28,8 +28,8 @@ def _nm_linear(x, values, meta, n, m, bias=None, scales=None, zeros=None, group_
     return torch.ops.sparsekern._nm_linear_cpu(x, values, meta, n, m, bias, scales, zeros, group_size, act_block)
 
 
-def _bsr_linear(x, crow, col, blocks, bias=None):
-    return torch.ops.sparsekern._bsr_linear_cpu(x, crow, col, blocks, bias)
+def _bsr_linear(x, crow, col, blocks, bias=None, scales=None, zeros=None):
+    return torch.ops.sparsekern._bsr_linear_cpu(x, crow, col, blocks, bias, scales, zeros)
 
 
 def _plan_nm(*args):

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsekern import dispatch, plan
-from sparsekern.formats.bsr import bsr_to_dense
+from sparsekern.formats.bsr import bsr_to_dense, dequantize_blocks
 from sparsekern.formats.nm import nm_to_dense
 from sparsekern.formats.quant import dequantize
 from sparsekern.reference import linear_a8
@@ -103,9 +103,15 @@ def nm_weight(values, meta, n: int, m: int, scales=None, zeros=None, fp32: bool 
     return _cached(values, weight_stamp(values, meta, n, m, scales, zeros, fp32), build)
 
 
-def bsr_weight(crow, col, blocks, k: int) -> torch.Tensor:
-    """The dense ``[out, k]`` copy of a BSR weight, from the cache when it is still current."""
-    return _cached(blocks, weight_stamp(blocks, crow, col, k), lambda: bsr_to_dense(crow, col, blocks, k))
+def bsr_weight(crow, col, blocks, k: int, scales=None, zeros=None) -> torch.Tensor:
+    """The dense ``[out, k]`` copy of a BSR weight (dequantized when quantized), from the cache
+    when it is still current."""
+
+    def build():
+        w = blocks if scales is None else dequantize_blocks(blocks, scales, zeros)
+        return bsr_to_dense(crow, col, w, k)
+
+    return _cached(blocks, weight_stamp(blocks, crow, col, k, scales, zeros), build)
 
 
 def nm_linear(x, values, meta, n: int, m: int, bias=None, scales=None, zeros=None, group_size=0, act_block=0):
@@ -114,8 +120,8 @@ def nm_linear(x, values, meta, n: int, m: int, bias=None, scales=None, zeros=Non
     return F.linear(x, nm_weight(values, meta, n, m, scales, zeros), bias)
 
 
-def bsr_linear(x, crow, col, blocks, bias=None):
-    return F.linear(x, bsr_weight(crow, col, blocks, x.shape[-1]), bias)
+def bsr_linear(x, crow, col, blocks, bias=None, scales=None, zeros=None):
+    return F.linear(x, bsr_weight(crow, col, blocks, x.shape[-1], scales, zeros), bias)
 
 
 def _plan_nm(x, values, meta, n: int, m: int, bias=None, scales=None, zeros=None, group_size=0, act_block=0):
@@ -126,9 +132,9 @@ def _plan_nm(x, values, meta, n: int, m: int, bias=None, scales=None, zeros=None
     return (lambda x, values, meta, n, m, bias=None, *quant: F.linear(x, w, bias)), (w,)
 
 
-def _plan_bsr(x, crow, col, blocks, bias=None):
-    w = bsr_weight(crow, col, blocks, x.shape[-1])
-    return (lambda x, crow, col, blocks, bias=None: F.linear(x, w, bias)), (w,)
+def _plan_bsr(x, crow, col, blocks, bias=None, scales=None, zeros=None):
+    w = bsr_weight(crow, col, blocks, x.shape[-1], scales, zeros)
+    return (lambda x, crow, col, blocks, bias=None, *quant: F.linear(x, w, bias)), (w,)
 
 
 def _release_nm(x, values, *rest) -> None:

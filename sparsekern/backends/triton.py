@@ -46,7 +46,9 @@ def _nm_supports(x, values, meta, n, m, bias=None, *quant) -> str | None:
     return _device_reason(x)
 
 
-def _bsr_supports(x, crow, col, blocks, bias=None) -> str | None:
+def _bsr_supports(x, crow, col, blocks, bias=None, *quant) -> str | None:
+    if quant and quant[0] is not None:
+        return "quantized (int8 / int4) blocks: no Triton kernel yet"
     return _device_reason(x)
 
 
