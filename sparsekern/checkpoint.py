@@ -324,13 +324,14 @@ def check_config(config: dict, cfg_file: str) -> tuple[dict, dict]:
 
 
 def check_quant_fields(info: dict, where: str) -> None:
-    """The optional ``quant`` / ``group_size`` / ``zeros`` of an N:M layer entry."""
+    """The optional ``quant`` / ``group_size`` / ``zeros`` of an N:M or block layer entry
+    (``act_block``: N:M only)."""
     if info.get("quant") is None:
         if any(key in info for key in ("group_size", "zeros", "act_block")):
             raise ValueError(f"{where}: group_size/zeros/act_block given without quant")
         return
-    if info["kind"] != "nm" or info["quant"] not in QUANTS:
-        raise ValueError(f"{where}.quant: expected one of {QUANTS} on an 'nm' layer, got {info['quant']!r}")
+    if info["quant"] not in QUANTS:
+        raise ValueError(f"{where}.quant: expected one of {QUANTS}, got {info['quant']!r}")
     size, zeros = info.get("group_size"), info.get("zeros")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise ValueError(f"{where}.group_size: expected an int >= 0, got {size!r}")
@@ -339,6 +340,10 @@ def check_quant_fields(info: dict, where: str) -> None:
     act = info.get("act_block", 0)
     if not isinstance(act, int) or isinstance(act, bool) or act < 0:
         raise ValueError(f"{where}.act_block: expected an int >= 0, got {act!r}")
+    if act and info["kind"] != "nm":
+        raise ValueError(
+            f"{where}.act_block: int8 activations are for 'nm' layers, got {act} on a {info['kind']!r} layer"
+        )
 
 
 def layer_tensors(info: dict) -> tuple[str, ...]:
@@ -347,11 +352,10 @@ def layer_tensors(info: dict) -> tuple[str, ...]:
         return experts_ckpt.tensors_of(info)
     if info.get("class") == quant_head.CLASS:
         return quant_head.TENSORS
-    if info["kind"] != "nm":
-        return ("crow_indices", "col_indices", "blocks")
+    names = ("values", "meta") if info["kind"] == "nm" else ("crow_indices", "col_indices", "blocks")
     if info.get("quant") is None:
-        return ("values", "meta")
-    return ("values", "meta", "scales") + (("zeros",) if info["zeros"] else ())
+        return names
+    return names + ("scales",) + (("zeros",) if info["zeros"] else ())
 
 
 def _native_layers(layers: dict, tensors: dict, origin: dict, cfg_file: str) -> dict:
@@ -385,9 +389,17 @@ def _native_layers(layers: dict, tensors: dict, origin: dict, cfg_file: str) -> 
             elif info["kind"] == "nm":
                 w = NMSparseWeight(*parts, info["n"], info["m"], shape).validate()
             else:
-                w = BlockSparseWeight(*parts, shape).validate()
+                crow, col, blocks, scales, zeros = (*parts, None, None)[:5]
+                w = BlockSparseWeight(crow, col, blocks, shape, scales, zeros)
+                if w.quant != info.get("quant"):
+                    raise ValueError(
+                        f"blocks: expected {info.get('quant') or 'float'} blocks, got dtype {blocks.dtype}"
+                    )
+                w.validate()
                 if list(w.block) != list(info["block"]):
                     raise ValueError(f"blocks: expected block {info['block']}, got {list(w.block)}")
+                if w.quant is not None and w.group_size != info["group_size"]:
+                    raise ValueError(f"scales: expected group_size {info['group_size']}, got {w.group_size}")
         except (ValueError, TypeError) as exc:
             raise ValueError(f"{where}: layer {name!r}: {exc}") from None
         bias = tensors.pop(f"{name}.bias", None)

@@ -287,14 +287,16 @@ class BlockSparseWeight:
         if self.scales is not None:
             g = self.scales.shape[2]
             z = None if self.zeros is None else self.zeros.reshape(-1, g)
-            q.check_values(self.blocks.reshape(-1, self.blocks.shape[2]), self.scales.reshape(-1, g), z)
+            bm = self.blocks.shape[1]
+            q.check_values(self.blocks.reshape(-1, self.blocks.shape[2]), self.scales.reshape(-1, g), z,
+                           lambda r: f"block {r // bm}, row {r % bm}")  # fmt: skip
         return self
 
     def to_dense(self) -> torch.Tensor:
         """The dense ``[out, K]`` weight (dequantized, in :attr:`dtype`, when quantized)."""
-        return bsr_to_dense(self.crow_indices, self.col_indices, self.float_blocks(), self.shape[1])
+        return bsr_to_dense(self.crow_indices, self.col_indices, self.float_values(), self.shape[1])
 
-    def float_blocks(self) -> torch.Tensor:
+    def float_values(self) -> torch.Tensor:
         """The stored blocks ``[nnz, bm, bk]`` as floats (dequantized when quantized)."""
         return self.blocks if self.scales is None else dequantize_blocks(self.blocks, self.scales, self.zeros)
 

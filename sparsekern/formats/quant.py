@@ -186,15 +186,17 @@ def check_parts(values: torch.Tensor, scales, zeros, rows: int, kept: int, group
             )
 
 
-def check_values(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> None:
-    """Data checks (they read the tensors): scales finite and > 0, zeros in the type's range."""
+def check_values(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, row_name=None) -> None:
+    """Data checks (they read the tensors): scales finite and > 0, zeros in the type's range.
+    ``row_name(r)``: how a message names row r (default ``"row r"``)."""
+    name = row_name or (lambda r: f"row {r}")
     bad = ~(torch.isfinite(scales) & (scales > 0))
     if bad.any():
         r, g = (int(v) for v in bad.nonzero()[0])
-        raise ValueError(f"scales: expected finite values > 0, got {float(scales[r, g])} at row {r}, group {g}")
+        raise ValueError(f"scales: expected finite values > 0, got {float(scales[r, g])} at {name(r)}, group {g}")
     if zeros is not None:
         lo, hi = _RANGE[quant_of(values)]
         out = (zeros < lo) | (zeros > hi)
         if out.any():
             r, g = (int(v) for v in out.nonzero()[0])
-            raise ValueError(f"zeros: expected values in {lo}..{hi}, got {int(zeros[r, g])} at row {r}, group {g}")
+            raise ValueError(f"zeros: expected values in {lo}..{hi}, got {int(zeros[r, g])} at {name(r)}, group {g}")

@@ -33,7 +33,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from sparsekern import checkpoint_moe as experts_ckpt
 from sparsekern.checkpoint import FORMAT_VERSION, check_config, check_safetensors, layer_tensors
-from sparsekern.formats.bsr import BlockSparseWeight
+from sparsekern.formats.bsr import BlockSparseWeight, check_group_size
 from sparsekern.formats.nm import NMSparseWeight, meta_words
 from sparsekern.formats.quant import groups_of
 from sparsekern.hf import METHOD
@@ -178,7 +178,7 @@ def _empty_layer(name: str, info: dict, module: nn.Module, headers: dict, dtype,
         if key not in headers:
             raise ValueError(f"{here}: tensor {key!r} is not in the checkpoint")
         found[t] = headers[key]
-    float_name = "blocks" if info["kind"] != "nm" else "values" if info.get("quant") is None else "scales"
+    float_name = "scales" if info.get("quant") is not None else "blocks" if info["kind"] != "nm" else "values"
     entry, file = found[float_name]
     if dtype is None:
         dtype = _ST_TORCH.get(entry["dtype"])
@@ -221,11 +221,24 @@ def _empty_layer(name: str, info: dict, module: nn.Module, headers: dict, dtype,
             raise ValueError(f"{here}: block {(bm, bk)} does not divide the layer's shape {(out, k)}")
         nnz = found["blocks"][0]["shape"][0] if found["blocks"][0]["shape"] else -1
         want = {"crow_indices": [out // bm + 1], "col_indices": [nnz], "blocks": [nnz, bm, bk]}
+        quant, parts = info.get("quant"), ()
+        if quant is not None:
+            try:
+                groups = check_group_size(info["group_size"], bk)
+            except ValueError as exc:
+                raise ValueError(f"{here}: {exc}") from None
+            width, qdtype = (bk // 2, torch.uint8) if quant == "int4" else (bk, torch.int8)
+            want.update(blocks=[nnz, bm, width], scales=[nnz, bm, groups], zeros=[nnz, bm, groups])
+            parts = (
+                torch.empty(nnz, bm, groups, dtype=dtype, **meta),
+                torch.empty(nnz, bm, groups, dtype=torch.int8, **meta) if info["zeros"] else None,
+            )
         weight_of = lambda: BlockSparseWeight(  # noqa: E731
             torch.empty(out // bm + 1, dtype=torch.int32, **meta),
             torch.empty(nnz, dtype=torch.int32, **meta),
-            torch.empty(nnz, bm, bk, dtype=dtype, **meta),
+            torch.empty(*want["blocks"], dtype=dtype if quant is None else qdtype, **meta),
             (out, k),
+            *parts,
         )
     want["bias"] = [out]
     for t, (entry, file) in found.items():
@@ -235,7 +248,11 @@ def _empty_layer(name: str, info: dict, module: nn.Module, headers: dict, dtype,
         if is_index and entry["dtype"] != "I32":
             raise ValueError(f"{file}: tensor {name}.{t}: dtype {entry['dtype']}, expected I32")
         integer = (
-            {"int8": "I8", "int4": "U8"}.get(info.get("quant")) if t == "values" else "I8" if t == "zeros" else None
+            {"int8": "I8", "int4": "U8"}.get(info.get("quant"))
+            if t in ("values", "blocks")
+            else "I8"
+            if t == "zeros"
+            else None
         )
         if integer is not None and entry["dtype"] != integer:
             raise ValueError(f"{file}: tensor {name}.{t}: dtype {entry['dtype']}, expected {integer}")

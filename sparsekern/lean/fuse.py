@@ -54,15 +54,18 @@ def _dense(mods: list[nn.Linear]) -> nn.Linear:
     return lin
 
 
+def _scales_zeros(mods: list[SparseLinear]) -> tuple:
+    """Quantized layers' scales and zeros, stacked as their rows (N:M) or blocks (BSR) are."""
+    zeros = None if mods[0].zeros is None else torch.cat([m.zeros for m in mods])
+    return torch.cat([m.scales.detach() for m in mods]), zeros
+
+
 def _nm(mods: list[SparseLinear]) -> SparseLinear:
     first = mods[0]
     values = torch.cat([m.values.detach() for m in mods])
     meta = torch.cat([m.meta for m in mods])
     shape = (values.shape[0], first.in_features)
-    quant = ()
-    if first.quant is not None:  # scales (and zeros) are per output row: stacked like the rows
-        zeros = None if first.zeros is None else torch.cat([m.zeros for m in mods])
-        quant = (torch.cat([m.scales.detach() for m in mods]), zeros, first.group_size, first.act_block)
+    quant = () if first.quant is None else (*_scales_zeros(mods), first.group_size, first.act_block)
     weight = NMSparseWeight(values, meta, first.n, first.m, shape, *quant)
     return SparseLinear(weight, _bias(mods, [m.out_features for m in mods], first.dtype_param()))
 
@@ -74,8 +77,9 @@ def _bsr(mods: list[SparseLinear]) -> SparseLinear:
         before += int(m.crow_indices[-1])
     blocks = torch.cat([m.blocks.detach() for m in mods])
     shape = (sum(m.out_features for m in mods), mods[0].in_features)
-    weight = BlockSparseWeight(torch.cat(crows), torch.cat([m.col_indices for m in mods]), blocks, shape)
-    return SparseLinear(weight, _bias(mods, [m.out_features for m in mods], blocks))
+    quant = () if mods[0].quant is None else _scales_zeros(mods)
+    weight = BlockSparseWeight(torch.cat(crows), torch.cat([m.col_indices for m in mods]), blocks, shape, *quant)
+    return SparseLinear(weight, _bias(mods, [m.out_features for m in mods], mods[0].dtype_param()))
 
 
 def _kind(m: nn.Module) -> tuple | None:

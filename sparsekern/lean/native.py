@@ -71,6 +71,8 @@ def pack_linear(mod: nn.Module, dtype: torch.dtype) -> tuple[list, list[int]] | 
         zeros = b.get("zeros") if scales is not None else None
         tensors = [flat(values), flat(b["meta"]), flat(p.get("bias")), flat(scales), flat(zeros)]
         return tensors, [_NM, mod.n, mod.m, mod.group_size, mod.act_block]
+    if mod.quant is not None:
+        return f"SparseLinear with {mod.quant} blocks (the C++ step takes float blocks)"
     tensors = [flat(b["crow_indices"]), flat(b["col_indices"]), flat(p["blocks"]), flat(p.get("bias")), None]
     return tensors, [_BSR, 0, 0, 0, 0]
 

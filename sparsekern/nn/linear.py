@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from sparsekern import plan
-from sparsekern.formats.bsr import BlockSparseWeight
+from sparsekern.formats.bsr import BlockSparseWeight, block_width
 from sparsekern.formats.nm import NMSparseWeight
 from sparsekern.formats.quant import quant_of
 from sparsekern.ops import BSR_LINEAR, NM_LINEAR
@@ -27,6 +27,7 @@ from sparsekern.ops import BSR_LINEAR, NM_LINEAR
 _NM_TENSORS = ("values", "meta")
 _QNM_TENSORS = ("values", "meta", "scales", "zeros")
 _BSR_TENSORS = ("crow_indices", "col_indices", "blocks")
+_QBSR_TENSORS = ("crow_indices", "col_indices", "blocks", "scales", "zeros")
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -82,7 +83,13 @@ class SparseLinear(nn.Module):
             self.block = weight.block
             self.register_buffer("crow_indices", weight.crow_indices.detach())
             self.register_buffer("col_indices", weight.col_indices.detach())
-            self.blocks = nn.Parameter(weight.blocks.detach(), requires_grad=requires_grad)
+            if weight.quant is None:
+                self.blocks = nn.Parameter(weight.blocks.detach(), requires_grad=requires_grad)
+            else:  # as quantized N:M values above: integers in a buffer, the dtype in the scales
+                self.group_size = weight.group_size
+                self.register_buffer("blocks", weight.blocks.detach())
+                self.scales = nn.Parameter(weight.scales.detach(), requires_grad=False)
+                self.register_buffer("zeros", None if weight.zeros is None else weight.zeros.detach())
         if bias is not None:
             if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (self.out_features,):
                 got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
@@ -131,16 +138,18 @@ class SparseLinear(nn.Module):
         ``method=None`` takes the weight as it is: it must already follow the pattern (a layer
         pruned elsewhere); nothing is re-pruned. ``pattern`` is a string such as ``"2:4"`` or
         ``"block32x32:0.9"``, or a :class:`sparsekern.prune.Pattern`. ``quant`` (``"int8"`` /
-        ``"int4"``, N:M only): the kept weights are then rounded to integers with one scale per
-        ``group_size`` columns (0: per row), and zero points unless ``symmetric``, see
+        ``"int4"``): the kept weights are then rounded to integers with one scale per
+        ``group_size`` columns (0: per row for N:M, per block row for blocks), and zero points
+        unless ``symmetric``, see
         :func:`sparsekern.prune.prune_quantized` (SparseGPT rounds inside its sweep); ``act_block``
-        (e.g. 32): x is rounded to int8 per block of that many columns too (integer dot products).
+        (e.g. 32, N:M only): x is rounded to int8 per block of that many columns too (integer dot
+        products).
         """
         from sparsekern.prune import parse_pattern, prune_quantized, prune_weight
 
         pat = parse_pattern(pattern) if isinstance(pattern, str) else pattern
-        if quant is not None and pat.kind != "nm":
-            raise ValueError(f"quant: int8/int4 values are implemented for N:M patterns, got {str(pat)!r}")
+        if quant is not None and pat.kind == "block" and act_block:
+            raise ValueError(f"act_block: int8 activations are implemented for N:M patterns, got {str(pat)!r}")
         if pat.kind == "unstructured":
             raise ValueError(
                 f"pattern: SparseLinear holds N:M or block weights, got {str(pat)!r}; unstructured sparsity "
@@ -153,7 +162,8 @@ class SparseLinear(nn.Module):
                 sparse = prune_quantized(
                     weight, pat, method, quant, group_size, symmetric, act_norm=act_norm, hessian=hessian
                 )
-            sparse = dataclasses.replace(sparse, act_block=act_block)
+            if pat.kind == "nm":
+                sparse = dataclasses.replace(sparse, act_block=act_block)
             return cls(sparse, linear.bias, requires_grad=False, dense_fallback=dense_fallback)
         with torch.no_grad():
             if method is not None:
@@ -170,7 +180,9 @@ class SparseLinear(nn.Module):
                     act_block=act_block,
                 )
             else:
-                sparse = BlockSparseWeight.from_dense(weight, block=tuple(pat.block))
+                sparse = BlockSparseWeight.from_dense(
+                    weight, block=tuple(pat.block), quant=quant, group_size=group_size, symmetric=symmetric
+                )
         return cls(sparse, linear.bias, requires_grad=requires_grad, dense_fallback=dense_fallback)
 
     # -- views -------------------------------------------------------------------------------
@@ -183,7 +195,8 @@ class SparseLinear(nn.Module):
             scales, zeros = self._parameters.get("scales"), self._buffers.get("zeros")
             quant = (scales, zeros, self.group_size, self.act_block)
             return NMSparseWeight(self.values, self.meta, self.n, self.m, shape, *quant)
-        return BlockSparseWeight(self.crow_indices, self.col_indices, self.blocks, shape)
+        scales, zeros = self._parameters.get("scales"), self._buffers.get("zeros")
+        return BlockSparseWeight(self.crow_indices, self.col_indices, self.blocks, shape, scales, zeros)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -211,11 +224,13 @@ class SparseLinear(nn.Module):
     @property
     def quant(self) -> str | None:
         """``"int8"``/``"int4"`` for quantized values, else None."""
-        return quant_of(self.values) if "scales" in self._parameters else None
+        if "scales" not in self._parameters:
+            return None
+        return quant_of(self.values if self.block is None else self.blocks)
 
     def tensor_names(self) -> tuple[str, ...]:
         if self.block is not None:
-            return _BSR_TENSORS
+            return _QBSR_TENSORS if "scales" in self._parameters else _BSR_TENSORS
         return _QNM_TENSORS if "scales" in self._parameters else _NM_TENSORS
 
     def nbytes(self) -> int:
@@ -238,9 +253,10 @@ class SparseLinear(nn.Module):
     def dtype_param(self) -> nn.Parameter:
         """The floating parameter that carries the layer's dtype: ``values`` or ``blocks``, or
         ``scales`` when the values are quantized integers."""
-        if self.block is not None:
-            return self.blocks
-        return self._parameters.get("scales", self._parameters.get("values", self.values))
+        scales = self._parameters.get("scales")
+        if scales is not None:
+            return scales
+        return self.blocks if self.block is not None else self.values
 
     # -- forward -----------------------------------------------------------------------------
 
@@ -261,7 +277,12 @@ class SparseLinear(nn.Module):
         # columns happen to cover the stored ones would pass its checks and give a wrong answer.
         if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected last dimension {self.in_features} (in_features), got shape {tuple(x.shape)}")
-        args = (buffers["crow_indices"], buffers["col_indices"], params["blocks"], params.get("bias"))
+        scales = params.get("scales")
+        if scales is None:
+            args = (buffers["crow_indices"], buffers["col_indices"], params["blocks"], params.get("bias"))
+        else:
+            args = (buffers["crow_indices"], buffers["col_indices"], buffers["blocks"], params.get("bias"), scales,
+                    buffers["zeros"])  # fmt: skip
         return plan.linear(BSR_LINEAR, x, args, plans)
 
     def extra_repr(self) -> str:
@@ -312,8 +333,10 @@ class SparseLinear(nn.Module):
             if isinstance(blocks, torch.Tensor) and isinstance(col, torch.Tensor):
                 self._drop_plans()  # the density, hence the bucket, may change
                 if blocks.shape[0] != self.blocks.shape[0]:
-                    self.blocks.data = self.blocks.new_empty(blocks.shape)
-                    self.col_indices = self.col_indices.new_empty(col.shape)
+                    for name in ("blocks", "col_indices", "scales", "zeros"):
+                        t, new = getattr(self, name), state_dict.get(prefix + name)
+                        if isinstance(t, torch.Tensor) and isinstance(new, torch.Tensor):
+                            t.data = t.new_empty(new.shape)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
         self._drop_plans()  # load_state_dict(assign=True) puts in new parameters
 
@@ -328,7 +351,10 @@ class SparseLinear(nn.Module):
             quant = (scales, zeros, self.group_size, self.act_block)
             return NMSparseWeight(values, parts["meta"].to(dev), self.n, self.m, shape, *quant)
         blocks = parts["blocks"].detach()
-        if blocks.dim() != 3 or tuple(blocks.shape[1:]) != tuple(self.block):
+        if blocks.dim() != 3 or (blocks.shape[1], block_width(blocks)) != tuple(self.block):
             raise ValueError(f"blocks: expected [nnz, {self.block[0]}, {self.block[1]}], got {tuple(blocks.shape)}")
-        crow, col = parts["crow_indices"].to(blocks.device), parts["col_indices"].to(blocks.device)
-        return BlockSparseWeight(crow, col, blocks, shape)
+        dev = blocks.device
+        crow, col = parts["crow_indices"].to(dev), parts["col_indices"].to(dev)
+        scales, zeros = parts.get("scales"), parts.get("zeros")
+        scales = None if scales is None else scales.detach().to(dev)
+        return BlockSparseWeight(crow, col, blocks, shape, scales, None if zeros is None else zeros.to(dev))

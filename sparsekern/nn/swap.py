@@ -45,11 +45,15 @@ def _fits(
     """Why a layer cannot take ``pat`` (None if it can), quantized to ``quant`` if given."""
     if dtype not in SUPPORTED_DTYPES:
         return f"dtype {dtype} not supported"
-    if quant is not None and pat.kind != "nm":
-        return f"{quant} values are implemented for N:M patterns only"
+    if quant is not None and pat.kind not in ("nm", "block"):
+        return f"{quant} values are implemented for N:M and block patterns only"
+    if quant is not None and pat.kind == "block" and act_block:
+        return "int8 activations (act_block) are implemented for N:M patterns only"
+    if quant is not None and pat.kind == "block" and group_size and (pat.block[1] % group_size or group_size % 8):
+        return f"group_size {group_size} is not a multiple of 8 that divides the block width {pat.block[1]}"
     if quant is not None and act_block and k % act_block:
         return f"act_block {act_block} does not divide in_features {k}"
-    if quant is not None and group_size and (k % group_size or group_size % pat.m):
+    if quant is not None and pat.kind == "nm" and group_size and (k % group_size or group_size % pat.m):
         return f"group_size {group_size} does not divide in_features {k} in whole groups of m={pat.m}"
     if quant == "int4" and pat.kind == "nm" and (k // pat.m * pat.n) % 2:
         return "int4 packs kept weights in pairs: an odd count per row"
@@ -100,14 +104,17 @@ def sparsify(
     - ``dense_fallback``: whether dispatch may run a swapped layer densely where no sparse kernel
       wins, keeping a dense copy of its weight (the report shows their bytes). ``False``: no dense
       copy, ever; the fastest sparse kernel runs every layer.
-    - ``quant``: ``"int8"`` or ``"int4"``: after pruning, the kept weights of every N:M layer are
-      rounded to integers with one scale per ``group_size`` input columns (0: one per output row)
-      and, unless ``symmetric``, a zero point; see :mod:`sparsekern.formats.quant`. With
+    - ``quant``: ``"int8"`` or ``"int4"``: after pruning, the kept weights of every N:M or block
+      layer are rounded to integers with one scale per ``group_size`` input columns (N:M: 0 is one
+      per output row, see :mod:`sparsekern.formats.quant`; blocks: runs of a block row, a multiple
+      of 8 dividing the block width, 0 for the whole block row, see
+      :mod:`sparsekern.formats.bsr`) and, unless ``symmetric``, a zero point. With
       ``method="sparsegpt"`` the rounding happens inside the OBS sweep (GPTQ-style: rounding
       errors are compensated with the pruning errors); the other methods round to nearest.
       ``act_block`` (e.g. 32, llama.cpp's Q8_0 block): the layers also round x to int8 per block of
-      that many columns, so they run integer dot products (faster; not W8A16 / W4A16 any more). Layers whose
-      pattern is not N:M, or whose in_features ``group_size`` does not divide, are skipped and listed.
+      that many columns, so they run integer dot products (faster; not W8A16 / W4A16 any more; N:M
+      only). Layers whose pattern or shape cannot take these (unstructured, a ``group_size`` that
+      does not divide in_features or the block width) are skipped and listed.
     - ``head``: ``"auto"`` (default): the LM head, if it is left dense, becomes a
       :class:`~sparsekern.nn.dense_head.DenseHead` (the same ``nn.Linear``, its decode rows on
       sparsekern's dense GEMV, 1.8-2.3x torch's at 1 row here) where this CPU has that kernel
@@ -301,24 +308,30 @@ def quantize(
     skip: Iterable[str] | str | None = (),
     act_block: int = 0,
 ) -> list[str]:
-    """Quantize the kept weights of every floating N:M ``SparseLinear`` of ``model`` in place
-    (round to nearest, see :meth:`NMSparseWeight.quantize`): the step after pruning, for a model
-    already sparsified (``sparsify(..., quant=)`` does both). Layers that cannot take it (what
-    ``sparsify`` would skip: a group size or act_block that does not divide in_features, int4 with
-    an odd kept count) are left as they are. Returns the names of the layers quantized."""
+    """Quantize the kept weights of every floating ``SparseLinear`` of ``model`` in place (round
+    to nearest, see :meth:`NMSparseWeight.quantize` and :meth:`BlockSparseWeight.quantize`): the
+    step after pruning, for a model already sparsified (``sparsify(..., quant=)`` does both).
+    Layers that cannot take it (what ``sparsify`` would skip: a group size or act_block that does
+    not fit, int4 with an odd kept count) are left as they are. Returns the names of the layers
+    quantized."""
     from sparsekern.prune import parse_pattern
 
     check_quant(quant)
     skip = [skip] if isinstance(skip, str) else list(skip or ())
     done = []
     for name, mod in list(model.named_modules()):
-        if not isinstance(mod, SparseLinear) or mod.block is not None or mod.quant is not None:
+        if not isinstance(mod, SparseLinear) or mod.quant is not None:
             continue
         pat = parse_pattern(mod.pattern)
         misfit = _fits(pat, mod.in_features, mod.out_features, mod.dtype, quant, group_size, act_block)
         if any(_matches(name, s) for s in skip) or misfit:
             continue
-        w = mod.sparse_weight.quantize(quant, group_size, symmetric, act_block)
+        w = mod.sparse_weight
+        w = (
+            w.quantize(quant, group_size, symmetric)
+            if mod.block
+            else w.quantize(quant, group_size, symmetric, act_block)
+        )
         new = SparseLinear(w, mod.bias, dense_fallback=mod.dense_fallback)
         _set_submodule(model, name, new)
         done.append(name)

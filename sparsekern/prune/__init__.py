@@ -100,28 +100,62 @@ def prune_quantized(
     blocksize: int = 128,
     percdamp: float = 0.01,
 ):
-    """Prune ``weight`` to an N:M ``pattern`` and quantize the kept weights: an
-    :class:`~sparsekern.formats.nm.NMSparseWeight` with int8 / int4 values. SparseGPT rounds inside
-    its sweep (pruning and rounding errors compensated together, see
+    """Prune ``weight`` to an N:M or block ``pattern`` and quantize the kept weights: an
+    :class:`~sparsekern.formats.nm.NMSparseWeight` with int8 / int4 values or a
+    :class:`~sparsekern.formats.bsr.BlockSparseWeight` with int8 / int4 blocks. SparseGPT rounds
+    inside its sweep (pruning and rounding errors compensated together, see
     :mod:`sparsekern.prune.sparsegpt`); the other methods prune, then round to nearest."""
     from sparsekern.formats import quant as qfmt
+    from sparsekern.formats.bsr import BlockSparseWeight, check_group_size
     from sparsekern.formats.nm import NMSparseWeight
 
     pattern = _prepare(weight, pattern, method)
     qfmt.check_quant(quant)
-    if pattern.kind != "nm":
-        raise ValueError(f"quant: int8/int4 values are implemented for N:M patterns, got {str(pattern)!r}")
+    if pattern.kind not in ("nm", "block"):
+        raise ValueError(f"quant: int8/int4 values are implemented for N:M and block patterns, got {str(pattern)!r}")
+    if pattern.kind == "block":
+        check_group_size(group_size, pattern.block[1])
     if method != "sparsegpt":
         pruned, _ = prune_weight(weight, pattern, method, act_norm=act_norm, hessian=hessian, percdamp=percdamp)
+        if pattern.kind == "block":
+            return BlockSparseWeight.from_dense(pruned, tuple(pattern.block), quant=quant, group_size=group_size,
+                                                symmetric=symmetric)  # fmt: skip
         return NMSparseWeight.from_dense(pruned, pattern.n, pattern.m).quantize(quant, group_size, symmetric)
     grid = (quant, group_size, symmetric)
     pruned, _, scale, zero = sparsegpt_prune(
         weight, pattern, hessian, blocksize=blocksize, percdamp=percdamp, quant=grid
     )
+    if pattern.kind == "block":
+        return _blocks_on_grid(pruned, tuple(pattern.block), quant, symmetric, scale, zero)
     sparse = NMSparseWeight.from_dense(pruned, pattern.n, pattern.m)
     # The kept weights already lie on the grid: their integers are recovered exactly.
     values, scales, zeros = qfmt.quantize(sparse.values, quant, scale.shape[1], symmetric, scale, zero)
     return NMSparseWeight(values, sparse.meta, pattern.n, pattern.m, sparse.shape, scales, zeros, group_size)
+
+
+def _blocks_on_grid(pruned, block, quant, symmetric, scale, zero):
+    """The kept blocks of ``pruned`` (already on the grid ``scale`` / ``zero`` fp32 ``[out, K /
+    group]``, groups inside blocks) as a quantized BlockSparseWeight: integers recovered exactly."""
+    from sparsekern.formats import quant as qfmt
+    from sparsekern.formats.bsr import BlockSparseWeight
+
+    sparse = BlockSparseWeight.from_dense(pruned, block)
+    (bm, bk), (out, k) = block, pruned.shape
+    nnz, per = sparse.nnz_blocks, bk // (k // scale.shape[1])  # groups per block row
+    rb = torch.repeat_interleave(
+        torch.arange(out // bm, device=pruned.device), (sparse.crow_indices[1:] - sparse.crow_indices[:-1]).long()
+    )
+    cb = sparse.col_indices.long()
+
+    def pick(t):  # [out, K / group] -> the stored blocks' [nnz * bm, per]
+        return t.reshape(out // bm, bm, k // bk, per)[rb, :, cb].reshape(nnz * bm, per)
+
+    values, scales, zeros = qfmt.quantize(sparse.blocks.reshape(nnz * bm, bk), quant, per, symmetric, pick(scale),
+                                          pick(zero))  # fmt: skip
+    return BlockSparseWeight(
+        sparse.crow_indices, sparse.col_indices, values.view(nnz, bm, -1), sparse.shape, scales.view(nnz, bm, per),
+        None if zeros is None else zeros.view(nnz, bm, per),
+    )  # fmt: skip
 
 
 __all__ = [

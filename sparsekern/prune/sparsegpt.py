@@ -10,14 +10,16 @@ start for N:M (the paper's semi-structured variant). Block patterns choose their
 front (summed saliency, with the inverse of the full Hessian) and then reconstruct with that mask.
 All math is fp32; the result is cast back to the weight's dtype.
 
-With ``quant`` (N:M only) the kept weights are also rounded onto an int8 / int4 grid inside an
+With ``quant`` (N:M and block patterns) the kept weights are also rounded onto an int8 / int4 grid inside an
 OBS sweep, as GPTQ does: each kept weight is rounded as its column is visited and its rounding
 error is spread over the columns not yet visited. A first, unquantized SparseGPT pass chooses the
 mask, compensates the pruning and sets each group's scale / zero from its result (a grid set from
 the weights before pruning clips the larger values the compensation moves them to: SmolLM2-sized
 layers lost more with int8 per row than plain rounding). The rounding sweep then starts from that
 result and visits the columns in decreasing order of ``H_jj`` (GPTQ's act-order with static
-groups; the mask and the groups stay those of the natural column order).
+groups; the mask and the groups stay those of the natural column order). A block pattern's
+groups are runs of ``group_size`` columns inside a block (``block_width`` when 0), the scale groups
+of :mod:`sparsekern.formats.bsr`: a kept block row's run is exactly one group of the grid.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import contextlib
 import torch
 
 from sparsekern.formats import quant as qfmt
+from sparsekern.formats.bsr import check_group_size
 from sparsekern.prune.patterns import Pattern, block_mask, tile_view
 
 
@@ -144,7 +147,8 @@ def sparsegpt_prune(
 ) -> tuple[torch.Tensor, ...]:
     """``(pruned and reconstructed weight, keep mask)``; see the module docstring. With ``quant``
     = ``(quant, group_size, symmetric)`` (N:M only) the kept weights come out on the grid and
-    ``(weight, keep, scales, zeros)`` is returned, scales / zeros fp32 ``[rows, groups]``;
+    ``(weight, keep, scales, zeros)`` is returned, scales / zeros fp32 ``[rows, groups]`` (block
+    patterns: groups of ``group_size`` columns, the block width when 0);
     ``act_order=False`` rounds left to right from the original weights, the pruning compensated
     again in the same sweep (the method before act-order; kept for comparison)."""
     if not isinstance(blocksize, int) or blocksize < 1:
@@ -168,13 +172,16 @@ def sparsegpt_prune(
     if quant is None:
         w, keep = _sweep(w, u, pattern, blocksize, fixed)
         return w.to(weight.dtype), keep
-    if pattern.kind != "nm":
-        raise ValueError(f"quant: joint quantization is implemented for N:M patterns, got {pattern}")
+    if pattern.kind not in ("nm", "block"):
+        raise ValueError(f"quant: joint quantization is implemented for N:M and block patterns, got {pattern}")
     qname, group_size, symmetric = quant
-    qfmt.groups_of(group_size, cols, pattern.m)
+    if pattern.kind == "nm":
+        qfmt.groups_of(group_size, cols, pattern.m)
+    else:
+        group_size = pattern.block[1] // check_group_size(group_size, pattern.block[1])
     qfmt.check_quant(qname)
     # The unquantized pass chooses the mask and the grid; the second sweep (same H^-1) rounds.
-    first, keep = _sweep(w.clone(), u, pattern, blocksize, None)
+    first, keep = _sweep(w.clone(), u, pattern, blocksize, fixed)
     grid = _Grid(qname, group_size, symmetric, weight.dtype, first.to(weight.dtype))
     if not act_order:
         w, keep = _sweep(w, u, pattern, blocksize, ~keep, grid)

@@ -67,6 +67,12 @@ class SparsekernConfig(QuantizationConfig):
                 f"{where}.layers[{heads[0]!r}].class: 'QuantLinear' (the int8 LM head of sparsify(head='int8')) is "
                 "not served by the vLLM plugin; serve this folder with `sparsekern serve`, or sparsify without head="
             )
+        qblocks = sorted(n for n, info in layers.items() if info.get("kind") == "block" and info.get("quant"))
+        if qblocks:
+            raise ValueError(
+                f"{where}.layers[{qblocks[0]!r}].quant: {layers[qblocks[0]]['quant']} block-sparse layers are not "
+                "served by the vLLM plugin yet; serve this folder with `sparsekern serve`, or keep block layers float"
+            )
         return cls(dict(layers))
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
