@@ -103,7 +103,8 @@ def test_cli_bench_and_bad_compare_file(env, capsys, monkeypatch):
 
 
 def test_quantized_patterns_run_with_their_real_bytes(env):
-    res = _tiny_run(None, rows=(1,), patterns=("2:4", "2:4+int8", "2:4+int4g128z"), show=False)
+    patterns = ("2:4", "2:4+int8", "2:4+int4g128z", "block32x32:0.5+int4g16z")
+    res = _tiny_run(None, rows=(1,), patterns=patterns, show=False)
     rows = {(r["pattern"], r["backend"]): r for r in res["rows"]}
     cpu8, cpu4, cpu16 = rows[("2:4+int8", "cpu")], rows[("2:4+int4g128z", "cpu")], rows[("2:4", "cpu")]
     # 768x768 at 2:4: kept 768*384; meta 2 bits each; scales per row (int8) / per group (int4, + zeros)
@@ -113,10 +114,17 @@ def test_quantized_patterns_run_with_their_real_bytes(env):
     assert cpu4["bytes"] == kept // 2 + meta + 768 * 6 * (4 + 1) + io
     assert cpu16["bytes"] == kept * 4 + meta + io
     assert rows[("2:4+int8", "auto")]["auto_pick"]
+    # block 32x32 at 50%: 288 of 576 blocks, int4 (512 bytes each); per 16 columns of a block row
+    # an fp32 scale and an int8 zero; crow 25 + col 288 int32
+    blk = rows[("block32x32:0.5+int4g16z", "cpu")]
+    assert blk["bytes"] == 288 * 512 + 288 * 32 * 2 * (4 + 1) + 4 * (25 + 288) + io
+    assert rows[("block32x32:0.5+int4g16z", "auto")]["auto_pick"]
     with pytest.raises(ValueError, match="quant suffix"):
         layer.parse_pattern("2:4+int3")
     with pytest.raises(ValueError, match="N:M only"):
-        layer.parse_pattern("block32x32:0.9+int8")
+        layer.parse_pattern("block32x32:0.9+int8a32")
+    with pytest.raises(ValueError, match="need an N:M or block pattern"):
+        layer.parse_pattern("dense+int8")
 
 
 def test_attention_case_small(env):

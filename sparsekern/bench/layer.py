@@ -50,6 +50,8 @@ PATTERNS = (
     "2:4+int4g128a32",
     "1:4+int8",
     "2:8+int4g128",
+    "block32x32:0.9+int8",
+    "block32x32:0.9+int4",
 )
 QUICK_SHAPES = ("llama7b.attn", "llama7b.up")
 QUICK_ROWS = (1, 512)
@@ -70,14 +72,19 @@ def parse_quant(spec: str) -> tuple[str, int, bool, int]:
 
 
 def parse_pattern(pattern: str) -> tuple[str, tuple]:
-    """``"2:4"`` -> ("nm", (2, 4)); ``"2:4+int4g128"`` -> ("nm", (2, 4, ("int4", 128, True)));
-    ``"block32x32:0.9"`` -> ("bsr", ((32, 32), 0.9)); "dense"."""
+    """``"2:4"`` -> ("nm", (2, 4)); ``"2:4+int4g128"`` -> ("nm", (2, 4, ("int4", 128, True, 0)));
+    ``"block32x32:0.9"`` -> ("bsr", ((32, 32), 0.9)); ``"block32x32:0.9+int4g16"`` -> ("bsr",
+    ((32, 32), 0.9, ("int4", 16, True, 0))) (the group counts columns of a block row; no ``a``);
+    "dense"."""
     base, plus, spec = pattern.partition("+")
     if plus:
         kind, params = parse_pattern(base)
-        if kind != "nm":
-            raise ValueError(f"pattern: quantized values are N:M only, got {pattern!r}")
-        return "nm", (*params, parse_quant(spec))
+        if kind == "dense":
+            raise ValueError(f"pattern: quantized values need an N:M or block pattern, got {pattern!r}")
+        quant = parse_quant(spec)
+        if kind == "bsr" and quant[3]:
+            raise ValueError(f"pattern: int8 activations ('a') are N:M only, got {pattern!r}")
+        return kind, (*params, quant)
     if pattern == "dense":
         return "dense", ()
     if pattern.startswith("block"):
@@ -95,14 +102,15 @@ def _compress(dense: torch.Tensor, pattern: str):
     if kind == "nm":
         w = sk.NMSparseWeight.from_dense(dense, n=params[0], m=params[1], prune=True)
         return w if len(params) == 2 else w.quantize(*params[2])
-    return sk.BlockSparseWeight.from_dense(dense, block=params[0], sparsity=params[1])
+    w = sk.BlockSparseWeight.from_dense(dense, block=params[0], sparsity=params[1])
+    return w if len(params) == 2 else w.quantize(*params[2][:3])
 
 
 def _parts(w) -> tuple:
     """The op's weight arguments after x, in schema order (no bias)."""
     if isinstance(w, sk.NMSparseWeight):
         return (w.values, w.meta, w.n, w.m, None) + (() if w.quant is None else w.quant_args())
-    return (w.crow_indices, w.col_indices, w.blocks, None)
+    return (w.crow_indices, w.col_indices, w.blocks, None) + (() if w.quant is None else w.quant_args())
 
 
 def _linear(weight: torch.Tensor) -> torch.nn.Linear:
@@ -118,7 +126,8 @@ def _clone(w):
             () if w.quant is None else (w.scales.clone(), None if w.zeros is None else w.zeros.clone(), w.group_size)
         )
         return sk.NMSparseWeight(w.values.clone(), w.meta.clone(), w.n, w.m, w.shape, *quant)
-    return sk.BlockSparseWeight(w.crow_indices.clone(), w.col_indices.clone(), w.blocks.clone(), w.shape)
+    quant = () if w.quant is None else (w.scales.clone(), None if w.zeros is None else w.zeros.clone())
+    return sk.BlockSparseWeight(w.crow_indices.clone(), w.col_indices.clone(), w.blocks.clone(), w.shape, *quant)
 
 
 def _density(w) -> float:

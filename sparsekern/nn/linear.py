@@ -334,7 +334,7 @@ class SparseLinear(nn.Module):
                 self._drop_plans()  # the density, hence the bucket, may change
                 if blocks.shape[0] != self.blocks.shape[0]:
                     for name in ("blocks", "col_indices", "scales", "zeros"):
-                        t, new = getattr(self, name), state_dict.get(prefix + name)
+                        t, new = getattr(self, name, None), state_dict.get(prefix + name)
                         if isinstance(t, torch.Tensor) and isinstance(new, torch.Tensor):
                             t.data = t.new_empty(new.shape)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
