@@ -28,8 +28,10 @@ def register(subparsers) -> None:
     p.add_argument("--max-calib", type=int, default=128, help="use at most N calibration lines (default 128)")
     p.add_argument("--seq-len", type=int, default=128, help="truncate calibration samples to L tokens (default 128)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration batch size (padding is excluded)")
-    p.add_argument("--quant", choices=("int8", "int4"), help="also round the kept weights of N:M layers")
-    p.add_argument("--group-size", type=int, default=0, help="--quant: one scale per G columns (0: per row)")
+    p.add_argument("--quant", choices=("int8", "int4"), help="also round the kept weights (N:M and block layers)")
+    p.add_argument(
+        "--group-size", type=int, default=0, help="--quant: one scale per G columns (0: per row, or per block row)"
+    )
     p.add_argument("--act-block", type=int, default=0, help="--quant: x rounded to int8 per B columns (e.g. 32)")
     p.add_argument("--head", choices=("int8",), help="the LM head as int8 too (int8 x per --act-block or 32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -10,16 +10,17 @@ start for N:M (the paper's semi-structured variant). Block patterns choose their
 front (summed saliency, with the inverse of the full Hessian) and then reconstruct with that mask.
 All math is fp32; the result is cast back to the weight's dtype.
 
-With ``quant`` (N:M and block patterns) the kept weights are also rounded onto an int8 / int4 grid inside an
-OBS sweep, as GPTQ does: each kept weight is rounded as its column is visited and its rounding
-error is spread over the columns not yet visited. A first, unquantized SparseGPT pass chooses the
-mask, compensates the pruning and sets each group's scale / zero from its result (a grid set from
-the weights before pruning clips the larger values the compensation moves them to: SmolLM2-sized
-layers lost more with int8 per row than plain rounding). The rounding sweep then starts from that
-result and visits the columns in decreasing order of ``H_jj`` (GPTQ's act-order with static
-groups; the mask and the groups stay those of the natural column order). A block pattern's
-groups are runs of ``group_size`` columns inside a block (``block_width`` when 0), the scale groups
-of :mod:`sparsekern.formats.bsr`: a kept block row's run is exactly one group of the grid.
+With ``quant`` (N:M and block patterns) the kept weights are also rounded onto an int8 / int4
+grid inside an OBS sweep, as GPTQ does: each kept weight is rounded as its column is visited and
+its rounding error is spread over the columns not yet visited. A first, unquantized SparseGPT
+pass chooses the mask, compensates the pruning and sets each group's scale / zero from its result
+(a grid set from the weights before pruning clips the larger values the compensation moves them
+to: SmolLM2-sized layers lost more with int8 per row than plain rounding). The rounding sweep
+then starts from that result and visits the columns in decreasing order of ``H_jj`` (GPTQ's
+act-order with static groups; the mask and the groups stay those of the natural column order).
+A block pattern's groups are runs of ``group_size`` columns inside a block (the block width when
+0), the scale groups of :mod:`sparsekern.formats.bsr`: a kept block row's run is exactly one
+group of the grid.
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ def sparsegpt_prune(
     act_order: bool = True,
 ) -> tuple[torch.Tensor, ...]:
     """``(pruned and reconstructed weight, keep mask)``; see the module docstring. With ``quant``
-    = ``(quant, group_size, symmetric)`` (N:M only) the kept weights come out on the grid and
+    = ``(quant, group_size, symmetric)`` (N:M and block patterns) the kept weights come out on the grid and
     ``(weight, keep, scales, zeros)`` is returned, scales / zeros fp32 ``[rows, groups]`` (block
     patterns: groups of ``group_size`` columns, the block width when 0);
     ``act_order=False`` rounds left to right from the original weights, the pruning compensated
