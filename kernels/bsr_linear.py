@@ -10,6 +10,16 @@ the smallest ``tl.dot`` tile) and masked.
 Decode uses the same kernel with ``BLOCK_M = 16``; a block row's blocks are then split across
 programs (split-K) when there are too few block rows to fill the GPU.
 
+Quantized blocks (``formats/bsr.py``: int8, or int4 two per byte with column 2j in the low
+nibble; ``scales`` / ``zeros`` per run of ``GROUP`` columns of a stored block row) are read as
+stored and dequantized in registers, ``(q - zero) * scale`` in fp32 by ``nm_linear``'s
+:func:`_kept_values` (one definition of the nibble order and zero points), then rounded to x's
+dtype for ``tl.dot`` as the reference rounds the dequantized weight to the scales' dtype.
+``QBITS`` (0 / 8 / 4) and ``HAS_ZEROS`` are constexprs, so float blocks compile as before.
+NOTE: unmeasured (no GPU yet): the float path streams blocks into shared memory; the quantized
+one reads a quarter / half the bytes but rebuilds each block in registers (scale and zero
+gathered per element, as N:M's W tile).
+
 Index safety: blocks are visited only up to ``nnz`` whatever ``crow`` holds, and x columns are
 masked to ``0..K-1`` whatever ``col`` holds, so corrupt indices give wrong numbers, never a fault.
 """
@@ -20,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sparsekern.formats.bsr import block_width
 from sparsekern.kernels._common import (
     Fixed,
     autotune,
@@ -29,6 +40,7 @@ from sparsekern.kernels._common import (
     splits_for,
     store_tile,
 )
+from sparsekern.kernels.nm_linear import _kept_values
 from sparsekern.kernels.nonfinite import bsr_nonfinite_
 from sparsekern.ops import new_output
 
@@ -62,12 +74,85 @@ def bsr_configs(rows_bucket: int, bm: int, bk: int, elem_bytes: int) -> list[tri
 
 
 @triton.jit
+def _block_tile(
+    blocks_ptr,  # (nnz, BM, BK); int8 (nnz, BM, BK) / uint8 (nnz, BM, BK/2) when QBITS
+    scales_ptr,  # (nnz, BM, BK/GROUP) when QBITS, else unused
+    zeros_ptr,  # (nnz, BM, BK/GROUP) int8 when HAS_ZEROS, else unused
+    b,  # int64 block index
+    offs_i,
+    offs_t,
+    w_mask,
+    dtype: tl.constexpr,
+    BM: tl.constexpr,
+    BK: tl.constexpr,
+    GROUP: tl.constexpr,
+    QBITS: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
+):
+    """Block ``b`` as a ``(BLOCK_N, BLOCK_K)`` tile: floats as stored (zero in the padding), or
+    the quantized block dequantized in fp32 and rounded once to ``dtype``."""
+    if QBITS == 0:
+        blk_ptr = blocks_ptr + b * (BM * BK)
+        return tl.load(blk_ptr + offs_i[:, None] * BK + offs_t[None, :], mask=w_mask, other=0.0)
+    ROW: tl.constexpr = BK if QBITS == 8 else BK // 2  # bytes per stored block row
+    GROUPS: tl.constexpr = BK // GROUP
+    v_rows = blocks_ptr + b * (BM * ROW) + offs_i * ROW
+    s_rows = scales_ptr + b * (BM * GROUPS) + offs_i * GROUPS
+    z_rows = zeros_ptr + b * (BM * GROUPS) + offs_i * GROUPS
+    return _kept_values(v_rows, s_rows, z_rows, offs_t, w_mask, GROUP, QBITS, HAS_ZEROS).to(dtype)
+
+
+@triton.jit
+def bsr_tile_product_quant(
+    x_rows,  # (BLOCK_M,) pointers to the x rows
+    m_mask,
+    crow_row,  # pointer to the block row's crow entry (begin; end next to it)
+    col_ptr,  # (nnz,) int32
+    blocks_ptr,  # (nnz, BM, BK); int8 (nnz, BM, BK) / uint8 (nnz, BM, BK/2) when QBITS
+    scales_ptr,  # (nnz, BM, BK/GROUP) when QBITS, else unused
+    zeros_ptr,  # (nnz, BM, BK/GROUP) int8 when HAS_ZEROS, else unused
+    nnz,
+    K,
+    pid_s,
+    n_splits,
+    BM: tl.constexpr,
+    BK: tl.constexpr,
+    GROUP: tl.constexpr,  # columns per scale (QBITS)
+    QBITS: tl.constexpr,  # 0 (float blocks), 8 or 4
+    HAS_ZEROS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """fp32 ``(BLOCK_M, BLOCK_N)``: the x rows times the block row's stored blocks (this split's
+    share: every ``n_splits``-th block from ``pid_s``), transposed; quantized blocks dequantized."""
+    offs_i = tl.arange(0, BLOCK_N)
+    offs_t = tl.arange(0, BLOCK_K)
+    i_mask = offs_i < BM
+    t_mask = offs_t < BK
+    w_mask = i_mask[:, None] & t_mask[None, :]
+    # int64 block index: b * BM * BK passes 2**31 on large weights.
+    lo = tl.maximum(tl.load(crow_row).to(tl.int64), 0)
+    hi = tl.minimum(tl.load(crow_row + 1).to(tl.int64), nnz)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for b in range(lo + pid_s, hi, n_splits):
+        cols = tl.load(col_ptr + b) * BK + offs_t
+        x_mask = m_mask[:, None] & (t_mask & (cols >= 0) & (cols < K))[None, :]
+        x = tl.load(x_rows[:, None] + cols[None, :], mask=x_mask, other=0.0)
+        blk = _block_tile(blocks_ptr, scales_ptr, zeros_ptr, b, offs_i, offs_t, w_mask, x.dtype,
+                          BM, BK, GROUP, QBITS, HAS_ZEROS)  # fmt: skip
+        acc = tl.dot(x, tl.trans(blk), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def bsr_tile_product(
     x_rows,  # (BLOCK_M,) pointers to the x rows
     m_mask,
     crow_row,  # pointer to the block row's crow entry (begin; end next to it)
     col_ptr,  # (nnz,) int32
-    blocks_ptr,  # (nnz, BM, BK)
+    blocks_ptr,  # (nnz, BM, BK) float
     nnz,
     K,
     pid_s,
@@ -79,27 +164,10 @@ def bsr_tile_product(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """fp32 ``(BLOCK_M, BLOCK_N)``: the x rows times the block row's stored blocks (this split's
-    share: every ``n_splits``-th block from ``pid_s``), transposed. Shared by ``_bsr_kernel`` and
-    the grouped (MoE) kernel."""
-    offs_i = tl.arange(0, BLOCK_N)
-    offs_t = tl.arange(0, BLOCK_K)
-    i_mask = offs_i < BM
-    t_mask = offs_t < BK
-    # int64 block index: b * BM * BK passes 2**31 on large weights.
-    lo = tl.maximum(tl.load(crow_row).to(tl.int64), 0)
-    hi = tl.minimum(tl.load(crow_row + 1).to(tl.int64), nnz)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for b in range(lo + pid_s, hi, n_splits):
-        cols = tl.load(col_ptr + b) * BK + offs_t
-        x_mask = m_mask[:, None] & (t_mask & (cols >= 0) & (cols < K))[None, :]
-        x = tl.load(x_rows[:, None] + cols[None, :], mask=x_mask, other=0.0)
-        blk_ptr = blocks_ptr + b * (BM * BK)
-        blk = tl.load(
-            blk_ptr + offs_i[:, None] * BK + offs_t[None, :], mask=i_mask[:, None] & t_mask[None, :], other=0.0
-        )
-        acc = tl.dot(x, tl.trans(blk), acc, input_precision=DOT_PRECISION)
-    return acc
+    """:func:`bsr_tile_product_quant` for float blocks: the grouped (MoE) kernel's product."""
+    return bsr_tile_product_quant(x_rows, m_mask, crow_row, col_ptr, blocks_ptr, blocks_ptr, blocks_ptr, nnz, K,
+                                  pid_s, n_splits, BM, BK, BK, 0, False, DOT_PRECISION,
+                                  BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
 
 
 @triton.jit
@@ -107,9 +175,11 @@ def _bsr_kernel(
     x_ptr,  # (rows, K)
     crow_ptr,  # (out/bm + 1,) int32
     col_ptr,  # (nnz,) int32
-    blocks_ptr,  # (nnz, bm, bk)
+    blocks_ptr,  # (nnz, bm, bk); int8 (nnz, bm, bk) / uint8 (nnz, bm, bk/2) when QBITS
     bias_ptr,  # (out,) or unused
     y_ptr,  # (rows, out) dtype of x; fp32 (n_splits, rows, out) when PARTIAL
+    scales_ptr,  # (nnz, bm, bk/GROUP) dtype of x when QBITS, else unused
+    zeros_ptr,  # (nnz, bm, bk/GROUP) int8 when HAS_ZEROS, else unused
     rows,
     out_features,
     K,
@@ -121,6 +191,9 @@ def _bsr_kernel(
     PARTIAL: tl.constexpr,
     BM: tl.constexpr,  # block height
     BK: tl.constexpr,  # block width
+    GROUP: tl.constexpr,  # columns per scale (QBITS)
+    QBITS: tl.constexpr,  # 0 (float blocks), 8 or 4
+    HAS_ZEROS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,  # padded(BM)
@@ -132,8 +205,9 @@ def _bsr_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < rows
     x_rows = x_ptr + offs_m.to(tl.int64) * stride_xr  # 64-bit: rows * stride passes 2**31
-    acc = bsr_tile_product(x_rows, m_mask, crow_ptr + rb, col_ptr, blocks_ptr, nnz, K, pid_s, n_splits,
-                           BM, BK, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+    acc = bsr_tile_product_quant(x_rows, m_mask, crow_ptr + rb, col_ptr, blocks_ptr, scales_ptr, zeros_ptr, nnz, K,
+                                 pid_s, n_splits, BM, BK, GROUP, QBITS, HAS_ZEROS, DOT_PRECISION,
+                                 BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
     offs_i = tl.arange(0, BLOCK_N)
     offs_n = rb * BM + offs_i
     n_mask = (offs_i < BM) & (offs_n < out_features)
@@ -145,26 +219,40 @@ def _bsr_kernel(
 _tuned: dict[tuple, object] = {}
 
 
-def _tuner(bucket: int, bm: int, bk: int, elem_bytes: int):
-    key = (bucket, bm, bk, elem_bytes)
+def _tuner(bucket: int, bm: int, bk: int, elem_bytes: int, qbits: int):
+    # qbits in the key: quantized and float blocks of one shape keep separate tuning choices.
+    key = (bucket, bm, bk, elem_bytes, qbits)
     if key not in _tuned:
         configs = bsr_configs(bucket, bm, bk, elem_bytes)
         _tuned[key] = autotune(_bsr_kernel, configs, ["out_features", "K", "nnz", "n_splits"])
     return _tuned[key]
 
 
-def bsr_linear(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, blocks: torch.Tensor, bias=None, config=None):
+def bsr_linear(
+    x: torch.Tensor,
+    crow: torch.Tensor,
+    col: torch.Tensor,
+    blocks: torch.Tensor,
+    bias=None,
+    scales=None,
+    zeros=None,
+    config=None,
+):
     """``x [rows, K] @ W.T + bias`` for arguments already checked by ``ops.check_bsr_linear``.
 
+    Quantized blocks (``scales`` given; ``zeros`` or None) are dequantized in the kernel.
     ``config`` pins one config of :func:`bsr_configs` instead of autotuning (tests, benchmarks).
     """
     rows, k = x.shape
-    nnz, bm, bk = blocks.shape
+    nnz, bm, bk = blocks.shape[0], blocks.shape[1], block_width(blocks)
+    qbits = 0 if scales is None else 4 if blocks.dtype == torch.uint8 else 8
     block_rows = crow.numel() - 1
     out_features = block_rows * bm
     if x.stride(-1) != 1:
         x = x.contiguous()
     crow, col, blocks = crow.contiguous(), col.contiguous(), blocks.contiguous()
+    scales = scales.contiguous() if scales is not None else None
+    zeros = zeros.contiguous() if zeros is not None else None
     y = new_output((rows, out_features), x)
     if rows == 0 or out_features == 0:
         return y
@@ -175,11 +263,14 @@ def bsr_linear(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, blocks: t
     partial = n_splits > 1
     dst = torch.empty((n_splits, rows, out_features), dtype=torch.float32, device=x.device) if partial else y
     grid = lambda meta_: (block_rows, triton.cdiv(rows, meta_["BLOCK_M"]), n_splits)  # noqa: E731
-    launcher = Fixed(_bsr_kernel, config) if config is not None else _tuner(bucket, bm, bk, x.element_size())
+    launcher = Fixed(_bsr_kernel, config) if config is not None else _tuner(bucket, bm, bk, x.element_size(), qbits)
     launcher[grid](
-        x, crow, col, blocks, bias if bias is not None else blocks, dst,
+        x, crow, col, blocks, bias if bias is not None else x, dst,
+        scales if scales is not None else x, zeros if zeros is not None else x,
         rows, out_features, k, nnz, x.stride(0), rows * out_features if partial else 0, n_splits,
-        HAS_BIAS=bias is not None, PARTIAL=partial, BM=bm, BK=bk, DOT_PRECISION=dot_precision(x.dtype),
+        HAS_BIAS=bias is not None, PARTIAL=partial, BM=bm, BK=bk,
+        GROUP=bk // scales.shape[2] if qbits else bk, QBITS=qbits, HAS_ZEROS=zeros is not None,
+        DOT_PRECISION=dot_precision(x.dtype),
     )  # fmt: skip
     y = splitk_reduce(dst, bias, y) if partial else y
     return bsr_nonfinite_(x, crow, col, (bm, bk), y)  # NaN/Inf in x as in the dense op

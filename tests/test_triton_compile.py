@@ -75,25 +75,38 @@ def _cases():
         label = f"nm_gemm 2:4 int{qbits} prefill"
         yield label, nm_linear._nm_gemm_kernel, nm_ptrs("bf16", False, qbits), cx, big, "wgmma", (90,)
 
-    def bsr_ptrs(dt, partial):
-        return dict(x_ptr=f"*{dt}", crow_ptr="*i32", col_ptr="*i32", blocks_ptr=f"*{dt}", bias_ptr=f"*{dt}",
-                    y_ptr="*fp32" if partial else f"*{dt}")  # fmt: skip
+    def bsr_ptrs(dt, partial, qbits=0):
+        blocks = {0: f"*{dt}", 8: "*i8", 4: "*u8"}[qbits]
+        return dict(x_ptr=f"*{dt}", crow_ptr="*i32", col_ptr="*i32", blocks_ptr=blocks, bias_ptr=f"*{dt}",
+                    y_ptr="*fp32" if partial else f"*{dt}", scales_ptr=f"*{dt}", zeros_ptr="*i8")  # fmt: skip
 
-    def bsr_cases(bm, bk, buckets):
+    def bsr_consts(bm, bk, partial, qbits=0, group=0, zeros=False):
+        return dict(HAS_BIAS=not partial, PARTIAL=partial, BM=bm, BK=bk, GROUP=group or bk, QBITS=qbits,
+                    HAS_ZEROS=zeros)  # fmt: skip
+
+    def bsr_cases(bm, bk, buckets, qbits=0, group=0, zeros=False):
         for bucket in buckets:
             for cfg in bsr_linear.bsr_configs(bucket, bm, bk, 2):
                 partial = bucket <= 16
-                cx = dict(HAS_BIAS=not partial, PARTIAL=partial, BM=bm, BK=bk, DOT_PRECISION="tf32", **cfg.kwargs)
+                cx = {**bsr_consts(bm, bk, partial, qbits, group, zeros), "DOT_PRECISION": "tf32", **cfg.kwargs}
                 expect = "wgmma" if cfg.kwargs["BLOCK_M"] >= 64 else "mma"
-                label = f"bsr {bm}x{bk} rows<={bucket}"
-                yield label, bsr_linear._bsr_kernel, bsr_ptrs("bf16", partial), cx, cfg, expect, CCS
+                quant = f" int{qbits} g{group}" if qbits else ""
+                label = f"bsr {bm}x{bk}{quant} rows<={bucket}"
+                yield label, bsr_linear._bsr_kernel, bsr_ptrs("bf16", partial, qbits), cx, cfg, expect, CCS
 
     yield from bsr_cases(64, 64, (16, 64, 128))
     for bm, bk in ((16, 16), (128, 128), (32, 128), (48, 24)):  # other blocks: main tile, sm_90
         *case, _ = next(bsr_cases(bm, bk, (128,)))
         yield (*case, (90,))
+    # Quantized blocks with zero points (int8 one scale per block row; int4 per 16 columns):
+    # decode and prefill tiles on both targets, other blocks at the main tile on sm_90.
+    for qbits, group in ((8, 0), (4, 16)):
+        yield from bsr_cases(64, 64, (16, 128), qbits, group, True)
+        for bm, bk in ((16, 32), (128, 128)):
+            *case, _ = next(bsr_cases(bm, bk, (128,), qbits, group, True))
+            yield (*case, (90,))
     cfg = bsr_linear.bsr_configs(128, 64, 64, 4)[0]
-    cx = dict(HAS_BIAS=True, PARTIAL=False, BM=64, BK=64, DOT_PRECISION="tf32x3", **cfg.kwargs)
+    cx = {**bsr_consts(64, 64, False), "DOT_PRECISION": "tf32x3", **cfg.kwargs}
     yield "bsr 64x64 fp32 prefill", bsr_linear._bsr_kernel, bsr_ptrs("fp32", False), cx, cfg, "mma", (90,)
     reduce_cfg = _common.triton.Config({"BLOCK": _common.REDUCE_BLOCK}, num_warps=4, num_stages=1)
     cx = dict(HAS_BIAS=True, BLOCK=_common.REDUCE_BLOCK)

@@ -47,8 +47,6 @@ def _nm_supports(x, values, meta, n, m, bias=None, *quant) -> str | None:
 
 
 def _bsr_supports(x, crow, col, blocks, bias=None, *quant) -> str | None:
-    if quant and quant[0] is not None:
-        return "quantized (int8 / int4) blocks: no Triton kernel yet"
     return _device_reason(x)
 
 
@@ -57,8 +55,10 @@ def _nm_linear(x, values, meta, n, m, bias=None, *quant):
     return importlib.import_module("sparsekern.kernels.nm_linear").nm_linear(x, values, meta, n, m, bias, *quant)
 
 
-def _bsr_linear(x, crow, col, blocks, bias=None):
-    return importlib.import_module("sparsekern.kernels.bsr_linear").bsr_linear(x, crow, col, blocks, bias)
+def _bsr_linear(x, crow, col, blocks, bias=None, scales=None, zeros=None):
+    # scales / zeros of quantized (int8 / int4) blocks, dequantized in the kernel
+    kernel = importlib.import_module("sparsekern.kernels.bsr_linear").bsr_linear
+    return kernel(x, crow, col, blocks, bias, scales, zeros)
 
 
 # NaN/Inf in x come out as in the dense op from the kernels themselves (kernels/nonfinite.py), so
