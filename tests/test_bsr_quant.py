@@ -69,6 +69,15 @@ def test_quantize_error_within_half_a_step(quant, group_size, symmetric):
     assert torch.equal(again.to_dense(), wq.to_dense()) and again.group_size == wq.group_size
 
 
+def test_weight_without_blocks_quantizes_and_runs():
+    w = BlockSparseWeight.from_dense(torch.zeros(32, 64), (16, 32)).quantize("int4", 16, symmetric=False)
+    assert w.nnz_blocks == 0 and w.scales.shape == (0, 16, 2) and torch.equal(w.to_dense(), torch.zeros(32, 64))
+    bias = torch.randn(32)
+    for backend in ("reference", "dense", "cpu"):
+        with sk.use_backend(backend):
+            torch.testing.assert_close(sk.ops.bsr_linear(torch.randn(3, 64), w, bias), bias.expand(3, 32))
+
+
 def test_to_dtype_moves_scales_and_keeps_integers():
     wq = _qbsr(32, 64, (16, 32), "int4", 16).to(torch.bfloat16)
     nnz = wq.nnz_blocks

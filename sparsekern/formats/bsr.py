@@ -275,7 +275,7 @@ class BlockSparseWeight:
         groups = check_group_size(group_size, bk)
         values, scales, zeros = q.quantize(self.blocks.reshape(nnz * bm, bk), quant, groups, symmetric)
         return BlockSparseWeight(
-            self.crow_indices, self.col_indices, values.view(nnz, bm, -1), self.shape,
+            self.crow_indices, self.col_indices, values.view(nnz, bm, values.shape[1]), self.shape,
             scales.view(nnz, bm, groups), None if zeros is None else zeros.view(nnz, bm, groups),
         )  # fmt: skip
 

@@ -55,7 +55,7 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`pack_int4`: ``uint8 [rows, 2 * bytes]``."""
-    return torch.stack((packed & 15, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+    return torch.stack((packed & 15, packed >> 4), dim=-1).reshape(packed.shape[0], 2 * packed.shape[1])
 
 
 def integers(values: torch.Tensor) -> torch.Tensor:
@@ -76,8 +76,8 @@ def dequantize(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor |
     q = integers(values)
     rows, groups = scales.shape
     z = zero_points(values, zeros, groups)
-    w = (q.view(rows, groups, -1) - z.unsqueeze(-1)).float() * scales.float().unsqueeze(-1)
-    return w.reshape(rows, -1).to(scales.dtype)
+    w = (q.view(rows, groups, q.shape[1] // groups) - z.unsqueeze(-1)).float() * scales.float().unsqueeze(-1)
+    return w.reshape(rows, q.shape[1]).to(scales.dtype)
 
 
 def scale_zero(
@@ -141,10 +141,10 @@ def quantize(
     """
     check_quant(quant)
     rows = kept.shape[0]
-    w = kept.detach().float().reshape(rows, groups, -1)
+    w = kept.detach().float().reshape(rows, groups, kept.shape[1] // groups)
     if scale is None:
         scale, zero = scale_zero(w, quant, symmetric, kept.dtype)
-    q = to_integers(w, scale, zero, quant).reshape(rows, -1)
+    q = to_integers(w, scale, zero, quant).reshape(rows, kept.shape[1])
     values = pack_int4(q) if quant == "int4" else q.to(torch.int8)
     zeros = None if symmetric else zero.to(torch.int8).contiguous()
     return values.contiguous(), scale.to(kept.dtype).contiguous(), zeros

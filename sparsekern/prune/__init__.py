@@ -153,7 +153,7 @@ def _blocks_on_grid(pruned, block, quant, symmetric, scale, zero):
     values, scales, zeros = qfmt.quantize(sparse.blocks.reshape(nnz * bm, bk), quant, per, symmetric, pick(scale),
                                           pick(zero))  # fmt: skip
     return BlockSparseWeight(
-        sparse.crow_indices, sparse.col_indices, values.view(nnz, bm, -1), sparse.shape, scales.view(nnz, bm, per),
+        sparse.crow_indices, sparse.col_indices, values.view(nnz, bm, values.shape[1]), sparse.shape, scales.view(nnz, bm, per),
         None if zeros is None else zeros.view(nnz, bm, per),
     )  # fmt: skip
 
