@@ -46,7 +46,10 @@ void bsr_linear_decode(const BSRLinearArgs& args, Isa isa) {
   BSRLinearArgs a = args;
   a.threads = decode_threads(a.threads, a.rows * a.nnz * a.bm * a.bk);
 #if defined(__x86_64__)
-  if (a.qbits) return detail::bsr_linear_portable(a);
+  if (a.qbits) {
+    if (isa >= Isa::kAvx512 && detail::bsr_linear_decode_quant_avx512(a)) return;
+    return detail::bsr_linear_portable(a);
+  }
   if (isa >= Isa::kAvx512Bf16 && detail::bsr_linear_decode_bf16_avx512(a)) return;
   if (isa >= Isa::kAvx2) return detail::bsr_linear_decode_avx2(a);
 #else
@@ -57,7 +60,6 @@ void bsr_linear_decode(const BSRLinearArgs& args, Isa isa) {
 
 void bsr_linear_batched(const BSRLinearArgs& a, Isa isa) {
 #if defined(__x86_64__)
-  if (a.qbits) return detail::bsr_linear_portable(a);
   if (isa >= Isa::kAvx2) return detail::bsr_linear_batched_avx2(a);
 #else
   (void)isa;

@@ -3,14 +3,16 @@
 // x is first repacked (and converted to fp32) column-block-major, xp[kb][rows][bk], so the
 // segment one stored block multiplies is contiguous for consecutive rows. Then one task per
 // block row (bm output features), largest first: the task packs its stored blocks once,
-// transposed and converted to fp32, into 16-column slices [slice][k_eff][16], where
-// k_eff = (valid blocks in the row) * bk is the gathered reduction length, and a 6-row x
-// 16-column register micro-kernel (12 accumulators, 2 weight loads and 6 broadcasts per k)
-// runs the whole k_eff loop per output tile; C is written once, bias added, in the output dtype.
+// transposed and converted to fp32 (quantized blocks dequantized), into 16-column slices
+// [slice][k_eff][16], where k_eff = (valid blocks in the row) * bk is the gathered reduction
+// length, and a 6-row x 16-column register micro-kernel (12 accumulators, 2 weight loads and 6
+// broadcasts per k) runs the whole k_eff loop per output tile; C is written once, bias added,
+// in the output dtype.
 #if defined(__x86_64__)
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstring>
 #include <memory>
 #include <numeric>
 #include <vector>
@@ -130,9 +132,29 @@ SK_AVX2 inline void store8(typename Elem<T>::type* p, __m256 v, int n) {
   }
 }
 
-// Packs block row rb: valid blocks (in storage order) transposed into fp32 slices
-// wt[s][k_eff][kNR], columns past bm zero; xoff[i] = where the i-th valid block's column block
-// starts in the packed x (see pack_x).
+// Columns kk .. kk + 7 of stored block row `row` (block * bm + i) of quantized blocks as fp32:
+// (q - zero) * scale, one group for all 8 (groups are runs of a multiple of 8 columns).
+template <DType T>
+SK_AVX2 inline __m256 dequant8(const BSRLinearArgs& a, int64_t row, int kk) {
+  __m256i q;
+  if (a.qbits == 8) {
+    const int8_t* p = static_cast<const int8_t*>(a.blocks) + row * a.bk + kk;
+    q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  } else {  // 4 bytes, column 2j in byte j's low nibble: nibble c at bits 4c
+    int32_t four;
+    std::memcpy(&four, static_cast<const uint8_t*>(a.blocks) + row * (a.bk / 2) + kk / 2, sizeof four);
+    q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(four), _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
+                         _mm256_set1_epi32(15));
+  }
+  const int64_t g = row * a.groups + kk / (a.bk / a.groups);
+  const float zero = a.zeros ? a.zeros[g] : a.qbits == 4 ? 8.0f : 0.0f;
+  const float scale = Elem<T>::load(static_cast<const typename Elem<T>::type*>(a.scales)[g]);
+  return _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(q), _mm256_set1_ps(zero)), _mm256_set1_ps(scale));
+}
+
+// Packs block row rb: valid blocks (in storage order; quantized ones dequantized) transposed
+// into fp32 slices wt[s][k_eff][kNR], columns past bm zero; xoff[i] = where the i-th valid
+// block's column block starts in the packed x (see pack_x).
 template <DType T>
 SK_AVX2 int64_t pack_row(const BSRLinearArgs& a, int64_t rb, std::vector<float>& wt, std::vector<int64_t>& xoff) {
   using E = typename Elem<T>::type;
@@ -156,17 +178,16 @@ SK_AVX2 int64_t pack_row(const BSRLinearArgs& a, int64_t rb, std::vector<float>&
   for (int64_t b = begin; b < end; ++b) {
     const int64_t c = a.col[b];
     if (c < 0 || c >= kb) continue;
-    const E* blk = blocks + b * bsz;
     for (int o = 0; o < bm; ++o) {
       float* dst = wt.data() + (o / kNR) * keff * kNR + bi * bk * kNR + o % kNR;
-      const E* src = blk + static_cast<int64_t>(o) * bk;
+      const E* src = a.qbits ? nullptr : blocks + b * bsz + static_cast<int64_t>(o) * bk;
       int kk = 0;
       for (; kk + 8 <= bk; kk += 8) {
         alignas(32) float v[8];
-        _mm256_store_ps(v, load8<T>(src + kk));
+        _mm256_store_ps(v, a.qbits ? dequant8<T>(a, b * bm + o, kk) : load8<T>(src + kk));
         for (int j = 0; j < 8; ++j) dst[(kk + j) * kNR] = v[j];
       }
-      for (; kk < bk; ++kk) dst[kk * kNR] = load_f32(src, kk, T);
+      for (; kk < bk; ++kk) dst[kk * kNR] = load_f32(src, kk, T);  // float blocks only (quantized: bk % 8 == 0)
     }
     ++bi;
   }
