@@ -115,6 +115,18 @@ def measured(monkeypatch, tmp_path):
     sparsekern.dispatch._invalidate()
 
 
+@pytest.fixture
+def no_host_scan(monkeypatch):
+    """For nonfinite_exact backends (Triton): the public op must not call all_finite(), a host
+    sync per call on a GPU."""
+    import sparsekern.plan
+
+    def fail(x):
+        raise AssertionError("all_finite() called: a host sync per call")
+
+    monkeypatch.setattr(sparsekern.plan, "all_finite", fail)
+
+
 def only_backends(op, *backends):
     """Keep just these registered backends of ``op`` (the real CPU kernel would compete)."""
     sparsekern.dispatch._registry[op] = {b: i for b, i in sparsekern.dispatch._registry[op].items() if b in backends}

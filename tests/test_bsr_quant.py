@@ -6,6 +6,7 @@ The CPU kernels' own cases (every ISA, block shape and row count) are in test_bs
 import json
 
 import pytest
+import tiny_lm
 import torch
 import torch.nn.functional as F
 from conftest import assert_matches_reference
@@ -260,19 +261,11 @@ def test_state_dict_of_another_pruning_loads_and_bad_one_is_refused():
         a.load_state_dict(sd)
 
 
-def _tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
-    return LlamaForCausalLM(cfg).eval()
-
-
 @pytest.mark.parametrize("quant,group_size,symmetric", [("int8", 0, True), ("int4", 8, False)])
 def test_sparsify_save_load_from_pretrained(tmp_path, quant, group_size, symmetric):
     from transformers import AutoModelForCausalLM
 
-    model = _tiny_llama()
+    model = tiny_lm.llama(vocab_size=128)
     ids = torch.randint(0, 128, (1, 9))
     report = sk.sparsify(model, "block16x16:0.5", skip=["lm_head"], quant=quant, group_size=group_size,
                          symmetric=symmetric, progress=False)  # fmt: skip
@@ -284,7 +277,7 @@ def test_sparsify_save_load_from_pretrained(tmp_path, quant, group_size, symmetr
     sk.save(model, tmp_path / "ck")
     cfg = json.loads((tmp_path / "ck" / "sparsekern.json").read_text())
     assert cfg["layers"]["model.layers.0.mlp.down_proj"]["quant"] == quant
-    again = _tiny_llama()
+    again = tiny_lm.llama(vocab_size=128)
     sk.load(tmp_path / "ck", again)
     assert again.model.layers[0].mlp.down_proj.quant == quant
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ck")
@@ -299,15 +292,15 @@ def test_sparsify_save_load_from_pretrained(tmp_path, quant, group_size, symmetr
     cfg["layers"]["model.layers.0.mlp.up_proj"]["quant"] = "int4" if quant == "int8" else "int8"
     (tmp_path / "ck" / "sparsekern.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="up_proj.*expected int(4|8) blocks"):
-        sk.load(tmp_path / "ck", _tiny_llama())
+        sk.load(tmp_path / "ck", tiny_lm.llama(vocab_size=128))
 
 
 def test_sparsify_skips_blocks_the_group_does_not_fit_and_quantize_after():
-    model = _tiny_llama()
+    model = tiny_lm.llama(vocab_size=128)
     report = sk.sparsify(model, "block16x16:0.5", skip=["lm_head"], quant="int8", group_size=32, progress=False)
     assert not report.swapped and any("not a multiple of 8 that divides the block width 16" in r.note
                                       for r in report.skipped)  # fmt: skip
-    model = _tiny_llama()
+    model = tiny_lm.llama(vocab_size=128)
     sk.sparsify(model, "block16x16:0.5", skip=["lm_head"], progress=False)
     done = sk.nn.swap.quantize(model, "int4", 8)
     assert len(done) == 14 and model.model.layers[1].mlp.up_proj.quant == "int4"
@@ -343,14 +336,14 @@ def test_lean_generate_with_quantized_blocks_matches_hf():
     from sparsekern.lean import native
 
     for quant in q.QUANTS:
-        model = _tiny_llama()
+        model = tiny_lm.llama(vocab_size=128)
         sk.sparsify(model, "block16x16:0.5", skip=["lm_head"], quant=quant, group_size=8, symmetric=False,
                     progress=False)  # fmt: skip
         why = native.pack_linear(model.model.layers[0].mlp.down_proj, torch.float32)
         assert isinstance(why, str) and f"{quant} blocks" in why
         ids = torch.randint(0, 128, (2, 7))
         ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12)
-        assert torch.equal(sk.generate(model, ids, max_new_tokens=12, eos_token_id=None), ref)
+        assert torch.equal(sk.generate(model, ids, max_new_tokens=12), ref)
 
 
 def test_dequantize_blocks_matches_reference_definition():

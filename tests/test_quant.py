@@ -3,6 +3,7 @@ the CPU kernels against the reference, bad input, SparseLinear, sparsify, save /
 ``from_pretrained``."""
 
 import pytest
+import tiny_lm
 import torch
 import torch.nn.functional as F
 from conftest import assert_matches_reference
@@ -258,19 +259,11 @@ def test_sparse_linear_quantized_state_and_dtype():
     assert half(x.bfloat16()).dtype == torch.bfloat16
 
 
-def _tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
-    return LlamaForCausalLM(cfg).eval()
-
-
 @pytest.mark.parametrize("quant,group_size,symmetric", [("int8", 0, True), ("int4", 32, True)])
 def test_sparsify_save_load_from_pretrained(tmp_path, quant, group_size, symmetric):
     from transformers import AutoModelForCausalLM
 
-    model = _tiny_llama()
+    model = tiny_lm.llama(vocab_size=128)
     ids = torch.randint(0, 128, (1, 9))
     report = sk.sparsify(model, "2:4", skip=["lm_head"], quant=quant, group_size=group_size, progress=False)
     assert len(report.swapped) == 14
@@ -279,7 +272,7 @@ def test_sparsify_save_load_from_pretrained(tmp_path, quant, group_size, symmetr
     with torch.no_grad():
         ref = model(ids).logits
     sk.save(model, tmp_path / "ck")
-    again = _tiny_llama()
+    again = tiny_lm.llama(vocab_size=128)
     sk.load(tmp_path / "ck", again)
     assert again.model.layers[0].mlp.down_proj.quant == quant
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ck")
@@ -292,19 +285,19 @@ def test_sparsify_save_load_from_pretrained(tmp_path, quant, group_size, symmetr
 
 
 def test_sparsify_skips_layers_the_group_does_not_divide():
-    model = _tiny_llama()
+    model = tiny_lm.llama(vocab_size=128)
     report = sk.sparsify(model, "2:4", skip=["lm_head"], quant="int8", group_size=128, progress=False)
     skipped = {r.name for r in report.skipped}
     # in_features 64 (q/k/v/o, gate/up) is not divisible by 128; down_proj (128) is
     assert "model.layers.0.self_attn.q_proj" in skipped and "model.layers.0.mlp.down_proj" not in skipped
     with pytest.raises(ValueError, match="quant: expected one of"):
-        sk.sparsify(_tiny_llama(), "2:4", quant="fp8", progress=False)
+        sk.sparsify(tiny_lm.llama(vocab_size=128), "2:4", quant="fp8", progress=False)
 
 
 def test_checkpoint_with_wrong_quant_field_is_refused(tmp_path):
     import json
 
-    model = _tiny_llama()
+    model = tiny_lm.llama(vocab_size=128)
     sk.sparsify(model, "2:4", skip=["lm_head"], quant="int8", progress=False)
     sk.save(model, tmp_path / "ck")
     cfg_file = tmp_path / "ck" / "sparsekern.json"
@@ -312,7 +305,7 @@ def test_checkpoint_with_wrong_quant_field_is_refused(tmp_path):
     cfg["layers"]["model.layers.0.mlp.up_proj"]["quant"] = "int4"
     cfg_file.write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="expected int4 shape|expected int4 values"):
-        sk.load(tmp_path / "ck", _tiny_llama())
+        sk.load(tmp_path / "ck", tiny_lm.llama(vocab_size=128))
 
 
 def test_sparsegpt_rounds_inside_its_sweep():
@@ -495,7 +488,7 @@ def test_int8_activations_bad_input():
 def test_int8_activations_survive_save_and_from_pretrained(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    model = _tiny_llama()
+    model = tiny_lm.llama(vocab_size=128)
     sk.sparsify(model, "2:4", skip=["lm_head"], quant="int4", group_size=64, act_block=32, progress=False)
     assert model.model.layers[0].mlp.up_proj.act_block == 32
     ids = torch.randint(0, 128, (1, 7))
