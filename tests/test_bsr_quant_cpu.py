@@ -179,3 +179,29 @@ def test_opcheck(quant, rows):
     wq = _qweight(32, 64, (16, 32), quant, 16, False, torch.float32)
     args = (torch.randn(rows, 64), wq.crow_indices, wq.col_indices, wq.blocks, torch.randn(32), wq.scales, wq.zeros)
     torch.library.opcheck(torch.ops.sparsekern._bsr_linear_cpu.default, args)
+
+
+# bf16 x, block widths of whole 32-column chunks, one group per block row or groups of whole
+# chunks: the vdpbf16ps path on AVX-512 BF16 (its 64-byte loads hold 4 int4 / 2 int8 chunks, so
+# heights 10, 9 leave the last load of a block partial; 96 wide: loads that wrap a block row).
+WHOLE_CHUNKS = [(10, 32), (9, 64), (9, 96), (16, 96), (11, 128), (32, 128)]
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "zeros"])
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+@pytest.mark.parametrize(
+    "bm,bk,group",
+    [(bm, bk, g) for bm, bk in WHOLE_CHUNKS for g in [0, *range(32, bk, 32)] if not g or bk % g == 0],
+    ids=lambda v: str(v),
+)
+def test_bf16_whole_chunks(isa, bm, bk, group, quant, symmetric):
+    """Rows 1..4 (one, two, three, four x rows per kernel pass), x offset from zero on odd rows
+    (the kernel subtracts (offset + zero) * sum(x) from exact sums of (offset + q) * x)."""
+    k = bk * 6
+    wq = _qweight(bm * 3, k, (bm, bk), quant, group, symmetric, torch.bfloat16)
+    dense = _dense64(wq)
+    for rows in (1, 2, 3, 4):
+        x = (torch.randn(rows, k) + 1.5 * (rows % 2)).to(torch.bfloat16)
+        bias = torch.randn(bm * 3).to(torch.bfloat16) if rows % 2 else None
+        what = f"{isa} {bm}x{bk} {quant} g{group} sym={symmetric} rows={rows}"
+        _check(_op(x, wq, bias), x, wq, bias, what, dense)
