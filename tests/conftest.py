@@ -115,6 +115,31 @@ def measured(monkeypatch, tmp_path):
     sparsekern.dispatch._invalidate()
 
 
+# The CPU kernels' instruction sets (csrc/cpu/isa.h), as SPARSEKERN_CPU_ISA names them.
+ISAS = {"portable": 0, "avx2": 1, "avx512": 2, "avx512bf16": 3}
+
+
+def _detected_isa() -> int:
+    saved = os.environ.pop("SPARSEKERN_CPU_ISA", None)
+    try:
+        return int(torch.ops.sparsekern._cpu_isa())
+    finally:
+        if saved is not None:
+            os.environ["SPARSEKERN_CPU_ISA"] = saved
+
+
+@pytest.fixture(params=list(ISAS))
+def isa(request, monkeypatch):
+    """Each CPU instruction-set level this CPU has, set through SPARSEKERN_CPU_ISA (a test module
+    may define its own ``isa`` with fewer levels)."""
+    want = ISAS[request.param]
+    if want > _detected_isa():
+        pytest.skip(f"this CPU lacks {request.param} (detected level {_detected_isa()}): its kernels cannot run here")
+    monkeypatch.setenv("SPARSEKERN_CPU_ISA", request.param)
+    assert int(torch.ops.sparsekern._cpu_isa()) == want
+    return request.param
+
+
 @pytest.fixture
 def no_host_scan(monkeypatch):
     """For nonfinite_exact backends (Triton): the public op must not call all_finite(), a host

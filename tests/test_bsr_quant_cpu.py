@@ -19,33 +19,11 @@ from sparsekern.formats.bsr import bsr_to_dense, dequantize_blocks
 
 pytestmark = pytest.mark.skipif(not _extension.HAS_C_EXT, reason="compiled extension not loaded")
 
-ISAS = {"portable": 0, "avx2": 1, "avx512": 2, "avx512bf16": 3}
 # Square and not; widths 8 (one 8-column chunk), 16, 24 (8 past a 16-column chunk), 32, 40 (int4:
 # 8 past a 32-column chunk), 64, 128; heights 8 .. 128.
 BLOCKS = [(8, 8), (16, 32), (32, 32), (8, 64), (32, 128), (64, 16), (16, 24), (24, 40), (128, 128)]
 ROWS = [1, 2, 3, 4, 5, 17, 40]
 DTYPES = [torch.float32, torch.bfloat16]
-
-
-def _detected() -> int:
-    import os
-
-    saved = os.environ.pop("SPARSEKERN_CPU_ISA", None)
-    try:
-        return int(torch.ops.sparsekern._cpu_isa())
-    finally:
-        if saved is not None:
-            os.environ["SPARSEKERN_CPU_ISA"] = saved
-
-
-@pytest.fixture(params=list(ISAS))
-def isa(request, monkeypatch):
-    want = ISAS[request.param]
-    if want > _detected():
-        pytest.skip(f"this CPU lacks {request.param} (detected level {_detected()}): its kernels cannot run here")
-    monkeypatch.setenv("SPARSEKERN_CPU_ISA", request.param)
-    assert int(torch.ops.sparsekern._cpu_isa()) == want
-    return request.param
 
 
 def _qweight(out, k, block, quant, group_size, symmetric, dtype, sparsity=0.5):

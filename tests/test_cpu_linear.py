@@ -16,7 +16,6 @@ from sparsekern import _extension, reference
 
 pytestmark = pytest.mark.skipif(not _extension.HAS_C_EXT, reason="compiled extension not loaded")
 
-ISAS = {"portable": 0, "avx2": 1, "avx512": 2, "avx512bf16": 3}
 NM = [(1, 2), (1, 4), (2, 4), (3, 4), (1, 8), (2, 8), (3, 8), (4, 8), (1, 16), (4, 16), (5, 16), (15, 16)]
 # One row with block width 16, 32 or 64 takes a kernel of its own (x in registers): (64, 16),
 # (16, 32), (32, 32), (8, 64); one row of bf16 x at the avx512bf16 level with width 32, 64 or 128
@@ -25,27 +24,6 @@ BLOCKS = [(8, 8), (16, 8), (16, 32), (32, 32), (64, 16), (8, 64), (12, 20), (128
 ROWS = [1, 3, 8, 13, 37, 130]  # 13: two 8-row decode passes (fp32 up to 32 rows, half types up to 64)
 # Batched BSR: 5 and 7 leave partial 6-row micro tiles, 37 and 130 partial 24-row chunks.
 BSR_ROWS = [1, 3, 5, 7, 8, 37, 130]
-
-
-def _detected() -> int:
-    import os
-
-    saved = os.environ.pop("SPARSEKERN_CPU_ISA", None)
-    try:
-        return int(torch.ops.sparsekern._cpu_isa())
-    finally:
-        if saved is not None:
-            os.environ["SPARSEKERN_CPU_ISA"] = saved
-
-
-@pytest.fixture(params=list(ISAS))
-def isa(request, monkeypatch):
-    want = ISAS[request.param]
-    if want > _detected():
-        pytest.skip(f"this CPU lacks {request.param} (detected level {_detected()}): its kernels cannot run here")
-    monkeypatch.setenv("SPARSEKERN_CPU_ISA", request.param)
-    assert int(torch.ops.sparsekern._cpu_isa()) == want
-    return request.param
 
 
 def _check(out, ref_fn, x, bias, what):
