@@ -331,19 +331,22 @@ def test_sparsegpt_rounds_blocks_inside_its_sweep():
 
 
 def test_lean_generate_with_quantized_blocks_matches_hf():
-    """The C++ lean step takes float blocks only: a model with int8 / int4 blocks says why, and
-    sk.generate (q/k/v and gate/up stacked with their scales) decodes HF generate's tokens."""
+    """The C++ lean step takes int8 / int4 blocks with their scales and zeros (q/k/v and gate/up
+    stacked with them): sk.generate decodes HF generate's tokens, through that step."""
     from sparsekern.lean import native
+    from sparsekern.lean.generate import decoder_for
 
-    for quant in q.QUANTS:
+    for quant, symmetric in (("int8", True), ("int4", False)):
         model = tiny_lm.llama(vocab_size=128)
-        sk.sparsify(model, "block16x16:0.5", skip=["lm_head"], quant=quant, group_size=8, symmetric=False,
+        sk.sparsify(model, "block16x16:0.5", skip=["lm_head"], quant=quant, group_size=8, symmetric=symmetric,
                     progress=False)  # fmt: skip
-        why = native.pack_linear(model.model.layers[0].mlp.down_proj, torch.float32)
-        assert isinstance(why, str) and f"{quant} blocks" in why
+        tensors, spec = native.pack_linear(model.model.layers[0].mlp.down_proj, torch.float32)
+        assert spec[0] == 2 and tensors[4] is not None and (tensors[5] is None) == symmetric
         ids = torch.randint(0, 128, (2, 7))
         ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12)
         assert torch.equal(sk.generate(model, ids, max_new_tokens=12), ref)
+        dec = decoder_for(model)
+        assert dec.stepper(2) != dec.step, dec.why_python  # the C++ step, not the Python one
 
 
 def test_dequantize_blocks_matches_reference_definition():

@@ -240,7 +240,7 @@ def _bad_cases(a):
         "norms short": (dict(norms=a["norms"][:-1]), ValueError, r"norms: expected 4 entries \(2 per block\), got 3"),
         "eps short": (dict(eps=a["eps"][:1]), ValueError, "eps: expected 4 entries"),
         "v_cache short": (dict(v_cache=a["v_cache"][:1]), ValueError, "v_cache: expected 2 entries"),
-        "weights short": (dict(weights=w[:-5]), ValueError, "weights: expected 40 entries"),
+        "weights short": (dict(weights=w[:-6]), ValueError, "weights: expected 48 entries"),
         "specs long": (dict(specs=[*a["specs"], 0]), ValueError, "specs: expected 40 entries"),
         "pos past cache": (
             dict(pos=PROMPT + 2, cos=long_cos, sin=long_cos),
@@ -272,16 +272,16 @@ def _bad_cases(a):
         "norm shape": (dict(norms=_replace(a["norms"], 2, a["norms"][2][:-1])), ValueError, r"norms\[2\]: expected"),
         "final norm": (dict(final_norm=a["final_norm"][:5]), ValueError, "final_norm: expected shape"),
         "meta shape": (
-            dict(weights=_replace(w, 6, w[6][:, :1])),
+            dict(weights=_replace(w, 7, w[7][:, :1])),
             ValueError,
             r"blocks\[0\]\.o on a \[2, 64\] input: meta: expected shape",
         ),
         "values dtype": (
-            dict(weights=_replace(w, 25, w[25].double())),
+            dict(weights=_replace(w, 30, w[30].double())),
             TypeError,
             r"blocks\[1\]\.o on a \[2, 64\] input: values: expected",
         ),
-        "missing values": (dict(weights=_replace(w, 10, None)), TypeError, r"blocks\[0\]\.gate_up\.values: expected"),
+        "missing values": (dict(weights=_replace(w, 12, None)), TypeError, r"blocks\[0\]\.gate_up\.values: expected"),
         "n:m": (
             dict(specs=_replace(a["specs"], 1, 5)),
             ValueError,
@@ -294,17 +294,17 @@ def _bad_cases(a):
             r"blocks\[0\]\.qkv\.values: expected a contiguous",
         ),
         "gate_up rows": (
-            dict(weights=_replace(_replace(w, 10, w[10][1:]), 11, w[11][1:])),
+            dict(weights=_replace(_replace(w, 12, w[12][1:]), 13, w[13][1:])),
             ValueError,
             r"blocks\[0\]\.gate_up: expected an even number of outputs",
         ),
         "o in_features": (
-            dict(weights=_replace(_replace(w, 5, w[5][:, :16].contiguous()), 6, w[6][:, :1].contiguous())),
+            dict(weights=_replace(_replace(w, 6, w[6][:, :16].contiguous()), 7, w[7][:, :1].contiguous())),
             ValueError,
             r"blocks\[0\]\.o on a \[2, 64\] input: x: expected last dimension 32 \(in_features\)",
         ),
         "down K": (
-            dict(weights=_replace(_replace(w, 35, w[35][:-8]), 36, w[36][:-8])),
+            dict(weights=_replace(_replace(w, 42, w[42][:-8]), 43, w[43][:-8])),
             ValueError,
             r"blocks\[1\]\.down: expected 64 outputs",
         ),

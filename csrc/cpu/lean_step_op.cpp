@@ -37,10 +37,10 @@ namespace {
 
 // Per block, in `weights` / `specs`: qkv, o, gate_up, down, each as kSlots tensors and kSpec ints
 // (sparsekern/lean/native.py pack_linear):
-//   dense: [weight, bias?, -, -, -]              [0, 0, 0, 0, 0]
-//   N:M:   [values, meta, bias?, scales?, zeros?] [1, n, m, group_size, act_block]
-//   BSR:   [crow, col, blocks, bias?, -]          [2, 0, 0, 0, 0]
-constexpr int64_t kLinears = 4, kSlots = 5, kSpec = 5;
+//   dense: [weight, bias?, -, -, -, -]                [0, 0, 0, 0, 0]
+//   N:M:   [values, meta, bias?, scales?, zeros?, -]  [1, n, m, group_size, act_block]
+//   BSR:   [crow, col, blocks, bias?, scales?, zeros?] [2, 0, 0, 0, 0]
+constexpr int64_t kLinears = 4, kSlots = 6, kSpec = 5;
 constexpr const char* kNames[kLinears] = {"qkv", "o", "gate_up", "down"};
 enum Kind : int64_t { kDense = 0, kNM = 1, kBSR = 2 };
 
@@ -94,7 +94,8 @@ Linear check_linear(const OptTensor* t, const int64_t* spec, int64_t rows, int64
     TORCH_CHECK_VALUE(spec[1] == 0 && spec[2] == 0 && spec[3] == 0 && spec[4] == 0, lin_name,
                       ": specs of a dense linear must be [0, 0, 0, 0, 0], got [0, ", spec[1], ", ", spec[2], ", ",
                       spec[3], ", ", spec[4], "]");
-    TORCH_CHECK_VALUE(!t[2] && !t[3] && !t[4], lin_name, ": a dense linear takes [weight, bias?, None, None, None]");
+    TORCH_CHECK_VALUE(!t[2] && !t[3] && !t[4] && !t[5], lin_name,
+                      ": a dense linear takes [weight, bias?, None, None, None, None]");
     const at::Tensor& w = need(t[0], lin_name + ".weight");
     named(lin_name + ".weight", [&] { check_float("weight", w); });
     TORCH_CHECK_VALUE(w.dim() == 2, lin_name, ".weight: expected a 2-D [out, in] tensor, got shape ", py_shape(w.sizes()));
@@ -103,23 +104,24 @@ Linear check_linear(const OptTensor* t, const int64_t* spec, int64_t rows, int64
   } else if (l.kind == kNM) {
     const at::Tensor& values = need(t[0], lin_name + ".values");
     const at::Tensor& meta = need(t[1], lin_name + ".meta");
+    TORCH_CHECK_VALUE(!t[5], lin_name, ": an N:M linear takes [values, meta, bias?, scales?, zeros?, None]");
     named(name, [&] { check_nm_linear_args(x, values, meta, l.n, l.m, t[2], t[3], t[4], l.group_size, l.act_block); });
     l.out = values.size(0);
   } else if (l.kind == kBSR) {
     TORCH_CHECK_VALUE(spec[1] == 0 && spec[2] == 0 && spec[3] == 0 && spec[4] == 0, lin_name,
                       ": specs of a BSR linear must be [2, 0, 0, 0, 0]");
-    TORCH_CHECK_VALUE(!t[4], lin_name, ": a BSR linear takes [crow, col, blocks, bias?, None]");
+    TORCH_CHECK_VALUE(t[4] || !t[5], lin_name, ": a BSR linear takes [crow, col, blocks, bias?, scales?, zeros?]");
     const at::Tensor& crow = need(t[0], lin_name + ".crow");
     const at::Tensor& col = need(t[1], lin_name + ".col");
     const at::Tensor& blocks = need(t[2], lin_name + ".blocks");
-    named(name, [&] { check_bsr_linear_args(x, crow, col, blocks, t[3]); });
+    named(name, [&] { check_bsr_linear_args(x, crow, col, blocks, t[3], t[4], t[5]); });
     l.out = (crow.numel() - 1) * blocks.size(1);
   } else {
     TORCH_CHECK_VALUE(false, lin_name, ": specs[0] (kind) expected 0 (dense), 1 (N:M) or 2 (BSR), got ", spec[0]);
   }
   // The kernels read flat arrays (sparsekern/lean/native.py hands over contiguous tensors).
-  static const char* nm_names[kSlots] = {"values", "meta", "bias", "scales", "zeros"};
-  static const char* bsr_names[kSlots] = {"crow", "col", "blocks", "bias", "-"};
+  static const char* nm_names[kSlots] = {"values", "meta", "bias", "scales", "zeros", "-"};
+  static const char* bsr_names[kSlots] = {"crow", "col", "blocks", "bias", "scales", "zeros"};
   if (l.kind != kDense) {
     for (int64_t s = 0; s < kSlots; ++s) {
       check_contiguous(t[s], lin_name + "." + (l.kind == kNM ? nm_names[s] : bsr_names[s]));
@@ -154,7 +156,7 @@ at::Tensor run_linear(const Linear& l, const at::Tensor& x_in) {
     nm_linear_run(x, *l.t[0], *l.t[1], l.n, l.m, l.t[2], l.t[3] ? *l.t[3] : none, l.t[4] ? *l.t[4] : none, l.act_block,
                   y);
   } else {
-    bsr_linear_run(x, *l.t[0], *l.t[1], *l.t[2], l.t[3], y);
+    bsr_linear_run(x, *l.t[0], *l.t[1], *l.t[2], l.t[3], y, l.t[4], l.t[5]);
   }
   return y;
 }
@@ -172,7 +174,7 @@ at::Tensor lean_step_cpu(const at::Tensor& tokens, int64_t pos, const at::Tensor
   expect_len("v_cache", v_cache.size(), nb, "one per block, as k_cache");
   expect_len("norms", norms.size(), 2 * nb, "2 per block");
   expect_len("eps", eps.size(), 2 * nb, "2 per block");
-  expect_len("weights", weights_list.size(), kLinears * kSlots * nb, "qkv, o, gate_up, down x 5 per block");
+  expect_len("weights", weights_list.size(), kLinears * kSlots * nb, "qkv, o, gate_up, down x 6 per block");
   expect_len("specs", specs.size(), kLinears * kSpec * nb, "qkv, o, gate_up, down x 5 per block");
 
   check_float("embed", embed);

@@ -37,7 +37,7 @@ from sparsekern.ops_quant import _has_cpu_kernel as _quant_cpu_kernel
 
 OP = "sparsekern::_lean_step_cpu"
 _DENSE, _NM, _BSR = 0, 1, 2
-_SLOTS = _SPEC = 5  # tensors and ints per linear in the op's weights / specs
+_SLOTS, _SPEC = 6, 5  # tensors and ints per linear in the op's weights / specs
 
 
 def unavailable() -> str | None:
@@ -50,12 +50,12 @@ def unavailable() -> str | None:
 
 
 def pack_linear(mod: nn.Module, dtype: torch.dtype) -> tuple[list, list[int]] | str:
-    """``(5 tensors, 5 ints)`` describing ``mod`` to the op (see csrc/cpu/lean_step_op.cpp), or why not."""
+    """``(6 tensors, 5 ints)`` describing ``mod`` to the op (see csrc/cpu/lean_step_op.cpp), or why not."""
     if type(mod) is nn.Linear:
         if mod.weight.dtype != dtype:
             return f"nn.Linear of dtype {mod.weight.dtype}, the model's hidden states are {dtype}"
         bias = None if mod.bias is None else mod.bias.detach()
-        return [mod.weight.detach(), bias, None, None, None], [_DENSE, 0, 0, 0, 0]
+        return [mod.weight.detach(), bias, None, None, None, None], [_DENSE, 0, 0, 0, 0]
     if type(mod) is not SparseLinear:
         return f"{type(mod).__name__} (layers that did not stack into one linear)"
     if mod.dtype != dtype:
@@ -69,11 +69,13 @@ def pack_linear(mod: nn.Module, dtype: torch.dtype) -> tuple[list, list[int]] | 
         scales = p.get("scales")
         values = b["values"] if scales is not None else p["values"]
         zeros = b.get("zeros") if scales is not None else None
-        tensors = [flat(values), flat(b["meta"]), flat(p.get("bias")), flat(scales), flat(zeros)]
+        tensors = [flat(values), flat(b["meta"]), flat(p.get("bias")), flat(scales), flat(zeros), None]
         return tensors, [_NM, mod.n, mod.m, mod.group_size, mod.act_block]
-    if mod.quant is not None:
-        return f"SparseLinear with {mod.quant} blocks (the C++ step takes float blocks)"
-    tensors = [flat(b["crow_indices"]), flat(b["col_indices"]), flat(p["blocks"]), flat(p.get("bias")), None]
+    scales = p.get("scales")
+    blocks = b["blocks"] if scales is not None else p["blocks"]
+    zeros = b.get("zeros") if scales is not None else None
+    tensors = [flat(b["crow_indices"]), flat(b["col_indices"]), flat(blocks), flat(p.get("bias")), flat(scales),
+               flat(zeros)]  # fmt: skip
     return tensors, [_BSR, 0, 0, 0, 0]
 
 
@@ -195,7 +197,7 @@ class Native:
                 # except with int8 activations: the C++ step does that with at::linear.
                 if backend == "dense" and not mod.act_block and len(p.held) == 1 and p.held[0].dtype == dtype:
                     bias = mod._parameters.get("bias")
-                    weights[j * _SLOTS : (j + 1) * _SLOTS] = [p.held[0], bias, None, None, None]
+                    weights[j * _SLOTS : (j + 1) * _SLOTS] = [p.held[0], bias, None, None, None, None]
                     specs[j * _SPEC : (j + 1) * _SPEC] = [_DENSE, 0, 0, 0, 0]
                     continue
                 return None, f"{name}: its plan runs backend {backend!r} for {batch} rows, not the CPU kernel"
