@@ -1,6 +1,6 @@
 // The lean decode step's small ops (csrc/cpu/lean_step_op.cpp), for `rows` x one position, fp32
-// math, element type t in and out. Torch-free; no thread pool: each call is microseconds, less
-// than a helper's wake-up.
+// math, element type t in and out. Torch-free. Attention's heads run on the kernels' thread pool
+// (`threads`); the other ops take microseconds and run on the calling thread.
 //
 // Rounding follows sparsekern/lean/decoder.py's Python step (HF's modules) where it is cheap:
 // values that the Python step holds in the dtype are rounded to it at the same points, so the two
@@ -33,9 +33,9 @@ void rotary_kv(const void* qkv, const void* cos, const void* sin, const AttnShap
 
 // Single-query attention of q [rows, heads * head_dim] (fp32) over cache positions 0..pos, GQA
 // (heads / kv_heads query heads per KV head), fp32 scores and softmax; out [rows, heads *
-// head_dim] in t. scratch: at least pos + 1 floats.
+// head_dim] in t. The rows x heads query heads are split over `threads`.
 void attention(const float* q, const void* k_cache, const void* v_cache, const AttnShape& s, float scale, DType t,
-               float* scratch, void* out);
+               int threads, void* out);
 
 // out = silu(gate) * up for gu [rows, 2 * inter] = [gate | up]; out [rows, inter]. silu(gate) is
 // rounded to t before the product (the Python step's two ops).

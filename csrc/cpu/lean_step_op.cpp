@@ -27,6 +27,7 @@
 #include "cpu/bsr_linear_op.h"
 #include "cpu/gemv.h"
 #include "cpu/lean_kernels.h"
+#include "cpu/parallel.h"
 #include "cpu/linear_op_util.h"
 #include "cpu/nm_linear_op.h"
 #include "cpu/op_checks.h"
@@ -272,7 +273,8 @@ at::Tensor lean_step_cpu(const at::Tensor& tokens, int64_t pos, const at::Tensor
   const at::Tensor xn = at::empty({b, dim}, embed.options());  // normed h: qkv's and gate_up's input
   const at::Tensor attn = at::empty({b, widest}, embed.options());
   const at::Tensor act_buf = at::empty({b, widest_inter}, embed.options());  // silu(gate) * up
-  std::vector<float> q(b * widest), scratch(max_len + d);
+  std::vector<float> q(b * widest);
+  const int threads = at::get_num_threads();
   at::Tensor y;  // the last linear's output, added to h by the next norm
   for (int64_t i = 0; i < nb; ++i) {
     const Block& B = blocks[i];
@@ -283,8 +285,10 @@ at::Tensor lean_step_cpu(const at::Tensor& tokens, int64_t pos, const at::Tensor
     lean::rotary_kv(qkv.const_data_ptr(), cos.const_data_ptr(), sin.const_data_ptr(), shape, t, q.data(),
                     k_cache[i].data_ptr(), v_cache[i].data_ptr());
     const at::Tensor a = attn.view(-1).narrow(0, 0, b * B.heads * d).view({b, B.heads * d});
+    // Threads by the work, as the linears' decode (parallel.h decode_threads).
+    const int att_threads = decode_threads(threads, b * B.heads * (pos + 1) * d * 2);
     lean::attention(q.data(), k_cache[i].const_data_ptr(), v_cache[i].const_data_ptr(), shape,
-                    static_cast<float>(scale), t, scratch.data(), attn.data_ptr());
+                    static_cast<float>(scale), t, att_threads, attn.data_ptr());
     y = run_linear(B.lin[1], a).contiguous();
     lean::add_rms_norm(h.data_ptr(), y.const_data_ptr(), norms[2 * i + 1].const_data_ptr(),
                        static_cast<float>(eps[2 * i + 1]), b, dim, t, xn.data_ptr());
