@@ -99,6 +99,17 @@ def assert_matches_reference(
         )
 
 
+def assert_matches_dense(out: torch.Tensor, x: torch.Tensor, dense32: torch.Tensor, bias, what: str = "") -> None:
+    """``out`` against ``x @ dense32.T + bias`` in fp32 (``dense32``: the weight as the kernels see
+    it, e.g. dequantized from fp32 scales), with :func:`assert_matches_reference`'s per-element
+    bound on the magnitudes ``|x| @ |W|.T + |bias|``."""
+    b32 = None if bias is None else bias.float()
+    ref32 = torch.nn.functional.linear(x.float(), dense32, b32)
+    same = torch.nn.functional.linear(x, dense32.to(x.dtype), bias)
+    mag = torch.nn.functional.linear(x.float().abs(), dense32.abs(), None if bias is None else b32.abs())
+    assert_matches_reference(out, ref32, same, what, magnitude=mag)
+
+
 @pytest.fixture
 def measured(monkeypatch, tmp_path):
     """Measured policy, a private cache dir, and a registry we may change (restored after)."""

@@ -9,7 +9,7 @@ import pytest
 import tiny_lm
 import torch
 import torch.nn.functional as F
-from conftest import assert_matches_reference
+from conftest import assert_matches_dense
 
 import sparsekern as sk
 from sparsekern import _extension, reference
@@ -28,11 +28,7 @@ def _check(y, x, wq, bias, what):
     """``y`` against the fp32 reference on the weight dequantized from fp32 scales (as the kernels)."""
     dense32 = BlockSparseWeight(wq.crow_indices, wq.col_indices, wq.blocks, wq.shape, wq.scales.float(),
                                 wq.zeros).to_dense()  # fmt: skip
-    b32 = None if bias is None else bias.float()
-    ref32 = F.linear(x.float(), dense32, b32)
-    same = F.linear(x, dense32.to(x.dtype), bias)
-    mag = F.linear(x.float().abs(), dense32.abs(), None if bias is None else b32.abs())
-    assert_matches_reference(y, ref32, same, what, magnitude=mag)
+    assert_matches_dense(y, x, dense32, bias, what)
 
 
 # -- format ----------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import pytest
 import tiny_lm
 import torch
 import torch.nn.functional as F
-from conftest import assert_matches_reference
+from conftest import assert_matches_dense, assert_matches_reference
 
 import sparsekern as sk
 from sparsekern import _extension
@@ -113,15 +113,10 @@ def _has_vnni_vbmi() -> bool:
 
 
 def _check(y, x, wq, bias, what):
-    dense32 = wq.to(torch.float32).to_dense() if wq.dtype != torch.float32 else wq.to_dense()
     # The kernels dequantize in fp32 from the stored scale: so does this fp32 reference.
     dense32 = sk.NMSparseWeight(wq.values, wq.meta, wq.n, wq.m, wq.shape, wq.scales.float(), wq.zeros,
                                 wq.group_size).to_dense()  # fmt: skip
-    b32 = None if bias is None else bias.float()
-    ref32 = F.linear(x.float(), dense32, b32)
-    same = F.linear(x, dense32.to(x.dtype), bias)
-    mag = F.linear(x.float().abs(), dense32.abs(), None if bias is None else b32.abs())
-    assert_matches_reference(y, ref32, same, what, magnitude=mag)
+    assert_matches_dense(y, x, dense32, bias, what)
 
 
 NM = [(2, 4), (1, 4), (2, 8), (4, 8), (1, 8), (3, 8), (2, 16)]  # 3:8 and 2:16: the portable path
