@@ -90,11 +90,15 @@ void bsr_linear_run(const at::Tensor& x, const at::Tensor& crow, const at::Tenso
   }
   const Isa isa = active_isa();
   const double density = static_cast<double>(a.nnz) * bm * bk / (static_cast<double>(out_features) * k);
-  if (rows > kBsrDecodeMaxRows && density > kGemmDensity && a.dtype == DType::kF32 && isa != Isa::kPortable) {
+  // Quantized blocks below AVX-512 decode with the portable loop: the batched kernel from 5 rows.
+  const int64_t decode_rows = !qbits || isa < Isa::kAvx512 ? kBsrDecodeMaxRows
+                              : a.dtype == DType::kBF16    ? kBsrQuantDecodeMaxRowsBf16
+                                                           : kBsrQuantDecodeMaxRows;
+  if (rows > decode_rows && density > kGemmDensity && a.dtype == DType::kF32 && isa != Isa::kPortable) {
     bsr_linear_gemm(a, x, blocks, bias, y);
     return;
   }
-  if (rows <= kBsrDecodeMaxRows) {
+  if (rows <= decode_rows) {
     bsr_linear_decode(a, isa);
   } else {
     bsr_linear_batched(a, isa);

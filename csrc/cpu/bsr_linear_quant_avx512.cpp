@@ -1,4 +1,5 @@
-// Block-sparse decode (rows <= 4) for quantized blocks (int8, int4 two per byte) on AVX-512.
+// Block-sparse decode (up to 16 / 32 rows, bsr_linear_op.h) for quantized blocks (int8, int4 two
+// per byte) on AVX-512.
 //
 // bf16 x on AVX-512 BF16, blocks 32 / 64 / 96 / 128 wide, one group per block row or groups of
 // whole 32-column chunks (the common LLM case): vdpbf16ps on exact bf16 images of the stored

@@ -1,4 +1,4 @@
-// Quantized block-sparse decode (rows <= 4) for bf16 x on AVX-512 BF16: vdpbf16ps on exact bf16
+// Quantized block-sparse decode (up to 32 rows, bsr_linear_op.h) for bf16 x on AVX-512 BF16: vdpbf16ps on exact bf16
 // images of int4 / int8 values, blocks 32 / 64 / 96 / 128 wide, groups of whole 32-column chunks
 // (or one per block row). Everything else: bsr_linear_quant_avx512.cpp (fp32 products).
 //
