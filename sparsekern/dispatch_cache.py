@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from sparsekern.formats.bsr import block_width
+from sparsekern.formats.quant import quant_of
 
 log = logging.getLogger("sparsekern")
 
@@ -54,9 +55,7 @@ def row_bucket(rows: int) -> str:
 def _nm_bucket(x, values, meta, n, m, bias=None, scales=None, zeros=None, group_size=0, act_block=0) -> str:
     key = f"r{row_bucket(x.shape[0])}|w{values.shape[0]}x{x.shape[-1]}|{n}:{m}"
     if scales is not None:  # quantized values: int8 / int4, the scale group, int8 activations
-        key += f"|{'int4' if values.dtype == torch.uint8 else 'int8'}g{group_size}" + (
-            f"a{act_block}" if act_block else ""
-        )
+        key += f"|{quant_of(values)}g{group_size}" + (f"a{act_block}" if act_block else "")
     return key
 
 
@@ -81,7 +80,7 @@ def _bsr_bucket(x, crow, col, blocks, bias=None, scales=None, zeros=None) -> str
     density = round(20 * nnz / max(1, block_rows * block_cols)) / 20
     key = f"r{row_bucket(x.shape[0])}|w{block_rows * bm}x{x.shape[-1]}|b{bm}x{bk}|d{density:.2f}"
     if scales is not None:  # quantized blocks: int8 / int4 and the scale group
-        key += f"|{'int4' if blocks.dtype == torch.uint8 else 'int8'}g{bk // scales.shape[2]}"
+        key += f"|{quant_of(blocks)}g{bk // scales.shape[2]}"
     return key
 
 
@@ -310,7 +309,7 @@ def recipe(op: str, args: tuple) -> dict | None:
         values, _, n, m = args[1:5]
         out = base | {"out": int(values.shape[0]), "n": int(n), "m": int(m)}
         if len(args) > 6 and args[6] is not None:
-            out |= {"quant": "int4" if values.dtype == torch.uint8 else "int8", "group_size": int(args[8])}
+            out |= {"quant": quant_of(values), "group_size": int(args[8])}
             out |= {"act_block": int(args[9])} if len(args) > 9 and args[9] else {}
         return out
     if op == "bsr_linear":
@@ -319,6 +318,6 @@ def recipe(op: str, args: tuple) -> dict | None:
         density = nnz / max(1, (crow.numel() - 1) * (x.shape[-1] // bk))
         out = base | {"out": int((crow.numel() - 1) * bm), "block": [int(bm), int(bk)], "density": density}
         if len(args) > 5 and args[5] is not None:
-            out |= {"quant": "int4" if blocks.dtype == torch.uint8 else "int8", "group_size": bk // args[5].shape[2]}
+            out |= {"quant": quant_of(blocks), "group_size": bk // args[5].shape[2]}
         return out
     return None

@@ -78,7 +78,13 @@ def check_quant_blocks(blocks: torch.Tensor, scales, zeros, bk: int | None = Non
     if not isinstance(scales, torch.Tensor):
         raise TypeError(f"scales: expected torch.Tensor for {q.quant_of(blocks)} blocks, got {type(scales).__name__}")
     groups = scales.shape[2] if scales.dim() == 3 else 0
-    if scales.dim() != 3 or tuple(scales.shape[:2]) != (nnz, bm) or not groups or bk % groups or bk // groups % 8:
+    if (
+        scales.dim() != 3
+        or tuple(scales.shape[:2]) != (nnz, bm)
+        or not groups
+        or bk % groups
+        or bk // groups % GROUP_STEP
+    ):
         raise ValueError(
             f"scales: expected shape ({nnz}, {bm}, groups) with groups dividing the block width {bk} into runs "
             f"of a multiple of 8 columns, got {tuple(scales.shape)}"
@@ -265,15 +271,21 @@ class BlockSparseWeight:
         weight = cls(crow, cols.to(torch.int32), blocks, (out, k))
         return weight if quant is None else weight.quantize(quant, group_size, symmetric)
 
-    def quantize(self, quant: str, group_size: int = 0, symmetric: bool = True) -> BlockSparseWeight:
+    def quantize(
+        self, quant: str, group_size: int = 0, symmetric: bool = True, *, scale=None, zero=None
+    ) -> BlockSparseWeight:
         """This weight with its blocks rounded to ``quant`` (round to nearest), one scale per
-        ``group_size`` columns of each stored block row (0: one per block row), in the blocks' dtype."""
+        ``group_size`` columns of each stored block row (0: one per block row), in the blocks' dtype.
+        ``scale`` / ``zero`` (fp32 ``[nnz, bm, groups]``): round onto this grid instead of each
+        group's own range (blocks already on it come back exactly)."""
         q.check_quant(quant)
         if self.quant is not None:
             raise ValueError(f"quant: this weight is already {self.quant}")
         nnz, bm, bk = self.blocks.shape
         groups = check_group_size(group_size, bk)
-        values, scales, zeros = q.quantize(self.blocks.reshape(nnz * bm, bk), quant, groups, symmetric)
+        if scale is not None:
+            scale, zero = scale.reshape(nnz * bm, groups), zero.reshape(nnz * bm, groups)
+        values, scales, zeros = q.quantize(self.blocks.reshape(nnz * bm, bk), quant, groups, symmetric, scale, zero)
         return BlockSparseWeight(
             self.crow_indices, self.col_indices, values.view(nnz, bm, values.shape[1]), self.shape,
             scales.view(nnz, bm, groups), None if zeros is None else zeros.view(nnz, bm, groups),

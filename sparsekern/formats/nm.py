@@ -192,18 +192,22 @@ class NMSparseWeight:
         weight = cls._from_dense(dense, n, m, prune)
         return weight if quant is None else weight.quantize(quant, group_size, symmetric, act_block)
 
-    def quantize(self, quant: str, group_size: int = 0, symmetric: bool = True, act_block: int = 0) -> NMSparseWeight:
+    def quantize(
+        self, quant: str, group_size: int = 0, symmetric: bool = True, act_block: int = 0, *, scale=None, zero=None
+    ) -> NMSparseWeight:
         """This weight with its kept values rounded to ``quant`` (round to nearest), one scale per
         ``group_size`` dense columns of a row (0: per row), in the values' dtype. ``act_block``
         (e.g. 32): the op also rounds x to int8 per block of that many columns, so the products
-        are integer dot products (faster where the CPU has VNNI; see docs/DESIGN.md)."""
+        are integer dot products (faster where the CPU has VNNI; see docs/DESIGN.md).
+        ``scale`` / ``zero`` (fp32 ``[out, groups]``): round onto this grid instead of each group's
+        own range (values already on it, from a pruner that rounded as it went, come back exactly)."""
         q.check_quant(quant)
         if self.quant is not None:
             raise ValueError(f"quant: this weight is already {self.quant}")
         groups = q.groups_of(group_size, self.shape[1], self.m)
         if quant == "int4" and self.values.shape[1] % 2:
             raise ValueError(f"quant: int4 packs kept weights in pairs; {self.values.shape[1]} kept per row is odd")
-        values, scales, zeros = q.quantize(self.values, quant, groups, symmetric)
+        values, scales, zeros = q.quantize(self.values, quant, groups, symmetric, scale, zero)
         return NMSparseWeight(values, self.meta, self.n, self.m, self.shape, scales, zeros, group_size, act_block)
 
     @classmethod

@@ -65,18 +65,13 @@ def pack_linear(mod: nn.Module, dtype: torch.dtype) -> tuple[list, list[int]] | 
     def flat(t):
         return None if t is None else t.detach().contiguous()
 
+    # Quantized: the integers are a buffer, the scales a parameter, zeros a buffer if any.
+    scales, zeros, bias = flat(p.get("scales")), flat(b.get("zeros")), flat(p.get("bias"))
+    name = "values" if mod.block is None else "blocks"
+    weight = flat(b[name] if scales is not None else p[name])
     if mod.block is None:
-        scales = p.get("scales")
-        values = b["values"] if scales is not None else p["values"]
-        zeros = b.get("zeros") if scales is not None else None
-        tensors = [flat(values), flat(b["meta"]), flat(p.get("bias")), flat(scales), flat(zeros), None]
-        return tensors, [_NM, mod.n, mod.m, mod.group_size, mod.act_block]
-    scales = p.get("scales")
-    blocks = b["blocks"] if scales is not None else p["blocks"]
-    zeros = b.get("zeros") if scales is not None else None
-    tensors = [flat(b["crow_indices"]), flat(b["col_indices"]), flat(blocks), flat(p.get("bias")), flat(scales),
-               flat(zeros)]  # fmt: skip
-    return tensors, [_BSR, 0, 0, 0, 0]
+        return [weight, flat(b["meta"]), bias, scales, zeros, None], [_NM, mod.n, mod.m, mod.group_size, mod.act_block]
+    return [flat(b["crow_indices"]), flat(b["col_indices"]), weight, bias, scales, zeros], [_BSR, 0, 0, 0, 0]
 
 
 def head_weight(lm_head: nn.Module) -> torch.Tensor | None:

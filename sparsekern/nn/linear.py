@@ -66,14 +66,10 @@ class SparseLinear(nn.Module):
         self.out_features, self.in_features = (int(s) for s in weight.shape)
         self.group_size = self.act_block = 0
         if isinstance(weight, NMSparseWeight) and weight.quant is not None:
-            # Quantized: the integer values are a buffer (no gradients, Module.to(dtype) leaves
-            # them alone); the scales carry the layer's floating dtype.
-            self.n, self.m, self.block, self.group_size = weight.n, weight.m, None, weight.group_size
-            self.act_block = weight.act_block
+            self.n, self.m, self.block, self.act_block = weight.n, weight.m, None, weight.act_block
             self.register_buffer("values", weight.values.detach())
             self.register_buffer("meta", weight.meta.detach())
-            self.scales = nn.Parameter(weight.scales.detach(), requires_grad=False)
-            self.register_buffer("zeros", None if weight.zeros is None else weight.zeros.detach())
+            self._hold_scales(weight)
         elif isinstance(weight, NMSparseWeight):
             self.n, self.m, self.block = weight.n, weight.m, None
             self.values = nn.Parameter(weight.values.detach(), requires_grad=requires_grad)
@@ -85,11 +81,9 @@ class SparseLinear(nn.Module):
             self.register_buffer("col_indices", weight.col_indices.detach())
             if weight.quant is None:
                 self.blocks = nn.Parameter(weight.blocks.detach(), requires_grad=requires_grad)
-            else:  # as quantized N:M values above: integers in a buffer, the dtype in the scales
-                self.group_size = weight.group_size
+            else:
                 self.register_buffer("blocks", weight.blocks.detach())
-                self.scales = nn.Parameter(weight.scales.detach(), requires_grad=False)
-                self.register_buffer("zeros", None if weight.zeros is None else weight.zeros.detach())
+                self._hold_scales(weight)
         if bias is not None:
             if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (self.out_features,):
                 got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
@@ -97,6 +91,13 @@ class SparseLinear(nn.Module):
             bias = nn.Parameter(bias.detach().to(device=weight.device, dtype=weight.dtype), requires_grad=requires_grad)
         self.bias = bias
         self.dense_fallback = dense_fallback
+
+    def _hold_scales(self, weight: NMSparseWeight | BlockSparseWeight) -> None:
+        """A quantized weight's scales and zeros. Its integers are a buffer (no gradients,
+        ``Module.to(dtype)`` leaves them alone); the scales, a parameter, carry the layer's dtype."""
+        self.group_size = weight.group_size
+        self.scales = nn.Parameter(weight.scales.detach(), requires_grad=False)
+        self.register_buffer("zeros", None if weight.zeros is None else weight.zeros.detach())
 
     @property
     def dense_fallback(self) -> bool:

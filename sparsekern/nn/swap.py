@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from sparsekern import hugepages
+from sparsekern.formats.bsr import GROUP_STEP
 from sparsekern.formats.nm import SUPPORTED_DTYPES
 from sparsekern.formats.quant import check_quant
 from sparsekern.nn.dense_head import head_module, use_dense_head
@@ -49,8 +50,13 @@ def _fits(
         return f"{quant} values are implemented for N:M and block patterns only"
     if quant is not None and pat.kind == "block" and act_block:
         return "int8 activations (act_block) are implemented for N:M patterns only"
-    if quant is not None and pat.kind == "block" and group_size and (pat.block[1] % group_size or group_size % 8):
-        return f"group_size {group_size} is not a multiple of 8 that divides the block width {pat.block[1]}"
+    if (
+        quant is not None
+        and pat.kind == "block"
+        and group_size
+        and (pat.block[1] % group_size or group_size % GROUP_STEP)
+    ):
+        return f"group_size {group_size} is not a multiple of {GROUP_STEP} that divides the block width {pat.block[1]}"
     if quant is not None and act_block and k % act_block:
         return f"act_block {act_block} does not divide in_features {k}"
     if quant is not None and pat.kind == "nm" and group_size and (k % group_size or group_size % pat.m):

@@ -125,37 +125,24 @@ def prune_quantized(
     pruned, _, scale, zero = sparsegpt_prune(
         weight, pattern, hessian, blocksize=blocksize, percdamp=percdamp, quant=grid
     )
-    if pattern.kind == "block":
-        return _blocks_on_grid(pruned, tuple(pattern.block), quant, symmetric, scale, zero)
-    sparse = NMSparseWeight.from_dense(pruned, pattern.n, pattern.m)
     # The kept weights already lie on the grid: their integers are recovered exactly.
-    values, scales, zeros = qfmt.quantize(sparse.values, quant, scale.shape[1], symmetric, scale, zero)
-    return NMSparseWeight(values, sparse.meta, pattern.n, pattern.m, sparse.shape, scales, zeros, group_size)
+    if pattern.kind == "block":
+        sparse = BlockSparseWeight.from_dense(pruned, tuple(pattern.block))
+        return sparse.quantize(
+            quant, group_size, symmetric, scale=_of_blocks(sparse, scale), zero=_of_blocks(sparse, zero)
+        )
+    sparse = NMSparseWeight.from_dense(pruned, pattern.n, pattern.m)
+    return sparse.quantize(quant, group_size, symmetric, scale=scale, zero=zero)
 
 
-def _blocks_on_grid(pruned, block, quant, symmetric, scale, zero):
-    """The kept blocks of ``pruned`` (already on the grid ``scale`` / ``zero`` fp32 ``[out, K /
-    group]``, groups inside blocks) as a quantized BlockSparseWeight: integers recovered exactly."""
-    from sparsekern.formats import quant as qfmt
-    from sparsekern.formats.bsr import BlockSparseWeight
-
-    sparse = BlockSparseWeight.from_dense(pruned, block)
-    (bm, bk), (out, k) = block, pruned.shape
-    nnz, per = sparse.nnz_blocks, bk // (k // scale.shape[1])  # groups per block row
-    rb = torch.repeat_interleave(
-        torch.arange(out // bm, device=pruned.device), (sparse.crow_indices[1:] - sparse.crow_indices[:-1]).long()
-    )
-    cb = sparse.col_indices.long()
-
-    def pick(t):  # [out, K / group] -> the stored blocks' [nnz * bm, per]
-        return t.reshape(out // bm, bm, k // bk, per)[rb, :, cb].reshape(nnz * bm, per)
-
-    values, scales, zeros = qfmt.quantize(sparse.blocks.reshape(nnz * bm, bk), quant, per, symmetric, pick(scale),
-                                          pick(zero))  # fmt: skip
-    return BlockSparseWeight(
-        sparse.crow_indices, sparse.col_indices, values.view(nnz, bm, values.shape[1]), sparse.shape, scales.view(nnz, bm, per),
-        None if zeros is None else zeros.view(nnz, bm, per),
-    )  # fmt: skip
+def _of_blocks(sparse, grid: torch.Tensor) -> torch.Tensor:
+    """A dense-column grid ``[out, K / group]`` (groups inside blocks) cut to the stored blocks'
+    ``[nnz, bm, bk / group]``, the layout of their scales."""
+    (bm, bk), (out, k) = sparse.block, sparse.shape
+    per = bk // (k // grid.shape[1])  # groups per block row
+    crow = sparse.crow_indices.long()
+    rb = torch.repeat_interleave(torch.arange(out // bm, device=grid.device), crow[1:] - crow[:-1])
+    return grid.reshape(out // bm, bm, k // bk, per)[rb, :, sparse.col_indices.long()]
 
 
 __all__ = [
