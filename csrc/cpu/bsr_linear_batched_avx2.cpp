@@ -147,7 +147,7 @@ SK_AVX2 inline __m256 dequant8(const BSRLinearArgs& a, int64_t row, int kk) {
                          _mm256_set1_epi32(15));
   }
   const int64_t g = row * a.groups + kk / (a.bk / a.groups);
-  const float zero = a.zeros ? a.zeros[g] : a.qbits == 4 ? 8.0f : 0.0f;
+  const float zero = static_cast<float>(a.zeros ? a.zeros[g] : symmetric_zero(a.qbits));
   const float scale = Elem<T>::load(static_cast<const typename Elem<T>::type*>(a.scales)[g]);
   return _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(q), _mm256_set1_ps(zero)), _mm256_set1_ps(scale));
 }

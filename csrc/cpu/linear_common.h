@@ -40,25 +40,29 @@ struct NMLinearArgs {
   int64_t act_block = 0;
 };
 
+// Element i (row-major, rows of an even count when int4) of quantized integers: int8, or int4
+// two per byte, element 2j in the low nibble, 2j+1 in the high one (unsigned).
+inline int stored_int(const void* values, int qbits, int64_t i) {
+  if (qbits == 8) return static_cast<const int8_t*>(values)[i];
+  const uint8_t v = static_cast<const uint8_t*>(values)[i / 2];
+  return (i & 1) ? v >> 4 : v & 15;
+}
+
+// The zero point of a symmetric quantized weight: 0 for int8, 8 for int4.
+inline int symmetric_zero(int qbits) { return qbits == 4 ? 8 : 0; }
+
 // The scale and zero of group g of row o of a quantized weight.
 inline float nm_scale(const NMLinearArgs& a, int64_t o, int64_t g) { return load_f32(a.scales, o * a.groups + g, a.dtype); }
 inline int nm_zero(const NMLinearArgs& a, int64_t o, int64_t g) {
-  return a.zeros ? a.zeros[o * a.groups + g] : (a.qbits == 4 ? 8 : 0);
+  return a.zeros ? a.zeros[o * a.groups + g] : symmetric_zero(a.qbits);
 }
 
 // Kept weight j of row o as fp32, whatever the storage (scalar: portable paths and tails).
 inline float nm_weight(const NMLinearArgs& a, int64_t o, int64_t j) {
   const int64_t kept = a.k / a.m * a.n;
   if (a.qbits == 0) return load_f32(a.values, o * kept + j, a.dtype);
-  int q;
-  if (a.qbits == 8) {
-    q = static_cast<const int8_t*>(a.values)[o * kept + j];
-  } else {
-    const uint8_t b = static_cast<const uint8_t*>(a.values)[o * (kept / 2) + j / 2];
-    q = (j & 1) ? b >> 4 : b & 15;
-  }
   const int64_t g = j / a.group_kept;
-  return static_cast<float>(q - nm_zero(a, o, g)) * nm_scale(a, o, g);
+  return static_cast<float>(stored_int(a.values, a.qbits, o * kept + j) - nm_zero(a, o, g)) * nm_scale(a, o, g);
 }
 
 // Same for a BSR weight: crow [out/bm + 1], col [nnz], blocks [nnz, bm, bk].
@@ -90,16 +94,9 @@ struct BSRLinearArgs {
 inline float bsr_weight(const BSRLinearArgs& a, int64_t b, int i, int c) {
   const int64_t row = b * a.bm + i;  // the stored block row
   if (a.qbits == 0) return load_f32(a.blocks, row * a.bk + c, a.dtype);
-  int q;
-  if (a.qbits == 8) {
-    q = static_cast<const int8_t*>(a.blocks)[row * a.bk + c];
-  } else {
-    const uint8_t v = static_cast<const uint8_t*>(a.blocks)[row * (a.bk / 2) + c / 2];
-    q = (c & 1) ? v >> 4 : v & 15;
-  }
   const int64_t g = row * a.groups + c / (a.bk / a.groups);
-  const int zero = a.zeros ? a.zeros[g] : (a.qbits == 4 ? 8 : 0);
-  return static_cast<float>(q - zero) * load_f32(a.scales, g, a.dtype);
+  const int zero = a.zeros ? a.zeros[g] : symmetric_zero(a.qbits);
+  return static_cast<float>(stored_int(a.blocks, a.qbits, row * a.bk + c) - zero) * load_f32(a.scales, g, a.dtype);
 }
 
 }  // namespace sparsekern
