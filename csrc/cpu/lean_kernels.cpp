@@ -126,42 +126,38 @@ inline __attribute__((always_inline)) void attention_head(const float* q, const 
   const int64_t d = s.head_dim, n = s.pos + 1, group = s.heads / s.kv_heads;
   float* p = scratch;
   float* acc = scratch + n;
-  {
-    {
-      const int64_t g = h / group;
-      const float* qh = q + (r * s.heads + h) * d;
-      const E* k = kc + (r * s.kv_heads + g) * s.max_len * d;
-      const E* v = vc + (r * s.kv_heads + g) * s.max_len * d;
-      float mx = -INFINITY;
-      for (int64_t t = 0; t < n; ++t) {
-        const E* kt = k + t * d;
-        float dot = 0.0f;
+  const int64_t g = h / group;
+  const float* qh = q + (r * s.heads + h) * d;
+  const E* k = kc + (r * s.kv_heads + g) * s.max_len * d;
+  const E* v = vc + (r * s.kv_heads + g) * s.max_len * d;
+  float mx = -INFINITY;
+  for (int64_t t = 0; t < n; ++t) {
+    const E* kt = k + t * d;
+    float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-        for (int64_t i = 0; i < d; ++i) dot += qh[i] * Elem<T>::load(kt[i]);
-        p[t] = dot * scale;
-        mx = std::max(mx, p[t]);
-      }
-      float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t t = 0; t < n; ++t) {
-        p[t] = fast_exp(p[t] - mx);
-        sum += p[t];
-      }
-      std::fill(acc, acc + d, 0.0f);
-      for (int64_t t = 0; t < n; ++t) {
-        const E* vt = v + t * d;
-        // ATen's CPU flash attention rounds the probabilities to T for its p @ V product (their
-        // sum stays fp32): so does this, else ~1/3 of a bf16 block's outputs differ by an ulp.
-        const float pt = round_to<T>(p[t]);
-#pragma omp simd
-        for (int64_t i = 0; i < d; ++i) acc[i] += pt * Elem<T>::load(vt[i]);
-      }
-      const float inv = 1.0f / sum;
-      E* o = out + (r * s.heads + h) * d;
-#pragma omp simd
-      for (int64_t i = 0; i < d; ++i) o[i] = Elem<T>::store(acc[i] * inv);
-    }
+    for (int64_t i = 0; i < d; ++i) dot += qh[i] * Elem<T>::load(kt[i]);
+    p[t] = dot * scale;
+    mx = std::max(mx, p[t]);
   }
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t t = 0; t < n; ++t) {
+    p[t] = fast_exp(p[t] - mx);
+    sum += p[t];
+  }
+  std::fill(acc, acc + d, 0.0f);
+  for (int64_t t = 0; t < n; ++t) {
+    const E* vt = v + t * d;
+    // ATen's CPU flash attention rounds the probabilities to T for its p @ V product (their
+    // sum stays fp32): so does this, else ~1/3 of a bf16 block's outputs differ by an ulp.
+    const float pt = round_to<T>(p[t]);
+#pragma omp simd
+    for (int64_t i = 0; i < d; ++i) acc[i] += pt * Elem<T>::load(vt[i]);
+  }
+  const float inv = 1.0f / sum;
+  E* o = out + (r * s.heads + h) * d;
+#pragma omp simd
+  for (int64_t i = 0; i < d; ++i) o[i] = Elem<T>::store(acc[i] * inv);
 }
 
 #define SK_LEAN_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
@@ -191,15 +187,14 @@ void attention_chunk(const float* q, const void* kcv, const void* vcv, const Att
 
 template <DType T>
 void attention_t(const float* q, const void* kcv, const void* vcv, const AttnShape& s, float scale, int threads,
-                 void* outv) {
+                 float* scratch, void* outv) {
   const int64_t per = s.pos + 1 + s.head_dim;
-  std::vector<float> scratch(per * std::max(threads, 1));
   const bool wide = active_isa() >= Isa::kAvx512;
   parallel_for(s.rows * s.heads, threads, [&](int64_t rh, int slot) {
     if (wide) {
-      attention_chunk_avx512<T>(q, kcv, vcv, s, scale, scratch.data(), per, rh, slot, outv);
+      attention_chunk_avx512<T>(q, kcv, vcv, s, scale, scratch, per, rh, slot, outv);
     } else {
-      attention_chunk<T>(q, kcv, vcv, s, scale, scratch.data(), per, rh, slot, outv);
+      attention_chunk<T>(q, kcv, vcv, s, scale, scratch, per, rh, slot, outv);
     }
   });
 }
@@ -251,8 +246,8 @@ void rotary_kv(const void* qkv, const void* cos, const void* sin, const AttnShap
 }
 
 void attention(const float* q, const void* k_cache, const void* v_cache, const AttnShape& s, float scale, DType t,
-               int threads, void* out) {
-  SK_LEAN_DISPATCH(t, attention_t, q, k_cache, v_cache, s, scale, threads, out)
+               int threads, float* scratch, void* out) {
+  SK_LEAN_DISPATCH(t, attention_t, q, k_cache, v_cache, s, scale, threads, scratch, out)
 }
 
 void silu_mul(const void* gu, int64_t rows, int64_t inter, DType t, void* out) {

@@ -33,9 +33,10 @@ void rotary_kv(const void* qkv, const void* cos, const void* sin, const AttnShap
 
 // Single-query attention of q [rows, heads * head_dim] (fp32) over cache positions 0..pos, GQA
 // (heads / kv_heads query heads per KV head), fp32 scores and softmax; out [rows, heads *
-// head_dim] in t. The rows x heads query heads are split over `threads`.
+// head_dim] in t. The rows x heads query heads are split over `threads`; scratch: at least
+// threads * (pos + 1 + head_dim) floats.
 void attention(const float* q, const void* k_cache, const void* v_cache, const AttnShape& s, float scale, DType t,
-               int threads, void* out);
+               int threads, float* scratch, void* out);
 
 // out = silu(gate) * up for gu [rows, 2 * inter] = [gate | up]; out [rows, inter]. silu(gate) is
 // rounded to t before the product (the Python step's two ops).

@@ -273,8 +273,8 @@ at::Tensor lean_step_cpu(const at::Tensor& tokens, int64_t pos, const at::Tensor
   const at::Tensor xn = at::empty({b, dim}, embed.options());  // normed h: qkv's and gate_up's input
   const at::Tensor attn = at::empty({b, widest}, embed.options());
   const at::Tensor act_buf = at::empty({b, widest_inter}, embed.options());  // silu(gate) * up
-  std::vector<float> q(b * widest);
   const int threads = at::get_num_threads();
+  std::vector<float> q(b * widest), scratch(threads * (max_len + d));  // attention's, per thread
   at::Tensor y;  // the last linear's output, added to h by the next norm
   for (int64_t i = 0; i < nb; ++i) {
     const Block& B = blocks[i];
@@ -288,7 +288,7 @@ at::Tensor lean_step_cpu(const at::Tensor& tokens, int64_t pos, const at::Tensor
     // Threads by the work, as the linears' decode (parallel.h decode_threads).
     const int att_threads = decode_threads(threads, b * B.heads * (pos + 1) * d * 2);
     lean::attention(q.data(), k_cache[i].const_data_ptr(), v_cache[i].const_data_ptr(), shape,
-                    static_cast<float>(scale), t, att_threads, attn.data_ptr());
+                    static_cast<float>(scale), t, att_threads, scratch.data(), attn.data_ptr());
     y = run_linear(B.lin[1], a).contiguous();
     lean::add_rms_norm(h.data_ptr(), y.const_data_ptr(), norms[2 * i + 1].const_data_ptr(),
                        static_cast<float>(eps[2 * i + 1]), b, dim, t, xn.data_ptr());
