@@ -6,6 +6,7 @@ For the Llama-7B linear shapes (out x K) and 1, 4, 16, 4096 rows of bf16 x, time
   - dense    F.linear(x, W)                                          (cuBLAS)
   - semi24   F.linear(x, to_sparse_semi_structured(W_2:4))           (torch 2:4, where it runs)
   - triton   the sparsekern Triton kernels: 2:4, 1:4, 2:8, block 64x64 at 90 %
+  - cuda 2:4 the sparsekern mma.sp kernel (where the extension was built with CUDA)
 Every sparse result is checked against F.linear on the same (masked) weight before timing.
 Times are CUDA-event medians with 20/80 % quantiles of interleaved repetitions, each a CUDA
 graph of CALLS calls (decode is launch-bound otherwise; real decoders replay graphs too) that
@@ -183,6 +184,17 @@ def bench_case(name, out_f, k, rows, bw_gbs) -> list[dict]:
                 moved["semi24"] = ws[0].nbytes()
             except Exception as exc:  # noqa: BLE001
                 errors["semi24"] = f"{type(exc).__name__}: {exc}"
+            try:  # the CUDA mma.sp kernel, where the extension was built with CUDA
+                from sparsekern.backends import cuda as cuda_backend
+
+                if cuda_backend.has_kernel():
+                    hw = [cuda_backend.hw_weight(w.values, w.meta) for w in ws]
+                    mma = torch.ops.sparsekern._nm24_mma
+                    checks["cuda 2:4"] = _max_rel_err(mma(x, *hw[0], out_f, None), ref)
+                    fns["cuda 2:4"] = _rotating(lambda i, hw=hw, mma=mma: lambda: mma(x, *hw[i], out_f, None), copies)
+                    moved["cuda 2:4"] = ws[0].nbytes()
+            except Exception as exc:  # noqa: BLE001
+                errors["cuda 2:4"] = f"{type(exc).__name__}: {exc}"
     times = time_fns(fns)
     rows_out = []
     flops = 2 * rows * out_f * k

@@ -56,3 +56,19 @@ def test_setup_ships_every_subpackage():
         if "__pycache__" not in p.parts
     }
     assert found <= listed, f"setup.py packages: missing {sorted(found - listed)}"
+
+
+def test_gpu_build_compiles_what_setup_compiles():
+    """bench/gpu_build.py (the lent GPU machine's build, without pip) globs the same sources and
+    passes the same flags as setup.py, so the GPU runs test the extension users build."""
+    setup, build = (ROOT / "setup.py").read_text(), (ROOT / "bench" / "gpu_build.py").read_text()
+    for glob in ('"csrc/module.cpp"', '"csrc/cpu/*.cpp"', '"csrc/cuda/*.cu"'):
+        assert glob in setup and glob in build, glob
+    for flag in ('"-O3"', '"-std=c++17"', '"-DSPARSEKERN_TORCH"', '"-fopenmp"', '"-lineinfo"'):
+        assert flag in setup and flag in build, flag
+
+
+def test_gpu_session_script_parses():
+    import subprocess
+
+    subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_session.sh")], check=True)
