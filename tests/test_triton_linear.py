@@ -235,10 +235,18 @@ else:
         fin = torch.isfinite(ref)
         torch.testing.assert_close(out[fin].float(), ref[fin], rtol=1e-2, atol=1e-2)
 
+    @pytest.fixture(params=[256, 16], ids=["chunk256", "chunk16"])
+    def chunk_cols(request, monkeypatch):
+        """Columns per program of the NaN/Inf pass: one chunk for these widths, or several."""
+        from sparsekern.kernels import nonfinite
+
+        monkeypatch.setattr(nonfinite, "CHUNK_COLS", request.param)
+        return request.param
+
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     @pytest.mark.parametrize("rows", (1, 3, 21))  # gemv, gemv + split-K, tensor-core kernel
     @pytest.mark.parametrize("nm", [(2, 4), (3, 8)], ids=["2:4", "3:8"])
-    def test_nm_nonfinite_like_dense(no_host_scan, nm, rows, dtype):
+    def test_nm_nonfinite_like_dense(no_host_scan, chunk_cols, nm, rows, dtype):
         n, m = nm
         w = sk.NMSparseWeight.from_dense(torch.randn(36, m * 30), n=n, m=m, prune=True).to(dtype)
         w.values[5, :3] = 0  # stored zeros: 0 * inf = nan there, too
@@ -250,7 +258,7 @@ else:
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     @pytest.mark.parametrize("rows", (1, 21))
     @pytest.mark.parametrize("block", [(16, 16), (48, 24)], ids=["16x16", "48x24"])
-    def test_bsr_nonfinite_like_dense(no_host_scan, block, rows, dtype):
+    def test_bsr_nonfinite_like_dense(no_host_scan, chunk_cols, block, rows, dtype):
         bm, bk = block
         w = sk.BlockSparseWeight.from_dense(torch.randn(bm * 4, bk * 6), block=block, sparsity=0.6).to(dtype)
         x = _nonfinite_x(rows, bk * 6, dtype)

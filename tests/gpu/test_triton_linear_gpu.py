@@ -117,3 +117,29 @@ def test_bsr_every_config(rows):
     for cfg in kb.bsr_configs(rows_bucket(rows), 64, 64, 2):
         out = kb.bsr_linear(x, w.crow_indices, w.col_indices, w.blocks, b, config=cfg)
         assert_matches_reference(out, ref32, same, f"bsr_linear config {cfg}")
+
+
+@pytest.mark.parametrize("rows", (1, 5, 300))
+@pytest.mark.parametrize("kind", ["2:4", "block64x64"])
+def test_nonfinite_like_dense_llama(kind, rows):
+    """NaN/Inf in x give NaN/Inf exactly where dense F.linear does, at a Llama width where the
+    NaN pass (kernels/nonfinite.py) spreads x over many column chunks: first, middle, last chunk."""
+    out_f, k = 4096, 11008
+    dense = torch.randn(out_f, k, device="cuda")
+    if kind == "2:4":
+        w = sk.NMSparseWeight.from_dense(dense, n=2, m=4, prune=True).to(torch.bfloat16)
+        run = sk.ops.nm_linear
+    else:
+        w = sk.BlockSparseWeight.from_dense(dense, block=(64, 64), sparsity=0.9).to(torch.bfloat16)
+        run = sk.ops.bsr_linear
+    x = torch.randn(rows, k, device="cuda")
+    x[0, 1], x[rows - 1, k - 2], x[rows // 2, k // 2] = float("nan"), float("inf"), -float("inf")
+    x[rows // 2, 5000:5100] = float("inf")  # a run that covers kept and pruned columns alike
+    x = x.to(torch.bfloat16)
+    with sk.use_backend("triton"):
+        out = run(x, w)
+    ref = F.linear(x.float(), w.to_dense().float())
+    assert torch.equal(out.isnan(), ref.isnan()), f"NaN at {out.isnan().sum()} outputs, dense {ref.isnan().sum()}"
+    assert torch.equal(out.isinf(), ref.isinf())
+    fin = torch.isfinite(ref)
+    torch.testing.assert_close(out[fin].float(), ref[fin], rtol=2e-2, atol=2e-1)
