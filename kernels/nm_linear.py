@@ -54,6 +54,10 @@ def nm_gemv_configs(rows_bucket: int) -> list[triton.Config]:
     return [
         triton.Config({"BLOCK_N": 32, "BLOCK_J": per_row // 32}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_N": 16, "BLOCK_J": per_row // 16}, num_warps=4, num_stages=4),
+        # Narrow tiles: twice to four times the programs. Fastest of 9 configs at 1 row on an H200
+        # (bench/gpu_sweep.py, 2026-11-27): 20-46 us against 28-80 us for the two above.
+        triton.Config({"BLOCK_N": 8, "BLOCK_J": per_row // 8}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_N": 8, "BLOCK_J": per_row // 16}, num_warps=2, num_stages=3),
     ]
 
 
