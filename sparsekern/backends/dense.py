@@ -1,4 +1,5 @@
-"""The dense fallback: ``F.linear`` with the decompressed weight, decompressed once per weight.
+"""The dense fallback: ``F.linear`` with the decompressed weight, decompressed once per weight;
+for ``pruned_attention``, torch's SDPA on the gathered keys.
 
 This is what a swapped layer runs where no sparse kernel beats the dense layer it replaced by
 ``dispatch.MARGIN`` (5%): the same GEMM as ``nn.Linear``, so the layer is never slower than dense
@@ -145,7 +146,24 @@ def _release_bsr(x, crow, col, blocks, *rest) -> None:
     _drop(id(blocks))
 
 
+def pruned_attention(q, k, v, keep_idx, causal: bool = False, scale=None):
+    """torch's own attention on the kept keys: gather them, then ``F.scaled_dot_product_attention``
+    (flash / memory-efficient kernels on a GPU). What a user writes without sparsekern, and the
+    yardstick a sparse attention kernel must beat by ``dispatch.MARGIN``. Causal masks go in as a
+    boolean ``attn_mask``; a query that sees no kept key gets a zero row, as the op's contract says
+    (SDPA would give NaN there)."""
+    idx = keep_idx.unsqueeze(-1).expand(-1, -1, -1, q.shape[-1])
+    kk, vv = torch.gather(k, 2, idx), torch.gather(v, 2, idx)
+    if not causal:
+        return F.scaled_dot_product_attention(q, kk, vv, scale=scale)
+    qpos = torch.arange(q.shape[2], device=q.device).view(1, 1, -1, 1) + (k.shape[2] - q.shape[2])
+    seen = keep_idx.unsqueeze(-2) <= qpos  # [B, H, Sq, kept]
+    out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=seen, scale=scale)
+    return out.masked_fill(~seen.any(-1, keepdim=True), 0.0)
+
+
 dispatch.register("nm_linear", "dense", nm_linear, release=_release_nm, nonfinite_exact=True)
 plan.register_hook("nm_linear", "dense", _plan_nm)
 dispatch.register("bsr_linear", "dense", bsr_linear, release=_release_bsr, nonfinite_exact=True)
 plan.register_hook("bsr_linear", "dense", _plan_bsr)
+dispatch.register("pruned_attention", "dense", pruned_attention, nonfinite_exact=True)

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import assert_matches_reference
+from test_attention_dense import plain_attention
 from triton_aot import gpu_skip_reason
 
 import sparsekern as sk
@@ -52,6 +53,22 @@ def test_pruned_attention_gpu(shape, causal, dtype):
     same = _torch_attention(q, k, v, keep, causal)
     assert_matches_reference(out, ref, same, f"{shape} {dtype}", magnitude=mag, rounded_terms=dtype != torch.float32)
     torch.testing.assert_close(scores, ref_scores, atol=2e-3 if dtype != torch.float32 else 1e-5, rtol=0.05)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_dense_pruned_attention_gpu(shape, causal, dtype):
+    """The gather + SDPA yardstick (backends/dense.py) on the GPU's flash / efficient kernels."""
+    q, k, v, keep = _inputs(*shape, dtype)
+    with sk.use_backend("dense"):
+        out = sk.ops.pruned_attention(q, k, v, keep, causal=causal)
+    f32 = [t.float() for t in (q, k, v)]
+    ref = reference.pruned_attention(*f32, keep, causal)
+    mag = reference.pruned_attention(*f32[:2], f32[2].abs(), keep, causal)
+    same = plain_attention(q, k, v, keep, causal)  # softmax(QK^T)V in q's dtype: an independent yardstick
+    low = dtype != torch.float32
+    assert_matches_reference(out, ref, same, f"dense {shape} {dtype}", magnitude=mag, rounded_terms=low)
 
 
 @pytest.mark.parametrize("mode", ["full", "causal", "cls"])
