@@ -75,7 +75,8 @@ class Impl:
     fn: Callable
     supports: Supports
     # Off-by-default paths (GPU kernels that never passed on a real GPU) run only when forced.
-    auto: bool = True
+    # A callable takes the op's arguments: auto on some devices only (True / False otherwise).
+    auto: bool | Callable[..., bool] = True
     # Called with the op's arguments when this backend lost a measurement on them, so it can drop
     # per-weight state (the dense fallback's decompressed copy).
     release: Callable | None = None
@@ -126,7 +127,7 @@ def register(
     backend: str,
     fn: Callable,
     supports: Supports = _always,
-    auto: bool = True,
+    auto: bool | Callable[..., bool] = True,
     release: Callable | None = None,
     nonfinite_exact: bool = False,
 ) -> None:
@@ -181,7 +182,11 @@ def use_backend(name: str) -> Iterator[None]:
 def candidates(op: str, *args) -> list[Impl]:
     """Auto-enabled implementations of ``op`` that can run ``args``, in AUTO_ORDER."""
     impls = _registry.get(op, {})
-    return [impls[b] for b in AUTO_ORDER if b in impls and impls[b].auto and impls[b].supports(*args) is None]
+    return [impls[b] for b in AUTO_ORDER if b in impls and _auto(impls[b], args) and impls[b].supports(*args) is None]
+
+
+def _auto(impl: Impl, args: tuple) -> bool:
+    return impl.auto(*args) if callable(impl.auto) else impl.auto
 
 
 # -- shape buckets and the on-disk cache (sparsekern/dispatch_cache.py) -----------------------

@@ -52,9 +52,7 @@ def gather() -> dict[str, object]:
         "pruned_attention",
     ):
         impls = dispatch.implementations(op)
-        info[f"backends.{op}"] = ", ".join(
-            name + ("" if impl.auto else " (off by default)") for name, impl in sorted(impls.items())
-        )
+        info[f"backends.{op}"] = ", ".join(name + _auto_note(impl) for name, impl in sorted(impls.items()))
     info["backend in force"] = dispatch.current_backend()
     # What the dense fallback holds for this process's layers (a fresh `sparsekern info`: none).
     info["dense copies"] = f"{dense_copy_bytes()} bytes"
@@ -65,3 +63,9 @@ def render() -> str:
     rows = gather()
     width = max(len(k) for k in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows.items())
+
+
+def _auto_note(impl) -> str:
+    if callable(impl.auto):  # auto for some arguments only, e.g. backends.triton.on_cuda
+        return f" (auto: {impl.auto.__name__})"
+    return "" if impl.auto else " (off by default)"
