@@ -75,7 +75,7 @@ class Impl:
     fn: Callable
     supports: Supports
     # Off-by-default paths (GPU kernels that never passed on a real GPU) run only when forced.
-    # A callable takes the op's arguments: auto on some devices only (True / False otherwise).
+    # A callable of the op's arguments: auto only for the arguments it returns True for.
     auto: bool | Callable[..., bool] = True
     # Called with the op's arguments when this backend lost a measurement on them, so it can drop
     # per-weight state (the dense fallback's decompressed copy).

@@ -5,9 +5,11 @@
 64x64 blocks, 90 % sparse, in all 12 Llama-7B cases measured there, 1.6-4.0x in CUDA graphs
 (bench/results/gpu-h200-2026-11-27.md); the measured dispatcher still keeps ``dense`` where it
 wins (eager decode, where the Triton launches cost more host time than the GPU work).
-Quantized blocks never ran on a GPU and run only when forced. ``nm_linear`` passed the same tests but was 0.05-0.7x cuBLAS in every case measured, so it
-stays ``auto=False``: it runs only when forced with ``sparsekern.use_backend("triton")`` or
-``SPARSEKERN_BACKEND=triton``.
+Quantized blocks never ran on a GPU and run only when forced.
+
+``nm_linear`` passed the same tests but lost to cuBLAS at 2:4 in every case (0.05-0.74x) and beat
+it only at 1 row for 1:4 / 2:8 (1.0-1.25x), so it stays ``auto=False``: it runs only when forced
+with ``sparsekern.use_backend("triton")`` or ``SPARSEKERN_BACKEND=triton``.
 
 ``import sparsekern`` imports this module for every user, so it imports neither triton nor the
 kernels until a kernel is asked for: a CPU-only user without triton pays nothing.
