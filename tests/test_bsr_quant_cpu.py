@@ -2,11 +2,13 @@
 zeros) through the compiled CPU op, on every ISA path this machine has, against the reference in
 float64.
 
-Rows 1..4 take the decode kernels (AVX-512: bsr_linear_quant_avx512.cpp; below it the portable
-loop), 5+ the batched micro-kernel (its pack step dequantizes), and fp32 x past 60% of blocks
-stored the dequantized-tile GEMM. Group sizes: 8 and 16 columns (runs that cut the kernels'
+Rows 1..4 take the decode kernels (AVX-512: bsr_linear_quant_avx512.cpp; AVX2:
+bsr_linear_quant_avx2.cpp; portable: the scalar loop), 5+ the batched micro-kernel (its pack
+step dequantizes), and fp32 x past 60% of blocks stored the dequantized-tile GEMM. Group sizes: 8 and 16 columns (runs that cut the kernels'
 16- / 32-column chunks: the per-lane scale path), whole chunks, and one per block row.
 """
+
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -183,3 +185,53 @@ def test_bf16_whole_chunks(isa, bm, bk, group, quant, symmetric):
         bias = torch.randn(bm * 3).to(torch.bfloat16) if rows % 2 else None
         what = f"{isa} {bm}x{bk} {quant} g{group} sym={symmetric} rows={rows}"
         _check(_op(x, wq, bias), x, wq, bias, what, dense)
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "zeros"])
+@pytest.mark.parametrize("group", [8, 16, 24, 32])
+def test_fp16_x_rows_1_to_4(isa, quant, symmetric, group):
+    """fp16 x and scales through the decode kernels, group sizes that cut the AVX2 kernel's
+    16-column int4 steps (8, 24) and whole ones (16, 32), odd block height, x offset from zero."""
+    bk = 48 if group in (8, 16, 24) else 64
+    wq = _qweight(9 * 3, bk * 5, (9, bk), quant, group, symmetric, torch.float16)
+    dense = _dense64(wq)
+    for rows in (1, 2, 3, 4):
+        x = (torch.randn(rows, bk * 5) + 1.5).to(torch.float16)
+        bias = torch.randn(27).to(torch.float16) if rows % 2 else None
+        _check(_op(x, wq, bias), x, wq, bias, f"{isa} fp16 {quant} g{group} sym={symmetric} rows={rows}", dense)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 17])
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_no_stored_blocks(isa, quant, rows):
+    """nnz = 0 (scales [0, bm, groups]): the output is the bias alone, every element written."""
+    w = sk.BlockSparseWeight.from_dense(torch.zeros(32, 96), block=(16, 32)).quantize(quant, 16, False)
+    assert w.blocks.shape[0] == 0
+    x, bias = torch.randn(rows, 96), torch.randn(32)
+    assert torch.equal(_op(x, w, bias), bias.expand(rows, 32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows", [1, 3, 4])
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+@pytest.mark.parametrize("bk,group", [(256, 8), (256, 32), (256, 256), (136, 8), (136, 136), (192, 64)])
+def test_blocks_wider_than_128(isa, bk, group, quant, rows, dtype):
+    """The raw op takes blocks wider than BlockSparseWeight makes (up to 128): the AVX-512
+    kernel hands them to the AVX2 one (it has room for 8 chunks and 16 groups a block row)."""
+    bm, kb, groups = 8, 3, bk // group
+    crow, col = torch.tensor([0, 2, 2, 3], dtype=torch.int32), torch.tensor([0, 2, 1], dtype=torch.int32)
+    nnz = col.numel()
+    if quant == "int8":
+        blocks = torch.randint(-128, 128, (nnz, bm, bk), dtype=torch.int8)
+    else:
+        blocks = torch.randint(0, 256, (nnz, bm, bk // 2), dtype=torch.uint8)
+    zeros = torch.randint(-3, 12, (nnz, bm, groups), dtype=torch.int8) if rows != 3 else None
+    scales = (torch.rand(nnz, bm, groups) * 0.05 + 0.01).to(dtype)
+    wq = SimpleNamespace(crow_indices=crow, col_indices=col, blocks=blocks, scales=scales, zeros=zeros,
+                         shape=(3 * bm, kb * bk))  # fmt: skip
+    x = torch.randn(rows, kb * bk).to(dtype)
+    bias = torch.randn(3 * bm).to(dtype)
+    y = _op(x, wq, bias)
+    assert torch.equal(y[:, bm : 2 * bm], bias[bm : 2 * bm].expand(rows, bm))
+    _check(y, x, wq, bias, f"{isa} {bm}x{bk} {quant} g{group} zeros={zeros is not None} rows={rows} {dtype}")

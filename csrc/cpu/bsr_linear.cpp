@@ -48,6 +48,7 @@ void bsr_linear_decode(const BSRLinearArgs& args, Isa isa) {
 #if defined(__x86_64__)
   if (a.qbits) {
     if (isa >= Isa::kAvx512 && detail::bsr_linear_decode_quant_avx512(a)) return;
+    if (isa >= Isa::kAvx2 && detail::bsr_linear_decode_quant_avx2(a)) return;
     return detail::bsr_linear_portable(a);
   }
   if (isa >= Isa::kAvx512Bf16 && detail::bsr_linear_decode_bf16_avx512(a)) return;

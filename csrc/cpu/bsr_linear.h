@@ -40,15 +40,18 @@ namespace detail {
 void bsr_linear_portable(const BSRLinearArgs& a);
 #if defined(__x86_64__)
 // AVX2+FMA+F16C; AVX-512 machines run these too, except one row of bf16 x on AVX-512 BF16.
-// Quantized blocks: batched here (the pack dequantizes); decode on AVX-512 only (below it, the
-// portable loop).
+// Quantized blocks: batched here (the pack dequantizes); decode below.
 void bsr_linear_decode_avx2(const BSRLinearArgs& a);
 void bsr_linear_batched_avx2(const BSRLinearArgs& a);
+// Quantized blocks (int8 / int4), any x dtype, AVX2+FMA+F16C (bsr_linear_quant_avx2.cpp): below
+// AVX-512, and where the AVX-512 kernel does not apply; false where it does not apply (nothing
+// written).
+bool bsr_linear_decode_quant_avx2(const BSRLinearArgs& a);
 // One row of bf16 x, blocks 32/64/96/128 wide, AVX-512 BF16 (bsr_linear_avx512.cpp); false where
 // it does not apply (nothing written).
 bool bsr_linear_decode_bf16_avx512(const BSRLinearArgs& a);
-// Quantized blocks (int8 / int4), any x dtype, AVX-512F/BW/VL/DQ (bsr_linear_quant_avx512.cpp);
-// false where it does not apply (nothing written).
+// Quantized blocks (int8 / int4), any x dtype, blocks up to 128 wide, AVX-512F/BW/VL/DQ
+// (bsr_linear_quant_avx512.cpp); false where it does not apply (nothing written).
 bool bsr_linear_decode_quant_avx512(const BSRLinearArgs& a);
 // The same for bf16 x on AVX-512 BF16, blocks 32 / 64 / 96 / 128 wide with groups of whole
 // 32-column chunks (bsr_linear_quant_bf16_avx512.cpp, vdpbf16ps); false where it does not apply.

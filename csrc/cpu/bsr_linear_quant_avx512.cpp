@@ -313,6 +313,9 @@ RowFn pick(const BSRLinearArgs& a) {
 
 bool bsr_linear_decode_quant_avx512(const BSRLinearArgs& a) {
   if (a.qbits != 8 && a.qbits != 4) return false;
+  // At most 8 chunks a block row (q8_of / q4_of, xe[R][8]) and 16 groups (gmask): wider blocks (the
+  // raw op takes them; BlockSparseWeight does not make them) go to the AVX2 kernel.
+  if (a.bk > 128) return false;
   if (bsr_linear_decode_quant_bf16_avx512(a)) return true;
   std::vector<float> xf;
   const float* x = static_cast<const float*>(a.x);
