@@ -51,7 +51,8 @@ bool bsr_linear_decode_quant_avx2(const BSRLinearArgs& a);
 // it does not apply (nothing written).
 bool bsr_linear_decode_bf16_avx512(const BSRLinearArgs& a);
 // Quantized blocks (int8 / int4), any x dtype, blocks up to 128 wide, AVX-512F/BW/VL/DQ
-// (bsr_linear_quant_avx512.cpp); false where it does not apply (nothing written).
+// (bsr_linear_quant_avx512.cpp); false where it does not apply (nothing written), and for one row
+// outside the bf16 kernel below (the AVX2 kernel is faster there).
 bool bsr_linear_decode_quant_avx512(const BSRLinearArgs& a);
 // The same for bf16 x on AVX-512 BF16, blocks 32 / 64 / 96 / 128 wide with groups of whole
 // 32-column chunks (bsr_linear_quant_bf16_avx512.cpp, vdpbf16ps); false where it does not apply.

@@ -317,6 +317,14 @@ bool bsr_linear_decode_quant_avx512(const BSRLinearArgs& a) {
   // raw op takes them; BlockSparseWeight does not make them) go to the AVX2 kernel.
   if (a.bk > 128) return false;
   if (bsr_linear_decode_quant_bf16_avx512(a)) return true;
+  // One row: the AVX2 kernel (bsr_linear_quant_avx2.cpp) is faster than this file's fp32 path.
+  // NOTE: Zen 5 (EPYC family 26 model 2), 2 threads, block 32x32 at 90 %, group 32, streamed
+  // weights, medians of 7 interleaved rounds, us, this file vs AVX2, 1 row: 4096x4096 int8 fp32 x
+  // 106 vs 86, int4 116 vs 80, int4 with zeros fp16 x 138 vs 98; 11008x4096 int8 295 vs 225, int4
+  // 304 vs 204, int4 with zeros fp16 x 349 vs 196 (all 12 cases 1.2-1.8x). At 2-3 rows they
+  // trade (0.89-1.41x), at 4 this file is 0.96-1.11x faster. Prefetching blocks 8 KB ahead here
+  // changed nothing (0.93-1.02x).
+  if (a.rows == 1) return false;
   std::vector<float> xf;
   const float* x = static_cast<const float*>(a.x);
   int64_t ldx = a.ldx;
