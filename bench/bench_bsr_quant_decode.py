@@ -24,8 +24,9 @@ import time
 import torch
 
 import sparsekern as sk
+from sparsekern._extension import CPU_ISAS as ISAS
+from sparsekern._extension import detected_cpu_isa
 
-ISAS = {"portable": 0, "avx2": 1, "avx512": 2, "avx512bf16": 3}
 CACHE_BYTES = 96 << 20  # 3x this machine's 32 MiB L3
 QUANTS = (("int8 g32", ("int8", 32, True)), ("int4 g32", ("int4", 32, True)), ("int4 g32 zp", ("int4", 32, False)))
 
@@ -53,15 +54,6 @@ def git_sha() -> str:
         return "?"
 
 
-def detected_isa() -> int:
-    saved = os.environ.pop("SPARSEKERN_CPU_ISA", None)
-    try:
-        return int(torch.ops.sparsekern._cpu_isa())
-    finally:
-        if saved is not None:
-            os.environ["SPARSEKERN_CPU_ISA"] = saved
-
-
 def weight_bytes(w: sk.BlockSparseWeight) -> int:
     parts = [w.blocks, w.scales, w.zeros, w.crow_indices, w.col_indices]
     return sum(t.numel() * t.element_size() for t in parts if t is not None)
@@ -84,7 +76,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--portable-calls", type=int, default=2, help="calls per round for the (slow) portable loop")
     args = ap.parse_args()
-    have = detected_isa()
+    have = detected_cpu_isa()
     isas = [i for i in args.isas.split(",") if ISAS[i] <= have]
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
     bm, bk = (int(v) for v in args.block.split("x"))

@@ -21,3 +21,21 @@ else:
         LOAD_ERROR = str(exc)
 if not HAS_C_EXT:
     log.info("sparsekern: compiled kernels not loaded (%s); using the reference path", LOAD_ERROR)
+
+# The CPU kernels' instruction sets (csrc/cpu/isa.h), as SPARSEKERN_CPU_ISA names them.
+CPU_ISAS = {"portable": 0, "avx2": 1, "avx512": 2, "avx512bf16": 3}
+
+
+def detected_cpu_isa() -> int:
+    """The best level of :data:`CPU_ISAS` this CPU runs, whatever ``SPARSEKERN_CPU_ISA`` asks for
+    (the variable only lowers it per call); 0 without the extension."""
+    if not HAS_C_EXT:
+        return 0
+    import torch
+
+    saved = os.environ.pop("SPARSEKERN_CPU_ISA", None)
+    try:
+        return int(torch.ops.sparsekern._cpu_isa())
+    finally:
+        if saved is not None:
+            os.environ["SPARSEKERN_CPU_ISA"] = saved

@@ -17,6 +17,7 @@ import torch  # noqa: E402
 import sparsekern  # noqa: E402
 import sparsekern.dispatch  # noqa: E402
 import sparsekern.dispatch_cache  # noqa: E402
+from sparsekern import _extension  # noqa: E402
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -126,17 +127,8 @@ def measured(monkeypatch, tmp_path):
     sparsekern.dispatch._invalidate()
 
 
-# The CPU kernels' instruction sets (csrc/cpu/isa.h), as SPARSEKERN_CPU_ISA names them.
-ISAS = {"portable": 0, "avx2": 1, "avx512": 2, "avx512bf16": 3}
-
-
-def _detected_isa() -> int:
-    saved = os.environ.pop("SPARSEKERN_CPU_ISA", None)
-    try:
-        return int(torch.ops.sparsekern._cpu_isa())
-    finally:
-        if saved is not None:
-            os.environ["SPARSEKERN_CPU_ISA"] = saved
+ISAS = _extension.CPU_ISAS
+_detected_isa = _extension.detected_cpu_isa
 
 
 @pytest.fixture(params=list(ISAS))
