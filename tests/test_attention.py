@@ -6,12 +6,12 @@ error is bounded by torch's own error in the same dtype (``assert_matches_refere
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import DTYPES, assert_matches_reference
 
 import sparsekern
 from sparsekern import _extension, reference
 from sparsekern import ops as skops
+from sparsekern.backends import dense as dense_backend
 
 pytestmark = pytest.mark.skipif(not _extension.HAS_C_EXT, reason="compiled extension not loaded")
 
@@ -37,14 +37,9 @@ def _keep(b, h, sk, kept):
 
 
 def _torch_attention(q, k, v, keep_idx, causal):
-    """Plain torch in q's dtype (gather + SDPA): the yardstick for low-precision error."""
-    idx = keep_idx.unsqueeze(-1).expand(-1, -1, -1, q.shape[-1])
-    mask = None
-    if causal:
-        qpos = torch.arange(q.shape[2]).view(1, 1, -1, 1) + (k.shape[2] - q.shape[2])
-        mask = keep_idx.unsqueeze(-2) <= qpos
-    out = F.scaled_dot_product_attention(q, torch.gather(k, 2, idx), torch.gather(v, 2, idx), attn_mask=mask)
-    return out if mask is None else out.masked_fill(~mask.any(-1, keepdim=True), 0.0)
+    """Plain torch in q's dtype (gather + SDPA): the yardstick for low-precision error. It is the
+    dense backend itself (tests/test_attention_dense.py checks it against the reference)."""
+    return dense_backend.pruned_attention(q, k, v, keep_idx, causal)
 
 
 def _torch_scores(q, k, causal, cls_only):

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import assert_matches_reference
 from test_attention_dense import plain_attention
 from triton_aot import gpu_skip_reason
 
 import sparsekern as sk
 from sparsekern import reference
+from sparsekern.backends import dense as dense_backend
 
 pytestmark = pytest.mark.skipif(gpu_skip_reason() is not None, reason=gpu_skip_reason() or "")
 
@@ -27,16 +27,6 @@ def _inputs(b, h, sq, sk_len, d, kept, dtype):
     q, k, v = (torch.randn(b, h, s, d, device="cuda").to(dtype) for s in (sq, sk_len, sk_len))
     keep = torch.stack([torch.randperm(sk_len, device="cuda")[:kept] for _ in range(b * h)]).view(b, h, kept)
     return q, k, v, keep
-
-
-def _torch_attention(q, k, v, keep, causal):
-    idx = keep.unsqueeze(-1).expand(-1, -1, -1, q.shape[-1])
-    mask = None
-    if causal:
-        qpos = torch.arange(q.shape[2], device=q.device).view(1, 1, -1, 1) + (k.shape[2] - q.shape[2])
-        mask = keep.unsqueeze(-2) <= qpos
-    out = F.scaled_dot_product_attention(q, torch.gather(k, 2, idx), torch.gather(v, 2, idx), attn_mask=mask)
-    return out if mask is None else out.masked_fill(~mask.any(-1, keepdim=True), 0.0)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -50,7 +40,7 @@ def test_pruned_attention_gpu(shape, causal, dtype):
     ref, ref_scores = reference.pruned_attention_with_scores(*f32, keep, causal)
     # P is rounded to q's dtype before P @ V (as in flash attention): see conftest's rounded_terms.
     mag = reference.pruned_attention(*f32[:2], f32[2].abs(), keep, causal)
-    same = _torch_attention(q, k, v, keep, causal)
+    same = dense_backend.pruned_attention(q, k, v, keep, causal)  # gather + SDPA in q's dtype
     assert_matches_reference(out, ref, same, f"{shape} {dtype}", magnitude=mag, rounded_terms=dtype != torch.float32)
     torch.testing.assert_close(scores, ref_scores, atol=2e-3 if dtype != torch.float32 else 1e-5, rtol=0.05)
 
