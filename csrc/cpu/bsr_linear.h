@@ -7,7 +7,11 @@
 // [0, nnz] (and made non-decreasing), blocks whose column is outside [0, K/bk) are skipped.
 #pragma once
 
+#include <cstdint>
+#include <vector>
+
 #include "cpu/linear_common.h"
+#include "cpu/parallel.h"
 
 namespace sparsekern {
 
@@ -58,6 +62,22 @@ bool bsr_linear_decode_quant_avx512(const BSRLinearArgs& a);
 // 32-column chunks (bsr_linear_quant_bf16_avx512.cpp, vdpbf16ps); false where it does not apply.
 bool bsr_linear_decode_quant_bf16_avx512(const BSRLinearArgs& a);
 #endif
+
+// The frame of the quantized decode kernels (bsr_linear_quant_*.cpp): `per` floats of scratch per
+// thread (zeroed, each thread's at a 64-byte aligned base plus per * slot), block rows shared over
+// the pool, and for each block row the x rows in fours, then the rest:
+// rows(mine, rb, r0, n) with n = 4, or rows % 4 for the last call; mine is the thread's scratch.
+template <class Rows>
+void bsr_decode_rows_in_fours(const BSRLinearArgs& a, size_t per, Rows&& rows) {
+  std::vector<float> store(per * a.threads + 16);
+  float* base = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(store.data()) + 63) & ~uintptr_t{63});
+  parallel_for(a.block_rows, a.threads, [&](int64_t rb, int slot) {
+    float* mine = base + per * slot;
+    int64_t r0 = 0;
+    for (; r0 + 4 <= a.rows; r0 += 4) rows(mine, rb, r0, 4);
+    if (a.rows > r0) rows(mine, rb, r0, static_cast<int>(a.rows - r0));
+  });
+}
 }  // namespace detail
 
 }  // namespace sparsekern

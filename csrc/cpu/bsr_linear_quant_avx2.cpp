@@ -249,20 +249,14 @@ bool bsr_linear_decode_quant_avx2(const BSRLinearArgs& a) {
     ldx = a.k;
   }
   const RowFn fn[4] = {pick<1>(a), pick<2>(a), pick<3>(a), pick<4>(a)};
-  // Per thread (32-byte aligned by hand): 4 * bm partial sums, 4 * groups sums of x, then the
-  // scales and zero points.
+  // Per thread (32-byte aligned: per is a multiple of 8 floats): 4 * bm partial sums, 4 * groups
+  // sums of x, then the scales and zero points.
   const size_t sg = (static_cast<size_t>(a.bm) * a.groups + 7) / 8 * 8;
   const size_t nacc = static_cast<size_t>(a.bm) * 4 * 8, nxs = static_cast<size_t>(a.groups) * 4 * 8;
-  const size_t per = nacc + nxs + 2 * sg;
-  std::vector<float> store(per * a.threads + 8);
-  float* base = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(store.data()) + 31) & ~uintptr_t{31});
-  parallel_for(a.block_rows, a.threads, [&](int64_t rb, int slot) {
-    float* mine = base + per * slot;
+  bsr_decode_rows_in_fours(a, nacc + nxs + 2 * sg, [&](float* mine, int64_t rb, int64_t r0, int n) {
     const Scratch sc{reinterpret_cast<__m256*>(mine), reinterpret_cast<__m256*>(mine + nacc), mine + nacc + nxs,
                      mine + nacc + nxs + sg};
-    int64_t r0 = 0;
-    for (; r0 + 4 <= a.rows; r0 += 4) fn[3](a, x, ldx, r0, rb, sc);
-    if (a.rows > r0) fn[a.rows - r0 - 1](a, x, ldx, r0, rb, sc);
+    fn[n - 1](a, x, ldx, r0, rb, sc);
   });
   return true;
 }

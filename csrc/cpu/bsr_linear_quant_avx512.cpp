@@ -340,17 +340,13 @@ bool bsr_linear_decode_quant_avx512(const BSRLinearArgs& a) {
   const int w = a.qbits == 8 ? 16 : 32, gs = a.bk / a.groups;
   for (int v = 0; v < 8; ++v)
     for (int l = 0; l < 16; ++l) gidx[16 * v + l] = std::min((w * v + (a.qbits == 8 ? l : 2 * l)) / gs, a.groups - 1);
-  // Per thread: 4 * bm partial sums, then the scales and zero points (64-byte aligned by hand).
+  // Per thread (64-byte aligned: per is a multiple of 16 floats): 4 * bm partial sums, then the
+  // scales and zero points.
   const size_t sg = (static_cast<size_t>(a.bm) * a.groups + 15) / 16 * 16;
   const size_t per = static_cast<size_t>(a.bm) * 4 * 16 + 2 * sg;
-  std::vector<float> store(per * a.threads + 16);
-  float* base = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(store.data()) + 63) & ~uintptr_t{63});
-  parallel_for(a.block_rows, a.threads, [&](int64_t rb, int slot) {
-    float* mine = base + per * slot;
+  bsr_decode_rows_in_fours(a, per, [&](float* mine, int64_t rb, int64_t r0, int n) {
     const Scratch sc{reinterpret_cast<__m512*>(mine), mine + a.bm * 4 * 16, mine + a.bm * 4 * 16 + sg, gidx};
-    int64_t r0 = 0;
-    for (; r0 + 4 <= a.rows; r0 += 4) fn[3](a, x, ldx, r0, rb, sc);
-    if (a.rows > r0) fn[a.rows - r0 - 1](a, x, ldx, r0, rb, sc);
+    fn[n - 1](a, x, ldx, r0, rb, sc);
   });
   return true;
 }

@@ -296,14 +296,9 @@ void decode_dq(const BSRLinearArgs& a) {
   // Per thread: 4 * T accumulators, then the scales and zoff + zeros (+ 16: the window loads).
   const size_t sg = (static_cast<size_t>(a.bm) * a.groups + 31) / 16 * 16;
   const size_t per = static_cast<size_t>(t) * 4 * 16 + 2 * sg;
-  std::vector<float> store(per * a.threads + 16, 0.0f);
-  float* base = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(store.data()) + 63) & ~uintptr_t{63});
-  parallel_for(a.block_rows, a.threads, [&](int64_t rb, int slot) {
-    float* mine = base + per * slot;
+  bsr_decode_rows_in_fours(a, per, [&](float* mine, int64_t rb, int64_t r0, int n) {
     const Sums sc{reinterpret_cast<__m512*>(mine), mine + t * 4 * 16, mine + t * 4 * 16 + sg};
-    int64_t r0 = 0;
-    for (; r0 + 4 <= a.rows; r0 += 4) fn[3](a, xp, r0, rb, sc);
-    if (a.rows > r0) fn[a.rows - r0 - 1](a, xp, r0, rb, sc);
+    fn[n - 1](a, xp, r0, rb, sc);
   });
 }
 
