@@ -16,7 +16,7 @@ void bsr_linear_portable(const BSRLinearArgs& a) {
   convert_rows_f32(a.x, a.rows, a.k, a.ldx, a.dtype, xf.data(), a.k, a.threads);
   std::vector<std::vector<float>> accs(a.threads, std::vector<float>(a.bm));
   std::vector<std::vector<float>> wrows(a.threads, std::vector<float>(a.bk));
-  parallel_for(a.block_rows, a.threads, [&](int64_t rb, int slot) {
+  parallel_block_rows(a, [&](int64_t rb, int slot) {
     std::vector<float>& acc = accs[slot];
     std::vector<float>& wrow = wrows[slot];
     int64_t begin, end;

@@ -35,6 +35,22 @@ inline void bsr_row_range(const BSRLinearArgs& a, int64_t rb, int64_t* begin, in
   if (*end < *begin) *end = *begin;
 }
 
+// fn(rb, slot) for every block row rb, over the pool in runs of consecutive block rows (about 8
+// runs per thread, parallel_range), each thread streaming its run's blocks in order.
+// NOTE: one block row per chunk (the kernels' first form) was slower: two threads took turns
+// claiming from one ticket 100-350 times per call and each streamed every other block row.
+// AMD EPYC family 26 model 2 (Zen 5), 2 cores, block 32x32 at 90%, 1 row, weights streamed
+// (>= 200 MB in rotation), 9-11 interleaved rounds, one block row -> runs, median ratio:
+// fp32 1.00-1.16x, bf16 1.15-1.36x, int8 1.05-1.45x, int4 with bf16 x 0.84-1.19x (noisy; two
+// runs of 11 and 15 rounds disagreed on its sign); TinyLlama-1.1B shapes, all 154 linears of
+// a decode step in order, fp32 12.5 -> 11.4 ms, bf16 9.0 -> 7.3 ms.
+template <class F>
+void parallel_block_rows(const BSRLinearArgs& a, F&& fn) {
+  parallel_range(a.block_rows, a.threads, 1, [&](int64_t lo, int64_t hi, int slot) {
+    for (int64_t rb = lo; rb < hi; ++rb) fn(rb, slot);
+  });
+}
+
 // out[r, o] = sum + bias[o]: every decode kernel's last step for output row o of x row r.
 inline void bsr_store(const BSRLinearArgs& a, int64_t r, int64_t o, float sum) {
   store_f32(a.out, r * a.ldo + o, sum + (a.bias ? load_f32(a.bias, o, a.dtype) : 0.0f), a.dtype);
@@ -71,7 +87,7 @@ template <class Rows>
 void bsr_decode_rows_in_fours(const BSRLinearArgs& a, size_t per, Rows&& rows) {
   std::vector<float> store(per * a.threads + 16);
   float* base = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(store.data()) + 63) & ~uintptr_t{63});
-  parallel_for(a.block_rows, a.threads, [&](int64_t rb, int slot) {
+  parallel_block_rows(a, [&](int64_t rb, int slot) {
     float* mine = base + per * slot;
     int64_t r0 = 0;
     for (; r0 + 4 <= a.rows; r0 += 4) rows(mine, rb, r0, 4);

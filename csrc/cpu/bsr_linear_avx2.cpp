@@ -90,7 +90,7 @@ void decode_dtype(const BSRLinearArgs& a, const float* xf, int64_t ldf) {
   const size_t per = static_cast<size_t>(a.bm) * 4 * 8;
   std::vector<float> store(per * a.threads + 8);
   float* base = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(store.data()) + 31) & ~uintptr_t{31});
-  parallel_for(a.block_rows, a.threads, [&](int64_t rb, int slot) {
+  parallel_block_rows(a, [&](int64_t rb, int slot) {
     __m256* accbuf = reinterpret_cast<__m256*>(base + per * slot);
     if (a.rows == 1) {
       switch (a.bk) {

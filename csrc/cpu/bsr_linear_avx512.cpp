@@ -5,7 +5,8 @@
 // NOTE: 2 threads, Zen 4, 1 row, block 32x32 at 90%, bf16, weights streamed from memory (>= 100
 // MB in rotation), 5 interleaved rounds, AVX2 kernel -> this: 2048x2048 45 -> 33 us, 5632x2048
 // 121 -> 98, 2048x5632 90 -> 78, 4096x4096 141 -> 120, 32000x2048 623 -> 517 (1.16-1.37x). Still
-// 23-30 GB/s of blocks, below the 2:4 kernels' 45-58: left to find.
+// 23-30 GB/s of blocks, below the 2:4 kernels' 45-58. Part of it was the split over threads
+// (one block row per chunk; see parallel_block_rows): 33-44 GB/s on Zen 5 with runs.
 #if defined(__x86_64__)
 #include <immintrin.h>
 
@@ -51,7 +52,7 @@ void run_bf16(const BSRLinearArgs& a) {
   std::vector<float> store(per * a.threads + 16);
   float* base = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(store.data()) + 63) & ~uintptr_t{63});
   const uint16_t* x = static_cast<const uint16_t*>(a.x);
-  parallel_for(a.block_rows, a.threads, [&](int64_t rb, int slot) {
+  parallel_block_rows(a, [&](int64_t rb, int slot) {
     block_row_bf16<NV>(a, x, rb, reinterpret_cast<__m512*>(base + per * slot));
   });
 }
