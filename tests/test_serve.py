@@ -299,3 +299,23 @@ def test_no_dense_copies_turns_every_dense_fallback_off(folder, dense_copies):
         torch.testing.assert_close(layers[0](x), want, rtol=1e-4, atol=1e-4)
     with pytest.raises(TypeError, match="dense_copies: expected bool, got str"):
         build_app(str(folder), device="cpu", dense_copies="no")
+
+
+@pytest.mark.parametrize(
+    ("flag", "want"), [([], "auto"), (["--dtype", "fp32"], "float32"), (["--dtype", "bf16"], "bfloat16")]
+)
+def test_bench_cli_passes_dtype_to_the_serve_suite(tmp_path, monkeypatch, flag, want):
+    """`sparsekern bench --suite serve --dtype fp32` serves in fp32 (it once served as saved or,
+    under vLLM, in vLLM's own choice for an fp32 checkpoint on CPU: bf16)."""
+    from sparsekern import cli
+    from sparsekern.bench import serve as bench_serve
+
+    seen = {}
+
+    def fake_run(model, **kw):
+        seen.update(kw)
+        return {"models": []}
+
+    monkeypatch.setattr(bench_serve, "run", fake_run)
+    assert cli.main(["bench", "--suite", "serve", "--model", str(tmp_path), "--no-out", *flag]) == 0
+    assert seen["dtype"] == want

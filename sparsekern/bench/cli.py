@@ -46,7 +46,8 @@ def register(subparsers) -> None:
     p.add_argument("--server", choices=("sparsekern", "vllm"), default="sparsekern",
                    help="serve suite: serve with sparsekern serve (default) or vllm serve (needs vLLM)")  # fmt: skip
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--dtype", choices=sorted(_DTYPES),
+                   help="default: bf16 on cuda, fp32 on cpu; serve suite: the servers' --dtype (default: auto)")  # fmt: skip
     p.add_argument("--shapes", type=_csv(str), help="layer shapes by name, e.g. llama7b.attn,vit-b.fc1")
     p.add_argument("--rows", type=_csv(int), help="rows of x, e.g. 1,8,512")
     p.add_argument("--patterns", type=_csv(str), help="e.g. dense,2:4,block32x32:0.9")
@@ -71,8 +72,10 @@ def main(args: argparse.Namespace) -> int:
         if not args.model:
             raise SystemExit("sparsekern bench --suite serve: --model DIR is required")
         out = None if args.no_out else ("bench/results" if args.out == "sparsekern_results" else args.out)
+        dtype = str(_DTYPES[args.dtype]).removeprefix("torch.") if args.dtype else "auto"  # the servers' names
         res = serve.run(args.model, compare=args.compare, clients=args.clients, duration=args.duration,
-                        max_tokens=args.max_tokens, device=args.device or "cpu", out=out, server=args.server)  # fmt: skip
+                        max_tokens=args.max_tokens, device=args.device or "cpu", dtype=dtype, out=out,
+                        server=args.server)  # fmt: skip
         return 0 if all(r["requests"] and not r["failed"] for m in res["models"] for r in m["rows"]) else 1
     if args.peer:  # refuse before the roofline and the sparsekern runs, not after them
         if not args.suite or "generate" not in args.suite:
