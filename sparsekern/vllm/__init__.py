@@ -9,9 +9,9 @@ Marlin kernels). This plugin brings pruned checkpoints back without a fork: the 
 registers a ``sparsekern`` quantization method in every vLLM process (front end, engine core,
 workers). ``config.json``'s ``quantization_config.quant_method == "sparsekern"`` selects it
 (``--quantization sparsekern`` names it explicitly). Pruned linear layers load their compressed
-tensors through vLLM's tensor-parallel weight loaders and run on ``torch.ops.sparsekern.*``;
-every other layer stays on vLLM's own kernels. See :mod:`sparsekern.vllm.config` and
-:mod:`sparsekern.vllm.linear`.
+tensors through vLLM's tensor-parallel weight loaders and run on ``torch.ops.sparsekern.*``, as
+does an int8 LM head (``sparsify(head="int8")``); every other layer stays on vLLM's own kernels.
+See :mod:`sparsekern.vllm.config`, :mod:`sparsekern.vllm.linear` and :mod:`sparsekern.vllm.head`.
 """
 
 from __future__ import annotations

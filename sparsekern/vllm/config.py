@@ -15,15 +15,18 @@ from typing import Any
 import torch
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
 from sparsekern.checkpoint import CONFIG, FORMAT_VERSION, check_config
+from sparsekern.nn import quant_linear as quant_head
 from sparsekern.vllm import METHOD
 
 
 class SparsekernConfig(QuantizationConfig):
     """Per pruned layer (checkpoint name): kind, pattern (n, m or block), shape and bias flag, and
     for quantized N:M values the quantization (int8 / int4, scale group, zero points, int8
-    activations)."""
+    activations); the int8 LM head of ``sparsify(head="int8")`` (a ``QuantLinear`` entry) runs
+    :class:`~sparsekern.vllm.head.SparsekernInt8HeadMethod`."""
 
     def __init__(self, layers: dict[str, dict]) -> None:
         super().__init__()
@@ -61,12 +64,6 @@ class SparsekernConfig(QuantizationConfig):
                 f"{where}.layers[{experts[0]!r}].class: 'SparseExperts' (N:M MoE experts) are not served by the "
                 f"vLLM plugin yet ({len(experts)} expert layers); serve this folder with `sparsekern serve`"
             )
-        heads = sorted(name for name, info in layers.items() if info.get("class") == "QuantLinear")
-        if heads:
-            raise ValueError(
-                f"{where}.layers[{heads[0]!r}].class: 'QuantLinear' (the int8 LM head of sparsify(head='int8')) is "
-                "not served by the vLLM plugin; serve this folder with `sparsekern serve`, or sparsify without head="
-            )
         qblocks = sorted(n for n, info in layers.items() if info.get("kind") == "block" and info.get("quant"))
         if qblocks:
             raise ValueError(
@@ -89,6 +86,16 @@ class SparsekernConfig(QuantizationConfig):
         return [f"{parent}.{p}" if parent else p for p in fused]
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        entry = self.layers.get(prefix)
+        if entry is not None and entry.get("class") == quant_head.CLASS:
+            if not isinstance(layer, ParallelLMHead):
+                raise ValueError(
+                    f"quantization_config.layers[{prefix!r}]: an int8 LM head (QuantLinear) in the checkpoint, but "
+                    f"vLLM builds it as {type(layer).__name__}; only vLLM's ParallelLMHead takes an int8 head"
+                )
+            from sparsekern.vllm.head import SparsekernInt8HeadMethod
+
+            return SparsekernInt8HeadMethod(prefix, entry)
         names = self.parts(prefix)
         entries = [self.layers.get(n) for n in names]
         if not isinstance(layer, LinearBase):

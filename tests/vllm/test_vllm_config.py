@@ -92,24 +92,6 @@ def test_reads_quantization_config_and_sparsekern_json(config):
             },  # fmt: skip
             r"layers\['model.layers.0.mlp.experts'\]\.class: 'SparseExperts' .* not served by the vLLM plugin yet",
         ),
-        (
-            {
-                "quant_method": "sparsekern",
-                "format_version": 1,
-                "layers": {
-                    "lm_head": {
-                        "class": "QuantLinear",
-                        "in_features": 64,
-                        "out_features": 123,
-                        "bias": False,
-                        "dtype": "float32",
-                        "quant": "int8",
-                        "act_block": 32,
-                    },
-                },
-            },  # fmt: skip
-            r"layers\['lm_head'\]\.class: 'QuantLinear' .* not served by the vLLM plugin",
-        ),
     ],
 )
 def test_bad_config_is_refused_naming_the_key(config, words):

@@ -60,6 +60,20 @@ def test_quantized_folder_generation_matches_transformers(tmp_path_factory):
     assert got["tokens"] == hf_generate(path, PROMPTS, NEW_TOKENS)
 
 
+def test_int8_head_folder_generation_matches_transformers(tmp_path_factory):
+    """2:4 with the int8 LM head of ``sparsify(head="int8")``: vLLM's ParallelLMHead loads its
+    values and scales and runs the kernel transformers runs."""
+    import json
+
+    path = str(tmp_path_factory.mktemp("vllm-head") / "tinyllama")
+    tinyllama_folder(path, "2:4", quant={"head": "int8"})
+    with open(os.path.join(path, "config.json")) as f:
+        if json.load(f)["quantization_config"]["layers"].get("lm_head", {}).get("class") != "QuantLinear":
+            pytest.skip("sparsify kept the head dense here: no int8 head kernel on this CPU (AVX-512 VBMI + VNNI)")
+    got = vllm_generate(path, PROMPTS, NEW_TOKENS, quantization="sparsekern")
+    assert got["tokens"] == hf_generate(path, PROMPTS, NEW_TOKENS)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
