@@ -17,6 +17,7 @@ from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBa
 from vllm.model_executor.utils import set_weight_attrs
 
 from sparsekern.nn.quant_linear import TENSORS, check_parts
+from sparsekern.vllm.linear import expect_tensor
 
 
 class SparsekernInt8HeadMethod(QuantizeMethodBase):
@@ -67,14 +68,12 @@ class SparsekernInt8HeadMethod(QuantizeMethodBase):
         e = self.entry
 
         def load(param, loaded_weight: torch.Tensor) -> None:
-            want = [e["out_features"], e["in_features"]] if tensor == "values" else [e["out_features"]]
-            ok = loaded_weight.dtype == torch.int8 if tensor == "values" else loaded_weight.is_floating_point()
-            if list(loaded_weight.shape) != want or not ok:
-                dtype = "int8" if tensor == "values" else "a float dtype"
-                raise ValueError(
-                    f"checkpoint tensor {self.prefix}.{tensor}: shape {list(loaded_weight.shape)} dtype "
-                    f"{loaded_weight.dtype}; the layer's quantization_config entry needs shape {want}, {dtype}"
-                )
+            want, dtype = {
+                "values": ([e["out_features"], e["in_features"]], torch.int8),
+                "scales": ([e["out_features"]], None),
+            }[tensor]
+            ok = loaded_weight.dtype == dtype if dtype else loaded_weight.is_floating_point()
+            expect_tensor(tensor, loaded_weight, want, ok, f"{self.prefix}.{tensor}", dtype)
             if tensor in self._loaded:
                 raise ValueError(f"checkpoint tensor {self.prefix}.{tensor} arrived twice")
             self._loaded.add(tensor)

@@ -36,6 +36,21 @@ _QKV = {"q": 0, "k": 1, "v": 2}
 _INDEX = ("meta", "crow_indices", "col_indices")
 
 
+def expect_tensor(
+    tensor: str, got: torch.Tensor, want: list[int | None], dtype_ok: bool, where: str, dtype=None
+) -> None:
+    """A checkpoint tensor as its layer's ``quantization_config`` entry needs it (``None`` in
+    ``want``: any length, e.g. a BSR weight's block count; ``dtype`` names the one wanted), else a
+    ValueError naming it (``where``), its shape and dtype, and what was needed."""
+    if got.dim() != len(want) or any(w is not None and g != w for g, w in zip(got.shape, want)) or not dtype_ok:
+        shape = [("nnz" if w is None else w) for w in want]
+        dtype = str(dtype).removeprefix("torch.") if dtype else "int32" if tensor in _INDEX else "a float dtype"
+        raise ValueError(
+            f"checkpoint tensor {where}: shape {list(got.shape)} dtype {got.dtype}; the layer's "
+            f"quantization_config entry needs shape {shape}, {dtype}"
+        )
+
+
 class MetaParameter(ModelWeightParameter):
     """Packed N:M ``meta``: rows split like a dense weight; a split of K re-packs the words."""
 
@@ -212,17 +227,6 @@ class SparsekernLinearMethod(LinearMethodBase):
     def _where(self, parts: list[int], tensor: str) -> str:
         return f"{self._name(parts)}.{tensor}"
 
-    def _expect(
-        self, tensor: str, got: torch.Tensor, want: list[int | None], dtype_ok: bool, where: str, dtype=None
-    ) -> None:
-        if got.dim() != len(want) or any(w is not None and g != w for g, w in zip(got.shape, want)) or not dtype_ok:
-            shape = [("nnz" if w is None else w) for w in want]
-            dtype = str(dtype).removeprefix("torch.") if dtype else "int32" if tensor in _INDEX else "a float dtype"
-            raise ValueError(
-                f"checkpoint tensor {where}: shape {list(got.shape)} dtype {got.dtype}; the layer's "
-                f"quantization_config entry needs shape {shape}, {dtype}"
-            )
-
     def _record(self, tensor: str, parts: list[int], where: str) -> None:
         seen = self._loaded.setdefault(tensor, [])
         if set(seen) & set(parts):
@@ -246,7 +250,7 @@ class SparsekernLinearMethod(LinearMethodBase):
                 "zeros": ([out, groups], torch.int8),
             }[tensor]
             ok = loaded_weight.dtype == dtype if dtype else loaded_weight.is_floating_point()
-            self._expect(tensor, loaded_weight, want, ok, where, dtype)
+            expect_tensor(tensor, loaded_weight, want, ok, where, dtype)
             self._record(tensor, parts, where)
             loader(param, loaded_weight, *shard)
 
@@ -271,11 +275,11 @@ class SparsekernLinearMethod(LinearMethodBase):
         out = sum(self.entries[i]["out_features"] for i in parts)
         crow, col, blocks = got["crow_indices"], got["col_indices"], got["blocks"]
         nnz = blocks.shape[0] if blocks.dim() else -1
-        self._expect(
+        expect_tensor(
             "crow_indices", crow, [out // self.bm + 1], crow.dtype == torch.int32, self._where(parts, "crow_indices")
         )
-        self._expect("col_indices", col, [nnz], col.dtype == torch.int32, self._where(parts, "col_indices"))
-        self._expect(
+        expect_tensor("col_indices", col, [nnz], col.dtype == torch.int32, self._where(parts, "col_indices"))
+        expect_tensor(
             "blocks", blocks, [None, self.bm, self.bk], blocks.is_floating_point(), self._where(parts, "blocks")
         )
         where = self._name(parts)
