@@ -26,6 +26,16 @@ ROWS = [1, 3, 8, 13, 37, 130]  # 13: two 8-row decode passes (fp32 up to 32 rows
 BSR_ROWS = [1, 3, 5, 7, 8, 37, 130]
 
 
+def _at_2mib(t):
+    """``t`` copied to a 2 MiB boundary (where sparsekern.hugepages puts weights)."""
+    nbytes = t.numel() * t.element_size()
+    buf = torch.empty(nbytes + (2 << 20), dtype=torch.uint8)
+    off = -buf.data_ptr() % (2 << 20)
+    out = buf[off : off + nbytes].view(t.dtype).view(t.shape).copy_(t)
+    assert out.data_ptr() % (2 << 20) == 0
+    return out
+
+
 def _check(out, ref_fn, x, bias, what):
     ref32 = ref_fn(x.float(), None if bias is None else bias.float())
     same = ref_fn(x, bias)
@@ -151,9 +161,13 @@ def test_opcheck_bsr(rows):
 # exactly), and 129 steps + 2. One row sums steps in 4 interleaved sums: fp32 steps 4 (128),
 # 10 (324: 8 + 2 left), 129 (4132: 128 + 1); bf16 5 (324: 4 + 1), 32 (2052), 64 (4132).
 @pytest.mark.parametrize("k", [16, 40, 64, 92, 100, 128, 324, 2052, 4132])
-def test_nm24_every_step_tail(isa, k, rows, dtype):
-    """2:4 decode kernels (the AVX-512 ones step 16 fp32 or 32 bf16 values at a time) at each tail."""
+@pytest.mark.parametrize("place", ["heap", "2mib"])
+def test_nm24_every_step_tail(isa, k, rows, dtype, place):
+    """2:4 decode kernels (the AVX-512 ones step 16 fp32 or 32 bf16 values at a time) at each tail;
+    values at a 2 MiB boundary take the AVX-512 row kernels' huge-page prefetch."""
     w = sk.NMSparseWeight.from_dense(torch.randn(21, k), n=2, m=4, prune=True).to(dtype)
+    if place == "2mib":
+        w = sk.NMSparseWeight(_at_2mib(w.values), w.meta, 2, 4, w.shape)
     x = torch.randn(rows, k).to(dtype)
     bias = torch.randn(21).to(dtype)
     with sk.use_backend("cpu"):
