@@ -17,7 +17,7 @@ from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBa
 from vllm.model_executor.utils import set_weight_attrs
 
 from sparsekern.nn.quant_linear import TENSORS, check_parts
-from sparsekern.vllm.linear import expect_tensor
+from sparsekern.vllm.linear import expect_tensor, rehome_params
 
 
 class SparsekernInt8HeadMethod(QuantizeMethodBase):
@@ -89,6 +89,7 @@ class SparsekernInt8HeadMethod(QuantizeMethodBase):
         # their values are 0, so any scale gives 0; 1 keeps every scale valid.
         real = getattr(layer, "num_org_embeddings_per_partition", layer.scales.shape[0])
         layer.scales.data[real:] = 1
+        rehome_params(layer, TENSORS)
         try:
             check_parts(layer.values.data, layer.scales.data, self.act_block)
         except (TypeError, ValueError) as exc:

@@ -29,11 +29,20 @@ from vllm.model_executor.utils import set_weight_attrs
 
 from sparsekern.formats.bsr import BlockSparseWeight, check_block
 from sparsekern.formats.nm import NMSparseWeight, check_nm, meta_words, pack_meta, unpack_meta
+from sparsekern.hugepages import rehome
 from sparsekern.nn.linear import SparseLinear
 from sparsekern.vllm import bsr_shard
 
 _QKV = {"q": 0, "k": 1, "v": 2}
 _INDEX = ("meta", "crow_indices", "col_indices")
+
+
+def rehome_params(layer: torch.nn.Module, names) -> None:
+    """Moves the layer's ``names`` parameters to 2 MiB pages (values unchanged), as ``sparsify``
+    does: vLLM allocated them on 4 KiB pages, and decode streams them every token."""
+    for name in names:
+        param = getattr(layer, name)
+        param.data = rehome(param.data)
 
 
 def expect_tensor(
@@ -302,6 +311,7 @@ class SparsekernLinearMethod(LinearMethodBase):
                 raise ValueError(f"checkpoint: tensors {[f'{n}.{t}' for n in missing]} are missing ({self.prefix})")
         rows, k = self._local
         if self.kind == "nm":
+            rehome_params(layer, tensors)
             self._quant_tensors = ()  # the op's trailing quantization arguments (apply passes them)
             if self.quant:
                 zeros = layer.zeros.data if self.zeros else None
@@ -312,6 +322,7 @@ class SparsekernLinearMethod(LinearMethodBase):
             self._pieces = []
             layer.crow_indices.data, layer.col_indices.data = crow, col
             layer.blocks.data = blocks.to(layer.blocks.dtype)
+            rehome_params(layer, tensors)
             weight = BlockSparseWeight(layer.crow_indices.data, layer.col_indices.data, layer.blocks.data, (rows, k))
         try:
             weight.validate()

@@ -22,6 +22,7 @@ import vllm.model_executor.layers.linear as vl  # noqa: E402
 import vllm.model_executor.parameter as vp  # noqa: E402
 from vllm.config import VllmConfig, set_current_vllm_config  # noqa: E402
 
+from sparsekern import hugepages  # noqa: E402
 from sparsekern.bench.layer import parse_quant  # noqa: E402
 from sparsekern.formats.bsr import BlockSparseWeight  # noqa: E402
 from sparsekern.formats.nm import NMSparseWeight  # noqa: E402
@@ -264,3 +265,28 @@ def test_block_index_out_of_range_is_refused():
         layer = build("column", cfg)
         with pytest.raises(ValueError, match=r"c_fc.*col_indices"):
             load(layer, tensors, None)
+
+
+@pytest.mark.skipif(not hugepages.enabled(), reason="needs Linux with transparent huge pages not 'never'")
+@pytest.mark.parametrize("pattern, tensor", [("2:4", "values"), ("block32x32:0.5", "blocks")])
+@pytest.mark.parametrize("tp", [1, 2])
+def test_loaded_weights_move_to_huge_pages(pattern, tensor, tp):
+    """vLLM allocates the parameters on 4 KiB pages; the method moves the large ones to 2 MiB
+    pages (as sparsify does for transformers), and the rank's output does not change."""
+    prefix, out, k = "model.layers.0.mlp.c_fc", 1024, 4096  # 2:4 fp32 values: 8 MiB, 4 MiB per rank at tp 2
+    dense = torch.randn(out, k)
+    w, tensors = compress(dense, pattern)
+    cfg = SparsekernConfig({prefix: entry(pattern, out, k, False)})
+    x = torch.randn(3, k)
+    for rank in range(tp):
+        with tp_rank(tp, rank):
+            layer = vl.ColumnParallelLinear(
+                k, out, bias=False, params_dtype=torch.float32, quant_config=cfg, prefix=prefix
+            )
+            load(layer, tensors, None)
+            assert not hugepages.is_huge(getattr(layer, tensor))
+            layer.quant_method.process_weights_after_loading(layer)
+            assert hugepages.is_huge(getattr(layer, tensor))
+            rows = slice(rank * out // tp, (rank + 1) * out // tp)
+            want = x @ w.to_dense()[rows].T
+            torch.testing.assert_close(layer(x)[0], want, rtol=1e-5, atol=1e-4)
