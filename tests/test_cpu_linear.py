@@ -9,7 +9,7 @@ kernels, 37 and 130 the batched ones.
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DTYPES, assert_matches_reference
+from conftest import DTYPES, assert_matches_reference, values_at_2mib
 
 import sparsekern as sk
 from sparsekern import _extension, reference
@@ -24,16 +24,6 @@ BLOCKS = [(8, 8), (16, 8), (16, 32), (32, 32), (64, 16), (8, 64), (12, 20), (128
 ROWS = [1, 3, 8, 13, 37, 130]  # 13: two 8-row decode passes (fp32 up to 32 rows, half types up to 64)
 # Batched BSR: 5 and 7 leave partial 6-row micro tiles, 37 and 130 partial 24-row chunks.
 BSR_ROWS = [1, 3, 5, 7, 8, 37, 130]
-
-
-def _at_2mib(t):
-    """``t`` copied to a 2 MiB boundary (where sparsekern.hugepages puts weights)."""
-    nbytes = t.numel() * t.element_size()
-    buf = torch.empty(nbytes + (2 << 20), dtype=torch.uint8)
-    off = -buf.data_ptr() % (2 << 20)
-    out = buf[off : off + nbytes].view(t.dtype).view(t.shape).copy_(t)
-    assert out.data_ptr() % (2 << 20) == 0
-    return out
 
 
 def _check(out, ref_fn, x, bias, what):
@@ -167,7 +157,7 @@ def test_nm24_every_step_tail(isa, k, rows, dtype, place):
     values at a 2 MiB boundary take the AVX-512 row kernels' huge-page prefetch."""
     w = sk.NMSparseWeight.from_dense(torch.randn(21, k), n=2, m=4, prune=True).to(dtype)
     if place == "2mib":
-        w = sk.NMSparseWeight(_at_2mib(w.values), w.meta, 2, 4, w.shape)
+        w = values_at_2mib(w)
     x = torch.randn(rows, k).to(dtype)
     bias = torch.randn(21).to(dtype)
     with sk.use_backend("cpu"):

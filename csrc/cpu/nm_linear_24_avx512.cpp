@@ -64,7 +64,7 @@ inline void prefetch_next_page(const void* p) {
 // other way costs speed only.
 inline bool on_huge_pages(const void* p) { return (reinterpret_cast<uintptr_t>(p) & ((2u << 20) - 1)) == 0; }
 
-// The prefetch for a stream read 64 bytes a step (p: this step's bytes). Far (2 MiB pages): four
+// The prefetch for a stream read StepBytes (<= 256) a step (p: this step's bytes). Far (2 MiB pages): four
 // lines 4 KiB ahead every 256 bytes; one core alone does not keep enough lines in flight to read
 // at the memory's rate otherwise. On 4 KiB pages each of those prefetches walks a page table,
 // and prefetch_next_page (above) is what pays.
@@ -73,16 +73,17 @@ inline bool on_huge_pages(const void* p) { return (reinterpret_cast<uintptr_t>(p
 // 11008x4096 1.11-1.13x / 1.05-1.10x (4 KiB ahead; 8 KiB 1.12x, 12 KiB 1.07x, 16 KiB 1.04x at 1
 // thread), 2048x5632 1.25x / 1.22x, 5632x2048 1.07x / 1.03x, 2048x2048 1.07x / 1.01x; bf16:
 // 11008x4096 1.10x / 1.05x, 2048x5632 1.01x / 1.02x, 5632x2048 1.09x / 1.03x, 2048x2048 1.13x
-// / 1.06x. 4 KiB pages, fp32 11008x4096: 0.93x / 0.95x. Prefetching 2 KB ahead: no gain at 1
-// thread. Not measured on Zen 4.
-template <bool Far>
+// / 1.06x; int8 / int4 values with bf16 x, 11008x4096: int8 1.16x / 1.12x, int8 g128 1.19x /
+// 1.06x, int4 g128 1.19x / 1.14x. 4 KiB pages, fp32 11008x4096: 0.93x / 0.95x. Prefetching 2 KB
+// ahead: no gain at 1 thread. Not measured on Zen 4.
+template <bool Far, int StepBytes = 64>
 SK_INLINE void prefetch_stream(const void* p) {
   if constexpr (Far) {
     const char* c = static_cast<const char*>(p);
-    if ((reinterpret_cast<uintptr_t>(c) & 255) < 64)
+    if ((reinterpret_cast<uintptr_t>(c) & 255) < StepBytes)
       for (int l = 0; l < 4; ++l) _mm_prefetch(c + 4096 + 64 * l, _MM_HINT_T0);
   } else {
-    prefetch_next_page(p);
+    prefetch_next_page<StepBytes>(p);
   }
 }
 
@@ -462,7 +463,7 @@ SK_BF16 SK_INLINE void q_step(__m512 (&acc)[2][R], __m512 (&part)[2][R], QGroups
 
 // Output row o for x rows r0 .. r0 + R - 1. Q: 8 or 4 bits; H: halves of a step may lie in
 // different groups; Z: zero points stored (else 0 for int8, 8 for int4).
-template <int Q, bool H, bool Z, int R>
+template <int Q, bool H, bool Z, int R, bool Far>
 SK_BF16 void rows24_q(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb, int64_t r0, int64_t o) {
   constexpr int B = Q == 8 ? 32 : 16;  // value bytes per step of 32 slots
   const int64_t kept = a.k / 2, full = kept / 32;
@@ -490,10 +491,10 @@ SK_BF16 void rows24_q(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb, in
   };
   for (; s + 2 <= full; s += 2) {
     if constexpr (H) half_groups<Q, Z>(st, s, true);
-    prefetch_next_page<B>(v + B * s);
+    prefetch_stream<Far, B>(v + B * s);
     q_step<Q, H, Z, R, 0>(acc, part, st, widen<Q, H, Z>(v + B * s, st, nib), meta(s), x0, ldb, s, kept, ctrl, base);
     if constexpr (H) half_groups<Q, Z>(st, s + 1, true);
-    prefetch_next_page<B>(v + B * (s + 1));
+    prefetch_stream<Far, B>(v + B * (s + 1));
     q_step<Q, H, Z, R, 1>(acc, part, st, widen<Q, H, Z>(v + B * (s + 1), st, nib), meta(s + 1), x0, ldb, s + 1, kept,
                           ctrl, base);
   }
@@ -537,7 +538,14 @@ void each_row(const NMLinearArgs& a, F f) {
 
 template <int Q, bool H, bool Z>
 void quantized24_as(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb) {
-  each_row(a, [&](int64_t o, int64_t r0, auto rows) { rows24_q<Q, H, Z, decltype(rows)::value>(a, xb, ldb, r0, o); });
+  if (on_huge_pages(a.values)) {
+    return each_row(a, [&](int64_t o, int64_t r0, auto rows) {
+      rows24_q<Q, H, Z, decltype(rows)::value, true>(a, xb, ldb, r0, o);
+    });
+  }
+  each_row(a, [&](int64_t o, int64_t r0, auto rows) {
+    rows24_q<Q, H, Z, decltype(rows)::value, false>(a, xb, ldb, r0, o);
+  });
 }
 
 template <int Q>
