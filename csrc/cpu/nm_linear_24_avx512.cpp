@@ -64,10 +64,11 @@ inline void prefetch_next_page(const void* p) {
 // other way costs speed only.
 inline bool on_huge_pages(const void* p) { return (reinterpret_cast<uintptr_t>(p) & ((2u << 20) - 1)) == 0; }
 
-// The prefetch for a stream read StepBytes (<= 256) a step (p: this step's bytes). Far (2 MiB pages): four
-// lines 4 KiB ahead every 256 bytes; one core alone does not keep enough lines in flight to read
-// at the memory's rate otherwise. On 4 KiB pages each of those prefetches walks a page table,
-// and prefetch_next_page (above) is what pays.
+// The prefetch for a stream read StepBytes (<= 256) a step (p: this step's bytes). Far (2 MiB
+// pages): four lines 4 KiB ahead every 256 bytes; one core alone does not keep enough lines in
+// flight to read at the memory's rate otherwise (past the tensor's end a prefetch is a hint that
+// never faults). On 4 KiB pages each of those prefetches walks a page table, and
+// prefetch_next_page (above) is what pays.
 // NOTE: 2:4, 1 row, weights streamed (>= 400 MB in rotation), Zen 5, one process, 7-9
 // interleaved rounds, median ratio prefetch_next_page -> far, 1 / 2 threads. 2 MiB pages, fp32:
 // 11008x4096 1.11-1.13x / 1.05-1.10x (4 KiB ahead; 8 KiB 1.12x, 12 KiB 1.07x, 16 KiB 1.04x at 1
