@@ -537,15 +537,20 @@ void each_row(const NMLinearArgs& a, F f) {
   });
 }
 
+// each_row with f(o, r0, rows, far): far a std::bool_constant, true where the values lie on
+// 2 MiB pages (on_huge_pages), for the row kernels' Far prefetch.
+template <class F>
+void each_row_far(const NMLinearArgs& a, F f) {
+  if (on_huge_pages(a.values)) {
+    return each_row(a, [&](int64_t o, int64_t r0, auto rows) { f(o, r0, rows, std::true_type()); });
+  }
+  each_row(a, [&](int64_t o, int64_t r0, auto rows) { f(o, r0, rows, std::false_type()); });
+}
+
 template <int Q, bool H, bool Z>
 void quantized24_as(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb) {
-  if (on_huge_pages(a.values)) {
-    return each_row(a, [&](int64_t o, int64_t r0, auto rows) {
-      rows24_q<Q, H, Z, decltype(rows)::value, true>(a, xb, ldb, r0, o);
-    });
-  }
-  each_row(a, [&](int64_t o, int64_t r0, auto rows) {
-    rows24_q<Q, H, Z, decltype(rows)::value, false>(a, xb, ldb, r0, o);
+  each_row_far(a, [&](int64_t o, int64_t r0, auto rows, auto far) {
+    rows24_q<Q, H, Z, decltype(rows)::value, decltype(far)::value>(a, xb, ldb, r0, o);
   });
 }
 
@@ -696,7 +701,6 @@ bool nm_24_avx512_supported(const NMLinearArgs& a) {
 }
 
 void nm_linear_decode_24_avx512(const NMLinearArgs& a) {
-  const bool far = on_huge_pages(a.values);
   if (a.dtype == DType::kBF16) {
     const int64_t ldb = (a.k + 63) / 64 * 64;  // whole 64-column windows, zero past K
     std::vector<uint16_t> xb(a.rows * ldb, 0);
@@ -708,26 +712,16 @@ void nm_linear_decode_24_avx512(const NMLinearArgs& a) {
         block24_bf16<decltype(rows)::value>(a, xb.data(), ldb, r0, o0, o1);
       });
     }
-    if (far) {
-      return each_row(a, [&](int64_t o, int64_t r0, auto rows) {
-        rows24_bf16<decltype(rows)::value, true>(a, xb.data(), ldb, r0, o);
-      });
-    }
-    return each_row(a, [&](int64_t o, int64_t r0, auto rows) {
-      rows24_bf16<decltype(rows)::value, false>(a, xb.data(), ldb, r0, o);
+    return each_row_far(a, [&](int64_t o, int64_t r0, auto rows, auto far) {
+      rows24_bf16<decltype(rows)::value, decltype(far)::value>(a, xb.data(), ldb, r0, o);
     });
   }
   const int64_t ldf = (a.k + 31) / 32 * 32;  // whole 32-column windows, zero past K
   std::vector<float> xf(a.rows * ldf);
   convert_rows_f32(a.x, a.rows, a.k, a.ldx, a.dtype, xf.data(), ldf, a.threads);
   if (a.rows == 1 || std::min<int64_t>(a.rows, 4) * ldf * sizeof(float) <= kBlockOverBytes) {
-    if (far) {
-      return each_row(a, [&](int64_t o, int64_t r0, auto rows) {
-        rows24<decltype(rows)::value, true>(a, xf.data(), ldf, r0, o);
-      });
-    }
-    return each_row(a, [&](int64_t o, int64_t r0, auto rows) {
-      rows24<decltype(rows)::value, false>(a, xf.data(), ldf, r0, o);
+    return each_row_far(a, [&](int64_t o, int64_t r0, auto rows, auto far) {
+      rows24<decltype(rows)::value, decltype(far)::value>(a, xf.data(), ldf, r0, o);
     });
   }
   // Up to 4 rows of x past kBlockOverBytes: blocks of output rows over chunks of the columns.
