@@ -5,7 +5,9 @@
 For the Llama-7B linear shapes (out x K) and 1, 4, 16, 4096 rows of bf16 x, times
   - dense    F.linear(x, W)                                          (cuBLAS)
   - semi24   F.linear(x, to_sparse_semi_structured(W_2:4))           (torch 2:4, where it runs)
-  - triton   the sparsekern Triton kernels: 2:4, 1:4, 2:8, block 64x64 at 90 %
+  - triton   the sparsekern Triton kernels: 2:4, 1:4, 2:8, block 64x64 at 90 % (--patterns:
+             any of these, and quantized values as PATTERN+int8 or PATTERN+int4g128 (g64 for
+             64-wide blocks): symmetric round to nearest, per row or per group of columns)
   - cuda 2:4 the sparsekern mma.sp kernel (where the extension was built with CUDA)
 Every sparse result is checked against F.linear on the same (masked) weight before timing.
 Times are CUDA-event medians with 20/80 % quantiles of interleaved repetitions, each a CUDA
@@ -126,12 +128,18 @@ def _rotating(make, copies: int):
 
 
 def _sparse_weight(dense: torch.Tensor, pattern: str):
+    pattern, _, quant = pattern.partition("+")
     if pattern.startswith("block"):
         size, sparsity = pattern[len("block") :].split(":")
         bm, bk = (int(v) for v in size.split("x"))
-        return sk.BlockSparseWeight.from_dense(dense, block=(bm, bk), sparsity=float(sparsity))
-    n, m = (int(v) for v in pattern.split(":"))
-    return sk.NMSparseWeight.from_dense(dense, n=n, m=m, prune=True)
+        w = sk.BlockSparseWeight.from_dense(dense, block=(bm, bk), sparsity=float(sparsity))
+    else:
+        n, m = (int(v) for v in pattern.split(":"))
+        w = sk.NMSparseWeight.from_dense(dense, n=n, m=m, prune=True)
+    if quant:  # int8 (per row) or int4g128 (per group of 128 columns)
+        kind, _, group = quant.partition("g")
+        w = w.quantize(kind, int(group or 0)).to(dense.dtype)
+    return w
 
 
 def _triton_call(x, w):
@@ -139,17 +147,17 @@ def _triton_call(x, w):
     if isinstance(w, sk.BlockSparseWeight):
         from sparsekern.kernels.bsr_linear import bsr_linear
 
-        return lambda: bsr_linear(x, w.crow_indices, w.col_indices, w.blocks)
+        return lambda: bsr_linear(x, w.crow_indices, w.col_indices, w.blocks, None, w.scales, w.zeros)
     from sparsekern.kernels.nm_linear import nm_linear
 
-    return lambda: nm_linear(x, w.values, w.meta, w.n, w.m)
+    return lambda: nm_linear(x, w.values, w.meta, w.n, w.m, None, w.scales, w.zeros, w.group_size or 0)
 
 
 def _max_rel_err(out, ref) -> float:
     return ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)).item()
 
 
-def bench_case(name, out_f, k, rows, bw_gbs) -> list[dict]:
+def bench_case(name, out_f, k, rows, bw_gbs, patterns=PATTERNS) -> list[dict]:
     torch.manual_seed(0)
     x = torch.randn(rows, k, device="cuda", dtype=DTYPE)
     dense = torch.randn(out_f, k, device="cuda", dtype=DTYPE)
@@ -159,11 +167,11 @@ def bench_case(name, out_f, k, rows, bw_gbs) -> list[dict]:
     fns = {"dense": _rotating(lambda i: lambda: F.linear(x, dense_ws[i]), copies)}
     moved = {"dense": dense_bytes}
     errors, checks = {}, {}
-    for pattern in PATTERNS:
+    for pattern in patterns:
         label = f"triton {pattern}"
         try:
             ws = [_sparse_weight(d, pattern) for d in [dense, *dense_ws[1:]]]
-            ref = F.linear(x, ws[0].to_dense())
+            ref = F.linear(x, ws[0].to_dense().to(DTYPE))
             with sk.use_backend("triton"):
                 checks[label] = _max_rel_err(
                     sk.ops.nm_linear(x, ws[0]) if pattern[0] != "b" else sk.ops.bsr_linear(x, ws[0]), ref
@@ -217,7 +225,13 @@ def main() -> None:
     ap.add_argument(
         "out", nargs="?", default=None, help="JSON output path (default bench/results/linear_gpu_<gpu>.json)"
     )
+    ap.add_argument("--patterns", default=",".join(PATTERNS), help="comma-separated (default: %(default)s)")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated (default: %(default)s)")
+    ap.add_argument("--rows", default=",".join(map(str, ROWS)), help="comma-separated (default: %(default)s)")
     args = ap.parse_args()
+    patterns = tuple(args.patterns.split(","))
+    shapes = {name: SHAPES[name] for name in args.shapes.split(",")}
+    rows_list = tuple(int(r) for r in args.rows.split(","))
     if not torch.cuda.is_available():
         raise SystemExit("bench_linear_gpu: needs a CUDA GPU")
     import triton
@@ -234,10 +248,10 @@ def main() -> None:
         f"{'shape':14} {'rows':>5} {'kernel':22} {'ms':>9} {'q20':>9} {'q80':>9} {'GB/s':>7} {'TFLOP/s':>8} {'%roof':>6} {'x dense':>8} {'err':>8}"
     )
     results = []
-    for name, (out_f, k) in SHAPES.items():
-        for rows in ROWS:
+    for name, (out_f, k) in shapes.items():
+        for rows in rows_list:
             try:
-                case = bench_case(name, out_f, k, rows, bw)
+                case = bench_case(name, out_f, k, rows, bw, patterns)
             except Exception as exc:  # noqa: BLE001
                 traceback.print_exc()
                 case = [dict(shape=name, out=out_f, k=k, rows=rows, kernel="*", error=f"{type(exc).__name__}: {exc}")]

@@ -6,6 +6,7 @@
 #
 #   device run: bash bench/gpu_session.sh 500
 #   device run: STAGES=dense-tests,sweep,attention,layer bash bench/gpu_session.sh 430
+#   device run: STAGES=quant-tests,quant-linear bash bench/gpu_session.sh 420
 set -u
 BUDGET=${1:-500}
 STAGES=",${STAGES:-build,tests,cuda-tests,linear,nm24,attention},"
@@ -62,6 +63,7 @@ PYTEST=(python3 -m pytest -v -p no:cacheprovider -rfE --tb=short --durations=10 
 stage tests 190 "$OUT/tests.log" "${PYTEST[@]}" tests/gpu/test_triton_linear_gpu.py \
     tests/gpu/test_attention_gpu.py tests/gpu/test_grouped_triton_gpu.py
 stage dense-tests 60 "$OUT/tests.log" "${PYTEST[@]}" tests/gpu/test_attention_gpu.py -k dense
+stage quant-tests 210 "$OUT/tests.log" "${PYTEST[@]}" tests/gpu/test_quant_triton_gpu.py
 
 if [ -n "$BUILD" ]; then
     wait $BUILD
@@ -72,6 +74,9 @@ stage cuda-tests 90 "$OUT/tests.log" "${PYTEST[@]}" tests/gpu/test_cuda_nm24.py
 # 2. benchmarks (alone on the GPU)
 stage linear 150 "$OUT/bench.log" python3 bench/bench_linear_gpu.py "$OUT/linear.json"
 stage sweep 170 "$OUT/bench.log" python3 bench/gpu_sweep.py "$OUT/sweep.json"
+QPATTERNS=2:4,2:4+int8,2:4+int4g128,block64x64:0.9,block64x64:0.9+int8,block64x64:0.9+int4g64
+stage quant-linear 170 "$OUT/bench.log" python3 bench/bench_linear_gpu.py "$OUT/quant-linear.json" \
+    --patterns "$QPATTERNS" --rows 1,16,4096
 stage nm24 90 "$OUT/bench.log" python3 bench/bench_nm24_gpu.py --reps 20 --out "$OUT/nm24.json"
 SK=(python3 -c "import sys; from sparsekern.cli import main; sys.exit(main(sys.argv[1:]))" bench --device cuda --no-progress)
 stage attention 90 "$OUT/bench.log" "${SK[@]}" --suite attention --out /tmp/sk-attn

@@ -66,6 +66,6 @@ def render() -> str:
 
 
 def _auto_note(impl) -> str:
-    if callable(impl.auto):  # auto for some arguments only, e.g. backends.triton.float_blocks_on_cuda
+    if callable(impl.auto):  # auto for some arguments only, e.g. backends.triton.blocks_on_cuda
         return f" (auto: {impl.auto.__name__})"
     return "" if impl.auto else " (off by default)"

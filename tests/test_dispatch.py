@@ -198,19 +198,22 @@ def test_dense_fallback_bsr_and_release_when_dense_loses(measured, monkeypatch):
 
 def test_auto_predicate_picks_the_arguments_it_applies_to(measured):
     """``auto`` may be a predicate of the op's arguments: the Triton BSR kernel is a candidate for
-    float blocks on CUDA tensors only (passed tests/gpu on an H200), never for CPU tensors."""
+    CUDA tensors only, float or quantized blocks (passed tests/gpu on an H200), never for CPU tensors."""
     from sparsekern.backends import triton as triton_backend
 
     w = sk.BlockSparseWeight.from_dense(torch.randn(64, 128), block=(16, 16), sparsity=0.5)
     x = torch.randn(2, 128)
     args = (x, w.crow_indices, w.col_indices, w.blocks, None)
-    auto = triton_backend.float_blocks_on_cuda
+    auto = triton_backend.blocks_on_cuda
     assert dispatch.implementations("bsr_linear")["triton"].auto is auto
     assert not auto(*args) and not auto(torch.empty(1, device="meta"), *args[1:])
     assert "triton" not in [i.backend for i in dispatch.candidates("bsr_linear", *args)]
-    if torch.cuda.is_available():  # float blocks on CUDA: a candidate; quantized ones: not yet
-        cuda_args = tuple(t.cuda() if t is not None else None for t in args)
-        assert auto(*cuda_args) and not auto(*cuda_args, torch.ones(1, device="cuda"))
+    wq = w.quantize("int4", 16)
+    qargs = (x, wq.crow_indices, wq.col_indices, wq.blocks, None, wq.scales, wq.zeros)
+    assert not auto(*qargs)
+    if torch.cuda.is_available():  # float and quantized blocks on CUDA: candidates
+        assert auto(*(t.cuda() if t is not None else None for t in args))
+        assert auto(*(t.cuda() if t is not None else None for t in qargs))
     only_backends("nm_linear", "reference", "dense")
     wn, xn = _weight()
     nm_args = (xn, wn.values, wn.meta, 2, 4, None)

@@ -1,15 +1,18 @@
 """The Triton backend: ``nm_linear`` and ``bsr_linear`` kernels from ``sparsekern.kernels``.
 
-``bsr_linear`` with float blocks is a dispatch candidate on CUDA tensors
-(``auto=float_blocks_on_cuda``): it passed tests/gpu on an H200 (2026-11-27) and beat cuBLAS at
-64x64 blocks, 90 % sparse, in all 12 Llama-7B cases measured there, 1.6-4.0x in CUDA graphs
-(bench/results/gpu-h200-2026-11-27.md); the measured dispatcher still keeps ``dense`` where it
-wins (eager decode, where the Triton launches cost more host time than the GPU work).
-Quantized blocks never ran on a GPU and run only when forced.
+``bsr_linear`` is a dispatch candidate on CUDA tensors (``auto=blocks_on_cuda``): with float
+blocks it passed tests/gpu on an H200 (2026-11-27) and beat cuBLAS at 64x64 blocks, 90 % sparse,
+in all 12 Llama-7B cases measured there, 1.6-4.0x in CUDA graphs
+(bench/results/gpu-h200-2026-11-27.md); with int8 / int4 blocks it passed
+tests/gpu/test_quant_triton_gpu.py there and ran 1.1-2.1x cuBLAS bf16 at decode, 0.9-1.6x at
+4096 rows (bench/results/gpu-h200-2026-11-27-quant.md). The measured dispatcher still keeps
+``dense`` where it wins (eager decode, where the Triton launches cost more host time than the GPU
+work; int8 blocks at prefill).
 
-``nm_linear`` passed the same tests but lost to cuBLAS at 2:4 in every case (0.05-0.74x) and beat
-it only at 1 row for 1:4 / 2:8 (1.0-1.25x), so it stays ``auto=False``: it runs only when forced
-with ``sparsekern.use_backend("triton")`` or ``SPARSEKERN_BACKEND=triton``.
+``nm_linear`` passed the same tests (int8 / int4 values too) but lost to cuBLAS at 2:4 in every
+case (0.05-0.74x; quantized 0.04-0.65x) and beat it only at 1 row for 1:4 / 2:8 (1.0-1.25x), so
+it stays ``auto=False``: it runs only when forced with ``sparsekern.use_backend("triton")`` or
+``SPARSEKERN_BACKEND=triton``.
 
 ``import sparsekern`` imports this module for every user, so it imports neither triton nor the
 kernels until a kernel is asked for: a CPU-only user without triton pays nothing.
@@ -49,11 +52,10 @@ def _device_reason(x) -> str | None:
     return None
 
 
-def float_blocks_on_cuda(x, crow, col, blocks, bias=None, scales=None, zeros=None) -> bool:
-    """A dispatch candidate for CUDA tensors and float blocks: what passed tests/gpu. The
-    interpreter on CPU is for tests, never a candidate; quantized blocks (scales) have not run
-    on a GPU yet, so they run only when forced."""
-    return x.device.type == "cuda" and scales is None
+def blocks_on_cuda(x, *_) -> bool:
+    """A dispatch candidate for CUDA tensors, float or quantized blocks: what passed tests/gpu.
+    The interpreter on CPU is for tests, never a candidate."""
+    return x.device.type == "cuda"
 
 
 def _nm_supports(x, values, meta, n, m, bias=None, *quant) -> str | None:
@@ -78,4 +80,4 @@ def _bsr_linear(x, crow, col, blocks, bias=None, scales=None, zeros=None):
 # NaN/Inf in x come out as in the dense op from the kernels themselves (kernels/nonfinite.py), so
 # the public op adds no all_finite() scan: that is a host sync per call, and no CUDA graphs.
 dispatch.register("nm_linear", "triton", _nm_linear, _nm_supports, auto=False, nonfinite_exact=True)
-dispatch.register("bsr_linear", "triton", _bsr_linear, _bsr_supports, auto=float_blocks_on_cuda, nonfinite_exact=True)
+dispatch.register("bsr_linear", "triton", _bsr_linear, _bsr_supports, auto=blocks_on_cuda, nonfinite_exact=True)
