@@ -101,6 +101,26 @@ def assert_matches_reference(
         )
 
 
+def triton_quant_weight(wq, rows: int) -> torch.Tensor:
+    """A quantized weight as the Triton kernels multiply it, dense float64: the yardstick of their
+    tests. Rounded once to x's dtype (``to_dense()``, the reference op's weight) where the kernel
+    feeds dequantized tiles to ``tl.dot`` (N:M above ``GEMV_MAX_ROWS`` rows; BSR unless
+    ``scales_after_dot``); dequantized in fp32 where it does not (the N:M gemv; BSR blocks that go
+    to ``tl.dot`` as integers, scaled after it)."""
+    from sparsekern.kernels.nm_linear import GEMV_MAX_ROWS
+
+    if isinstance(wq, sparsekern.NMSparseWeight):
+        if rows > GEMV_MAX_ROWS:
+            return wq.to_dense().double()
+        return dataclasses.replace(wq, scales=wq.scales.float(), act_block=0).to_dense().double()
+    from sparsekern.kernels.bsr_linear import scales_after_dot
+
+    bk = wq.block[1]
+    if not scales_after_dot(4 if wq.quant == "int4" else 8, bk // wq.scales.shape[-1], bk):
+        return wq.to_dense().double()
+    return dataclasses.replace(wq, scales=wq.scales.float()).to_dense().double()
+
+
 def assert_matches_dense(out: torch.Tensor, x: torch.Tensor, dense32: torch.Tensor, bias, what: str = "") -> None:
     """``out`` against ``x @ dense32.T + bias`` in fp32 (``dense32``: the weight as the kernels see
     it, e.g. dequantized from fp32 scales), with :func:`assert_matches_reference`'s per-element

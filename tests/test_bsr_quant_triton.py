@@ -1,9 +1,12 @@
 """Triton ``bsr_linear`` on quantized blocks (int8; int4 two per byte; scales per group of a stored
 block row, with or without zero points) under the interpreter, against the reference.
 
-The reference is the op's definition (``sparsekern.reference.bsr_linear``): the weight dequantized
-from the stored scales in fp32 and rounded once to their dtype, here multiplied in float64; the
-bound is conftest's ``assert_matches_reference`` against torch in x's dtype on that same weight.
+The yardstick is the weight as the kernel multiplies it (conftest's ``triton_quant_weight``): with
+several scale groups per block row, the op's definition (``sparsekern.reference.bsr_linear``:
+dequantized in fp32, rounded once to the scales' dtype); with one scale per block row, dequantized
+in fp32 without that rounding (the kernel scales after ``tl.dot`` on the integers). It is
+multiplied in float64; the bound is conftest's ``assert_matches_reference`` against torch in x's
+dtype on the op's weight.
 Outputs are poisoned with NaN before the kernel writes them (conftest). The compiled sm_80 / sm_90
 cases are in test_triton_compile.py.
 
@@ -21,7 +24,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_matches_reference
+from conftest import assert_matches_reference, triton_quant_weight
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import triton_aot  # noqa: E402
@@ -47,12 +50,13 @@ else:
         return w.quantize(quant, group_size, symmetric=symmetric).to(dtype)
 
     def _reference(x, wq, bias):
-        """(float64 product of the defined weight, torch in x's dtype on it, magnitude scale)."""
-        dense = wq.to_dense()  # (q - zero) * scale in fp32, rounded once to the scales' dtype
+        """(float64 product of the weight as the kernel uses it, torch in x's dtype on the op's
+        weight, magnitude scale)."""
+        dense = triton_quant_weight(wq, x.shape[0])
         b64 = None if bias is None else bias.double()
-        ref = F.linear(x.double(), dense.double(), b64)
-        same = F.linear(x, dense, bias)
-        mag = F.linear(x.double().abs(), dense.double().abs(), None if bias is None else b64.abs())
+        ref = F.linear(x.double(), dense, b64)
+        same = F.linear(x, wq.to_dense(), bias)  # (q - zero) * scale rounded once to the scales' dtype
+        mag = F.linear(x.double().abs(), dense.abs(), None if bias is None else b64.abs())
         return ref, same, mag
 
     def _check(out, x, wq, bias, what):

@@ -82,7 +82,7 @@ def _cases():
 
     def bsr_consts(bm, bk, partial, qbits=0, group=0, zeros=False):
         return dict(HAS_BIAS=not partial, PARTIAL=partial, BM=bm, BK=bk, GROUP=group or bk, QBITS=qbits,
-                    HAS_ZEROS=zeros)  # fmt: skip
+                    HAS_ZEROS=zeros, INT_DOT=bsr_linear.scales_after_dot(qbits, group or bk, bk))  # fmt: skip
 
     def bsr_cases(bm, bk, buckets, qbits=0, group=0, zeros=False):
         for bucket in buckets:
@@ -98,9 +98,10 @@ def _cases():
     for bm, bk in ((16, 16), (128, 128), (32, 128), (48, 24)):  # other blocks: main tile, sm_90
         *case, _ = next(bsr_cases(bm, bk, (128,)))
         yield (*case, (90,))
-    # Quantized blocks with zero points (int8 one scale per block row; int4 per 16 columns):
-    # decode and prefill tiles on both targets, other blocks at the main tile on sm_90.
-    for qbits, group in ((8, 0), (4, 16)):
+    # Quantized blocks with zero points (one scale per block row: int8 and int4, scaled after the
+    # integer tl.dot; int4 per 16 columns: dequantized tiles): decode and prefill tiles on both
+    # targets, other blocks at the main tile on sm_90.
+    for qbits, group in ((8, 0), (4, 0), (4, 16)):
         yield from bsr_cases(64, 64, (16, 128), qbits, group, True)
         for bm, bk in ((16, 32), (128, 128)):
             *case, _ = next(bsr_cases(bm, bk, (128,), qbits, group, True))

@@ -4,10 +4,11 @@
 blocks it passed tests/gpu on an H200 (2026-11-27) and beat cuBLAS at 64x64 blocks, 90 % sparse,
 in all 12 Llama-7B cases measured there, 1.6-4.0x in CUDA graphs
 (bench/results/gpu-h200-2026-11-27.md); with int8 / int4 blocks it passed
-tests/gpu/test_quant_triton_gpu.py there and ran 1.1-2.1x cuBLAS bf16 at decode, 0.9-1.6x at
-4096 rows (bench/results/gpu-h200-2026-11-27-quant.md). The measured dispatcher still keeps
-``dense`` where it wins (eager decode, where the Triton launches cost more host time than the GPU
-work; int8 blocks at prefill).
+tests/gpu/test_quant_triton_gpu.py there and, once one-scale-per-row blocks went to ``tl.dot`` as
+integers (``kernels.bsr_linear.scales_after_dot``), ran 1.5-2.8x cuBLAS bf16 at decode and
+1.8-2.2x at 4096 rows (bench/results/gpu-h200-2026-11-27-quant.md). The measured dispatcher
+still keeps ``dense`` where it wins (eager decode, where the Triton launches cost more host time
+than the GPU work).
 
 ``nm_linear`` passed the same tests (int8 / int4 values too) but lost to cuBLAS at 2:4 in every
 case (0.05-0.74x; quantized 0.04-0.65x) and beat it only at 1 row for 1:4 / 2:8 (1.0-1.25x), so

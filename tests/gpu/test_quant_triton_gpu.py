@@ -4,7 +4,7 @@ without one).
 
 The interpreter tests (tests/test_triton_linear.py ``test_nm_quantized``,
 tests/test_bsr_quant_triton.py) on CUDA: bf16 included, Llama-7B shapes, prefill rows, every
-autotune config. The yardstick is the weight as the kernels use it (``_exact_weight``) times x
+autotune config. The yardstick is the weight as the kernels use it (conftest's ``triton_quant_weight``) times x
 in float64; the bound is conftest's per-element ``assert_matches_reference`` with the reference
 backend's result in x's dtype as torch's own error, scaled by each element's sum of |terms|.
 It passed on an H200 (2026-11-27, bench/results/gpu-h200-2026-11-27-quant.md); since then
@@ -19,7 +19,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_matches_reference
+from conftest import assert_matches_reference, triton_quant_weight
 from triton_aot import gpu_skip_reason
 
 import sparsekern as sk
@@ -35,23 +35,11 @@ QUANTS = [("int8", 0, True), ("int8", 128, False), ("int4", 128, True), ("int4",
 QIDS = [f"{q}-g{g}-{'sym' if s else 'zeros'}" for q, g, s in QUANTS]
 
 
-def _exact_weight(wq, rows):
-    """The weight as the kernels use it, float64. N:M: dequantized in fp32 by the gemv kernel
-    (rows <= ``GEMV_MAX_ROWS``), rounded to x's dtype for ``tl.dot`` by the gemm kernel, as the
-    reference op does (``to_dense()``); BSR: rounded to x's dtype for ``tl.dot`` at every row count."""
-    from sparsekern.kernels.nm_linear import GEMV_MAX_ROWS
-
-    if isinstance(wq, sk.NMSparseWeight) and rows <= GEMV_MAX_ROWS:
-        fp32 = sk.NMSparseWeight(wq.values, wq.meta, wq.n, wq.m, wq.shape, wq.scales.float(), wq.zeros, wq.group_size)
-        return fp32.to_dense().double()
-    return wq.to_dense().double()
-
-
 def _yardsticks(run, x, wq, bias):
     """(float64 product of the exact weight, the reference op in x's dtype, sum of |terms|)."""
     with sk.use_backend("reference"):
         same = run(x, wq, bias)  # torch in x's dtype on the op's dequantized weight
-    dense = _exact_weight(wq, x.shape[0])
+    dense = triton_quant_weight(wq, x.shape[0])
     b64 = None if bias is None else bias.double()
     ref = F.linear(x.double(), dense, b64)
     mag = F.linear(x.double().abs(), dense.abs(), None if bias is None else b64.abs())
@@ -154,10 +142,17 @@ def test_nm_quant_every_config(quant, rows):
         assert_matches_reference(got, ref, same, f"{quant} config {cfg}", magnitude=mag)
 
 
+# One scale per block row (int8 per row, int4 g64 here): scaled after an integer tl.dot; several
+# per block row (int4 g32): dequantized tiles.
+BSR_QUANTS = [("int8", 0, True), ("int4", 64, False), ("int4", 32, False)]
+
+
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("shape", LLAMA, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("quant, group_size, symmetric", [QUANTS[0], QUANTS[3]], ids=[QIDS[0], QIDS[3]])
+@pytest.mark.parametrize(
+    "quant, group_size, symmetric", BSR_QUANTS, ids=[f"{q}-g{g}-{'sym' if s else 'zeros'}" for q, g, s in BSR_QUANTS]
+)
 def test_bsr_quant_llama_64x64_90(quant, group_size, symmetric, shape, rows, dtype):
     out, k = shape
     wq = _bsr(out, k, (64, 64), 0.9, quant, group_size, symmetric, dtype)
@@ -166,14 +161,14 @@ def test_bsr_quant_llama_64x64_90(quant, group_size, symmetric, shape, rows, dty
 
 
 BLOCKS = [(16, 16), (32, 16), (16, 64), (48, 24), (64, 64), (128, 128), (32, 128)]
-BSR_CASES = list(itertools.product(BLOCKS, ("int8", "int4")))
+BSR_CASES = list(itertools.product(BLOCKS, [("int8", 0, True), ("int4", 0, True), ("int4", 8, False)]))
 
 
-@pytest.mark.parametrize("block, quant", BSR_CASES, ids=[f"{a}x{b}-{q}" for (a, b), q in BSR_CASES])
-def test_bsr_quant_blocks(block, quant):
-    """Every block shape (48x24: padded tile), rows 1 / 5 / 130; zero points and groups of 8 for int4."""
-    bm, bk = block
-    symmetric, group = quant == "int8", 0 if quant == "int8" else 8
+@pytest.mark.parametrize("block, qcase", BSR_CASES, ids=[f"{a}x{b}-{q}-g{g}" for (a, b), (q, g, _) in BSR_CASES])
+def test_bsr_quant_blocks(block, qcase):
+    """Every block shape (48x24: padded tile), rows 1 / 5 / 130; one scale per block row (int8,
+    int4), and groups of 8 with zero points (int4)."""
+    (bm, bk), (quant, group, symmetric) = block, qcase
     wq = _bsr(bm * 7, bk * 9, block, 0.7, quant, group, symmetric, torch.bfloat16)
     for rows in (1, 5, 130):
         x, b = _inputs(rows, bk * 9, bm * 7, torch.bfloat16, bias=rows != 5)
@@ -181,12 +176,13 @@ def test_bsr_quant_blocks(block, quant):
 
 
 @pytest.mark.parametrize("rows", (1, 40, 300))
+@pytest.mark.parametrize("group", (0, 32))
 @pytest.mark.parametrize("quant", ("int8", "int4"))
-def test_bsr_quant_every_config(quant, rows):
+def test_bsr_quant_every_config(quant, group, rows):
     from sparsekern.kernels import bsr_linear as kb
     from sparsekern.kernels._common import rows_bucket
 
-    wq = _bsr(512, 1024, (64, 64), 0.8, quant, 32, False, torch.bfloat16)
+    wq = _bsr(512, 1024, (64, 64), 0.8, quant, group, False, torch.bfloat16)
     x, b = _inputs(rows, 1024, 512, torch.bfloat16)
     ref, same, mag = _yardsticks(sk.ops.bsr_linear, x, wq, b)
     for cfg in kb.bsr_configs(rows_bucket(rows), 64, 64, 2):
