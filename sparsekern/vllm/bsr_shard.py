@@ -46,8 +46,9 @@ def _aligned_runs(pos: torch.Tensor, size: int) -> bool:
 def select(weight: BlockSparseWeight, row_map: torch.Tensor, col_map: torch.Tensor, where: str) -> tuple:
     """This rank's blocks of ``weight`` (validated) given :func:`probe`'s maps.
 
-    Returns ``(local block row, local block column, block)`` per kept block and the local block
-    rows this shard covers. ``ValueError`` when a rank's rows or columns would cut a block.
+    Returns ``(local block row, local block column, per-block tensors)`` of the kept blocks (the
+    blocks, then their scales and zero points when quantized) and the local block rows this shard
+    covers. ``ValueError`` when a rank's rows or columns would cut a block.
     """
     bm, bk = weight.block
     dest = (row_map >= 0).nonzero().flatten()
@@ -76,11 +77,13 @@ def select(weight: BlockSparseWeight, row_map: torch.Tensor, col_map: torch.Tens
     col = weight.col_indices.long()
     d = dest_of[row_of]
     keep = (d >= 0) & (col >= first) & (col < first + k // bk)
-    return d[keep], col[keep] - first, weight.blocks[keep], dest_rows
+    per_block = tuple(t[keep] for t in (weight.blocks, weight.scales, weight.zeros) if t is not None)
+    return d[keep], col[keep] - first, per_block, dest_rows
 
 
 def assemble(pieces: list[tuple], block_rows: int, block_cols: int, where: str) -> tuple:
-    """``(crow, col, blocks)`` of the local weight from :func:`select`'s pieces (every row once)."""
+    """``(crow, col, per-block tensors)`` of the local weight from :func:`select`'s pieces (every
+    block row once), the blocks in row-major order."""
     covered = torch.cat([p[3] for p in pieces]) if pieces else torch.empty(0, dtype=torch.int64)
     if covered.numel() != block_rows or not torch.equal(covered.sort().values, torch.arange(block_rows)):
         raise ValueError(
@@ -88,8 +91,8 @@ def assemble(pieces: list[tuple], block_rows: int, block_cols: int, where: str) 
         )
     rows = torch.cat([p[0] for p in pieces])
     cols = torch.cat([p[1] for p in pieces])
-    blocks = torch.cat([p[2] for p in pieces])
+    per_block = [torch.cat(ts) for ts in zip(*(p[2] for p in pieces))]
     order = torch.argsort(rows * block_cols + cols, stable=True)
     crow = torch.zeros(block_rows + 1, dtype=torch.int64)
     crow[1:] = torch.bincount(rows, minlength=block_rows).cumsum(0)
-    return crow.to(torch.int32), cols[order].to(torch.int32), blocks[order]
+    return crow.to(torch.int32), cols[order].to(torch.int32), tuple(t[order] for t in per_block)

@@ -64,12 +64,6 @@ class SparsekernConfig(QuantizationConfig):
                 f"{where}.layers[{experts[0]!r}].class: 'SparseExperts' (N:M MoE experts) are not served by the "
                 f"vLLM plugin yet ({len(experts)} expert layers); serve this folder with `sparsekern serve`"
             )
-        qblocks = sorted(n for n, info in layers.items() if info.get("kind") == "block" and info.get("quant"))
-        if qblocks:
-            raise ValueError(
-                f"{where}.layers[{qblocks[0]!r}].quant: {layers[qblocks[0]]['quant']} block-sparse layers are not "
-                "served by the vLLM plugin yet; serve this folder with `sparsekern serve`, or keep block layers float"
-            )
         return cls(dict(layers))
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:

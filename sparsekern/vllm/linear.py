@@ -14,7 +14,8 @@ Tensor parallelism:
   vLLM's loaders cut their rows (column parallel, fused shards) and their columns (row parallel)
   as for a dense weight. A row-parallel cut must fall between groups (``K/tp`` a multiple of
   ``m``); ``meta`` is re-packed on the cut, since a word may hold indices of both sides.
-- BSR: see :mod:`sparsekern.vllm.bsr_shard` (block count depends on the data).
+- BSR: see :mod:`sparsekern.vllm.bsr_shard` (block count depends on the data). Quantized blocks'
+  ``scales`` / ``zeros`` (``[nnz, bm, groups]``) are cut with their blocks.
 
 A split that would cut an N:M group or a block is refused when the layer is built.
 """
@@ -27,7 +28,7 @@ from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_
 from vllm.model_executor.parameter import ChannelQuantScaleParameter, GroupQuantScaleParameter, ModelWeightParameter
 from vllm.model_executor.utils import set_weight_attrs
 
-from sparsekern.formats.bsr import BlockSparseWeight, check_block
+from sparsekern.formats.bsr import BlockSparseWeight, check_block, check_group_size
 from sparsekern.formats.nm import NMSparseWeight, check_nm, meta_words, pack_meta, unpack_meta
 from sparsekern.hugepages import rehome
 from sparsekern.nn.linear import SparseLinear
@@ -84,11 +85,11 @@ class SparsekernLinearMethod(LinearMethodBase):
         self.kind = first["kind"]
         self.in_features = first["in_features"]
         self._loaded: dict[str, list[int]] = {}
-        self._pending: dict = {}  # BSR: tensors of a shard until all three arrived
+        self._pending: dict = {}  # BSR: tensors of a shard until all arrived
         self._pieces: list[tuple] = []  # BSR: this rank's blocks of each shard
         self._linear: SparseLinear | None = None
         self._bias = None
-        self.quant, self.group_size, self.act_block, self.zeros = None, 0, 0, False  # N:M: set by create_weights
+        self.quant, self.group_size, self.act_block, self.zeros = None, 0, 0, False  # set by create_weights
         self._quant_tensors: tuple = ()
 
     # -- building ----------------------------------------------------------------------------
@@ -155,11 +156,18 @@ class SparsekernLinearMethod(LinearMethodBase):
                     "the block side"
                 )
             self._loader = loader
+            self._block_quant_args()
+            bm, cols, bdtype = self._block_layout(params_dtype)
             params = {
                 "crow_indices": torch.zeros(rows // self.bm + 1, dtype=torch.int32),
                 "col_indices": torch.zeros(0, dtype=torch.int32),
-                "blocks": torch.zeros(0, self.bm, self.bk, dtype=params_dtype),
+                "blocks": torch.zeros(0, bm, cols, dtype=bdtype),
             }
+            if self.quant:  # per block: [nnz, bm, groups]; whole blocks land on a rank, so their groups too
+                groups = self.bk // self.group_size if self.group_size else 1
+                params["scales"] = torch.zeros(0, self.bm, groups, dtype=params_dtype)
+                if self.zeros:
+                    params["zeros"] = torch.zeros(0, self.bm, groups, dtype=torch.int8)
             params = {t: Parameter(d, requires_grad=False) for t, d in params.items()}
             for t, p in params.items():
                 set_weight_attrs(p, {"weight_loader": self._stash_loader(layer, t)})
@@ -187,6 +195,24 @@ class SparsekernLinearMethod(LinearMethodBase):
                 f"{self.prefix}: int4 values are packed two to a byte; {kept} kept weights per rank ({tp}) "
                 "would split a byte"
             )
+
+    def _block_quant_args(self) -> None:
+        """A block entry's quantization (``quant`` None: float blocks); its scale groups lie inside
+        a block (the config checked them), so any split that keeps blocks whole keeps them whole."""
+        e = self.entries[0]
+        self.quant = e.get("quant")
+        self.group_size = e.get("group_size", 0) if self.quant else 0
+        self.zeros = bool(e.get("zeros")) if self.quant else False
+        if self.quant:
+            self._wrap(check_group_size, self.group_size, self.bk)
+
+    def _block_layout(self, params_dtype: torch.dtype | None) -> tuple:
+        """``(bm, columns, dtype)`` of one stored block (float blocks: ``params_dtype``)."""
+        if self.quant == "int8":
+            return self.bm, self.bk, torch.int8
+        if self.quant == "int4":
+            return self.bm, self.bk // 2, torch.uint8
+        return self.bm, self.bk, params_dtype
 
     def _values_layout(self, kept: int, params_dtype: torch.dtype | None) -> tuple[int, torch.dtype | None]:
         """Columns and dtype of ``values`` for ``kept`` weights a row (float values: ``params_dtype``)."""
@@ -266,7 +292,7 @@ class SparsekernLinearMethod(LinearMethodBase):
         return load
 
     def _stash_loader(self, layer: torch.nn.Module, tensor: str):
-        """BSR: keep each shard's tensors until its three have arrived, then cut this rank's share."""
+        """BSR: keep each shard's tensors until all have arrived, then cut this rank's share."""
 
         def load(param, loaded_weight: torch.Tensor, *shard) -> None:
             parts = self._parts(shard)
@@ -274,7 +300,7 @@ class SparsekernLinearMethod(LinearMethodBase):
             self._record(tensor, parts, where)
             got = self._pending.setdefault(tuple(parts), {"shard": shard})
             got[tensor] = loaded_weight
-            if len(got) == 4:
+            if len(got) == 1 + len(self._tensors()):
                 del self._pending[tuple(parts)]
                 self._pieces.append(self._cut(layer, parts, got))
 
@@ -288,23 +314,38 @@ class SparsekernLinearMethod(LinearMethodBase):
             "crow_indices", crow, [out // self.bm + 1], crow.dtype == torch.int32, self._where(parts, "crow_indices")
         )
         expect_tensor("col_indices", col, [nnz], col.dtype == torch.int32, self._where(parts, "col_indices"))
-        expect_tensor(
-            "blocks", blocks, [None, self.bm, self.bk], blocks.is_floating_point(), self._where(parts, "blocks")
-        )
+        bm, cols, dtype = self._block_layout(None)
+        ok = blocks.dtype == dtype if dtype else blocks.is_floating_point()
+        expect_tensor("blocks", blocks, [None, bm, cols], ok, self._where(parts, "blocks"), dtype)
+        quant = ()
+        if self.quant:
+            groups = self.bk // self.group_size if self.group_size else 1
+            scales, zeros = got["scales"], got.get("zeros")
+            where = self._where(parts, "scales")
+            expect_tensor("scales", scales, [nnz, bm, groups], scales.is_floating_point(), where)
+            if zeros is not None:
+                where = self._where(parts, "zeros")
+                expect_tensor("zeros", zeros, [nnz, bm, groups], zeros.dtype == torch.int8, where, torch.int8)
+            quant = (scales, zeros)
         where = self._name(parts)
         if out % self.bm:
             raise ValueError(f"{where}: {out} rows are not a whole number of {self.bm}-row blocks")
         try:
-            full = BlockSparseWeight(crow, col, blocks, (out, self.in_features)).validate()
+            full = BlockSparseWeight(crow, col, blocks, (out, self.in_features), *quant).validate()
         except (ValueError, TypeError) as exc:
             raise ValueError(f"checkpoint layer {where}: {exc}") from None
         row_map, col_map = bsr_shard.probe(layer, self._loader, got["shard"], self._local, (out, self.in_features))
         return bsr_shard.select(full, row_map, col_map, where)
 
-    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+    def _tensors(self) -> tuple[str, ...]:
+        """The checkpoint tensors of each layer this method loads."""
         tensors = ("values", "meta") if self.kind == "nm" else ("crow_indices", "col_indices", "blocks")
-        if self.kind == "nm" and self.quant:
+        if self.quant:
             tensors += ("scales", "zeros") if self.zeros else ("scales",)
+        return tensors
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        tensors = self._tensors()
         for t in tensors:
             missing = [self.names[i] for i in range(len(self.names)) if i not in self._loaded.get(t, [])]
             if missing:
@@ -318,12 +359,17 @@ class SparsekernLinearMethod(LinearMethodBase):
                 self._quant_tensors = (layer.scales.data, zeros, self.group_size, self.act_block)
             weight = NMSparseWeight(layer.values.data, layer.meta.data, self.n, self.m, (rows, k), *self._quant_tensors)
         else:
-            crow, col, blocks = bsr_shard.assemble(self._pieces, rows // self.bm, k // self.bk, self.prefix)
+            crow, col, per_block = bsr_shard.assemble(self._pieces, rows // self.bm, k // self.bk, self.prefix)
             self._pieces = []
             layer.crow_indices.data, layer.col_indices.data = crow, col
-            layer.blocks.data = blocks.to(layer.blocks.dtype)
+            for t, data in zip(tensors[2:], per_block):  # blocks, then scales and zeros when quantized
+                getattr(layer, t).data = data.to(getattr(layer, t).dtype)
             rehome_params(layer, tensors)
-            weight = BlockSparseWeight(layer.crow_indices.data, layer.col_indices.data, layer.blocks.data, (rows, k))
+            self._quant_tensors = ()
+            if self.quant:
+                self._quant_tensors = (layer.scales.data, layer.zeros.data if self.zeros else None)
+            blocks = (layer.crow_indices.data, layer.col_indices.data, layer.blocks.data)
+            weight = BlockSparseWeight(*blocks, (rows, k), *self._quant_tensors)
         try:
             weight.validate()
         except ValueError as exc:
@@ -344,4 +390,6 @@ class SparsekernLinearMethod(LinearMethodBase):
             return torch.ops.sparsekern.nm_linear(
                 x, layer.values, layer.meta, self.n, self.m, bias, *self._quant_tensors
             )
-        return torch.ops.sparsekern.bsr_linear(x, layer.crow_indices, layer.col_indices, layer.blocks, bias)
+        return torch.ops.sparsekern.bsr_linear(
+            x, layer.crow_indices, layer.col_indices, layer.blocks, bias, *self._quant_tensors
+        )

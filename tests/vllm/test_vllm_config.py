@@ -56,26 +56,6 @@ def test_reads_quantization_config_and_sparsekern_json(config):
                 "quant_method": "sparsekern",
                 "format_version": 1,
                 "layers": {
-                    "q": {
-                        "class": "SparseLinear",
-                        "kind": "block",
-                        "in_features": 64,
-                        "out_features": 64,
-                        "bias": False,
-                        "block": [16, 16],
-                        "quant": "int8",
-                        "group_size": 16,
-                        "zeros": False,
-                    },
-                },
-            },  # fmt: skip
-            r"layers\['q'\]\.quant: int8 block-sparse layers are not served by the vLLM plugin yet",
-        ),
-        (
-            {
-                "quant_method": "sparsekern",
-                "format_version": 1,
-                "layers": {
                     "model.layers.0.mlp.experts": {
                         "class": "SparseExperts",
                         "kind": "nm",

@@ -60,6 +60,15 @@ def test_quantized_folder_generation_matches_transformers(tmp_path_factory):
     assert got["tokens"] == hf_generate(path, PROMPTS, NEW_TOKENS)
 
 
+def test_quantized_block_folder_generation_matches_transformers(tmp_path_factory):
+    """Block-sparse layers (32x32, half the blocks) with int4 values, groups of 16 and zero
+    points: each block's scales and zeros travel with it through vLLM's loaders."""
+    path = str(tmp_path_factory.mktemp("vllm-qblock") / "tinyllama")
+    tinyllama_folder(path, "block32x32:0.5", quant={"quant": "int4", "group_size": 16, "symmetric": False})
+    got = vllm_generate(path, PROMPTS, NEW_TOKENS, quantization="sparsekern")
+    assert got["tokens"] == hf_generate(path, PROMPTS, NEW_TOKENS)
+
+
 def test_int8_head_folder_generation_matches_transformers(tmp_path_factory):
     """2:4 with the int8 LM head of ``sparsify(head="int8")``: vLLM's ParallelLMHead loads its
     values and scales and runs the kernel transformers runs."""
