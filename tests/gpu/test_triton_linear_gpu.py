@@ -120,17 +120,20 @@ def test_bsr_every_config(rows):
 
 
 @pytest.mark.parametrize("rows", (1, 5, 300))
-@pytest.mark.parametrize("kind", ["2:4", "block64x64"])
+@pytest.mark.parametrize("kind", ["2:4", "block64x64", "2:4-int4", "block64x64-int8"])
 def test_nonfinite_like_dense_llama(kind, rows):
-    """NaN/Inf in x give NaN/Inf exactly where dense F.linear does, at a Llama width where the
-    NaN pass (kernels/nonfinite.py) spreads x over many column chunks: first, middle, last chunk."""
+    """NaN/Inf in x give NaN/Inf exactly where dense F.linear (on the dequantized weight, when
+    quantized) does, at a Llama width where the NaN pass (kernels/nonfinite.py) spreads x over many
+    column chunks: first, middle, last chunk."""
     out_f, k = 4096, 11008
     dense = torch.randn(out_f, k, device="cuda")
-    if kind == "2:4":
-        w = sk.NMSparseWeight.from_dense(dense, n=2, m=4, prune=True).to(torch.bfloat16)
+    if kind.startswith("2:4"):
+        w = sk.NMSparseWeight.from_dense(dense, n=2, m=4, prune=True)
+        w = (w.quantize("int4", 128) if kind.endswith("int4") else w).to(torch.bfloat16)
         run = sk.ops.nm_linear
     else:
-        w = sk.BlockSparseWeight.from_dense(dense, block=(64, 64), sparsity=0.9).to(torch.bfloat16)
+        w = sk.BlockSparseWeight.from_dense(dense, block=(64, 64), sparsity=0.9)
+        w = (w.quantize("int8") if kind.endswith("int8") else w).to(torch.bfloat16)
         run = sk.ops.bsr_linear
     x = torch.randn(rows, k, device="cuda")
     x[0, 1], x[rows - 1, k - 2], x[rows // 2, k // 2] = float("nan"), float("inf"), -float("inf")
