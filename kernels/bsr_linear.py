@@ -61,7 +61,7 @@ def scales_after_dot(qbits: int, group: int, bk: int) -> bool:
     """Whether quantized blocks go to ``tl.dot`` as integers, scaled after it: one scale per
     stored block row (``group == bk``), int8, or int4 with a padded width of at least 32. Else
     each block is dequantized in registers first. On the H200 (Triton 3.6) the integer route ran
-    int8 / int4 blocks 1.2-2.4x faster; int4 blocks 16 wide came out wrong there (8 bytes a row
+    int8 / int4 blocks 1.2-2.2x faster; int4 blocks 16 wide came out wrong there (8 bytes a row
     through ``tl.interleave``), so they stay on the dequantized route."""
     return qbits != 0 and group == bk and (qbits == 8 or padded(bk) >= 32)
 

@@ -545,8 +545,8 @@ void each_row(const NMLinearArgs& a, F f) {
 // 1.15x, 2048x2048 (4.7 MB) 1.00x / 1.05x, 11008x4096 1.02x / 1.06x; fp32: 576x576 1.19x / 1.11x,
 // 3072x576 (3.8 MB) 1.18x / 1.15x, 2048x2048 (8.9 MB) 1.01x / 1.03x, 5632x2048 (24.5 MB) 1.03x /
 // 0.96x, 11008x4096 (96 MB) 0.97x / 1.05x; int8 (per row) and int4 (g64) values, bf16 x, 2
-// threads, 576x576 to 2048x2048 (0.13-2.6 MB): 1.07-1.18x (int4 576x576 1.00x), int4 at 1 thread
-// 1.02-1.05x. SmolLM2-135M 2:4 bf16 lean decode (every linear under 2 MiB): 146-159 -> 167-183
+// threads, 576x576 to 2048x2048 (0.13-2.6 MB): 1.06-1.18x (int4 576x576: 1.00x), int4 at 1 thread
+// 1.02-1.05x. SmolLM2-135M 2:4 bf16 lean decode (every linear under 2 MiB): 146-162 -> 167-183
 // tok/s (separate processes, alternating).
 constexpr int64_t kFarShortBytes = int64_t{4} << 20;
 
