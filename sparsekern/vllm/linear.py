@@ -157,11 +157,11 @@ class SparsekernLinearMethod(LinearMethodBase):
                 )
             self._loader = loader
             self._block_quant_args()
-            bm, cols, bdtype = self._block_layout(params_dtype)
+            cols, bdtype = self._values_layout(self.bk, params_dtype)
             params = {
                 "crow_indices": torch.zeros(rows // self.bm + 1, dtype=torch.int32),
                 "col_indices": torch.zeros(0, dtype=torch.int32),
-                "blocks": torch.zeros(0, bm, cols, dtype=bdtype),
+                "blocks": torch.zeros(0, self.bm, cols, dtype=bdtype),
             }
             if self.quant:  # per block: [nnz, bm, groups]; whole blocks land on a rank, so their groups too
                 groups = self.bk // self.group_size if self.group_size else 1
@@ -175,15 +175,19 @@ class SparsekernLinearMethod(LinearMethodBase):
             layer.register_parameter(t, p)
             set_weight_attrs(p, extra_weight_attrs)
 
-    # -- quantized N:M values (int8 / int4 kept weights with scales, optional zero points) --------
+    # -- quantized values (int8 / int4 N:M values or blocks, with scales, optional zero points) ----
 
-    def _quant_args(self, k: int, kept: int, tp: str) -> None:
-        """The entry's quantization (``quant`` None: float values), checked against this rank's
-        share of the inputs: a scale group, an int4 byte or an x block never straddles a shard."""
+    def _read_quant(self) -> None:
+        """The entry's quantization (``quant`` None: float values or blocks)."""
         e = self.entries[0]
         self.quant = e.get("quant")
         self.group_size, self.act_block = (e.get("group_size", 0), e.get("act_block", 0)) if self.quant else (0, 0)
         self.zeros = bool(e.get("zeros")) if self.quant else False
+
+    def _quant_args(self, k: int, kept: int, tp: str) -> None:
+        """:meth:`_read_quant`, checked against this rank's share of the inputs: a scale group, an
+        int4 byte or an x block never straddles a shard."""
+        self._read_quant()
         for size, what in ((self.group_size, "scale groups"), (self.act_block, "int8-activation blocks")):
             if size and k % size:
                 raise ValueError(
@@ -197,25 +201,15 @@ class SparsekernLinearMethod(LinearMethodBase):
             )
 
     def _block_quant_args(self) -> None:
-        """A block entry's quantization (``quant`` None: float blocks); its scale groups lie inside
-        a block (the config checked them), so any split that keeps blocks whole keeps them whole."""
-        e = self.entries[0]
-        self.quant = e.get("quant")
-        self.group_size = e.get("group_size", 0) if self.quant else 0
-        self.zeros = bool(e.get("zeros")) if self.quant else False
+        """:meth:`_read_quant` for blocks, with the scale group checked against the block width: a
+        group lies inside a block, so any split that keeps blocks whole keeps the groups whole."""
+        self._read_quant()
         if self.quant:
             self._wrap(check_group_size, self.group_size, self.bk)
 
-    def _block_layout(self, params_dtype: torch.dtype | None) -> tuple:
-        """``(bm, columns, dtype)`` of one stored block (float blocks: ``params_dtype``)."""
-        if self.quant == "int8":
-            return self.bm, self.bk, torch.int8
-        if self.quant == "int4":
-            return self.bm, self.bk // 2, torch.uint8
-        return self.bm, self.bk, params_dtype
-
     def _values_layout(self, kept: int, params_dtype: torch.dtype | None) -> tuple[int, torch.dtype | None]:
-        """Columns and dtype of ``values`` for ``kept`` weights a row (float values: ``params_dtype``)."""
+        """Columns and dtype of ``kept`` stored weights of a row (N:M values, or a block's row):
+        int8 one per byte, int4 two per byte, float values in ``params_dtype``."""
         if self.quant == "int8":
             return kept, torch.int8
         if self.quant == "int4":
@@ -314,7 +308,8 @@ class SparsekernLinearMethod(LinearMethodBase):
             "crow_indices", crow, [out // self.bm + 1], crow.dtype == torch.int32, self._where(parts, "crow_indices")
         )
         expect_tensor("col_indices", col, [nnz], col.dtype == torch.int32, self._where(parts, "col_indices"))
-        bm, cols, dtype = self._block_layout(None)
+        bm = self.bm
+        cols, dtype = self._values_layout(self.bk, None)  # None: any float dtype
         ok = blocks.dtype == dtype if dtype else blocks.is_floating_point()
         expect_tensor("blocks", blocks, [None, bm, cols], ok, self._where(parts, "blocks"), dtype)
         quant = ()
