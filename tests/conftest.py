@@ -179,14 +179,3 @@ def no_host_scan(monkeypatch):
 def only_backends(op, *backends):
     """Keep just these registered backends of ``op`` (the real CPU kernel would compete)."""
     sparsekern.dispatch._registry[op] = {b: i for b, i in sparsekern.dispatch._registry[op].items() if b in backends}
-
-
-def values_at_2mib(w):
-    """``w`` (an NMSparseWeight) with its values copied to a 2 MiB boundary, where
-    sparsekern.hugepages puts weights: the AVX-512 2:4 row kernels then prefetch far ahead."""
-    nbytes = w.values.numel() * w.values.element_size()
-    buf = torch.empty(nbytes + (2 << 20), dtype=torch.uint8)
-    off = -buf.data_ptr() % (2 << 20)
-    values = buf[off : off + nbytes].view(w.values.dtype).view(w.values.shape).copy_(w.values)
-    assert values.data_ptr() % (2 << 20) == 0
-    return dataclasses.replace(w, values=values)
