@@ -121,6 +121,19 @@ def triton_quant_weight(wq, rows: int) -> torch.Tensor:
     return dataclasses.replace(wq, scales=wq.scales.float()).to_dense().double()
 
 
+def triton_quant_yardsticks(x: torch.Tensor, wq, bias) -> tuple:
+    """For :func:`assert_matches_reference` on a Triton kernel with the quantized weight ``wq``
+    (no int8 activations): ``(ref, same, magnitude)``, the float64 product of
+    :func:`triton_quant_weight`, torch in x's dtype on the op's weight (``to_dense()``: rounded once
+    to the scales' dtype), and each element's sum of |terms|."""
+    dense = triton_quant_weight(wq, x.shape[0])
+    b64 = None if bias is None else bias.double()
+    ref = torch.nn.functional.linear(x.double(), dense, b64)
+    same = torch.nn.functional.linear(x, wq.to_dense(), bias)
+    mag = torch.nn.functional.linear(x.double().abs(), dense.abs(), None if bias is None else b64.abs())
+    return ref, same, mag
+
+
 def assert_matches_dense(out: torch.Tensor, x: torch.Tensor, dense32: torch.Tensor, bias, what: str = "") -> None:
     """``out`` against ``x @ dense32.T + bias`` in fp32 (``dense32``: the weight as the kernels see
     it, e.g. dequantized from fp32 scales), with :func:`assert_matches_reference`'s per-element

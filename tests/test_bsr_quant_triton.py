@@ -24,7 +24,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_matches_reference, triton_quant_weight
+from conftest import assert_matches_reference, triton_quant_yardsticks
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import triton_aot  # noqa: E402
@@ -49,18 +49,8 @@ else:
         w = BlockSparseWeight.from_dense(torch.randn(out, k), block, sparsity)
         return w.quantize(quant, group_size, symmetric=symmetric).to(dtype)
 
-    def _reference(x, wq, bias):
-        """(float64 product of the weight as the kernel uses it, torch in x's dtype on the op's
-        weight, magnitude scale)."""
-        dense = triton_quant_weight(wq, x.shape[0])
-        b64 = None if bias is None else bias.double()
-        ref = F.linear(x.double(), dense, b64)
-        same = F.linear(x, wq.to_dense(), bias)  # (q - zero) * scale rounded once to the scales' dtype
-        mag = F.linear(x.double().abs(), dense.abs(), None if bias is None else b64.abs())
-        return ref, same, mag
-
     def _check(out, x, wq, bias, what):
-        ref, same, mag = _reference(x, wq, bias)
+        ref, same, mag = triton_quant_yardsticks(x, wq, bias)
         assert_matches_reference(out, ref, same, what, magnitude=mag)
 
     def _run(x, wq, bias):

@@ -4,9 +4,10 @@ without one).
 
 The interpreter tests (tests/test_triton_linear.py ``test_nm_quantized``,
 tests/test_bsr_quant_triton.py) on CUDA: bf16 included, Llama-7B shapes, prefill rows, every
-autotune config. The yardstick is the weight as the kernels use it (conftest's ``triton_quant_weight``) times x
-in float64; the bound is conftest's per-element ``assert_matches_reference`` with the reference
-backend's result in x's dtype as torch's own error, scaled by each element's sum of |terms|.
+autotune config. The yardstick (conftest's ``triton_quant_yardsticks``) is the weight as the
+kernels use it times x in float64; the bound is conftest's per-element ``assert_matches_reference``
+with torch in x's dtype on the op's weight as torch's own error, scaled by each element's sum of
+|terms|.
 It passed on an H200 (2026-11-27, bench/results/gpu-h200-2026-11-27-quant.md); since then
 quantized blocks are dispatch candidates on CUDA (``blocks_on_cuda`` in
 sparsekern/backends/triton.py).
@@ -19,7 +20,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_matches_reference, triton_quant_weight
+from conftest import assert_matches_reference, triton_quant_yardsticks
 from triton_aot import gpu_skip_reason
 
 import sparsekern as sk
@@ -35,21 +36,10 @@ QUANTS = [("int8", 0, True), ("int8", 128, False), ("int4", 128, True), ("int4",
 QIDS = [f"{q}-g{g}-{'sym' if s else 'zeros'}" for q, g, s in QUANTS]
 
 
-def _yardsticks(run, x, wq, bias):
-    """(float64 product of the exact weight, the reference op in x's dtype, sum of |terms|)."""
-    with sk.use_backend("reference"):
-        same = run(x, wq, bias)  # torch in x's dtype on the op's dequantized weight
-    dense = triton_quant_weight(wq, x.shape[0])
-    b64 = None if bias is None else bias.double()
-    ref = F.linear(x.double(), dense, b64)
-    mag = F.linear(x.double().abs(), dense.abs(), None if bias is None else b64.abs())
-    return ref, same, mag
-
-
 def _check(run, x, wq, bias, what):
     with sk.use_backend("triton"):
         out = run(x, wq, bias)
-    ref, same, mag = _yardsticks(run, x, wq, bias)
+    ref, same, mag = triton_quant_yardsticks(x, wq, bias)
     assert_matches_reference(out, ref, same, what, magnitude=mag)
 
 
@@ -136,7 +126,7 @@ def test_nm_quant_every_config(quant, rows):
         configs = [c for b in (16, 64, 4096) for c in kn.nm_gemm_configs(b, 2)]
     wq = _nm(1000, 1152, 2, 4, quant, 64, False, torch.bfloat16)
     x, b = _inputs(rows, 1152, 1000, torch.bfloat16)
-    ref, same, mag = _yardsticks(sk.ops.nm_linear, x, wq, b)
+    ref, same, mag = triton_quant_yardsticks(x, wq, b)
     for cfg in configs:
         got = kn.nm_linear(x, wq.values, wq.meta, 2, 4, b, wq.scales, wq.zeros, wq.group_size, 0, cfg)
         assert_matches_reference(got, ref, same, f"{quant} config {cfg}", magnitude=mag)
@@ -184,7 +174,7 @@ def test_bsr_quant_every_config(quant, group, rows):
 
     wq = _bsr(512, 1024, (64, 64), 0.8, quant, group, False, torch.bfloat16)
     x, b = _inputs(rows, 1024, 512, torch.bfloat16)
-    ref, same, mag = _yardsticks(sk.ops.bsr_linear, x, wq, b)
+    ref, same, mag = triton_quant_yardsticks(x, wq, b)
     for cfg in kb.bsr_configs(rows_bucket(rows), 64, 64, 2):
         got = kb.bsr_linear(x, wq.crow_indices, wq.col_indices, wq.blocks, b, wq.scales, wq.zeros, config=cfg)
         assert_matches_reference(got, ref, same, f"{quant} config {cfg}", magnitude=mag)
