@@ -186,31 +186,57 @@ def test_nm24_gemm_tails(isa, rows, out, k, dtype):
     _check(y, lambda xx, bb: F.linear(xx, dense.to(xx.dtype), bb), x, bias, what)
 
 
-def _nm24_fields(meta: torch.Tensor, kept: int) -> torch.Tensor:
-    """The 2-bit in-group index of every kept slot of a 2:4 meta, [out, kept] (16 per word)."""
-    shifts = torch.arange(16, dtype=torch.int64) * 2
-    fields = (meta.to(torch.int64).unsqueeze(-1) >> shifts) & 3
+def _nm_fields(meta: torch.Tensor, kept: int, m: int) -> torch.Tensor:
+    """The in-group index of every kept slot of an N:M meta, [out, kept]: 2-bit fields 16 a word
+    (M = 4), 3-bit fields 10 a word (M = 8, the top 2 bits unused)."""
+    bits = 2 if m == 4 else 3
+    per = 32 // bits
+    shifts = torch.arange(per, dtype=torch.int64) * bits
+    fields = (meta.to(torch.int64).unsqueeze(-1) >> shifts) & (m - 1)
     return fields.reshape(meta.shape[0], -1)[:, :kept]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("rows", [5, 40])  # the decode kernel and the GEMM (fp32: or the tiles)
-def test_nm24_any_meta_is_the_sum_over_slots(isa, rows, dtype):
-    """Garbage 2:4 meta (index pairs out of order, or twice the same column) gives what the format
+@pytest.mark.parametrize("nm", [(2, 4), (1, 4), (2, 8), (4, 8)], ids=lambda p: f"{p[0]}:{p[1]}")
+def test_nm_any_meta_is_the_sum_over_slots(isa, nm, rows, dtype):
+    """Garbage meta (index pairs out of order, or twice the same column) gives what the format
     says: the sum over kept slots of value * x[row, its group's column], in the decode kernels and
-    the 2:4 GEMM (the decompressed tiles, fp32 past 32 rows off AVX-512 BF16, keep one value per
-    column instead)."""
-    if dtype == torch.float32 and rows > 32 and isa != "avx512bf16":
-        pytest.skip("fp32 at 40 rows takes the decompressed tiles here")
-    out, k = 37, 260
-    w = sk.NMSparseWeight.from_dense(torch.randn(out, k), n=2, m=4, prune=True).to(dtype)
+    the 2:4 GEMM (the decompressed tiles, which the other patterns take at 40 rows, and fp32 2:4
+    past 32 rows off AVX-512 BF16, keep one value per column instead)."""
+    n, m = nm
+    if rows > 32 and (nm != (2, 4) or (dtype == torch.float32 and isa != "avx512bf16")):
+        pytest.skip("40 rows take the decompressed tiles here")
+    out, k = 37, 260 if m == 4 else 520  # 32-slot steps and a tail: 2:4 4 + 2, 1:4 2 + 1, 4:8 8 + 4, 2:8 4 + 2
+    w = sk.NMSparseWeight.from_dense(torch.randn(out, k), n=n, m=m, prune=True).to(dtype)
     garbage = torch.randint(-(2**31), 2**31 - 1, w.meta.shape, dtype=torch.int32)
     x = torch.randn(rows, k).to(dtype)
-    y = torch.ops.sparsekern._nm_linear_cpu(x, w.values, garbage, 2, 4, None)
-    kept = k // 2
-    cols = _nm24_fields(garbage, kept) + torch.arange(kept) // 2 * 4
+    y = torch.ops.sparsekern._nm_linear_cpu(x, w.values, garbage, n, m, None)
+    kept = k // m * n
+    cols = _nm_fields(garbage, kept, m) + torch.arange(kept) // n * m
     terms = x.float()[:, cols] * w.values.float()  # [rows, out, kept]
     ref = terms.sum(-1)
     u = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-20
     bound = u * ref.abs() + u / 16 * terms.abs().sum(-1) + 1e-6
     assert ((y.float() - ref).abs() <= bound).all(), f"{isa} rows={rows}: max err {(y.float() - ref).abs().max():.3g}"
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5])
+# kept = K / 2 (4:8) or K / 4 (1:4, 2:8) in steps of 32: a partial step only (64 at 1:4, 2:8),
+# whole steps (128, 640), steps and a tail (200, 1344, 4160); one row sums steps in 4 interleaved
+# sums (4:8 at 640: 10 steps, 8 + 2 left); 4:8 walks the five phases of its 3-bit meta (640, 1344:
+# 21 steps, 4160: 65). 2 and 5 rows at 4160 pass 16 KB of x and take the column-chunked kernel
+# (chunks of 32 steps: 32 + a tail at 1:4 and 2:8, 2 chunks + 1 step at 4:8).
+@pytest.mark.parametrize("k", [64, 128, 200, 640, 1344, 4160])
+@pytest.mark.parametrize("nm", [(1, 4), (2, 8), (4, 8)], ids=lambda p: f"{p[0]}:{p[1]}")
+def test_nm_bf16_every_step_tail(isa, nm, k, rows):
+    """bf16 N:M other than 2:4 (on AVX-512 BF16 + VBMI: the vdpbf16ps decode kernel, 32 kept
+    values a step over one or two 64-column windows of x) at each tail."""
+    n, m = nm
+    w = sk.NMSparseWeight.from_dense(torch.randn(21, k), n=n, m=m, prune=True).to(torch.bfloat16)
+    x = torch.randn(rows, k).to(torch.bfloat16)
+    bias = torch.randn(21).to(torch.bfloat16)
+    with sk.use_backend("cpu"):
+        y = sk.ops.nm_linear(x, w, bias)
+    dense = w.to_dense()
+    _check(y, lambda xx, bb: F.linear(xx, dense.to(xx.dtype), bb), x, bias, f"{isa} {n}:{m} k={k} rows={rows}")

@@ -13,7 +13,6 @@ from sparsekern import _extension
 from sparsekern.formats import quant as q
 
 needs_ext = pytest.mark.skipif(not _extension.HAS_C_EXT, reason="compiled extension not loaded")
-ISAS = {"portable": 0, "avx2": 1, "avx512": 2}
 
 
 def _qweight(out, k, n, m, quant, group_size, symmetric=True, dtype=torch.float32):
@@ -99,14 +98,6 @@ def test_bad_quantized_parts_are_refused():
 # -- kernels against the reference -------------------------------------------------------------
 
 
-@pytest.fixture(params=list(ISAS))
-def isa(request, monkeypatch):
-    monkeypatch.setenv("SPARSEKERN_CPU_ISA", request.param)
-    if int(torch.ops.sparsekern._cpu_isa()) != ISAS[request.param]:
-        pytest.skip(f"this CPU lacks {request.param}")
-    return request.param
-
-
 def _has_vnni_vbmi() -> bool:
     flags = open("/proc/cpuinfo").read().split()
     return "avx512_vnni" in flags and "avx512vbmi" in flags
@@ -146,25 +137,30 @@ def test_quantized_nm_linear_cpu(isa, nm, quant, group_size, rows, dtype):
 @pytest.mark.parametrize("rows", [1, 2, 5, 13, 70])  # 13, 70: the 2:4 bf16 GEMM (AVX-512 BF16) or bf16 tiles
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("quant", q.QUANTS)
-# kept = K / 2: whole 32-slot steps (384, 1344: 21 of them, 4096), a 16-slot tail (352, 480), 4
-# (200). Groups in kept slots (half the columns): 16 (each half-step its own group), 32 (a group
-# per step), 48 (a step's halves in two groups), 64, 96; 0: one per row.
+# Steps of 32 kept slots (K / 2 at 2:4 and 4:8, K / 4 at 1:4 and 2:8): whole steps (384 at 2:4,
+# 4096), a partial last one (200, 352, 480, 1344); 4:8 at 384 and 1344 walks all five phases of
+# its 3-bit meta. Groups in kept slots: at 2:4 and 4:8 half the group size, 16 (each half-step
+# its own group), 32 (a group per step), 48 (a step's halves in two groups), 64, 96; at 1:4 and
+# 2:8 a quarter: 8 (group size 32: each quarter-step its own group; with zero points the AVX2
+# kernel), 24 (the AVX2 kernel); 0: one per row.
 @pytest.mark.parametrize(
     "k,group_size",
     [(k, g) for k in (200, 352, 384, 480, 1344, 4096) for g in (0, 32, 64, 96, 128, 192) if g == 0 or k % g == 0],
 )
-def test_quantized_24_bf16_decode(k, group_size, quant, symmetric, rows):
-    """2:4 quantized with bf16 x (on AVX-512 BF16 + VBMI: the vdpbf16ps decode kernel, which scales
-    per group or per half-step and looks int4 up in tables; past 12 rows the 2:4 bf16 GEMM, which
-    dequantizes each block of values to bf16 as it packs it) at every group layout and tail. Values
-    this short take the decode kernel's far prefetch on any pages; test_quantized_real_shape runs
-    the page-boundary prefetch of long values."""
-    wq = _qweight(23, k, 2, 4, quant, group_size, symmetric, torch.bfloat16)
+@pytest.mark.parametrize("nm", [(2, 4), (1, 4), (2, 8), (4, 8)], ids=lambda p: f"{p[0]}:{p[1]}")
+def test_quantized_nm_bf16_decode(nm, k, group_size, quant, symmetric, rows):
+    """Quantized N:M with bf16 x (on AVX-512 BF16 + VBMI: the vdpbf16ps decode kernel, which scales
+    per group, half-step or quarter-step and looks int4 up in tables; 2:4 past 12 rows takes the
+    2:4 bf16 GEMM, which dequantizes each block of values to bf16 as it packs it) at every group
+    layout and tail. Values this short take the decode kernel's far prefetch on any pages;
+    test_quantized_real_shape runs the page-boundary prefetch of long values."""
+    n, m = nm
+    wq = _qweight(23, k, n, m, quant, group_size, symmetric, torch.bfloat16)
     x = torch.randn(rows, k).to(torch.bfloat16)
     bias = torch.randn(23).to(torch.bfloat16) if rows != 2 else None
     with sk.use_backend("cpu"):
         y = sk.ops.nm_linear(x, wq, bias)
-    _check(y, x, wq, bias, f"2:4 {quant} g{group_size} sym={symmetric} k={k} rows={rows}")
+    _check(y, x, wq, bias, f"{n}:{m} {quant} g{group_size} sym={symmetric} k={k} rows={rows}")
 
 
 @needs_ext
@@ -400,7 +396,7 @@ def test_int8_activations_cpu(isa, nm, quant, group_size, rows, dtype):
     dense32 = sk.NMSparseWeight(wq.values, wq.meta, n, m, wq.shape, wq.scales.float(), wq.zeros, group_size).to_dense()
     xq = quantize_x(x, 32)
     ref32 = F.linear(xq, dense32, bias.float())
-    same = _a8_same(ref32, xq, dense32, bias, rows, dtype)
+    same = _a8_same(ref32, xq, dense32, bias, rows, dtype, nm)
     mag = F.linear(xq.abs(), dense32.abs(), bias.float().abs())
     assert_matches_reference(y, ref32, same, f"{isa} {n}:{m} {quant} g{group_size} a32 rows={rows} {dtype}", mag)
     # and it is what the reference backend computes
@@ -408,13 +404,13 @@ def test_int8_activations_cpu(isa, nm, quant, group_size, rows, dtype):
         torch.testing.assert_close(sk.ops.nm_linear(x, wq, bias).float(), ref32.to(dtype).float(), rtol=0, atol=0)
 
 
-def _a8_same(ref32, xq, dense32, bias, rows, dtype):
+def _a8_same(ref32, xq, dense32, bias, rows, dtype, nm=(2, 4)):
     """What the int8-activation op is held to beside the fp32 reference ``ref32`` (of x rounded,
     ``xq``): its result rounded once to x's dtype; in bf16 past 64 rows (the decode rows on every
     CPU), the bf16 GEMM of the rounded x (rounded once more to bf16, W in bf16), as every other bf16
-    batch runs. 2:4 on AVX-512 BF16 takes that GEMM from 33 rows: at 40 it is held to the tighter
-    bound, and meets it."""
-    if dtype == torch.bfloat16 and rows > 64:
+    batch runs. 2:4 on AVX-512 BF16 takes that GEMM from 33 rows."""
+    gemm_from = 33 if nm == (2, 4) and int(torch.ops.sparsekern._cpu_isa()) >= 3 else 65
+    if dtype == torch.bfloat16 and rows >= gemm_from:
         return F.linear(xq.to(dtype), dense32.to(dtype), None if bias is None else bias.to(dtype))
     return ref32.to(dtype)
 

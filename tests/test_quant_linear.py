@@ -18,7 +18,6 @@ from sparsekern.nn.quant_linear import QuantLinear
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny_lm  # noqa: E402
-from test_quant import isa  # noqa: E402,F401  (the ISA-forcing fixture: portable, avx2, avx512)
 
 needs_ext = pytest.mark.skipif(not _extension.HAS_C_EXT, reason="compiled extension not loaded")
 

@@ -71,13 +71,15 @@ void nm_linear_decode_portable(const NMLinearArgs& a);
 // int8 activations (a.act_block > 0): any N:M, and AVX-512 VBMI+VNNI for 2:4 where supported.
 void nm_linear_decode_a8_portable(const NMLinearArgs& a);
 #if defined(__x86_64__)
-// 2:4 with fp32 values (AVX-512F) or bf16 (+ AVX-512 BF16 and VBMI), x as it is, or int8 / int4
-// values with bf16 x (BF16 and VBMI; group_kept a multiple of 16) (nm_linear_24_avx512.cpp).
-bool nm_24_avx512_supported(const NMLinearArgs& a);
+// 2:4 with fp32 values (AVX-512F); 2:4, 1:4, 2:8, 4:8 (nm_avx512_pattern) with bf16 values and
+// x, or int8 / int4 values with bf16 x (AVX-512 BF16 and VBMI; group_kept a multiple of 16, or 8
+// without zero points), int8 activations in blocks of 32 included (nm_linear_avx512.cpp).
+bool nm_avx512_pattern(int n, int m);
+bool nm_avx512_supported(const NMLinearArgs& a);
 // Rows of a 2:4 weight (bf16 values, or int8 / int4 with group_kept a multiple of 16) as bf16,
 // on AVX-512 BF16 + VBMI; false (nothing written) where it does not apply.
 bool nm_24_decompress_bf16_avx512(const NMLinearArgs& a, int64_t row0, int64_t nrows, void* dense, int64_t ld);
-void nm_linear_decode_24_avx512(const NMLinearArgs& a);
+void nm_linear_decode_avx512(const NMLinearArgs& a);
 bool nm_a8_avx512_supported(const NMLinearArgs& a);
 void nm_linear_decode_a8_avx512(const NMLinearArgs& a);
 // 2:4 on AVX-512 BF16 with bf16 x (bf16 values, or int8 / int4 with group_kept a multiple of 16
@@ -89,7 +91,7 @@ void nm_gemm_24_avx512(const NMLinearArgs& a);
 #endif
 #if defined(__x86_64__)
 // AVX2+FMA+F16C. Also what AVX-512 machines run for every float pattern but 2:4 fp32 / bf16
-// (nm_linear_24_avx512.cpp).
+// (nm_linear_avx512.cpp).
 void nm_linear_decode_avx2(const NMLinearArgs& a);
 // M = 2, 4, 8 (nm_planes_supported): x operands blended from per-call planes of x; the avx2
 // entry point above routes these patterns here and keeps the permute kernel for M = 16.

@@ -1,18 +1,19 @@
-// 2:4 decode kernels for AVX-512, fp32 sums; x rows up to 4 at a time share the values, the
-// indices and the row of W; output rows are split over the threads.
+// N:M decode kernels for AVX-512, fp32 sums; x rows up to 4 at a time share the values, the
+// indices and the row of W; output rows are split over the threads. 2:4 with fp32 values; 2:4,
+// 1:4, 2:8 and 4:8 with bf16 values or int8 / int4 ones, and bf16 x (the bf16 kernels below).
 //
 // fp32 values: one meta word holds the 2-bit in-group indices of 16 kept values, which cover 32
 // columns of x: a zmm of the 16 values, the word broadcast and shifted per lane (lane l: field l,
 // plus the group's base column 4 * (l / 2)), one vpermt2ps picks their x operands out of the 32
 // columns (two zmm of x as fp32), one FMA.
-// bf16 values (AVX-512 BF16 + VBMI): 32 kept values a step (two meta words, 64 columns); a
-// group's two kept values are one pair of vdpbf16ps, so the x operands are one vpermt2w of x as
-// bf16, the index lanes cut from the meta qword by one vpmultishiftqb.
+// bf16 values (AVX-512 BF16 + VBMI): 32 kept values a step (at 2:4 two meta words, 64 columns);
+// two kept values are one pair of vdpbf16ps, so the x operands are one vpermt2w of x as bf16
+// (two at 1:4 and 2:8: 128 columns), the index lanes cut from the meta by one vpmultishiftqb.
 // fp16 values stay on the AVX2 quads kernel (16 fp16 values a step measured slower than it).
 // int8 / int4 values with bf16 x (W8A16, W4A16): the bf16 scheme on the integers (below).
 //
-// Index fields are masked to 2 bits, so a garbage meta word picks a wrong column inside its own
-// window, never outside x (x is copied into a zero-padded buffer of whole windows).
+// Index fields are masked to log2(M) bits, so a garbage meta word picks a wrong column inside its
+// own window, never outside x (x is copied into a zero-padded buffer of whole windows).
 //
 // NOTE (quantized, 11008x4096, 1 row, bf16 x, 2 threads, Zen 4, one process, interleaved; ms,
 // quads kernel -> this one): int8 1.42 -> 0.80, int8 g128 1.60 -> 0.90, int4 g128 1.82 -> 0.64,
@@ -218,125 +219,214 @@ SK_AVX512 void block24(const NMLinearArgs& a, const float* xf, int64_t ldf, int6
 
 #define SK_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512bf16")))
 
-// bf16 values and x: 32 kept values (16 groups, 64 columns of x, two meta words) a step. A group's
-// two kept values are one pair of vdpbf16ps, so the step is one vpermt2w of x (bf16, two zmm)
-// and one vdpbf16ps: lane j of the index is field j of the two words (vpmultishiftqb) plus
-// 4 * (j / 2), the group's base column.
-struct Bf16Tables {
-  alignas(64) uint8_t ctrl[64];  // byte 2j: bit offset 2 * (j % 32) of field j in the meta qword
-  alignas(64) uint16_t base[32];
-  Bf16Tables() : ctrl(), base() {
-    for (int j = 0; j < 32; ++j) {
-      ctrl[2 * j] = static_cast<uint8_t>(2 * j);
-      base[j] = static_cast<uint16_t>(4 * (j / 2));
+// Where a step's x operands lie, for the bf16 kernels below: N:M with M = 4 or 8 (2:4, 1:4, 4:8,
+// 2:8). A step is 32 kept slots, 32 / N groups, 32 * M / N columns of x as bf16: one 64-column
+// window (2:4, 4:8) or two (1:4, 2:8), each one vpermt2w of two zmm. Lane i (16-bit) of the
+// step's values holds slot slot(i): i, or sigma(i) (Sigma: int4 values of an M = 4 pattern, see
+// the quantized kernel). One vpmultishiftqb brings each lane's index field to the low bits of
+// its lane, from the step's meta in every qword:
+// - M = 4 (2-bit fields, 16 a word): the step's fields are words 2s, 2s + 1, one qword.
+// - M = 8 (3-bit fields, 10 a word, the top 2 bits unused): fields 32s .. 32s + 31 lie in the 4
+//   words from 32s / 10, at an offset that repeats every 5 steps (the phase, s % 5). In slot
+//   order the 4 lanes of a qword hold 4 consecutive fields, in at most 2 words: word pair (0, 1),
+//   (1, 2) or (2, 3) of the 4, which a broadcast and two masked broadcasts (of the qwords at word
+//   1 and 2) put in each qword; masks and offsets are per phase.
+//   NOTE: 11008x4096, 1 row, bf16 x, 2 threads, Zen 5, separate processes alternating, best of
+//   3: against one vpermd of the 4 words with the phase from s % 5, these broadcasts and a cursor
+//   walking the phase (MetaCursor): 4:8 int4 g128 0.685 -> 0.617 ms, 2:8 int4 g128 0.431 ->
+//   0.412; int8 (memory-bound) and bf16 the same.
+// Index fields are masked to log2(M) bits and the group's column added, so a garbage meta word
+// picks a wrong column inside its own window, never outside x (x is copied into a zero-padded
+// buffer of whole steps).
+template <int N_, int M_, bool Sigma_ = false>
+struct Pattern {
+  static constexpr int N = N_, M = M_, kCols = 32 * M / N, kWindows = kCols / 64, kPhases = M == 8 ? 5 : 1;
+  static constexpr bool Sigma = Sigma_;
+  static_assert((M == 4 || (M == 8 && !Sigma)) && (kWindows == 1 || kWindows == 2), "unsupported N:M");
+  static constexpr int slot(int i) { return Sigma ? 4 * (i % 8) + i / 8 : i; }
+  // The 32-column x block (within the step) of dword lane d of vdpbf16ps's sums: its two slots
+  // lie in one block (slots 2d, 2d + 1 in slot order; sigma(2d) + 0 and 4 within 8 slots).
+  static constexpr int xblock(int d) { return slot(2 * d) / N * M / 32; }
+  // The 16-bit lanes, and the dword lanes of vdpbf16ps's sums, that hold slots 16 .. 31.
+  static constexpr uint32_t kHalf1Words = Sigma ? 0xF0F0F0F0u : 0xFFFF0000u;
+  static constexpr __mmask16 kHalf1 = Sigma ? 0xCCCC : 0xFF00;
+};
+
+template <class P>
+struct PickTables {
+  alignas(64) uint8_t ctrl[P::kPhases][64];   // byte 2i: bit offset of lane i's field in its qword
+  __mmask8 pair1[P::kPhases], pair2[P::kPhases];  // M = 8: the qwords that hold word pair (1, 2), (2, 3)
+  alignas(64) uint16_t base[32];              // column of lane i's group in its window
+  alignas(64) uint16_t nib[32];               // int4: the right shift that brings lane i's nibble to bit 0
+  alignas(64) uint8_t spread[64];             // int4 in slot order: byte 2i, 2i + 1 take value byte i / 2
+  alignas(64) uint16_t quarter[32];           // word 2d + 1: the quarter (8 slots) of dword lane d's slots
+  PickTables() : ctrl(), pair1(), pair2(), base(), nib(), spread(), quarter() {
+    for (int i = 0; i < 32; ++i) {
+      const int slot = P::slot(i);
+      base[i] = static_cast<uint16_t>(slot / P::N * P::M % 64);
+      nib[i] = static_cast<uint16_t>(P::Sigma ? 4 * (i / 8) : 4 * (i % 2));
+      spread[2 * i] = spread[2 * i + 1] = static_cast<uint8_t>(i / 2);
+      if (i % 2) quarter[i] = static_cast<uint16_t>(slot / 8);  // (both slots of the dword: one quarter)
+      for (int ph = 0; ph < P::kPhases; ++ph) {
+        if (P::M == 4) {
+          ctrl[ph][2 * i] = static_cast<uint8_t>(2 * slot);
+          continue;
+        }
+        // The pair of the qword's lanes: from the word of its first field, at most word 2.
+        const int off = 32 * ph % 10, f = off + slot, q = i / 4, pair = std::min(2, (off + P::slot(4 * q)) / 10);
+        if (pair == 1) pair1[ph] |= static_cast<__mmask8>(1u << q);
+        if (pair == 2) pair2[ph] |= static_cast<__mmask8>(1u << q);
+        ctrl[ph][2 * i] = static_cast<uint8_t>(32 * (f / 10 - pair) + 3 * (f % 10));
+      }
     }
   }
 };
-const Bf16Tables kBf16;
+template <class P>
+const PickTables<P> kPick;
 
-// acc[r] += the pairs of w (16 groups) . their x operands in the 64 columns at x + r * ldb;
-// m: the step's two meta words in every qword.
-template <int R>
-SK_BF16 inline void step_bf16(__m512* acc, __m512i w, __m512i m, const uint16_t* x, int64_t ldb, __m512i ctrl,
-                              __m512i base, __m512i three) {
-  const __m512i idx = _mm512_add_epi16(_mm512_and_si512(_mm512_multishift_epi64_epi8(ctrl, m), three), base);
-  for (int r = 0; r < R; ++r) {
-    const uint16_t* xr = x + r * ldb;
-    const __m512i xs = _mm512_permutex2var_epi16(_mm512_loadu_si512(xr), idx, _mm512_loadu_si512(xr + 32));
-    acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)w, (__m512bh)xs);
+// A row's meta, step by step from step s: the step's first word (p) and phase.
+template <class P>
+struct MetaCursor {
+  const int32_t* p;
+  int ph;
+  MetaCursor(const int32_t* mrow, int64_t s)
+      : p(mrow + (P::M == 4 ? 2 * s : 32 * s / 10)), ph(P::M == 4 ? 0 : static_cast<int>(s % 5)) {}
+  void next() {  // M = 8: 32 fields are 3.2 words, so first words 3, 3, 3, 3 and 4 apart
+    if constexpr (P::M == 4) {
+      p += 2;
+    } else {
+      p += ph == 4 ? 4 : 3;
+      ph = ph == 4 ? 0 : ph + 1;
+    }
   }
+};
+
+template <class P>
+struct Picker {
+  __m512i ctrl, base, mask;  // ctrl: phase 0's (M = 8 loads the step's phase)
+  SK_BF16 SK_INLINE Picker()
+      : ctrl(_mm512_load_si512(kPick<P>.ctrl[0])),
+        base(_mm512_load_si512(kPick<P>.base)),
+        mask(_mm512_set1_epi16(P::M - 1)) {}
+
+  // Lane i: (field & (M - 1)) | base, base's low bits clear, for the step whose meta words start
+  // at p (2 of them at M = 4, 4 at M = 8) in phase ph.
+  SK_BF16 SK_INLINE __m512i index(const int32_t* p, int ph) const {
+    auto qword = [p](int w) SK_BF16 { return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + w)); };
+    __m512i m = _mm512_broadcastq_epi64(qword(0)), c = ctrl;
+    if constexpr (P::M == 8) {
+      m = _mm512_mask_broadcastq_epi64(m, kPick<P>.pair1[ph], qword(1));
+      m = _mm512_mask_broadcastq_epi64(m, kPick<P>.pair2[ph], qword(2));
+      c = _mm512_load_si512(kPick<P>.ctrl[ph]);
+    }
+    return _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(c, m), mask, base, 0xEA);
+  }
+  SK_BF16 SK_INLINE __m512i index(const MetaCursor<P>& c) const { return index(c.p, c.ph); }
+
+  // Step s of a row's meta, which may end before the step's words do (the row's last step): the
+  // words past the row's `words` read as zero.
+  SK_BF16 SK_INLINE __m512i tail_index(const int32_t* mrow, int64_t s, int64_t words) const {
+    alignas(16) int32_t w[4] = {};
+    const MetaCursor<P> c(mrow, s);
+    std::copy(c.p, std::min(c.p + (P::M == 4 ? 2 : 4), mrow + words), w);
+    return index(w, c.ph);
+  }
+
+  // The x operands of the lanes from the step's columns x.
+  SK_BF16 SK_INLINE __m512i gather(const uint16_t* x, __m512i idx) const {
+    const __m512i lo = _mm512_permutex2var_epi16(_mm512_loadu_si512(x), idx, _mm512_loadu_si512(x + 32));
+    if constexpr (P::kWindows == 1) {
+      return lo;
+    } else {
+      const __m512i hi = _mm512_permutex2var_epi16(_mm512_loadu_si512(x + 64), idx, _mm512_loadu_si512(x + 96));
+      return _mm512_mask_blend_epi16(P::kHalf1Words, lo, hi);
+    }
+  }
+};
+
+// bf16 values and x: 32 kept values a step; a pair of them is one lane of vdpbf16ps, so the step
+// is the pick above and one vdpbf16ps (whichever groups the pair's slots belong to).
+template <class P, int R>
+SK_BF16 inline void step_bf16(__m512* acc, __m512i w, __m512i idx, const uint16_t* x, int64_t ldb, const Picker<P>& pk) {
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)w, (__m512bh)pk.gather(x + r * ldb, idx));
 }
 
 // Row o's end for x rows r0 .. r0 + R - 1 (x0: row r0 of x): the first values of one more step
 // past the full ones, the bias, the stores.
-template <int R>
-SK_BF16 SK_INLINE void last24_bf16(const NMLinearArgs& a, __m512* acc, int64_t o, int64_t r0, const uint16_t* x0,
-                                   int64_t ldb, __m512i ctrl, __m512i base, __m512i three) {
-  const int64_t kept = a.k / 2, full = kept / 32;
+template <class P, int R>
+SK_BF16 SK_INLINE void last_bf16(const NMLinearArgs& a, __m512* acc, int64_t o, int64_t r0, const uint16_t* x0,
+                                 int64_t ldb, const Picker<P>& pk) {
+  const int64_t kept = a.k / P::M * P::N, full = kept / 32;
   if (const int64_t rest = kept - 32 * full; rest > 0) {
     const uint16_t* v = static_cast<const uint16_t*>(a.values) + o * kept;
-    const int32_t* mrow = a.meta + o * a.meta_words;
-    const int64_t words = std::min<int64_t>(2, a.meta_words - 2 * full);
-    const __m128i m = _mm_maskz_loadu_epi32(static_cast<__mmask8>((1u << words) - 1), mrow + 2 * full);
     const __m512i w = _mm512_maskz_loadu_epi16(static_cast<__mmask32>((uint64_t{1} << rest) - 1), v + 32 * full);
-    step_bf16<R>(acc, w, _mm512_broadcastq_epi64(m), x0 + 64 * full, ldb, ctrl, base, three);
+    const __m512i idx = pk.tail_index(a.meta + o * a.meta_words, full, a.meta_words);
+    step_bf16<P, R>(acc, w, idx, x0 + P::kCols * full, ldb, pk);
   }
   const float b = a.bias ? load_f32(a.bias, o, a.dtype) : 0.0f;
   for (int r = 0; r < R; ++r) store_f32(a.out, (r0 + r) * a.ldo + o, _mm512_reduce_add_ps(acc[r]) + b, a.dtype);
 }
 
 // Steps [s0, s1) of row o into acc, for x rows from x0 (row r0 of x).
-template <int R, bool Far = false>
-SK_BF16 SK_INLINE void steps24_bf16(const NMLinearArgs& a, __m512* acc, int64_t o, const uint16_t* x0, int64_t ldb,
-                                    int64_t s0, int64_t s1, __m512i ctrl, __m512i base, __m512i three) {
-  const uint16_t* v = static_cast<const uint16_t*>(a.values) + o * (a.k / 2);
+template <class P, int R, bool Far = false>
+SK_BF16 SK_INLINE void steps_bf16(const NMLinearArgs& a, __m512* acc, int64_t o, const uint16_t* x0, int64_t ldb,
+                                  int64_t s0, int64_t s1, const Picker<P>& pk) {
+  const uint16_t* v = static_cast<const uint16_t*>(a.values) + o * (a.k / P::M * P::N);
   const int32_t* mrow = a.meta + o * a.meta_words;
-  walk_steps<R>(acc, s0, s1, [&](__m512* sums, int64_t s) SK_BF16 {
-    int64_t q;
-    std::memcpy(&q, mrow + 2 * s, sizeof q);
+  MetaCursor<P> mc(mrow, s0);
+  walk_steps<R>(acc, s0, s1, [&](__m512* sums, int64_t s) SK_BF16 {  // (s0, s0 + 1, ... in order)
     prefetch_stream<Far>(v + 32 * s);
-    step_bf16<R>(sums, _mm512_loadu_si512(v + 32 * s), _mm512_set1_epi64(q), x0 + 64 * s, ldb, ctrl, base, three);
+    step_bf16<P, R>(sums, _mm512_loadu_si512(v + 32 * s), pk.index(mc), x0 + P::kCols * s, ldb, pk);
+    mc.next();
   });
 }
 
-template <int R, bool Far>
-SK_BF16 void rows24_bf16(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb, int64_t r0, int64_t o) {
-  const __m512i ctrl = _mm512_load_si512(kBf16.ctrl), base = _mm512_load_si512(kBf16.base);
-  const __m512i three = _mm512_set1_epi16(3);
+template <class P, int R, bool Far>
+SK_BF16 void rows_bf16(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb, int64_t r0, int64_t o) {
+  const Picker<P> pk;
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   const uint16_t* x0 = xb + r0 * ldb;
-  steps24_bf16<R, Far>(a, acc, o, x0, ldb, 0, a.k / 64, ctrl, base, three);
-  last24_bf16<R>(a, acc, o, r0, x0, ldb, ctrl, base, three);
+  steps_bf16<P, R, Far>(a, acc, o, x0, ldb, 0, a.k / P::M * P::N / 32, pk);
+  last_bf16<P, R>(a, acc, o, r0, x0, ldb, pk);
 }
 
-// rows24_bf16 for output rows o0 .. o1 - 1 and x rows r0 .. r0 + R - 1 in column chunks, as
-// block24 does for fp32 (32 steps: 2048 columns, 4 KB of x per row).
-template <int R>
-SK_BF16 void block24_bf16(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb, int64_t r0, int64_t o0, int64_t o1) {
-  const int64_t kept = a.k / 2, full = kept / 32;
-  const __m512i ctrl = _mm512_load_si512(kBf16.ctrl), base = _mm512_load_si512(kBf16.base);
-  const __m512i three = _mm512_set1_epi16(3);
+// rows_bf16 for output rows o0 .. o1 - 1 and x rows r0 .. r0 + R - 1 in column chunks, as
+// block24 does for fp32 (32 steps: 2048 columns at 2:4, 4 KB of x per row).
+template <class P, int R>
+SK_BF16 void block_bf16(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb, int64_t r0, int64_t o0, int64_t o1) {
+  const int64_t full = a.k / P::M * P::N / 32;
+  const Picker<P> pk;
   const uint16_t* x0 = xb + r0 * ldb;
   auto run = [&](int64_t o, __m512* acc, int64_t s0, int64_t s1) SK_BF16 {
-    steps24_bf16<R>(a, acc, o, x0, ldb, s0, s1, ctrl, base, three);
+    steps_bf16<P, R>(a, acc, o, x0, ldb, s0, s1, pk);
   };
-  auto finish = [&](int64_t o, __m512* acc) SK_BF16 { last24_bf16<R>(a, acc, o, r0, x0, ldb, ctrl, base, three); };
+  auto finish = [&](int64_t o, __m512* acc) SK_BF16 { last_bf16<P, R>(a, acc, o, r0, x0, ldb, pk); };
   over_chunks<R>(o0, o1, full, run, finish);
 }
-
 // Quantized values (int8, or int4 two per byte) with bf16 x: the bf16 scheme above on the
 // integers. q - zero is widened to bf16, exactly (|q - zero| <= 255 fits bf16's 8 significant
 // bits), the step's products are summed by vdpbf16ps and the sums scaled per group:
 // - int8: 16 + 16 bytes sign-extended to fp32 (zero subtracted there), packed by one
-//   vcvtne2ps2bf16; lanes in slot order, so the index tables are the bf16 kernel's.
-// - int4: the step's 16 bytes broadcast to the four 128-bit lanes; one vpsrlvw by 4 * lane puts
-//   nibble sigma(i) in the low bits of word i, and one vpermw looks up bf16(q - zero) in a
-//   32-word table (16 entries, twice: vpermw reads index bit 4, the next nibble's bit 0). Word
-//   i = 8 * lane + j holds bytes 2j, 2j + 1, nibbles 4j .. 4j + 3, so it takes slot
-//   sigma(i) = 4 * (i % 8) + i / 8, and the x index tables follow sigma.
+//   vcvtne2ps2bf16; lanes in slot order.
+// - int4, M = 4 (sigma): the step's 16 bytes broadcast to the four 128-bit lanes; one vpsrlvw
+//   by 4 * lane puts nibble sigma(i) in the low bits of word i, and one vpermw looks up bf16(q -
+//   zero) in a 32-word table (16 entries, twice: vpermw reads index bit 4, the next nibble's bit
+//   0). Word i = 8 * lane + j holds bytes 2j, 2j + 1, nibbles 4j .. 4j + 3, so it takes slot
+//   sigma(i) = 4 * (i % 8) + i / 8, and the pick tables follow sigma.
+// - int4, M = 8 (slot order, which the 3-bit meta needs): one vpermb puts byte i / 2 in word i,
+//   a vpsrlvw by 0 or 4 brings nibble i down, and the same lookup.
 // Scale groups: group_kept a multiple of 32 (or one group per row): whole steps per group, the
-// sums gathered per group and scaled when it ends. A multiple of 16 only (H): each 16-slot half
-// of a step lies in one group, and every step's sums are scaled at once, half by half (a lane
-// mask: which dword lanes of vdpbf16ps hold half 1).
-struct QTables {
-  alignas(64) uint16_t shift[32];  // int4: 4 * (i / 8), the shift that brings nibble sigma(i) to bit 0
-  alignas(64) uint8_t ctrl[64];   // int4: byte 2i: bit offset 2 * sigma(i) of its meta field
-  alignas(64) uint16_t base[32];  // int4: 4 * (sigma(i) / 2), its group's base column
-  alignas(64) uint16_t half[32];  // int4: 32 where word i lies in half 1 (vpermt2w's table bit)
-  alignas(64) float iota[16];
-  QTables() : shift(), ctrl(), base(), half(), iota() {
-    for (int i = 0; i < 32; ++i) {
-      const int slot = 4 * (i % 8) + i / 8;
-      shift[i] = static_cast<uint16_t>(4 * (i / 8));
-      ctrl[2 * i] = static_cast<uint8_t>(2 * slot);
-      base[i] = static_cast<uint16_t>(4 * (slot / 2));
-      half[i] = slot >= 16 ? 32 : 0;
-    }
-    for (int i = 0; i < 16; ++i) iota[i] = static_cast<float>(i);
-  }
-};
-const QTables kQ;
+// sums gathered per group and scaled when it ends (G = 0). Else every step's sums are scaled at
+// once: G = 1, group_kept 32 (a group per step); G = 2, a multiple of 16 only: each 16-slot half
+// of a step lies in one group, scaled half by half (a lane mask: which dword lanes of vdpbf16ps
+// hold half 1); G = 4, 8 (1:4, 2:8 at group size 32; no zero points): the same by quarters
+// (vdpbf16ps pairs never straddle a quarter).
+// NOTE: 11008x4096, bf16 x, 2 threads, Zen 5, one process, 7 interleaved rounds, G = 0 -> G = 1
+// (ratio of times): group_kept 32 (2:4 g64, 4:8 g64, 1:4 and 2:8 g128), 1 row 0.95-1.10x, 4 rows
+// 1.24-1.38x; group_kept 64 and 128, 1 row 0.89-0.98x, 2 rows 0.97-1.04x, 4 rows 1.08-1.23x; one
+// group per row, 2 rows 0.88-0.89x, 4 rows 0.91-1.12x. At G = 0 four rows keep twice the sums
+// live. Hence G = 1 at group_kept 32, and for 3 and 4 rows wherever a row has several groups.
 
 // bf16(q - zero) for nibbles q = 0..15, twice over; zeros 0..15 (what validation admits) from
 // a table. NOTE: computing every group's table cost 2:4 int4 g128 zp 26% (0.83 vs 0.66 ms).
@@ -356,11 +446,12 @@ const Int4Tables kInt4;
 
 SK_BF16 inline __m512i int4_table(int zero) {
   if (static_cast<unsigned>(zero) < 16) return _mm512_load_si512(kInt4.t[zero]);
-  const __m512 f = _mm512_sub_ps(_mm512_load_ps(kQ.iota), _mm512_set1_ps(static_cast<float>(zero)));
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 f = _mm512_sub_ps(iota, _mm512_set1_ps(static_cast<float>(zero)));
   return (__m512i)_mm512_cvtne2ps_pbh(f, f);
 }
 
-// One row's walk over its scale groups (!H: g the group of the current step, end the first slot
+// One row's walk over its scale groups (G = 1: g the group of the current step, end the first slot
 // past it), and the current groups' scales (by lane), int8 zeros (by half), int4 lookup tables
 // (by half). Every helper is inlined, so all of it lives in registers.
 // NOTE: written first with lambdas capturing by reference, GCC kept the sums on the stack:
@@ -369,48 +460,71 @@ struct QGroups {
   const uint16_t* scales;  // the row's, bf16
   const int8_t* zeros;     // the row's, or nullptr
   int64_t last, gk, g = 0, end = 0;
+  int gshift;  // log2(gk) where gk is a power of two, else -1
   __m512 scale, zlo, zhi;
   __m512i table_lo, table_hi;
 };
 
-template <int Q>
-constexpr __mmask16 kHalf1 = Q == 8 ? 0xFF00 : 0xCCCC;  // dword lanes of vdpbf16ps that hold half 1
-
-template <int Q, bool H, bool Z>
+template <class P, int Q, int G, bool Z>
 SK_BF16 SK_INLINE void set_groups(QGroups& st, int64_t g0, int64_t g1) {
   g0 = std::min(g0, st.last);  // (a tail half past the row keeps the last group)
   g1 = std::min(g1, st.last);
-  st.scale = _mm512_mask_blend_ps(kHalf1<Q>, _mm512_set1_ps(bf16_to_f32(st.scales[g0])),
+  st.scale = _mm512_mask_blend_ps(P::kHalf1, _mm512_set1_ps(bf16_to_f32(st.scales[g0])),
                                   _mm512_set1_ps(bf16_to_f32(st.scales[g1])));
   if constexpr (Z && Q == 8) {
     st.zlo = _mm512_set1_ps(static_cast<float>(st.zeros[g0]));
     st.zhi = _mm512_set1_ps(static_cast<float>(st.zeros[g1]));
   } else if constexpr (Z) {
     st.table_lo = int4_table(st.zeros[g0]);
-    st.table_hi = H ? int4_table(st.zeros[g1]) : st.table_lo;
+    st.table_hi = G == 2 ? int4_table(st.zeros[g1]) : st.table_lo;
   }
 }
 
-// H: the groups of step s's halves. Group size 32 columns (16 slots, the common case), no zeros
-// and a whole step: groups 2s and 2s + 1, their two bf16 scales one 32-bit broadcast, each half's
-// moved to the top by a shift or a mask. Else a division (other sizes: rare).
+// G >= 1: the group of step s (G = 1: loaded when it changes), of its halves (G = 2) or of its
+// quarters (G = 4: group_kept 8, no zeros).
+// Halves: group size 32 columns at 2:4 (16 slots, the common case), no zeros and a whole step:
+// groups 2s and 2s + 1, their two bf16 scales one 32-bit broadcast, each half's moved to the top
+// by a shift or a mask. Quarters: groups 4s .. 4s + 3, their four scales one 64-bit broadcast,
+// and one vpermw puts each dword lane's scale in its top half (zeroing the rest). Else a
+// division (other sizes: rare), and the tail step clamps its groups to the row's.
 // NOTE: 2:4 int4 g32, 11008x4096, 1 row, 2 threads, Zen 4: 0.83 -> 0.70 ms (was two scalar
 // loads and broadcasts per step).
-template <int Q, bool Z>
-SK_BF16 SK_INLINE void half_groups(QGroups& st, int64_t s, bool whole) {
-  if (!Z && st.gk == 16 && whole) {
-    int32_t two;  // the two bf16 scales (memcpy: no aliasing or alignment assumption)
-    std::memcpy(&two, st.scales + 2 * s, sizeof two);
-    const __m512i pair = _mm512_set1_epi32(two);
-    const __m512i top = _mm512_and_si512(pair, _mm512_set1_epi32(static_cast<int>(0xffff0000u)));
-    st.scale = _mm512_castsi512_ps(_mm512_mask_slli_epi32(top, static_cast<__mmask16>(~kHalf1<Q>), pair, 16));
-  } else {
-    set_groups<Q, true, Z>(st, 32 * s / st.gk, (32 * s + 16) / st.gk);
+template <class P, int Q, int G, bool Z>
+SK_BF16 SK_INLINE void step_groups(QGroups& st, int64_t s, bool whole) {
+  if constexpr (G == 4) {
+    static_assert(!Z, "quarters carry no zero points");
+    uint64_t four;  // the four bf16 scales (memcpy: no aliasing or alignment assumption)
+    if (whole) {
+      std::memcpy(&four, st.scales + 4 * s, sizeof four);
+    } else {
+      uint16_t g[4];
+      for (int j = 0; j < 4; ++j) g[j] = st.scales[std::min((32 * s + 8 * j) / st.gk, st.last)];
+      std::memcpy(&four, g, sizeof four);
+    }
+    st.scale = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(
+        0xAAAAAAAAu, _mm512_load_si512(kPick<P>.quarter), _mm512_set1_epi64(static_cast<int64_t>(four))));
+  } else if constexpr (G == 1) {
+    if (st.last == 0) return;  // one group per row
+    const int64_t g = std::min(st.gshift >= 0 ? (32 * s) >> st.gshift : 32 * s / st.gk, st.last);
+    if (g != st.g) {
+      st.g = g;
+      set_groups<P, Q, 1, Z>(st, g, g);
+    }
+  } else if constexpr (G == 2) {
+    if (!Z && st.gk == 16 && whole) {
+      int32_t two;
+      std::memcpy(&two, st.scales + 2 * s, sizeof two);
+      const __m512i pair = _mm512_set1_epi32(two);
+      const __m512i top = _mm512_and_si512(pair, _mm512_set1_epi32(static_cast<int>(0xffff0000u)));
+      st.scale = _mm512_castsi512_ps(_mm512_mask_slli_epi32(top, static_cast<__mmask16>(~P::kHalf1), pair, 16));
+    } else {
+      set_groups<P, Q, 2, Z>(st, 32 * s / st.gk, (32 * s + 16) / st.gk);
+    }
   }
 }
 
-// The step's 32 weights as bf16 from its value bytes p.
-template <int Q, bool H, bool Z>
+// The step's 32 weights as bf16 from its value bytes p, in the lane order of P.
+template <class P, int Q, int G, bool Z>
 SK_BF16 SK_INLINE __m512i widen(const uint8_t* p, const QGroups& st, __m512i nib) {
   if constexpr (Q == 8) {
     __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
@@ -421,10 +535,14 @@ SK_BF16 SK_INLINE __m512i widen(const uint8_t* p, const QGroups& st, __m512i nib
     }
     return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
   } else {
-    const __m512i q =
-        _mm512_srlv_epi16(_mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), nib);
-    if constexpr (Z && H) {  // half 1 reads the second table: index bit 5, bit 4 cleared
-      const __m512i idx = _mm512_ternarylogic_epi32(q, _mm512_set1_epi16(15), _mm512_load_si512(kQ.half), 0xEA);
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const __m512i words = P::Sigma ? _mm512_broadcast_i32x4(bytes)
+                                   : _mm512_permutexvar_epi8(_mm512_load_si512(kPick<P>.spread),
+                                                             _mm512_castsi128_si512(bytes));
+    const __m512i q = _mm512_srlv_epi16(words, nib);
+    if constexpr (Z && G == 2) {  // half 1 reads the second table: index bit 5, bit 4 cleared
+      const __m512i half = _mm512_maskz_mov_epi16(P::kHalf1Words, _mm512_set1_epi16(32));
+      const __m512i idx = _mm512_ternarylogic_epi32(q, _mm512_set1_epi16(15), half, 0xEA);
       return _mm512_permutex2var_epi16(st.table_lo, idx, st.table_hi);
     } else {
       return _mm512_permutexvar_epi16(q, st.table_lo);
@@ -432,24 +550,26 @@ SK_BF16 SK_INLINE __m512i widen(const uint8_t* p, const QGroups& st, __m512i nib
   }
 }
 
-// Step s of x rows x .. x + (R - 1) * ldb: sums into chain C (s % 2; two chains, or one chain of
-// vdpbf16ps waits for its latency), then (!H) the group bookkeeping.
-template <int Q, bool H, bool Z, int R, int C>
-SK_BF16 SK_INLINE void q_step(__m512 (&acc)[2][R], __m512 (&part)[2][R], QGroups& st, __m512i w, __m512i m,
-                              const uint16_t* x, int64_t ldb, int64_t s, int64_t kept, __m512i ctrl,
-                              __m512i base) {
-  // (field & 3) | base: base has its low two bits clear
-  const __m512i idx = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(ctrl, m), _mm512_set1_epi16(3), base, 0xEA);
+// Step s of x rows x .. x + (R - 1) * ldb (x: row r0's first column): sums into chain C (s % 2;
+// two chains, or one chain of vdpbf16ps waits for its latency), then (G = 1) the group bookkeeping.
+// A8: x holds int8 activations (as bf16, exact), and sx the scale of each dword lane's x block
+// for every step (16 floats a step, row stride lds): the sums are scaled by both every step.
+template <class P, int Q, int G, bool Z, int R, int C, bool A8 = false>
+SK_BF16 SK_INLINE void q_step(__m512 (&acc)[2][R], __m512 (&part)[2][R], QGroups& st, __m512i w, __m512i idx,
+                              const uint16_t* x, int64_t ldb, int64_t s, int64_t kept, const Picker<P>& pk,
+                              const float* sx = nullptr, int64_t lds = 0) {
+  static_assert(!A8 || G >= 1, "int8 activations change scale every step");
   for (int r = 0; r < R; ++r) {
-    const uint16_t* xr = x + r * ldb + 64 * s;
-    const __m512i xs = _mm512_permutex2var_epi16(_mm512_loadu_si512(xr), idx, _mm512_loadu_si512(xr + 32));
-    if constexpr (H) {
-      acc[C][r] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)w, (__m512bh)xs), st.scale, acc[C][r]);
+    const __m512i xs = pk.gather(x + r * ldb + P::kCols * s, idx);
+    if constexpr (G >= 1) {
+      __m512 scale = st.scale;
+      if constexpr (A8) scale = _mm512_mul_ps(scale, _mm512_loadu_ps(sx + r * lds + 16 * s));
+      acc[C][r] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)w, (__m512bh)xs), scale, acc[C][r]);
     } else {
       part[C][r] = _mm512_dpbf16_ps(part[C][r], (__m512bh)w, (__m512bh)xs);
     }
   }
-  if constexpr (!H) {
+  if constexpr (G == 0) {
     if (32 * (s + 1) >= st.end && 32 * (s + 1) < kept) {  // the group ends: scale its sums
       for (int r = 0; r < R; ++r) {
         acc[0][r] = _mm512_fmadd_ps(_mm512_add_ps(part[0][r], part[1][r]), st.scale, acc[0][r]);
@@ -457,65 +577,64 @@ SK_BF16 SK_INLINE void q_step(__m512 (&acc)[2][R], __m512 (&part)[2][R], QGroups
       }
       st.end += st.gk;
       ++st.g;
-      set_groups<Q, H, Z>(st, st.g, st.g);
+      set_groups<P, Q, G, Z>(st, st.g, st.g);
     }
   }
 }
 
-// Output row o for x rows r0 .. r0 + R - 1. Q: 8 or 4 bits; H: halves of a step may lie in
-// different groups; Z: zero points stored (else 0 for int8, 8 for int4).
-template <int Q, bool H, bool Z, int R, bool Far>
-SK_BF16 void rows24_q(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb, int64_t r0, int64_t o) {
+// Output row o for x rows r0 .. r0 + R - 1. Q: 8 or 4 bits; G: scale groups per step (above);
+// Z: zero points stored (else 0 for int8, 8 for int4); A8: int8 activations (q_step; sx: row 0's).
+template <class P, int Q, int G, bool Z, int R, bool Far, bool A8 = false>
+SK_BF16 void rows_q(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb, int64_t r0, int64_t o,
+                    const float* sx = nullptr, int64_t lds = 0) {
   constexpr int B = Q == 8 ? 32 : 16;  // value bytes per step of 32 slots
-  const int64_t kept = a.k / 2, full = kept / 32;
+  const int64_t kept = a.k / P::M * P::N, full = kept / 32;
   const uint8_t* v = static_cast<const uint8_t*>(a.values) + o * (kept * Q / 8);
   const int32_t* mrow = a.meta + o * a.meta_words;
-  const __m512i ctrl = _mm512_load_si512(Q == 8 ? kBf16.ctrl : kQ.ctrl);
-  const __m512i base = _mm512_load_si512(Q == 8 ? kBf16.base : kQ.base);
-  const __m512i nib = _mm512_load_si512(kQ.shift);
+  const Picker<P> pk;
+  const __m512i nib = _mm512_load_si512(kPick<P>.nib);
   QGroups st;
   st.scales = static_cast<const uint16_t*>(a.scales) + o * a.groups;
   st.zeros = a.zeros ? a.zeros + o * a.groups : nullptr;
   st.last = a.groups - 1;
   st.gk = a.groups == 1 ? INT64_MAX : a.group_kept;
   st.end = st.gk;
+  st.gshift = st.gk > 0 && (st.gk & (st.gk - 1)) == 0 ? __builtin_ctzll(static_cast<uint64_t>(st.gk)) : -1;
   st.scale = st.zlo = st.zhi = _mm512_setzero_ps();
   st.table_lo = st.table_hi = int4_table(8);
-  if constexpr (!H) set_groups<Q, H, Z>(st, 0, 0);
+  if constexpr (G <= 1) set_groups<P, Q, G, Z>(st, 0, 0);
   __m512 acc[2][R], part[2][R];
   for (int r = 0; r < R; ++r) acc[0][r] = acc[1][r] = part[0][r] = part[1][r] = _mm512_setzero_ps();
   const uint16_t* x0 = xb + r0 * ldb;
+  const float* sxr = A8 ? sx + r0 * lds : nullptr;
   int64_t s = 0;
-  // The step's two meta words in every qword (a broadcast from memory, not through a GPR).
-  auto meta = [mrow](int64_t s) SK_BF16 {
-    return _mm512_broadcastq_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mrow + 2 * s)));
-  };
+  MetaCursor<P> mc(mrow, 0);
   for (; s + 2 <= full; s += 2) {
-    if constexpr (H) half_groups<Q, Z>(st, s, true);
+    step_groups<P, Q, G, Z>(st, s, true);
     prefetch_stream<Far, B>(v + B * s);
-    q_step<Q, H, Z, R, 0>(acc, part, st, widen<Q, H, Z>(v + B * s, st, nib), meta(s), x0, ldb, s, kept, ctrl, base);
-    if constexpr (H) half_groups<Q, Z>(st, s + 1, true);
+    q_step<P, Q, G, Z, R, 0, A8>(acc, part, st, widen<P, Q, G, Z>(v + B * s, st, nib), pk.index(mc), x0, ldb, s, kept, pk, sxr, lds);
+    mc.next();
+    step_groups<P, Q, G, Z>(st, s + 1, true);
     prefetch_stream<Far, B>(v + B * (s + 1));
-    q_step<Q, H, Z, R, 1>(acc, part, st, widen<Q, H, Z>(v + B * (s + 1), st, nib), meta(s + 1), x0, ldb, s + 1, kept,
-                          ctrl, base);
+    q_step<P, Q, G, Z, R, 1, A8>(acc, part, st, widen<P, Q, G, Z>(v + B * (s + 1), st, nib), pk.index(mc), x0, ldb,
+                             s + 1, kept, pk, sxr, lds);
+    mc.next();
   }
   if (s < full) {
-    if constexpr (H) half_groups<Q, Z>(st, s, true);
-    q_step<Q, H, Z, R, 0>(acc, part, st, widen<Q, H, Z>(v + B * s, st, nib), meta(s), x0, ldb, s, kept, ctrl, base);
+    step_groups<P, Q, G, Z>(st, s, true);
+    q_step<P, Q, G, Z, R, 0, A8>(acc, part, st, widen<P, Q, G, Z>(v + B * s, st, nib), pk.index(mc), x0, ldb, s, kept, pk, sxr, lds);
   }
   if (const int64_t rest = kept - 32 * full; rest > 0) {  // the first `rest` slots of one more step
-    const int64_t words = std::min<int64_t>(2, a.meta_words - 2 * full);
-    const __m128i m = _mm_maskz_loadu_epi32(static_cast<__mmask8>((1u << words) - 1), mrow + 2 * full);
     alignas(32) uint8_t tail[32] = {};  // zero bytes past the row: zero weights, or weights on x's zero padding
     std::memcpy(tail, v + B * full, rest * Q / 8);
-    if constexpr (H) half_groups<Q, Z>(st, full, false);
-    q_step<Q, H, Z, R, 1>(acc, part, st, widen<Q, H, Z>(tail, st, nib), _mm512_broadcastq_epi64(m), x0, ldb, full,
-                          kept, ctrl, base);
+    step_groups<P, Q, G, Z>(st, full, false);
+    q_step<P, Q, G, Z, R, 1, A8>(acc, part, st, widen<P, Q, G, Z>(tail, st, nib),
+                             pk.tail_index(mrow, full, a.meta_words), x0, ldb, full, kept, pk, sxr, lds);
   }
   const float b = a.bias ? load_f32(a.bias, o, a.dtype) : 0.0f;
   for (int r = 0; r < R; ++r) {
     __m512 sum = _mm512_add_ps(acc[0][r], acc[1][r]);
-    if constexpr (!H) sum = _mm512_fmadd_ps(_mm512_add_ps(part[0][r], part[1][r]), st.scale, sum);
+    if constexpr (G == 0) sum = _mm512_fmadd_ps(_mm512_add_ps(part[0][r], part[1][r]), st.scale, sum);
     store_f32(a.out, (r0 + r) * a.ldo + o, _mm512_reduce_add_ps(sum) + b, a.dtype);
   }
 }
@@ -565,22 +684,75 @@ void each_row_far(const NMLinearArgs& a, F f) {
   each_row(a, [&](int64_t o, int64_t r0, auto rows) { f(o, r0, rows, std::false_type()); });
 }
 
-template <int Q, bool H, bool Z>
-void quantized24_as(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb) {
-  each_row_far(a, [&](int64_t o, int64_t r0, auto rows, auto far) {
-    rows24_q<Q, H, Z, decltype(rows)::value, decltype(far)::value>(a, xb, ldb, r0, o);
+// f(pattern) with the Pattern of a's N:M (nm_avx512_pattern); Q: the values' bits (int4 with
+// M = 4 takes the sigma order).
+template <int Q, class F>
+void with_pattern(const NMLinearArgs& a, F f) {
+  switch (a.m * 16 + a.n) {
+    case 4 * 16 + 2: return f(Pattern<2, 4, Q == 4>());
+    case 4 * 16 + 1: return f(Pattern<1, 4, Q == 4>());
+    case 8 * 16 + 2: return f(Pattern<2, 8>());
+    default: return f(Pattern<4, 8>());
+  }
+}
+
+// A8 (int8 activations): sx the scale of each 32-column block of x [rows, ldb / 32], spread here
+// to the lanes of every step (q_step).
+template <int Q, int G, bool Z, bool A8>
+void quantized_as(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb, const float* sx) {
+  with_pattern<Q>(a, [&](auto p) {
+    using P = decltype(p);
+    std::vector<float> lanes;
+    int64_t lds = 0;
+    if constexpr (A8) {
+      const int64_t steps = ldb / P::kCols, blocks = ldb / 32;
+      lds = 16 * steps;
+      lanes.resize(a.rows * lds);
+      for (int64_t r = 0; r < a.rows; ++r)
+        for (int64_t t = 0; t < steps; ++t)
+          for (int d = 0; d < 16; ++d)
+            lanes[r * lds + 16 * t + d] = sx[r * blocks + t * (P::kCols / 32) + P::xblock(d)];
+    }
+    each_row_far(a, [&](int64_t o, int64_t r0, auto rows, auto far) {
+      constexpr int R = decltype(rows)::value;
+      constexpr bool F = decltype(far)::value;
+      if constexpr (A8) {
+        rows_q<P, Q, G, Z, R, F, true>(a, xb, ldb, r0, o, lanes.data(), lds);
+      } else if (G == 0 && R >= 3 && a.groups > 1) {
+        rows_q<P, Q, 1, Z, R, F>(a, xb, ldb, r0, o);
+      } else {
+        rows_q<P, Q, G, Z, R, F>(a, xb, ldb, r0, o);
+      }
+    });
   });
 }
 
-template <int Q>
-void quantized24_q(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb) {
-  const bool h = a.groups > 1 && a.group_kept % 32 != 0;
-  if (a.zeros) return h ? quantized24_as<Q, true, true>(a, xb, ldb) : quantized24_as<Q, false, true>(a, xb, ldb);
-  return h ? quantized24_as<Q, true, false>(a, xb, ldb) : quantized24_as<Q, false, false>(a, xb, ldb);
+// G (above): 0 for one group per row or a group over several steps, 1 for a group per step
+// (group_kept 32), 2 for a multiple of 16, 4 for 8 (no zeros: nm_avx512_supported admits nothing
+// else). quantized_as runs 3 and 4 rows of x at G = 1 where G would be 0 with several groups, and
+// int8 activations (their scale changes every step) at G = 1 for G = 0.
+template <int Q, bool A8>
+void quantized_q(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb, const float* sx) {
+  const int g = a.groups == 1 || (a.group_kept % 32 == 0 && a.group_kept != 32) ? (A8 ? 1 : 0)
+                : a.group_kept == 32                                             ? 1
+                : a.group_kept % 16 == 0                                         ? 2
+                                                                                 : 4;
+  if (a.zeros) {
+    return g == 0   ? quantized_as<Q, A8 ? 1 : 0, true, A8>(a, xb, ldb, sx)
+           : g == 1 ? quantized_as<Q, 1, true, A8>(a, xb, ldb, sx)
+                    : quantized_as<Q, 2, true, A8>(a, xb, ldb, sx);
+  }
+  return g == 0   ? quantized_as<Q, A8 ? 1 : 0, false, A8>(a, xb, ldb, sx)
+         : g == 1 ? quantized_as<Q, 1, false, A8>(a, xb, ldb, sx)
+         : g == 2 ? quantized_as<Q, 2, false, A8>(a, xb, ldb, sx)
+                  : quantized_as<Q, 4, false, A8>(a, xb, ldb, sx);
 }
 
-void quantized24(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb) {
-  return a.qbits == 8 ? quantized24_q<8>(a, xb, ldb) : quantized24_q<4>(a, xb, ldb);
+// Quantized values, x as bf16 in xb (row stride ldb, whole steps, zero past K); sx: int8
+// activations (xb then holds their integers), the blocks' scales, else nullptr.
+void quantized(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb, const float* sx) {
+  if (sx) return a.qbits == 8 ? quantized_q<8, true>(a, xb, ldb, sx) : quantized_q<4, true>(a, xb, ldb, sx);
+  return a.qbits == 8 ? quantized_q<8, false>(a, xb, ldb, sx) : quantized_q<4, false>(a, xb, ldb, sx);
 }
 
 // f(o0, o1, r0, rows) for blocks [o0, o1) of at most kBlockRows output rows of the thread's
@@ -712,26 +884,42 @@ bool nm_24_decompress_bf16_avx512(const NMLinearArgs& a, int64_t row0, int64_t n
   return true;
 }
 
-bool nm_24_avx512_supported(const NMLinearArgs& a) {
-  if (a.n != 2 || a.m != 4 || a.act_block) return false;
-  if (a.qbits) return a.dtype == DType::kBF16 && bf16_kernel_here() && (a.groups == 1 || a.group_kept % 16 == 0);
-  return a.dtype == DType::kF32 || (a.dtype == DType::kBF16 && bf16_kernel_here());
+bool nm_avx512_pattern(int n, int m) { return (m == 4 && (n == 1 || n == 2)) || (m == 8 && (n == 2 || n == 4)); }
+
+bool nm_avx512_supported(const NMLinearArgs& a) {
+  if ((a.act_block && a.act_block != 32) || !nm_avx512_pattern(a.n, a.m)) return false;
+  if (a.qbits) {
+    return a.dtype == DType::kBF16 && bf16_kernel_here() &&
+           (a.groups == 1 || a.group_kept % 16 == 0 || (a.group_kept == 8 && !a.zeros));
+  }
+  if (a.dtype == DType::kBF16) return bf16_kernel_here();
+  return a.dtype == DType::kF32 && a.n == 2 && a.m == 4;
 }
 
-void nm_linear_decode_24_avx512(const NMLinearArgs& a) {
+void nm_linear_decode_avx512(const NMLinearArgs& a) {
   if (a.dtype == DType::kBF16) {
-    const int64_t ldb = (a.k + 63) / 64 * 64;  // whole 64-column windows, zero past K
+    const int64_t cols = 32 * a.m / a.n, ldb = (a.k + cols - 1) / cols * cols;  // whole steps, zero past K
     std::vector<uint16_t> xb(a.rows * ldb, 0);
+    if (a.act_block) {  // x rounded to int8 per 32 columns: the integers as bf16 (exact), the scales
+      std::vector<int8_t> q(a.rows * ldb);
+      std::vector<float> sx(a.rows * (ldb / 32));
+      quantize_x_a8(a, q.data(), ldb, sx.data(), ldb / 32);
+      for (size_t i = 0; i < q.size(); ++i) xb[i] = f32_to_bf16(static_cast<float>(q[i]));
+      return quantized(a, xb.data(), ldb, sx.data());
+    }
     for (int64_t r = 0; r < a.rows; ++r)
       std::memcpy(xb.data() + r * ldb, static_cast<const uint16_t*>(a.x) + r * a.ldx, a.k * sizeof(uint16_t));
-    if (a.qbits) return quantized24(a, xb.data(), ldb);
-    if (a.rows > 1 && std::min<int64_t>(a.rows, 4) * ldb * sizeof(uint16_t) > kBlockOverBytes) {
-      return each_block(a, [&](int64_t o0, int64_t o1, int64_t r0, auto rows) {
-        block24_bf16<decltype(rows)::value>(a, xb.data(), ldb, r0, o0, o1);
+    if (a.qbits) return quantized(a, xb.data(), ldb, nullptr);
+    return with_pattern<0>(a, [&](auto p) {
+      using P = decltype(p);
+      if (a.rows > 1 && std::min<int64_t>(a.rows, 4) * ldb * sizeof(uint16_t) > kBlockOverBytes) {
+        return each_block(a, [&](int64_t o0, int64_t o1, int64_t r0, auto rows) {
+          block_bf16<P, decltype(rows)::value>(a, xb.data(), ldb, r0, o0, o1);
+        });
+      }
+      each_row_far(a, [&](int64_t o, int64_t r0, auto rows, auto far) {
+        rows_bf16<P, decltype(rows)::value, decltype(far)::value>(a, xb.data(), ldb, r0, o);
       });
-    }
-    return each_row_far(a, [&](int64_t o, int64_t r0, auto rows, auto far) {
-      rows24_bf16<decltype(rows)::value, decltype(far)::value>(a, xb.data(), ldb, r0, o);
     });
   }
   const int64_t ldf = (a.k + 31) / 32 * 32;  // whole 32-column windows, zero past K
