@@ -584,10 +584,22 @@ SK_BF16 SK_INLINE void q_step(__m512 (&acc)[2][R], __m512 (&part)[2][R], QGroups
 
 // Output row o for x rows r0 .. r0 + R - 1. Q: 8 or 4 bits; G: scale groups per step (above);
 // Z: zero points stored (else 0 for int8, 8 for int4); A8: int8 activations (q_step; sx: row 0's).
+// Far: prefetch_stream's; with 2-4 rows of x it is the run-time far instead (a branch a step
+// beside twice the work, and half the instances of this template: its file took 2 minutes).
 template <class P, int Q, int G, bool Z, int R, bool Far, bool A8 = false>
-SK_BF16 void rows_q(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb, int64_t r0, int64_t o,
+SK_BF16 void rows_q(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb, int64_t r0, int64_t o, bool far,
                     const float* sx = nullptr, int64_t lds = 0) {
+  static_assert(R == 1 || !Far, "2-4 rows take far at run time");
   constexpr int B = Q == 8 ? 32 : 16;  // value bytes per step of 32 slots
+  auto prefetch = [far](const uint8_t* p) SK_BF16 {
+    if constexpr (R == 1) {
+      prefetch_stream<Far, B>(p);
+    } else if (far) {
+      prefetch_stream<true, B>(p);
+    } else {
+      prefetch_stream<false, B>(p);
+    }
+  };
   const int64_t kept = a.k / P::M * P::N, full = kept / 32;
   const uint8_t* v = static_cast<const uint8_t*>(a.values) + o * (kept * Q / 8);
   const int32_t* mrow = a.meta + o * a.meta_words;
@@ -611,11 +623,11 @@ SK_BF16 void rows_q(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb, int6
   MetaCursor<P> mc(mrow, 0);
   for (; s + 2 <= full; s += 2) {
     step_groups<P, Q, G, Z>(st, s, true);
-    prefetch_stream<Far, B>(v + B * s);
+    prefetch(v + B * s);
     q_step<P, Q, G, Z, R, 0, A8>(acc, part, st, widen<P, Q, G, Z>(v + B * s, st, nib), pk.index(mc), x0, ldb, s, kept, pk, sxr, lds);
     mc.next();
     step_groups<P, Q, G, Z>(st, s + 1, true);
-    prefetch_stream<Far, B>(v + B * (s + 1));
+    prefetch(v + B * (s + 1));
     q_step<P, Q, G, Z, R, 1, A8>(acc, part, st, widen<P, Q, G, Z>(v + B * (s + 1), st, nib), pk.index(mc), x0, ldb,
                              s + 1, kept, pk, sxr, lds);
     mc.next();
@@ -715,13 +727,13 @@ void quantized_as(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb, const 
     }
     each_row_far(a, [&](int64_t o, int64_t r0, auto rows, auto far) {
       constexpr int R = decltype(rows)::value;
-      constexpr bool F = decltype(far)::value;
+      constexpr bool F = R == 1 && decltype(far)::value;  // (2-4 rows: far passed at run time)
       if constexpr (A8) {
-        rows_q<P, Q, G, Z, R, F, true>(a, xb, ldb, r0, o, lanes.data(), lds);
+        rows_q<P, Q, G, Z, R, F, true>(a, xb, ldb, r0, o, far, lanes.data(), lds);
       } else if (G == 0 && R >= 3 && a.groups > 1) {
-        rows_q<P, Q, 1, Z, R, F>(a, xb, ldb, r0, o);
+        rows_q<P, Q, 1, Z, R, F>(a, xb, ldb, r0, o, far);
       } else {
-        rows_q<P, Q, G, Z, R, F>(a, xb, ldb, r0, o);
+        rows_q<P, Q, G, Z, R, F>(a, xb, ldb, r0, o, far);
       }
     });
   });
