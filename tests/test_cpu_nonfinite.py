@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not _extension.HAS_C_EXT, reason="compiled exten
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows", [1, 3, 12, 37, 70])  # 2:4 on AVX-512 BF16: the 2:4 GEMM (fp32 37, 70; bf16 70)
-@pytest.mark.parametrize("pattern", [(2, 4), (1, 8)])
+@pytest.mark.parametrize("pattern", [(2, 4), (1, 4), (2, 8), (4, 8), (1, 8)])
 def test_nonfinite_rows_match_dense(dtype, rows, pattern):
     n, m = pattern
     k, out = 8 * m + m, 24  # K not a multiple of the vector width

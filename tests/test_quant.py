@@ -179,10 +179,11 @@ def test_quantized_real_shape(quant, rows):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("act_block", [0, 32])
 @pytest.mark.parametrize("rows", [3, 70])  # decode kernel; batched path (70 rows: past both dtypes' decode rows)
-def test_nonfinite_x_propagates_like_dense(rows, act_block, dtype):
+@pytest.mark.parametrize("nm", [(2, 4), (1, 4), (2, 8), (4, 8)], ids=lambda p: f"{p[0]}:{p[1]}")
+def test_nonfinite_x_propagates_like_dense(nm, rows, act_block, dtype):
     """A row of x holding Inf / NaN comes out as from the dense op (rounding it to int8 would give
     finite integers), the other rows finite."""
-    w = sk.NMSparseWeight.from_dense(torch.randn(16, 128), 2, 4, prune=True)
+    w = sk.NMSparseWeight.from_dense(torch.randn(16, 128), *nm, prune=True)
     wq = w.quantize("int8", 64, act_block=act_block).to(dtype)
     x = torch.randn(rows, 128).to(dtype)
     x[1, 5] = float("inf")
