@@ -115,7 +115,7 @@ NM = [(2, 4), (1, 4), (2, 8), (4, 8), (1, 8), (3, 8), (2, 16)]  # 3:8 and 2:16: 
 
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("rows", [1, 3, 13, 40, 70])  # 40 (fp32), 70 (bf16, fp16): decompress + GEMM
+@pytest.mark.parametrize("rows", [1, 3, 13, 40, 70])  # 70: past every decode limit (tiles + GEMM, or the 2:4 GEMM)
 @pytest.mark.parametrize("group_size", [0, 32, 128])
 @pytest.mark.parametrize("quant", q.QUANTS)
 @pytest.mark.parametrize("nm", NM, ids=lambda p: f"{p[0]}:{p[1]}")

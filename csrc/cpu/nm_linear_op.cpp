@@ -29,6 +29,12 @@ constexpr int64_t kDecodeMaxRows = 8;
 // so chunked decode stays ahead to ~32 rows in fp32 and ~64 in bf16/fp16.
 constexpr int64_t kChunkedDecodeMaxRowsF32 = 32;
 constexpr int64_t kChunkedDecodeMaxRowsHalf = 64;
+// Quantized values with fp32 x: dequantizing to fp32 tiles costs more than copying float values,
+// and no sparse GEMM takes them. NOTE: 2:4 11008x4096, Zen 5, 2 threads, separate processes
+// alternating, tiles -> decode passes, int8 / int4 g128 (dense fp32 F.linear): 33 rows 43 -> 23
+// ms (28), 41 rows 46 -> 28-30 (30-33), 48 rows 47 -> 33-35 (33-37), 64 rows 53-56 -> 43-45
+// (39-43). Past 64 rows the tiles stay, at ~1.4x the dense GEMM's time.
+constexpr int64_t kQuantDecodeMaxRowsF32 = 64;
 // From this many rows the 2:4 GEMM (nm_gemm_24_avx512.cpp) runs where it applies. NOTE:
 // Zen 4, 2 threads, bf16, x dense F.linear: 11008x4096 decode passes 1.42x at 8 rows, 1.02x at
 // 12, 0.97x at 16; the GEMM 0.99x, 1.03x, 1.12x (2048x2048: decode 0.96x, 0.83x, 0.63x; GEMM
@@ -54,6 +60,7 @@ int64_t nm_decode_max_rows(const NMLinearArgs& a) {
   rounded.act_block = 0;
   if (detail::nm_gemm_24_supported(rounded)) return (a.act_block ? kSparseGemmMinRowsA8 : kSparseGemmMinRows) - 1;
 #endif
+  if (a.qbits && a.dtype == DType::kF32) return kQuantDecodeMaxRowsF32;
   return a.dtype == DType::kF32 ? kChunkedDecodeMaxRowsF32 : kChunkedDecodeMaxRowsHalf;
 }
 
