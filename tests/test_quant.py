@@ -410,7 +410,8 @@ def _a8_same(ref32, xq, dense32, bias, rows, dtype, nm=(2, 4)):
     ``xq``): its result rounded once to x's dtype; in bf16 past 64 rows (the decode rows on every
     CPU), the bf16 GEMM of the rounded x (rounded once more to bf16, W in bf16), as every other bf16
     batch runs. 2:4 on AVX-512 BF16 takes that GEMM from 33 rows."""
-    gemm_from = 33 if nm == (2, 4) and int(torch.ops.sparsekern._cpu_isa()) >= 3 else 65
+    bf16_level = int(torch.ops.sparsekern._cpu_isa()) >= _extension.CPU_ISAS["avx512bf16"]
+    gemm_from = 33 if nm == (2, 4) and bf16_level else 65
     if dtype == torch.bfloat16 and rows >= gemm_from:
         return F.linear(xq.to(dtype), dense32.to(dtype), None if bias is None else bias.to(dtype))
     return ref32.to(dtype)

@@ -65,6 +65,14 @@ void nm_quantize_x_a8(const NMLinearArgs& a, int8_t* xq, int64_t ldq, float* sx,
 void quantize_x_a8(const NMLinearArgs& a, int8_t* xq, int64_t ldq, float* sx, int64_t lds);
 // Whether this CPU and the active ISA run the AVX-512 VBMI + VNNI int8 kernels.
 bool has_avx512_vnni_vbmi();
+// For kernels that scale a step's 16 dword lanes at once with the x block each lane reads: the
+// block scales sx (blocks_per_step a step, steps after steps, rows after rows) spread to
+// lanes[16 * i + l] = sx[blocks_per_step * i + block(l)], for each of the `steps` steps i.
+template <class Block>
+void spread_block_scales(const float* sx, int64_t steps, int blocks_per_step, Block block, float* lanes) {
+  for (int64_t i = 0; i < steps; ++i)
+    for (int l = 0; l < 16; ++l) lanes[16 * i + l] = sx[blocks_per_step * i + block(l)];
+}
 
 namespace detail {
 void nm_linear_decode_portable(const NMLinearArgs& a);

@@ -420,16 +420,11 @@ void nm_linear_decode_a8_avx512(const NMLinearArgs& a) {
   std::vector<float> sx(a.rows * blocks), sxl(a.rows * 16 * steps);
   quantize_x_a8_32(a, xq.data(), ldq, sx.data(), blocks);
   // Lane l of step s holds 4 kept slots, all in x block (32 columns) 4s + quarter_of<Q>(l).
-  const auto expand = [&](auto quarter) {
-    for (int64_t i = 0; i < a.rows * steps; ++i) {
-      for (int l = 0; l < 16; ++l) sxl[16 * i + l] = sx[4 * i + quarter(l)];
-    }
-  };
   if (a.qbits == 8) {
-    expand(quarter_of<8>);
+    spread_block_scales(sx.data(), a.rows * steps, 4, quarter_of<8>, sxl.data());
     return a8_typed<8>(a, xq.data(), ldq, sxl.data(), 16 * steps);
   }
-  expand(quarter_of<4>);
+  spread_block_scales(sx.data(), a.rows * steps, 4, quarter_of<4>, sxl.data());
   a8_typed<4>(a, xq.data(), ldq, sxl.data(), 16 * steps);
 }
 #endif

@@ -716,14 +716,11 @@ void quantized_as(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb, const 
     using P = decltype(p);
     std::vector<float> lanes;
     int64_t lds = 0;
-    if constexpr (A8) {
-      const int64_t steps = ldb / P::kCols, blocks = ldb / 32;
+    if constexpr (A8) {  // sx: ldb / 32 blocks a row, kCols / 32 a step
+      const int64_t steps = ldb / P::kCols;
       lds = 16 * steps;
       lanes.resize(a.rows * lds);
-      for (int64_t r = 0; r < a.rows; ++r)
-        for (int64_t t = 0; t < steps; ++t)
-          for (int d = 0; d < 16; ++d)
-            lanes[r * lds + 16 * t + d] = sx[r * blocks + t * (P::kCols / 32) + P::xblock(d)];
+      spread_block_scales(sx, a.rows * steps, P::kCols / 32, P::xblock, lanes.data());
     }
     each_row_far(a, [&](int64_t o, int64_t r0, auto rows, auto far) {
       constexpr int R = decltype(rows)::value;

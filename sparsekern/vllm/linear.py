@@ -164,10 +164,9 @@ class SparsekernLinearMethod(LinearMethodBase):
                 "blocks": torch.zeros(0, self.bm, cols, dtype=bdtype),
             }
             if self.quant:  # per block: [nnz, bm, groups]; whole blocks land on a rank, so their groups too
-                groups = self.bk // self.group_size if self.group_size else 1
-                params["scales"] = torch.zeros(0, self.bm, groups, dtype=params_dtype)
+                params["scales"] = torch.zeros(0, self.bm, self._block_groups(), dtype=params_dtype)
                 if self.zeros:
-                    params["zeros"] = torch.zeros(0, self.bm, groups, dtype=torch.int8)
+                    params["zeros"] = torch.zeros(0, self.bm, self._block_groups(), dtype=torch.int8)
             params = {t: Parameter(d, requires_grad=False) for t, d in params.items()}
             for t, p in params.items():
                 set_weight_attrs(p, {"weight_loader": self._stash_loader(layer, t)})
@@ -206,6 +205,10 @@ class SparsekernLinearMethod(LinearMethodBase):
         self._read_quant()
         if self.quant:
             self._wrap(check_group_size, self.group_size, self.bk)
+
+    def _block_groups(self) -> int:
+        """Scale groups per row of a quantized block (``scales`` / ``zeros``: ``[nnz, bm, groups]``)."""
+        return self.bk // self.group_size if self.group_size else 1
 
     def _values_layout(self, kept: int, params_dtype: torch.dtype | None) -> tuple[int, torch.dtype | None]:
         """Columns and dtype of ``kept`` stored weights of a row (N:M values, or a block's row):
@@ -314,7 +317,7 @@ class SparsekernLinearMethod(LinearMethodBase):
         expect_tensor("blocks", blocks, [None, bm, cols], ok, self._where(parts, "blocks"), dtype)
         quant = ()
         if self.quant:
-            groups = self.bk // self.group_size if self.group_size else 1
+            groups = self._block_groups()
             scales, zeros = got["scales"], got.get("zeros")
             where = self._where(parts, "scales")
             expect_tensor("scales", scales, [nnz, bm, groups], scales.is_floating_point(), where)
