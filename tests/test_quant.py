@@ -164,6 +164,26 @@ def test_quantized_nm_bf16_decode(nm, k, group_size, quant, symmetric, rows):
 
 
 @needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("quant", q.QUANTS)
+@pytest.mark.parametrize("nm", [(2, 4), (4, 8)], ids=lambda p: f"{p[0]}:{p[1]}")
+def test_quantized_huge_x_rows_match_dense(nm, quant, dtype):
+    """A row of x holding a finite value of magnitude >= 2^100 (here 1e37): the integer kernels sum
+    q * x before the scale, which overflows where (q * scale) * x does not, so such rows are
+    redone densely, as rows holding NaN / Inf are; the other rows stay on the kernel."""
+    n, m = nm
+    w = sk.NMSparseWeight.from_dense(torch.randn(16, 256) * 0.01, n=n, m=m, prune=True)
+    wq = w.quantize(quant, 64).to(dtype)
+    x = torch.randn(3, 256)
+    x[1, :8] = 1e37  # q * 1e37 > fp32's largest value from |q| = 35; scale * q * 1e37 is far below it
+    x = x.to(dtype)
+    with sk.use_backend("cpu"):
+        y = sk.ops.nm_linear(x, wq)
+    assert torch.isfinite(y).all()
+    _check(y, x, wq, None, f"{n}:{m} {quant} {dtype}")
+
+
+@needs_ext
 @pytest.mark.parametrize("rows", [1, 4, 70])  # 70: decompress + bf16 GEMM
 @pytest.mark.parametrize("quant", q.QUANTS)
 def test_quantized_real_shape(quant, rows):

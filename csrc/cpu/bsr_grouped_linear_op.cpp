@@ -103,7 +103,7 @@ at::Tensor bsr_grouped_linear_cpu(const at::Tensor& x_in, const at::Tensor& crow
   for (const ExpertRows& ex : decode) {
     const at::Tensor xs = x.narrow(0, ex.r0, ex.rows);
     at::Tensor ys = y.narrow(0, ex.r0, ex.rows);
-    redo_nonfinite_rows(xs, ys, nonfinite_rows(xs), [&](const at::Tensor& xb) {
+    redo_nonfinite_rows(xs, ys, nonfinite_or_huge_rows(xs), [&](const at::Tensor& xb) {
       at::Tensor yb = at::empty({xb.size(0), out}, y.options());
       expert_run(ex, xb, yb);
       return yb;

@@ -1,7 +1,7 @@
 // sparsekern::_bsr_linear_cpu: x [rows, K] @ W.T + bias for a BSR weight (crow, col, blocks), on
 // the CPU. The op checks its arguments itself (cpu/op_checks.h): it is callable without ops.py. Few rows: the decode kernel; many rows:
 // the packed micro-kernel, or (dense-ish weights) block-row decompression + dense GEMM.
-// Rows of x holding NaN/Inf come out exactly as from the dense op.
+// Rows of x holding NaN/Inf (or values of magnitude >= 2^100) come out exactly as from the dense op.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -105,7 +105,7 @@ void bsr_linear_run(const at::Tensor& x, const at::Tensor& crow, const at::Tenso
     bsr_linear_batched(a, isa);
   }
   // The sparse kernels skip absent blocks: rows of x holding NaN/Inf are redone densely.
-  redo_nonfinite_rows(x, y, nonfinite_rows(x), [&](const at::Tensor& xb) {
+  redo_nonfinite_rows(x, y, nonfinite_or_huge_rows(x), [&](const at::Tensor& xb) {
     at::Tensor yb = at::empty({xb.size(0), out_features}, y.options());
     bsr_linear_gemm(a, xb, blocks, bias, yb);  // uses a's weights only
     return yb;

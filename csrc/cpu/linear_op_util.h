@@ -28,10 +28,14 @@ inline void bias_rows(at::Tensor& y, const std::optional<at::Tensor>& bias) {
   }
 }
 
-// Indices of the rows of x [rows, k] (contiguous) holding a NaN or Inf. Sparse kernels skip
-// pruned weights, where the dense op computes 0 * inf = nan; callers recompute these rows
-// with dense semantics. An exponent test on the bits: no float compare, vectorises.
-inline std::vector<int64_t> nonfinite_rows(const at::Tensor& x) {
+// Indices of the rows of x [rows, k] (contiguous) holding a NaN or Inf, or a value of magnitude
+// >= 2^100 (fp32, bf16; fp16 has none). Sparse kernels skip pruned weights, where the dense op
+// computes 0 * inf = nan; the integer-weight kernels sum q * x before the scale, which overflows
+// where the dense op's (q * scale) * x does not (|q| * |x| * K < 2^128 below 2^100 for K < 2^20).
+// Callers recompute these rows with dense semantics. An exponent test on the bits: no float
+// compare, vectorises.
+inline std::vector<int64_t> nonfinite_or_huge_rows(const at::Tensor& x) {
+  constexpr uint32_t kHugeExp = 127 + 100;  // the biased exponent of 2^100
   std::vector<int64_t> bad;
   const int64_t rows = x.size(0), k = x.size(1);
   for (int64_t r = 0; r < rows; ++r) {
@@ -39,13 +43,14 @@ inline std::vector<int64_t> nonfinite_rows(const at::Tensor& x) {
     if (x.scalar_type() == at::kFloat) {
       const uint32_t* p = reinterpret_cast<const uint32_t*>(x.data_ptr()) + r * k;
       uint32_t hit = 0;
-      for (int64_t i = 0; i < k; ++i) hit |= ((p[i] & 0x7f800000u) == 0x7f800000u);
+      for (int64_t i = 0; i < k; ++i) hit |= ((p[i] & 0x7f800000u) >= (kHugeExp << 23));
       any = hit != 0;
     } else {
-      const uint16_t exp = x.scalar_type() == at::kBFloat16 ? 0x7f80u : 0x7c00u;
+      const bool bf16 = x.scalar_type() == at::kBFloat16;
+      const uint16_t mask = bf16 ? 0x7f80u : 0x7c00u, from = bf16 ? kHugeExp << 7 : 0x7c00u;
       const uint16_t* p = reinterpret_cast<const uint16_t*>(x.data_ptr()) + r * k;
       uint32_t hit = 0;
-      for (int64_t i = 0; i < k; ++i) hit |= ((p[i] & exp) == exp);
+      for (int64_t i = 0; i < k; ++i) hit |= ((p[i] & mask) >= from);
       any = hit != 0;
     }
     if (any) bad.push_back(r);

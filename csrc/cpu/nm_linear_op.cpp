@@ -1,7 +1,8 @@
 // sparsekern::_nm_linear_cpu: x [rows, K] @ W.T + bias for an N:M weight (values, meta), on the
 // CPU. The op checks its arguments itself (cpu/op_checks.h): it is callable without ops.py. Few rows: the decode kernel (weights
 // streamed once per 8 rows); many rows: decompress tiles of W and run the dense GEMM on each.
-// Rows of x holding NaN/Inf come out exactly as from the dense op (the GEMM path is dense).
+// Rows of x holding NaN/Inf (or values of magnitude >= 2^100) come out exactly as from the dense op
+// (the GEMM path is dense).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -66,7 +67,7 @@ int64_t nm_decode_max_rows(const NMLinearArgs& a) {
 
 void redo_nonfinite_on_tiles(const NMLinearArgs& a, const at::Tensor& x, const std::optional<at::Tensor>& bias,
                              at::Tensor& y) {
-  redo_nonfinite_rows(x, y, nonfinite_rows(x), [&](const at::Tensor& xb) {
+  redo_nonfinite_rows(x, y, nonfinite_or_huge_rows(x), [&](const at::Tensor& xb) {
     at::Tensor yb = at::empty({xb.size(0), a.out_features}, y.options());
     nm_linear_gemm(a, xb, bias, yb);
     return yb;

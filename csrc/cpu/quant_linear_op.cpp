@@ -221,7 +221,7 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& values, const
     q8_decode_portable(a, xa);
 #endif
   }
-  redo_nonfinite_rows(xc, y, nonfinite_rows(xc), [&](const at::Tensor& xb) {
+  redo_nonfinite_rows(xc, y, nonfinite_or_huge_rows(xc), [&](const at::Tensor& xb) {
     at::Tensor yb = at::empty({xb.size(0), n}, y.options());
     q8_gemm(xb.to(at::kFloat), values, sc, bc, yb);
     return yb;
