@@ -1,6 +1,6 @@
-"""Quantized + sparse decode, one row, side by side: dense bf16, N:M bf16 (2:4 unless
-``--patterns`` says), N:M int8 / int4 with bf16 activations (W8A16 / W4A16) and with int8
-activations (``act_block=32``).
+"""Quantized + sparse decode, one row, side by side: dense, N:M float (2:4 unless ``--patterns``
+says), N:M int8 / int4 with float activations (W8A16 / W4A16) and with int8 activations
+(``act_block=32``); bf16 activations and scales, or fp32 with ``--dtype fp32``.
 
 Every variant is timed interleaved in one run, in a new random order each round (min of rounds
 of ``--calls`` calls each, weights rotated through copies larger than the L3 so no call finds
@@ -8,7 +8,8 @@ them cached), on the machine's threads. The roofline is the weight bytes as stor
 bandwidth measured in the same run (``sparsekern.bench.roofline``: large copy or large read).
 
     .venv/bin/python bench/bench_quant_decode.py [--shapes 11008x4096,4096x4096] [--rounds 7]
-        [--patterns 2:4,4:8,1:4,2:8] [--only "int4 g32 +a8,int8 +a8"]
+        [--patterns 2:4,4:8,1:4,2:8] [--only "int4 g32 +a8,int8 +a8"] [--dtype fp32]
+        [--matmul-precision high]
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import torch.nn.functional as F
 
 import sparsekern as sk
 
-VARIANTS = (  # name (after the pattern), quantize() arguments (None: the float weight)
-    ("bf16", None),
+VARIANTS = (  # name (after the pattern), quantize() arguments (None: the float weight, named by its dtype)
+    ("float", None),
     ("int8", ("int8", 0, True, 0)),
     ("int8 g128", ("int8", 128, True, 0)),
     ("int4 g128", ("int4", 128, True, 0)),
@@ -45,9 +46,9 @@ def bandwidth_gbs() -> float:
 
 def nm_ratio(best: dict, name: str) -> str:
     """Speed of ``name`` over the float weight of its own pattern ("-" for dense)."""
-    pattern = name.split(" ")[0]
-    base = best.get(f"{pattern} bf16")
-    return "-" if base is None or name == "dense bf16" else f"{base / best[name]:.2f}"
+    pattern, dtype = name.split(" ")[0], next(iter(best)).split(" ")[1]  # (the first case: dense)
+    base = best.get(f"{pattern} {dtype}")
+    return "-" if base is None or pattern == "dense" else f"{base / best[name]:.2f}"
 
 
 def main() -> None:
@@ -57,16 +58,28 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated variant names, e.g. 'int8 +a8' (default: all)")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="activations, scales, dense weight")
+    ap.add_argument(
+        "--matmul-precision",
+        choices=("highest", "high"),
+        default="highest",
+        help="torch.set_float32_matmul_precision (fp32 x: 'high' lets the quantized kernels take x as two bf16 parts)",
+    )
     args = ap.parse_args()
+    torch.set_float32_matmul_precision(args.matmul_precision)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     bw = bandwidth_gbs()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, roofline bandwidth {bw:.1f} GB/s\n")
-    print("| shape | weights | ms | weight MB | GB/s | % roofline | x dense bf16 | x N:M bf16 |")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, roofline bandwidth {bw:.1f} GB/s, "
+        f"float32 matmul precision {args.matmul_precision}\n"
+    )
+    print(f"| shape | weights | ms | weight MB | GB/s | % roofline | x dense {args.dtype} | x N:M {args.dtype} |")
     print("|---|---|---|---|---|---|---|---|")
     patterns = args.patterns.split(",")
     for shape in args.shapes.split(","):
         out, k = (int(v) for v in shape.split("x"))
         dense = torch.randn(out, k) * 0.02
-        cases = {"dense bf16": [dense.bfloat16() for _ in range(3)]}
+        cases = {f"dense {args.dtype}": [dense.to(dtype) for _ in range(3)]}
         for pattern in patterns:
             n, m = (int(v) for v in pattern.split(":"))
             w_nm = sk.NMSparseWeight.from_dense(dense, n, m, prune=True)
@@ -74,8 +87,9 @@ def main() -> None:
                 if args.only and name not in args.only.split(",") and q is not None:
                     continue
                 w = w_nm if q is None else w_nm.quantize(*q)
-                cases[f"{pattern} {name}"] = [sk.SparseLinear(w.to(torch.bfloat16)) for _ in range(3)]
-        x = torch.randn(1, k).bfloat16()
+                label = args.dtype if q is None else name
+                cases[f"{pattern} {label}"] = [sk.SparseLinear(w.to(dtype)) for _ in range(3)]
+        x = torch.randn(1, k).to(dtype)
         best = {name: float("inf") for name in cases}
         rng = random.Random(0)
         with torch.no_grad(), sk.use_backend("cpu"):
@@ -97,12 +111,12 @@ def main() -> None:
                     best[name] = min(best[name], (time.perf_counter() - t) / args.calls)
         for name, ws in cases.items():
             w = ws[0]
-            nbytes = w.numel() * 2 if isinstance(w, torch.Tensor) else w.sparse_weight.nbytes()
+            nbytes = w.numel() * w.element_size() if isinstance(w, torch.Tensor) else w.sparse_weight.nbytes()
             ms = best[name] * 1e3
             gbs = nbytes / best[name] / 1e9
             print(
                 f"| {shape} | {name} | {ms:.3f} | {nbytes / 1e6:.1f} | {gbs:.1f} | {100 * gbs / bw:.0f}% | "
-                f"{best['dense bf16'] / best[name]:.2f} | {nm_ratio(best, name)} |",
+                f"{best[f'dense {args.dtype}'] / best[name]:.2f} | {nm_ratio(best, name)} |",
                 flush=True,
             )
 

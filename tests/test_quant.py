@@ -2,6 +2,8 @@
 the CPU kernels against the reference, bad input, SparseLinear, sparsify, save / load and HF
 ``from_pretrained``."""
 
+import contextlib
+
 import pytest
 import tiny_lm
 import torch
@@ -103,6 +105,17 @@ def _has_vnni_vbmi() -> bool:
     return "avx512_vnni" in flags and "avx512vbmi" in flags
 
 
+@contextlib.contextmanager
+def _matmul_precision(precision: str):
+    """torch.set_float32_matmul_precision(precision) inside the block (the C++ op reads it per call)."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def _check(y, x, wq, bias, what):
     # The kernels dequantize in fp32 from the stored scale: so does this fp32 reference.
     dense32 = sk.NMSparseWeight(wq.values, wq.meta, wq.n, wq.m, wq.shape, wq.scales.float(), wq.zeros,
@@ -148,19 +161,75 @@ def test_quantized_nm_linear_cpu(isa, nm, quant, group_size, rows, dtype):
     [(k, g) for k in (200, 352, 384, 480, 1344, 4096) for g in (0, 32, 64, 96, 128, 192) if g == 0 or k % g == 0],
 )
 @pytest.mark.parametrize("nm", [(2, 4), (1, 4), (2, 8), (4, 8)], ids=lambda p: f"{p[0]}:{p[1]}")
-def test_quantized_nm_bf16_decode(nm, k, group_size, quant, symmetric, rows):
-    """Quantized N:M with bf16 x (on AVX-512 BF16 + VBMI: the vdpbf16ps decode kernel, which scales
-    per group, half-step or quarter-step and looks int4 up in tables; 2:4 past 12 rows takes the
-    2:4 bf16 GEMM, which dequantizes each block of values to bf16 as it packs it) at every group
-    layout and tail. Values this short take the decode kernel's far prefetch on any pages;
-    test_quantized_real_shape runs the page-boundary prefetch of long values."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_quantized_nm_bf16_decode(dtype, nm, k, group_size, quant, symmetric, rows):
+    """Quantized N:M with bf16 or fp32 x and scales (on AVX-512 BF16 + VBMI: the vdpbf16ps decode
+    kernel, which scales per group, half-step or quarter-step and looks int4 up in tables; fp32 x
+    goes in as three bf16 parts at one row (more rows: the AVX2 quads kernel), and as two at any
+    rows under float32 matmul precision "high"; bf16 2:4 past 12 rows takes the 2:4 bf16 GEMM,
+    which dequantizes each block of values to bf16 as it packs it; fp32 past 64 rows the fp32
+    tiles) at every group layout and tail. Values this short take the decode kernel's far
+    prefetch on any pages; test_quantized_real_shape runs the page-boundary prefetch of long
+    values."""
     n, m = nm
-    wq = _qweight(23, k, n, m, quant, group_size, symmetric, torch.bfloat16)
-    x = torch.randn(rows, k).to(torch.bfloat16)
-    bias = torch.randn(23).to(torch.bfloat16) if rows != 2 else None
+    wq = _qweight(23, k, n, m, quant, group_size, symmetric, dtype)
+    x = torch.randn(rows, k).to(dtype)
+    bias = torch.randn(23).to(dtype) if rows != 2 else None
     with sk.use_backend("cpu"):
         y = sk.ops.nm_linear(x, wq, bias)
-    _check(y, x, wq, bias, f"{n}:{m} {quant} g{group_size} sym={symmetric} k={k} rows={rows}")
+    _check(y, x, wq, bias, f"{n}:{m} {quant} g{group_size} sym={symmetric} k={k} rows={rows} {dtype}")
+    if dtype == torch.float32:
+        with _matmul_precision("high"), sk.use_backend("cpu"):
+            y = sk.ops.nm_linear(x, wq, bias)
+        _check(y, x, wq, bias, f"{n}:{m} {quant} g{group_size} sym={symmetric} k={k} rows={rows} high")
+
+
+@needs_ext
+@pytest.mark.parametrize("rows", [1, 4, 6])
+@pytest.mark.parametrize("nm", [(2, 4), (1, 4), (2, 8), (4, 8)], ids=lambda p: f"{p[0]}:{p[1]}")
+def test_quantized_fp32_x_keeps_its_low_bits(isa, nm, rows):
+    """fp32 x whose low bits carry the answer (1 + j / 4096 and its negation: 13 significant bits,
+    which one bf16 rounding of x would cut to 8) with quantized values: fp32 accuracy at every
+    ISA level (the AVX-512 BF16 kernel takes one row of x as three bf16 parts)."""
+    n, m = nm
+    wq = _qweight(31, 640, n, m, "int4", 64, False)
+    x = 1 + torch.randint(0, 4096, (rows, 640)) * 2.0**-12
+    x[:, ::3] *= -1
+    with sk.use_backend("cpu"):
+        y = sk.ops.nm_linear(x, wq)
+    dense32 = wq.to_dense()
+    _check(y, x, wq, None, f"{isa} {n}:{m} rows={rows}")
+    # (what a kernel that rounded x to bf16 once would give: out of the same bound)
+    rounded = F.linear(x.bfloat16().float(), dense32)
+    with pytest.raises(AssertionError, match="out of bound"):
+        _check(rounded, x, wq, None, "x rounded to bf16")
+
+
+@needs_ext
+@pytest.mark.parametrize("precision", ["highest", "high"])
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("nm", [(2, 4), (1, 4), (2, 8), (4, 8)], ids=lambda p: f"{p[0]}:{p[1]}")
+def test_quantized_fp32_products_follow_matmul_precision(isa, nm, rows, precision):
+    """One kept weight per output row (q in -127..127, scale 1/2), fp32 x with all 24 bits: the
+    answer is one product, so a kernel with fp32 products is within 2 roundings of it. At
+    torch.get_float32_matmul_precision() "highest" (the default) every kernel is; at "high" the
+    AVX-512 BF16 kernel may take x as two bf16 parts (within 2^-17 |x|), like torch's own
+    reduced-precision fp32 matmuls."""
+    n, m = nm
+    out, k = 37, 512
+    kept = k // m * n
+    values = torch.zeros(out, kept, dtype=torch.int8)
+    slot = torch.randint(0, kept, (out,))
+    sign = 1 - 2 * (torch.arange(out) % 2)
+    values[torch.arange(out), slot] = (torch.randint(1, 128, (out,)) * sign).to(torch.int8)
+    meta = sk.NMSparseWeight.from_dense(torch.randn(out, k), n=n, m=m, prune=True).meta
+    wq = sk.NMSparseWeight(values, meta, n, m, (out, k), torch.full((out, 1), 0.5), None, 0).validate()
+    x = torch.randn(rows, k)
+    with _matmul_precision(precision), sk.use_backend("cpu"):
+        y = sk.ops.nm_linear(x, wq)
+    exact = F.linear(x.double(), wq.to_dense().double())
+    rel = ((y.double() - exact).abs() / exact.abs().clamp_min(1e-30)).max().item()
+    assert rel <= (2.0**-21 if precision == "highest" else 2.0**-16), f"{isa} {n}:{m} rows={rows}: {rel:.3g}"
 
 
 @needs_ext

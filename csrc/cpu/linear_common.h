@@ -38,6 +38,10 @@ struct NMLinearArgs {
   // int8 activations (opt-in, quantized values only): x rounded per row and block of act_block
   // columns (nm_linear_a8.cpp); 0: x used as it is.
   int64_t act_block = 0;
+  // fp32 x with quantized values on the AVX-512 BF16 kernels, x as bf16 parts: 3 sum to x exactly
+  // (fp32 products; one row of x only, the AVX2 kernel past it); 2 keep x within 2^-17 |x|, for
+  // any rows (what torch's float32 matmul precision "high" or "medium" admits; set by the op).
+  int x_parts = 3;
 };
 
 // Element i (row-major, rows of an even count when int4) of quantized integers: int8, or int4

@@ -456,8 +456,9 @@ SK_BF16 inline __m512i int4_table(int zero) {
 // (by half). Every helper is inlined, so all of it lives in registers.
 // NOTE: written first with lambdas capturing by reference, GCC kept the sums on the stack:
 // int4 g128 11008x4096 2.1 ms, against 1.2 ms for the bf16 kernel it should beat.
+template <class S>
 struct QGroups {
-  const uint16_t* scales;  // the row's, bf16
+  const S* scales;         // the row's: bf16 (uint16_t) or fp32
   const int8_t* zeros;     // the row's, or nullptr
   int64_t last, gk, g = 0, end = 0;
   int gshift;  // log2(gk) where gk is a power of two, else -1
@@ -465,12 +466,15 @@ struct QGroups {
   __m512i table_lo, table_hi;
 };
 
-template <class P, int Q, int G, bool Z>
-SK_BF16 SK_INLINE void set_groups(QGroups& st, int64_t g0, int64_t g1) {
+inline float scale_f32(uint16_t s) { return bf16_to_f32(s); }
+inline float scale_f32(float s) { return s; }
+
+template <class P, int Q, int G, bool Z, class S>
+SK_BF16 SK_INLINE void set_groups(QGroups<S>& st, int64_t g0, int64_t g1) {
   g0 = std::min(g0, st.last);  // (a tail half past the row keeps the last group)
   g1 = std::min(g1, st.last);
-  st.scale = _mm512_mask_blend_ps(P::kHalf1, _mm512_set1_ps(bf16_to_f32(st.scales[g0])),
-                                  _mm512_set1_ps(bf16_to_f32(st.scales[g1])));
+  st.scale = _mm512_mask_blend_ps(P::kHalf1, _mm512_set1_ps(scale_f32(st.scales[g0])),
+                                  _mm512_set1_ps(scale_f32(st.scales[g1])));
   if constexpr (Z && Q == 8) {
     st.zlo = _mm512_set1_ps(static_cast<float>(st.zeros[g0]));
     st.zhi = _mm512_set1_ps(static_cast<float>(st.zeros[g1]));
@@ -486,12 +490,26 @@ SK_BF16 SK_INLINE void set_groups(QGroups& st, int64_t g0, int64_t g1) {
 // groups 2s and 2s + 1, their two bf16 scales one 32-bit broadcast, each half's moved to the top
 // by a shift or a mask. Quarters: groups 4s .. 4s + 3, their four scales one 64-bit broadcast,
 // and one vpermw puts each dword lane's scale in its top half (zeroing the rest). Else a
-// division (other sizes: rare), and the tail step clamps its groups to the row's.
+// division (other sizes: rare), and the tail step clamps its groups to the row's. fp32 scales:
+// the four by one vpermps, the two by a blend.
 // NOTE: 2:4 int4 g32, 11008x4096, 1 row, 2 threads, Zen 4: 0.83 -> 0.70 ms (was two scalar
 // loads and broadcasts per step).
-template <class P, int Q, int G, bool Z>
-SK_BF16 SK_INLINE void step_groups(QGroups& st, int64_t s, bool whole) {
-  if constexpr (G == 4) {
+template <class P, int Q, int G, bool Z, class S>
+SK_BF16 SK_INLINE void step_groups(QGroups<S>& st, int64_t s, bool whole) {
+  if constexpr (G == 4 && std::is_same_v<S, float>) {
+    static_assert(!Z, "quarters carry no zero points");
+    __m128 four;
+    if (whole) {
+      four = _mm_loadu_ps(st.scales + 4 * s);
+    } else {
+      alignas(16) float g[4];
+      for (int j = 0; j < 4; ++j) g[j] = st.scales[std::min((32 * s + 8 * j) / st.gk, st.last)];
+      four = _mm_load_ps(g);
+    }
+    // (word 2d + 1 of the quarter table: dword lane d's quarter, so the dword holds it << 16)
+    const __m512i quarter = _mm512_srli_epi32(_mm512_load_si512(kPick<P>.quarter), 16);
+    st.scale = _mm512_permutexvar_ps(quarter, _mm512_castps128_ps512(four));
+  } else if constexpr (G == 4) {
     static_assert(!Z, "quarters carry no zero points");
     uint64_t four;  // the four bf16 scales (memcpy: no aliasing or alignment assumption)
     if (whole) {
@@ -512,11 +530,15 @@ SK_BF16 SK_INLINE void step_groups(QGroups& st, int64_t s, bool whole) {
     }
   } else if constexpr (G == 2) {
     if (!Z && st.gk == 16 && whole) {
-      int32_t two;
-      std::memcpy(&two, st.scales + 2 * s, sizeof two);
-      const __m512i pair = _mm512_set1_epi32(two);
-      const __m512i top = _mm512_and_si512(pair, _mm512_set1_epi32(static_cast<int>(0xffff0000u)));
-      st.scale = _mm512_castsi512_ps(_mm512_mask_slli_epi32(top, static_cast<__mmask16>(~P::kHalf1), pair, 16));
+      if constexpr (std::is_same_v<S, float>) {
+        st.scale = _mm512_mask_blend_ps(P::kHalf1, _mm512_set1_ps(st.scales[2 * s]), _mm512_set1_ps(st.scales[2 * s + 1]));
+      } else {
+        int32_t two;
+        std::memcpy(&two, st.scales + 2 * s, sizeof two);
+        const __m512i pair = _mm512_set1_epi32(two);
+        const __m512i top = _mm512_and_si512(pair, _mm512_set1_epi32(static_cast<int>(0xffff0000u)));
+        st.scale = _mm512_castsi512_ps(_mm512_mask_slli_epi32(top, static_cast<__mmask16>(~P::kHalf1), pair, 16));
+      }
     } else {
       set_groups<P, Q, 2, Z>(st, 32 * s / st.gk, (32 * s + 16) / st.gk);
     }
@@ -524,8 +546,8 @@ SK_BF16 SK_INLINE void step_groups(QGroups& st, int64_t s, bool whole) {
 }
 
 // The step's 32 weights as bf16 from its value bytes p, in the lane order of P.
-template <class P, int Q, int G, bool Z>
-SK_BF16 SK_INLINE __m512i widen(const uint8_t* p, const QGroups& st, __m512i nib) {
+template <class P, int Q, int G, bool Z, class S>
+SK_BF16 SK_INLINE __m512i widen(const uint8_t* p, const QGroups<S>& st, __m512i nib) {
   if constexpr (Q == 8) {
     __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
     __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
@@ -552,21 +574,38 @@ SK_BF16 SK_INLINE __m512i widen(const uint8_t* p, const QGroups& st, __m512i nib
 
 // Step s of x rows x .. x + (R - 1) * ldb (x: row r0's first column): sums into chain C (s % 2;
 // two chains, or one chain of vdpbf16ps waits for its latency), then (G = 1) the group bookkeeping.
-// A8: x holds int8 activations (as bf16, exact), and sx the scale of each dword lane's x block
-// for every step (16 floats a step, row stride lds): the sums are scaled by both every step.
-template <class P, int Q, int G, bool Z, int R, int C, bool A8 = false>
-SK_BF16 SK_INLINE void q_step(__m512 (&acc)[2][R], __m512 (&part)[2][R], QGroups& st, __m512i w, __m512i idx,
-                              const uint16_t* x, int64_t ldb, int64_t s, int64_t kept, const Picker<P>& pk,
-                              const float* sx = nullptr, int64_t lds = 0) {
-  static_assert(!A8 || G >= 1, "int8 activations change scale every step");
+// What x is and the scales are (the model's dtype): S the scales' element (uint16_t: bf16, or
+// float); A8: x holds int8 activations (as bf16, exact); Parts: bf16 rows per row of x (fp32 x as
+// hi, mid and lo, or hi and lo: split_x_f32), every product taken with each into the same sums.
+template <class S_, bool A8_, int Parts_>
+struct XMode {
+  using S = S_;
+  static constexpr bool A8 = A8_;
+  static constexpr int Parts = Parts_;
+};
+using XBf16 = XMode<uint16_t, false, 1>;
+
+// A8: sx holds the scale of each dword lane's x block for every step (16 floats a step, row stride
+// lds): the sums are scaled by both every step. Parts > 1: row r's parts at x + r * ldb + p * ldb
+// / Parts.
+template <class P, int Q, int G, bool Z, int R, int C, class X = XBf16>
+SK_BF16 SK_INLINE void q_step(__m512 (&acc)[2][R], __m512 (&part)[2][R], QGroups<typename X::S>& st, __m512i w,
+                              __m512i idx, const uint16_t* x, int64_t ldb, int64_t s, int64_t kept,
+                              const Picker<P>& pk, const float* sx = nullptr, int64_t lds = 0) {
+  static_assert(!X::A8 || G >= 1, "int8 activations change scale every step");
+  static_assert(!X::A8 || X::Parts == 1, "int8 activations are exact in one bf16 row");
   for (int r = 0; r < R; ++r) {
-    const __m512i xs = pk.gather(x + r * ldb + P::kCols * s, idx);
+    const uint16_t* xr = x + r * ldb + P::kCols * s;
+    __m512 d = G >= 1 ? _mm512_setzero_ps() : part[C][r];
+    d = _mm512_dpbf16_ps(d, (__m512bh)w, (__m512bh)pk.gather(xr, idx));
+    for (int p = 1; p < X::Parts; ++p)
+      d = _mm512_dpbf16_ps(d, (__m512bh)w, (__m512bh)pk.gather(xr + p * (ldb / X::Parts), idx));
     if constexpr (G >= 1) {
       __m512 scale = st.scale;
-      if constexpr (A8) scale = _mm512_mul_ps(scale, _mm512_loadu_ps(sx + r * lds + 16 * s));
-      acc[C][r] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)w, (__m512bh)xs), scale, acc[C][r]);
+      if constexpr (X::A8) scale = _mm512_mul_ps(scale, _mm512_loadu_ps(sx + r * lds + 16 * s));
+      acc[C][r] = _mm512_fmadd_ps(d, scale, acc[C][r]);
     } else {
-      part[C][r] = _mm512_dpbf16_ps(part[C][r], (__m512bh)w, (__m512bh)xs);
+      part[C][r] = d;
     }
   }
   if constexpr (G == 0) {
@@ -583,10 +622,10 @@ SK_BF16 SK_INLINE void q_step(__m512 (&acc)[2][R], __m512 (&part)[2][R], QGroups
 }
 
 // Output row o for x rows r0 .. r0 + R - 1. Q: 8 or 4 bits; G: scale groups per step (above);
-// Z: zero points stored (else 0 for int8, 8 for int4); A8: int8 activations (q_step; sx: row 0's).
+// Z: zero points stored (else 0 for int8, 8 for int4); X: x and scales (q_step; sx: row 0's).
 // Far: prefetch_stream's; with 2-4 rows of x it is the run-time far instead (a branch a step
 // beside twice the work, and half the instances of this template: its file took 2 minutes).
-template <class P, int Q, int G, bool Z, int R, bool Far, bool A8 = false>
+template <class P, int Q, int G, bool Z, int R, bool Far, class X = XBf16>
 SK_BF16 void rows_q(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb, int64_t r0, int64_t o, bool far,
                     const float* sx = nullptr, int64_t lds = 0) {
   static_assert(R == 1 || !Far, "2-4 rows take far at run time");
@@ -605,8 +644,8 @@ SK_BF16 void rows_q(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb, int6
   const int32_t* mrow = a.meta + o * a.meta_words;
   const Picker<P> pk;
   const __m512i nib = _mm512_load_si512(kPick<P>.nib);
-  QGroups st;
-  st.scales = static_cast<const uint16_t*>(a.scales) + o * a.groups;
+  QGroups<typename X::S> st;
+  st.scales = static_cast<const typename X::S*>(a.scales) + o * a.groups;
   st.zeros = a.zeros ? a.zeros + o * a.groups : nullptr;
   st.last = a.groups - 1;
   st.gk = a.groups == 1 ? INT64_MAX : a.group_kept;
@@ -618,29 +657,29 @@ SK_BF16 void rows_q(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb, int6
   __m512 acc[2][R], part[2][R];
   for (int r = 0; r < R; ++r) acc[0][r] = acc[1][r] = part[0][r] = part[1][r] = _mm512_setzero_ps();
   const uint16_t* x0 = xb + r0 * ldb;
-  const float* sxr = A8 ? sx + r0 * lds : nullptr;
+  const float* sxr = X::A8 ? sx + r0 * lds : nullptr;
   int64_t s = 0;
   MetaCursor<P> mc(mrow, 0);
   for (; s + 2 <= full; s += 2) {
     step_groups<P, Q, G, Z>(st, s, true);
     prefetch(v + B * s);
-    q_step<P, Q, G, Z, R, 0, A8>(acc, part, st, widen<P, Q, G, Z>(v + B * s, st, nib), pk.index(mc), x0, ldb, s, kept, pk, sxr, lds);
+    q_step<P, Q, G, Z, R, 0, X>(acc, part, st, widen<P, Q, G, Z>(v + B * s, st, nib), pk.index(mc), x0, ldb, s, kept, pk, sxr, lds);
     mc.next();
     step_groups<P, Q, G, Z>(st, s + 1, true);
     prefetch(v + B * (s + 1));
-    q_step<P, Q, G, Z, R, 1, A8>(acc, part, st, widen<P, Q, G, Z>(v + B * (s + 1), st, nib), pk.index(mc), x0, ldb,
+    q_step<P, Q, G, Z, R, 1, X>(acc, part, st, widen<P, Q, G, Z>(v + B * (s + 1), st, nib), pk.index(mc), x0, ldb,
                              s + 1, kept, pk, sxr, lds);
     mc.next();
   }
   if (s < full) {
     step_groups<P, Q, G, Z>(st, s, true);
-    q_step<P, Q, G, Z, R, 0, A8>(acc, part, st, widen<P, Q, G, Z>(v + B * s, st, nib), pk.index(mc), x0, ldb, s, kept, pk, sxr, lds);
+    q_step<P, Q, G, Z, R, 0, X>(acc, part, st, widen<P, Q, G, Z>(v + B * s, st, nib), pk.index(mc), x0, ldb, s, kept, pk, sxr, lds);
   }
   if (const int64_t rest = kept - 32 * full; rest > 0) {  // the first `rest` slots of one more step
     alignas(32) uint8_t tail[32] = {};  // zero bytes past the row: zero weights, or weights on x's zero padding
     std::memcpy(tail, v + B * full, rest * Q / 8);
     step_groups<P, Q, G, Z>(st, full, false);
-    q_step<P, Q, G, Z, R, 1, A8>(acc, part, st, widen<P, Q, G, Z>(tail, st, nib),
+    q_step<P, Q, G, Z, R, 1, X>(acc, part, st, widen<P, Q, G, Z>(tail, st, nib),
                              pk.tail_index(mrow, full, a.meta_words), x0, ldb, full, kept, pk, sxr, lds);
   }
   const float b = a.bias ? load_f32(a.bias, o, a.dtype) : 0.0f;
@@ -708,15 +747,15 @@ void with_pattern(const NMLinearArgs& a, F f) {
   }
 }
 
-// A8 (int8 activations): sx the scale of each 32-column block of x [rows, ldb / 32], spread here
-// to the lanes of every step (q_step).
-template <int Q, int G, bool Z, bool A8>
+// X::A8 (int8 activations): sx the scale of each 32-column block of x [rows, ldb / 32], spread
+// here to the lanes of every step (q_step).
+template <int Q, int G, bool Z, class X>
 void quantized_as(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb, const float* sx) {
   with_pattern<Q>(a, [&](auto p) {
     using P = decltype(p);
     std::vector<float> lanes;
     int64_t lds = 0;
-    if constexpr (A8) {  // sx: ldb / 32 blocks a row, kCols / 32 a step
+    if constexpr (X::A8) {  // sx: ldb / 32 blocks a row, kCols / 32 a step
       const int64_t steps = ldb / P::kCols;
       lds = 16 * steps;
       lanes.resize(a.rows * lds);
@@ -725,12 +764,14 @@ void quantized_as(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb, const 
     each_row_far(a, [&](int64_t o, int64_t r0, auto rows, auto far) {
       constexpr int R = decltype(rows)::value;
       constexpr bool F = R == 1 && decltype(far)::value;  // (2-4 rows: far passed at run time)
-      if constexpr (A8) {
-        rows_q<P, Q, G, Z, R, F, true>(a, xb, ldb, r0, o, far, lanes.data(), lds);
+      if constexpr (X::A8) {
+        rows_q<P, Q, G, Z, R, F, X>(a, xb, ldb, r0, o, far, lanes.data(), lds);
+      } else if constexpr (X::Parts == 3) {  // (only one row takes it: nm_avx512_supported)
+        for (int r = 0; r < R; ++r) rows_q<P, Q, G, Z, 1, decltype(far)::value, X>(a, xb, ldb, r0 + r, o, far);
       } else if (G == 0 && R >= 3 && a.groups > 1) {
-        rows_q<P, Q, 1, Z, R, F>(a, xb, ldb, r0, o, far);
+        rows_q<P, Q, 1, Z, R, F, X>(a, xb, ldb, r0, o, far);
       } else {
-        rows_q<P, Q, G, Z, R, F>(a, xb, ldb, r0, o, far);
+        rows_q<P, Q, G, Z, R, F, X>(a, xb, ldb, r0, o, far);
       }
     });
   });
@@ -740,28 +781,40 @@ void quantized_as(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb, const 
 // (group_kept 32), 2 for a multiple of 16, 4 for 8 (no zeros: nm_avx512_supported admits nothing
 // else). quantized_as runs 3 and 4 rows of x at G = 1 where G would be 0 with several groups, and
 // int8 activations (their scale changes every step) at G = 1 for G = 0.
-template <int Q, bool A8>
+template <int Q, class X>
 void quantized_q(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb, const float* sx) {
-  const int g = a.groups == 1 || (a.group_kept % 32 == 0 && a.group_kept != 32) ? (A8 ? 1 : 0)
+  constexpr int G0 = X::A8 ? 1 : 0;
+  const int g = a.groups == 1 || (a.group_kept % 32 == 0 && a.group_kept != 32) ? G0
                 : a.group_kept == 32                                             ? 1
                 : a.group_kept % 16 == 0                                         ? 2
                                                                                  : 4;
   if (a.zeros) {
-    return g == 0   ? quantized_as<Q, A8 ? 1 : 0, true, A8>(a, xb, ldb, sx)
-           : g == 1 ? quantized_as<Q, 1, true, A8>(a, xb, ldb, sx)
-                    : quantized_as<Q, 2, true, A8>(a, xb, ldb, sx);
+    return g == 0   ? quantized_as<Q, G0, true, X>(a, xb, ldb, sx)
+           : g == 1 ? quantized_as<Q, 1, true, X>(a, xb, ldb, sx)
+                    : quantized_as<Q, 2, true, X>(a, xb, ldb, sx);
   }
-  return g == 0   ? quantized_as<Q, A8 ? 1 : 0, false, A8>(a, xb, ldb, sx)
-         : g == 1 ? quantized_as<Q, 1, false, A8>(a, xb, ldb, sx)
-         : g == 2 ? quantized_as<Q, 2, false, A8>(a, xb, ldb, sx)
-                  : quantized_as<Q, 4, false, A8>(a, xb, ldb, sx);
+  return g == 0   ? quantized_as<Q, G0, false, X>(a, xb, ldb, sx)
+         : g == 1 ? quantized_as<Q, 1, false, X>(a, xb, ldb, sx)
+         : g == 2 ? quantized_as<Q, 2, false, X>(a, xb, ldb, sx)
+                  : quantized_as<Q, 4, false, X>(a, xb, ldb, sx);
 }
 
-// Quantized values, x as bf16 in xb (row stride ldb, whole steps, zero past K); sx: int8
-// activations (xb then holds their integers), the blocks' scales, else nullptr.
+template <class X>
+void quantized_x(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb, const float* sx) {
+  return a.qbits == 8 ? quantized_q<8, X>(a, xb, ldb, sx) : quantized_q<4, X>(a, xb, ldb, sx);
+}
+
+// Quantized values, x as bf16 in xb (whole steps, zero past K): sx, int8 activations (xb then
+// holds their integers, row stride ldb), the blocks' scales; else nullptr, and xb holds bf16 x
+// (row stride ldb) or, for fp32 x, each row's 3 or 2 parts (a.x_parts; split_x_f32, row stride
+// ldb, the parts ldb / 3 or ldb / 2 apart). Scales of a.dtype.
 void quantized(const NMLinearArgs& a, const uint16_t* xb, int64_t ldb, const float* sx) {
-  if (sx) return a.qbits == 8 ? quantized_q<8, true>(a, xb, ldb, sx) : quantized_q<4, true>(a, xb, ldb, sx);
-  return a.qbits == 8 ? quantized_q<8, false>(a, xb, ldb, sx) : quantized_q<4, false>(a, xb, ldb, sx);
+  if (a.dtype == DType::kF32) {
+    if (sx) return quantized_x<XMode<float, true, 1>>(a, xb, ldb, sx);
+    return a.x_parts >= 3 ? quantized_x<XMode<float, false, 3>>(a, xb, ldb, sx)
+                          : quantized_x<XMode<float, false, 2>>(a, xb, ldb, sx);
+  }
+  return sx ? quantized_x<XMode<uint16_t, true, 1>>(a, xb, ldb, sx) : quantized_x<XBf16>(a, xb, ldb, sx);
 }
 
 // f(o0, o1, r0, rows) for blocks [o0, o1) of at most kBlockRows output rows of the thread's
@@ -781,6 +834,36 @@ void each_block(const NMLinearArgs& a, F f) {
       }
     }
   });
+}
+
+// fp32 x for the quantized kernels: row r as `parts` bf16 rows at xs + parts r ldh, ldh apart
+// (zero past K): hi = bf16(x), mid = bf16(x - hi), lo = bf16(x - hi - mid), each rounded to
+// nearest (2 parts: hi and mid). Three sum to x exactly: x - hi holds x's 16 bits below hi's last
+// one, mid takes 8 of them, and x - hi - mid (both differences exact in fp32) fits lo's 8 (lo
+// below 2^-126 flushes to zero in vdpbf16ps: x under 2^-103); two keep x within 2^-17 |x|. The
+// kernels multiply the integer weights by each part, exactly, into fp32 sums. Rows holding NaN,
+// Inf or |x| >= 2^100 (where hi may round to Inf, or q * x overflow) are redone by the op
+// (nonfinite_or_huge_rows).
+// NOTE: 11008x4096, fp32 x, 2 threads, Zen 5, separate processes alternating (ms; AVX2 quads
+// kernel / 3 parts / 2 parts): 1 row 2:4 int8 1.01-1.04 / 0.93-0.94 / 0.61-0.62, 2:4 int4 g128
+// 1.31-1.33 / 0.81-0.83 / 0.45-0.46, 4:8 int8 1.75-1.84 / 1.23-1.24 / 0.71-0.74; 2 rows 2:4 int8
+// 1.53-1.55 / 2.09-2.13 / 1.57-1.65, 4:8 int8 2.25-2.31 / 2.40-2.42 / 1.85-1.88; 16 rows 2:4 int8
+// 10.7 / 18.4 / 11.2. Three parts lose from 2 rows on, and two parts are not fp32: a tiny LM's
+// fp32 logits (test_lean_step_cpp) drifted 2e-4 from the dense layers'.
+SK_BF16 void split_x_f32(const NMLinearArgs& a, uint16_t* xs, int64_t ldh, int parts) {
+  for (int64_t r = 0; r < a.rows; ++r) {
+    const float* x = static_cast<const float*>(a.x) + r * a.ldx;
+    uint16_t* row = xs + parts * r * ldh;
+    for (int64_t c = 0; c < a.k; c += 16) {
+      const __mmask16 m = a.k - c >= 16 ? 0xffff : static_cast<__mmask16>((1u << (a.k - c)) - 1);
+      __m512 rest = _mm512_maskz_loadu_ps(m, x + c);
+      for (int p = 0; p < parts; ++p) {
+        const __m256i part = (__m256i)_mm512_cvtneps_pbh(rest);
+        _mm256_mask_storeu_epi16(row + p * ldh + c, m, part);
+        rest = _mm512_sub_ps(rest, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(part), 16)));
+      }
+    }
+  }
 }
 
 bool bf16_kernel_here() { return active_isa() >= Isa::kAvx512Bf16 && has_avx512_vnni_vbmi(); }
@@ -897,8 +980,9 @@ bool nm_avx512_pattern(int n, int m) { return (m == 4 && (n == 1 || n == 2)) || 
 
 bool nm_avx512_supported(const NMLinearArgs& a) {
   if ((a.act_block && a.act_block != 32) || !nm_avx512_pattern(a.n, a.m)) return false;
-  if (a.qbits) {
-    return a.dtype == DType::kBF16 && bf16_kernel_here() &&
+  if (a.qbits) {  // fp32 x (split_x_f32): 1 row for exact products (x_parts 3)
+    const bool f32_ok = a.dtype == DType::kF32 && (a.act_block || a.x_parts < 3 || a.rows == 1);
+    return (a.dtype == DType::kBF16 || f32_ok) && bf16_kernel_here() &&
            (a.groups == 1 || a.group_kept % 16 == 0 || (a.group_kept == 8 && !a.zeros));
   }
   if (a.dtype == DType::kBF16) return bf16_kernel_here();
@@ -906,8 +990,14 @@ bool nm_avx512_supported(const NMLinearArgs& a) {
 }
 
 void nm_linear_decode_avx512(const NMLinearArgs& a) {
-  if (a.dtype == DType::kBF16) {
+  if (a.dtype == DType::kBF16 || a.qbits) {
     const int64_t cols = 32 * a.m / a.n, ldb = (a.k + cols - 1) / cols * cols;  // whole steps, zero past K
+    if (a.dtype == DType::kF32 && !a.act_block) {  // quantized values, fp32 x: bf16 rows that sum to it
+      const int parts = a.x_parts >= 3 ? 3 : 2;
+      std::vector<uint16_t> xs(a.rows * parts * ldb, 0);
+      split_x_f32(a, xs.data(), ldb, parts);
+      return quantized(a, xs.data(), parts * ldb, nullptr);
+    }
     std::vector<uint16_t> xb(a.rows * ldb, 0);
     if (a.act_block) {  // x rounded to int8 per 32 columns: the integers as bf16 (exact), the scales
       std::vector<int8_t> q(a.rows * ldb);

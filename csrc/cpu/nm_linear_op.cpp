@@ -182,6 +182,8 @@ void nm_linear_run(const at::Tensor& x, const at::Tensor& values, const at::Tens
     a.groups = scales.size(1);
     a.group_kept = k / m * n / a.groups;
     a.act_block = act_block;
+    // torch.set_float32_matmul_precision: "highest" (the default) keeps fp32 products.
+    a.x_parts = at::globalContext().float32MatmulPrecision() == at::Float32MatmulPrecision::HIGHEST ? 3 : 2;
   }
   if (rows > nm_decode_max_rows(a)) {
     if (!a.act_block) {
