@@ -367,7 +367,7 @@ SK_BF16 SK_INLINE __m512i widen(const uint8_t* p, const QGroups<S>& st, __m512i 
 // two chains, or one chain of vdpbf16ps waits for its latency), then (G = 1) the group bookkeeping.
 // What x is and the scales are (the model's dtype): S the scales' element (uint16_t: bf16, or
 // float); A8: x holds int8 activations (as bf16, exact); Parts: bf16 rows per row of x (fp32 x as
-// hi, mid and lo, or hi and lo: split_x_f32), every product taken with each into the same sums.
+// hi, mid and lo, or hi and mid: split_x_f32), every product taken with each into the same sums.
 template <class S_, bool A8_, int Parts_>
 struct XMode {
   using S = S_;
