@@ -44,9 +44,10 @@ def bandwidth_gbs() -> float:
     return measure_roofline(torch.device("cpu"), torch.float32).bandwidth_gbs
 
 
-def nm_ratio(best: dict, name: str) -> str:
-    """Speed of ``name`` over the float weight of its own pattern ("-" for dense)."""
-    pattern, dtype = name.split(" ")[0], next(iter(best)).split(" ")[1]  # (the first case: dense)
+def nm_ratio(best: dict, name: str, dtype: str) -> str:
+    """Speed of ``name`` over the float weight of its own pattern (named ``"{pattern} {dtype}"``;
+    "-" for dense)."""
+    pattern = name.split(" ")[0]
     base = best.get(f"{pattern} {dtype}")
     return "-" if base is None or pattern == "dense" else f"{base / best[name]:.2f}"
 
@@ -79,7 +80,8 @@ def main() -> None:
     for shape in args.shapes.split(","):
         out, k = (int(v) for v in shape.split("x"))
         dense = torch.randn(out, k) * 0.02
-        cases = {f"dense {args.dtype}": [dense.to(dtype) for _ in range(3)]}
+        dense_name = f"dense {args.dtype}"
+        cases = {dense_name: [dense.to(dtype) for _ in range(3)]}
         for pattern in patterns:
             n, m = (int(v) for v in pattern.split(":"))
             w_nm = sk.NMSparseWeight.from_dense(dense, n, m, prune=True)
@@ -116,7 +118,7 @@ def main() -> None:
             gbs = nbytes / best[name] / 1e9
             print(
                 f"| {shape} | {name} | {ms:.3f} | {nbytes / 1e6:.1f} | {gbs:.1f} | {100 * gbs / bw:.0f}% | "
-                f"{best[f'dense {args.dtype}'] / best[name]:.2f} | {nm_ratio(best, name)} |",
+                f"{best[dense_name] / best[name]:.2f} | {nm_ratio(best, name, args.dtype)} |",
                 flush=True,
             )
 

@@ -13,6 +13,7 @@ from conftest import DTYPES, assert_matches_reference
 
 import sparsekern as sk
 from sparsekern import _extension, reference
+from sparsekern.formats.nm import column_indices
 
 pytestmark = pytest.mark.skipif(not _extension.HAS_C_EXT, reason="compiled extension not loaded")
 
@@ -186,16 +187,6 @@ def test_nm24_gemm_tails(isa, rows, out, k, dtype):
     _check(y, lambda xx, bb: F.linear(xx, dense.to(xx.dtype), bb), x, bias, what)
 
 
-def _nm_fields(meta: torch.Tensor, kept: int, m: int) -> torch.Tensor:
-    """The in-group index of every kept slot of an N:M meta, [out, kept]: 2-bit fields 16 a word
-    (M = 4), 3-bit fields 10 a word (M = 8, the top 2 bits unused)."""
-    bits = 2 if m == 4 else 3
-    per = 32 // bits
-    shifts = torch.arange(per, dtype=torch.int64) * bits
-    fields = (meta.to(torch.int64).unsqueeze(-1) >> shifts) & (m - 1)
-    return fields.reshape(meta.shape[0], -1)[:, :kept]
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("rows", [5, 40])  # the decode kernel and the GEMM (fp32: or the tiles)
 @pytest.mark.parametrize("nm", [(2, 4), (1, 4), (2, 8), (4, 8)], ids=lambda p: f"{p[0]}:{p[1]}")
@@ -213,7 +204,7 @@ def test_nm_any_meta_is_the_sum_over_slots(isa, nm, rows, dtype):
     x = torch.randn(rows, k).to(dtype)
     y = torch.ops.sparsekern._nm_linear_cpu(x, w.values, garbage, n, m, None)
     kept = k // m * n
-    cols = _nm_fields(garbage, kept, m) + torch.arange(kept) // n * m
+    cols = column_indices(garbage, n, m, kept)  # (the format's own decoding: fields masked to log2(m) bits)
     terms = x.float()[:, cols] * w.values.float()  # [rows, out, kept]
     ref = terms.sum(-1)
     u = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-20

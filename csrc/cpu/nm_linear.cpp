@@ -68,9 +68,9 @@ void nm_linear_decode(const NMLinearArgs& args, Isa isa) {
     return detail::nm_linear_decode_a8_avx512(a);
   }
   if (isa >= Isa::kAvx512 && detail::nm_avx512_supported(a)) return detail::nm_linear_decode_avx512(a);
-  // Quantized values (but 2:4, 1:4, 2:8 and 4:8 with bf16 x on AVX-512 BF16, above): the quads
-  // kernel where each 8-slot half of its steps lies in one scale group (int8 activations: on x as
-  // rounded).
+  // Quantized values (but 2:4, 1:4, 2:8 and 4:8 on AVX-512 BF16 with bf16 x, or fp32 x at one row,
+  // above): the quads kernel where each 8-slot half of its steps lies in one scale group (int8
+  // activations: on x as rounded).
   // NOTE: 4:8 int8 +a8, 11008x4096, 1 row, bf16, Zen 4: 49 ms in the portable kernel.
   if (isa >= Isa::kAvx2 && a.qbits && detail::nm_quads_supported(a.n, a.m) &&
       (a.groups == 1 || a.group_kept % 8 == 0)) {

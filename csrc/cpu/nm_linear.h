@@ -80,8 +80,9 @@ void nm_linear_decode_portable(const NMLinearArgs& a);
 void nm_linear_decode_a8_portable(const NMLinearArgs& a);
 #if defined(__x86_64__)
 // 2:4 with fp32 values (AVX-512F); 2:4, 1:4, 2:8, 4:8 (nm_avx512_pattern) with bf16 values and
-// x, or int8 / int4 values with bf16 x (AVX-512 BF16 and VBMI; group_kept a multiple of 16, or 8
-// without zero points), int8 activations in blocks of 32 included (nm_linear_avx512.cpp).
+// x, or int8 / int4 values with bf16 x, or fp32 x at one row (any rows at x_parts 2) (AVX-512
+// BF16 and VBMI; group_kept a multiple of 16, or 8 without zero points), int8 activations in
+// blocks of 32 included (nm_linear_avx512.cpp).
 bool nm_avx512_pattern(int n, int m);
 bool nm_avx512_supported(const NMLinearArgs& a);
 // Rows of a 2:4 weight (bf16 values, or int8 / int4 with group_kept a multiple of 16) as bf16,
