@@ -147,7 +147,7 @@ def test_quantized_nm_linear_cpu(isa, nm, quant, group_size, rows, dtype):
 
 
 @needs_ext
-@pytest.mark.parametrize("rows", [1, 2, 5, 13, 70])  # 13, 70: the 2:4 bf16 GEMM (AVX-512 BF16) or bf16 tiles
+@pytest.mark.parametrize("rows", [1, 2, 5, 13, 70])  # 13, 70: the 2:4 GEMM (AVX-512 BF16) or tiles; 5: decode (fp32 2:4 up to 5)
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("quant", q.QUANTS)
 # Steps of 32 kept slots (K / 2 at 2:4 and 4:8, K / 4 at 1:4 and 2:8): whole steps (384 at 2:4,
@@ -166,9 +166,9 @@ def test_quantized_nm_bf16_decode(dtype, nm, k, group_size, quant, symmetric, ro
     """Quantized N:M with bf16 or fp32 x and scales (on AVX-512 BF16 + VBMI: the vdpbf16ps decode
     kernel, which scales per group, half-step or quarter-step and looks int4 up in tables; fp32 x
     goes in as three bf16 parts at one row (more rows: the AVX2 quads kernel), and as two at any
-    rows under float32 matmul precision "high"; bf16 2:4 past 12 rows takes the 2:4 bf16 GEMM,
-    which dequantizes each block of values to bf16 as it packs it; fp32 past 64 rows the fp32
-    tiles) at every group layout and tail. Values this short take the decode kernel's far
+    rows under float32 matmul precision "high"; 2:4 takes the 2:4 GEMM past 12 rows in bf16 and
+    past 5 in fp32, which dequantizes each block of values to bf16 or fp32 as it packs it; other
+    fp32 patterns past 64 rows the fp32 tiles) at every group layout and tail. Values this short take the decode kernel's far
     prefetch on any pages; test_quantized_real_shape runs the page-boundary prefetch of long
     values."""
     n, m = nm
@@ -253,15 +253,16 @@ def test_quantized_huge_x_rows_match_dense(nm, quant, dtype):
 
 
 @needs_ext
-@pytest.mark.parametrize("rows", [1, 4, 70])  # 70: decompress + bf16 GEMM
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("rows", [1, 4, 70])  # 70: the 2:4 GEMM (AVX-512 BF16) or decompress + GEMM
 @pytest.mark.parametrize("quant", q.QUANTS)
-def test_quantized_real_shape(quant, rows):
-    """Llama-7B / TinyLlama MLP shape (11008 x 4096), 2:4, group 128, bf16 activations."""
-    wq = _qweight(11008, 4096, 2, 4, quant, 128, dtype=torch.bfloat16)
-    x = torch.randn(rows, 4096).to(torch.bfloat16)
+def test_quantized_real_shape(quant, rows, dtype):
+    """Llama-7B / TinyLlama MLP shape (11008 x 4096), 2:4, group 128, bf16 or fp32 activations."""
+    wq = _qweight(11008, 4096, 2, 4, quant, 128, dtype=dtype)
+    x = torch.randn(rows, 4096).to(dtype)
     with sk.use_backend("cpu"):
         y = sk.ops.nm_linear(x, wq)
-    _check(y, x, wq, None, f"11008x4096 {quant} rows={rows}")
+    _check(y, x, wq, None, f"11008x4096 {quant} rows={rows} {dtype}")
 
 
 @needs_ext
@@ -463,7 +464,7 @@ def test_quantize_x_rounds_per_block():
 
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("rows", [1, 3, 5, 40, 70])  # 40: fp32 batched, bf16 decode (2:4 on AVX-512 BF16: the GEMM)
+@pytest.mark.parametrize("rows", [1, 3, 5, 40, 70])  # 40: fp32 batched, bf16 decode (2:4 on AVX-512 BF16: the GEMM, either)
 @pytest.mark.parametrize("group_size", [0, 32, 64, 128, 192])  # 192: steps straddle groups (portable)
 @pytest.mark.parametrize("quant", q.QUANTS)
 @pytest.mark.parametrize("nm", [(2, 4), (1, 4), (2, 8), (4, 8)], ids=lambda p: f"{p[0]}:{p[1]}")

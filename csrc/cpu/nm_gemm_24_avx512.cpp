@@ -1,7 +1,8 @@
 // 2:4 GEMM for many rows of x (prefill) on AVX-512 BF16 CPUs: no dense copy of W and no dense
 // tile, half the multiply-adds of the dense GEMM. bf16 x with values in bf16, or int8 / int4
 // (W8A16, W4A16, scale groups of a multiple of 16 kept slots, or one per row) dequantized to bf16
-// as they are packed, which is what the decompressed tiles held before; or fp32 x and values.
+// as they are packed, which is what the decompressed tiles held before; or fp32 x with fp32
+// values, or with int8 / int4 values (the same scale groups) dequantized to fp32 as they are packed.
 //
 // Vectorized over output features, 16 fp32 lanes per zmm. bf16: a group's two kept values are one
 // bf16 pair, so vdpbf16ps of the 16 features' pairs of group g with, lane by lane, the pair
@@ -230,8 +231,15 @@ SK_GEMM_BF16 void pack_tile_f32(const NMLinearArgs& a, int64_t o0, int64_t g0, i
     const int n = std::min(8, ng - h);
     const __mmask16 slots = static_cast<__mmask16>((1u << (2 * n)) - 1);
     __m512i r[16];
-    for (int f = 0; f < 16; ++f)
-      r[f] = f < live ? _mm512_maskz_loadu_epi32(slots, v + f * kept + 2 * (g0 + h)) : _mm512_setzero_si512();
+    for (int f = 0; f < 16; ++f) {
+      if (f >= live) {
+        r[f] = _mm512_setzero_si512();
+      } else if (a.qbits) {  // int8 / int4: (q - zero) * scale in fp32, as the decompressed tiles held it
+        r[f] = _mm512_castps_si512(dequant16(a, o0 + f, 2 * (g0 + h), 2 * n));
+      } else {
+        r[f] = _mm512_maskz_loadu_epi32(slots, v + f * kept + 2 * (g0 + h));
+      }
+    }
     transpose16(r);
     for (int j = 0; j < 2 * n; ++j) _mm512_store_si512(dst + (h + j / 2) * kTileBytesF32 + (j % 2) * 128, r[j]);
   }
@@ -371,8 +379,8 @@ SK_GEMM_BF16 void gemm24(const NMLinearArgs& a) {
 
 bool nm_gemm_24_supported(const NMLinearArgs& a) {
   if (a.n != 2 || a.m != 4 || a.act_block || a.k % 4 != 0 || active_isa() < Isa::kAvx512Bf16) return false;
-  if (a.dtype == DType::kF32) return !a.qbits;
-  return a.dtype == DType::kBF16 && (!a.qbits || a.groups == 1 || a.group_kept % 16 == 0);
+  // Quantized values: each 16-slot step of a pack lies in one scale group.
+  return (a.dtype == DType::kF32 || a.dtype == DType::kBF16) && (!a.qbits || a.groups == 1 || a.group_kept % 16 == 0);
 }
 
 void nm_gemm_24_avx512(const NMLinearArgs& a) {

@@ -30,8 +30,8 @@ constexpr int64_t kDecodeMaxRows = 8;
 // so chunked decode stays ahead to ~32 rows in fp32 and ~64 in bf16/fp16.
 constexpr int64_t kChunkedDecodeMaxRowsF32 = 32;
 constexpr int64_t kChunkedDecodeMaxRowsHalf = 64;
-// Quantized values with fp32 x: dequantizing to fp32 tiles costs more than copying float values,
-// and no sparse GEMM takes them. NOTE: 2:4 11008x4096, Zen 5, 2 threads, separate processes
+// Quantized values with fp32 x (but 2:4 on AVX-512 BF16: the 2:4 GEMM, below): dequantizing to
+// fp32 tiles costs more than copying float values. NOTE: 2:4 11008x4096, Zen 5, 2 threads, separate processes
 // alternating, tiles -> decode passes, int8 / int4 g128 (dense fp32 F.linear): 33 rows 43 -> 23
 // ms (28), 41 rows 46 -> 28-30 (30-33), 48 rows 47 -> 33-35 (33-37), 64 rows 53-56 -> 43-45
 // (39-43). Past 64 rows the tiles stay, at ~1.4x the dense GEMM's time.
@@ -43,8 +43,18 @@ constexpr int64_t kQuantDecodeMaxRowsF32 = 64;
 // at 12, 0.71-0.75x at 16; the GEMM 0.81-0.84x, 0.85-0.91x, 0.86-0.97x. fp32 (x dense fp32):
 // at 13 rows the GEMM 1.98-2.78x, the decode passes 0.96-2.18x (four Llama shapes).
 constexpr int64_t kSparseGemmMinRows = 13;
+// Quantized values with fp32 x: the decode passes run the AVX2 quads kernel at 2+ rows (or two
+// bf16 parts of x at float32 matmul precision "high"), which the GEMM (fp32 values dequantized as
+// they are packed) passes sooner. NOTE: Zen 5, 2 threads, decode passes -> GEMM, ms, int8 / int4
+// g128: 11008x4096 6 rows 4.3-4.6 -> 4.0-4.4, 8 rows 5.4-5.8 -> 4.5-4.7, 12 rows 8.3-8.7 -> 5.7-6.2;
+// 2048x2048 4 rows 0.28-0.30 -> 0.35-0.36, 6 rows 0.44-0.53 -> 0.35-0.37; 5632x2048 and 2048x5632
+// 6 rows 1.1-1.3 -> 1.0-1.2, 8 rows 1.45-1.57 -> 1.0-1.3.
+constexpr int64_t kSparseGemmMinRowsQuantF32 = 6;
 // The same with int8 activations (x rounded, then the GEMM). NOTE: int4 g128 +a8, 11008x4096:
-// decode 0.94x at 16 rows, 0.66x at 32, 0.63x at 48; the GEMM 0.59x, 0.67x, 0.79x.
+// decode 0.94x at 16 rows, 0.66x at 32, 0.63x at 48; the GEMM 0.59x, 0.67x, 0.79x. fp32 x, Zen 5
+// (int8 +a8, decode -> GEMM, ms): 11008x4096 16 rows 5.4 -> 5.6-5.7, 24 rows 7.9 -> 7.9, 32 rows
+// 10.7 -> 8.2-8.5; 2048x2048 24 rows 0.65 -> 0.70, 32 rows 0.84 -> 0.87; 2048x5632 16 rows 1.30 ->
+// 1.48, 32 rows 2.49 -> 2.07: the same crossover.
 constexpr int64_t kSparseGemmMinRowsA8 = 33;
 // Rows of W decompressed per GEMM. NOTE: 512x4096x4096 fp32, 2 loaded cores: one dense GEMM
 // 0.61 s; 128-row tiles 1.30 s, 512-row 0.71 s, 1024-row 0.64 s (MKL wants wide N). Decompressing
@@ -59,7 +69,10 @@ int64_t nm_decode_max_rows(const NMLinearArgs& a) {
 #if defined(__x86_64__)
   NMLinearArgs rounded = a;  // int8 activations: the GEMM runs on x as rounded
   rounded.act_block = 0;
-  if (detail::nm_gemm_24_supported(rounded)) return (a.act_block ? kSparseGemmMinRowsA8 : kSparseGemmMinRows) - 1;
+  if (detail::nm_gemm_24_supported(rounded)) {
+    if (a.act_block) return kSparseGemmMinRowsA8 - 1;
+    return (a.qbits && a.dtype == DType::kF32 ? kSparseGemmMinRowsQuantF32 : kSparseGemmMinRows) - 1;
+  }
 #endif
   if (a.qbits && a.dtype == DType::kF32) return kQuantDecodeMaxRowsF32;
   return a.dtype == DType::kF32 ? kChunkedDecodeMaxRowsF32 : kChunkedDecodeMaxRowsHalf;
@@ -195,16 +208,19 @@ void nm_linear_run(const at::Tensor& x, const at::Tensor& values, const at::Tens
     // batch, whose W tiles are bf16 too. NOTE: 512 x 4096 -> 11008, 2:4 int4 g128 +a8, Zen 4:
     // 308 ms through fp32 (dense bf16 F.linear 110 ms).
     const at::Tensor xf = rounded_x_f32(a);
+    NMLinearArgs r = a;  // the rounded x as any x of its type: the 2:4 GEMM where it applies
+    r.act_block = 0;
     if (x.scalar_type() == at::kBFloat16 && active_isa() >= Isa::kAvx512Bf16) {
       const at::Tensor xb = xf.to(at::kBFloat16);
-      NMLinearArgs r = a;  // the rounded x as any bf16 x: the 2:4 GEMM where it applies
       r.x = xb.data_ptr();
-      r.act_block = 0;
       nm_linear_many_rows(r, xb, bias, y);
-    } else {
-      at::Tensor y32 = x.scalar_type() == at::kFloat ? y : at::empty({rows, out_features}, xf.options());
+    } else if (x.scalar_type() == at::kFloat) {
+      r.x = xf.data_ptr();
+      nm_linear_many_rows(r, xf, bias, y);
+    } else {  // fp16, or bf16 without AVX-512 BF16: the fp32 tiles
+      at::Tensor y32 = at::empty({rows, out_features}, xf.options());
       nm_linear_gemm(a, xf, bias, y32);
-      if (x.scalar_type() != at::kFloat) y.copy_(y32);
+      y.copy_(y32);
     }
     // Rounding gives a row holding NaN/Inf finite integers: such rows are redone as the decode
     // path redoes them (the dense product of x as it is), so they come out as from the dense op.
