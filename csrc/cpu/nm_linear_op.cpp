@@ -30,32 +30,48 @@ constexpr int64_t kDecodeMaxRows = 8;
 // so chunked decode stays ahead to ~32 rows in fp32 and ~64 in bf16/fp16.
 constexpr int64_t kChunkedDecodeMaxRowsF32 = 32;
 constexpr int64_t kChunkedDecodeMaxRowsHalf = 64;
-// Quantized values with fp32 x (but 2:4 on AVX-512 BF16: the 2:4 GEMM, below): dequantizing to
+// Quantized values with fp32 x (but on AVX-512 BF16: the sparse GEMM, below): dequantizing to
 // fp32 tiles costs more than copying float values. NOTE: 2:4 11008x4096, Zen 5, 2 threads, separate processes
 // alternating, tiles -> decode passes, int8 / int4 g128 (dense fp32 F.linear): 33 rows 43 -> 23
 // ms (28), 41 rows 46 -> 28-30 (30-33), 48 rows 47 -> 33-35 (33-37), 64 rows 53-56 -> 43-45
 // (39-43). Past 64 rows the tiles stay, at ~1.4x the dense GEMM's time.
 constexpr int64_t kQuantDecodeMaxRowsF32 = 64;
-// From this many rows the 2:4 GEMM (nm_gemm_24_avx512.cpp) runs where it applies. NOTE:
+// From this many rows the sparse GEMM (nm_gemm_avx512.cpp) runs where it applies. NOTE:
 // Zen 4, 2 threads, bf16, x dense F.linear: 11008x4096 decode passes 1.42x at 8 rows, 1.02x at
 // 12, 0.97x at 16; the GEMM 0.99x, 1.03x, 1.12x (2048x2048: decode 0.96x, 0.83x, 0.63x; GEMM
 // 0.80x, 0.77x, 1.30x). W8A16 / W4A16 g128 (11008x4096): decode 1.04-1.09x at 8 rows, 0.85-0.90x
 // at 12, 0.71-0.75x at 16; the GEMM 0.81-0.84x, 0.85-0.91x, 0.86-0.97x. fp32 (x dense fp32):
-// at 13 rows the GEMM 1.98-2.78x, the decode passes 0.96-2.18x (four Llama shapes).
+// at 13 rows the GEMM 1.98-2.78x, the decode passes 0.96-2.18x (four Llama shapes). The same
+// for 4:8 in fp32 (Zen 5, decode passes -> GEMM, ms: 11008x4096 8 rows 6.2 -> 8.7, 12 rows 9.8
+// -> 9.3; 2048x2048 8 rows 0.64 -> 0.75, 12 rows 0.96 -> 0.79; 5632x2048 12 rows 2.61 -> 2.56).
 constexpr int64_t kSparseGemmMinRows = 13;
+// fp32 1:4 and 2:8, a quarter of the multiply-adds. NOTE: Zen 5, decode passes -> GEMM, ms:
+// 11008x4096 6 rows 3.7-4.0 -> 4.1-4.3, 8 rows 5.0 -> 4.2-4.4; 2048x2048 6 rows 0.35-0.42 ->
+// 0.30-0.31; 5632x2048 6 rows 0.92-1.10 -> 0.90-0.99, 8 rows 1.23-1.44 -> 0.94-0.98.
+constexpr int64_t kSparseGemmMinRowsQuarter = 7;
 // Quantized values with fp32 x: the decode passes run the AVX2 quads kernel at 2+ rows (or two
 // bf16 parts of x at float32 matmul precision "high"), which the GEMM (fp32 values dequantized as
-// they are packed) passes sooner. NOTE: Zen 5, 2 threads, decode passes -> GEMM, ms, int8 / int4
-// g128: 11008x4096 6 rows 4.3-4.6 -> 4.0-4.4, 8 rows 5.4-5.8 -> 4.5-4.7, 12 rows 8.3-8.7 -> 5.7-6.2;
-// 2048x2048 4 rows 0.28-0.30 -> 0.35-0.36, 6 rows 0.44-0.53 -> 0.35-0.37; 5632x2048 and 2048x5632
-// 6 rows 1.1-1.3 -> 1.0-1.2, 8 rows 1.45-1.57 -> 1.0-1.3.
+// they are packed) passes sooner; 4:8 a little later. NOTE: Zen 5, 2 threads, decode passes ->
+// GEMM, ms: 2:4 int8 / int4 g128, 11008x4096 6 rows 4.3-4.6 -> 4.0-4.4, 8 rows 5.4-5.8 ->
+// 4.5-4.7, 12 rows 8.3-8.7 -> 5.7-6.2; 2048x2048 4 rows 0.28-0.30 -> 0.35-0.36, 6 rows 0.44-0.53
+// -> 0.35-0.37; 5632x2048 and 2048x5632 6 rows 1.1-1.3 -> 1.0-1.2. 1:4 int8 / 2:8 int4 g128:
+// 11008x4096 6 rows 3.5-4.5 -> 3.8-4.6, 8 rows 4.7-5.7 -> 3.9-5.0; 2048x2048 6 rows 0.38-0.49 ->
+// 0.36-0.39. 4:8 int8: 11008x4096 6 rows 5.9 -> 6.9, 8 rows 7.4 -> 7.2; 2048x2048 8 rows 0.74 ->
+// 0.68; 5632x2048 6 rows 1.67 -> 2.05, 8 rows 2.02 -> 1.82.
 constexpr int64_t kSparseGemmMinRowsQuantF32 = 6;
+constexpr int64_t kSparseGemmMinRowsQuantF32At48 = 8;
 // The same with int8 activations (x rounded, then the GEMM). NOTE: int4 g128 +a8, 11008x4096:
 // decode 0.94x at 16 rows, 0.66x at 32, 0.63x at 48; the GEMM 0.59x, 0.67x, 0.79x. fp32 x, Zen 5
 // (int8 +a8, decode -> GEMM, ms): 11008x4096 16 rows 5.4 -> 5.6-5.7, 24 rows 7.9 -> 7.9, 32 rows
 // 10.7 -> 8.2-8.5; 2048x2048 24 rows 0.65 -> 0.70, 32 rows 0.84 -> 0.87; 2048x5632 16 rows 1.30 ->
 // 1.48, 32 rows 2.49 -> 2.07: the same crossover.
 constexpr int64_t kSparseGemmMinRowsA8 = 33;
+// 1:4, 2:8 and 4:8 with int8 activations and fp32 x: their decode kernel (vdpbf16ps on x's
+// integers) loses sooner than 2:4's VNNI one. NOTE: Zen 5, 4:8 int8 +a8, decode -> GEMM, ms:
+// 11008x4096 12 rows 6.9 -> 7.9, 16 rows 9.6 -> 9.0, 24 rows 14.2 -> 9.7; 2048x2048 12 rows 0.57
+// -> 0.71, 16 rows 0.97 -> 0.81; 5632x2048 16 rows 1.77 -> 2.58, 20 rows 2.13 -> 2.25, 24 rows
+// 2.97 -> 2.45.
+constexpr int64_t kSparseGemmMinRowsA8F32 = 17;
 // Rows of W decompressed per GEMM. NOTE: 512x4096x4096 fp32, 2 loaded cores: one dense GEMM
 // 0.61 s; 128-row tiles 1.30 s, 512-row 0.71 s, 1024-row 0.64 s (MKL wants wide N). Decompressing
 // the whole weight into one [out, K] buffer and one GEMM into the contiguous output was slower:
@@ -63,16 +79,22 @@ constexpr int64_t kSparseGemmMinRowsA8 = 33;
 // (a 16 MiB tile stays in the 32 MiB L3 for its GEMM; a 64 MiB weight is written and re-read).
 constexpr int64_t kTileRows = 1024;
 
+// Where the sparse GEMM applies: the fewest rows it takes.
+int64_t sparse_gemm_min_rows(const NMLinearArgs& a) {
+  const bool is24 = a.n == 2 && a.m == 4;
+  if (a.act_block) return is24 || a.dtype != DType::kF32 ? kSparseGemmMinRowsA8 : kSparseGemmMinRowsA8F32;
+  if (a.dtype != DType::kF32) return kSparseGemmMinRows;  // bf16 2:4
+  if (a.qbits) return a.n == 4 && a.m == 8 ? kSparseGemmMinRowsQuantF32At48 : kSparseGemmMinRowsQuantF32;
+  return 2 * a.n == a.m ? kSparseGemmMinRows : kSparseGemmMinRowsQuarter;
+}
+
 }  // namespace
 
 int64_t nm_decode_max_rows(const NMLinearArgs& a) {
 #if defined(__x86_64__)
   NMLinearArgs rounded = a;  // int8 activations: the GEMM runs on x as rounded
   rounded.act_block = 0;
-  if (detail::nm_gemm_24_supported(rounded)) {
-    if (a.act_block) return kSparseGemmMinRowsA8 - 1;
-    return (a.qbits && a.dtype == DType::kF32 ? kSparseGemmMinRowsQuantF32 : kSparseGemmMinRows) - 1;
-  }
+  if (detail::nm_gemm_supported(rounded)) return sparse_gemm_min_rows(a) - 1;
 #endif
   if (a.qbits && a.dtype == DType::kF32) return kQuantDecodeMaxRowsF32;
   return a.dtype == DType::kF32 ? kChunkedDecodeMaxRowsF32 : kChunkedDecodeMaxRowsHalf;
@@ -90,8 +112,8 @@ void redo_nonfinite_on_tiles(const NMLinearArgs& a, const at::Tensor& x, const s
 void nm_linear_many_rows(const NMLinearArgs& a, const at::Tensor& x, const std::optional<at::Tensor>& bias,
                          at::Tensor& y) {
 #if defined(__x86_64__)
-  if (detail::nm_gemm_24_supported(a)) {
-    detail::nm_gemm_24_avx512(a);
+  if (detail::nm_gemm_supported(a)) {
+    detail::nm_gemm_avx512(a);
     // The kernel skips pruned columns: rows of x holding NaN/Inf again through the dense tiles.
     redo_nonfinite_on_tiles(a, x, bias, y);
     return;

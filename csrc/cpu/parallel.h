@@ -28,7 +28,7 @@
 // 200 ms idle 4.1-4.5 ms against 0.54-0.66 (the join waits for a sleeping thread), and 0.43x
 // dense beside a busy process (pool: 24x); the automatic choice keeps the pool's figures there
 // (bench/bench_cpu_threads.py). SPARSEKERN_PARALLEL=pool|openmp pins one team. The 2:4 GEMM
-// (nm_gemm_24_avx512.cpp, prefill) asks for OpenMP's team, hot or not (run's `prefer`): a call of
+// (nm_gemm_avx512.cpp, prefill) asks for OpenMP's team, hot or not (run's `prefer`): a call of
 // many milliseconds pays little for a late team thread. NOTE: TinyLlama-1.1B shapes, bf16, 2:4,
 // forward of 512 tokens against the dense model, Zen 4, same process, random order: GEMM on this
 // pool 0.89x, on OpenMP 1.00-1.10x (128 tokens: 0.81x, 1.02x).

@@ -1,22 +1,23 @@
-// 2:4 GEMM for many rows of x (prefill) on AVX-512 BF16 CPUs: no dense copy of W and no dense
-// tile, half the multiply-adds of the dense GEMM. bf16 x with values in bf16, or int8 / int4
+// Sparse GEMM for many rows of x (prefill) on AVX-512 BF16 CPUs: no dense copy of W and no dense
+// tile, n / m of the dense GEMM's multiply-adds. 2:4 with bf16 x: values in bf16, or int8 / int4
 // (W8A16, W4A16, scale groups of a multiple of 16 kept slots, or one per row) dequantized to bf16
-// as they are packed, which is what the decompressed tiles held before; or fp32 x with fp32
-// values, or with int8 / int4 values (the same scale groups) dequantized to fp32 as they are packed.
+// as they are packed, which is what the decompressed tiles held before. 2:4, 1:4, 2:8 and 4:8 with
+// fp32 x: fp32 values, or int8 / int4 (the same scale groups) dequantized to fp32 as they are packed.
 //
 // Vectorized over output features, 16 fp32 lanes per zmm. bf16: a group's two kept values are one
 // bf16 pair, so vdpbf16ps of the 16 features' pairs of group g with, lane by lane, the pair
 // (x[r, 4g + i0], x[r, 4g + i1]) adds 16 features' group g for row r. That pair vector is one
 // vpermw of x's 32 columns around g (any i0, i1: garbage meta reads a wrong column of its own
-// group, never outside x). fp32: the same with one vpermps (16-column window) and one FMA per kept
-// slot. Per 16 features and group, the values and the permute indices are packed (a 16 x 16
+// group, never outside x). fp32: one vpermps of x's 16-column window and one FMA per kept slot,
+// slot after slot (each window holds 16 n / m of them; a meta field indexes its own group's
+// columns). Per 16 features and K block, the values and the permute indices are packed (a 16 x 16
 // transpose of the values, the meta fields spread to words) once per pass of up to 288 rows and
 // reused by each of them; the bf16 micro-kernel keeps 2 x 16 features of 12 rows in 24
 // accumulators (4 loads of the packed block and 12 of x per 24 pairs, all in L1), the fp32 one 16
 // features of 12 rows.
 //
 // Work: tasks of up to 128 features, claimed by the threads of OpenMP's team through the kernels'
-// runtime (parallel.h says why that team here); each walks K in blocks of 32 groups (pack the
+// runtime (parallel.h says why that team here); each walks K in blocks of 128 columns (pack the
 // block, then every 12-row block of x), with fp32 sums per task between blocks. Rows of x go 288
 // at a time (a pass), copied to a buffer of whole windows.
 //
@@ -53,7 +54,8 @@ namespace {
 #define SK_GEMM_INLINE __attribute__((always_inline)) inline
 
 constexpr int kRows = 12;                   // rows of x per micro-kernel
-constexpr int kBlockGroups = 32;            // groups (128 columns) per K block
+constexpr int64_t kBlockCols = 128;         // columns of x per K block
+constexpr int kBlockGroups = 32;            // bf16 2:4: groups per K block
 constexpr int64_t kTileBytes = 128;         // per 16 features and group: pairs, then vpermw indices
 constexpr int64_t kPackedTile = kBlockGroups * kTileBytes;  // one tile's K block
 constexpr int kMaxTiles = 8;               // 16-feature tiles per task
@@ -100,8 +102,7 @@ SK_GEMM_BF16 inline void transpose16(__m512i* r) {
 
 // Kept slots [j, j + n) (n <= 16, j a multiple of 16) of feature o as fp32: (q - zero) * scale,
 // one scale group for all of them (group_kept a multiple of 16).
-SK_GEMM_BF16 inline __m512 dequant16(const NMLinearArgs& a, int64_t o, int64_t j, int n) {
-  const int64_t kept = a.k / 2;
+SK_GEMM_BF16 inline __m512 dequant16(const NMLinearArgs& a, int64_t kept, int64_t o, int64_t j, int n) {
   __m512i q;
   if (a.qbits == 8) {
     q = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << n) - 1),
@@ -126,8 +127,8 @@ SK_GEMM_BF16 inline __m512i pairs16(const NMLinearArgs& a, int64_t o, int64_t g,
                                     static_cast<const uint32_t*>(a.values) + o * (a.k / 4) + g);
   }
   const int slots = 2 * n;
-  const __m512 lo = dequant16(a, o, 2 * g, std::min(16, slots));
-  const __m512 hi = slots > 16 ? dequant16(a, o, 2 * g + 16, slots - 16) : _mm512_setzero_ps();
+  const __m512 lo = dequant16(a, a.k / 2, o, 2 * g, std::min(16, slots));
+  const __m512 hi = slots > 16 ? dequant16(a, a.k / 2, o, 2 * g + 16, slots - 16) : _mm512_setzero_ps();
   return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
 }
 
@@ -218,49 +219,87 @@ MicroFn micro_fn(int rows, int tiles) {
                     : micro_for<1>(rows, std::make_integer_sequence<int, kRows>{});
 }
 
-// fp32: a kept value per FMA. Per 16 features and group: the values of the group's first kept
-// slot, their vpermps indices (4j + i0, j = g % 4, in x's 16-column window), the second slot's
-// values and indices.
+// fp32, any of 2:4, 1:4, 2:8 and 4:8: a kept value per FMA. x goes in 16-column windows, each
+// holding S = 16 n / m kept slots of a row; per 16 features, slots go in pairs: the values of the
+// pair's first slot, their vpermps indices (the slot's column within its window), the second
+// slot's values and indices. A K block (128 columns) holds 8 windows, 4 S pairs.
 constexpr int64_t kTileBytesF32 = 256;
 
-SK_GEMM_BF16 void pack_tile_f32(const NMLinearArgs& a, int64_t o0, int64_t g0, int ng, char* dst) {
-  const int64_t kept = a.k / 2;
+// The vpermps indices of slots [j0, j1) (and an odd last slot's partner: zero) of features
+// [o0, o0 + live) of an N:M weight, into the packed pairs at dst.
+template <int N, int M>
+SK_GEMM_BF16 void pack_indices_f32(const NMLinearArgs& a, int64_t o0, int live, int64_t j0, int64_t j1, char* dst) {
+  constexpr int kBits = M == 4 ? 2 : 3, kPerWord = 32 / kBits;
+  const __mmask16 lanes = static_cast<__mmask16>((1u << live) - 1);
+  const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(static_cast<int32_t>(a.meta_words)));
+  const int32_t* meta = a.meta + o0 * a.meta_words;
+  const __m512i field_mask = _mm512_set1_epi32((1 << kBits) - 1);
+  for (int64_t j = j0; j < j1;) {
+    const int64_t word = j / kPerWord;
+    __m512i w = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), lanes, rows, meta + word, 4);
+    w = _mm512_srl_epi32(w, _mm_cvtsi32_si128(static_cast<int>(j - word * kPerWord) * kBits));
+    for (const int64_t end = std::min(j1, (word + 1) * kPerWord); j < end; ++j) {
+      const __m512i col = _mm512_set1_epi32(static_cast<int>(j / N * M % 16));
+      _mm512_store_si512(dst + (j - j0) / 2 * kTileBytesF32 + (j % 2) * 128 + 64,
+                         _mm512_add_epi32(_mm512_and_si512(w, field_mask), col));
+      w = _mm512_srli_epi32(w, kBits);
+    }
+  }
+  if ((j1 - j0) % 2) _mm512_store_si512(dst + (j1 - j0) / 2 * kTileBytesF32 + 128 + 64, _mm512_setzero_si512());
+}
+
+// Features [o0, o0 + 16) (those past out_features: zero), columns [c0, c0 + 128) (c0 a multiple
+// of 128; a pair's slot past K zero): pair p of the block at dst + p * kTileBytesF32.
+template <int N, int M>
+SK_GEMM_BF16 void pack_tile_f32(const NMLinearArgs& a, int64_t o0, int64_t c0, char* dst) {
+  const int64_t kept = a.k / M * N, j0 = c0 / M * N;
+  const int64_t j1 = std::min(kept, (c0 + kBlockCols) / M * N);  // the block's slots [j0, j1)
+  constexpr int per_word = M == 4 ? 16 : 10;
   const int live = static_cast<int>(std::min<int64_t>(16, a.out_features - o0));
   const float* v = static_cast<const float*>(a.values) + o0 * kept;
-  for (int h = 0; h < ng; h += 8) {  // 8 groups (16 slots) at a time: transpose [feature][slot]
-    const int n = std::min(8, ng - h);
-    const __mmask16 slots = static_cast<__mmask16>((1u << (2 * n)) - 1);
+  for (int64_t h = j0; h < j1; h += 16) {  // 16 slots at a time: transpose [feature][slot]
+    const int n = static_cast<int>(std::min<int64_t>(16, j1 - h));
+    const __mmask16 slots = static_cast<__mmask16>((1u << n) - 1);
     __m512i r[16];
     for (int f = 0; f < 16; ++f) {
       if (f >= live) {
         r[f] = _mm512_setzero_si512();
       } else if (a.qbits) {  // int8 / int4: (q - zero) * scale in fp32, as the decompressed tiles held it
-        r[f] = _mm512_castps_si512(dequant16(a, o0 + f, 2 * (g0 + h), 2 * n));
+        r[f] = _mm512_castps_si512(dequant16(a, kept, o0 + f, h, n));
       } else {
-        r[f] = _mm512_maskz_loadu_epi32(slots, v + f * kept + 2 * (g0 + h));
+        r[f] = _mm512_maskz_loadu_epi32(slots, v + f * kept + h);
       }
     }
     transpose16(r);
-    for (int j = 0; j < 2 * n; ++j) _mm512_store_si512(dst + (h + j / 2) * kTileBytesF32 + (j % 2) * 128, r[j]);
+    for (int j = 0; j < 16; ++j) _mm512_store_si512(dst + (h - j0 + j) / 2 * kTileBytesF32 + (j % 2) * 128, r[j]);
   }
-  each_group_fields(a, o0, live, g0, ng, [&](int i, __m512i nib) SK_GEMM_BF16 {
-    const __m512i base = _mm512_set1_epi32(4 * (i % 4));
-    char* d = dst + i * kTileBytesF32;
-    _mm512_store_si512(d + 64, _mm512_add_epi32(base, _mm512_and_si512(nib, _mm512_set1_epi32(3))));
-    _mm512_store_si512(d + 192, _mm512_add_epi32(base, _mm512_srli_epi32(nib, 2)));
-  });
+  // The next block's values and meta, fetched while this block runs (16 streams, as in pack_tile).
+  if (j1 < kept) {
+    const int64_t bits_per_slot = a.qbits ? a.qbits : 32, row_bytes = kept * bits_per_slot / 8;
+    const int64_t from = j1 * bits_per_slot / 8, bytes = kBlockCols / M * N * bits_per_slot / 8;
+    for (int f = 0; f < live; ++f) {
+      const char* vf = static_cast<const char*>(a.values) + (o0 + f) * row_bytes + from;
+      for (int64_t l = 0; l < bytes; l += 64) _mm_prefetch(vf + l, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(a.meta + (o0 + f) * a.meta_words + j1 / per_word), _MM_HINT_T0);
+    }
+  }
+  pack_indices_f32<N, M>(a, o0, live, j0, j1, dst);
 }
 
-// c[r * ldc + lane] (+)= one tile's 16 features, rows r < R, groups [0, ng): x rows at x (fp32).
+// c[r * ldc + lane] (+)= one tile's 16 features, rows r < R, slot pairs [0, np) of the block,
+// windows of `pairs` pairs: x rows at x (fp32).
 template <int R>
-SK_GEMM_BF16 void micro_f32(const char* pk, const float* x, int64_t ldx, int ng, float* c, int64_t ldc, bool first) {
+SK_GEMM_BF16 void micro_f32(const char* pk, const float* x, int64_t ldx, int np, int pairs, float* c, int64_t ldc,
+                            bool first) {
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = first ? _mm512_setzero_ps() : _mm512_load_ps(c + r * ldc);
-  for (int g = 0; g < ng; ++g) {
+  const int shift = pairs == 4 ? 2 : 1;  // 4 pairs a window (2:4, 4:8) or 2 (1:4, 2:8)
+  for (int g = 0; g < np; ++g) {
     const char* p = pk + g * kTileBytesF32;
     const __m512 w0 = _mm512_load_ps(p), w1 = _mm512_load_ps(p + 128);
     const __m512i i0 = _mm512_load_si512(p + 64), i1 = _mm512_load_si512(p + 192);
-    const float* xw = x + 16 * (g / 4);
+    const float* xw = x + 16 * (g >> shift);
     for (int r = 0; r < R; ++r) {
       __m512 xv = _mm512_loadu_ps(xw + r * ldx);
       __asm__("" : "+v"(xv));  // one load for both slots
@@ -271,7 +310,7 @@ SK_GEMM_BF16 void micro_f32(const char* pk, const float* x, int64_t ldx, int ng,
   for (int r = 0; r < R; ++r) _mm512_store_ps(c + r * ldc, acc[r]);
 }
 
-using MicroF32 = void (*)(const char*, const float*, int64_t, int, float*, int64_t, bool);
+using MicroF32 = void (*)(const char*, const float*, int64_t, int, int, float*, int64_t, bool);
 
 template <int... R>
 constexpr MicroF32 micro_f32_for(int rows, std::integer_sequence<int, R...>) {
@@ -280,26 +319,37 @@ constexpr MicroF32 micro_f32_for(int rows, std::integer_sequence<int, R...>) {
   return fn;
 }
 
-// The packing, micro-kernels and element types of one of the two kernels.
+// The packing, micro-kernels and element types of one of the two kernels. A K block is 128
+// columns of x for both: 32 groups of bf16 2:4 pairs, or 8 windows of fp32 slots.
 template <bool F32>
 struct Kind {
   using X = std::conditional_t<F32, float, uint16_t>;
   static constexpr int64_t kWindow = F32 ? 16 : 32;  // x columns one permute indexes
-  static constexpr int64_t kTile = F32 ? kBlockGroups * kTileBytesF32 : kPackedTile;
+  static constexpr int64_t kTile = F32 ? 32 * kTileBytesF32 : kPackedTile;  // fp32: at most 32 pairs (2:4, 4:8)
   static constexpr int kTilesPerMicro = F32 ? 1 : 2;
-  SK_GEMM_BF16 static void pack(const NMLinearArgs& a, int64_t o0, int64_t g0, int ng, char* dst) {
+  SK_GEMM_BF16 static void pack(const NMLinearArgs& a, int64_t o0, int64_t c0, char* dst) {
     if constexpr (F32) {
-      pack_tile_f32(a, o0, g0, ng, dst);
+      switch (a.m * 8 + a.n) {  // the pattern as constants: shifts by an immediate, no division
+        case 4 * 8 + 2: return pack_tile_f32<2, 4>(a, o0, c0, dst);
+        case 4 * 8 + 1: return pack_tile_f32<1, 4>(a, o0, c0, dst);
+        case 8 * 8 + 2: return pack_tile_f32<2, 8>(a, o0, c0, dst);
+        default: return pack_tile_f32<4, 8>(a, o0, c0, dst);
+      }
     } else {
-      pack_tile(a, o0, g0, ng, dst);
+      pack_tile(a, o0, c0 / 4, static_cast<int>(units(a, c0)), dst);
     }
   }
-  static void micro(int rows, int tiles, const char* pk, const X* x, int64_t ldx, int ng, float* c, int64_t ldc,
-                    bool first) {
+  // The micro-kernel's steps in the block at column c0: bf16 groups, fp32 slot pairs.
+  static int64_t units(const NMLinearArgs& a, int64_t c0) {
+    const int64_t cols = std::min(kBlockCols, a.k - c0);
+    return F32 ? (cols / a.m * a.n + 1) / 2 : cols / 4;
+  }
+  static void micro(const NMLinearArgs& a, int rows, int tiles, const char* pk, const X* x, int64_t ldx, int steps,
+                    float* c, int64_t ldc, bool first) {
     if constexpr (F32) {
-      micro_f32_for(rows, std::make_integer_sequence<int, kRows>{})(pk, x, ldx, ng, c, ldc, first);
+      micro_f32_for(rows, std::make_integer_sequence<int, kRows>{})(pk, x, ldx, steps, 8 / a.m * a.n, c, ldc, first);
     } else {
-      micro_fn(rows, tiles)(pk, x, ldx, ng, c, ldc, first);
+      micro_fn(rows, tiles)(pk, x, ldx, steps, c, ldc, first);
     }
   }
   // 16 sums (+ the bias) into out at o, lanes masked.
@@ -323,10 +373,10 @@ struct Kind {
 };
 
 template <bool F32>
-SK_GEMM_BF16 void gemm24(const NMLinearArgs& a) {
+SK_GEMM_BF16 void gemm(const NMLinearArgs& a) {
   using K = Kind<F32>;
   using X = typename K::X;
-  const int64_t groups = a.k / 4, n_tiles = (a.out_features + 15) / 16;
+  const int64_t n_tiles = (a.out_features + 15) / 16;
   const int threads = std::max(a.threads, 1);
   // Tiles per task: about four tasks per thread, whole tile pairs, at most kMaxTiles.
   const int64_t per_task = std::clamp<int64_t>((n_tiles + 4 * threads - 1) / (4 * threads) + 1 & ~int64_t{1}, 2, kMaxTiles);
@@ -347,14 +397,14 @@ SK_GEMM_BF16 void gemm24(const NMLinearArgs& a) {
       float* c = reinterpret_cast<float*>(sums[slot].get());
       char* pk = packed[slot].get();
       const int64_t t0 = task * per_task, nt = std::min(per_task, n_tiles - t0);
-      for (int64_t g0 = 0; g0 < groups; g0 += kBlockGroups) {
-        const int ng = static_cast<int>(std::min<int64_t>(kBlockGroups, groups - g0));
-        for (int64_t t = 0; t < nt; ++t) K::pack(a, 16 * (t0 + t), g0, ng, pk + t * K::kTile);
+      for (int64_t c0 = 0; c0 < a.k; c0 += kBlockCols) {
+        const int steps = static_cast<int>(K::units(a, c0));
+        for (int64_t t = 0; t < nt; ++t) K::pack(a, 16 * (t0 + t), c0, pk + t * K::kTile);
         for (int64_t rb = 0; rb < nrows; rb += kRows) {
           const int rr = static_cast<int>(std::min<int64_t>(kRows, nrows - rb));
           for (int64_t t = 0; t < nt; t += K::kTilesPerMicro) {
             const int tt = static_cast<int>(std::min<int64_t>(K::kTilesPerMicro, nt - t));
-            K::micro(rr, tt, pk + t * K::kTile, xr + rb * ldx + 4 * g0, ldx, ng, c + rb * ldc + 16 * t, ldc, g0 == 0);
+            K::micro(a, rr, tt, pk + t * K::kTile, xr + rb * ldx + c0, ldx, steps, c + rb * ldc + 16 * t, ldc, c0 == 0);
           }
         }
       }
@@ -377,15 +427,17 @@ SK_GEMM_BF16 void gemm24(const NMLinearArgs& a) {
 
 }  // namespace
 
-bool nm_gemm_24_supported(const NMLinearArgs& a) {
-  if (a.n != 2 || a.m != 4 || a.act_block || a.k % 4 != 0 || active_isa() < Isa::kAvx512Bf16) return false;
+bool nm_gemm_supported(const NMLinearArgs& a) {
+  if (a.act_block || a.k % a.m != 0 || active_isa() < Isa::kAvx512Bf16) return false;
+  const bool f32_pattern = (a.n == 2 && a.m == 4) || (a.n == 1 && a.m == 4) || (a.n == 2 && a.m == 8) || (a.n == 4 && a.m == 8);
+  if (a.dtype == DType::kF32 ? !f32_pattern : a.dtype != DType::kBF16 || a.n != 2 || a.m != 4) return false;
   // Quantized values: each 16-slot step of a pack lies in one scale group.
-  return (a.dtype == DType::kF32 || a.dtype == DType::kBF16) && (!a.qbits || a.groups == 1 || a.group_kept % 16 == 0);
+  return !a.qbits || a.groups == 1 || a.group_kept % 16 == 0;
 }
 
-void nm_gemm_24_avx512(const NMLinearArgs& a) {
-  if (a.dtype == DType::kF32) return gemm24<true>(a);
-  gemm24<false>(a);
+void nm_gemm_avx512(const NMLinearArgs& a) {
+  if (a.dtype == DType::kF32) return gemm<true>(a);
+  gemm<false>(a);
 }
 
 }  // namespace sparsekern::detail
