@@ -166,9 +166,9 @@ def test_quantized_nm_bf16_decode(dtype, nm, k, group_size, quant, symmetric, ro
     """Quantized N:M with bf16 or fp32 x and scales (on AVX-512 BF16 + VBMI: the vdpbf16ps decode
     kernel, which scales per group, half-step or quarter-step and looks int4 up in tables; fp32 x
     goes in as three bf16 parts at one row (more rows: the AVX2 quads kernel), and as two at any
-    rows under float32 matmul precision "high"; 2:4 takes the 2:4 GEMM past 12 rows in bf16 and
-    past 5 in fp32, which dequantizes each block of values to bf16 or fp32 as it packs it; other
-    fp32 patterns past 64 rows the fp32 tiles) at every group layout and tail. Values this short take the decode kernel's far
+    rows under float32 matmul precision "high"; past a few rows the sparse GEMM, which dequantizes
+    each block of values to bf16 or fp32 as it packs it, or where the group layout does not suit it
+    the decode passes up to 64 rows and then the tiles) at every group layout and tail. Values this short take the decode kernel's far
     prefetch on any pages; test_quantized_real_shape runs the page-boundary prefetch of long
     values."""
     n, m = nm
@@ -182,6 +182,22 @@ def test_quantized_nm_bf16_decode(dtype, nm, k, group_size, quant, symmetric, ro
         with _matmul_precision("high"), sk.use_backend("cpu"):
             y = sk.ops.nm_linear(x, wq, bias)
         _check(y, x, wq, bias, f"{n}:{m} {quant} g{group_size} sym={symmetric} k={k} rows={rows} high")
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows", [1, 7, 13, 40])
+@pytest.mark.parametrize("k", [4, 36, 132])
+def test_quantized_odd_kept_with_zero_points(isa, k, rows, dtype):
+    """1:4 int8 with zero points and an odd count of kept slots per row (K / 4): the sparse GEMM
+    packs slots in pairs, and the last pair's second slot (past K) must add nothing, though its
+    zero point would dequantize it to -zero * scale."""
+    wq = _qweight(19, k, 1, 4, "int8", 0, symmetric=False, dtype=dtype)
+    assert wq.zeros is not None and wq.values.shape[1] % 2 == 1
+    x = torch.randn(rows, k).to(dtype)
+    with sk.use_backend("cpu"):
+        y = sk.ops.nm_linear(x, wq)
+    _check(y, x, wq, None, f"{isa} 1:4 k={k} rows={rows} {dtype}")
 
 
 @needs_ext
@@ -499,9 +515,10 @@ def _a8_same(ref32, xq, dense32, bias, rows, dtype, nm=(2, 4)):
     """What the int8-activation op is held to beside the fp32 reference ``ref32`` (of x rounded,
     ``xq``): its result rounded once to x's dtype; in bf16 past 64 rows (the decode rows on every
     CPU), the bf16 GEMM of the rounded x (rounded once more to bf16, W in bf16), as every other bf16
-    batch runs. 2:4 on AVX-512 BF16 takes that GEMM from 33 rows."""
+    batch runs. On AVX-512 BF16 the sparse GEMM does the same from 33 rows at 2:4, from 9 at the
+    other patterns."""
     bf16_level = int(torch.ops.sparsekern._cpu_isa()) >= _extension.CPU_ISAS["avx512bf16"]
-    gemm_from = 33 if nm == (2, 4) and bf16_level else 65
+    gemm_from = (33 if nm == (2, 4) else 9) if bf16_level else 65
     if dtype == torch.bfloat16 and rows >= gemm_from:
         return F.linear(xq.to(dtype), dense32.to(dtype), None if bias is None else bias.to(dtype))
     return ref32.to(dtype)

@@ -1,20 +1,21 @@
-// Sparse GEMM for many rows of x (prefill) on AVX-512 BF16 CPUs: no dense copy of W and no dense
-// tile, n / m of the dense GEMM's multiply-adds. 2:4 with bf16 x: values in bf16, or int8 / int4
-// (W8A16, W4A16, scale groups of a multiple of 16 kept slots, or one per row) dequantized to bf16
-// as they are packed, which is what the decompressed tiles held before. 2:4, 1:4, 2:8 and 4:8 with
-// fp32 x: fp32 values, or int8 / int4 (the same scale groups) dequantized to fp32 as they are packed.
+// Sparse GEMM for many rows of x (prefill) on AVX-512 BF16 CPUs, for 2:4, 1:4, 2:8 and 4:8 with
+// bf16 or fp32 x: no dense copy of W and no dense tile, n / m of the dense GEMM's multiply-adds.
+// Values as stored, or int8 / int4 (W8A16, W4A16, scale groups of a multiple of 16 kept slots,
+// or one per row) dequantized as they are packed (bf16 x: rounded to bf16, which is what the
+// decompressed tiles held before).
 //
-// Vectorized over output features, 16 fp32 lanes per zmm. bf16: a group's two kept values are one
-// bf16 pair, so vdpbf16ps of the 16 features' pairs of group g with, lane by lane, the pair
-// (x[r, 4g + i0], x[r, 4g + i1]) adds 16 features' group g for row r. That pair vector is one
-// vpermw of x's 32 columns around g (any i0, i1: garbage meta reads a wrong column of its own
-// group, never outside x). fp32: one vpermps of x's 16-column window and one FMA per kept slot,
-// slot after slot (each window holds 16 n / m of them; a meta field indexes its own group's
-// columns). Per 16 features and K block, the values and the permute indices are packed (a 16 x 16
-// transpose of the values, the meta fields spread to words) once per pass of up to 288 rows and
-// reused by each of them; the bf16 micro-kernel keeps 2 x 16 features of 12 rows in 24
-// accumulators (4 loads of the packed block and 12 of x per 24 pairs, all in L1), the fp32 one 16
-// features of 12 rows.
+// Vectorized over output features, 16 fp32 lanes per zmm; a row's kept slots go in pairs (slots
+// 2i, 2i + 1), never across a window of x. bf16: a pair's two values are one bf16 pair, so
+// vdpbf16ps of the 16 features' pair i with, lane by lane, the x pair (x[r, c0], x[r, c1]) of its
+// two columns adds 16 features' pair i for row r. That x pair vector is one vpermw of x's
+// 32-column window holding the pair (16 n / m pairs a window); a meta field indexes its own
+// group's columns (garbage meta reads a wrong column of its own group, never outside x). fp32:
+// one vpermps of a 16-column window and one FMA per kept slot. Per 16 features and K block, the
+// values and the permute indices are packed (a 16 x 16 transpose of the values, the meta fields
+// cut by immediate shifts, the pattern a template) once per pass of up to 288 rows and reused by
+// each of them, the next block's values prefetched; the bf16 micro-kernel keeps 2 x 16 features
+// of 12 rows in 24 accumulators (4 loads of the packed block and 12 of x per 24 pairs, all in
+// L1), the fp32 one 16 features of 12 rows.
 //
 // Work: tasks of up to 128 features, claimed by the threads of OpenMP's team through the kernels'
 // runtime (parallel.h says why that team here); each walks K in blocks of 128 columns (pack the
@@ -55,9 +56,9 @@ namespace {
 
 constexpr int kRows = 12;                   // rows of x per micro-kernel
 constexpr int64_t kBlockCols = 128;         // columns of x per K block
-constexpr int kBlockGroups = 32;            // bf16 2:4: groups per K block
-constexpr int64_t kTileBytes = 128;         // per 16 features and group: pairs, then vpermw indices
-constexpr int64_t kPackedTile = kBlockGroups * kTileBytes;  // one tile's K block
+constexpr int kMaxPairs = 32;               // kept slot pairs per K block, at most (2:4, 4:8)
+constexpr int64_t kTileBytes = 128;         // per 16 features and bf16 pair: pairs, then vpermw indices
+constexpr int64_t kPackedTile = kMaxPairs * kTileBytes;  // one bf16 tile's K block
 constexpr int kMaxTiles = 8;               // 16-feature tiles per task
 constexpr int64_t kSuperRows = 24 * kRows;  // rows of x per pass
 
@@ -101,7 +102,8 @@ SK_GEMM_BF16 inline void transpose16(__m512i* r) {
 }
 
 // Kept slots [j, j + n) (n <= 16, j a multiple of 16) of feature o as fp32: (q - zero) * scale,
-// one scale group for all of them (group_kept a multiple of 16).
+// one scale group for all of them (group_kept a multiple of 16); zero past n (not -zero * scale:
+// a pair's slot past K is multiplied by a real column of x).
 SK_GEMM_BF16 inline __m512 dequant16(const NMLinearArgs& a, int64_t kept, int64_t o, int64_t j, int n) {
   __m512i q;
   if (a.qbits == 8) {
@@ -115,74 +117,27 @@ SK_GEMM_BF16 inline __m512 dequant16(const NMLinearArgs& a, int64_t kept, int64_
   }
   const int64_t g = a.groups == 1 ? 0 : j / a.group_kept;
   const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(q, _mm512_set1_epi32(nm_zero(a, o, g))));
-  return _mm512_mul_ps(v, _mm512_set1_ps(nm_scale(a, o, g)));
+  return _mm512_maskz_mul_ps(static_cast<__mmask16>((1u << n) - 1), v, _mm512_set1_ps(nm_scale(a, o, g)));
 }
 
-// The pairs of groups [g, g + n) (n <= 16) of feature o: word 2i / 2i + 1 = group g + i's kept
-// values, as stored (bf16) or dequantized and rounded to bf16 (int8 / int4, as the decompressed
-// tiles hold them); zero past n.
-SK_GEMM_BF16 inline __m512i pairs16(const NMLinearArgs& a, int64_t o, int64_t g, int n) {
+// Pairs [p, p + n) (n <= 16, p a multiple of 8) of feature o's kept slots (pair i: slots 2i and
+// 2i + 1, of `kept` in the row): as stored (bf16) or dequantized and rounded to bf16 (int8 / int4,
+// as the decompressed tiles hold them); zero past n pairs or past the row's last slot.
+SK_GEMM_BF16 inline __m512i pairs16(const NMLinearArgs& a, int64_t kept, int64_t o, int64_t p, int n) {
+  const int slots = static_cast<int>(std::min<int64_t>(2 * n, kept - 2 * p));
   if (!a.qbits) {
-    return _mm512_maskz_loadu_epi32(static_cast<__mmask16>((1u << n) - 1),
-                                    static_cast<const uint32_t*>(a.values) + o * (a.k / 4) + g);
+    const __mmask32 words = slots == 32 ? ~__mmask32{0} : (__mmask32{1} << slots) - 1;
+    return _mm512_maskz_loadu_epi16(words, static_cast<const uint16_t*>(a.values) + o * kept + 2 * p);
   }
-  const int slots = 2 * n;
-  const __m512 lo = dequant16(a, a.k / 2, o, 2 * g, std::min(16, slots));
-  const __m512 hi = slots > 16 ? dequant16(a, a.k / 2, o, 2 * g + 16, slots - 16) : _mm512_setzero_ps();
+  const __m512 lo = dequant16(a, kept, o, 2 * p, std::min(16, slots));
+  const __m512 hi = slots > 16 ? dequant16(a, kept, o, 2 * p + 16, slots - 16) : _mm512_setzero_ps();
   return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
 }
 
-// fn(i, nib) for groups g0 + i, i < ng (g0 a multiple of 8): nib lane l = the 4-bit index pair
-// (i0 | i1 << 2) of feature o0 + l's group (zero past `live` features).
-template <class Fn>
-SK_GEMM_BF16 SK_GEMM_INLINE void each_group_fields(const NMLinearArgs& a, int64_t o0, int live, int64_t g0, int ng, Fn fn) {
-  const __mmask16 lanes = static_cast<__mmask16>((1u << live) - 1);
-  const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                          _mm512_set1_epi32(static_cast<int32_t>(a.meta_words)));
-  const int32_t* meta = a.meta + o0 * a.meta_words;
-  for (int q = 0; q < (ng + 7) / 8; ++q) {
-    const __m512i mw = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), lanes, rows, meta + g0 / 8 + q, 4);
-    for (int j = 0; j < 8 && 8 * q + j < ng; ++j) fn(8 * q + j, _mm512_and_si512(_mm512_srli_epi32(mw, 4 * j), _mm512_set1_epi32(15)));
-  }
-}
-
-// Features [o0, o0 + 16) (those past out_features: zero), groups [g0, g0 + ng) (g0 a multiple of
-// 32, ng <= 32): group g - g0 at dst + (g - g0) * kTileBytes, its 16 pairs then its 32 indices.
-SK_GEMM_BF16 void pack_tile(const NMLinearArgs& a, int64_t o0, int64_t g0, int ng, char* dst) {
-  const int64_t groups = a.k / 4;
-  const int live = static_cast<int>(std::min<int64_t>(16, a.out_features - o0));
-  for (int h = 0; h < ng; h += 16) {  // 16 groups at a time: transpose [feature][group] pairs
-    const int n = std::min(16, ng - h);
-    __m512i r[16];
-    for (int f = 0; f < 16; ++f) r[f] = f < live ? pairs16(a, o0 + f, g0 + h, n) : _mm512_setzero_si512();
-    transpose16(r);
-    for (int g = 0; g < n; ++g) _mm512_store_si512(dst + (h + g) * kTileBytes, r[g]);
-  }
-  // The next block's values and meta, fetched while this block runs (as many rows as features:
-  // too many streams for the hardware prefetcher).
-  if (const int64_t next = g0 + kBlockGroups; next < groups) {
-    const int64_t row_bytes = a.qbits ? a.k / 2 * a.qbits / 8 : a.k, step = kBlockGroups * 4 * row_bytes / a.k;
-    for (int f = 0; f < live; ++f) {
-      const char* v = static_cast<const char*>(a.values) + (o0 + f) * row_bytes + next * 4 * row_bytes / a.k;
-      for (int64_t l = 0; l < step; l += 64) _mm_prefetch(v + l, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(a.meta + (o0 + f) * a.meta_words + next / 8), _MM_HINT_T0);
-    }
-  }
-  // Indices: word 2l / 2l + 1 of group g (column 4j of its 32-column window, j = g % 8) =
-  // 4j + i0 / 4j + i1 of feature l.
-  each_group_fields(a, o0, live, g0, ng, [&](int i, __m512i nib) SK_GEMM_BF16 {
-    const int j = i % 8;
-    const __m512i lo = _mm512_and_si512(nib, _mm512_set1_epi32(3));
-    const __m512i hi = _mm512_slli_epi32(_mm512_srli_epi32(nib, 2), 16);
-    const __m512i idx = _mm512_add_epi32(_mm512_or_si512(lo, hi), _mm512_set1_epi32((4 * j) | (4 * j) << 16));
-    _mm512_store_si512(dst + i * kTileBytes + 64, idx);
-  });
-}
-
-// c[r * ldc + 16 t + lane] (+)= features of tiles t < T, rows r < R, groups [0, ng) of the block:
-// packed tiles at pk (tile t at pk + t * kPackedTile), x rows at x (row stride ldx elements, the
-// block's first column).
-template <int R, int T>
+// c[r * ldc + 16 t + lane] (+)= features of tiles t < T, rows r < R, pairs [0, ng) of the block,
+// 2^kShift pairs a window: packed tiles at pk (tile t at pk + t * kPackedTile), x rows at x (row
+// stride ldx elements, the block's first column).
+template <int R, int T, int kShift>
 SK_GEMM_BF16 void micro(const char* pk, const uint16_t* x, int64_t ldx, int ng, float* c, int64_t ldc, bool first) {
   __m512 acc[T][R];
   for (int t = 0; t < T; ++t)
@@ -194,7 +149,7 @@ SK_GEMM_BF16 void micro(const char* pk, const uint16_t* x, int64_t ldx, int ng, 
       w[t] = (__m512bh)_mm512_load_si512(pk + t * kPackedTile + g * kTileBytes);
       idx[t] = _mm512_load_si512(pk + t * kPackedTile + g * kTileBytes + 64);
     }
-    const uint16_t* xw = x + 32 * (g / 8);
+    const uint16_t* xw = x + 32 * (g >> kShift);
     for (int r = 0; r < R; ++r) {
       __m512i xv = _mm512_loadu_si512(xw + r * ldx);
       __asm__("" : "+v"(xv));  // one load for both tiles (GCC folds it into each vpermw)
@@ -207,99 +162,127 @@ SK_GEMM_BF16 void micro(const char* pk, const uint16_t* x, int64_t ldx, int ng, 
 
 using MicroFn = void (*)(const char*, const uint16_t*, int64_t, int, float*, int64_t, bool);
 
-template <int T, int... R>
+template <int T, int kShift, int... R>
 constexpr MicroFn micro_for(int rows, std::integer_sequence<int, R...>) {
   MicroFn fn = nullptr;
-  ((fn = rows == R + 1 ? micro<R + 1, T> : fn), ...);
+  ((fn = rows == R + 1 ? micro<R + 1, T, kShift> : fn), ...);
   return fn;
 }
 
-MicroFn micro_fn(int rows, int tiles) {
-  return tiles == 2 ? micro_for<2>(rows, std::make_integer_sequence<int, kRows>{})
-                    : micro_for<1>(rows, std::make_integer_sequence<int, kRows>{});
+// pairs per window: 2^shift (8 at 2:4 and 4:8, 4 at 1:4 and 2:8)
+MicroFn micro_fn(int rows, int tiles, int shift) {
+  constexpr auto kAll = std::make_integer_sequence<int, kRows>{};
+  if (shift == 3) return tiles == 2 ? micro_for<2, 3>(rows, kAll) : micro_for<1, 3>(rows, kAll);
+  return tiles == 2 ? micro_for<2, 2>(rows, kAll) : micro_for<1, 2>(rows, kAll);
 }
 
-// fp32, any of 2:4, 1:4, 2:8 and 4:8: a kept value per FMA. x goes in 16-column windows, each
-// holding S = 16 n / m kept slots of a row; per 16 features, slots go in pairs: the values of the
-// pair's first slot, their vpermps indices (the slot's column within its window), the second
-// slot's values and indices. A K block (128 columns) holds 8 windows, 4 S pairs.
+// fp32: a kept value per FMA. x goes in 16-column windows, each holding S = 16 n / m kept slots
+// of a row; per 16 features, slots go in pairs: the values of the pair's first slot, their
+// vpermps indices (the slot's column within its window), the second slot's values and indices.
+// A K block (128 columns) holds 8 windows, 4 S pairs.
 constexpr int64_t kTileBytesF32 = 256;
 
-// The vpermps indices of slots [j0, j1) (and an odd last slot's partner: zero) of features
-// [o0, o0 + live) of an N:M weight, into the packed pairs at dst.
-template <int N, int M>
-SK_GEMM_BF16 void pack_indices_f32(const NMLinearArgs& a, int64_t o0, int live, int64_t j0, int64_t j1, char* dst) {
-  constexpr int kBits = M == 4 ? 2 : 3, kPerWord = 32 / kBits;
+// Per 16 features and slot pair: bytes, and where the (first slot's) indices start.
+template <bool F32>
+constexpr int64_t kPairBytes = F32 ? kTileBytesF32 : kTileBytes;
+constexpr int64_t kIndexOffset = 64;
+
+// The permute indices of slots [j0, j1) of features [o0, o0 + live) of an N:M weight, into the
+// packed pairs at dst: fp32, each slot's column in its 16-column window; bf16, word 2l / 2l + 1 =
+// the columns of the pair's two slots in its 32-column window. A pair's slot past j1: column 0.
+template <bool F32, int N, int M>
+SK_GEMM_BF16 void pack_indices(const NMLinearArgs& a, int64_t o0, int live, int64_t j0, int64_t j1, char* dst) {
+  constexpr int kBits = M == 4 ? 2 : 3, kPerWord = 32 / kBits, kWindow = F32 ? 16 : 32;
   const __mmask16 lanes = static_cast<__mmask16>((1u << live) - 1);
   const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                           _mm512_set1_epi32(static_cast<int32_t>(a.meta_words)));
   const int32_t* meta = a.meta + o0 * a.meta_words;
   const __m512i field_mask = _mm512_set1_epi32((1 << kBits) - 1);
+  // A pair never straddles two meta words (j0 and the words' field counts, 16 or 10, are even).
   for (int64_t j = j0; j < j1;) {
     const int64_t word = j / kPerWord;
     __m512i w = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), lanes, rows, meta + word, 4);
     w = _mm512_srl_epi32(w, _mm_cvtsi32_si128(static_cast<int>(j - word * kPerWord) * kBits));
-    for (const int64_t end = std::min(j1, (word + 1) * kPerWord); j < end; ++j) {
-      const __m512i col = _mm512_set1_epi32(static_cast<int>(j / N * M % 16));
-      _mm512_store_si512(dst + (j - j0) / 2 * kTileBytesF32 + (j % 2) * 128 + 64,
-                         _mm512_add_epi32(_mm512_and_si512(w, field_mask), col));
-      w = _mm512_srli_epi32(w, kBits);
+    for (const int64_t end = std::min(j1, (word + 1) * kPerWord); j < end; j += 2) {
+      const __m512i c0 = _mm512_add_epi32(_mm512_and_si512(w, field_mask), _mm512_set1_epi32(j / N * M % kWindow));
+      const __m512i c1 = j + 1 < end ? _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(w, kBits), field_mask),
+                                                        _mm512_set1_epi32((j + 1) / N * M % kWindow))
+                                     : _mm512_setzero_si512();  // past j1
+      w = _mm512_srli_epi32(w, 2 * kBits);
+      char* d = dst + (j - j0) / 2 * kPairBytes<F32> + kIndexOffset;
+      if constexpr (F32) {
+        _mm512_store_si512(d, c0);
+        _mm512_store_si512(d + 128, c1);
+      } else {
+        _mm512_store_si512(d, _mm512_or_si512(c0, _mm512_slli_epi32(c1, 16)));
+      }
     }
   }
-  if ((j1 - j0) % 2) _mm512_store_si512(dst + (j1 - j0) / 2 * kTileBytesF32 + 128 + 64, _mm512_setzero_si512());
 }
 
 // Features [o0, o0 + 16) (those past out_features: zero), columns [c0, c0 + 128) (c0 a multiple
-// of 128; a pair's slot past K zero): pair p of the block at dst + p * kTileBytesF32.
-template <int N, int M>
-SK_GEMM_BF16 void pack_tile_f32(const NMLinearArgs& a, int64_t o0, int64_t c0, char* dst) {
+// of 128) of an N:M weight: pair p of the block's kept slots at dst + p * kPairBytes (a pair's
+// slot past K: zero). bf16 x: pairs of bf16 values (dequantized and rounded to bf16: int8 / int4);
+// fp32 x: fp32 values (dequantized: int8 / int4).
+template <bool F32, int N, int M>
+SK_GEMM_BF16 void pack_tile(const NMLinearArgs& a, int64_t o0, int64_t c0, char* dst) {
   const int64_t kept = a.k / M * N, j0 = c0 / M * N;
   const int64_t j1 = std::min(kept, (c0 + kBlockCols) / M * N);  // the block's slots [j0, j1)
-  constexpr int per_word = M == 4 ? 16 : 10;
   const int live = static_cast<int>(std::min<int64_t>(16, a.out_features - o0));
-  const float* v = static_cast<const float*>(a.values) + o0 * kept;
-  for (int64_t h = j0; h < j1; h += 16) {  // 16 slots at a time: transpose [feature][slot]
-    const int n = static_cast<int>(std::min<int64_t>(16, j1 - h));
-    const __mmask16 slots = static_cast<__mmask16>((1u << n) - 1);
-    __m512i r[16];
-    for (int f = 0; f < 16; ++f) {
-      if (f >= live) {
-        r[f] = _mm512_setzero_si512();
-      } else if (a.qbits) {  // int8 / int4: (q - zero) * scale in fp32, as the decompressed tiles held it
-        r[f] = _mm512_castps_si512(dequant16(a, kept, o0 + f, h, n));
-      } else {
-        r[f] = _mm512_maskz_loadu_epi32(slots, v + f * kept + h);
+  if constexpr (F32) {
+    const float* v = static_cast<const float*>(a.values) + o0 * kept;
+    for (int64_t h = j0; h < j1; h += 16) {  // 16 slots at a time: transpose [feature][slot]
+      const int n = static_cast<int>(std::min<int64_t>(16, j1 - h));
+      const __mmask16 slots = static_cast<__mmask16>((1u << n) - 1);
+      __m512i r[16];
+      for (int f = 0; f < 16; ++f) {
+        if (f >= live) {
+          r[f] = _mm512_setzero_si512();
+        } else if (a.qbits) {  // int8 / int4: (q - zero) * scale in fp32, as the decompressed tiles held it
+          r[f] = _mm512_castps_si512(dequant16(a, kept, o0 + f, h, n));
+        } else {
+          r[f] = _mm512_maskz_loadu_epi32(slots, v + f * kept + h);
+        }
       }
+      transpose16(r);
+      for (int j = 0; j < 16; ++j) _mm512_store_si512(dst + (h - j0 + j) / 2 * kTileBytesF32 + (j % 2) * 128, r[j]);
     }
-    transpose16(r);
-    for (int j = 0; j < 16; ++j) _mm512_store_si512(dst + (h - j0 + j) / 2 * kTileBytesF32 + (j % 2) * 128, r[j]);
+  } else {
+    const int64_t pairs = (j1 - j0 + 1) / 2;
+    for (int64_t h = 0; h < pairs; h += 16) {  // 16 pairs at a time: transpose [feature][pair]
+      const int n = static_cast<int>(std::min<int64_t>(16, pairs - h));
+      __m512i r[16];
+      for (int f = 0; f < 16; ++f) r[f] = f < live ? pairs16(a, kept, o0 + f, j0 / 2 + h, n) : _mm512_setzero_si512();
+      transpose16(r);
+      for (int g = 0; g < n; ++g) _mm512_store_si512(dst + (h + g) * kTileBytes, r[g]);
+    }
   }
-  // The next block's values and meta, fetched while this block runs (16 streams, as in pack_tile).
+  // The next block's values and meta, fetched while this block runs (as many rows as features:
+  // too many streams for the hardware prefetcher).
   if (j1 < kept) {
-    const int64_t bits_per_slot = a.qbits ? a.qbits : 32, row_bytes = kept * bits_per_slot / 8;
+    constexpr int kPerWord = M == 4 ? 16 : 10;
+    const int64_t bits_per_slot = a.qbits ? a.qbits : F32 ? 32 : 16, row_bytes = kept * bits_per_slot / 8;
     const int64_t from = j1 * bits_per_slot / 8, bytes = kBlockCols / M * N * bits_per_slot / 8;
     for (int f = 0; f < live; ++f) {
       const char* vf = static_cast<const char*>(a.values) + (o0 + f) * row_bytes + from;
       for (int64_t l = 0; l < bytes; l += 64) _mm_prefetch(vf + l, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(a.meta + (o0 + f) * a.meta_words + j1 / per_word), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(a.meta + (o0 + f) * a.meta_words + j1 / kPerWord), _MM_HINT_T0);
     }
   }
-  pack_indices_f32<N, M>(a, o0, live, j0, j1, dst);
+  pack_indices<F32, N, M>(a, o0, live, j0, j1, dst);
 }
 
 // c[r * ldc + lane] (+)= one tile's 16 features, rows r < R, slot pairs [0, np) of the block,
-// windows of `pairs` pairs: x rows at x (fp32).
-template <int R>
-SK_GEMM_BF16 void micro_f32(const char* pk, const float* x, int64_t ldx, int np, int pairs, float* c, int64_t ldc,
-                            bool first) {
+// 2^kShift pairs a window: x rows at x (fp32).
+template <int R, int kShift>
+SK_GEMM_BF16 void micro_f32(const char* pk, const float* x, int64_t ldx, int np, float* c, int64_t ldc, bool first) {
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = first ? _mm512_setzero_ps() : _mm512_load_ps(c + r * ldc);
-  const int shift = pairs == 4 ? 2 : 1;  // 4 pairs a window (2:4, 4:8) or 2 (1:4, 2:8)
   for (int g = 0; g < np; ++g) {
     const char* p = pk + g * kTileBytesF32;
     const __m512 w0 = _mm512_load_ps(p), w1 = _mm512_load_ps(p + 128);
     const __m512i i0 = _mm512_load_si512(p + 64), i1 = _mm512_load_si512(p + 192);
-    const float* xw = x + 16 * (g >> shift);
+    const float* xw = x + 16 * (g >> kShift);
     for (int r = 0; r < R; ++r) {
       __m512 xv = _mm512_loadu_ps(xw + r * ldx);
       __asm__("" : "+v"(xv));  // one load for both slots
@@ -310,12 +293,12 @@ SK_GEMM_BF16 void micro_f32(const char* pk, const float* x, int64_t ldx, int np,
   for (int r = 0; r < R; ++r) _mm512_store_ps(c + r * ldc, acc[r]);
 }
 
-using MicroF32 = void (*)(const char*, const float*, int64_t, int, int, float*, int64_t, bool);
+using MicroF32 = void (*)(const char*, const float*, int64_t, int, float*, int64_t, bool);
 
-template <int... R>
+template <int kShift, int... R>
 constexpr MicroF32 micro_f32_for(int rows, std::integer_sequence<int, R...>) {
   MicroF32 fn = nullptr;
-  ((fn = rows == R + 1 ? micro_f32<R + 1> : fn), ...);
+  ((fn = rows == R + 1 ? micro_f32<R + 1, kShift> : fn), ...);
   return fn;
 }
 
@@ -325,31 +308,28 @@ template <bool F32>
 struct Kind {
   using X = std::conditional_t<F32, float, uint16_t>;
   static constexpr int64_t kWindow = F32 ? 16 : 32;  // x columns one permute indexes
-  static constexpr int64_t kTile = F32 ? 32 * kTileBytesF32 : kPackedTile;  // fp32: at most 32 pairs (2:4, 4:8)
+  static constexpr int64_t kTile = kMaxPairs * kPairBytes<F32>;
   static constexpr int kTilesPerMicro = F32 ? 1 : 2;
   SK_GEMM_BF16 static void pack(const NMLinearArgs& a, int64_t o0, int64_t c0, char* dst) {
-    if constexpr (F32) {
-      switch (a.m * 8 + a.n) {  // the pattern as constants: shifts by an immediate, no division
-        case 4 * 8 + 2: return pack_tile_f32<2, 4>(a, o0, c0, dst);
-        case 4 * 8 + 1: return pack_tile_f32<1, 4>(a, o0, c0, dst);
-        case 8 * 8 + 2: return pack_tile_f32<2, 8>(a, o0, c0, dst);
-        default: return pack_tile_f32<4, 8>(a, o0, c0, dst);
-      }
-    } else {
-      pack_tile(a, o0, c0 / 4, static_cast<int>(units(a, c0)), dst);
+    switch (a.m * 8 + a.n) {  // the pattern as constants: shifts by an immediate, no division
+      case 4 * 8 + 2: return pack_tile<F32, 2, 4>(a, o0, c0, dst);
+      case 4 * 8 + 1: return pack_tile<F32, 1, 4>(a, o0, c0, dst);
+      case 8 * 8 + 2: return pack_tile<F32, 2, 8>(a, o0, c0, dst);
+      default: return pack_tile<F32, 4, 8>(a, o0, c0, dst);
     }
   }
-  // The micro-kernel's steps in the block at column c0: bf16 groups, fp32 slot pairs.
+  // The micro-kernel's steps in the block at column c0: slot pairs.
   static int64_t units(const NMLinearArgs& a, int64_t c0) {
-    const int64_t cols = std::min(kBlockCols, a.k - c0);
-    return F32 ? (cols / a.m * a.n + 1) / 2 : cols / 4;
+    return (std::min(kBlockCols, a.k - c0) / a.m * a.n + 1) / 2;
   }
   static void micro(const NMLinearArgs& a, int rows, int tiles, const char* pk, const X* x, int64_t ldx, int steps,
                     float* c, int64_t ldc, bool first) {
+    const bool half = 2 * a.n == a.m;  // 2:4, 4:8: 4 pairs per fp32 window (8 per bf16 one), else 2 (4)
     if constexpr (F32) {
-      micro_f32_for(rows, std::make_integer_sequence<int, kRows>{})(pk, x, ldx, steps, 8 / a.m * a.n, c, ldc, first);
+      constexpr auto kAll = std::make_integer_sequence<int, kRows>{};
+      (half ? micro_f32_for<2>(rows, kAll) : micro_f32_for<1>(rows, kAll))(pk, x, ldx, steps, c, ldc, first);
     } else {
-      micro_fn(rows, tiles)(pk, x, ldx, steps, c, ldc, first);
+      micro_fn(rows, tiles, half ? 3 : 2)(pk, x, ldx, steps, c, ldc, first);
     }
   }
   // 16 sums (+ the bias) into out at o, lanes masked.
@@ -429,8 +409,8 @@ SK_GEMM_BF16 void gemm(const NMLinearArgs& a) {
 
 bool nm_gemm_supported(const NMLinearArgs& a) {
   if (a.act_block || a.k % a.m != 0 || active_isa() < Isa::kAvx512Bf16) return false;
-  const bool f32_pattern = (a.n == 2 && a.m == 4) || (a.n == 1 && a.m == 4) || (a.n == 2 && a.m == 8) || (a.n == 4 && a.m == 8);
-  if (a.dtype == DType::kF32 ? !f32_pattern : a.dtype != DType::kBF16 || a.n != 2 || a.m != 4) return false;
+  const bool pattern = (a.n == 2 && a.m == 4) || (a.n == 1 && a.m == 4) || (a.n == 2 && a.m == 8) || (a.n == 4 && a.m == 8);
+  if (!pattern || (a.dtype != DType::kF32 && a.dtype != DType::kBF16)) return false;
   // Quantized values: each 16-slot step of a pack lies in one scale group.
   return !a.qbits || a.groups == 1 || a.group_kept % 16 == 0;
 }

@@ -44,7 +44,15 @@ constexpr int64_t kQuantDecodeMaxRowsF32 = 64;
 // at 13 rows the GEMM 1.98-2.78x, the decode passes 0.96-2.18x (four Llama shapes). The same
 // for 4:8 in fp32 (Zen 5, decode passes -> GEMM, ms: 11008x4096 8 rows 6.2 -> 8.7, 12 rows 9.8
 // -> 9.3; 2048x2048 8 rows 0.64 -> 0.75, 12 rows 0.96 -> 0.79; 5632x2048 12 rows 2.61 -> 2.56).
+// bf16 4:8 and quantized 1:4 / 2:8 too (Zen 5, decode passes -> GEMM, ms: 4:8 11008x4096 8 rows
+// 3.1 -> 4.4, 12 rows 5.5 -> 4.7; 2048x2048 16 rows 0.36 -> 0.39, 24 rows 0.57 -> 0.50; 5632x2048
+// 12 rows 1.10 -> 1.16, 16 rows 1.42 -> 1.19; 1:4 int4 g128 11008x4096 12 rows 3.0 -> 2.3, 2048x2048
+// 12 rows 0.20 -> 0.21, 5632x2048 16 rows 0.75 -> 0.74).
 constexpr int64_t kSparseGemmMinRows = 13;
+// bf16 1:4 and 2:8 (float values). NOTE: Zen 5, decode passes -> GEMM, ms: 11008x4096 4 rows
+// 1.5-1.6 -> 1.2-1.8, 8 rows 2.1-2.4 -> 1.4-1.9; 2048x2048 8 rows 0.12-0.14 -> 0.13-0.16, 12 rows
+// 0.17-0.20 -> 0.16-0.18; 5632x2048 8 rows 0.66-0.71 -> 0.38-0.48.
+constexpr int64_t kSparseGemmMinRowsQuarterBf16 = 9;
 // fp32 1:4 and 2:8, a quarter of the multiply-adds. NOTE: Zen 5, decode passes -> GEMM, ms:
 // 11008x4096 6 rows 3.7-4.0 -> 4.1-4.3, 8 rows 5.0 -> 4.2-4.4; 2048x2048 6 rows 0.35-0.42 ->
 // 0.30-0.31; 5632x2048 6 rows 0.92-1.10 -> 0.90-0.99, 8 rows 1.23-1.44 -> 0.94-0.98.
@@ -72,6 +80,10 @@ constexpr int64_t kSparseGemmMinRowsA8 = 33;
 // -> 0.71, 16 rows 0.97 -> 0.81; 5632x2048 16 rows 1.77 -> 2.58, 20 rows 2.13 -> 2.25, 24 rows
 // 2.97 -> 2.45.
 constexpr int64_t kSparseGemmMinRowsA8F32 = 17;
+// The same with bf16 x. NOTE: Zen 5, 4:8 int8 +a8, decode -> GEMM, ms: 11008x4096 4 rows 2.5 ->
+// 4.2, 8 rows 4.9 -> 4.4; 2048x2048 8 rows 0.34 -> 0.39, 12 rows 0.49 -> 0.44; 5632x2048 8 rows
+// 1.22 -> 1.13.
+constexpr int64_t kSparseGemmMinRowsA8Bf16 = 9;
 // Rows of W decompressed per GEMM. NOTE: 512x4096x4096 fp32, 2 loaded cores: one dense GEMM
 // 0.61 s; 128-row tiles 1.30 s, 512-row 0.71 s, 1024-row 0.64 s (MKL wants wide N). Decompressing
 // the whole weight into one [out, K] buffer and one GEMM into the contiguous output was slower:
@@ -81,11 +93,12 @@ constexpr int64_t kTileRows = 1024;
 
 // Where the sparse GEMM applies: the fewest rows it takes.
 int64_t sparse_gemm_min_rows(const NMLinearArgs& a) {
-  const bool is24 = a.n == 2 && a.m == 4;
-  if (a.act_block) return is24 || a.dtype != DType::kF32 ? kSparseGemmMinRowsA8 : kSparseGemmMinRowsA8F32;
-  if (a.dtype != DType::kF32) return kSparseGemmMinRows;  // bf16 2:4
+  const bool is24 = a.n == 2 && a.m == 4, quarter = 4 * a.n == a.m;  // quarter: 1:4, 2:8
+  const bool f32 = a.dtype == DType::kF32;
+  if (a.act_block) return is24 ? kSparseGemmMinRowsA8 : f32 ? kSparseGemmMinRowsA8F32 : kSparseGemmMinRowsA8Bf16;
+  if (!f32) return quarter && !a.qbits ? kSparseGemmMinRowsQuarterBf16 : kSparseGemmMinRows;
   if (a.qbits) return a.n == 4 && a.m == 8 ? kSparseGemmMinRowsQuantF32At48 : kSparseGemmMinRowsQuantF32;
-  return 2 * a.n == a.m ? kSparseGemmMinRows : kSparseGemmMinRowsQuarter;
+  return quarter ? kSparseGemmMinRowsQuarter : kSparseGemmMinRows;
 }
 
 }  // namespace
