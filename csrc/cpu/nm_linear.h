@@ -91,9 +91,9 @@ bool nm_24_decompress_bf16_avx512(const NMLinearArgs& a, int64_t row0, int64_t n
 void nm_linear_decode_avx512(const NMLinearArgs& a);
 bool nm_a8_avx512_supported(const NMLinearArgs& a);
 void nm_linear_decode_a8_avx512(const NMLinearArgs& a);
-// On AVX-512 BF16, any rows of x used as it is: 2:4 with bf16 x, or 2:4, 1:4, 2:8 and 4:8 with
-// fp32 x; float values, or int8 / int4 with group_kept a multiple of 16 or one group per row. The
-// GEMM without a dense W (nm_gemm_avx512.cpp). x rows holding NaN/Inf are not the dense op's there (pruned columns
+// On AVX-512 BF16, any rows of x used as it is: 2:4, 1:4, 2:8 and 4:8 with bf16 or fp32 x; float
+// values, or int8 / int4 with group_kept a multiple of 16 or one group per row. The GEMM without a
+// dense W (nm_gemm_avx512.cpp). x rows holding NaN/Inf are not the dense op's there (pruned columns
 // are skipped): the caller redoes them.
 bool nm_gemm_supported(const NMLinearArgs& a);
 void nm_gemm_avx512(const NMLinearArgs& a);
