@@ -1,12 +1,16 @@
 """Batched (prefill) N:M layers on the CPU without a dense copy, beside the dense layer.
 
-One layer (default 11008x4096, the TinyLlama / Llama-7B MLP shape), bf16 x of 16, 65, 128 and
-512 rows, ``sk.use_backend("cpu")`` so no dense copy is held: 2:4 bf16, W8A16, W4A16 g128 and
-W4A16 g128 with int8 activations (which has no dense fallback at all) against dense
-``F.linear``, interleaved in one process in a new random order each round, median over rounds of
-two calls each.
+One layer (default 11008x4096, the TinyLlama / Llama-7B MLP shape), x of 16, 65, 128 and 512
+rows, ``sk.use_backend("cpu")`` so no dense copy is held: N:M variants (default 2:4 with bf16,
+W8A16, W4A16 g128 and W4A16 g128 with int8 activations, which has no dense fallback at all)
+against dense ``F.linear`` in the same dtype, interleaved in one process in a new random order
+each round, median over rounds of two calls each.
 
     .venv/bin/python bench/bench_batched_nm.py [--shapes 11008x4096,...] [--rows 16,65,128,512] [--rounds 6]
+        [--dtype fp32] [--variants "2:4,4:8,1:4 int8,2:8 int4 g128,4:8 int8 +a8"]
+
+A variant is a pattern, then optionally int8 / int4, a group ``g<size>`` and ``+a8`` (int8
+activations in blocks of 32).
 """
 
 from __future__ import annotations
@@ -27,24 +31,32 @@ def main() -> None:
     ap.add_argument("--shapes", default="11008x4096", help="out x in, comma-separated")
     ap.add_argument("--rows", default="16,65,128,512")
     ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
+    ap.add_argument("--variants", default="2:4,2:4 int8,2:4 int4 g128,2:4 int4 g128 +a8")
     args = ap.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, bf16 x")
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype} x")
     for shape in args.shapes.split(","):
         out, k = (int(v) for v in shape.split("x"))
-        one_shape(out, k, [int(r) for r in args.rows.split(",")], args.rounds)
+        one_shape(out, k, [int(r) for r in args.rows.split(",")], args.rounds, dtype, args.variants.split(","))
 
 
-def one_shape(out: int, k: int, rows_list: list[int], rounds: int) -> None:
+def variant(dense: torch.Tensor, spec: str) -> sk.NMSparseWeight:
+    """'4:8', '2:4 int8', '2:8 int4 g128', '4:8 int8 +a8' ... of a dense weight."""
+    parts = spec.split()
+    n, m = (int(v) for v in parts[0].split(":"))
+    w = sk.NMSparseWeight.from_dense(dense, n, m, prune=True)
+    if len(parts) == 1:
+        return w
+    group = next((int(p[1:]) for p in parts[2:] if p.startswith("g")), 0)
+    return w.quantize(parts[1], group, True, 32 if "+a8" in parts else 0)
+
+
+def one_shape(out: int, k: int, rows_list: list[int], rounds: int, dtype: torch.dtype, variants: list[str]) -> None:
     torch.manual_seed(0)
     rng = random.Random(0)
-    w = sk.NMSparseWeight.from_dense(torch.randn(out, k) * 0.02, 2, 4, prune=True)
-    cases = {
-        "dense bf16": torch.randn(out, k).bfloat16(),
-        "2:4 bf16": w.to(torch.bfloat16),
-        "2:4 int8": w.quantize("int8").to(torch.bfloat16),
-        "2:4 int4 g128": w.quantize("int4", 128).to(torch.bfloat16),
-        "2:4 int4 g128 +a8": w.quantize("int4", 128, True, 32).to(torch.bfloat16),
-    }
+    dense = torch.randn(out, k) * 0.02
+    cases = {"dense": dense.to(dtype), **{v: variant(dense, v).to(dtype) for v in variants}}
     print(f"\n{out}x{k}\n")
     print(
         "| rows | "
@@ -55,7 +67,7 @@ def one_shape(out: int, k: int, rows_list: list[int], rounds: int) -> None:
     )
     print("|---" * (2 * len(cases)) + "|")
     for rows in rows_list:
-        x = torch.randn(rows, k).bfloat16()
+        x = torch.randn(rows, k).to(dtype)
         times = {n: [] for n in cases}
         with torch.no_grad(), sk.use_backend("cpu"):
             order = list(cases)
@@ -63,14 +75,14 @@ def one_shape(out: int, k: int, rows_list: list[int], rounds: int) -> None:
                 rng.shuffle(order)  # torch's GEMM right before a variant slows our pool (spinning OpenMP threads)
                 for name in order:
                     wt = cases[name]
-                    op = F.linear if name == "dense bf16" else sk.ops.nm_linear
+                    op = F.linear if name == "dense" else sk.ops.nm_linear
                     op(x, wt)
                     t = time.perf_counter()
                     op(x, wt)
                     op(x, wt)
                     times[name].append((time.perf_counter() - t) / 2 * 1e3)
         med = {n: statistics.median(v) for n, v in times.items()}
-        base = med["dense bf16"]
+        base = med["dense"]
         cells = (
             " | ".join(f"{med[n]:.1f}" for n in cases)
             + " | "

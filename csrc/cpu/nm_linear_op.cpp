@@ -59,15 +59,13 @@ constexpr int64_t kSparseGemmMinRowsQuarterBf16 = 9;
 constexpr int64_t kSparseGemmMinRowsQuarter = 7;
 // Quantized values with fp32 x: the decode passes run the AVX2 quads kernel at 2+ rows (or two
 // bf16 parts of x at float32 matmul precision "high"), which the GEMM (fp32 values dequantized as
-// they are packed) passes sooner; 4:8 a little later. NOTE: Zen 5, 2 threads, decode passes ->
-// GEMM, ms: 2:4 int8 / int4 g128, 11008x4096 6 rows 4.3-4.6 -> 4.0-4.4, 8 rows 5.4-5.8 ->
-// 4.5-4.7, 12 rows 8.3-8.7 -> 5.7-6.2; 2048x2048 4 rows 0.28-0.30 -> 0.35-0.36, 6 rows 0.44-0.53
-// -> 0.35-0.37; 5632x2048 and 2048x5632 6 rows 1.1-1.3 -> 1.0-1.2. 1:4 int8 / 2:8 int4 g128:
-// 11008x4096 6 rows 3.5-4.5 -> 3.8-4.6, 8 rows 4.7-5.7 -> 3.9-5.0; 2048x2048 6 rows 0.38-0.49 ->
-// 0.36-0.39. 4:8 int8: 11008x4096 6 rows 5.9 -> 6.9, 8 rows 7.4 -> 7.2; 2048x2048 8 rows 0.74 ->
-// 0.68; 5632x2048 6 rows 1.67 -> 2.05, 8 rows 2.02 -> 1.82.
+// they are packed) passes sooner. NOTE: Zen 5, 2 threads, decode passes -> GEMM, ms: 2:4 int8 /
+// int4 g128, 11008x4096 4 rows 2.8 -> 3.8, 6 rows 4.3-4.6 -> 4.0-4.4, 8 rows 5.4-5.8 -> 4.2-4.7;
+// 2048x2048 4 rows 0.28-0.30 -> 0.35-0.38, 6 rows 0.44-0.53 -> 0.35-0.42; 5632x2048 and 2048x5632
+// 6 rows 1.1-1.3 -> 1.0-1.2. 1:4 int8 / 2:8 int4 g128: 11008x4096 6 rows 3.5-4.5 -> 3.8-4.6, 8 rows
+// 4.7-5.7 -> 3.9-5.0; 2048x2048 6 rows 0.38-0.49 -> 0.36-0.39. 4:8 int8: 11008x4096 4 rows 3.9 ->
+// 4.1, 6 rows 6.0 -> 4.3; 2048x2048 6 rows 0.62 -> 0.42; 5632x2048 6 rows 1.63 -> 1.15.
 constexpr int64_t kSparseGemmMinRowsQuantF32 = 6;
-constexpr int64_t kSparseGemmMinRowsQuantF32At48 = 8;
 // The same with int8 activations (x rounded, then the GEMM). NOTE: int4 g128 +a8, 11008x4096:
 // decode 0.94x at 16 rows, 0.66x at 32, 0.63x at 48; the GEMM 0.59x, 0.67x, 0.79x. fp32 x, Zen 5
 // (int8 +a8, decode -> GEMM, ms): 11008x4096 16 rows 5.4 -> 5.6-5.7, 24 rows 7.9 -> 7.9, 32 rows
@@ -75,11 +73,12 @@ constexpr int64_t kSparseGemmMinRowsQuantF32At48 = 8;
 // 1.48, 32 rows 2.49 -> 2.07: the same crossover.
 constexpr int64_t kSparseGemmMinRowsA8 = 33;
 // 1:4, 2:8 and 4:8 with int8 activations and fp32 x: their decode kernel (vdpbf16ps on x's
-// integers) loses sooner than 2:4's VNNI one. NOTE: Zen 5, 4:8 int8 +a8, decode -> GEMM, ms:
-// 11008x4096 12 rows 6.9 -> 7.9, 16 rows 9.6 -> 9.0, 24 rows 14.2 -> 9.7; 2048x2048 12 rows 0.57
-// -> 0.71, 16 rows 0.97 -> 0.81; 5632x2048 16 rows 1.77 -> 2.58, 20 rows 2.13 -> 2.25, 24 rows
-// 2.97 -> 2.45.
-constexpr int64_t kSparseGemmMinRowsA8F32 = 17;
+// integers) loses sooner than 2:4's VNNI one. NOTE: Zen 5, decode -> GEMM, ms: 4:8 int8 +a8,
+// 11008x4096 6 rows 3.6 -> 4.2, 8 rows 5.2 -> 4.6, 16 rows 10.3 -> 6.1; 2048x2048 10 rows 0.45 ->
+// 0.47, 12 rows 0.54 -> 0.50; 5632x2048 12 rows 1.36 -> 1.43, 16 rows 1.65 -> 1.61. 1:4 int8 +a8:
+// 11008x4096 6 rows 2.5 -> 2.0; 2048x2048 12 rows 0.32 -> 0.27; 5632x2048 10 rows 0.70 -> 0.66.
+// 2:8 int4 g128 +a8: 2048x2048 10 rows 0.35 -> 0.31; 5632x2048 12 rows 1.02 -> 0.71.
+constexpr int64_t kSparseGemmMinRowsA8F32 = 11;
 // The same with bf16 x. NOTE: Zen 5, 4:8 int8 +a8, decode -> GEMM, ms: 11008x4096 4 rows 2.5 ->
 // 4.2, 8 rows 4.9 -> 4.4; 2048x2048 8 rows 0.34 -> 0.39, 12 rows 0.49 -> 0.44; 5632x2048 8 rows
 // 1.22 -> 1.13.
@@ -97,7 +96,7 @@ int64_t sparse_gemm_min_rows(const NMLinearArgs& a) {
   const bool f32 = a.dtype == DType::kF32;
   if (a.act_block) return is24 ? kSparseGemmMinRowsA8 : f32 ? kSparseGemmMinRowsA8F32 : kSparseGemmMinRowsA8Bf16;
   if (!f32) return quarter && !a.qbits ? kSparseGemmMinRowsQuarterBf16 : kSparseGemmMinRows;
-  if (a.qbits) return a.n == 4 && a.m == 8 ? kSparseGemmMinRowsQuantF32At48 : kSparseGemmMinRowsQuantF32;
+  if (a.qbits) return kSparseGemmMinRowsQuantF32;
   return quarter ? kSparseGemmMinRowsQuarter : kSparseGemmMinRows;
 }
 
