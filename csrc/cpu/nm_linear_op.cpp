@@ -242,7 +242,7 @@ void nm_linear_run(const at::Tensor& x, const at::Tensor& values, const at::Tens
     // batch, whose W tiles are bf16 too. NOTE: 512 x 4096 -> 11008, 2:4 int4 g128 +a8, Zen 4:
     // 308 ms through fp32 (dense bf16 F.linear 110 ms).
     const at::Tensor xf = rounded_x_f32(a);
-    NMLinearArgs r = a;  // the rounded x as any x of its type: the 2:4 GEMM where it applies
+    NMLinearArgs r = a;  // the rounded x as any x of its type: the sparse GEMM where it applies
     r.act_block = 0;
     if (x.scalar_type() == at::kBFloat16 && active_isa() >= Isa::kAvx512Bf16) {
       const at::Tensor xb = xf.to(at::kBFloat16);
