@@ -7,10 +7,10 @@ against dense ``F.linear`` in the same dtype, interleaved in one process in a ne
 each round, median over rounds of two calls each.
 
     .venv/bin/python bench/bench_batched_nm.py [--shapes 11008x4096,...] [--rows 16,65,128,512] [--rounds 6]
-        [--dtype fp32] [--variants "2:4,4:8,1:4 int8,2:8 int4 g128,4:8 int8 +a8"]
+        [--dtype fp32] [--variants 2:4,4:8,1:4+int8,2:8+int4g128,4:8+int8a32]
 
-A variant is a pattern, then optionally int8 / int4, a group ``g<size>`` and ``+a8`` (int8
-activations in blocks of 32).
+Variants are N:M patterns as ``sparsekern bench --patterns`` writes them (``+int8``,
+``+int4g128``, ``a32``: int8 activations per 32 columns).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import sparsekern as sk
+from sparsekern.bench.layer import _compress
 
 
 def main() -> None:
@@ -32,7 +33,7 @@ def main() -> None:
     ap.add_argument("--rows", default="16,65,128,512")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
-    ap.add_argument("--variants", default="2:4,2:4 int8,2:4 int4 g128,2:4 int4 g128 +a8")
+    ap.add_argument("--variants", default="2:4,2:4+int8,2:4+int4g128,2:4+int4g128a32")
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype} x")
@@ -41,22 +42,11 @@ def main() -> None:
         one_shape(out, k, [int(r) for r in args.rows.split(",")], args.rounds, dtype, args.variants.split(","))
 
 
-def variant(dense: torch.Tensor, spec: str) -> sk.NMSparseWeight:
-    """'4:8', '2:4 int8', '2:8 int4 g128', '4:8 int8 +a8' ... of a dense weight."""
-    parts = spec.split()
-    n, m = (int(v) for v in parts[0].split(":"))
-    w = sk.NMSparseWeight.from_dense(dense, n, m, prune=True)
-    if len(parts) == 1:
-        return w
-    group = next((int(p[1:]) for p in parts[2:] if p.startswith("g")), 0)
-    return w.quantize(parts[1], group, True, 32 if "+a8" in parts else 0)
-
-
 def one_shape(out: int, k: int, rows_list: list[int], rounds: int, dtype: torch.dtype, variants: list[str]) -> None:
     torch.manual_seed(0)
     rng = random.Random(0)
     dense = torch.randn(out, k) * 0.02
-    cases = {"dense": dense.to(dtype), **{v: variant(dense, v).to(dtype) for v in variants}}
+    cases = {"dense": dense.to(dtype), **{v: _compress(dense, v).to(dtype) for v in variants}}
     print(f"\n{out}x{k}\n")
     print(
         "| rows | "

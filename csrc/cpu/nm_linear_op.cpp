@@ -242,15 +242,13 @@ void nm_linear_run(const at::Tensor& x, const at::Tensor& values, const at::Tens
     // batch, whose W tiles are bf16 too. NOTE: 512 x 4096 -> 11008, 2:4 int4 g128 +a8, Zen 4:
     // 308 ms through fp32 (dense bf16 F.linear 110 ms).
     const at::Tensor xf = rounded_x_f32(a);
-    NMLinearArgs r = a;  // the rounded x as any x of its type: the sparse GEMM where it applies
-    r.act_block = 0;
-    if (x.scalar_type() == at::kBFloat16 && active_isa() >= Isa::kAvx512Bf16) {
-      const at::Tensor xb = xf.to(at::kBFloat16);
-      r.x = xb.data_ptr();
-      nm_linear_many_rows(r, xb, bias, y);
-    } else if (x.scalar_type() == at::kFloat) {
-      r.x = xf.data_ptr();
-      nm_linear_many_rows(r, xf, bias, y);
+    const bool bf16_gemm = x.scalar_type() == at::kBFloat16 && active_isa() >= Isa::kAvx512Bf16;
+    if (bf16_gemm || x.scalar_type() == at::kFloat) {
+      const at::Tensor xr = bf16_gemm ? xf.to(at::kBFloat16) : xf;
+      NMLinearArgs r = a;  // the rounded x as any x of its type: the sparse GEMM where it applies
+      r.x = xr.data_ptr();
+      r.act_block = 0;
+      nm_linear_many_rows(r, xr, bias, y);
     } else {  // fp16, or bf16 without AVX-512 BF16: the fp32 tiles
       at::Tensor y32 = at::empty({rows, out_features}, xf.options());
       nm_linear_gemm(a, xf, bias, y32);
