@@ -147,7 +147,7 @@ def test_quantized_nm_linear_cpu(isa, nm, quant, group_size, rows, dtype):
 
 
 @needs_ext
-@pytest.mark.parametrize("rows", [1, 2, 5, 13, 70])  # 5: decode; 13, 70: 2:4 GEMM (AVX-512 BF16) or tiles
+@pytest.mark.parametrize("rows", [1, 2, 5, 13, 70])  # 5: decode; 13, 70: sparse GEMM (AVX-512 BF16) or tiles
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("quant", q.QUANTS)
 # Steps of 32 kept slots (K / 2 at 2:4 and 4:8, K / 4 at 1:4 and 2:8): whole steps (384 at 2:4,
@@ -480,7 +480,7 @@ def test_quantize_x_rounds_per_block():
 
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("rows", [1, 3, 5, 40, 70])  # 40: fp32 batched, bf16 decode (2:4 AVX-512 BF16: GEMM)
+@pytest.mark.parametrize("rows", [1, 3, 5, 40, 70])  # 40: sparse GEMM (AVX-512 BF16) or decode
 @pytest.mark.parametrize("group_size", [0, 32, 64, 128, 192])  # 192: steps straddle groups (portable)
 @pytest.mark.parametrize("quant", q.QUANTS)
 @pytest.mark.parametrize("nm", [(2, 4), (1, 4), (2, 8), (4, 8)], ids=lambda p: f"{p[0]}:{p[1]}")
