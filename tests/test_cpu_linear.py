@@ -165,20 +165,27 @@ def test_nm24_every_step_tail(isa, k, rows, dtype):
     _check(y, lambda xx, bb: F.linear(xx, dense.to(xx.dtype), bb), x, bias, f"{isa} 2:4 k={k} rows={rows} {dtype}")
 
 
-# The sparse GEMM (on AVX-512 BF16: 2:4 and 4:8 with 13+ rows of x; 1:4 and 2:8 with 9+ of bf16
-# x, 7+ of fp32; elsewhere the same cases take the decompressed-tile GEMM): 12-row micro tiles (7,
-# 13, 25, 143 rows), 288-row passes (289, 300), 16-feature tiles (in pairs in bf16) and tasks of up
-# to 8 tiles (out 1, 15, 17, 33, 47, 300), K in blocks of 128 columns read as 32- (bf16) or
-# 16-column (fp32) windows (k 4, 36, 132, 260, 4100; at M = 8 the next multiple of 8: a last
-# window of 8 columns), a last slot pair of one slot (1:4 at k 4, 36, 132, 260), bias or none.
+# The sparse GEMMs. On AVX-512 BF16 (2:4 and 4:8 with 13+ rows of x; 1:4 and 2:8 with 9+ of bf16
+# x, 7+ of fp32): 12-row micro tiles (7, 13, 25, 143 rows), 288-row passes (289, 300, 650),
+# 16-feature tiles (in pairs in bf16) and tasks of up to 8 tiles (out 1, 15, 17, 33, 47, 300), K
+# in blocks of 128 columns read as 32- (bf16) or 16-column (fp32) windows (k 4, 36, 132, 260,
+# 4100; at M = 8 the next multiple of 8: a last window of 8 columns), a last slot pair of one slot
+# (1:4 at k 4, 36, 132, 260), bias or none. On AVX2 (1:4 and 2:8 with 11+ rows, 4:8 13+, 2:4
+# 17+; fp16 x too): passes of up to 10 vectors of 8 rows split evenly (25: 4 vectors; 143: 9 + 9;
+# 289: 10 + 9 + 9 + 9; 300: 10 + 10 + 9 + 9), 640 rows transposed at a time (650: 640 + 10),
+# tasks of 64 features (out 300: 4 + a partial one of 44, 5 groups of 8 and 4) or 128 (out 1100
+# on 2 threads), K blocks of 64 columns (k 132: 64 + 64 + 4), a row's last 8-slot step partial
+# (kept 18 at 2:4 and k 36, 33 at 1:4 and k 132). Elsewhere these take the decompressed tiles.
 @pytest.mark.parametrize("nm", [(2, 4), (1, 4), (2, 8), (4, 8)], ids=lambda p: f"{p[0]}:{p[1]}")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("rows", [7, 13, 25, 143, 289, 300])
-@pytest.mark.parametrize("out", [1, 15, 17, 33, 47, 300])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("rows", [7, 13, 25, 143, 289, 300, 650])
+@pytest.mark.parametrize("out", [1, 15, 17, 33, 47, 300, 1100])
 @pytest.mark.parametrize("k", [4, 36, 132, 260, 4100])
 def test_nm_gemm_tails(isa, nm, rows, out, k, dtype):
     if rows * out * k > 300 * 47 * 4100:  # the largest cases once, not in every combination
         pytest.skip("covered by a smaller combination of the same tails")
+    if dtype == torch.float16 and isa != "avx2":
+        pytest.skip("fp16 x takes a sparse GEMM on AVX2 only")
     n, m = nm
     k = (k + m - 1) // m * m
     w = sk.NMSparseWeight.from_dense(torch.randn(out, k), n=n, m=m, prune=True).to(dtype)
@@ -197,10 +204,10 @@ def test_nm_gemm_tails(isa, nm, rows, out, k, dtype):
 def test_nm_any_meta_is_the_sum_over_slots(isa, nm, rows, dtype):
     """Garbage meta (index pairs out of order, or twice the same column) gives what the format
     says: the sum over kept slots of value * x[row, its group's column], in the decode kernels and
-    the sparse GEMM (the decompressed tiles, which 40 rows take off AVX-512 BF16, keep one value
-    per column instead)."""
+    the sparse GEMMs (the decompressed tiles, which 40 rows take at the portable and plain AVX-512
+    levels, keep one value per column instead)."""
     n, m = nm
-    if rows > 32 and isa != "avx512bf16":
+    if rows > 32 and isa not in ("avx2", "avx512bf16"):
         pytest.skip("40 rows take the decompressed tiles here")
     out, k = 37, 260 if m == 4 else 520  # 32-slot steps and a tail: 2:4 4 + 2, 1:4 2 + 1, 4:8 8 + 4, 2:8 4 + 2
     w = sk.NMSparseWeight.from_dense(torch.randn(out, k), n=n, m=m, prune=True).to(dtype)

@@ -92,28 +92,32 @@ def test_cpp_step_matches_python_step(arch, overrides, kind, dtype, batch):
     if kind.startswith("int") and arch != "llama":
         pytest.skip("quantized layers: one architecture is enough")
     model = _model(arch, kind, dtype, **overrides)
-    _check_steps(*_both_steps(model, batch), batch, dtype)
+    _check_steps(*_both_steps(model, batch), batch, dtype, coarse=bool((KINDS[kind] or {}).get("act_block")))
 
 
-def _close(got, ref):
+def _close(got, ref, coarse=False):
     """got == ref within TOL, or, in 16-bit dtypes, within 4 ulps of ref's largest element: the two
     steps sum attention in another order, and a value rounded the other way in one block moves
-    every later one by about an ulp of its scale."""
+    every later one by about an ulp of its scale. ``coarse`` (int8 activations): an element of a
+    layer's input an ulp apart in the two steps may round to the next int8 step (1/127 of its
+    block's largest), coarser than fp16's ulp: 4 ulps of bf16 then, in either 16-bit dtype (fp16
+    on an AVX2 Zen 3 measured 13 fp16 ulps of the largest logit)."""
     tol = dict(TOL[ref.dtype])
     if ref.dtype != torch.float32:
-        tol["atol"] = max(tol["atol"], 4 * torch.finfo(ref.dtype).eps * ref.float().abs().max().item())
+        eps = torch.finfo(torch.bfloat16 if coarse else ref.dtype).eps
+        tol["atol"] = max(tol["atol"], 4 * eps * ref.float().abs().max().item())
     torch.testing.assert_close(got, ref, **tol)
 
 
-def _check_steps(steps, kv_py, kv_cc, batch, dtype, prompt=PROMPT):
+def _check_steps(steps, kv_py, kv_cc, batch, dtype, prompt=PROMPT, coarse=False):
     for ref, got in steps:
         assert got.shape == ref.shape == (batch, VOCAB) and got.dtype == ref.dtype == dtype
         assert torch.isfinite(ref).all()
-        _close(got, ref)
+        _close(got, ref, coarse)
     n = prompt + STEPS  # every position written by prefill or a step
     for (kp, vp), (kc, vc) in zip(kv_py, kv_cc):
-        _close(kc[:, :, :n], kp[:, :, :n])
-        _close(vc[:, :, :n], vp[:, :, :n])
+        _close(kc[:, :, :n], kp[:, :, :n], coarse)
+        _close(vc[:, :, :n], vp[:, :, :n], coarse)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

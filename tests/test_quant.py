@@ -128,7 +128,7 @@ NM = [(2, 4), (1, 4), (2, 8), (4, 8), (1, 8), (3, 8), (2, 16)]  # 3:8 and 2:16: 
 
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("rows", [1, 3, 13, 40, 70])  # 70: past every decode limit (tiles + GEMM, or the 2:4 GEMM)
+@pytest.mark.parametrize("rows", [1, 3, 13, 40, 70])  # 70: past every decode limit (a sparse GEMM, or the tiles)
 @pytest.mark.parametrize("group_size", [0, 32, 128])
 @pytest.mark.parametrize("quant", q.QUANTS)
 @pytest.mark.parametrize("nm", NM, ids=lambda p: f"{p[0]}:{p[1]}")
@@ -147,7 +147,7 @@ def test_quantized_nm_linear_cpu(isa, nm, quant, group_size, rows, dtype):
 
 
 @needs_ext
-@pytest.mark.parametrize("rows", [1, 2, 5, 13, 70])  # 5: decode; 13, 70: sparse GEMM (AVX-512 BF16) or tiles
+@pytest.mark.parametrize("rows", [1, 2, 5, 13, 70])  # 5: decode; 13, 70: a sparse GEMM (AVX-512 BF16, AVX2) or tiles
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("quant", q.QUANTS)
 # Steps of 32 kept slots (K / 2 at 2:4 and 4:8, K / 4 at 1:4 and 2:8): whole steps (384 at 2:4,
@@ -270,7 +270,7 @@ def test_quantized_huge_x_rows_match_dense(nm, quant, dtype):
 
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("rows", [1, 4, 70])  # 70: the 2:4 GEMM (AVX-512 BF16) or decompress + GEMM
+@pytest.mark.parametrize("rows", [1, 4, 70])  # 70: a sparse GEMM (AVX-512 BF16, AVX2) or decompress + GEMM
 @pytest.mark.parametrize("quant", q.QUANTS)
 def test_quantized_real_shape(quant, rows, dtype):
     """Llama-7B / TinyLlama MLP shape (11008 x 4096), 2:4, group 128, bf16 or fp32 activations."""
@@ -480,7 +480,7 @@ def test_quantize_x_rounds_per_block():
 
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("rows", [1, 3, 5, 40, 70])  # 40: sparse GEMM (AVX-512 BF16) or decode
+@pytest.mark.parametrize("rows", [1, 3, 5, 40, 70])  # 40: a sparse GEMM (AVX-512 BF16; AVX2 with fp32 x) or decode
 @pytest.mark.parametrize("group_size", [0, 32, 64, 128, 192])  # 192: steps straddle groups (portable)
 @pytest.mark.parametrize("quant", q.QUANTS)
 @pytest.mark.parametrize("nm", [(2, 4), (1, 4), (2, 8), (4, 8)], ids=lambda p: f"{p[0]}:{p[1]}")

@@ -105,47 +105,11 @@ SK_AVX2 void micro_rows(int mr, const float* x, int64_t ldx, const int64_t* xoff
   }
 }
 
-// 8 fp32 lanes to the output dtype; n < 8 writes only the first n elements.
-template <DType T>
-SK_AVX2 inline void store8(typename Elem<T>::type* p, __m256 v, int n) {
-  if constexpr (T == DType::kF32) {
-    if (n == 8) return _mm256_storeu_ps(p, v);
-    return _mm256_maskstore_ps(p, _mm256_castps_si256(lane_mask(n)), v);
-  } else {
-    __m128i h;
-    if constexpr (T == DType::kF16) {
-      h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    } else {  // bf16, round to nearest even, NaN kept quiet (as f32_to_bf16)
-      const __m256i u = _mm256_castps_si256(v);
-      const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-      const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
-      const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
-      const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
-      const __m256i r = _mm256_blendv_epi8(rounded, quiet, nan);
-      // 32-bit lanes hold values < 2^16: pack to 16 bits (packus works per 128-bit half).
-      h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-    }
-    if (n == 8) return _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
-    alignas(16) uint16_t tmp[8];
-    _mm_store_si128(reinterpret_cast<__m128i*>(tmp), h);
-    for (int i = 0; i < n; ++i) p[i] = tmp[i];
-  }
-}
-
 // Columns kk .. kk + 7 of stored block row `row` (block * bm + i) of quantized blocks as fp32:
 // (q - zero) * scale, one group for all 8 (groups are runs of a multiple of 8 columns).
 template <DType T>
 SK_AVX2 inline __m256 dequant8(const BSRLinearArgs& a, int64_t row, int kk) {
-  __m256i q;
-  if (a.qbits == 8) {
-    const int8_t* p = static_cast<const int8_t*>(a.blocks) + row * a.bk + kk;
-    q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  } else {  // 4 bytes, column 2j in byte j's low nibble: nibble c at bits 4c
-    int32_t four;
-    std::memcpy(&four, static_cast<const uint8_t*>(a.blocks) + row * (a.bk / 2) + kk / 2, sizeof four);
-    q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(four), _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
-                         _mm256_set1_epi32(15));
-  }
+  const __m256i q = load8q(a.blocks, a.qbits, row * a.bk + kk);
   const int64_t g = row * a.groups + kk / (a.bk / a.groups);
   const float zero = static_cast<float>(a.zeros ? a.zeros[g] : symmetric_zero(a.qbits));
   const float scale = Elem<T>::load(static_cast<const typename Elem<T>::type*>(a.scales)[g]);

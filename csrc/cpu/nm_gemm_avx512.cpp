@@ -407,7 +407,7 @@ SK_GEMM_BF16 void gemm(const NMLinearArgs& a) {
 
 }  // namespace
 
-bool nm_gemm_supported(const NMLinearArgs& a) {
+bool nm_gemm_avx512_supported(const NMLinearArgs& a) {
   if (a.act_block || a.k % a.m != 0 || active_isa() < Isa::kAvx512Bf16) return false;
   const bool pattern = (a.n == 2 && a.m == 4) || (a.n == 1 && a.m == 4) || (a.n == 2 && a.m == 8) || (a.n == 4 && a.m == 8);
   if (!pattern || (a.dtype != DType::kF32 && a.dtype != DType::kBF16)) return false;

@@ -95,8 +95,12 @@ void nm_linear_decode_a8_avx512(const NMLinearArgs& a);
 // values, or int8 / int4 with group_kept a multiple of 16 or one group per row. The GEMM without a
 // dense W (nm_gemm_avx512.cpp). x rows holding NaN/Inf are not the dense op's there (pruned columns
 // are skipped): the caller redoes them.
-bool nm_gemm_supported(const NMLinearArgs& a);
+bool nm_gemm_avx512_supported(const NMLinearArgs& a);
 void nm_gemm_avx512(const NMLinearArgs& a);
+// The same on AVX2+FMA (nm_gemm_avx2.cpp): n of 1, 2 or 4 and m of 2, 4 or 8; fp32, bf16 or fp16
+// x; float values, or int8 / int4 with group_kept a multiple of 8 or one group per row.
+bool nm_gemm_avx2_supported(const NMLinearArgs& a);
+void nm_gemm_avx2(const NMLinearArgs& a);
 #endif
 #if defined(__x86_64__)
 // AVX2+FMA+F16C. Also what AVX-512 machines run for every float pattern but 2:4 fp32 / bf16

@@ -1,8 +1,8 @@
 // sparsekern::_nm_linear_cpu: x [rows, K] @ W.T + bias for an N:M weight (values, meta), on the
 // CPU. The op checks its arguments itself (cpu/op_checks.h): it is callable without ops.py. Few rows: the decode kernel (weights
-// streamed once per 8 rows); many rows: decompress tiles of W and run the dense GEMM on each.
-// Rows of x holding NaN/Inf (or values of magnitude >= 2^100) come out exactly as from the dense op
-// (the GEMM path is dense).
+// streamed once per 8 rows); many rows: the sparse GEMM (AVX-512 BF16 or AVX2) where it applies,
+// else decompressed tiles of W and the dense GEMM on each. Rows of x holding NaN/Inf (or values of
+// magnitude >= 2^100) come out exactly as from the dense op (such rows are redone on the tiles).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -23,14 +23,14 @@ namespace {
 // NOTE: decode vs decompress+GEMM crossover, measured on the 2-core EPYC (see bench/results):
 // the decode kernel's cost grows with rows (one permute chain per row), the GEMM path's does not.
 constexpr int64_t kDecodeMaxRows = 8;
-// Up to this many rows the decode kernel runs once per 8 rows (the weights are read once per
-// pass) instead of decompress + GEMM. NOTE: 2:4, 4096x4096, 2 threads, quiet: one 8-row pass
+// Where no sparse GEMM applies (below): up to this many rows the decode kernel runs once per 8
+// rows (the weights are read once per pass) instead of decompress + GEMM. NOTE: 2:4, 4096x4096, 2 threads, quiet: one 8-row pass
 // 3.7 ms fp32 / 3.4 ms bf16; decompress + GEMM at 17 rows 16.5 ms fp32 / 22 ms bf16, at 32 rows
 // 18.6 / 25.4 ms (dense F.linear 12.1 ms fp32, 48.7 ms bf16: torch's bf16 GEMM is slow here),
 // so chunked decode stays ahead to ~32 rows in fp32 and ~64 in bf16/fp16.
 constexpr int64_t kChunkedDecodeMaxRowsF32 = 32;
 constexpr int64_t kChunkedDecodeMaxRowsHalf = 64;
-// Quantized values with fp32 x (but on AVX-512 BF16: the sparse GEMM, below): dequantizing to
+// Quantized values with fp32 x (where no sparse GEMM applies): dequantizing to
 // fp32 tiles costs more than copying float values. NOTE: 2:4 11008x4096, Zen 5, 2 threads, separate processes
 // alternating, tiles -> decode passes, int8 / int4 g128 (dense fp32 F.linear): 33 rows 43 -> 23
 // ms (28), 41 rows 46 -> 28-30 (30-33), 48 rows 47 -> 33-35 (33-37), 64 rows 53-56 -> 43-45
@@ -100,13 +100,48 @@ int64_t sparse_gemm_min_rows(const NMLinearArgs& a) {
   return quarter ? kSparseGemmMinRowsQuarter : kSparseGemmMinRows;
 }
 
+// The sparse GEMM for a's weight and x on this CPU (nullptr: none, the decompressed tiles): the
+// AVX-512 BF16 one, or on AVX2 CPUs (active ISA avx2) the AVX2 one. NOTE: AVX-512 CPUs run
+// only the AVX-512 GEMM, as measured; the AVX2 one was measured on an AVX2-only Zen 3 (there
+// torch's dense GEMM is AVX2 too).
+using SparseGemm = void (*)(const NMLinearArgs&);
+SparseGemm sparse_gemm(const NMLinearArgs& a) {
+#if defined(__x86_64__)
+  if (detail::nm_gemm_avx512_supported(a)) return detail::nm_gemm_avx512;
+  if (active_isa() == Isa::kAvx2 && detail::nm_gemm_avx2_supported(a)) return detail::nm_gemm_avx2;
+#endif
+  return nullptr;
+}
+
+// From this many rows the AVX2 sparse GEMM runs where it applies: a quarter or less of the
+// weights kept (1:4, 2:8, 1:8), 4:8 (its decode kernel is the slowest), the others (2:4, 1:2);
+// float or quantized values, fp32 or bf16 x, int8 activations alike. NOTE: Zen 3 EPYC (AVX2), 2
+// threads, one process, decode passes -> GEMM interleaved, ms (11008x4096 / 2048x2048 /
+// 5632x2048): fp32 2:4 16 rows 23.9 -> 30.3 / 4.14 -> 3.22 / 5.38 -> 7.40, 24 rows 34.9 -> 30.6 /
+// 6.20 -> 3.75 / 10.2 -> 10.0; bf16 2:4 16 rows 21.7 -> 24.5 / 2.28 -> 2.65 / 6.18 -> 7.69, 24
+// rows 34.2 -> 29.9 / 3.04 -> 2.54 / 8.93 -> 8.32; fp32 2:4 int8 16 rows 29.3 -> 31.1 / 2.18 ->
+// 1.87 / 7.43 -> 7.34 (int4 g128 and int8 activations alike). 4:8 fp32 16 rows 27.8 -> 28.3 /
+// 4.59 -> 3.50 / 7.91 -> 7.44, bf16 16 rows 31.1 -> 26.5 / 2.51 -> 1.94 / 8.54 -> 8.33, 9 rows
+// 18.0 -> 24.6. 1:4 fp32 8 rows 10.7 -> 14.8 / 1.88 -> 1.52 / 2.87 -> 3.28, 12 rows 16.4 -> 15.9
+// / 2.71 -> 1.73 / 4.07 -> 3.83; bf16 9 rows 11.1 -> 12.3 / 1.03 -> 1.27 / 3.40 -> 4.10, 16 rows
+// 20.2 -> 12.8 / 1.90 -> 1.16 / 5.63 -> 4.28. Before this GEMM, these rows took the decode passes
+// up to 32 (fp32) or 64 rows, then the decompressed tiles (0.7-0.96x dense fp32 F.linear at
+// 65-512 rows).
+int64_t sparse_gemm_avx2_min_rows(const NMLinearArgs& a) {
+  if (4 * a.n <= a.m) return 11;
+  return a.n == 4 && a.m == 8 ? 13 : 17;
+}
+
 }  // namespace
 
 int64_t nm_decode_max_rows(const NMLinearArgs& a) {
 #if defined(__x86_64__)
   NMLinearArgs rounded = a;  // int8 activations: the GEMM runs on x as rounded
   rounded.act_block = 0;
-  if (detail::nm_gemm_supported(rounded)) return sparse_gemm_min_rows(a) - 1;
+  const SparseGemm gemm = sparse_gemm(rounded);
+  if (gemm == detail::nm_gemm_avx512) return sparse_gemm_min_rows(a) - 1;
+  // (int8 activations with bf16 / fp16 x on AVX2: the fp32 tiles, as nm_linear_run says)
+  if (gemm && (!a.act_block || a.dtype == DType::kF32)) return sparse_gemm_avx2_min_rows(a) - 1;
 #endif
   if (a.qbits && a.dtype == DType::kF32) return kQuantDecodeMaxRowsF32;
   return a.dtype == DType::kF32 ? kChunkedDecodeMaxRowsF32 : kChunkedDecodeMaxRowsHalf;
@@ -123,14 +158,12 @@ void redo_nonfinite_on_tiles(const NMLinearArgs& a, const at::Tensor& x, const s
 
 void nm_linear_many_rows(const NMLinearArgs& a, const at::Tensor& x, const std::optional<at::Tensor>& bias,
                          at::Tensor& y) {
-#if defined(__x86_64__)
-  if (detail::nm_gemm_supported(a)) {
-    detail::nm_gemm_avx512(a);
+  if (const SparseGemm gemm = sparse_gemm(a)) {
+    gemm(a);
     // The kernel skips pruned columns: rows of x holding NaN/Inf again through the dense tiles.
     redo_nonfinite_on_tiles(a, x, bias, y);
     return;
   }
-#endif
   nm_linear_gemm(a, x, bias, y);
 }
 

@@ -18,7 +18,7 @@ int64_t nm_decode_max_rows(const NMLinearArgs& a);
 // over the weights. NaN/Inf in x are not given dense semantics here (the callers redo those rows).
 void nm_linear_decode_passes(const NMLinearArgs& a);
 
-// Many rows of x, used as it is (a.act_block 0): the 2:4 GEMM where it applies (rows of x
+// Many rows of x, used as it is (a.act_block 0): the sparse GEMM where it applies (rows of x
 // holding NaN/Inf redone by nm_linear_gemm), else nm_linear_gemm. a.x / a.ldx and a.out / a.ldo
 // must be x's and y's.
 void nm_linear_many_rows(const NMLinearArgs& a, const at::Tensor& x, const std::optional<at::Tensor>& bias,
