@@ -115,7 +115,7 @@ SparseGemm sparse_gemm(const NMLinearArgs& a) {
 
 // From this many rows the AVX2 sparse GEMM runs where it applies: a quarter or less of the
 // weights kept (1:4, 2:8, 1:8), 4:8 (its decode kernel is the slowest), the others (2:4, 1:2);
-// float or quantized values, fp32 or bf16 x, int8 activations alike. NOTE: Zen 3 EPYC (AVX2), 2
+// float or quantized values, fp32 or bf16 x, int8 activations on fp32 x alike. NOTE: Zen 3 EPYC (AVX2), 2
 // threads, one process, decode passes -> GEMM interleaved, ms (11008x4096 / 2048x2048 /
 // 5632x2048): fp32 2:4 16 rows 23.9 -> 30.3 / 4.14 -> 3.22 / 5.38 -> 7.40, 24 rows 34.9 -> 30.6 /
 // 6.20 -> 3.75 / 10.2 -> 10.0; bf16 2:4 16 rows 21.7 -> 24.5 / 2.28 -> 2.65 / 6.18 -> 7.69, 24
