@@ -32,13 +32,12 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <new>
 #include <utility>
 #include <vector>
 
+#include "cpu/aligned.h"
 #include "cpu/isa.h"
 #include "cpu/linear_avx2.h"
 #include "cpu/nm_linear.h"
@@ -53,16 +52,6 @@ constexpr int64_t kBlockCols = 64;                  // columns of x per K block
 constexpr int64_t kMaxFeatures = 256;               // output features per task, at most
 constexpr int64_t kSuperRows = 8 * kPassRows;       // rows of x transposed at a time
 constexpr int64_t kColBytes = kPassRows * sizeof(float);
-
-struct AlignedFree {
-  void operator()(void* p) const { std::free(p); }
-};
-template <class T>
-std::unique_ptr<T[], AlignedFree> aligned_array(int64_t n) {
-  void* p = std::aligned_alloc(64, (static_cast<size_t>(n) * sizeof(T) + 63) / 64 * 64);
-  if (p == nullptr) throw std::bad_alloc();
-  return std::unique_ptr<T[], AlignedFree>(static_cast<T*>(p));
-}
 
 #define SK_ACC_INIT(i)                                                     \
   __m256 a##i = _mm256_setzero_ps();                                       \
@@ -120,37 +109,32 @@ SK_AVX2 void transpose_rows(const NMLinearArgs& a, int64_t r0, int64_t rows, flo
     const int cols = static_cast<int>(std::min<int64_t>(8, a.k - c));
     __m256 r[8];
     for (int i = 0; i < 8; ++i) {
+      if (i >= live) {
+        r[i] = _mm256_setzero_ps();
+        continue;
+      }
       const E* src = x + (r0 + i) * a.ldx + c;
-      r[i] = i >= live ? _mm256_setzero_ps() : cols == 8 ? load8<T>(src) : load_partial<T>(src, cols);
+      r[i] = cols == 8 ? load8<T>(src) : load_partial<T>(src, cols);
     }
     transpose8(r);
     for (int j = 0; j < cols; ++j) _mm256_store_ps(xt + (c + j) * kPassRows + lane0, r[j]);
   }
 }
 
-// Per-lane parts of a slot's column for n of 1, 2, 4: slot j + l (j a multiple of 8) lies in
-// group j / n + l / n.
-struct LaneGroups {
-  alignas(32) int32_t first[8];
-};
-LaneGroups lane_groups(int n) {
-  LaneGroups g{};
-  for (int l = 0; l < 8; ++l) g.first[l] = l / n;
-  return g;
-}
-
 // The kept slots of features [o0, o0 + live) in the K block at column b0: feature f's slots at
 // v / off + f * stride (stride a multiple of 8; slots past the row's last: value 0, column 0 of
 // the block). off: the slot's column within the block times kColBytes.
 template <DType T>
-SK_AVX2 void pack_block(const NMLinearArgs& a, const LaneGroups& lg, int64_t o0, int live, int64_t b0, int64_t stride,
+SK_AVX2 void pack_block(const NMLinearArgs& a, int64_t o0, int live, int64_t b0, int64_t stride,
                         float* v, int32_t* off) {
   using E = typename Elem<T>::type;
   const int n = a.n, m = a.m, bits = log2i(m);
   const int64_t kept = a.k / m * n, j0 = b0 / m * n, j1 = std::min(kept, (b0 + kBlockCols) / m * n);
   const int per_word = 32 / bits;
   const __m256i shifts = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(bits));
-  const __m256i field = _mm256_set1_epi32((1 << bits) - 1), groups = _mm256_load_si256(reinterpret_cast<const __m256i*>(lg.first));
+  const __m256i field = _mm256_set1_epi32((1 << bits) - 1);
+  // slot j + l (j a multiple of 8) lies in group j / n + l / n (n of 1, 2 or 4: a shift)
+  const __m256i groups = _mm256_srli_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), n / 2);
   // The next block's values and meta, fetched while this one runs: 64 rows are too many streams
   // for the hardware prefetcher. NOTE: Zen 3, 2:4 fp32 11008x4096 @ 512 rows, 1 thread: without
   // it, the first load of each 8 values took 69% of the packing's time, packing 20% of the call.
@@ -227,10 +211,9 @@ SK_AVX2 void gemm(const NMLinearArgs& a) {
   const int64_t tasks = (a.out_features + features - 1) / features;
   const int64_t super_rows = std::min(kSuperRows, a.rows);
   const int64_t max_passes = (super_rows + kPassRows - 1) / kPassRows, ldc = max_passes * kPassRows;
-  const LaneGroups lg = lane_groups(a.n);
   auto xt = aligned_array<float>(max_passes * a.k * kPassRows);
-  std::vector<std::unique_ptr<float[], AlignedFree>> sums, vals;
-  std::vector<std::unique_ptr<int32_t[], AlignedFree>> offs;
+  std::vector<AlignedArray<float>> sums, vals;
+  std::vector<AlignedArray<int32_t>> offs;
   for (int t = 0; t < threads; ++t) {
     sums.push_back(aligned_array<float>(features * ldc));
     std::memset(sums.back().get(), 0, sizeof(float) * features * ldc);  // lanes of absent features: read, not stored
@@ -255,7 +238,7 @@ SK_AVX2 void gemm(const NMLinearArgs& a) {
       for (int64_t b = 0; b < n_blocks; ++b) {
         const int64_t b0 = b * kBlockCols;
         const int64_t slots = (std::min(kept, (b0 + kBlockCols) / a.m * a.n) - b0 / a.m * a.n + 7) / 8 * 8;
-        pack_block<T>(a, lg, o0, live, b0, slots, v, off);
+        pack_block<T>(a, o0, live, b0, slots, v, off);
         for (int64_t p = 0; p < ps.passes; ++p) {
           const MicroFn fn = micro_for(static_cast<int>(ps.size(p)), std::make_integer_sequence<int, kVecs>{});
           const char* xb = reinterpret_cast<const char*>(xt.get() + (p * a.k + b0) * kPassRows);

@@ -43,6 +43,7 @@
 #include <new>
 #include <vector>
 
+#include "cpu/aligned.h"
 #include "cpu/isa.h"
 #include "cpu/linear_common.h"
 #include "cpu/nm_linear.h"
@@ -62,15 +63,6 @@ constexpr int64_t kPackedTile = kMaxPairs * kTileBytes;  // one bf16 tile's K bl
 constexpr int kMaxTiles = 8;               // 16-feature tiles per task
 constexpr int64_t kSuperRows = 24 * kRows;  // rows of x per pass
 
-struct AlignedFree {
-  void operator()(char* p) const { std::free(p); }
-};
-using Buffer = std::unique_ptr<char, AlignedFree>;
-Buffer aligned_buffer(size_t bytes) {
-  char* p = static_cast<char*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64));
-  if (p == nullptr) throw std::bad_alloc();
-  return Buffer(p);
-}
 
 // In-place transpose of 16 x 16 dwords (r[i] lane j <- r[j] lane i).
 SK_GEMM_BF16 inline void transpose16(__m512i* r) {
@@ -363,11 +355,11 @@ SK_GEMM_BF16 void gemm(const NMLinearArgs& a) {
   const int64_t tasks = (n_tiles + per_task - 1) / per_task, ldc = per_task * 16;
   const int64_t ldx = (a.k + K::kWindow - 1) / K::kWindow * K::kWindow + K::kWindow;  // whole windows, rows not 4 KiB apart
   const int64_t pass_rows = std::min(kSuperRows, a.rows);
-  Buffer xb = aligned_buffer(sizeof(X) * pass_rows * ldx);
-  std::vector<Buffer> sums, packed;
+  AlignedArray<X> xb = aligned_array<X>(pass_rows * ldx);
+  std::vector<AlignedArray<char>> sums, packed;
   for (int t = 0; t < threads; ++t) {
-    sums.push_back(aligned_buffer(sizeof(float) * pass_rows * ldc));
-    packed.push_back(aligned_buffer(kMaxTiles * K::kTile));
+    sums.push_back(aligned_array<char>(sizeof(float) * pass_rows * ldc));
+    packed.push_back(aligned_array<char>(kMaxTiles * K::kTile));
   }
   const X* x = static_cast<const X*>(a.x);
   X* xr = reinterpret_cast<X*>(xb.get());
