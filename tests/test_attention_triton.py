@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
+import triton_aot
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 pytestmark = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
@@ -77,15 +77,7 @@ def _aot_main(shard: int, shards: int) -> None:
 
 
 if not _interpreter_process():
-
-    def test_interpreter_suite_in_subprocess():
-        """This file's interpreter tests, in a process where Triton interprets."""
-        env = {**os.environ, "TRITON_INTERPRET": "1", "TRITON_DEFAULT_FP_FUSION": "1"}
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)]
-        res = subprocess.run(cmd, cwd=os.path.dirname(HERE), env=env, capture_output=True, text=True, timeout=900)
-        tail = res.stdout.strip().splitlines()[-1:] or ["(no output)"]
-        print(f"\ninterpreter suite: {tail[0]}")
-        assert res.returncode == 0, f"interpreter suite failed:\n{res.stdout[-8000:]}\n{res.stderr[-4000:]}"
+    test_interpreter_suite_in_subprocess = triton_aot.interpreter_suite_test(os.path.abspath(__file__), cost=13)
 
     def test_aot_compiles_sm80_sm90():
         sys.path.insert(0, HERE)

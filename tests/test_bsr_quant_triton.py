@@ -36,10 +36,7 @@ HAVE_TRITON = importlib.util.find_spec("triton") is not None
 pytestmark = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
 
 if not triton_aot.interpreter_process():
-
-    def test_interpreter_suite_in_subprocess():
-        """This file's tests, in a process where Triton interprets (see module docstring)."""
-        triton_aot.run_interpreter_suite(os.path.abspath(__file__))
+    test_interpreter_suite_in_subprocess = triton_aot.interpreter_suite_test(os.path.abspath(__file__), cost=20)
 
 else:
     DTYPES = (torch.float32, torch.float16)  # bf16 is broken in the interpreter; tests/gpu has it

@@ -1,15 +1,18 @@
 """The compiled CPU kernels for nm_linear / bsr_linear against the reference, on every ISA path.
 
 Each case runs the public op under ``use_backend("cpu")`` with ``SPARSEKERN_CPU_ISA`` forced to
-each instruction set this machine has (read by the kernels on every call); the others skip.
+each instruction set this machine has (read by the kernels on every call); the others are not
+generated (tests/conftest.py).
 Shapes are odd on purpose (K and out not multiples of any tile); rows 1..8 take the decode
 kernels, 37 and 130 the batched ones.
 """
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DTYPES, assert_matches_reference
+from conftest import DTYPES, RUNNABLE_ISAS, assert_matches_reference
 
 import sparsekern as sk
 from sparsekern import _extension, reference
@@ -177,18 +180,26 @@ def test_nm24_every_step_tail(isa, k, rows, dtype):
 # on 2 threads), K blocks of 64 columns (k 132: 64 + 64 + 4), a row's last 8-slot step partial
 # (kept 18 at 2:4 and k 36, 33 at 1:4 and k 132). fp16 x differs only in its conversions: 2:4
 # only. The other levels take the decompressed tiles here, which test_nm_linear_cpu covers.
-@pytest.mark.parametrize("nm", [(2, 4), (1, 4), (2, 8), (4, 8)], ids=lambda p: f"{p[0]}:{p[1]}")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("rows", [7, 13, 25, 143, 289, 300, 650])
-@pytest.mark.parametrize("out", [1, 15, 17, 33, 47, 300, 1100])
-@pytest.mark.parametrize("k", [4, 36, 132, 260, 4100])
+def _gemm_tail_cases():
+    # Only the cases that run: levels with a sparse GEMM that this CPU has, fp16 at AVX2 2:4, and
+    # the largest shapes once (rows * out * k past 300 * 47 * 4100: covered by a smaller
+    # combination of the same tails), so that no item is generated just to be skipped.
+    for isa in (level for level in ("avx2", "avx512bf16") if level in RUNNABLE_ISAS):
+        for n, m in ((2, 4), (1, 4), (2, 8), (4, 8)):
+            for dtype in (torch.bfloat16, torch.float32, torch.float16):
+                if dtype == torch.float16 and (isa != "avx2" or (n, m) != (2, 4)):
+                    continue
+                for rows, out, k in itertools.product(
+                    [7, 13, 25, 143, 289, 300, 650], [1, 15, 17, 33, 47, 300, 1100], [4, 36, 132, 260, 4100]
+                ):
+                    if rows * out * k <= 300 * 47 * 4100:
+                        yield pytest.param(
+                            isa, (n, m), rows, out, k, dtype, id=f"{isa}-{n}:{m}-{str(dtype)[6:]}-{rows}-{out}-{k}"
+                        )
+
+
+@pytest.mark.parametrize(("isa", "nm", "rows", "out", "k", "dtype"), list(_gemm_tail_cases()), indirect=["isa"])
 def test_nm_gemm_tails(isa, nm, rows, out, k, dtype):
-    if rows * out * k > 300 * 47 * 4100:  # the largest cases once, not in every combination
-        pytest.skip("covered by a smaller combination of the same tails")
-    if isa not in ("avx2", "avx512bf16"):
-        pytest.skip("no sparse GEMM at this level")
-    if dtype == torch.float16 and (isa != "avx2" or nm != (2, 4)):
-        pytest.skip("fp16 x takes a sparse GEMM on AVX2 only; its conversions are the pattern's")
     n, m = nm
     k = (k + m - 1) // m * m
     w = sk.NMSparseWeight.from_dense(torch.randn(out, k), n=n, m=m, prune=True).to(dtype)

@@ -9,8 +9,10 @@ headers (the part ctest cannot build without libtorch) and checks the Python sid
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
+import jobs
 import pytest
 import torch
 
@@ -61,22 +63,38 @@ def test_hw_cache_follows_in_place_updates():
     assert torch.equal(again[1], sm80.hw_layout(w)[1])
 
 
-@pytest.mark.slow  # ~50 s of CPU: nvcc parses the torch headers for host and device
+def _compile_torch_wrapper():
+    """nvcc -c of the torch wrapper against torch's headers: (exit code, stderr, bytes of op.o)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        # The CPU wheel ships c10/cuda headers but not their generated config header; an empty one
+        # is enough to compile (not link) the wrapper.
+        shim = tmp / "shim" / "c10" / "cuda" / "impl"
+        shim.mkdir(parents=True)
+        (shim / "cuda_cmake_macros.h").write_text("#pragma once\n")
+        inc = Path(torch.__file__).parent / "include"
+        cmd = [
+            "nvcc", "-c", "-arch=sm_80", "-O0", "-std=c++17", "-DSPARSEKERN_TORCH",
+            "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+            f"-I{ROOT / 'csrc'}", f"-I{inc}", f"-I{inc / 'torch/csrc/api/include'}", f"-I{tmp / 'shim'}",
+            "-Xcompiler", "-fPIC", "-diag-suppress", "3306",
+            "-o", str(tmp / "op.o"), str(ROOT / "csrc/cuda/nm24_mma_op.cu"),
+        ]  # fmt: skip
+        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ}, timeout=300)
+        size = (tmp / "op.o").stat().st_size if (tmp / "op.o").exists() else 0
+        return res.returncode, res.stderr, size
+
+
+# ~45 s of one core (nvcc parses the torch headers for host and device): a job of tests/jobs.py,
+# run beside the other single-threaded ones.
+if shutil.which("nvcc"):
+    jobs.register("nvcc torch wrapper", _compile_torch_wrapper, cost=45)
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
-def test_torch_wrapper_compiles(tmp_path):
-    # The CPU wheel ships c10/cuda headers but not their generated config header; an empty one
-    # is enough to compile (not link) the wrapper.
-    shim = tmp_path / "shim" / "c10" / "cuda" / "impl"
-    shim.mkdir(parents=True)
-    (shim / "cuda_cmake_macros.h").write_text("#pragma once\n")
-    inc = Path(torch.__file__).parent / "include"
-    cmd = [
-        "nvcc", "-c", "-arch=sm_80", "-O0", "-std=c++17", "-DSPARSEKERN_TORCH",
-        "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
-        f"-I{ROOT / 'csrc'}", f"-I{inc}", f"-I{inc / 'torch/csrc/api/include'}", f"-I{tmp_path / 'shim'}",
-        "-Xcompiler", "-fPIC", "-diag-suppress", "3306",
-        "-o", str(tmp_path / "op.o"), str(ROOT / "csrc/cuda/nm24_mma_op.cu"),
-    ]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ}, timeout=300)
-    assert res.returncode == 0, res.stderr[-4000:]
-    assert (tmp_path / "op.o").stat().st_size > 0
+@pytest.mark.job("nvcc torch wrapper")
+def test_torch_wrapper_compiles():
+    returncode, stderr, size = jobs.result("nvcc torch wrapper")
+    assert returncode == 0, stderr[-4000:]
+    assert size > 0

@@ -282,35 +282,42 @@ def test_token_scores_cpu_op_checks_its_arguments():
         torch.ops.sparsekern._token_scores_cpu(q, k[:, :1], False, None, False)
 
 
-def _cls_scores_of_no_query(call: str) -> str:
-    """What ``call`` (CLS scores of q [1, 2, 0, 8]) says, run in a child process: the CPU kernel
-    read query 0 outside q and crashed."""
-    code = (
-        "import torch, sparsekern as sk\n"
-        "q, k = torch.randn(1, 2, 0, 8), torch.randn(1, 2, 5, 8)\n"
-        "try:\n"
-        f"    {call}\n"
-        "    print('no error')\n"
-        "except ValueError as e:\n"
-        "    print('ValueError', e)\n"
-    )
+CLS_NO_QUERY_CALLS = {
+    **{
+        b: f"with sk.use_backend({b!r}): sk.ops.token_scores(q, k, cls_only=True)"
+        for b in ("reference", "dense", "cpu")
+    },
+    "cpu op": "torch.ops.sparsekern._token_scores_cpu(q, k, False, None, True)",
+}
+
+
+@pytest.fixture(scope="module")
+def cls_scores_of_no_query() -> dict:
+    """What each call of CLS_NO_QUERY_CALLS (CLS scores of q [1, 2, 0, 8]) says, run in one child
+    process (2.5 s to start one here): the CPU kernel read query 0 outside q and crashed."""
+    code = "import torch, sparsekern as sk\nq, k = torch.randn(1, 2, 0, 8), torch.randn(1, 2, 5, 8)\n"
+    for name, call in CLS_NO_QUERY_CALLS.items():
+        code += (
+            f"try:\n    {call}\n    print('[{name}]', 'no error')\n"
+            f"except Exception as e:\n    print('[{name}]', type(e).__name__, e)\n"
+        )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert res.returncode == 0, res.stderr[-2000:]
-    return res.stdout
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    lines = res.stdout.splitlines()
+    return {name: next((ln for ln in lines if ln.startswith(f"[{name}] ")), "") for name in CLS_NO_QUERY_CALLS}
 
 
 NO_QUERY = "ValueError q: cls_only scores the first query; expected at least one query, got shape (1, 2, 0, 8)"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_cls_scores_of_no_query_refused(backend):
-    call = f"with sk.use_backend({backend!r}): sk.ops.token_scores(q, k, cls_only=True)"
-    assert NO_QUERY in _cls_scores_of_no_query(call)
+def test_cls_scores_of_no_query_refused(backend, cls_scores_of_no_query):
+    assert NO_QUERY in cls_scores_of_no_query[backend]
 
 
 @cpu_ops
-def test_cls_scores_of_no_query_refused_by_cpu_op_directly():
-    assert NO_QUERY in _cls_scores_of_no_query("torch.ops.sparsekern._token_scores_cpu(q, k, False, None, True)")
+def test_cls_scores_of_no_query_refused_by_cpu_op_directly(cls_scores_of_no_query):
+    assert NO_QUERY in cls_scores_of_no_query["cpu op"]
 
 
 # -- SparseLinear: K is in_features; bad input is refused before any timing --------------------

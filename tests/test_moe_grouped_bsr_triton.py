@@ -60,10 +60,7 @@ def _aot_main() -> None:
 
 
 if not triton_aot.interpreter_process():
-
-    def test_interpreter_suite_in_subprocess():
-        """This file's kernel tests, in a process where Triton interprets (see module docstring)."""
-        triton_aot.run_interpreter_suite(HERE)
+    test_interpreter_suite_in_subprocess = triton_aot.interpreter_suite_test(HERE, cost=22)
 
     def test_aot_compiles_for_sm80_sm90():
         rows = triton_aot.run_script(HERE, shards=1, timeout=900)

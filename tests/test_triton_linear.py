@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+import triton_aot
 from conftest import assert_matches_reference
 
 import sparsekern as sk
@@ -36,16 +36,7 @@ def _interpreter_process() -> bool:
 pytestmark = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
 
 if not _interpreter_process():
-
-    def test_interpreter_suite_in_subprocess():
-        """This file's tests, in a process where Triton interprets (see module docstring)."""
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = {**os.environ, "TRITON_INTERPRET": "1", "TRITON_DEFAULT_FP_FUSION": "1"}
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)]
-        res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
-        tail = res.stdout.strip().splitlines()[-1:] or ["(no output)"]
-        print(f"\ninterpreter suite: {tail[0]}")
-        assert res.returncode == 0, f"interpreter suite failed:\n{res.stdout[-8000:]}\n{res.stderr[-4000:]}"
+    test_interpreter_suite_in_subprocess = triton_aot.interpreter_suite_test(os.path.abspath(__file__), cost=37)
 
 else:
     DTYPES = (torch.float32, torch.float16)

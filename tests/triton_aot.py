@@ -144,15 +144,28 @@ def interpreter_process() -> bool:
     return tl is None or type(tl.cdiv).__name__ == "InterpretedFunction"
 
 
-def run_interpreter_suite(path: str, timeout: float = 900) -> None:
-    """Run the test file ``path`` in a process where Triton interprets; fail with its output if it fails."""
+def interpreter_suite_test(path: str, cost: float, timeout: float = 900):
+    """A test that runs the test file ``path`` in a process where Triton interprets and fails with
+    its output if it fails: a job of tests/jobs.py (single-threaded, run beside the others).
+    ``cost``: its seconds here, for the order of the jobs."""
+    import jobs
+    import pytest
+
+    key = f"Triton interpreter suite {os.path.basename(path)}"
     env = {**os.environ, "TRITON_INTERPRET": "1", "TRITON_DEFAULT_FP_FUSION": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path]
     root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-    res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
-    tail = res.stdout.strip().splitlines()[-1:] or ["(no output)"]
-    print(f"\ninterpreter suite: {tail[0]}")
-    assert res.returncode == 0, f"interpreter suite failed:\n{res.stdout[-8000:]}\n{res.stderr[-4000:]}"
+    args = ["-m", "pytest", "-q", "-p", "no:cacheprovider", path]
+    jobs.register(key, lambda: jobs.python_subprocess(args, env=env, cwd=root, timeout=timeout), cost)
+
+    @pytest.mark.job(key)
+    def test_interpreter_suite_in_subprocess():
+        res = jobs.result(key)
+        tail = res.stdout.strip().splitlines()[-1:] or ["(no output)"]
+        print(f"\ninterpreter suite: {tail[0]}")
+        assert res.returncode == 0, f"interpreter suite failed:\n{res.stdout[-8000:]}\n{res.stderr[-4000:]}"
+
+    test_interpreter_suite_in_subprocess.__doc__ = f"{os.path.basename(path)}'s tests, where Triton interprets."
+    return test_interpreter_suite_in_subprocess
 
 
 def tensor_core_problems(rows: list[dict]) -> list[str]:
