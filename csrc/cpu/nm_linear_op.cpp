@@ -115,7 +115,8 @@ SparseGemm sparse_gemm(const NMLinearArgs& a) {
 
 // From this many rows the AVX2 sparse GEMM runs where it applies: a quarter or less of the
 // weights kept (1:4, 2:8, 1:8), 4:8 (its decode kernel is the slowest), the others (2:4, 1:2);
-// float or quantized values, fp32 or bf16 x, int8 activations on fp32 x alike. NOTE: Zen 3 EPYC (AVX2), 2
+// float or quantized values, fp32 or bf16 x, int8 activations alike (on the fp32 rounded x,
+// whatever x's dtype). NOTE: Zen 3 EPYC (AVX2), 2
 // threads, one process, decode passes -> GEMM interleaved, ms (11008x4096 / 2048x2048 /
 // 5632x2048): fp32 2:4 16 rows 23.9 -> 30.3 / 4.14 -> 3.22 / 5.38 -> 7.40, 24 rows 34.9 -> 30.6 /
 // 6.20 -> 3.75 / 10.2 -> 10.0; bf16 2:4 16 rows 21.7 -> 24.5 / 2.28 -> 2.65 / 6.18 -> 7.69, 24
@@ -126,7 +127,10 @@ SparseGemm sparse_gemm(const NMLinearArgs& a) {
 // / 2.71 -> 1.73 / 4.07 -> 3.83; bf16 9 rows 11.1 -> 12.3 / 1.03 -> 1.27 / 3.40 -> 4.10, 16 rows
 // 20.2 -> 12.8 / 1.90 -> 1.16 / 5.63 -> 4.28. Before this GEMM, these rows took the decode passes
 // up to 32 (fp32) or 64 rows, then the decompressed tiles (0.7-0.96x dense fp32 F.linear at
-// 65-512 rows).
+// 65-512 rows). int8 activations with bf16 x, 11008x4096, before (decode passes up to 64 rows,
+// then fp32 tiles) -> after, ms, two processes each: 2:4 int8 24 rows 35.8 / 39.5 -> 30.1 / 27.4,
+// 65 rows 88.6 / 121 -> 39.9 / 39.2, 512 rows 322 / 366 -> 279 / 260; 1:4 int4 g128 13 rows 20.4
+// / 15.9 -> 15.2 / 11.0, 65 rows 73.0 / 105 -> 22.7 / 21.1.
 int64_t sparse_gemm_avx2_min_rows(const NMLinearArgs& a) {
   if (4 * a.n <= a.m) return 11;
   return a.n == 4 && a.m == 8 ? 13 : 17;
@@ -140,8 +144,7 @@ int64_t nm_decode_max_rows(const NMLinearArgs& a) {
   rounded.act_block = 0;
   const SparseGemm gemm = sparse_gemm(rounded);
   if (gemm == detail::nm_gemm_avx512) return sparse_gemm_min_rows(a) - 1;
-  // (int8 activations with bf16 / fp16 x on AVX2: the fp32 tiles, as nm_linear_run says)
-  if (gemm && (!a.act_block || a.dtype == DType::kF32)) return sparse_gemm_avx2_min_rows(a) - 1;
+  if (gemm) return sparse_gemm_avx2_min_rows(a) - 1;  // int8 activations: on the fp32 rounded x
 #endif
   if (a.qbits && a.dtype == DType::kF32) return kQuantDecodeMaxRowsF32;
   return a.dtype == DType::kF32 ? kChunkedDecodeMaxRowsF32 : kChunkedDecodeMaxRowsHalf;
@@ -282,9 +285,22 @@ void nm_linear_run(const at::Tensor& x, const at::Tensor& values, const at::Tens
       r.x = xr.data_ptr();
       r.act_block = 0;
       nm_linear_many_rows(r, xr, bias, y);
-    } else {  // fp16, or bf16 without AVX-512 BF16: the fp32 tiles
+    } else {  // fp16, or bf16 without AVX-512 BF16: fp32 out of the rounded x, then y's dtype
       at::Tensor y32 = at::empty({rows, out_features}, xf.options());
-      nm_linear_gemm(a, xf, bias, y32);
+      NMLinearArgs r = a;  // as fp32 x, bias and out: the AVX2 sparse GEMM where it applies
+      const at::Tensor b32 = bias ? bias->to(at::kFloat) : at::Tensor();
+      const at::Tensor s32 = scales.to(at::kFloat);  // scales are read in the x dtype (exact in fp32)
+      r.x = xf.data_ptr();
+      r.dtype = DType::kF32;
+      r.scales = s32.data_ptr();
+      r.act_block = 0;
+      r.bias = b32.defined() ? b32.data_ptr() : nullptr;
+      r.out = y32.data_ptr();
+      if (sparse_gemm(r) == detail::nm_gemm_avx2) {
+        detail::nm_gemm_avx2(r);
+      } else {  // the fp32 tiles
+        nm_linear_gemm(a, xf, bias, y32);
+      }
       y.copy_(y32);
     }
     // Rounding gives a row holding NaN/Inf finite integers: such rows are redone as the decode
