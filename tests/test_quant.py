@@ -526,13 +526,12 @@ def test_int8_activations_cpu(isa, nm, quant, group_size, rows, dtype):
 
 def _a8_same(ref32, xq, dense32, bias, rows, dtype, nm=(2, 4)):
     """What the int8-activation op is held to beside the fp32 reference ``ref32`` (of x rounded,
-    ``xq``): its result rounded once to x's dtype; in bf16 past 64 rows (the decode rows on every
-    CPU), the bf16 GEMM of the rounded x (rounded once more to bf16, W in bf16), as every other bf16
-    batch runs. On AVX-512 BF16 the sparse GEMM does the same from 33 rows at 2:4, from 9 at the
-    other patterns."""
+    ``xq``): its result rounded once to x's dtype; in bf16 on AVX-512 BF16, from 33 rows at 2:4 and
+    from 9 at the other patterns, the bf16 GEMM of the rounded x (rounded once more to bf16, W in
+    bf16), as every other bf16 batch runs there. Other CPUs multiply the rounded x in fp32 (the AVX2
+    sparse GEMM, or fp32 tiles) at any row count."""
     bf16_level = int(torch.ops.sparsekern._cpu_isa()) >= _extension.CPU_ISAS["avx512bf16"]
-    gemm_from = (33 if nm == (2, 4) else 9) if bf16_level else 65
-    if dtype == torch.bfloat16 and rows >= gemm_from:
+    if dtype == torch.bfloat16 and bf16_level and rows >= (33 if nm == (2, 4) else 9):
         return F.linear(xq.to(dtype), dense32.to(dtype), None if bias is None else bias.to(dtype))
     return ref32.to(dtype)
 
