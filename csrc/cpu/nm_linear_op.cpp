@@ -288,15 +288,15 @@ void nm_linear_run(const at::Tensor& x, const at::Tensor& values, const at::Tens
     } else {  // fp16, or bf16 without AVX-512 BF16: fp32 out of the rounded x, then y's dtype
       at::Tensor y32 = at::empty({rows, out_features}, xf.options());
       NMLinearArgs r = a;  // as fp32 x, bias and out: the AVX2 sparse GEMM where it applies
-      const at::Tensor b32 = bias ? bias->to(at::kFloat) : at::Tensor();
-      const at::Tensor s32 = scales.to(at::kFloat);  // scales are read in the x dtype (exact in fp32)
-      r.x = xf.data_ptr();
       r.dtype = DType::kF32;
-      r.scales = s32.data_ptr();
       r.act_block = 0;
-      r.bias = b32.defined() ? b32.data_ptr() : nullptr;
-      r.out = y32.data_ptr();
       if (sparse_gemm(r) == detail::nm_gemm_avx2) {
+        const at::Tensor b32 = bias ? bias->to(at::kFloat) : at::Tensor();
+        const at::Tensor s32 = scales.to(at::kFloat);  // scales are read in the x dtype (exact in fp32)
+        r.x = xf.data_ptr();
+        r.scales = s32.data_ptr();
+        r.bias = b32.defined() ? b32.data_ptr() : nullptr;
+        r.out = y32.data_ptr();
         detail::nm_gemm_avx2(r);
       } else {  // the fp32 tiles
         nm_linear_gemm(a, xf, bias, y32);
