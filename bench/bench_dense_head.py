@@ -3,7 +3,8 @@ GEMV, what :class:`~sparsekern.nn.dense_head.DenseHead` runs), fp32 and bf16, si
 
 ``python bench/bench_dense_head.py [--shapes 32000x2048,49152x576] [--rows 1,2,4,8,16,32]``
 prints one line per case: the median of ``--reps`` back-to-back calls of each, their ratio and
-the GEMV's read rate. The rows where the GEMV wins set ``dense_head.ROWS``. Run it alone.
+the GEMV's read rate. The rows where the GEMV wins set ``dense_head.ROWS`` (AVX-512
+loops) and ``ROWS_AVX2`` (AVX2 loops). Run it alone.
 """
 
 from __future__ import annotations

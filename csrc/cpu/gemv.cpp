@@ -1,4 +1,5 @@
-// Dense GEMV (see gemv.h), 32 bf16 per vdpbf16ps or 16 fp32 per FMA, the K tail by masked loads.
+// Dense GEMV (see gemv.h), 32 bf16 per vdpbf16ps or 16 fp32 per FMA, the K tail by masked loads;
+// on CPUs without them, 8 fp32 per AVX2 FMA (bf16 widened by a shift), the K tail by partial loads.
 // One x row: one weight row at a time, 4 accumulators along K (each thread reads one stream).
 // More x rows: 8 weight rows at a time, each x row against all 8 (weights read once per call, x
 // rows from L1).
@@ -11,6 +12,8 @@
 #include "cpu/gemv.h"
 
 #include <algorithm>
+#include <type_traits>
+#include <vector>
 
 #include "cpu/dtype.h"
 #include "cpu/isa.h"
@@ -18,13 +21,15 @@
 
 #if defined(__x86_64__)
 #include <immintrin.h>
+
+#include "cpu/linear_avx2.h"
 #endif
 
 namespace sparsekern {
 
 bool gemv_supported(DType t) {
 #if defined(__x86_64__)
-  return t == DType::kBF16 ? active_isa() >= Isa::kAvx512Bf16 : t == DType::kF32 && active_isa() >= Isa::kAvx512;
+  return (t == DType::kBF16 || t == DType::kF32) && active_isa() >= Isa::kAvx2;
 #else
   (void)t;
   return false;
@@ -139,14 +144,105 @@ void run_rows(const T* x, int64_t rows, int64_t ldx, const T* w, const T* bias, 
   for (; o < o1; ++o) tile<1>(x, rows, ldx, w, bias, k, o, y, ldy);
 }
 
+// AVX2 + FMA: the same two loops, 8 fp32 per FMA; bf16 weights widened by a shift, x (already
+// fp32: bf16 x is widened once per call by the caller) read from L1.
+template <DType T>
+SK_AVX2 void one_row_avx2(const float* x, const typename Elem<T>::type* w,
+                          const typename Elem<T>::type* bias, int64_t k, int64_t o0, int64_t o1,
+                          typename Elem<T>::type* y) {
+  using detail::load8;
+  using Io = Elem<T>;
+  for (int64_t o = o0; o < o1; ++o) {
+    const auto* wr = w + o * k;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    int64_t c = 0;
+    for (; c + 32 <= k; c += 32) {
+      for (int i = 0; i < 4; ++i) acc[i] = _mm256_fmadd_ps(load8<T>(wr + c + 8 * i), _mm256_loadu_ps(x + c + 8 * i), acc[i]);
+    }
+    for (; c + 8 <= k; c += 8) acc[0] = _mm256_fmadd_ps(load8<T>(wr + c), _mm256_loadu_ps(x + c), acc[0]);
+    if (c < k) {
+      const int left = static_cast<int>(k - c);
+      acc[1] = _mm256_fmadd_ps(detail::load_partial<T>(wr + c, left), detail::load_partial<DType::kF32>(x + c, left),
+                               acc[1]);
+    }
+    const __m256 sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    y[o] = Io::store(detail::hsum(sum) + (bias ? Io::load(bias[o]) : 0.0f));
+  }
+}
+
+template <DType T, int R>
+SK_AVX2 void tile_avx2(const float* x, int64_t rows, int64_t ldx, const typename Elem<T>::type* w,
+                       const typename Elem<T>::type* bias, int64_t k, int64_t o,
+                       typename Elem<T>::type* y, int64_t ldy) {
+  using detail::load8;
+  using Io = Elem<T>;
+  const auto* wr = w + o * k;
+  for (int64_t r = 0; r < rows; ++r) {
+    __m256 acc[R];
+    for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
+    const float* xr = x + r * ldx;
+    int64_t c = 0;
+    for (; c + 8 <= k; c += 8) {
+      const __m256 xv = _mm256_loadu_ps(xr + c);
+      if (r == 0) {
+        for (int i = 0; i < R; ++i) _mm_prefetch(reinterpret_cast<const char*>(wr + (R + i) * k + c), _MM_HINT_T0);
+      }
+      for (int i = 0; i < R; ++i) acc[i] = _mm256_fmadd_ps(load8<T>(wr + i * k + c), xv, acc[i]);
+    }
+    if (c < k) {
+      const int left = static_cast<int>(k - c);
+      const __m256 xv = detail::load_partial<DType::kF32>(xr + c, left);
+      for (int i = 0; i < R; ++i) acc[i] = _mm256_fmadd_ps(detail::load_partial<T>(wr + i * k + c, left), xv, acc[i]);
+    }
+    for (int i = 0; i < R; ++i) {
+      y[r * ldy + o + i] = Io::store(detail::hsum(acc[i]) + (bias ? Io::load(bias[o + i]) : 0.0f));
+    }
+  }
+}
+
+template <DType T>
+void run_rows_avx2(const float* x, int64_t rows, int64_t ldx, const typename Elem<T>::type* w,
+                   const typename Elem<T>::type* bias, int64_t k, int64_t o0, int64_t o1,
+                   typename Elem<T>::type* y, int64_t ldy) {
+  if (rows == 1) return one_row_avx2<T>(x, w, bias, k, o0, o1, y);
+  int64_t o = o0;
+  for (; o + kTile <= o1; o += kTile) tile_avx2<T, kTile>(x, rows, ldx, w, bias, k, o, y, ldy);
+  for (; o < o1; ++o) tile_avx2<T, 1>(x, rows, ldx, w, bias, k, o, y, ldy);
+}
+
+// Whether this dtype runs the AVX-512 loops above (else the AVX2 ones).
+template <class T>
+bool use_avx512() {
+  return std::is_same_v<T, uint16_t> ? active_isa() >= Isa::kAvx512Bf16 : active_isa() >= Isa::kAvx512;
+}
+
 template <class T>
 void gemv_typed(const void* x, int64_t rows, int64_t ldx, const void* w, const void* bias, int64_t n, int64_t k,
                 void* y, int64_t ldy, int threads) {
+  constexpr DType kT = std::is_same_v<T, uint16_t> ? DType::kBF16 : DType::kF32;
+  const bool wide = use_avx512<T>();
+  // AVX2 with bf16 x: x widened to fp32 once, here, not per weight row.
+  std::vector<float> widened;
+  const float* xf = reinterpret_cast<const float*>(x);
+  int64_t ldxf = ldx;
+  if (!wide && kT == DType::kBF16) {
+    widened.resize(static_cast<size_t>(rows * k));
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < k; ++c) widened[r * k + c] = bf16_to_f32(static_cast<const uint16_t*>(x)[r * ldx + c]);
+    }
+    xf = widened.data();
+    ldxf = k;
+  }
   // Chunks of whole tiles (the last one takes the remainder rows).
   const int64_t tiles = (n + kTile - 1) / kTile;
   parallel_range(tiles, decode_threads(threads, rows * n * k), 64, [&](int64_t t0, int64_t t1, int) {
-    run_rows(static_cast<const T*>(x), rows, ldx, static_cast<const T*>(w), static_cast<const T*>(bias), k,
-             t0 * kTile, std::min(n, t1 * kTile), static_cast<T*>(y), ldy);
+    const int64_t o0 = t0 * kTile, o1 = std::min(n, t1 * kTile);
+    if (wide) {
+      return run_rows(static_cast<const T*>(x), rows, ldx, static_cast<const T*>(w), static_cast<const T*>(bias), k,
+                      o0, o1, static_cast<T*>(y), ldy);
+    }
+    run_rows_avx2<kT>(xf, rows, ldxf, static_cast<const T*>(w), static_cast<const T*>(bias), k, o0, o1,
+                      static_cast<T*>(y), ldy);
   });
 }
 

@@ -1,5 +1,5 @@
 // sparsekern::_lean_head_cpu(x, weight): x [rows, k] @ weight.T for x and weight [n, k] both bf16
-// (needs AVX-512 BF16) or both fp32 (AVX-512), no bias: the lean decode step's LM head
+// or both fp32 (AVX2 at least; AVX-512 / AVX-512 BF16 where the CPU has it), no bias: the lean decode step's LM head
 // (sparsekern/lean/native.py head_weight asks _cpu_isa first); anything the kernels do not take
 // raises, naming the argument.
 #include <ATen/ATen.h>
@@ -23,8 +23,7 @@ at::Tensor lean_head_cpu(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == weight.size(1), "x: expected shape (rows, ", weight.size(1),
                     ") (in_features), got ", py_shape(x.sizes()));
   const DType t = to_dtype(x.scalar_type());
-  TORCH_CHECK_VALUE(gemv_supported(t), "_lean_head_cpu: this CPU has no ", t == DType::kBF16 ? "AVX-512 BF16" : "AVX-512",
-                    " for ", x.scalar_type(), " (see _cpu_isa)");
+  TORCH_CHECK_VALUE(gemv_supported(t), "_lean_head_cpu: this CPU has no AVX2 for ", x.scalar_type(), " (see _cpu_isa)");
   const at::Tensor xc = x.contiguous();
   at::Tensor y = new_output({x.size(0), weight.size(0)}, x.options());
   const int64_t n = weight.size(0), k = weight.size(1);

@@ -75,8 +75,8 @@ def pack_linear(mod: nn.Module, dtype: torch.dtype) -> tuple[list, list[int]] | 
 
 
 def head_weight(lm_head: nn.Module) -> torch.Tensor | None:
-    """The LM head's weight where ``_lean_head_cpu`` runs it (a bias-free ``nn.Linear``, bf16 on a CPU
-    with AVX-512 BF16 or fp32 with AVX-512), else None (the head module runs).
+    """The LM head's weight where ``_lean_head_cpu`` runs it (a bias-free ``nn.Linear``, bf16 or fp32
+    on a CPU with AVX2 at least), else None (the head module runs).
 
     NOTE: SmolLM2's tied head, 49152 x 576, 1 row, 2 threads, Zen 4: bf16 2.2 ms against 3.3 for
     F.linear (26 against 17 GB/s), 3 rows 2.8 against 4.8; fp32 3.9 against 9.7 (29 against 12)."""

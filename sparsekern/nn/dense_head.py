@@ -7,16 +7,20 @@ gives; ``_lean_head_cpu`` (csrc/cpu/gemv.cpp, the lean decode path's head) reads
 
 :class:`DenseHead` is an ``nn.Linear`` (same parameters, same state dict, tied weights stay tied)
 whose forward sends x to ``_lean_head_cpu`` when that kernel is faster and gives the same answer:
-CPU, no bias, x and weight of one dtype the kernel takes on this CPU (:func:`gemv_isa`), at most
-``ROWS[dtype]`` rows, and no autograd to record. Anything else runs ``F.linear``.
+CPU, no bias, x and weight of one dtype the kernel takes on this CPU, at most :func:`most_rows`
+rows, and no autograd to record. Anything else runs ``F.linear``.
 :func:`use_dense_head` turns a model's head into one in place (``sparsify``'s ``head="auto"``,
 the default, and ``from_pretrained`` of a sparsekern folder).
 
-NOTE: ROWS, 2-core Zen 4 (AVX-512 BF16), ``bench/bench_dense_head.py`` (median of 30 calls;
-bench/results/cpu-epyc-zen4-avx512-2core-2026-11-27-session10.md): 32000x2048 fp32 1 row 6.4 ms
-against 11.7 for F.linear, 8 rows 11.6 against 31.6, 32 rows 24.6 against 46.2; bf16 1 row 2.5
-against 4.5, 8 rows 4.4 against 4.9, 16 rows 6.1 against 5.8 (the GEMV loses from there). The
-49152x576 head (SmolLM2) the same way: fp32 2.3-5.1x at 1-32 rows, bf16 1.3-1.7x at 1-8, 0.99x at 16.
+NOTE: ROWS, ``bench/bench_dense_head.py`` (median of 20-30 calls), 32000x2048:
+- 2-core Zen 4 (AVX-512 BF16; bench/results/cpu-epyc-zen4-avx512-2core-2026-11-27-session10.md):
+  fp32 1 row 6.4 ms against 11.7 for F.linear, 8 rows 11.6 against 31.6, 32 rows 24.6 against
+  46.2; bf16 1 row 2.5 against 4.5, 8 rows 4.4 against 4.9, 16 rows 6.1 against 5.8 (the GEMV
+  loses from there). The 49152x576 head (SmolLM2) the same way: fp32 2.3-5.1x at 1-32 rows, bf16
+  1.3-1.7x at 1-8, 0.99x at 16.
+- 2-core Zen 3 (AVX2, the AVX2 loops; bench/results/cpu-epyc-zen3-avx2-2core-2026-11-28-session22.md):
+  fp32 1 row 9.7 ms against 14.7, 32 rows 80 against 111; bf16 1 row 6.0 against 7.8, 32 rows 78
+  against 205 (torch's bf16 GEMM is slow on a CPU without AVX-512 BF16); 49152x576 1.4-4.8x.
 """
 
 from __future__ import annotations
@@ -27,16 +31,27 @@ from torch import nn
 
 from sparsekern import _extension
 
-# dtype -> the torch.ops.sparsekern._cpu_isa() the GEMV needs (csrc/cpu/isa.h: 2 AVX-512, 3 + BF16)
-_ISA = {torch.float32: 2, torch.bfloat16: 3}
-# dtype -> the most rows of x the GEMV takes (measured: NOTE above)
+# dtype -> the torch.ops.sparsekern._cpu_isa() of its AVX-512 loops (csrc/cpu/isa.h: 1 AVX2,
+# 2 AVX-512, 3 + BF16); from 1 up to that, the AVX2 loops.
+_WIDE_ISA = {torch.float32: 2, torch.bfloat16: 3}
+# dtype -> the most rows of x the GEMV takes (measured: NOTE above), AVX-512 loops and AVX2 loops
 ROWS = {torch.float32: 32, torch.bfloat16: 8}
+ROWS_AVX2 = {torch.float32: 32, torch.bfloat16: 32}
+
+
+def most_rows(dtype: torch.dtype) -> int:
+    """The most rows of x that ``DenseHead`` sends to ``_lean_head_cpu`` on this CPU (and under
+    ``SPARSEKERN_CPU_ISA`` now); 0 where that kernel does not run ``dtype``."""
+    wide = _WIDE_ISA.get(dtype)
+    if wide is None or not _extension.HAS_C_EXT:
+        return 0
+    isa = int(torch.ops.sparsekern._cpu_isa())
+    return ROWS[dtype] if isa >= wide else ROWS_AVX2[dtype] if isa >= 1 else 0
 
 
 def gemv_isa(dtype: torch.dtype) -> bool:
     """Whether ``_lean_head_cpu`` runs ``dtype`` on this CPU (and under ``SPARSEKERN_CPU_ISA`` now)."""
-    need = _ISA.get(dtype)
-    return need is not None and _extension.HAS_C_EXT and int(torch.ops.sparsekern._cpu_isa()) >= need
+    return most_rows(dtype) > 0
 
 
 class DenseHead(nn.Linear):
@@ -51,10 +66,10 @@ class DenseHead(nn.Linear):
             and x.dtype == w.dtype
             and x.dim() >= 1
             and x.shape[-1] == w.shape[1]
-            and 0 < x.numel() <= ROWS.get(w.dtype, 0) * w.shape[1]
+            and x.numel() > 0
             and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
             and w.is_contiguous()
-            and gemv_isa(w.dtype)
+            and x.numel() <= most_rows(w.dtype) * w.shape[1]
         ):
             y = torch.ops.sparsekern._lean_head_cpu.default(x.reshape(-1, w.shape[1]), w)
             return y.view(*x.shape[:-1], w.shape[0])
