@@ -2,9 +2,10 @@
 // x row, torch-free: 22 x (qkv 2560x2048, o 2048x2048, gate_up 11264x2048, down 2048x5632) + head
 // 32000x2048 = 2.07 GB per pass, as one decode token reads them. Prints the median and best GB/s
 // of 30 passes. Each weight has its own anonymous mapping, advised MADV_HUGEPAGE or
-// MADV_NOHUGEPAGE by the first argument.
+// MADV_NOHUGEPAGE by the first argument. AVX-512 BF16 CPUs run the vdpbf16ps loops, others with
+// AVX2 the widening ones.
 //
-//   g++ -O3 -std=c++17 -march=x86-64-v3 -Icsrc -o /tmp/gemv_stream bench/cpp/gemv_stream.cpp \
+//   g++ -O3 -std=c++17 -march=x86-64-v3 -fopenmp -Icsrc -o /tmp/gemv_stream bench/cpp/gemv_stream.cpp \
 //       csrc/cpu/gemv.cpp csrc/cpu/parallel.cpp csrc/cpu/isa.cpp -lpthread
 //   /tmp/gemv_stream 1 [threads]
 #include <sys/mman.h>
@@ -24,7 +25,7 @@ int main(int argc, char** argv) {
   const bool huge = argc > 1 && std::atoi(argv[1]) != 0;
   const int threads = argc > 2 ? std::atoi(argv[2]) : 2;
   if (!sparsekern::gemv_supported(DType::kBF16)) {
-    std::puts("this CPU has no AVX-512 BF16: nothing to measure");
+    std::puts("this CPU has no AVX2: nothing to measure");
     return 0;
   }
   struct Shape {
