@@ -49,6 +49,33 @@ def test_decide_needs_a_five_percent_win():
     assert dispatch.decide({"dense": 1.0, "cpu": 0.94, "triton": 0.99}) == "cpu"
     assert dispatch.decide({"dense": 1.0, "reference": 0.5}) == "dense"
     assert dispatch.decide({"reference": 2.0, "cpu": 1.0}) == "cpu"
+    below = dispatch.PREFILL_ROWS - 1
+    assert dispatch.decide({"dense": 1.0, "cpu": 0.96}, rows=below) == "dense"
+
+
+def test_decide_at_prefill_rows_keeps_no_copy_for_noise():
+    """From PREFILL_ROWS rows on a sparse kernel up to 5% slower wins (no dense copy kept)."""
+    rows = dispatch.PREFILL_ROWS
+    assert dispatch.decide({"dense": 1.0, "cpu": 0.96}, rows=rows) == "cpu"
+    assert dispatch.decide({"dense": 1.0, "cpu": 1.04}, rows=rows) == "cpu"
+    assert dispatch.decide({"dense": 1.0, "cpu": 1.06}, rows=rows) == "dense"
+    assert dispatch.decide({"dense": 1.0, "reference": 0.5}, rows=rows) == "dense"
+    assert dispatch.decide({"dense": 1.0, "cpu": 1.03, "triton": 1.01}, rows=4 * rows) == "triton"
+
+
+@pytest.mark.parametrize("rows, want", [(dispatch.PREFILL_ROWS - 1, "dense"), (dispatch.PREFILL_ROWS, "cuda")])
+def test_tune_passes_the_rows(measured, monkeypatch, rows, want):
+    """tune() of a linear gives decide() the rows of x: a kernel 2% slower than dense loses below
+    PREFILL_ROWS and wins from there."""
+    only_backends("nm_linear", "reference", "dense")
+    dispatch.register("nm_linear", "cuda", dispatch.implementations("nm_linear")["dense"].fn)
+    monkeypatch.setattr(
+        dispatch, "time_impls", lambda impls, args: {i.backend: (1.02 if i.backend == "cuda" else 1.0) for i in impls}
+    )
+    w, _ = _weight()
+    x = torch.randn(rows, w.shape[1])
+    winner, times = dispatch.tune("nm_linear", x, w.values, w.meta, w.n, w.m)
+    assert winner == want and times == {"dense": 1.0, "cuda": 1.02}
 
 
 def test_cache_written_and_read_back(measured, monkeypatch):

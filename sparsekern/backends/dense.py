@@ -2,8 +2,9 @@
 for ``pruned_attention``, torch's SDPA on the gathered keys.
 
 This is what a swapped layer runs where no sparse kernel beats the dense layer it replaced by
-``dispatch.MARGIN`` (5%): the same GEMM as ``nn.Linear``, so the layer is never slower than dense
-by more than the measurement noise. The measured chooser is its only intended caller; in the
+``dispatch.MARGIN`` (5%), or, from ``dispatch.PREFILL_ROWS`` rows of x on, where every sparse
+kernel is more than that slower: the same GEMM as ``nn.Linear``, so the layer is never more than
+5% slower than dense (give or take the measurement noise). The measured chooser is its only intended caller; in the
 ``first`` order it comes after every sparse kernel.
 
 Plans (:mod:`sparsekern.plan`) that pick this backend hold the copy themselves and call
