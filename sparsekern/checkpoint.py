@@ -40,6 +40,7 @@ from sparsekern.formats.bsr import BlockSparseWeight
 from sparsekern.formats.nm import NMSparseWeight
 from sparsekern.formats.quant import QUANTS
 from sparsekern.nn import quant_linear as quant_head
+from sparsekern.nn.decode_attention import use_decode_attention
 from sparsekern.nn.dense_head import use_dense_head
 from sparsekern.nn.linear import SparseLinear, is_conv1d, linear_features
 from sparsekern.nn.moe import SparseExperts
@@ -274,8 +275,9 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         if undo is not None:
             undo()
         raise
-    if sparse:  # as sparsify's head="auto" left it (a dense checkpoint loads as it was saved)
+    if sparse:  # as sparsify left it (a dense checkpoint loads as it was saved)
         use_dense_head(model)
+        use_decode_attention(model)
     return model
 
 

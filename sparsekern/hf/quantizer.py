@@ -38,6 +38,7 @@ from sparsekern.formats.nm import NMSparseWeight, meta_words
 from sparsekern.formats.quant import groups_of
 from sparsekern.hf import METHOD
 from sparsekern.nn import quant_linear as quant_head
+from sparsekern.nn.decode_attention import use_decode_attention
 from sparsekern.nn.dense_head import use_dense_head
 from sparsekern.nn.linear import SparseLinear, is_conv1d, linear_features
 from sparsekern.nn.moe import SparseExperts
@@ -120,8 +121,9 @@ class SparsekernHfQuantizer(HfQuantizer):
                     experts_ckpt.validate(mod.weights("up"), mod.weights("down"))
                 except ValueError as exc:
                     raise ValueError(f"{self._where}: layer {name!r}: {exc}") from None
-        if compressed:  # the dense LM head's decode rows on the GEMV where it runs here, as sparsify left it
+        if compressed:  # the dense LM head's decode rows on the GEMV, decode attention: as sparsify left it
             use_dense_head(model)
+            use_decode_attention(model)
         return model
 
     def is_serializable(self) -> bool:

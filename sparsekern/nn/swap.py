@@ -18,6 +18,7 @@ from sparsekern import hugepages
 from sparsekern.formats.bsr import GROUP_STEP
 from sparsekern.formats.nm import SUPPORTED_DTYPES
 from sparsekern.formats.quant import check_quant
+from sparsekern.nn.decode_attention import use_decode_attention
 from sparsekern.nn.dense_head import head_module, use_dense_head
 from sparsekern.nn.linear import SparseLinear, dense_weight, is_conv1d, linear_features
 from sparsekern.nn.moe import SparseExperts, expert_weights, experts_layout, find_experts, up_name
@@ -131,6 +132,9 @@ def sparsify(
       stays as it is; ``config.tie_word_embeddings`` is set to False). Off the CPU, or where the
       CPU lacks the int8 kernel (AVX-512 VBMI + VNNI), the head stays dense and its report row
       says why.
+    - A Llama / Qwen2 / Mistral decoder on ``sdpa`` attention with any layer swapped also gets
+      sparsekern's decode attention (:mod:`sparsekern.nn.decode_attention`: one-position decode on
+      the CPU as G query rows per KV head, everything else as before).
 
     Layers whose shape does not fit their pattern are skipped and listed in the report, as are
     weights no kernel takes (fused MoE expert stacks, routers), with the reason.
@@ -262,6 +266,8 @@ def sparsify(
             cfg.tie_word_embeddings = False  # the int8 head is its own tensor now
     if head is not None and not isinstance(new.get(head_name), QuantLinear):
         _dense_head(model, plan, rows)
+    if new:
+        use_decode_attention(model)
     hugepages.rehome_module(model)  # decode streams these weights every token
     return report
 
