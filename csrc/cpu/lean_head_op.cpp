@@ -1,7 +1,7 @@
 // sparsekern::_lean_head_cpu(x, weight): x [rows, k] @ weight.T for x and weight [n, k] both bf16
-// or both fp32 (AVX2 at least; AVX-512 / AVX-512 BF16 where the CPU has it), no bias: the lean decode step's LM head
-// (sparsekern/lean/native.py head_weight asks _cpu_isa first); anything the kernels do not take
-// raises, naming the argument.
+// or both fp32 (AVX2 at least; AVX-512 / AVX-512 BF16 where the CPU has it), no bias: the lean
+// decode step's LM head and DenseHead's decode rows (sparsekern/nn/dense_head.py asks _cpu_isa
+// first); anything the kernels do not take raises, naming the argument.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
