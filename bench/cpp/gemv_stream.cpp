@@ -6,7 +6,7 @@
 // AVX2 the widening ones.
 //
 //   g++ -O3 -std=c++17 -march=x86-64-v3 -fopenmp -Icsrc -o /tmp/gemv_stream bench/cpp/gemv_stream.cpp \
-//       csrc/cpu/gemv.cpp csrc/cpu/parallel.cpp csrc/cpu/isa.cpp -lpthread
+//       csrc/cpu/gemv.cpp csrc/cpu/linear_common.cpp csrc/cpu/parallel.cpp csrc/cpu/isa.cpp -lpthread
 //   /tmp/gemv_stream 1 [threads]
 #include <sys/mman.h>
 

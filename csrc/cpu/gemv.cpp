@@ -17,6 +17,7 @@
 
 #include "cpu/dtype.h"
 #include "cpu/isa.h"
+#include "cpu/linear_common.h"
 #include "cpu/parallel.h"
 
 #if defined(__x86_64__)
@@ -227,9 +228,7 @@ void gemv_typed(const void* x, int64_t rows, int64_t ldx, const void* w, const v
   int64_t ldxf = ldx;
   if (!wide && kT == DType::kBF16) {
     widened.resize(static_cast<size_t>(rows * k));
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t c = 0; c < k; ++c) widened[r * k + c] = bf16_to_f32(static_cast<const uint16_t*>(x)[r * ldx + c]);
-    }
+    convert_rows_f32(x, rows, k, ldx, kT, widened.data(), k, 1);
     xf = widened.data();
     ldxf = k;
   }
