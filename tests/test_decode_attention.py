@@ -128,7 +128,7 @@ def _greedy(model, ids, new=6):
     return out, logits
 
 
-def _fast_calls(model) -> int:
+def _swapped(model) -> int:
     return sum(
         1 for m in model.modules() if getattr(m, "config", None) is not None and m.config._attn_implementation == NAME
     )
@@ -141,7 +141,7 @@ def test_sparsify_gives_it_and_tokens_stay(monkeypatch):
     before = copy.deepcopy(model)
     for layer in before.model.layers:  # the same sparse model on HF's own attention
         _attn_patch.restore_attention(layer.self_attn)
-    assert _fast_calls(model) == 2 and _fast_calls(before) == 0
+    assert _swapped(model) == 2 and _swapped(before) == 0
     assert model.config._attn_implementation == "sdpa"  # the model's config is untouched
     assert use_decode_attention(model) == 0  # already swapped
     seen = _spy(monkeypatch)
@@ -158,7 +158,7 @@ def test_sparsify_gives_it_and_tokens_stay(monkeypatch):
 def test_which_models():
     dense = tiny_lm.llama()
     sk.sparsify(dense, "2:4", progress=False, skip=["*"])  # nothing swapped: attention left alone
-    assert _fast_calls(dense) == 0
+    assert _swapped(dense) == 0
     eager = tiny_lm.llama()
     eager.config._attn_implementation = "eager"
     for layer in eager.model.layers:
@@ -174,8 +174,8 @@ def test_saved_folders_get_it(tmp_path):
     sk.sparsify(model, "2:4", progress=False)
     sk.save(model, tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert _fast_calls(loaded) == 2 and loaded.config._attn_implementation == "sdpa"
-    assert _fast_calls(sk.load(tmp_path, tiny_lm.llama())) == 2
+    assert _swapped(loaded) == 2 and loaded.config._attn_implementation == "sdpa"
+    assert _swapped(sk.load(tmp_path, tiny_lm.llama())) == 2
     ids = tiny_lm.ids(batch=1)
     assert torch.equal(_greedy(loaded, ids)[0], _greedy(model, ids)[0])
 
@@ -191,5 +191,5 @@ def test_kv_eviction_on_top():
     enable_kv_eviction(model)
     assert torch.equal(_greedy(model, ids)[0], want)
     disable_kv_eviction(model)
-    assert _fast_calls(model) == 2
+    assert _swapped(model) == 2
     assert torch.equal(_greedy(model, ids)[0], want)

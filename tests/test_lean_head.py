@@ -22,11 +22,9 @@ TOL = {torch.bfloat16: (8e-3, 1e-3), torch.float32: (1e-5, 1e-6)}
 op = torch.ops.sparsekern._lean_head_cpu
 
 
-@pytest.fixture(params=[name for name in RUNNABLE_ISAS if ISAS[name] >= 1])
-def isa(request, monkeypatch):
-    """Each GEMV path this CPU runs (AVX2; AVX-512 for fp32; AVX-512 BF16 for bf16)."""
-    monkeypatch.setenv("SPARSEKERN_CPU_ISA", request.param)
-    return request.param
+# Each GEMV path this CPU runs (AVX2; AVX-512 for fp32; AVX-512 BF16 for bf16), through conftest's
+# `isa` fixture.
+GEMV_ISAS = pytest.mark.parametrize("isa", [name for name in RUNNABLE_ISAS if ISAS[name] >= 1], indirect=True)
 
 
 @pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
@@ -40,6 +38,7 @@ def threads(request):
 @pytest.mark.parametrize("dtype", [BF16, pytest.param(torch.float32, id="fp32")])
 @pytest.mark.parametrize("rows", [1, 3, 9])
 @pytest.mark.parametrize("n, k", [(1, 1), (7, 15), (13, 33), (64, 64), (1003, 72), (4099, 577)])
+@GEMV_ISAS
 def test_matches_fp32_matmul(n, k, rows, dtype, threads, isa):
     torch.manual_seed(n * 1000 + k)
     w = torch.randn(n, k).to(dtype)
@@ -59,6 +58,7 @@ def _smollm2_head(dtype):
 
 @pytest.mark.parametrize("dtype", [BF16, pytest.param(torch.float32, id="fp32")])
 @pytest.mark.parametrize("rows", [1, 3])
+@GEMV_ISAS
 def test_real_head_shape(rows, dtype, isa):
     """SmolLM2-135M's tied head, 49152 x 576 (conftest poisons the op's output with NaN first: a
     row left unwritten would show)."""
@@ -71,6 +71,7 @@ def test_real_head_shape(rows, dtype, isa):
 
 
 @pytest.mark.parametrize("dtype", [BF16, pytest.param(torch.float32, id="fp32")])
+@GEMV_ISAS
 def test_strided_x_and_non_finite(dtype, isa):
     w = torch.randn(40, 96).to(dtype)
     x = torch.randn(3, 192).to(dtype)[:, ::2]  # a strided view
