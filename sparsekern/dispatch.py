@@ -68,9 +68,16 @@ PREFILL_ROWS = 129
 # for kernels without nonfinite_exact adds ~3 us, covered here).
 SPARSE_CALL_OVERHEAD_S = 4e-6
 # Drift check: 1 auto call in SAMPLE_EVERY per bucket is timed (~1 us: two clock reads); two
-# samples in a row off the stored figure by more than DRIFT x (either way) re-measure the bucket.
+# samples in a row off the stored figure by more than DRIFT x (either way) and by more than
+# DRIFT_FLOOR_S re-measure the bucket. NOTE: the floor. A stored figure times the backend's
+# registered function, a plan runs what the backend keeps per weight (the dense fallback: F.linear
+# on its copy, without the copy lookup), so at a few us a call the two differ by 2-3x for good:
+# a 16x64 layer at 1 row (Zen 3) stored dense 10.4 us and sampled ~3.5 us, and was re-measured
+# (and the cache file rewritten, every plan in the process re-made) every 128 calls, which made
+# its calls ~15 us slower on average. A choice between calls this short is worth less than that.
 SAMPLE_EVERY = 64
 DRIFT = 2.0
+DRIFT_FLOOR_S = 50e-6
 # Re-measurements of a bucket whose candidates stayed implausibly slow (see dispatch_measure):
 # each is done at a later sample, when the disturbance may be gone.
 SUSPECT_RETRIES = 3
@@ -373,7 +380,12 @@ def _check_drift(op: str, key: tuple, backend: str, count: list, args: tuple, se
     """Measure ``key``'s bucket again when its entry is suspect or two samples in a row drifted."""
     entry = dispatch_cache.entries(key[0]).get(key[1], {})
     stored = entry.get("times_ms", {}).get(backend)
-    drifted = isinstance(stored, (int, float)) and stored > 0 and not 1 / DRIFT <= seconds * 1e3 / stored <= DRIFT
+    drifted = (
+        isinstance(stored, (int, float))
+        and stored > 0
+        and not 1 / DRIFT <= seconds * 1e3 / stored <= DRIFT
+        and abs(seconds - stored * 1e-3) > DRIFT_FLOOR_S
+    )
     count[1] = count[1] + 1 if drifted else 0
     suspect = entry.get("suspect", 0)
     if count[1] >= 2 or (isinstance(suspect, int) and suspect > 0):

@@ -106,6 +106,31 @@ def test_poisoned_entry_is_remeasured_on_drift(measured, monkeypatch, fixed_band
     assert dispatch.select("nm_linear", *args).backend == "cpu"
 
 
+@pytest.mark.parametrize(
+    ("stored_ms", "sampled_s", "remeasured"),
+    [
+        (0.0104, 3.5e-6, False),  # 3x off, 7 us apart: a planned call that skips the copy lookup
+        (0.0104, 400e-6, True),  # a tiny layer that now takes 0.4 ms: measured again
+        (0.5, 0.1e-3, True),  # 5x and 0.4 ms off
+        (0.5, 0.3e-3, False),  # inside DRIFT x
+    ],
+)
+def test_drift_needs_a_ratio_and_a_floor(measured, monkeypatch, stored_ms, sampled_s, remeasured):
+    """Two samples in a row re-measure a bucket only when they are more than DRIFT x off the
+    stored figure and more than DRIFT_FLOOR_S away from it."""
+    only_backends("nm_linear", "reference", "dense")
+    dispatch.register("nm_linear", "cpu", _fast_kernel)
+    w, x, args = _weight()
+    path, key = dispatch.cache_path(x.device), dispatch.bucket_key("nm_linear", *args)
+    dispatch_cache.put(path, key, {"backend": "dense", "times_ms": {"dense": stored_ms, "cpu": 2 * stored_ms}})
+    tuned = []
+    monkeypatch.setattr(dispatch, "tune", lambda *a, **k: tuned.append(1))
+    count = [dispatch.SAMPLE_EVERY, 0]
+    for _ in range(2):
+        dispatch._check_drift("nm_linear", (path, key), "dense", count, args, sampled_s)
+    assert bool(tuned) == remeasured
+
+
 @pytest.mark.parametrize("caller", ["op", "layer"])
 def test_poisoned_entry_is_remeasured_through_plans(measured, monkeypatch, fixed_bandwidth, caller):
     """Plans (the public op's and SparseLinear's) hold the sampled call too: a choice stored from
