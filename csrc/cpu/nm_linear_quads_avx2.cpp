@@ -162,10 +162,18 @@ SK_AVX2 inline __m256 vec_x(const float* xs, __m256i idx, __m256 bit2) {
 // 2:4 bf16 1.27 ns per 8 values with 1 row, 1.8 with 2, 1.5-1.8 with 4; fp32 within noise.
 // Q = 8 / 4: quantized values (T then only names x's type, read through xq and load_f32); each
 // 8-slot vector of a super-step lies in one scale group (a.groups == 1 or a.group_kept % 8 ==
-// 0), whose scale s and -zero * s turn the integers into weights with one FMA per 8. H: the two
-// halves of a step may lie in different groups (group_kept % 16 != 0), else they share one.
-// NOTE: tracking both halves where they share a group made 2:4 int4 g32 (bf16 x, 11008x4096,
-// 1 row) 2.3 -> 4.9 ms: the scalar scale reload is a large part of a step.
+// 0). H: the two halves of a step may lie in different groups (group_kept % 16 != 0), else they
+// share one. With H, the group's scale s and -zero * s turn the integers into weights with one
+// FMA per 8. Without it, the steps of a group accumulate (q - zero) * x and the group's sum is
+// scaled once, when the next group starts and after the row: one subtraction per 8 instead of
+// the FMA, and 2 FMAs a group instead of 2 a step. NOTE: Zen 3, bf16 x, 1 row, time over the bf16
+// 2:4 kernel's in the same process, FMA per step -> scaled per group: 1024x4096 hot in L3, 1
+// thread: int8 1.54 -> 1.35, int8 g128 1.98 -> 1.53, int4 g128 1.99 -> 1.78; 11008x4096 from
+// memory, 2 threads (bench/bench_quant_decode.py): int8 1.06 -> 1.01, int4 g128 1.47 -> 1.20.
+// Still compute-bound there (~9 cycles per 16 slots): not below the bf16 kernel's time on AVX2.
+// NOTE: tracking both halves where they share a group made
+// 2:4 int4 g32 (bf16 x, 11008x4096, 1 row) 2.3 -> 4.9 ms: the scalar scale reload is a large
+// part of a step.
 template <DType T, int N, int M, int R, int Q = 0, bool H = false>
 SK_AVX2 void quads_rows(const NMLinearArgs& a, const float* xq, int64_t ldq, int64_t r0, int64_t o) {
   constexpr Lanes L = Q ? Lanes::kInOrder : lanes_for<T, N>();
@@ -180,10 +188,33 @@ SK_AVX2 void quads_rows(const NMLinearArgs& a, const float* xq, int64_t ldq, int
   const int64_t group_kept = a.groups == 1 ? INT64_MAX : a.group_kept;
   int64_t group[2] = {-1, -1}, group_end[2] = {0, 0};  // group -1 ends at slot 0
   __m256 scale[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, shift[2] = {scale[0], scale[0]};
+  // acc0/acc1: sums of the group in progress (quantized, !H) or of the row; tot: the scaled sums.
+  __m256 acc0[R], acc1[R], tot[R];
+  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = tot[r] = _mm256_setzero_ps();
+  auto flush = [&]() SK_AVX2 {  // quantized, !H: the finished group's sums, scaled, into tot
+    for (int r = 0; r < R; ++r) {
+      tot[r] = _mm256_fmadd_ps(_mm256_add_ps(acc0[r], acc1[r]), scale[0], tot[r]);
+      acc0[r] = acc1[r] = _mm256_setzero_ps();
+    }
+  };
   // Weights of super-step s (from a zero-padded copy on the row's last, partial one).
   auto load = [&](int64_t s, const void* src, __m256& wa, __m256& wb) SK_AVX2 {
     if constexpr (Q == 0) {
       load16<T, L>(static_cast<const E*>(src), wa, wb);
+    } else if constexpr (!H) {
+      if (16 * s >= group_end[0]) {
+        if (group[0] >= 0) flush();
+        while (16 * s >= group_end[0]) {
+          ++group[0];
+          group_end[0] += group_kept;
+        }
+        group[0] = std::min(group[0], a.groups - 1);
+        scale[0] = _mm256_set1_ps(nm_scale(a, o, group[0]));
+        shift[0] = _mm256_set1_ps(static_cast<float>(nm_zero(a, o, group[0])));
+      }
+      load16q<Q>(static_cast<const uint8_t*>(src), wa, wb);
+      wa = _mm256_sub_ps(wa, shift[0]);
+      wb = _mm256_sub_ps(wb, shift[0]);
     } else {
       for (int t = 0; t < (H ? 2 : 1); ++t) {
         if (16 * s + 8 * t >= group_end[t]) {
@@ -206,8 +237,6 @@ SK_AVX2 void quads_rows(const NMLinearArgs& a, const float* xq, int64_t ldq, int
   };
   const int32_t* mrow = a.meta + o * words;
   const float* xr = xq + r0 * ldq;
-  __m256 acc0[R], acc1[R];
-  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
   // One super-step: weights wa, wb; meta from `m4` (M = 4: the word; M = 8: its 4 words).
   auto step = [&](const __m256 wa, const __m256 wb, const __m256i m4, int ph, int64_t s) SK_AVX2 {
     __m256i ia, ib;
@@ -268,9 +297,13 @@ SK_AVX2 void quads_rows(const NMLinearArgs& a, const float* xq, int64_t ldq, int
       ph = ph == 4 ? 0 : ph + 1;
     }
   }
+  if constexpr (Q != 0 && !H) {
+    flush();
+  } else {
+    for (int r = 0; r < R; ++r) tot[r] = _mm256_add_ps(acc0[r], acc1[r]);
+  }
   const float b = a.bias ? load_f32(a.bias, o, a.dtype) : 0.0f;
-  for (int r = 0; r < R; ++r)
-    store_f32(a.out, (r0 + r) * a.ldo + o, hsum(_mm256_add_ps(acc0[r], acc1[r])) + b, a.dtype);
+  for (int r = 0; r < R; ++r) store_f32(a.out, (r0 + r) * a.ldo + o, hsum(tot[r]) + b, a.dtype);
 }
 
 template <DType T, int N, int M, int Q = 0, bool H = false>
