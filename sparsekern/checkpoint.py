@@ -276,9 +276,16 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
             undo()
         raise
     if sparse:  # as sparsify left it (a dense checkpoint loads as it was saved)
-        use_dense_head(model)
-        use_decode_attention(model)
+        use_decode_paths(model)
     return model
+
+
+def use_decode_paths(model) -> None:
+    """What ``sparsify`` leaves on a model besides its layers, for the loaders of a sparsekern
+    folder (:func:`load`, the HF quantizer): the dense LM head's decode rows on the GEMV
+    (:func:`use_dense_head`) and decode attention (:func:`use_decode_attention`)."""
+    use_dense_head(model)
+    use_decode_attention(model)
 
 
 _LAYER_FIELDS = {

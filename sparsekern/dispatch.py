@@ -252,7 +252,7 @@ def decide(times: dict[str, float], rows: int = 1) -> str:
 def _rows_of(op: str, args: tuple) -> int:
     """Rows of x for the linears (x first, [rows, K]); 1 for other ops (the strict rule)."""
     x = args[0] if args else None
-    if op in ("nm_linear", "bsr_linear") and isinstance(x, torch.Tensor) and x.dim() == 2:
+    if op in dispatch_measure.LINEAR_OPS and isinstance(x, torch.Tensor) and x.dim() == 2:
         return int(x.shape[0])
     return 1
 

@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from sparsekern import dispatch, dispatch_cache
+from sparsekern import dispatch, dispatch_cache, dispatch_measure
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -71,7 +71,7 @@ def retune(args: argparse.Namespace) -> int:
         print(f"nothing to retune: no entries in {path}")
     for key, e in sorted(entries.items()):
         op, recipe = key.split("|", 1)[0], e.get("args")
-        if not isinstance(recipe, dict) or op not in ("nm_linear", "bsr_linear"):
+        if not isinstance(recipe, dict) or op not in dispatch_measure.LINEAR_OPS:
             print(f"  {key}: skipped (no recorded arguments)")
             continue
         try:

@@ -49,6 +49,9 @@ PEAK_FLOPS_GPU = 1000e12
 BANDWIDTH_PROBE_BYTES = 128 << 20
 
 _bandwidth: dict[str, float] = {}
+# The ops whose arguments are (x [rows, K], weight..., bias...): modelled here, row-bucketed by
+# dispatch's prefill rule, re-made from a recipe by `sparsekern dispatch retune`.
+LINEAR_OPS = ("nm_linear", "bsr_linear")
 
 
 def bandwidth(device: torch.device) -> float:
@@ -75,7 +78,7 @@ def _nbytes(t) -> int:
 
 def work(op: str, backend: str, args: tuple) -> tuple[int, int] | None:
     """(bytes, flops) of one call of ``op`` by ``backend`` on ``args``; None when not modelled."""
-    if op not in ("nm_linear", "bsr_linear"):
+    if op not in LINEAR_OPS:
         return None
     bias_at = 5 if op == "nm_linear" else 4  # (x, values, meta, n, m, bias) / (x, crow, col, blocks, bias)
     x, bias = args[0], args[bias_at] if len(args) > bias_at else None

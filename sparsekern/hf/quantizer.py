@@ -32,14 +32,12 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from sparsekern import checkpoint_moe as experts_ckpt
-from sparsekern.checkpoint import FORMAT_VERSION, check_config, check_safetensors, layer_tensors
+from sparsekern.checkpoint import FORMAT_VERSION, check_config, check_safetensors, layer_tensors, use_decode_paths
 from sparsekern.formats.bsr import BlockSparseWeight, check_group_size
 from sparsekern.formats.nm import NMSparseWeight, meta_words
 from sparsekern.formats.quant import groups_of
 from sparsekern.hf import METHOD
 from sparsekern.nn import quant_linear as quant_head
-from sparsekern.nn.decode_attention import use_decode_attention
-from sparsekern.nn.dense_head import use_dense_head
 from sparsekern.nn.linear import SparseLinear, is_conv1d, linear_features
 from sparsekern.nn.moe import SparseExperts
 from sparsekern.nn.quant_linear import QuantLinear
@@ -122,8 +120,7 @@ class SparsekernHfQuantizer(HfQuantizer):
                 except ValueError as exc:
                     raise ValueError(f"{self._where}: layer {name!r}: {exc}") from None
         if compressed:  # the dense LM head's decode rows on the GEMV, decode attention: as sparsify left it
-            use_dense_head(model)
-            use_decode_attention(model)
+            use_decode_paths(model)
         return model
 
     def is_serializable(self) -> bool:
