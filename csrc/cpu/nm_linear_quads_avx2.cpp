@@ -168,9 +168,12 @@ SK_AVX2 inline __m256 vec_x(const float* xs, __m256i idx, __m256 bit2) {
 // scaled once, when the next group starts and after the row: one subtraction per 8 instead of
 // the FMA, and 2 FMAs a group instead of 2 a step. NOTE: Zen 3, bf16 x, 1 row, time over the bf16
 // 2:4 kernel's in the same process, FMA per step -> scaled per group: 1024x4096 hot in L3, 1
-// thread: int8 1.54 -> 1.35, int8 g128 1.98 -> 1.53, int4 g128 1.99 -> 1.78; 11008x4096 from
-// memory, 2 threads (bench/bench_quant_decode.py): int8 1.06 -> 1.01, int4 g128 1.47 -> 1.20.
-// Still compute-bound there (~9 cycles per 16 slots): not below the bf16 kernel's time on AVX2.
+// thread: int8 1.54 -> 1.35, int8 g128 1.98 -> 1.53, int4 g128 1.99 -> 1.78 (a second pair
+// of runs: 1.49-1.53 -> 1.36-1.47, g128 1.67-1.84 -> 1.55-1.67); 11008x4096 from memory, 2
+// threads (bench/bench_quant_decode.py, old and new builds alternating, 2 runs each; speed as a
+// fraction of the bf16 kernel's): int8 0.68-0.94 -> 0.76-1.06, int8 g128 0.65-0.70 -> 0.65-0.90,
+// int4 g128 0.54-0.62 -> 0.65-0.81. This VM's noise is that wide. Still compute-bound there
+// (~9 cycles per 16 slots): not below the bf16 kernel's time on AVX2.
 // NOTE: tracking both halves where they share a group made
 // 2:4 int4 g32 (bf16 x, 11008x4096, 1 row) 2.3 -> 4.9 ms: the scalar scale reload is a large
 // part of a step.
