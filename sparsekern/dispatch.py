@@ -73,8 +73,9 @@ SPARSE_CALL_OVERHEAD_S = 4e-6
 # registered function, a plan runs what the backend keeps per weight (the dense fallback: F.linear
 # on its copy, without the copy lookup), so at a few us a call the two differ by 2-3x for good:
 # a 16x64 layer at 1 row (Zen 3) stored dense 10.4 us and sampled ~3.5 us, and was re-measured
-# (and the cache file rewritten, every plan in the process re-made) every 128 calls, which made
-# its calls ~15 us slower on average. A choice between calls this short is worth less than that.
+# (and the cache file rewritten, every plan in the process re-made) 7-21 times per 4096 calls:
+# 25-36 us a call against 15-28 with the floor (blocks alternating in one process). A choice
+# between calls this short is worth less than that.
 SAMPLE_EVERY = 64
 DRIFT = 2.0
 DRIFT_FLOOR_S = 50e-6

@@ -174,9 +174,8 @@ SK_AVX2 inline __m256 vec_x(const float* xs, __m256i idx, __m256 bit2) {
 // fraction of the bf16 kernel's): int8 0.68-0.94 -> 0.76-1.06, int8 g128 0.65-0.70 -> 0.65-0.90,
 // int4 g128 0.54-0.62 -> 0.65-0.81. This VM's noise is that wide. Still compute-bound there
 // (~9 cycles per 16 slots): not below the bf16 kernel's time on AVX2.
-// NOTE: tracking both halves where they share a group made
-// 2:4 int4 g32 (bf16 x, 11008x4096, 1 row) 2.3 -> 4.9 ms: the scalar scale reload is a large
-// part of a step.
+// NOTE: tracking both halves where they share a group made 2:4 int4 g32 (bf16 x, 11008x4096,
+// 1 row) 2.3 -> 4.9 ms: the scalar scale reload is a large part of a step.
 template <DType T, int N, int M, int R, int Q = 0, bool H = false>
 SK_AVX2 void quads_rows(const NMLinearArgs& a, const float* xq, int64_t ldq, int64_t r0, int64_t o) {
   constexpr Lanes L = Q ? Lanes::kInOrder : lanes_for<T, N>();
