@@ -203,23 +203,10 @@ SK_AVX2 void quads_rows(const NMLinearArgs& a, const float* xq, int64_t ldq, int
   auto load = [&](int64_t s, const void* src, __m256& wa, __m256& wb) SK_AVX2 {
     if constexpr (Q == 0) {
       load16<T, L>(static_cast<const E*>(src), wa, wb);
-    } else if constexpr (!H) {
-      if (16 * s >= group_end[0]) {
-        if (group[0] >= 0) flush();
-        while (16 * s >= group_end[0]) {
-          ++group[0];
-          group_end[0] += group_kept;
-        }
-        group[0] = std::min(group[0], a.groups - 1);
-        scale[0] = _mm256_set1_ps(nm_scale(a, o, group[0]));
-        shift[0] = _mm256_set1_ps(static_cast<float>(nm_zero(a, o, group[0])));
-      }
-      load16q<Q>(static_cast<const uint8_t*>(src), wa, wb);
-      wa = _mm256_sub_ps(wa, shift[0]);
-      wb = _mm256_sub_ps(wb, shift[0]);
     } else {
       for (int t = 0; t < (H ? 2 : 1); ++t) {
         if (16 * s + 8 * t >= group_end[t]) {
+          if (!H && group[0] >= 0) flush();
           // No division per step (it cost 2:4 int4 g32 2x): at most two groups a step.
           while (16 * s + 8 * t >= group_end[t]) {
             ++group[t];
@@ -229,12 +216,20 @@ SK_AVX2 void quads_rows(const NMLinearArgs& a, const float* xq, int64_t ldq, int
           group[t] = std::min(group[t], a.groups - 1);
           const float sc = nm_scale(a, o, group[t]);
           scale[t] = _mm256_set1_ps(sc);
-          shift[t] = _mm256_set1_ps(-static_cast<float>(nm_zero(a, o, group[t])) * sc);
+          // H: the weights are scaled here (q * s - zero * s); !H: shift is the zero alone, the
+          // group's sums are scaled by flush().
+          const float zero = static_cast<float>(nm_zero(a, o, group[t]));
+          shift[t] = _mm256_set1_ps(H ? -zero * sc : zero);
         }
       }
       load16q<Q>(static_cast<const uint8_t*>(src), wa, wb);
-      wa = _mm256_fmadd_ps(wa, scale[0], shift[0]);
-      wb = _mm256_fmadd_ps(wb, scale[H], shift[H]);
+      if constexpr (H) {
+        wa = _mm256_fmadd_ps(wa, scale[0], shift[0]);
+        wb = _mm256_fmadd_ps(wb, scale[1], shift[1]);
+      } else {
+        wa = _mm256_sub_ps(wa, shift[0]);
+        wb = _mm256_sub_ps(wb, shift[0]);
+      }
     }
   };
   const int32_t* mrow = a.meta + o * words;
